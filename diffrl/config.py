@@ -1,0 +1,380 @@
+"""YAML <-> config dataclasses.
+
+A YAML file names its trainer (``trainer: awm``) and maps onto that trainer's config dataclass. Nested
+sections (``model``, ``data``, ``optim``, ...) are dataclasses too. Every field is declared with
+:func:`param`, which carries its help text and its valid range, so validation and ``diffrl ls`` read the
+same source of truth.
+
+Errors are one line and name the file, the key and the fix::
+
+    configs/x.yaml: unknown key 'optim.lrr'; did you mean 'optim.lr'?
+    configs/x.yaml: optim.lr must be > 0, got -0.001
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from diffrl.errors import ConfigError
+
+_MISSING = dataclasses.MISSING
+
+
+def param(default: Any = _MISSING, *, help: str, gt: float | None = None, ge: float | None = None,
+          le: float | None = None, lt: float | None = None) -> Any:
+    """A documented config field. Mutable defaults (lists, dicts, dataclasses) are copied per instance."""
+    metadata = {"help": help, "gt": gt, "ge": ge, "le": le, "lt": lt}
+    if default is _MISSING:
+        return dataclasses.field(metadata=metadata)
+    if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
+        factory = (lambda d=default: type(d)(**dataclasses.asdict(d))) if dataclasses.is_dataclass(default) \
+            else (lambda d=default: type(d)(d))
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections shared by every trainer
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: str = param(help="hub id or local folder saved with save_pretrained")
+    revision: str | None = param(None, help="hub revision (branch, tag or commit)")
+    dtype: Literal["float32", "bfloat16", "float16"] = param(
+        "float32", help="dtype of the frozen weights (text encoders, VAE, reference); trainable weights stay fp32")
+    trust_remote_code: bool = param(False, help="allow code from the model repository to run (LLaDA, Dream)")
+    gradient_checkpointing: bool = param(False, help="recompute activations in backward to save memory")
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    enabled: bool = param(True, help="train a LoRA adapter; false fine-tunes the whole model")
+    rank: int = param(32, help="LoRA rank r", ge=1)
+    alpha: float = param(64.0, help="LoRA alpha; the update is scaled by alpha / rank", gt=0)
+    dropout: float = param(0.0, help="dropout on the LoRA input", ge=0, lt=1)
+    init: Literal["gaussian", "default", "pissa", "olora"] = param(
+        "gaussian", help="peft init_lora_weights; flow_grpo and AWM use 'gaussian'")
+    target_modules: list[str] | None = param(
+        None, help="module names to adapt; null takes the model family's attention projections")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = param(3e-4, help="AdamW learning rate", gt=0)
+    betas: list[float] = param([0.9, 0.999], help="AdamW betas")
+    weight_decay: float = param(1e-4, help="AdamW weight decay", ge=0)
+    eps: float = param(1e-8, help="AdamW epsilon", gt=0)
+    max_grad_norm: float | None = param(1.0, help="clip the gradient norm to this; null disables", gt=0)
+    scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = param(
+        "constant", help="learning-rate schedule (transformers.get_scheduler names)")
+    warmup_steps: int = param(0, help="learning-rate warm-up steps", ge=0)
+    gradient_accumulation_steps: int = param(1, help="micro-batches summed into one optimizer step", ge=1)
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    trackers: list[str] = param(["tensorboard"], help="accelerate trackers: tensorboard, wandb, ... ([] for none)")
+    project: str = param("diffrl", help="tracker project name (wandb project)")
+    log_every: int = param(1, help="write metrics every N optimizer steps", ge=1)
+    progress_bar: bool = param(True, help="show a progress bar on the main process")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every: int = param(100, help="save a checkpoint every N optimizer steps (and at the end)", ge=1)
+    keep_last: int | None = param(3, help="keep only the newest N checkpoints; null keeps all", ge=1)
+    resume: str | None = param(None, help="'latest' or a checkpoint folder to continue from")
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """Fields every trainer config has. Trainer configs add their algorithm's fields and sections."""
+
+    trainer: str = param(help="which trainer runs this config (see `diffrl ls`)")
+    model: ModelConfig = param(help="the model to train")
+    output_dir: str = param("outputs/run", help="where config.yaml, metrics.jsonl, samples/ and checkpoints/ go")
+    seed: int = param(0, help="seed for every random number generator", ge=0)
+    max_steps: int = param(100, help="number of optimizer steps", ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = param("no", help="autocast precision for forward passes")
+    cpu: bool = param(False, help="force CPU even when a GPU is present")
+    lora: LoraConfig = param(LoraConfig(), help="LoRA adapter settings")
+    optim: OptimConfig = param(OptimConfig(), help="optimizer and schedule")
+    logging: LoggingConfig = param(LoggingConfig(), help="metrics, trackers, progress bar")
+    checkpoint: CheckpointConfig = param(CheckpointConfig(), help="checkpointing and resume")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dict -> dataclass conversion with one-line errors
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{origin.__name__}[{args}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert one YAML value to the annotated type, or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, prefix=key + ".")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {_convert(k, key_tp, key): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads `1e-4` (no dot) as a string; accept it as the number everyone means.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"config type {tp!r} of {key} is not supported")  # programming error, not user input
+
+
+def _check_range(value: Any, meta: dict, key: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    for bound, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
+                            ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):
+        limit = meta.get(bound)
+        if limit is not None and not ok(value, limit):
+            raise ConfigError(f"{key} must be {word} {limit:g}, got {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for name in data:
+        if name not in fields:
+            raise ConfigError(_unknown_key_message(prefix + str(name), cls, prefix))
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in data:
+            if f.default is _MISSING and f.default_factory is _MISSING:
+                raise ConfigError(f"missing required key '{key}' ({f.metadata.get('help', '')})")
+            continue
+        value = _convert(data[name], hints[name], key)
+        _check_range(value, f.metadata, key)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], prefix + f.name + "."))
+    return keys
+
+
+def _unknown_key_message(key: str, cls: type, prefix: str) -> str:
+    root = _ROOT_CLASS.get() or cls
+    candidates = _all_keys(root)
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if not close:  # a misspelt leaf under the right section: compare leaves only
+        leaf = key.rsplit(".", 1)[-1]
+        same_section = [c for c in candidates if c.startswith(prefix) and "." not in c[len(prefix):]]
+        close = [prefix + m for m in difflib.get_close_matches(leaf, [c[len(prefix):] for c in same_section], n=1)]
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(f.name for f in dataclasses.fields(cls))}"
+    return f"unknown key '{key}'{hint}"
+
+
+# The top-level dataclass being built, so that an unknown key's suggestion can span sections.
+_ROOT_CLASS: contextvars.ContextVar[type | None] = contextvars.ContextVar("_ROOT_CLASS", default=None)
+
+
+def from_dict(cls: type, data: dict, source: str = "config") -> Any:
+    """Build ``cls`` from a plain mapping; errors are ConfigError('<source>: <problem>')."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    token = _ROOT_CLASS.set(cls)
+    try:
+        return _build(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    finally:
+        _ROOT_CLASS.reset(token)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files and command-line overrides
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; check the path (shipped configs: `diffrl ls`)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; a config needs at least 'trainer:' and 'model.path'")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str = "command line") -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML, then type-checked by the dataclass)."""
+    data = _deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"{source}: override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: cannot set {key!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainerConfig:
+    """Read a YAML file, apply overrides and build the config dataclass of the trainer it names."""
+    from diffrl.trainers import get_trainer  # late import: trainers import this module
+
+    data = read_yaml(path)
+    data = apply_overrides(data, overrides or [], source=str(path))
+    name = data.get("trainer")
+    if name is None:
+        raise ConfigError(f"{path}: missing 'trainer:' key; name one of the trainers listed by `diffrl ls`")
+    try:
+        entry = get_trainer(str(name))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return from_dict(entry.config_class, data, source=str(path))
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config (every default spelled out) as YAML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) rows for every field, nested sections flattened."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, prefix + f.name + "."))
+            continue
+        default = f.default if f.default is not _MISSING else (
+            f.default_factory() if f.default_factory is not _MISSING else "(required)")
+        rows.append((prefix + f.name, _type_name(tp), repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,25 @@
+"""Exceptions whose message is shown to the user as one line by the CLI (no traceback)."""
+
+
+class DiffrlError(Exception):
+    """Base class: the message names what is wrong and how to fix it."""
+
+
+class ConfigError(DiffrlError, ValueError):
+    """A config file, key, value or override is invalid."""
+
+
+class DataError(DiffrlError, ValueError):
+    """A data set, prompt file, image or video cannot be used."""
+
+
+class CheckpointError(DiffrlError):
+    """A checkpoint is missing, incomplete or belongs to another run."""
+
+
+class RewardError(DiffrlError):
+    """A reward cannot be loaded or returned unusable scores."""
+
+
+class TrainingError(DiffrlError):
+    """Training cannot continue (for example, too many consecutive non-finite steps)."""

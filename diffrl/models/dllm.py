@@ -1,0 +1,142 @@
+"""MaskedDiffusionLM: LLaDA, Dream, and any bidirectional Hugging Face masked LM behind one interface.
+
+    model = MaskedDiffusionLM.from_pretrained("GSAI-ML/LLaDA-8B-Instruct", trust_remote_code=True)
+    ids = model.chat_prompt_ids(["What is 2+3?"])        # list of token id lists, chat template applied
+    logits = model.logits(input_ids)                     # [B, L, V], every position sees every other
+
+A model is usable when its attention is bidirectional and it has a mask token: ``tokenizer.mask_token_id``,
+else ``config.mask_token_id``, else the known id of its family (LLaDA: 126336).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from diffrl.errors import ConfigError
+from diffrl.models import lora as lora_utils
+
+# Mask ids of families whose tokenizer does not declare a mask token.
+_KNOWN_MASK_IDS = {"llada": 126336}
+
+
+class MaskedDiffusionLM:
+    """A bidirectional masked LM; ``module`` trains (possibly with LoRA), ``denoiser`` runs forwards."""
+
+    def __init__(self, module: torch.nn.Module, tokenizer, *, mask_id: int | None = None,
+                 device: torch.device | str = "cpu"):
+        self.module = module
+        self.denoiser = module
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.mask_id = mask_id if mask_id is not None else self._find_mask_id()
+        if tokenizer.pad_token_id is None:
+            raise ConfigError("the tokenizer has no pad token; set one (e.g. the eos token) before training")
+
+    def _find_mask_id(self) -> int:
+        if self.tokenizer.mask_token_id is not None:
+            return int(self.tokenizer.mask_token_id)
+        config = self.module.config
+        if getattr(config, "mask_token_id", None) is not None:
+            return int(config.mask_token_id)
+        model_type = getattr(config, "model_type", "").lower()
+        if model_type in _KNOWN_MASK_IDS:
+            return _KNOWN_MASK_IDS[model_type]
+        raise ConfigError(f"cannot find the mask token of {type(self.module).__name__}: the tokenizer has none and "
+                          f"the config has no mask_token_id; set model.mask_id in the config")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, revision: str | None = None, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu", trust_remote_code: bool = False,
+                        mask_id: int | None = None) -> MaskedDiffusionLM:
+        """Open a hub id or local folder. Remote code (LLaDA, Dream) runs only with ``trust_remote_code``."""
+        from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(str(path), **kwargs)
+        except ValueError as e:
+            if "trust_remote_code" in str(e):
+                raise ConfigError(f"model.path {path} needs its own code to load; if you trust it, set "
+                                  f"model.trust_remote_code: true") from None
+            raise
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+        # LLaDA and Dream register their masked LM under AutoModel; standard encoders under AutoModelForMaskedLM.
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+        loader = AutoModelForMaskedLM if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else AutoModel
+        module = loader.from_pretrained(str(path), dtype=dtype, **kwargs).to(device)
+        return cls(module, tokenizer, mask_id=mask_id, device=device)
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``input_ids [B, L]`` -> ``[B, L, V]`` logits (fp32)."""
+        out = self.denoiser(input_ids=input_ids, attention_mask=attention_mask)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return logits.float()
+
+    def chat_prompt_ids(self, prompts: list[str], *, chat_template: bool = True) -> list[list[int]]:
+        """Token ids of each prompt as a user turn followed by the assistant header (or raw text)."""
+        if chat_template and self.tokenizer.chat_template:
+            out = []
+            for prompt in prompts:
+                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                         add_generation_prompt=True, tokenize=True)
+                out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+            return out
+        return [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+
+    def left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad token lists to ``[B, L]`` ids and a ``[B, L]`` attention mask (so answers line up)."""
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Token ids -> text, stopping at the first end-of-sequence token."""
+        eos = self.tokenizer.eos_token_id
+        texts = []
+        for row in ids.tolist():
+            if eos is not None and eos in row:
+                row = row[:row.index(eos)]
+            texts.append(self.tokenizer.decode([t for t in row if t != self.mask_id], skip_special_tokens=True))
+        return texts
+
+    # ------------------------------------------------------------------------------------------------------
+
+    @property
+    def trainable(self) -> torch.nn.Module:
+        return self.module
+
+    def add_lora(self, *, rank: int, alpha: float, dropout: float = 0.0, init: str = "gaussian",
+                 target_modules: list[str] | None = None, adapter_name: str = "default") -> None:
+        lora_utils.add_lora(self.module, "dllm", rank=rank, alpha=alpha, dropout=dropout, init=init,
+                            target_modules=target_modules, adapter_name=adapter_name)
+
+    @contextlib.contextmanager
+    def reference(self):
+        with lora_utils.adapters_disabled(self.module):
+            yield self
+
+    def save_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
+        """peft format (``adapter_model.safetensors`` + ``adapter_config.json``), loadable by ``load_adapter``."""
+        lora_utils.save_peft_lora(self.module, folder, adapter_name)
+
+    def load_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(folder) / "adapter_model.safetensors"))
+        lora_utils.load_lora_state_dict(self.module, _strip_peft_prefix(state), adapter_name)
+
+
+def _strip_peft_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("base_model.model."): v for k, v in state.items()}

@@ -1,0 +1,326 @@
+"""FlowModel: SD3 / SD3.5, FLUX.1 and Wan 2.1 behind one interface.
+
+    cond = model.encode_prompts(["a cat"])         # cached per unique prompt
+    v = model.velocity(x_t, t, cond)               # t = sigma in [0, 1]; x_t = (1 - t) x0 + t eps
+    images = model.decode(latents)                 # [B, 3, H, W] (or [B, T, 3, H, W]) in [0, 1]
+
+Latents are always kept unpacked: ``[B, C, h, w]`` for images and ``[B, C, f, h, w]`` for video; FLUX's
+2x2 packing and its ``img_ids``/``txt_ids`` are handled inside :meth:`FlowModel.velocity`, so samplers and
+losses never see a family's layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffrl.errors import ConfigError
+from diffrl.models import lora as lora_utils
+
+_PIPELINE_FAMILY = {
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+    "WanPipeline": "wan",
+}
+# Text lengths of the published set-ups: flow_grpo encodes SD3 prompts with 128 T5 tokens.
+_DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 128, "flux": 512, "wan": 226}
+
+
+@dataclass
+class Cond:
+    """Text conditioning for a batch: ``embeds [B, L, D]`` and, for SD3 / FLUX, ``pooled [B, P]``."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def __getitem__(self, index) -> Cond:
+        return Cond(self.embeds[index], None if self.pooled is None else self.pooled[index])
+
+    def repeat_interleave(self, repeats: int) -> Cond:
+        return Cond(self.embeds.repeat_interleave(repeats, 0),
+                    None if self.pooled is None else self.pooled.repeat_interleave(repeats, 0))
+
+    @staticmethod
+    def cat(conds: list[Cond]) -> Cond:
+        pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
+        return Cond(torch.cat([c.embeds for c in conds]), pooled)
+
+
+def detect_family(path: str | Path, revision: str | None = None) -> str:
+    """The family of a pipeline folder or hub id, read from its ``model_index.json``."""
+    local = Path(path)
+    if local.is_dir():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise ConfigError(f"model.path {path}: no model_index.json; point it at a diffusers pipeline folder")
+        class_name = json.loads(index.read_text())["_class_name"]
+    else:
+        from diffusers import DiffusionPipeline
+
+        class_name = DiffusionPipeline.load_config(str(path), revision=revision)["_class_name"]
+    if class_name not in _PIPELINE_FAMILY:
+        raise ConfigError(f"model.path {path}: {class_name} is not a flow-matching pipeline diffrl knows "
+                          f"({', '.join(_PIPELINE_FAMILY)})")
+    return _PIPELINE_FAMILY[class_name]
+
+
+class FlowModel:
+    """A flow-matching text-to-image/video model; ``transformer`` is what trains.
+
+    ``denoiser`` is the callable used for forward passes; a trainer replaces it with the
+    ``accelerator.prepare``-d (DDP / FSDP) wrapper of ``transformer``, while adapters are managed on the
+    raw module.
+    """
+
+    def __init__(self, pipeline, family: str, *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, max_sequence_length: int | None = None,
+                 prompt_cache_size: int = 4096):
+        self.pipeline = pipeline
+        self.family = family
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_sequence_length = max_sequence_length or _DEFAULT_MAX_SEQUENCE_LENGTH[family]
+        self.transformer = pipeline.transformer
+        self.denoiser = self.transformer
+        self.vae = pipeline.vae
+        self._cache: OrderedDict[str, Cond] = OrderedDict()
+        self._cache_size = prompt_cache_size
+        # Frozen parts in the requested dtype; the transformer's trainable weights are set up by the trainer.
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer"):
+            module = getattr(pipeline, name, None)
+            if module is not None:
+                module.requires_grad_(False)
+                module.to(self.device)
+        if family == "wan":
+            # Wan's causal VAE is kept in fp32 by the reference pipeline: its temporal convs lose detail in bf16.
+            self.vae.to(torch.float32)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, revision: str | None = None, family: str | None = None,
+                        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                        max_sequence_length: int | None = None) -> FlowModel:
+        """Open a hub id or a local folder written by ``save_pretrained``; both go through diffusers."""
+        from diffusers import DiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
+
+        family = family or detect_family(path, revision)
+        diffusers_logging.disable_progress_bar()
+        pipeline = DiffusionPipeline.from_pretrained(str(path), revision=revision, dtype=dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        return cls(pipeline, family, device=device, dtype=dtype, max_sequence_length=max_sequence_length)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Shapes and schedules
+    # ------------------------------------------------------------------------------------------------------
+
+    @property
+    def is_video(self) -> bool:
+        return self.family == "wan"
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.z_dim if self.family == "wan" else self.vae.config.latent_channels
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipeline.vae_scale_factor_spatial if self.family == "wan" else self.pipeline.vae_scale_factor
+
+    def latent_shape(self, height: int, width: int, num_frames: int = 1) -> tuple[int, ...]:
+        """Per-sample latent shape ``(C, h, w)`` or ``(C, f, h, w)`` for a ``height x width`` output."""
+        f = self.vae_scale_factor
+        # FLUX packs 2x2 latent patches, so its latent sides must be even.
+        multiple = f * 2 if self.family == "flux" else f * self.transformer.config.patch_size \
+            if self.family == "sd3" else f * self.transformer.config.patch_size[-1]
+        if height % multiple or width % multiple:
+            raise ConfigError(f"height and width must be multiples of {multiple} for {self.family}, "
+                              f"got {height}x{width}")
+        if self.family == "wan":
+            temporal = self.pipeline.vae_scale_factor_temporal
+            if (num_frames - 1) % temporal:
+                raise ConfigError(f"num_frames must be 1 + a multiple of {temporal} for Wan, got {num_frames}")
+            return (self.latent_channels, (num_frames - 1) // temporal + 1, height // f, width // f)
+        return (self.latent_channels, height // f, width // f)
+
+    def sigmas(self, num_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """The scheduler's ``num_steps + 1`` sigmas from ~1 down to 0 (FLUX: resolution-dependent shift)."""
+        scheduler = self.pipeline.scheduler
+        kwargs = {}
+        if self.family == "flux":
+            # FluxPipeline passes its own grid (linspace(1, 1/N, N)) before the shift, not the scheduler's.
+            kwargs["sigmas"] = [1.0 - i * (1.0 - 1.0 / num_steps) / max(num_steps - 1, 1) for i in range(num_steps)]
+        if scheduler.config.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            seq_len = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+            kwargs["mu"] = calculate_shift(seq_len, scheduler.config.get("base_image_seq_len", 256),
+                                           scheduler.config.get("max_image_seq_len", 4096),
+                                           scheduler.config.get("base_shift", 0.5),
+                                           scheduler.config.get("max_shift", 1.15))
+        scheduler.set_timesteps(None if "sigmas" in kwargs else num_steps, device="cpu", **kwargs)
+        return scheduler.sigmas.to(torch.float32).clone()
+
+    # ------------------------------------------------------------------------------------------------------
+    # Text
+    # ------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode_uncached(self, prompts: list[str]) -> Cond:
+        p = self.pipeline
+        if self.family == "sd3":
+            embeds, _, pooled, _ = p.encode_prompt(prompts, prompts, prompts, device=self.device,
+                                                   do_classifier_free_guidance=False,
+                                                   max_sequence_length=self.max_sequence_length)
+            return Cond(embeds, pooled)
+        if self.family == "flux":
+            embeds, pooled, _ = p.encode_prompt(prompts, prompts, device=self.device,
+                                                max_sequence_length=self.max_sequence_length)
+            return Cond(embeds, pooled)
+        embeds, _ = p.encode_prompt(prompts, do_classifier_free_guidance=False, device=self.device,
+                                    max_sequence_length=self.max_sequence_length, dtype=self.dtype)
+        return Cond(embeds)
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Encode a batch of prompts; each unique prompt is encoded once and kept (LRU) for later steps."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            fresh = self._encode_uncached(missing)
+            for i, prompt in enumerate(missing):
+                self._cache[prompt] = fresh[i:i + 1]
+        for prompt in prompts:
+            self._cache.move_to_end(prompt)
+        out = Cond.cat([self._cache[p] for p in prompts])
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return out
+
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to CPU once every prompt is cached (saves GPU memory during training)."""
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(self.pipeline, name, None)
+            if module is not None:
+                module.to("cpu")
+
+    # ------------------------------------------------------------------------------------------------------
+    # Velocity
+    # ------------------------------------------------------------------------------------------------------
+
+    def _forward(self, latents: torch.Tensor, t: torch.Tensor, cond: Cond, guidance_scale: float) -> torch.Tensor:
+        dtype = self.transformer.dtype
+        x = latents.to(dtype)
+        embeds = cond.embeds.to(self.device, dtype)
+        if self.family == "sd3":
+            return self.denoiser(hidden_states=x, timestep=t * 1000, encoder_hidden_states=embeds,
+                                 pooled_projections=cond.pooled.to(self.device, dtype), return_dict=False)[0]
+        if self.family == "wan":
+            return self.denoiser(hidden_states=x, timestep=t * 1000, encoder_hidden_states=embeds,
+                                 return_dict=False)[0]
+        # FLUX: pack 2x2 patches into tokens; the transformer takes t in [0, 1] and a guidance embedding.
+        b, c, h, w = x.shape
+        packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        img_ids = torch.zeros(h // 2, w // 2, 3, device=self.device, dtype=dtype)
+        img_ids[..., 1] += torch.arange(h // 2, device=self.device)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2, device=self.device)[None, :]
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=dtype)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), guidance_scale, device=self.device, dtype=dtype)
+        out = self.denoiser(hidden_states=packed, timestep=t.to(dtype), guidance=guidance,
+                            pooled_projections=cond.pooled.to(self.device, dtype), encoder_hidden_states=embeds,
+                            txt_ids=txt_ids, img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    def velocity(self, latents: torch.Tensor, t: torch.Tensor, cond: Cond, *, guidance_scale: float = 1.0,
+                 uncond: Cond | None = None) -> torch.Tensor:
+        """Predicted velocity ``v = eps - x0`` at ``x_t`` (fp32 output).
+
+        latents: ``[B, C, h, w]`` or ``[B, C, f, h, w]``; t: ``[B]`` sigmas in [0, 1]; cond: B prompts.
+        For SD3 and Wan, ``guidance_scale > 1`` with ``uncond`` applies classifier-free guidance in one
+        batched forward. FLUX.1-dev is guidance-distilled: ``guidance_scale`` feeds its guidance embedding.
+        """
+        if t.ndim == 0:
+            t = t.expand(latents.shape[0])
+        t = t.to(self.device)
+        if self.family != "flux" and guidance_scale != 1.0:
+            if uncond is None:
+                raise ValueError("classifier-free guidance needs `uncond` (encode_prompts(['']))")
+            if len(uncond) == 1:
+                uncond = uncond.repeat_interleave(latents.shape[0])
+            both = self._forward(torch.cat([latents, latents]), torch.cat([t, t]), Cond.cat([cond, uncond]),
+                                 guidance_scale).float()
+            v_cond, v_uncond = both.chunk(2)
+            return v_uncond + guidance_scale * (v_cond - v_uncond)
+        return self._forward(latents, t, cond, guidance_scale).float()
+
+    # ------------------------------------------------------------------------------------------------------
+    # Pixels <-> latents
+    # ------------------------------------------------------------------------------------------------------
+
+    def _wan_stats(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, self.vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean, device=latents.device).view(shape)
+        std = torch.tensor(self.vae.config.latents_std, device=latents.device).view(shape)
+        return mean, std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> samples in [0, 1]: ``[B, 3, H, W]`` or, for video, ``[B, T, 3, H, W]`` (fp32)."""
+        vae_dtype = self.vae.dtype
+        if self.family == "wan":
+            mean, std = self._wan_stats(latents)
+            video = self.vae.decode((latents.float() * std + mean).to(vae_dtype), return_dict=False)[0]
+            return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
+        cfg = self.vae.config
+        x = latents.float() / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        image = self.vae.decode(x.to(vae_dtype), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode(self, samples: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Samples in [0, 1] (``[B, 3, H, W]`` or ``[B, T, 3, H, W]``) -> normalized latents (fp32)."""
+        vae_dtype = self.vae.dtype
+        if self.family == "wan":
+            x = samples.permute(0, 2, 1, 3, 4) * 2 - 1
+            z = self.vae.encode(x.to(self.device, vae_dtype)).latent_dist.sample(generator)
+            mean, std = self._wan_stats(z)
+            return ((z.float() - mean) / std)
+        cfg = self.vae.config
+        z = self.vae.encode((samples * 2 - 1).to(self.device, vae_dtype)).latent_dist.sample(generator)
+        return (z.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+    # ------------------------------------------------------------------------------------------------------
+    # Training set-up
+    # ------------------------------------------------------------------------------------------------------
+
+    @property
+    def trainable(self) -> torch.nn.Module:
+        return self.transformer
+
+    def add_lora(self, *, rank: int, alpha: float, dropout: float = 0.0, init: str = "gaussian",
+                 target_modules: list[str] | None = None, adapter_name: str = "default") -> None:
+        lora_utils.add_lora(self.transformer, self.family, rank=rank, alpha=alpha, dropout=dropout, init=init,
+                            target_modules=target_modules, adapter_name=adapter_name)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Inside the block, velocities come from the base model (every LoRA adapter disabled)."""
+        with lora_utils.adapters_disabled(self.transformer):
+            yield self
+
+    def save_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
+        """Diffusers LoRA format: ``type(pipe).load_lora_weights(folder)`` loads it on the user's side."""
+        lora_utils.save_diffusers_lora(type(self.pipeline), self.transformer, folder, "transformer", adapter_name)
+
+    def load_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(folder) / "pytorch_lora_weights.safetensors"))
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+        lora_utils.load_lora_state_dict(self.transformer, state, adapter_name)

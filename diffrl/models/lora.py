@@ -1,0 +1,124 @@
+"""LoRA through peft, for diffusers and transformers models alike.
+
+Adapters are injected with peft's ``inject_adapter_in_model`` and switched through peft's tuner layers,
+the same calls diffusers' ``add_adapter`` makes, so one code path serves diffusers and transformers models
+(transformers 5's own ``add_adapter`` wants a newer peft than the index carries). Saving writes the format a
+user loads with ``pipe.load_lora_weights(folder)`` (diffusers) or ``PeftModel.from_pretrained`` (LMs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+# Attention projections per family (flow_grpo / AWM `lora_type="attn"` for SD3; the diffusers training
+# scripts' defaults for FLUX, Wan and the UNets).
+DEFAULT_TARGETS = {
+    "sd3": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
+    "flux": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
+    "wan": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+            "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
+    "unet": ["to_q", "to_k", "to_v", "to_out.0"],
+    # ModernBERT names its projections Wqkv/Wo; LLaMA-style (LLaDA, Dream) q/k/v/o_proj.
+    "dllm": ["Wqkv", "Wo", "q_proj", "k_proj", "v_proj", "o_proj", "attn_out"],
+}
+
+
+def add_lora(module: torch.nn.Module, family: str, *, rank: int, alpha: float, dropout: float = 0.0,
+             init: str = "gaussian", target_modules: list[str] | None = None,
+             adapter_name: str = "default") -> None:
+    """Inject a LoRA adapter into ``module`` in place; only the adapter's weights stay trainable."""
+    targets = list(target_modules or DEFAULT_TARGETS[family])
+    present = {name for name, _ in module.named_modules()}
+    matched = [t for t in targets if any(n == t or n.endswith("." + t) for n in present)]
+    if not matched:
+        raise ValueError(f"none of the LoRA target modules {targets} exist in {type(module).__name__}; "
+                         f"set lora.target_modules to names from the model")
+    config = PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=matched,
+                            init_lora_weights=True if init == "default" else init)
+    module.requires_grad_(False)
+    existing = getattr(module, "peft_config", None) or {}
+    if adapter_name in existing:
+        raise ValueError(f"{type(module).__name__} already has a LoRA adapter named {adapter_name!r}")
+    inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    module.peft_config = {**existing, adapter_name: config}
+    # A second adapter (AWM's "ema", SePPO's reference) is frozen; "default" stays the active, trained one.
+    set_active_adapter(module, "default" if "default" in module.peft_config else adapter_name)
+
+
+def _tuner_layers(module: torch.nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def set_active_adapter(module: torch.nn.Module, adapter_name: str) -> None:
+    """Route forwards through ``adapter_name``; only that adapter's weights require grad."""
+    for layer in _tuner_layers(module):
+        layer.set_adapter(adapter_name)
+
+
+def has_lora(module: torch.nn.Module) -> bool:
+    return bool(getattr(module, "peft_config", None))
+
+
+def lora_state_dict(module: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's weights with peft's adapter-free names (``...to_q.lora_A.weight``), detached, fp32."""
+    state = get_peft_model_state_dict(module, adapter_name=adapter_name)
+    return {k: v.detach().float().contiguous() for k, v in state.items()}
+
+
+def load_lora_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor],
+                         adapter_name: str = "default") -> None:
+    result = set_peft_model_state_dict(module, state, adapter_name=adapter_name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+    if unexpected:
+        raise ValueError(f"LoRA weights do not fit the model: unexpected keys such as {unexpected[0]!r}")
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: torch.nn.Module):
+    """The base model: every adapter is bypassed inside the block (the KL reference)."""
+    layers = _tuner_layers(module)
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield module
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def copy_adapter(module: torch.nn.Module, source: str, target: str) -> None:
+    """Copy the weights of adapter ``source`` into adapter ``target`` (same config)."""
+    load_lora_state_dict(module, lora_state_dict(module, source), adapter_name=target)
+
+
+def save_peft_lora(module: torch.nn.Module, folder: str | Path, adapter_name: str = "default") -> None:
+    """peft's on-disk format (``adapter_model.safetensors`` + ``adapter_config.json``)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {f"base_model.model.{k}": v for k, v in lora_state_dict(module, adapter_name).items()}
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    module.peft_config[adapter_name].save_pretrained(str(folder))
+
+
+def save_diffusers_lora(pipeline_class: type, module: torch.nn.Module, folder: str | Path, component: str,
+                        adapter_name: str = "default") -> None:
+    """Write ``pytorch_lora_weights.safetensors`` so that ``pipe.load_lora_weights(folder)`` works.
+
+    ``component`` is "transformer" (SD3, FLUX, Wan) or "unet" (SD1.5, SDXL). The adapter's config goes into
+    the file's metadata: without it diffusers assumes alpha = rank and loads a differently scaled LoRA.
+    """
+    metadata = module.peft_config[adapter_name].to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])
+    pipeline_class.save_lora_weights(str(folder), safe_serialization=True, **{
+        f"{component}_lora_layers": lora_state_dict(module, adapter_name),
+        f"{component}_lora_adapter_metadata": metadata})

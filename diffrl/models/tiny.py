@@ -1,0 +1,247 @@
+"""Tiny, seeded, offline builders for every model family diffrl trains.
+
+Each builder returns the same objects a hub id gives (a diffusers pipeline, or a transformers model and
+tokenizer) with random weights and an in-memory tokenizer, so nothing is downloaded. ``save_tiny(kind,
+folder)`` writes one with ``save_pretrained``; the normal loading code then opens the folder with
+``from_pretrained(folder)`` exactly as it would open ``stabilityai/stable-diffusion-3.5-medium``.
+
+Sizes are chosen so that a forward pass takes milliseconds on one CPU core. They are not meant to make
+good pictures; ``scripts/make_tiny_assets.py`` trains the small models that do.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+TINY_KINDS = ("sd3", "flux", "wan", "sd15", "dllm", "clip")
+
+# The shared character-level vocabulary of the tiny text encoders: every prompt tokenizes to characters.
+_T5_CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,:;!?'\"-+*/=()<>#%$&@_"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level alphabet: 256 printable stand-ins for the 256 byte values."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+def tiny_clip_tokenizer(max_length: int = 16):
+    """A CLIPTokenizer with a byte-level vocabulary and no merges (514 tokens)."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    alphabet = list(_bytes_to_unicode().values())
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    for ch in alphabet:
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def tiny_t5_tokenizer(max_length: int = 16):
+    """A character-level T5Tokenizer (Unigram model, pad=0, eos=1)."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    pieces += [(ch, -2.0) for ch in _T5_CHARS if ch != " "]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def _clip_text_config(projection_dim: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                          num_attention_heads=4, num_hidden_layers=2, vocab_size=514, max_position_embeddings=77,
+                          projection_dim=projection_dim, hidden_act="gelu")
+
+
+def _t5_encoder(d_model: int, umt5: bool = False):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    cls, config_cls = (UMT5EncoderModel, UMT5Config) if umt5 else (T5EncoderModel, T5Config)
+    config = config_cls(vocab_size=4 + len(_T5_CHARS), d_model=d_model, d_kv=8, d_ff=37, num_layers=2,
+                        num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                        pad_token_id=0, eos_token_id=1)
+    return cls(config)
+
+
+def _tiny_vae(latent_channels: int, downsample: int):
+    """An AutoencoderKL whose spatial factor is ``downsample`` (1, 2 or 4)."""
+    from diffusers import AutoencoderKL
+
+    levels = {1: 1, 2: 2, 4: 3}[downsample]
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         block_out_channels=(8,) * levels, layers_per_block=1, norm_num_groups=4,
+                         down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels, sample_size=32,
+                         use_quant_conv=False, use_post_quant_conv=False,
+                         shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def build_sd3(seed: int = 0):
+    """A StableDiffusion3Pipeline: 2-layer MMDiT, two CLIP encoders, a T5 encoder, 2x VAE (32 px -> 16x16)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    # joint_attention_dim = T5 width; pooled_projection_dim = the two CLIP projections side by side.
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
+    text_encoder = CLIPTextModelWithProjection(_clip_text_config())
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config())
+    text_encoder_3 = _t5_encoder(d_model=64)
+    vae = _tiny_vae(latent_channels=4, downsample=2)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae,
+        text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=text_encoder_2, tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=text_encoder_3, tokenizer_3=tiny_t5_tokenizer())
+
+
+def build_flux(seed: int = 0):
+    """A FluxPipeline (FLUX.1-dev style: guidance embedding, packed 2x2 latents, img_ids/txt_ids)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    # in_channels = 4 latent channels x (2x2 packing); axes_dims_rope must add up to attention_head_dim.
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    text_encoder = CLIPTextModel(_clip_text_config())
+    text_encoder_2 = _t5_encoder(d_model=32)
+    vae = _tiny_vae(latent_channels=4, downsample=2)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=16, max_image_seq_len=256)
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                        text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(),
+                        text_encoder_2=text_encoder_2, tokenizer_2=tiny_t5_tokenizer())
+
+
+def build_wan(seed: int = 0):
+    """A WanPipeline (Wan 2.1 text-to-video): 3D transformer, UMT5 encoder, causal video VAE (4x temporal)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    text_encoder = _t5_encoder(d_model=32, umt5=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return WanPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=text_encoder, transformer=transformer,
+                       vae=vae, scheduler=scheduler)
+
+
+def build_sd15(seed: int = 0):
+    """A StableDiffusionPipeline (SD1.5 layout): epsilon-prediction UNet, one CLIP encoder, DDPM-style schedule."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32,
+                                attention_head_dim=4,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    vae = _tiny_vae(latent_channels=4, downsample=2)
+    return StableDiffusionPipeline(unet=unet, scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(_clip_text_config()),
+                                   tokenizer=tiny_clip_tokenizer(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+# Characters of the tiny masked LM: enough for arithmetic, countdown and sudoku traces and short prompts.
+DLLM_SPECIAL = ["<|pad|>", "<|unk|>", "<|bos|>", "<|eos|>", "<|mdm_mask|>", "<|user|>", "<|assistant|>"]
+DLLM_CHARS = string.digits + string.ascii_letters + " +-*/=().,:;?!'\"<>#\\{}_^%$\n"
+DLLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|user|>' if m['role'] == 'user' else '<|assistant|>' }}{{ m['content'] }}"
+    "{% if m['role'] != 'user' %}<|eos|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def tiny_dllm_tokenizer():
+    """A character-level fast tokenizer with a mask token and a chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(DLLM_SPECIAL)}
+    for ch in DLLM_CHARS:
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|pad|>", unk_token="<|unk|>",
+                                        bos_token="<|bos|>", eos_token="<|eos|>", mask_token="<|mdm_mask|>",
+                                        additional_special_tokens=["<|user|>", "<|assistant|>"])
+    tokenizer.chat_template = DLLM_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_dllm(seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
+    """A bidirectional masked LM (ModernBERT blocks, global attention) and its tokenizer."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    tokenizer = tiny_dllm_tokenizer()
+    torch.manual_seed(seed)
+    config = ModernBertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                              num_hidden_layers=num_layers, num_attention_heads=4, max_position_embeddings=512,
+                              global_attn_every_n_layers=1, local_attention=512,
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, cls_token_id=tokenizer.bos_token_id,
+                              sep_token_id=tokenizer.eos_token_id, mask_token_id=tokenizer.mask_token_id,
+                              tie_word_embeddings=False)
+    model = ModernBertForMaskedLM(config)
+    return model, tokenizer
+
+
+def build_clip(seed: int = 0, image_size: int = 32):
+    """A CLIPModel with a CLIPProcessor (resize 32, center crop 32, CLIP normalization)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                              image_size=image_size, patch_size=8, projection_dim=32)
+    config = CLIPConfig(text_config=_clip_text_config().to_dict(), vision_config=vision.to_dict(), projection_dim=32)
+    model = CLIPModel(config)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tiny_clip_tokenizer(max_length=77))
+    return model, processor
+
+
+_BUILDERS = {"sd3": build_sd3, "flux": build_flux, "wan": build_wan, "sd15": build_sd15,
+             "dllm": build_dllm, "clip": build_clip}
+
+
+def build_tiny(kind: str, seed: int = 0):
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown tiny model {kind!r}; choose one of {', '.join(TINY_KINDS)}")
+    return _BUILDERS[kind](seed=seed)
+
+
+def save_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny model and ``save_pretrained`` it (safetensors) into ``folder``."""
+    folder = Path(folder)
+    built = build_tiny(kind, seed=seed)
+    if isinstance(built, tuple):
+        for part in built:
+            part.save_pretrained(folder)
+    else:
+        built.save_pretrained(folder, safe_serialization=True)
+    return folder
