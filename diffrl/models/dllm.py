@@ -17,6 +17,7 @@ import torch
 
 from diffrl.errors import ConfigError
 from diffrl.models import lora as lora_utils
+from diffrl.models import loading_errors
 
 # Mask ids of families whose tokenizer does not declare a mask token.
 _KNOWN_MASK_IDS = {"llada": 126336}
@@ -56,20 +57,21 @@ class MaskedDiffusionLM:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
-        try:
-            config = AutoConfig.from_pretrained(str(path), **kwargs)
-        except ValueError as e:
-            if "trust_remote_code" in str(e):
-                raise ConfigError(f"model.path {path} needs its own code to load; if you trust it, set "
-                                  f"model.trust_remote_code: true") from None
-            raise
-        tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
-        # LLaDA and Dream register their masked LM under AutoModel; standard encoders under AutoModelForMaskedLM.
         from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-        loader = AutoModelForMaskedLM if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else AutoModel
-        module = loader.from_pretrained(str(path), dtype=dtype, **kwargs).to(device)
+        kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+        with loading_errors(path):
+            try:
+                config = AutoConfig.from_pretrained(str(path), **kwargs)
+            except ValueError as e:
+                if "trust_remote_code" in str(e):
+                    raise ConfigError(f"model.path {path} needs its own code to load; if you trust it, set "
+                                      f"model.trust_remote_code: true") from None
+                raise
+            tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+            # LLaDA and Dream register their masked LM under AutoModel; encoders under AutoModelForMaskedLM.
+            loader = AutoModelForMaskedLM if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else AutoModel
+            module = loader.from_pretrained(str(path), dtype=dtype, **kwargs).to(device)
         return cls(module, tokenizer, mask_id=mask_id, device=device)
 
     # ------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 
 from diffrl.errors import ConfigError
 from diffrl.models import lora as lora_utils
+from diffrl.models import loading_errors
 
 _PIPELINE_FAMILY = {
     "StableDiffusion3Pipeline": "sd3",
@@ -111,9 +112,10 @@ class FlowModel:
         from diffusers import DiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
 
-        family = family or detect_family(path, revision)
         diffusers_logging.disable_progress_bar()
-        pipeline = DiffusionPipeline.from_pretrained(str(path), revision=revision, dtype=dtype)
+        with loading_errors(path):
+            family = family or detect_family(path, revision)
+            pipeline = DiffusionPipeline.from_pretrained(str(path), revision=revision, dtype=dtype)
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline, family, device=device, dtype=dtype, max_sequence_length=max_sequence_length)
 

@@ -245,3 +245,11 @@ def save_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
     else:
         built.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+if __name__ == "__main__":  # python -m diffrl.models.tiny KIND FOLDER
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] not in TINY_KINDS:
+        sys.exit(f"usage: python -m diffrl.models.tiny {{{','.join(TINY_KINDS)}}} FOLDER")
+    print(save_tiny(sys.argv[1], sys.argv[2]))

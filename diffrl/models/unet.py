@@ -17,6 +17,7 @@ import torch
 
 from diffrl.errors import ConfigError
 from diffrl.models import lora as lora_utils
+from diffrl.models import loading_errors
 from diffrl.models.flow import Cond
 
 _PIPELINE_FAMILY = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
@@ -50,18 +51,19 @@ class EpsilonModel:
         from diffusers import DiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
 
-        local = Path(path)
-        if local.is_dir() and not (local / "model_index.json").is_file():
-            raise ConfigError(f"model.path {path}: no model_index.json; point it at a diffusers pipeline folder")
-        config = json.loads((local / "model_index.json").read_text()) if local.is_dir() else \
-            DiffusionPipeline.load_config(str(path), revision=revision)
-        family = _PIPELINE_FAMILY.get(config["_class_name"])
-        if family is None:
-            raise ConfigError(f"model.path {path}: {config['_class_name']} is not an epsilon-prediction pipeline "
-                              f"diffrl knows ({', '.join(_PIPELINE_FAMILY)})")
         diffusers_logging.disable_progress_bar()
-        kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
-        pipeline = DiffusionPipeline.from_pretrained(str(path), revision=revision, dtype=dtype, **kwargs)
+        with loading_errors(path):
+            local = Path(path)
+            if local.is_dir() and not (local / "model_index.json").is_file():
+                raise ConfigError(f"model.path {path}: no model_index.json; point it at a diffusers pipeline folder")
+            config = json.loads((local / "model_index.json").read_text()) if local.is_dir() else \
+                DiffusionPipeline.load_config(str(path), revision=revision)
+            family = _PIPELINE_FAMILY.get(config["_class_name"])
+            if family is None:
+                raise ConfigError(f"model.path {path}: {config['_class_name']} is not an epsilon-prediction "
+                                  f"pipeline diffrl knows ({', '.join(_PIPELINE_FAMILY)})")
+            kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
+            pipeline = DiffusionPipeline.from_pretrained(str(path), revision=revision, dtype=dtype, **kwargs)
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline, family, device=device, dtype=dtype)
 

@@ -1,0 +1,191 @@
+"""diffrl command line: train | validate | ls | sample | score | eval.
+
+Errors in user input print one line (``error: ...``) and exit 1; a traceback means a bug in diffrl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from diffrl.errors import DiffrlError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
+
+
+def _shipped_configs() -> list[Path]:
+    root = REPO_ROOT / "configs"
+    return sorted(root.rglob("*.yaml")) if root.is_dir() else []
+
+
+def _accelerate_config(name: str) -> Path:
+    """A shipped accelerate config by name (ddp, fsdp, zero2) or a path to the user's own."""
+    shipped = ACCELERATE_CONFIGS / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    path = Path(name)
+    if path.is_file():
+        return path
+    names = ", ".join(p.stem for p in sorted(ACCELERATE_CONFIGS.glob("*.yaml")))
+    raise DiffrlError(f"--accelerate-config {name}: no such file or shipped config (shipped: {names})")
+
+
+def _inside_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCHED" in os.environ
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from diffrl.config import load_config
+    from diffrl.trainers import get_trainer
+
+    config = load_config(args.config, args.overrides)  # validate before spawning anything
+    if (args.num_processes > 1 or args.accelerate_config) and not _inside_launcher():
+        return _relaunch(args)
+    trainer = get_trainer(config.trainer).trainer_class(config)
+    result = trainer.train()
+    if int(os.environ.get("RANK", "0")) == 0:
+        shown = {k: v for k, v in result.items() if isinstance(v, float)}
+        print("done: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    return 0
+
+
+def _relaunch(args) -> int:
+    """Re-run this command under ``accelerate launch`` with the asked process count / config."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes)]
+    if args.accelerate_config:
+        cmd += ["--config_file", str(_accelerate_config(args.accelerate_config))]
+    else:
+        # On a machine without GPUs the trainer's Accelerator(cpu=True) turns this into a gloo DDP run.
+        cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["-m", "diffrl.cli", "train", args.config, *args.overrides]
+    env = {**os.environ, "ACCELERATE_LAUNCHED": "1"}
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_validate(args) -> int:
+    from diffrl.config import load_config
+
+    for path in args.configs:
+        config = load_config(path, args.overrides)
+        print(f"ok: {path} ({config.trainer})")
+    return 0
+
+
+def cmd_ls(args) -> int:
+    unknown = [w for w in args.what if w not in _LISTERS]
+    if unknown:
+        raise DiffrlError(f"diffrl ls: unknown section {unknown[0]!r}; choose from {', '.join(_LISTERS)}")
+    for section in args.what or list(_LISTERS):
+        rows = _LISTERS[section]()
+        print(f"{section}:")
+        if not rows:
+            print("  (none)")
+        width = max((len(r[0]) for r in rows), default=0)
+        for name, *rest in rows:
+            print(f"  {name.ljust(width)}  {'  '.join(str(x) for x in rest if x)}")
+    return 0
+
+
+def _list_trainers():
+    from diffrl.trainers import available_trainers
+
+    return [(name, e.summary, e.paper) for name, e in available_trainers().items()]
+
+
+def _list_configs():
+    rows = []
+    for path in _shipped_configs():
+        first = path.read_text(encoding="utf-8").splitlines()[:1]
+        note = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        rows.append((str(path.relative_to(REPO_ROOT)), note))
+    return rows
+
+
+def _optional_lister(module: str, function: str):
+    """Sections added by later parts of the toolkit; empty until their module exists."""
+    def lister():
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                return []
+            raise
+        return getattr(mod, function)()
+    return lister
+
+
+_LISTERS = {
+    "trainers": _list_trainers,
+    "estimators": _optional_lister("diffrl.advantages", "describe_estimators"),
+    "losses": _optional_lister("diffrl.losses", "describe_losses"),
+    "curricula": _optional_lister("diffrl.curriculum", "describe_curricula"),
+    "rewards": _optional_lister("rewards", "describe_rewards"),
+    "configs": _list_configs,
+}
+
+
+def _not_yet(name: str):
+    def command(args) -> int:
+        raise DiffrlError(f"`diffrl {name}` is not available in this version yet; see the README for what is")
+    return command
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffrl", description="RL alignment of diffusion models: AWM, Flow-GRPO, "
+                                     "SePPO, IGPO. Run `diffrl COMMAND --help` for a command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train from a YAML config", description="Train from a YAML config. "
+                           "Overrides look like optim.lr=1e-4 max_steps=10.")
+    train.add_argument("config", help="path to a YAML config (see `diffrl ls configs`)")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    train.add_argument("--num-processes", type=int, default=1, help="processes to launch (re-launches under "
+                       "`accelerate launch`)")
+    train.add_argument("--accelerate-config", help="a shipped accelerate config (ddp, fsdp, zero2) or a path")
+    train.set_defaults(func=cmd_train)
+
+    validate = sub.add_parser("validate", help="check configs without running them")
+    validate.add_argument("configs", nargs="+", help="YAML configs")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override applied to every config (repeatable)")
+    validate.set_defaults(func=cmd_validate)
+
+    ls = sub.add_parser("ls", help="list trainers, estimators, losses, curricula, rewards and shipped configs")
+    ls.add_argument("what", nargs="*", help=f"sections to list: {', '.join(_LISTERS)} (default: all)")
+    ls.set_defaults(func=cmd_ls)
+
+    for name, text in (("sample", "generate samples from a model or checkpoint"),
+                       ("score", "score images, videos or texts with reward models"),
+                       ("eval", "evaluate a model or checkpoint")):
+        stub = sub.add_parser(name, help=text + " (coming in a later version)")
+        stub.add_argument("rest", nargs=argparse.REMAINDER)
+        stub.set_defaults(func=_not_yet(name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DiffrlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Prompt sets and reasoning tasks: local txt / jsonl / parquet files, Hugging Face datasets, generators.
+
+    load_prompts("assets/prompts/ocr_train.txt")                # one prompt per line
+    load_prompts("data/meta.jsonl", column="prompt")
+    load_reasoning("openai/gsm8k", split="train", config_name="main")
+    arithmetic_tasks(1000, seed=0)                               # procedural, offline
+
+Every failure is a :class:`DataError` whose message names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffrl.errors import DataError
+
+_LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
+
+
+@dataclass(frozen=True)
+class ReasoningExample:
+    """A question with its reasoning trace and final answer (``trace`` may be empty)."""
+
+    question: str
+    trace: str
+    answer: str
+    source: str = "default"
+
+    @property
+    def target(self) -> str:
+        """What SFT trains on: the trace, then the answer in ``\\boxed{}``."""
+        return f"{self.trace}\n\\boxed{{{self.answer}}}" if self.trace else f"\\boxed{{{self.answer}}}"
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).suffix.lower() in _LOCAL_SUFFIXES or Path(path).exists()
+
+
+def read_records(path: str | Path, *, split: str = "train", config_name: str | None = None) -> list[dict]:
+    """Rows of a local jsonl / json / parquet / csv file or of a hub dataset split, as dicts."""
+    path_str = str(path)
+    if not _is_local(path_str):
+        return _hub_records(path_str, split, config_name)
+    file = Path(path_str)
+    if not file.is_file():
+        raise DataError(f"{file}: file not found; check the data path")
+    suffix = file.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        text = _read_text(file)
+        if suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{file}:{number}: invalid JSON ({e.msg}); each line must be one JSON "
+                                    f"object") from None
+    elif suffix in (".parquet", ".csv"):
+        import datasets
+
+        try:
+            rows = list(datasets.load_dataset(suffix[1:], data_files=str(file), split="train"))
+        except Exception as e:
+            raise DataError(f"{file}: cannot be read as {suffix[1:]} ({type(e).__name__}); check the file") from None
+    else:
+        raise DataError(f"{file}: expected a .jsonl, .json, .parquet or .csv file")
+    if not rows:
+        raise DataError(f"{file}: no rows; the file is empty")
+    if not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{file}: every row must be a JSON object with named fields")
+    return rows
+
+
+def _hub_records(name: str, split: str, config_name: str | None) -> list[dict]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(name, config_name, split=split))
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{name}: cannot load this dataset (split {split!r}): {first}. Use a local file path or "
+                        f"a reachable hub dataset id") from None
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
+
+
+def _column(rows: list[dict], column: str, source: str) -> list:
+    missing = [i for i, r in enumerate(rows) if column not in r]
+    if missing:
+        found = ", ".join(sorted(rows[missing[0]].keys())) or "none"
+        raise DataError(f"{source}: row {missing[0] + 1} has no {column!r} field (fields: {found}); "
+                        f"set the column name in the config")
+    return [r[column] for r in rows]
+
+
+def load_prompts(path: str | Path, *, column: str = "prompt", split: str = "train",
+                 config_name: str | None = None) -> list[str]:
+    """Prompts from a .txt file (one per line, blank lines skipped), a table file or a hub dataset."""
+    path_str = str(path)
+    if Path(path_str).suffix.lower() == ".txt":
+        file = Path(path_str)
+        if not file.is_file():
+            raise DataError(f"{file}: prompt file not found; check the data path")
+        prompts = [line.strip() for line in _read_text(file).splitlines() if line.strip()]
+    else:
+        prompts = [str(p).strip() for p in _column(read_records(path_str, split=split, config_name=config_name),
+                                                    column, path_str)]
+        prompts = [p for p in prompts if p]
+    if not prompts:
+        raise DataError(f"{path_str}: no prompts found; the file must hold at least one non-empty prompt")
+    return prompts
+
+
+# Answers: GSM8K writes "#### 72" after the reasoning; MATH ends its solution with \boxed{...}.
+_GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.S)
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            if depth == 0:
+                return text[i:j]
+            depth -= 1
+    return None
+
+
+def split_trace_answer(solution: str) -> tuple[str, str]:
+    """``(trace, answer)`` from a GSM8K ``#### answer`` or a MATH ``\\boxed{answer}`` solution."""
+    match = _GSM8K_ANSWER.search(solution)
+    if match:
+        return solution[:match.start()].strip(), match.group(1).replace(",", "").strip()
+    boxed = last_boxed(solution)
+    if boxed is not None:
+        return solution.strip(), boxed.strip()
+    return solution.strip(), ""
+
+
+def load_reasoning(path: str | Path, *, split: str = "train", config_name: str | None = None,
+                   question_field: str = "question", answer_field: str = "answer",
+                   source: str | None = None) -> list[ReasoningExample]:
+    """Question / solution pairs: GSM8K (``question``, ``answer`` with ``####``), MATH (``problem``,
+    ``solution`` with ``\\boxed{}``), MetaMath (``query``, ``response``), or any file with named fields."""
+    rows = read_records(path, split=split, config_name=config_name)
+    questions = _column(rows, question_field, str(path))
+    solutions = _column(rows, answer_field, str(path))
+    examples = []
+    for question, solution in zip(questions, solutions):
+        trace, answer = split_trace_answer(str(solution))
+        if not answer:
+            raise DataError(f"{path}: a solution has no final answer ('#### x' or '\\boxed{{x}}'): "
+                            f"{str(solution)[:60]!r}...; check answer_field")
+        examples.append(ReasoningExample(str(question), trace, answer, source or str(path)))
+    return examples
+
+
+def arithmetic_tasks(n: int, *, seed: int = 0, min_terms: int = 2, max_terms: int = 3,
+                     max_value: int = 9) -> list[ReasoningExample]:
+    """Procedural multi-step arithmetic with left-to-right reasoning traces (offline tests, quickstart).
+
+    Example: question "3+4*2", trace "3+4=7\\n7*2=14", answer "14" (evaluated left to right, as the trace says).
+    """
+    rng = random.Random(seed)
+    ops = "+-*"
+    examples = []
+    for _ in range(n):
+        terms = [rng.randint(1, max_value) for _ in range(rng.randint(min_terms, max_terms))]
+        chosen = [rng.choice(ops) for _ in terms[1:]]
+        value, steps = terms[0], []
+        for op, term in zip(chosen, terms[1:]):
+            new = value + term if op == "+" else value - term if op == "-" else value * term
+            steps.append(f"{value}{op}{term}={new}")
+            value = new
+        question = str(terms[0]) + "".join(f"{op}{t}" for op, t in zip(chosen, terms[1:]))
+        examples.append(ReasoningExample(question, "\n".join(steps), str(value), "arithmetic"))
+    return examples
+
+
+GENERATORS = {"arithmetic": arithmetic_tasks}
+
+
+def load_tasks(path: str, *, size: int, seed: int, split: str = "train", config_name: str | None = None,
+               question_field: str = "question", answer_field: str = "answer") -> list[ReasoningExample]:
+    """``generator:NAME`` (e.g. ``generator:arithmetic``) builds ``size`` tasks; anything else is loaded."""
+    if path.startswith("generator:"):
+        name = path.split(":", 1)[1]
+        if name not in GENERATORS:
+            raise DataError(f"unknown task generator {name!r}; known: {', '.join(GENERATORS)}")
+        return GENERATORS[name](size, seed=seed)
+    return load_reasoning(path, split=split, config_name=config_name, question_field=question_field,
+                          answer_field=answer_field)

@@ -1,0 +1,411 @@
+"""What every trainer shares: Accelerator set-up, optimizer, metrics, progress, checkpoints.
+
+Functions, not a base class: each trainer calls what it needs, in its own order.
+
+Checkpoint layout (``output_dir/checkpoints/step-000100/``)::
+
+    model/                  LoRA in diffusers (or peft) format, or full weights as safetensors
+    optimizer.pt            optimizer state (loaded with weights_only=True)
+    scheduler.pt            LR scheduler state
+    state_<name>.pt         estimator, curriculum, EMA, ... (anything with state_dict / load_state_dict)
+    rng_state_<rank>.pt     python, numpy, torch (CPU and CUDA) and named generator states, per process
+    trainer_state.json      trainer name, step, extras; written last: its presence marks a whole checkpoint
+
+The folder is written as ``.tmp-step-000100`` and renamed when complete, so a kill at any point leaves either
+the previous checkpoints or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffrl.config import TrainerConfig, save_config, to_dict
+from diffrl.errors import CheckpointError, ConfigError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHECKPOINT_PREFIX = "step-"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Accelerator, seeding, output folder
+# ----------------------------------------------------------------------------------------------------------
+
+
+def create_accelerator(config: TrainerConfig):
+    """An Accelerator for this config: CPU when asked or when no GPU is present; trackers from config.logging."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    cpu = config.cpu or not torch.cuda.is_available()
+    if cpu and config.mixed_precision == "fp16":
+        raise ConfigError("mixed_precision: fp16 needs a GPU; use 'no' or 'bf16' on CPU")
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
+        log_with=list(config.logging.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
+    )
+    return accelerator
+
+
+def prepare_output_dir(accelerator, config: TrainerConfig) -> Path:
+    """Create ``output_dir`` (failing early if it is not writable) and write the resolved config there."""
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            probe = output_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"output_dir {output_dir} is not writable ({e.strerror}); choose another "
+                              f"output_dir=...") from None
+        save_config(config, output_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    return output_dir
+
+
+def init_trackers(accelerator, config: TrainerConfig) -> None:
+    if config.logging.trackers:
+        flat = _flatten(to_dict(config))
+        accelerator.init_trackers(config.logging.project, config={k: v for k, v in flat.items()
+                                                                  if isinstance(v, (int, float, str, bool))})
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def seed_everything(seed: int, accelerator=None) -> None:
+    """Seed python, numpy and torch; each process gets ``seed + rank`` so ranks sample different data."""
+    rank = accelerator.process_index if accelerator is not None else 0
+    from accelerate.utils import set_seed
+
+    set_seed(seed + rank)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ----------------------------------------------------------------------------------------------------------
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters; enable lora or check lora.target_modules")
+    return params
+
+
+def create_optimizer(params, optim) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
+                             eps=optim.eps)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, optim, max_steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(optim.scheduler, optimizer, num_warmup_steps=optim.warmup_steps,
+                         num_training_steps=max_steps)
+
+
+def clip_and_check_grads(accelerator, params, max_norm: float | None) -> float:
+    """Clip the gradient norm (when ``max_norm``) and return the pre-clip norm (inf/NaN when broken)."""
+    if max_norm is not None:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics and progress
+# ----------------------------------------------------------------------------------------------------------
+
+
+class MetricsLogger:
+    """Appends one JSON row per logged step to ``metrics.jsonl`` (main process) and forwards to trackers.
+
+    On resume the rows after the resumed step are dropped, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, accelerator, output_dir: Path, *, resume_step: int = 0, trackers: bool = True):
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.trackers = trackers
+        self.start_time = time.time()
+        if accelerator.is_main_process:
+            self._truncate_after(resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill mid-write
+            if row.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        tmp.replace(self.path)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        row = {"step": step, **{k: _to_python(v) for k, v in metrics.items()}}
+        if self.accelerator.is_main_process:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.trackers:
+            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+
+def _to_python(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf literal
+    return value
+
+
+def progress_bar(accelerator, *, total: int, initial: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                disable=not (enabled and accelerator.is_main_process))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RNG state
+# ----------------------------------------------------------------------------------------------------------
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Every random state of this process, in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for key, generator in (generators or {}).items():
+        if key not in state["generators"]:
+            raise CheckpointError(f"checkpoint has no state for the random generator {key!r}; it was written by "
+                                  f"a different trainer version")
+        generator.set_state(state["generators"][key])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (with trainer_state.json), oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, trainer: str,
+                    save_model: Callable[[Path], None], optimizer: torch.optim.Optimizer, scheduler,
+                    states: dict[str, Any] | None = None, generators: dict[str, torch.Generator] | None = None,
+                    extra: dict | None = None, keep_last: int | None = None) -> Path:
+    """Write a whole checkpoint atomically (see the module docstring). Every process must call it."""
+    final = checkpoint_dir(output_dir, step)
+    tmp = final.parent / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a kill during an earlier write
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(generators), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_model(tmp / "model")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        for name, obj in (states or {}).items():
+            torch.save(obj.state_dict(), tmp / f"state_{name}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        info = {"trainer": trainer, "step": step, "num_processes": accelerator.num_processes,
+                "states": sorted(states or {}), **(extra or {})}
+        (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2))
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step after a resume: swap, then drop the old copy
+            old = final.parent / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        if keep_last is not None:
+            for stale in list_checkpoints(output_dir)[:-keep_last]:
+                shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush file contents to disk before the rename publishes them (a power cut must not expose zeros)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """``None`` -> start fresh; ``'latest'`` -> newest complete checkpoint or None; a path -> that folder."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint.resume: {folder} does not exist; use 'latest' or a folder under "
+                              f"{Path(output_dir) / 'checkpoints'}")
+    return folder
+
+
+def load_checkpoint(folder: Path, accelerator, *, trainer: str, load_model: Callable[[Path], None],
+                    optimizer: torch.optim.Optimizer, scheduler, states: dict[str, Any] | None = None,
+                    generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns trainer_state.json. Errors name the missing piece."""
+    info_path = folder / "trainer_state.json"
+    if not info_path.is_file():
+        raise CheckpointError(f"{folder} is not a complete checkpoint (no trainer_state.json); resume from "
+                              f"another one or set checkpoint.resume: null to start over")
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{info_path} is corrupt; resume from an earlier checkpoint") from None
+    if info.get("trainer") != trainer:
+        raise CheckpointError(f"{folder} was written by the {info.get('trainer')!r} trainer, not {trainer!r}; "
+                              f"use a checkpoint of this run or a new output_dir")
+    expected = ["optimizer.pt", "scheduler.pt", "model", *[f"state_{n}.pt" for n in states or {}]]
+    rng_file = folder / f"rng_state_{accelerator.process_index}.pt"
+    missing = [name for name in expected if not (folder / name).exists()]
+    if missing:
+        raise CheckpointError(f"{folder} is missing {', '.join(missing)}; resume from an earlier checkpoint")
+    if info.get("num_processes") != accelerator.num_processes:
+        raise CheckpointError(f"{folder} was written by {info.get('num_processes')} processes, this run has "
+                              f"{accelerator.num_processes}; resume with the same number of processes")
+    load_model(folder / "model")
+    optimizer.load_state_dict(_load(folder / "optimizer.pt"))
+    scheduler.load_state_dict(_load(folder / "scheduler.pt"))
+    for name, obj in (states or {}).items():
+        obj.load_state_dict(_load(folder / f"state_{name}.pt"))
+    set_rng_state(_load(rng_file), generators)
+    return info
+
+
+def _load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; resume from an earlier checkpoint") from None
+    except Exception as e:  # unpickling refused or truncated file
+        raise CheckpointError(f"{path} cannot be loaded safely ({type(e).__name__}); it is corrupt or not a "
+                              f"diffrl checkpoint file") from None
+
+
+def unwrap(accelerator, module: torch.nn.Module) -> torch.nn.Module:
+    return accelerator.unwrap_model(module)
+
+
+def end_training(accelerator) -> None:
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trainable weights: LoRA or the whole module
+# ----------------------------------------------------------------------------------------------------------
+
+
+def apply_lora(model, lora) -> None:
+    """Add the config's LoRA adapter, or make the whole trainable module trainable when LoRA is off."""
+    if lora.enabled:
+        model.add_lora(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, init=lora.init,
+                       target_modules=lora.target_modules)
+    else:
+        model.trainable.requires_grad_(True)
+
+
+def save_trainable(model, folder: Path, *, lora_enabled: bool) -> None:
+    """LoRA in the library's own format (diffusers / peft), or the full module as safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if lora_enabled:
+        model.save_lora(folder)
+    else:
+        model.trainable.save_pretrained(str(folder), safe_serialization=True)
+
+
+def load_trainable(model, folder: Path, *, lora_enabled: bool) -> None:
+    from safetensors.torch import load_file
+
+    if lora_enabled:
+        model.load_lora(folder)
+        return
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no .safetensors weights; resume from an earlier checkpoint")
+    state = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    missing, unexpected = model.trainable.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder} does not fit the model ({len(missing)} missing, {len(unexpected)} "
+                              f"unexpected weights); it belongs to another model")

@@ -1,0 +1,223 @@
+"""Masked-diffusion SFT for diffusion LLMs (LLaDA's supervised fine-tuning; IGPO's length-aligned SFT stage).
+
+For a (prompt, answer) pair, draw t ~ U(0, 1) per sequence, mask each answer token with probability
+p = (1 - eps) t + eps, and train the model to recover the masked tokens (LLaDA, arXiv 2502.09992, Alg. 2 and
+its GUIDELINES.md):
+
+    loss = (1 / B) sum_b sum_{i masked} CE(logits_bi, x_bi) / (p_b * |answer_b|)
+
+The answer is padded with end-of-sequence tokens up to ``max_answer_length`` and those are trained too, which
+is how LLaDA learns to stop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+import torch.nn.functional as F
+
+from diffrl.config import TrainerConfig, param
+from diffrl.curriculum import UniformSampler
+from diffrl.data import ReasoningExample, last_boxed, load_tasks
+from diffrl.errors import ConfigError
+from diffrl.models.dllm import MaskedDiffusionLM
+from diffrl.samplers.masked import generate
+from diffrl.trainers import common, register_trainer
+
+
+@dataclasses.dataclass
+class SFTDataConfig:
+    path: str = param("generator:arithmetic", help="jsonl/parquet file, hub dataset id, or generator:NAME")
+    split: str = param("train", help="dataset split")
+    config_name: str | None = param(None, help="hub dataset config (gsm8k: 'main')")
+    question_field: str = param("question", help="field holding the question")
+    answer_field: str = param("answer", help="field holding the reasoning trace and final answer")
+    size: int = param(2000, help="number of tasks a generator makes", ge=1)
+    eval_size: int = param(32, help="held-out tasks used by evaluation (taken from the end)", ge=0)
+
+
+@dataclasses.dataclass
+class SFTGenerationConfig:
+    gen_length: int = param(32, help="answer tokens generated at evaluation", ge=1)
+    block_length: int = param(32, help="semi-autoregressive block size", ge=1)
+    steps: int = param(16, help="denoising steps over the whole answer", ge=1)
+    temperature: float = param(0.0, help="Gumbel sampling temperature (0 = greedy)", ge=0)
+
+
+@dataclasses.dataclass
+class DllmSFTConfig(TrainerConfig):
+    data: SFTDataConfig = param(SFTDataConfig(), help="training tasks")
+    generation: SFTGenerationConfig = param(SFTGenerationConfig(), help="decoding used by evaluation")
+    batch_size: int = param(8, help="sequences per process per micro-batch", ge=1)
+    max_answer_length: int = param(32, help="answer tokens (trace + answer + EOS padding)", ge=1)
+    mask_eps: float = param(1e-3, help="minimum masking probability eps (LLaDA)", gt=0, lt=1)
+    chat_template: bool = param(True, help="wrap questions in the tokenizer's chat template")
+    eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
+
+    def __post_init__(self):
+        if self.data.eval_size >= self.data.size and self.data.path.startswith("generator:"):
+            raise ConfigError(f"data.eval_size ({self.data.eval_size}) must be smaller than data.size "
+                              f"({self.data.size})")
+
+
+def masked_diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
+                          p_mask: torch.Tensor, answer_lengths: torch.Tensor) -> torch.Tensor:
+    """LLaDA's SFT objective. logits: [B, L, V]; targets, masked: [B, L]; p_mask, answer_lengths: [B].
+
+    Each masked token's cross-entropy is weighted by 1 / (p_b |answer_b|), then summed and divided by B.
+    """
+    token_ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [B, L]
+    weights = masked.float() / (p_mask[:, None] * answer_lengths[:, None].float())
+    return (token_ce * weights).sum() / targets.shape[0]
+
+
+@register_trainer("dllm_sft", config_class=DllmSFTConfig, summary="masked-diffusion SFT for diffusion LLMs",
+                  paper="https://arxiv.org/abs/2502.09992")
+class DllmSFTTrainer:
+    def __init__(self, config: DllmSFTConfig):
+        self.config = config
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.accelerator = common.create_accelerator(cfg)
+        self.output_dir = common.prepare_output_dir(self.accelerator, cfg)
+        common.seed_everything(cfg.seed, self.accelerator)
+        # Data first: a bad path should fail before minutes of model loading.
+        tasks = load_tasks(cfg.data.path, size=cfg.data.size, seed=cfg.seed, split=cfg.data.split,
+                           config_name=cfg.data.config_name, question_field=cfg.data.question_field,
+                           answer_field=cfg.data.answer_field)
+        cut = len(tasks) - cfg.data.eval_size
+        self.train_tasks, self.eval_tasks = tasks[:cut], tasks[cut:]
+        if not self.train_tasks:
+            raise ConfigError(f"data.eval_size ({cfg.data.eval_size}) leaves no training examples out of {len(tasks)}")
+        self.model = MaskedDiffusionLM.from_pretrained(
+            cfg.model.path, revision=cfg.model.revision, dtype=common.torch_dtype(cfg.model.dtype),
+            device=self.accelerator.device, trust_remote_code=cfg.model.trust_remote_code)
+        common.apply_lora(self.model, cfg.lora)
+        if cfg.model.gradient_checkpointing:
+            self.model.module.gradient_checkpointing_enable()
+        self.params = common.trainable_parameters(self.model.module)
+        optimizer = common.create_optimizer(self.params, cfg.optim)
+        scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps)
+        # prepare() wraps the module for DDP; adapters stay managed on the raw module (model.module).
+        self.model.denoiser, self.optimizer, self.scheduler = self.accelerator.prepare(
+            self.model.module, optimizer, scheduler)
+        self.sampler = UniformSampler(len(self.train_tasks), cfg.batch_size, seed=cfg.seed,
+                                      rank=self.accelerator.process_index,
+                                      world_size=self.accelerator.num_processes)
+        self.noise = torch.Generator().manual_seed(cfg.seed + 1000 * self.accelerator.process_index)
+        self.step = 0
+        resume = common.resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
+        if resume is not None:
+            info = common.load_checkpoint(
+                resume, self.accelerator, trainer="dllm_sft", load_model=self._load_model, optimizer=self.optimizer,
+                scheduler=self.scheduler, states={"sampler": self.sampler}, generators={"noise": self.noise})
+            self.step = info["step"]
+        self.metrics = common.MetricsLogger(self.accelerator, self.output_dir, resume_step=self.step,
+                                            trackers=bool(cfg.logging.trackers))
+        common.init_trackers(self.accelerator, cfg)
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def _batch(self, examples: list[ReasoningExample]) -> dict[str, torch.Tensor]:
+        """Left-padded prompt + fixed-length answer (EOS-padded): ids [B, P + A], answer mask, answer lengths."""
+        cfg, tok = self.config, self.model.tokenizer
+        prompts = self.model.chat_prompt_ids([e.question for e in examples], chat_template=cfg.chat_template)
+        prompt_ids, prompt_mask = self.model.left_pad(prompts)
+        answers = torch.full((len(examples), cfg.max_answer_length), tok.eos_token_id, dtype=torch.long)
+        lengths = []
+        for i, example in enumerate(examples):
+            ids = tok(example.target, add_special_tokens=False).input_ids[:cfg.max_answer_length - 1]
+            answers[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            lengths.append(cfg.max_answer_length)  # EOS padding counts as answer (LLaDA)
+        ids = torch.cat([prompt_ids, answers.to(prompt_ids.device)], dim=1)
+        answer_mask = torch.zeros_like(ids, dtype=torch.bool)
+        answer_mask[:, prompt_ids.shape[1]:] = True
+        attention = torch.cat([prompt_mask, torch.ones_like(answers, device=prompt_mask.device)], dim=1)
+        return {"ids": ids, "answer_mask": answer_mask, "attention": attention,
+                "lengths": torch.tensor(lengths, device=ids.device)}
+
+    def update(self) -> dict[str, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+        cfg, acc = self.config, self.accelerator
+        self.model.denoiser.train()
+        losses = []
+        for _ in range(cfg.optim.gradient_accumulation_steps):
+            batch = self._batch([self.train_tasks[i] for i in self.sampler.next_indices()])
+            ids = batch["ids"]
+            t = torch.rand(ids.shape[0], generator=self.noise).to(ids.device)
+            p_mask = (1 - cfg.mask_eps) * t + cfg.mask_eps
+            draws = torch.rand(ids.shape, generator=self.noise).to(ids.device)
+            masked = (draws < p_mask[:, None]) & batch["answer_mask"]
+            noisy = torch.where(masked, torch.full_like(ids, self.model.mask_id), ids)
+            with acc.accumulate(self.model.denoiser), acc.autocast():
+                logits = self.model.logits(noisy, batch["attention"])
+                loss = masked_diffusion_loss(logits, ids, masked, p_mask, batch["lengths"])
+                acc.backward(loss)
+                grad_norm = common.clip_and_check_grads(acc, self.params, cfg.optim.max_grad_norm) \
+                    if acc.sync_gradients else float("nan")
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        loss = acc.reduce(torch.stack(losses).mean(), reduction="mean")
+        return {"loss": float(loss), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy accuracy on the held-out tasks (answer = last \\boxed{} of the generation)."""
+        cfg = self.config
+        if not self.eval_tasks:
+            return {}
+        self.model.denoiser.eval()
+        prompts = self.model.chat_prompt_ids([e.question for e in self.eval_tasks], chat_template=cfg.chat_template)
+        ids, mask = self.model.left_pad(prompts)
+        gen = cfg.generation
+        out = generate(self.model, ids, prompt_mask=mask, gen_length=gen.gen_length, block_length=gen.block_length,
+                       steps=gen.steps, temperature=gen.temperature,
+                       generator=torch.Generator().manual_seed(cfg.seed))
+        texts = self.model.decode(out)
+        correct = [last_boxed(text) == e.answer for text, e in zip(texts, self.eval_tasks)]
+        return {"eval/accuracy": sum(correct) / len(correct), "eval/example": texts[0][:80]}
+
+    def train(self) -> dict[str, float]:
+        cfg = self.config
+        self.setup()
+        if self.step == 0:
+            self.metrics.log(self.evaluate(), step=0)
+        bar = common.progress_bar(self.accelerator, total=cfg.max_steps, initial=self.step,
+                                  enabled=cfg.logging.progress_bar, desc="dllm_sft")
+        last = {}
+        while self.step < cfg.max_steps:
+            start = time.time()
+            last = self.update()
+            self.step += 1
+            last["step_time"] = time.time() - start
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                last.update(self.evaluate())
+            if self.step % cfg.logging.log_every == 0:
+                self.metrics.log(last, step=self.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.max_steps:
+                self.save()
+        bar.close()
+        final = self.evaluate()
+        self.metrics.log(final, step=self.step)
+        common.end_training(self.accelerator)
+        return {**last, **final}
+
+    def save(self) -> None:
+        cfg = self.config
+        common.save_checkpoint(
+            self.accelerator, cfg.output_dir, self.step, trainer="dllm_sft", save_model=self._save_model,
+            optimizer=self.optimizer, scheduler=self.scheduler, states={"sampler": self.sampler},
+            generators={"noise": self.noise}, keep_last=cfg.checkpoint.keep_last)
+
+    def _save_model(self, folder) -> None:
+        common.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+
+    def _load_model(self, folder) -> None:
+        common.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

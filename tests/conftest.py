@@ -1,0 +1,41 @@
+"""Session fixtures: every tiny model is built once, saved with save_pretrained, and handed to tests as a
+folder path, so tests load it exactly as a user loads a hub id."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """``tiny_dir(kind)`` -> folder holding the tiny model of that kind (built on first use)."""
+    from diffrl.models.tiny import save_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = save_tiny(kind, root / kind)
+        return built[kind]
+
+    return get
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the installed CLI the way a user does, in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "diffrl.cli", *args], cwd=cwd or REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
