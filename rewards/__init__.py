@@ -104,10 +104,11 @@ def describe_rewards() -> list[tuple[str, str, str, str]]:
     return [(e.name, e.modality, e.summary, e.source) for e in available_rewards().values()]
 
 
-def _factory(name: str) -> Callable[..., Reward]:
+def _factory(name: str) -> tuple[Callable[..., Reward], str]:
+    """The factory and modality of a registered name or of a ``module:attribute`` path."""
     rewards = available_rewards()
     if name in rewards:
-        return rewards[name].factory
+        return rewards[name].factory, rewards[name].modality
     if ":" in name:  # an explicit dotted path named by the config
         module_name, _, attr = name.partition(":")
         try:
@@ -116,7 +117,7 @@ def _factory(name: str) -> Callable[..., Reward]:
             raise RewardError(f"reward {name!r} cannot be imported ({e}); check the module:attribute path") from None
         if getattr(factory, "modality", None) not in MODALITIES:
             raise RewardError(f"reward {name!r} must set .modality to one of {', '.join(MODALITIES)}")
-        return factory
+        return factory, factory.modality
     import difflib
 
     close = difflib.get_close_matches(name, rewards, n=1)
@@ -130,6 +131,7 @@ class _Component:
     name: str
     weight: float
     reward: Reward
+    modality: str
 
 
 class CombinedReward:
@@ -137,11 +139,11 @@ class CombinedReward:
     renormalized; a sample where every component is NaN scores NaN."""
 
     def __init__(self, components: list[_Component]):
-        modalities = {c.reward.modality for c in components}
+        modalities = {c.modality for c in components}
         if len(modalities) > 1 and not modalities <= {"image", "video"}:
             raise RewardError(f"cannot combine rewards of modalities {sorted(modalities)}")
         self.components = components
-        self.modality = components[0].reward.modality
+        self.modality = components[0].modality
 
     @property
     def names(self) -> list[str]:
@@ -201,12 +203,12 @@ def load_reward(spec, *, device: str | torch.device = "cpu", kwargs: dict[str, d
         raise RewardError("the reward spec is empty; name at least one reward")
     components = []
     for name, weight, extra in items:
-        factory = _factory(name)
+        factory, modality = _factory(name)
         try:
             reward = factory(device=device, **extra)
         except TypeError as e:
             raise RewardError(f"reward {name!r} does not accept these arguments: {e}") from None
-        components.append(_Component(name, weight, reward))
+        components.append(_Component(name, weight, reward, modality))
     return CombinedReward(components)
 
 

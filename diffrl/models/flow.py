@@ -100,7 +100,7 @@ class FlowModel:
             if module is not None:
                 module.requires_grad_(False)
                 module.to(self.device)
-        if family == "wan":
+        if family == "wan" and self.vae.dtype != torch.float32:
             # Wan's causal VAE is kept in fp32 by the reference pipeline: its temporal convs lose detail in bf16.
             self.vae.to(torch.float32)
 

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from diffrl.models.dllm import MaskedDiffusionLM
+from diffrl.samplers.masked import FREE, generate, num_transfer_tokens
+
+
+def test_transfer_schedule_by_hand():
+    # 10 masked over 4 steps -> 3, 3, 2, 2; 4 over 4 -> 1 each; 0 -> nothing
+    out = num_transfer_tokens(torch.tensor([10, 4, 0]), 4)
+    assert out.tolist() == [[3, 3, 2, 2], [1, 1, 1, 1], [0, 0, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return MaskedDiffusionLM.from_pretrained(tiny_dir("dllm"))
+
+
+def prompts(model):
+    return model.left_pad(model.chat_prompt_ids(["1+2", "12*3+4"]))
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+def test_generates_without_masks_and_is_seeded(model, remasking):
+    ids, mask = prompts(model)
+    kwargs = dict(prompt_mask=mask, gen_length=8, block_length=4, steps=4, temperature=1.0, remasking=remasking)
+    a = generate(model, ids, generator=torch.Generator().manual_seed(0), **kwargs)
+    b = generate(model, ids, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert a.shape == (2, 8) and not (a == model.mask_id).any()
+    assert torch.equal(a, b)
+
+
+def test_pinned_positions_never_change_and_steps_unmask_on_schedule(model):
+    ids, mask = prompts(model)
+    pinned = torch.full((2, 8), FREE)
+    pinned[0, 1], pinned[0, 6], pinned[1, 0] = 20, 21, 22
+    seen = []
+    original = model.logits
+
+    def spy(x, attention_mask=None):
+        seen.append(x[:, ids.shape[1]:].clone())
+        return original(x, attention_mask)
+
+    model.logits = spy
+    try:
+        out = generate(model, ids, prompt_mask=mask, gen_length=8, block_length=4, steps=4, pinned=pinned)
+    finally:
+        del model.logits
+    assert out[0, 1] == 20 and out[0, 6] == 21 and out[1, 0] == 22
+    for canvas in seen:  # at every step the pinned tokens were in place
+        assert canvas[0, 1] == 20 and canvas[0, 6] == 21 and canvas[1, 0] == 22
+    # Row 0 block 1 has 3 free slots over 2 steps: 2 then 1; block 2 has 3: 2 then 1. Masked counts before
+    # each of the 4 steps: 6, 4, 3, 1 (and a fully filled canvas after the last).
+    masked_before = [int((c[0] == model.mask_id).sum()) for c in seen]
+    assert masked_before == [6, 4, 3, 1]
+    masked_row1 = [int((c[1] == model.mask_id).sum()) for c in seen]
+    assert masked_row1 == [7, 5, 4, 2]
+
+
+def test_blocks_fill_left_to_right(model):
+    ids, mask = prompts(model)
+    seen = []
+    original = model.logits
+    model.logits = lambda x, attention_mask=None: seen.append(x[:, ids.shape[1]:].clone()) or original(x, attention_mask)
+    try:
+        generate(model, ids, prompt_mask=mask, gen_length=8, block_length=4, steps=4)
+    finally:
+        del model.logits
+    # While block 1 is being denoised, block 2 stays fully masked.
+    assert all((c[:, 4:] == model.mask_id).all() for c in seen[:2])
+    assert not (seen[2][:, :4] == model.mask_id).any()
+
+
+def test_bad_arguments(model):
+    ids, mask = prompts(model)
+    with pytest.raises(ValueError, match="multiple of block_length"):
+        generate(model, ids, gen_length=10, block_length=4, steps=4)
+    with pytest.raises(ValueError, match="multiple of the number of blocks"):
+        generate(model, ids, gen_length=8, block_length=4, steps=3)
+    with pytest.raises(ValueError, match="pinned must be"):
+        generate(model, ids, gen_length=8, block_length=4, steps=4, pinned=torch.full((2, 4), FREE))
