@@ -16,7 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-demo: $(STAMP)
+# The quickstart's model: built from code (seeded), saved with save_pretrained, opened like a hub id.
+assets/tiny/dllm: | $(STAMP)
+	$(BIN)/python -m diffrl.models.tiny dllm $@
+
+demo: $(STAMP) assets/tiny/dllm
 	$(BIN)/diffrl train configs/quickstart.yaml
 
 bench: $(STAMP)
