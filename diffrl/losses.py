@@ -1,0 +1,167 @@
+"""Policy-gradient losses, KL estimators and loss aggregation, shared by every trainer.
+
+Shapes: per-token (for diffusion trainers: per denoising step) tensors are ``[B, T]``; advantages are
+``[B]`` (broadcast over T) or ``[B, T]``; masks are ``[B, T]`` (1 = counts).
+
+    per_token, stats = clipped_surrogate(log_probs, old_log_probs, advantages, clip_low=0.2, clip_high=0.28)
+    loss = aggregate(per_token, mask, "token-mean") + beta * aggregate(kl_penalty(log_probs, ref, "k3"), mask)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffrl.advantages import dense_group_index
+
+LOSS_MODES = {
+    "token-mean": "sum(m l) / sum(m): every token weighs the same (verl default, DAPO)",
+    "seq-mean-token-sum": "mean over sequences of sum_t m l",
+    "seq-mean-token-mean": "mean over sequences of the token mean (original GRPO; TRL 'grpo')",
+    "seq-mean-token-sum-norm": "sum(m l) / C with a constant C (Dr. GRPO; C = max length by default)",
+}
+
+
+def _broadcast(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return advantages[:, None].expand_as(like) if advantages.ndim == 1 else advantages
+
+
+def clipped_surrogate(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, *,
+                      clip_low: float = 0.2, clip_high: float | None = None,
+                      dual_clip: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate with asymmetric range and optional dual-clip, per token.
+
+    ratio = exp(log_probs - old_log_probs), kept in [1 - clip_low, 1 + clip_high] (DAPO clip-higher,
+    arXiv 2503.14476; NGRPO uses 0.16 / 0.24). ``loss = max(-A ratio, -A clip(ratio))``; with ``dual_clip`` = c
+    (verl ``clip_ratio_c``), tokens with A < 0 are further bounded: ``min(loss, -A c)``.
+
+    Returns the per-token loss ``[B, T]`` and per-token indicators (``clipped``, ``dual_clipped``).
+
+    >>> loss, _ = clipped_surrogate(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([1.0]))
+    >>> loss   # ratio e = 2.718 is clipped to 1.2 for A > 0: loss = -1.2
+    tensor([[-1.2000]])
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    adv = _broadcast(advantages, log_probs).to(log_probs.dtype)
+    # fp32 ratio: bf16 exp of a log-ratio near 0 rounds to exactly 1 and hides small updates.
+    ratio = torch.exp((log_probs.float() - old_log_probs.float()))
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    stats = {"clipped": (clipped > unclipped).float()}
+    if dual_clip is not None:
+        if dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        bound = -adv * dual_clip
+        dual = (adv < 0) & (loss > bound)
+        loss = torch.where(adv < 0, torch.minimum(loss, bound), loss)
+        stats["dual_clipped"] = dual.float()
+    stats["ratio"] = ratio.detach()
+    return loss, stats
+
+
+def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimates of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL divergence").
+
+    With log r = ref_log_probs - log_probs: k1 = -log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r (>= 0,
+    unbiased, low variance; GRPO's choice). "low_var_kl" is k3 clamped to [-10, 10] as verl does.
+
+    >>> kl_penalty(torch.tensor([0.0]), torch.tensor([-1.0]), "k3")   # e^-1 - 1 + 1
+    tensor([0.3679])
+    """
+    log_ratio = ref_log_probs.float() - log_probs.float()
+    if kind == "k1":
+        return -log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio ** 2
+    if kind in ("k3", "low_var_kl"):
+        kl = torch.exp(log_ratio) - 1 - log_ratio
+        return kl.clamp(-10, 10) if kind == "low_var_kl" else kl
+    raise ValueError(f"KL estimator must be k1, k2, k3 or low_var_kl, got {kind!r}")
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", *,
+              norm_constant: float | None = None, global_tokens: float | None = None) -> torch.Tensor:
+    """Reduce a ``[B, T]`` per-token loss to a scalar (verl ``agg_loss``).
+
+    ``global_tokens`` replaces sum(m) in token-mean with the token count of the whole data-parallel batch
+    (TRL's "dapo" loss). In the ``seq-*`` modes, fully masked sequences are left out. ``norm_constant`` is
+    Dr. GRPO's C (defaults to T).
+    """
+    if mode not in LOSS_MODES:
+        raise ValueError(f"unknown loss aggregation {mode!r}; known: {', '.join(LOSS_MODES)}")
+    mask = mask.to(per_token.dtype)
+    masked = per_token * mask
+    if mode == "token-mean":
+        denominator = global_tokens if global_tokens is not None else mask.sum().clamp_min(1)
+        return masked.sum() / denominator
+    if mode == "seq-mean-token-sum-norm":
+        return masked.sum() / (norm_constant if norm_constant is not None else per_token.shape[-1])
+    tokens = mask.sum(-1)
+    present = tokens > 0
+    if mode == "seq-mean-token-sum":
+        per_seq = masked.sum(-1)
+    else:
+        per_seq = masked.sum(-1) / tokens.clamp_min(1)
+    return per_seq[present].sum() / present.sum().clamp_min(1)
+
+
+def drpo_loss(scores: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor, *, lengths: torch.Tensor,
+              max_length: int, lam: float = 0.1, tau: float = 10.0, kl: torch.Tensor | None = None,
+              beta: float = 1e3, delta: float = 1e-4) -> tuple[torch.Tensor, dict[str, float]]:
+    """DRPO (arXiv 2510.04474, ``compute_policy_loss_drpo``), a loss built on DisCO with decoupled positives.
+
+    scores: ``[B]`` s(o) = mean token log-prob; rewards: ``[B]`` binary; lengths: ``[B]`` |o|.
+    Per prompt q with positives S+ (r = 1) and negatives S- (r = 0), both non-empty:
+
+        w_i  = softmax_{S+}((1 - |o_i| / L_max) / lam)          (normalized over the positives only)
+        J(q) = sum_{S+} w_i s_i - tau log sum_{S-} exp(s_j / tau)
+        loss = -(1/Q) sum_q J(q) + [max(beta (KL - delta), 0)].detach() KL
+
+    Q counts every prompt, dropped (homogeneous) ones included; if all are dropped the loss is a zero that
+    still has a graph. The public code writes the log-sum-exp through ``sum / sum.detach()``, which has the
+    same gradient as the log-sum-exp used here. Defaults: lam 0.1, tau 10, beta 1e3, delta 1e-4.
+    """
+    index, num_groups = dense_group_index(group_ids)
+    positive = rewards > 0.5
+    negative = ~positive
+    pos_count = torch.bincount(index, weights=positive.double(), minlength=num_groups)
+    neg_count = torch.bincount(index, weights=negative.double(), minlength=num_groups)
+    present = torch.bincount(index, minlength=num_groups) > 0
+    usable = (pos_count > 0) & (neg_count > 0)
+    q_total = int(present.sum())
+
+    # Positive weights: a softmax within each group's positives (length-shaped, no gradient).
+    with torch.no_grad():
+        logits = ((1 - lengths.float() / max_length) / lam).double()
+        logits = torch.where(positive, logits, torch.full_like(logits, -float("inf")))
+        group_max = torch.full((num_groups,), -float("inf"), dtype=torch.float64).scatter_reduce(
+            0, index, logits, "amax")
+        exp = torch.where(positive, torch.exp(logits - group_max[index]), torch.zeros_like(logits))
+        weights = exp / torch.bincount(index, weights=exp, minlength=num_groups).clamp_min(1e-300)[index]
+    positive_term = torch.zeros(num_groups, dtype=scores.dtype, device=scores.device).index_add(
+        0, index, (weights.to(scores.dtype) * scores) * positive)
+
+    # Negatives: tau * logsumexp(s / tau) within each group, stabilized by the group max.
+    scaled = torch.where(negative, scores / tau, torch.full_like(scores, -float("inf")))
+    neg_max = torch.full((num_groups,), -float("inf"), dtype=scores.dtype).scatter_reduce(
+        0, index, scaled.detach(), "amax")
+    shifted = torch.where(negative, torch.exp(scaled - neg_max[index].clamp_min(-1e30)), torch.zeros_like(scores))
+    sums = torch.zeros(num_groups, dtype=scores.dtype).index_add(0, index, shifted)
+    negative_term = tau * (torch.log(sums.clamp_min(1e-30)) + neg_max.clamp_min(-1e30))
+
+    objective = torch.where(usable, positive_term - negative_term, torch.zeros_like(positive_term))
+    loss = -objective.sum() / max(q_total, 1) + 0.0 * scores.sum()
+    if kl is not None:
+        loss = loss + (beta * (kl - delta)).clamp_min(0).detach() * kl
+    return loss, {"drpo/usable_groups": float(usable.sum()), "drpo/groups": float(q_total)}
+
+
+def describe_losses() -> list[tuple[str, str, str]]:
+    rows = [(mode, text, "") for mode, text in LOSS_MODES.items()]
+    rows += [("clipped_surrogate", "PPO clip with clip-low/clip-high (DAPO) and dual-clip",
+              "https://arxiv.org/abs/2503.14476"),
+             ("kl_penalty", "k1 / k2 / k3 / low_var_kl estimators of KL to the reference",
+              "http://joschu.net/blog/kl-approx.html"),
+             ("drpo_loss", "DRPO: length-weighted positives, log-sum-exp negatives",
+              "https://arxiv.org/abs/2510.04474")]
+    return rows
