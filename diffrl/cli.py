@@ -108,27 +108,36 @@ def _list_configs():
     return rows
 
 
-def _optional_lister(module: str, function: str):
-    """Sections added by later parts of the toolkit; empty until their module exists."""
-    def lister():
-        import importlib
+def _list_estimators():
+    from diffrl.advantages import describe_estimators
 
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                return []
-            raise
-        return getattr(mod, function)()
-    return lister
+    return describe_estimators()
+
+
+def _list_losses():
+    from diffrl.losses import describe_losses
+
+    return describe_losses()
+
+
+def _list_curricula():
+    from diffrl.curriculum import describe_curricula
+
+    return describe_curricula()
+
+
+def _list_rewards():
+    from rewards import describe_rewards
+
+    return describe_rewards()
 
 
 _LISTERS = {
     "trainers": _list_trainers,
-    "estimators": _optional_lister("diffrl.advantages", "describe_estimators"),
-    "losses": _optional_lister("diffrl.losses", "describe_losses"),
-    "curricula": _optional_lister("diffrl.curriculum", "describe_curricula"),
-    "rewards": _optional_lister("rewards", "describe_rewards"),
+    "estimators": _list_estimators,
+    "losses": _list_losses,
+    "curricula": _list_curricula,
+    "rewards": _list_rewards,
     "configs": _list_configs,
 }
 

@@ -156,7 +156,8 @@ def filter_groups(rewards: torch.Tensor, group_ids: torch.Tensor, *, strategy: s
     ``mixed`` (DAPO, arXiv 2503.14476): keep a group if its rewards are not all equal, or it is a singleton.
     ``all_correct`` (NGRPO): drop only groups where every reward equals ``max_reward``; keep all-wrong ones.
     """
-    index, num_groups = dense_group_index(group_ids)
+    index, keys = dense_group_index(group_ids)
+    num_groups = keys.numel()
     r = rewards.double()
     count = torch.bincount(index, minlength=num_groups)
     if strategy == "mixed":

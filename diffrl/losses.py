@@ -121,7 +121,8 @@ def drpo_loss(scores: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tens
     still has a graph. The public code writes the log-sum-exp through ``sum / sum.detach()``, which has the
     same gradient as the log-sum-exp used here. Defaults: lam 0.1, tau 10, beta 1e3, delta 1e-4.
     """
-    index, num_groups = dense_group_index(group_ids)
+    index, keys = dense_group_index(group_ids)
+    num_groups = keys.numel()
     positive = rewards > 0.5
     negative = ~positive
     pos_count = torch.bincount(index, weights=positive.double(), minlength=num_groups)
