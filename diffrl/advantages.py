@@ -91,53 +91,79 @@ def describe_estimators() -> list[tuple[str, str, str]]:
 
 @dataclass
 class GroupStats:
-    """Per-sample views of per-group statistics. All ``[B]`` float64 except ``index`` (group slot, long)."""
+    """Per-group statistics of a batch (float64; per-sample rewards fp32). ``index`` maps samples to slots.
 
-    index: torch.Tensor      # [B] dense group index in [0, num_groups)
-    num_groups: int
-    valid: torch.Tensor      # [B] bool, reward is not NaN
-    rewards: torch.Tensor    # [B] float64, NaN replaced by 0
-    count: torch.Tensor      # [B] valid samples in the sample's group
-    mean: torch.Tensor       # [B] group mean over valid samples (0 for a group with none)
-    std: torch.Tensor        # [B] unbiased group std (0 for fewer than 2 valid samples)
-    group_count: torch.Tensor  # [num_groups]
-    group_mean: torch.Tensor   # [num_groups]
+    Per-sample views are taken with :meth:`expand`; estimators combine them in one pass,
+    ``A = (r - center[g]) * factor[g]``, which keeps 1M rewards within a few passes over memory.
+    """
+
+    index: torch.Tensor          # [B] long, group slot in [0, G)
+    keys: torch.Tensor           # [G] the group id of each slot
+    rewards: torch.Tensor        # [B] float32, NaN replaced by 0
+    valid: torch.Tensor | None   # [B] bool, None when no reward is NaN (the fast path)
+    count: torch.Tensor          # [G] valid samples per group
+    mean: torch.Tensor           # [G] mean over valid samples (0 for a group with none)
+    sq_dev: torch.Tensor         # [G] sum of squared deviations from the mean
+
+    def expand(self, per_group: torch.Tensor) -> torch.Tensor:
+        """[G] -> [B] in fp32."""
+        return per_group.float().index_select(0, self.index)
+
+    @property
+    def std(self) -> torch.Tensor:
+        """[G] unbiased std (0 for fewer than two valid samples)."""
+        return (self.sq_dev / (self.count - 1).clamp_min(1)).sqrt()
+
+    def affine(self, center: torch.Tensor, factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``(r - center[g]) * factor[g]`` with the shared policy: singleton groups and NaN rewards get 0."""
+        factor = torch.where(self.count > 1, factor, torch.zeros_like(factor))
+        out = (self.rewards - self.expand(center)) * self.expand(factor)
+        if self.valid is not None:
+            out = out * self.valid
+        return out.to(like.dtype)
 
 
-def dense_group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Map arbitrary group ids to slots ``[0, num_groups)``; ids already in ``[0, 4B)`` are used as they are
-    (no sort: the common case is costless)."""
+def dense_group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index [B], keys [G])``: each sample's slot, and the group id each slot stands for.
+
+    Ids already in ``[0, 4B)`` are their own slots (no sort: the common case is costless; unused slots
+    are empty groups); other ids are ranked with ``unique``.
+    """
     if group_ids.ndim != 1:
         raise ValueError(f"group_ids must be [B], got shape {tuple(group_ids.shape)}")
     group_ids = group_ids.long()
-    if group_ids.numel() and group_ids.min() >= 0 and group_ids.max() < 4 * group_ids.numel():
-        return group_ids, int(group_ids.max()) + 1
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    return inverse, int(inverse.max()) + 1 if inverse.numel() else 0
+    if group_ids.numel() == 0:
+        return group_ids, group_ids
+    low, high = torch.aminmax(group_ids)
+    if low >= 0 and high < 4 * group_ids.numel():
+        return group_ids, torch.arange(int(high) + 1)
+    keys, inverse = torch.unique(group_ids, return_inverse=True)
+    return inverse, keys
 
 
 def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> GroupStats:
     if rewards.shape != group_ids.shape:
         raise ValueError(f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} must both be [B]")
-    index, num_groups = dense_group_index(group_ids)
-    r = rewards.double()
-    valid = ~torch.isnan(r)
-    r = torch.where(valid, r, torch.zeros_like(r))
-    w = valid.double()
-    count = torch.bincount(index, weights=w, minlength=num_groups)
-    total = torch.bincount(index, weights=r, minlength=num_groups)
-    mean = total / count.clamp_min(1)
-    dev = (r - mean[index]) * w
-    sq = torch.bincount(index, weights=dev * dev, minlength=num_groups)
-    std = (sq / (count - 1).clamp_min(1)).sqrt()
-    std = torch.where(count > 1, std, torch.zeros_like(std))
-    return GroupStats(index, num_groups, valid, r, count[index], mean[index], std[index], count, mean)
-
-
-def _finish(advantages: torch.Tensor, stats: GroupStats, like: torch.Tensor) -> torch.Tensor:
-    """Apply the shared edge-case policy and return in the rewards' dtype and device."""
-    keep = stats.valid & (stats.count > 1)
-    return torch.where(keep, advantages, torch.zeros_like(advantages)).to(like.dtype)
+    index, keys = dense_group_index(group_ids)
+    num_groups = keys.numel()
+    # Per-sample passes run in fp32 (memory-bound: half the bytes of fp64); group sums accumulate in fp64,
+    # where the sum of G equal fp32 rewards is exact, so their mean, cast back to fp32, is exactly the reward
+    # and a zero-variance group's numerator is exactly 0.
+    r = rewards.float()
+    nan = torch.isnan(r)
+    if nan.any():
+        valid = ~nan
+        r = r.nan_to_num(0.0)
+        count = torch.bincount(index, weights=valid.double(), minlength=num_groups)
+    else:
+        valid = None
+        count = torch.bincount(index, minlength=num_groups).double()
+    mean = torch.bincount(index, weights=r.double(), minlength=num_groups) / count.clamp_min(1)
+    dev = r - mean.float().index_select(0, index)
+    if valid is not None:
+        dev = dev * valid
+    sq_dev = torch.bincount(index, weights=(dev * dev).double(), minlength=num_groups)
+    return GroupStats(index, keys, r, valid, count, mean, sq_dev)
 
 
 def _check(rewards: torch.Tensor) -> None:
@@ -163,19 +189,26 @@ def grpo(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: str = "group"
     tensor([ 0.8660, -0.8660, -0.8660,  0.8660])
     """
     _check(rewards)
-    stats = group_stats(rewards, group_ids)
-    centered = stats.rewards - stats.mean
-    if scale == "group":
-        advantages = centered / (stats.std + eps)
-    elif scale == "batch":
-        valid = stats.rewards[stats.valid]
-        batch_std = valid.std() if valid.numel() > 1 else torch.zeros((), dtype=torch.float64)
-        advantages = centered / (batch_std + eps)
-    elif scale == "none":
-        advantages = centered
-    else:
+    if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
-    return _finish(advantages, stats, rewards)
+    stats = group_stats(rewards, group_ids)
+    if scale == "group":
+        factor = 1.0 / (stats.std + eps)
+    elif scale == "batch":
+        factor = torch.full_like(stats.mean, 1.0 / (float(_batch_std(stats)) + eps))
+    else:
+        factor = torch.ones_like(stats.mean)
+    return stats.affine(stats.mean, factor, rewards)
+
+
+def _batch_std(stats: GroupStats, unbiased: bool = True) -> torch.Tensor:
+    """Std of every valid reward of the batch, from the group sums (no second pass over the samples)."""
+    n = stats.count.sum()
+    if n < 2:
+        return torch.zeros((), dtype=torch.float64)
+    mean = (stats.mean * stats.count).sum() / n
+    total_sq = stats.sq_dev.sum() + (stats.count * (stats.mean - mean) ** 2).sum()
+    return (total_sq / (n - 1 if unbiased else n)).sqrt()
 
 
 @register_estimator("dr_grpo", paper="https://arxiv.org/abs/2503.20783",
@@ -199,8 +232,7 @@ def rloo(rewards: torch.Tensor, group_ids: torch.Tensor, **extras) -> torch.Tens
     """
     _check(rewards)
     stats = group_stats(rewards, group_ids)
-    advantages = stats.count / (stats.count - 1).clamp_min(1) * (stats.rewards - stats.mean)
-    return _finish(advantages, stats, rewards)
+    return stats.affine(stats.mean, stats.count / (stats.count - 1).clamp_min(1), rewards)
 
 
 @register_estimator("reinforce_pp", paper="https://arxiv.org/abs/2501.03262",
@@ -221,16 +253,22 @@ def reinforce_pp(rewards: torch.Tensor, group_ids: torch.Tensor, *, baseline: st
     if baseline not in ("none", "group"):
         raise ValueError(f"baseline must be 'none' or 'group', got {baseline!r}")
     stats = group_stats(rewards, group_ids)
-    values = stats.rewards - stats.mean if baseline == "group" else stats.rewards
-    weights = stats.valid.double() * (lengths.double() if lengths is not None else 1.0)
+    if baseline == "group":
+        values = stats.affine(stats.mean, torch.ones_like(stats.mean), stats.rewards)  # singletons -> 0
+    else:
+        values = stats.rewards
+    values = values.double()
+    valid = stats.valid.double() if stats.valid is not None else torch.ones_like(values)
+    weights = valid * lengths.double() if lengths is not None else valid
     n = weights.sum()
     if n <= 1:
         return torch.zeros_like(rewards)
     mean = (values * weights).sum() / n
-    var = ((values - mean) ** 2 * weights).sum() / n * (n / (n - 1))
-    advantages = (values - mean) * torch.rsqrt(var + eps)
-    keep = stats.valid & ((stats.count > 1) if baseline == "group" else stats.valid)
-    return torch.where(keep, advantages, torch.zeros_like(advantages)).to(rewards.dtype)
+    var = ((values - mean) ** 2 * weights).sum() / (n - 1)
+    advantages = (values - mean) * torch.rsqrt(var + eps) * valid
+    if baseline == "group":
+        advantages = advantages * stats.expand((stats.count > 1).double())
+    return advantages.to(rewards.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,8 +299,7 @@ def _bnpo_one(rewards: torch.Tensor, group_ids: torch.Tensor, min_value: float, 
                          f"{float(rewards[~torch.isnan(rewards)].max())}]")
     stats = group_stats(scaled, group_ids)
     # Beta fit by moments over the prompts (groups) of this batch; nothing carries over between steps.
-    present = stats.group_count > 0
-    p_groups = stats.group_mean[present]
+    p_groups = stats.mean[stats.count > 0]
     if p_groups.numel() < 2:
         mu, var = 0.0, 1.0  # the public code's values for a single prompt: they give alpha = beta = 1
     else:
@@ -274,10 +311,8 @@ def _bnpo_one(rewards: torch.Tensor, group_ids: torch.Tensor, min_value: float, 
         # Variance-minimising normaliser (paper): alpha = 1 + a/3, beta = 1 + b/3, clamped at 1 like the code.
         alpha = max(1.0, 1 + common * mu / 3)
         beta = max(1.0, 1 + common * (1 - mu) / 3)
-    density = beta_density(stats.mean, alpha, beta)
-    weight = (1.0 / density).clamp(0, 1e6)
-    advantages = (stats.rewards - stats.mean) * weight
-    return _finish(advantages, stats, rewards)
+    weight = (1.0 / beta_density(stats.mean, alpha, beta)).clamp(0, 1e6)
+    return stats.affine(stats.mean, weight, rewards)
 
 
 @register_estimator("bnpo", paper="https://arxiv.org/abs/2506.02864",
@@ -323,15 +358,12 @@ def ngrpo(rewards: torch.Tensor, group_ids: torch.Tensor, *, max_reward: float =
     stats = group_stats(rewards, group_ids)
     k = float(num_virtual)
     n = stats.count
-    total = stats.mean * n + k * max_reward
-    mean = total / (n + k)
-    # Sum of squared deviations from the augmented mean: sum (r - mu')^2 = sum (r - m)^2 + n (m - mu')^2.
-    sq_real = stats.std ** 2 * (n - 1).clamp_min(0) + n * (stats.mean - mean) ** 2
-    sq = sq_real + k * (max_reward - mean) ** 2
+    mean = (stats.mean * n + k * max_reward) / (n + k)
+    # Squared deviations from the augmented mean: sum (r - mu')^2 = sum (r - m)^2 + n (m - mu')^2, plus virtuals.
+    sq = stats.sq_dev + n * (stats.mean - mean) ** 2 + k * (max_reward - mean) ** 2
     std = (sq / (n + k - 1)).sqrt()
-    advantages = (stats.rewards - mean) / (std + eps)
-    # An all-r_max group has numerator exactly 0 (float64); the singleton policy still applies.
-    return _finish(advantages, stats, rewards)
+    # An all-r_max group has numerator exactly 0; the singleton policy still applies.
+    return stats.affine(mean, 1.0 / (std + eps), rewards)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,35 +428,36 @@ class PerPromptTracker:
     def __call__(self, rewards: torch.Tensor, group_ids: torch.Tensor, **extras) -> torch.Tensor:
         _check(rewards)
         stats = group_stats(rewards, group_ids)
-        r = stats.rewards
-        w = stats.valid.double()
         if self.keep_history:
-            unique, inverse = torch.unique(group_ids.long(), return_inverse=True)
-            added = {"count": torch.bincount(inverse, weights=w, minlength=unique.numel()),
-                     "sum": torch.bincount(inverse, weights=r * w, minlength=unique.numel()),
-                     "sumsq": torch.bincount(inverse, weights=r * r * w, minlength=unique.numel())}
-            _, found = self.store.lookup(unique)
+            # Fold this batch's per-group sums into the per-prompt history, then read mean / std from it.
+            present = stats.count > 0
+            keys, count = stats.keys[present], stats.count[present]
+            total, sumsq = (stats.mean * stats.count)[present], (stats.sq_dev + stats.count * stats.mean ** 2)[present]
+            _, found = self.store.lookup(keys)
             fresh = torch.zeros(int((~found).sum()), dtype=torch.float64)
-            self.store.insert(unique[~found], {"count": fresh, "sum": fresh, "sumsq": fresh})
-            slot, _ = self.store.lookup(unique)
-            for name, values in added.items():
+            self.store.insert(keys[~found], {"count": fresh, "sum": fresh, "sumsq": fresh})
+            slot, _ = self.store.lookup(keys)
+            for name, values in (("count", count), ("sum", total), ("sumsq", sumsq)):
                 self.store.values[name][slot] += values
-            count = self.store.values["count"][slot][inverse]
-            mean = self.store.values["sum"][slot][inverse] / count.clamp_min(1)
-            var = self.store.values["sumsq"][slot][inverse] / count.clamp_min(1) - mean ** 2
+            n = torch.zeros_like(stats.count)
+            n[present] = self.store.values["count"][slot]
+            mean = torch.zeros_like(stats.mean)
+            mean[present] = self.store.values["sum"][slot] / n[present]
+            var = torch.zeros_like(stats.mean)
+            var[present] = self.store.values["sumsq"][slot] / n[present] - mean[present] ** 2
         else:
-            count = stats.count
-            mean = stats.mean
-            var = stats.std ** 2 * (count - 1).clamp_min(0) / count.clamp_min(1)  # population variance
-        centered = r - mean
+            n, mean = stats.count, stats.mean
+            var = stats.sq_dev / n.clamp_min(1)  # population variance, as np.std
         if self.global_std:
-            valid = r[stats.valid]
-            std = valid.std(unbiased=False) if valid.numel() else torch.zeros((), dtype=torch.float64)
+            std = torch.full_like(mean, float(_batch_std(stats, unbiased=False)))
         else:
             std = var.clamp_min(0).sqrt()
-        advantages = centered / (std + self.eps)
-        keep = stats.valid & (count > 1)
-        return torch.where(keep, advantages, torch.zeros_like(advantages)).to(rewards.dtype)
+        # Singleton policy on the whole history: a prompt seen once in total gets 0.
+        factor = torch.where(n > 1, 1.0 / (std + self.eps), torch.zeros_like(std))
+        out = (stats.rewards - stats.expand(mean)) * stats.expand(factor)
+        if stats.valid is not None:
+            out = out * stats.valid
+        return out.to(rewards.dtype)
 
     def state_dict(self) -> dict:
         return {"store": self.store.state_dict()}
@@ -542,16 +575,9 @@ def clip_advantages(advantages: torch.Tensor, *, max_abs: float, scale: float = 
 
 
 def group_summary(rewards: torch.Tensor, group_ids: torch.Tensor) -> dict[str, float]:
-    """Fractions of groups with zero reward std, all at their max, all at their min (for logging)."""
+    """Fraction of groups whose valid rewards all agree (zero std), for logging."""
     stats = group_stats(rewards, group_ids)
-    present = stats.group_count > 0
+    present = stats.count > 0
     if not present.any():
         return {"frac_zero_std": math.nan}
-    index = stats.index
-    r = stats.rewards.masked_fill(~stats.valid, float("nan"))
-    high = torch.full((stats.num_groups,), -math.inf, dtype=torch.float64).scatter_reduce(
-        0, index, r.nan_to_num(-math.inf), "amax")
-    low = torch.full((stats.num_groups,), math.inf, dtype=torch.float64).scatter_reduce(
-        0, index, r.nan_to_num(math.inf), "amin")
-    zero = (high == low)[present]
-    return {"frac_zero_std": float(zero.double().mean())}
+    return {"frac_zero_std": float((stats.sq_dev[present] == 0).double().mean())}
