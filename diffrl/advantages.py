@@ -117,9 +117,10 @@ class GroupStats:
     def affine(self, center: torch.Tensor, factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``(r - center[g]) * factor[g]`` with the shared policy: singleton groups and NaN rewards get 0."""
         factor = torch.where(self.count > 1, factor, torch.zeros_like(factor))
-        out = (self.rewards - self.expand(center)) * self.expand(factor)
+        # In place on one buffer: at 1M samples each fresh temporary costs as much as the arithmetic.
+        out = self.expand(center).neg_().add_(self.rewards).mul_(self.expand(factor))
         if self.valid is not None:
-            out = out * self.valid
+            out.mul_(self.valid)
         return out.to(like.dtype)
 
 
@@ -150,25 +151,32 @@ def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> GroupStats:
     # where the sum of G equal fp32 rewards is exact, so their mean, cast back to fp32, is exactly the reward
     # and a zero-variance group's numerator is exactly 0.
     r = rewards.float()
-    nan = torch.isnan(r)
-    if nan.any():
-        valid = ~nan
+    r64 = r.double()
+    valid = _finite_or_nan(r64)
+    if valid is not None:
         r = r.nan_to_num(0.0)
+        r64 = r64.nan_to_num(0.0)
         count = torch.bincount(index, weights=valid.double(), minlength=num_groups)
     else:
-        valid = None
         count = torch.bincount(index, minlength=num_groups).double()
-    mean = torch.bincount(index, weights=r.double(), minlength=num_groups) / count.clamp_min(1)
-    dev = r - mean.float().index_select(0, index)
+    mean = torch.bincount(index, weights=r64, minlength=num_groups) / count.clamp_min(1)
+    dev = mean.float().index_select(0, index).neg_().add_(r)
     if valid is not None:
-        dev = dev * valid
-    sq_dev = torch.bincount(index, weights=(dev * dev).double(), minlength=num_groups)
+        dev.mul_(valid)
+    sq_dev = torch.bincount(index, weights=dev.mul_(dev).double(), minlength=num_groups)
     return GroupStats(index, keys, r, valid, count, mean, sq_dev)
 
 
-def _check(rewards: torch.Tensor) -> None:
-    if torch.isinf(rewards).any():
+def _finite_or_nan(values: torch.Tensor) -> torch.Tensor | None:
+    """None when every value is finite (one cheap reduction); else the mask of non-NaN values.
+
+    Infinite rewards are refused: a reward must be finite, or NaN for "not applicable".
+    """
+    if torch.isfinite(values.sum()):
+        return None
+    if torch.isinf(values).any():
         raise ValueError("rewards contain inf; a reward must be finite or NaN ('not applicable')")
+    return ~torch.isnan(values)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,7 +196,6 @@ def grpo(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: str = "group"
     >>> grpo(torch.tensor([1., 0., 0., 1.]), torch.tensor([0, 0, 0, 0]))   # std = 0.5774
     tensor([ 0.8660, -0.8660, -0.8660,  0.8660])
     """
-    _check(rewards)
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
     stats = group_stats(rewards, group_ids)
@@ -230,7 +237,6 @@ def rloo(rewards: torch.Tensor, group_ids: torch.Tensor, **extras) -> torch.Tens
     >>> rloo(torch.tensor([1., 0., 0., 0.]), torch.tensor([0, 0, 0, 0]))   # 1 - 0, 0 - 1/3
     tensor([ 1.0000, -0.3333, -0.3333, -0.3333])
     """
-    _check(rewards)
     stats = group_stats(rewards, group_ids)
     return stats.affine(stats.mean, stats.count / (stats.count - 1).clamp_min(1), rewards)
 
@@ -249,23 +255,29 @@ def reinforce_pp(rewards: torch.Tensor, group_ids: torch.Tensor, *, baseline: st
     >>> reinforce_pp(torch.tensor([1., 2., 3.]), torch.tensor([0, 1, 2]))   # mean 2, unbiased var 1
     tensor([-1.,  0.,  1.])
     """
-    _check(rewards)
     if baseline not in ("none", "group"):
         raise ValueError(f"baseline must be 'none' or 'group', got {baseline!r}")
-    stats = group_stats(rewards, group_ids)
     if baseline == "group":
-        values = stats.affine(stats.mean, torch.ones_like(stats.mean), stats.rewards)  # singletons -> 0
+        stats = group_stats(rewards, group_ids)
+        values = stats.affine(stats.mean, torch.ones_like(stats.mean), stats.rewards).double()  # singletons -> 0
+        valid = stats.valid
     else:
-        values = stats.rewards
-    values = values.double()
-    valid = stats.valid.double() if stats.valid is not None else torch.ones_like(values)
-    weights = valid * lengths.double() if lengths is not None else valid
-    n = weights.sum()
+        values = rewards.double()
+        valid = _finite_or_nan(values)
+        if valid is not None:
+            values = values.nan_to_num(0.0)
+    weights = valid.double() if valid is not None else None
+    if lengths is not None:
+        weights = lengths.double() if weights is None else weights * lengths.double()
+    n = weights.sum() if weights is not None else torch.tensor(float(values.numel()), dtype=torch.float64)
     if n <= 1:
         return torch.zeros_like(rewards)
-    mean = (values * weights).sum() / n
-    var = ((values - mean) ** 2 * weights).sum() / (n - 1)
-    advantages = (values - mean) * torch.rsqrt(var + eps) * valid
+    mean = values.dot(weights) / n if weights is not None else values.mean()
+    centered = values - mean
+    sq_sum = centered.dot(centered) if weights is None else (centered * centered).dot(weights)
+    advantages = centered.mul_(torch.rsqrt(sq_sum / (n - 1) + eps))
+    if valid is not None:
+        advantages.mul_(valid)
     if baseline == "group":
         advantages = advantages * stats.expand((stats.count > 1).double())
     return advantages.to(rewards.dtype)
@@ -291,12 +303,12 @@ def beta_density(p: torch.Tensor, alpha: torch.Tensor | float, beta: torch.Tenso
 def _bnpo_one(rewards: torch.Tensor, group_ids: torch.Tensor, min_value: float, max_value: float) -> torch.Tensor:
     if max_value <= min_value:
         raise ValueError(f"max_value ({max_value}) must be greater than min_value ({min_value})")
-    scaled = (rewards.double() - min_value) / (max_value - min_value)
-    finite = scaled[~torch.isnan(scaled)]
-    if finite.numel() and (finite.min() < -1e-9 or finite.max() > 1 + 1e-9):
+    scaled = (rewards.float() - min_value).div_(max_value - min_value)
+    low, high = torch.aminmax(scaled.nan_to_num(0.5))
+    if low < -1e-6 or high > 1 + 1e-6:
         raise ValueError(f"BNPO rewards must lie in [min_value, max_value] = [{min_value}, {max_value}]; got values "
-                         f"in [{float(rewards[~torch.isnan(rewards)].min())}, "
-                         f"{float(rewards[~torch.isnan(rewards)].max())}]")
+                         f"from {float(low) * (max_value - min_value) + min_value:g} to "
+                         f"{float(high) * (max_value - min_value) + min_value:g}")
     stats = group_stats(scaled, group_ids)
     # Beta fit by moments over the prompts (groups) of this batch; nothing carries over between steps.
     p_groups = stats.mean[stats.count > 0]
@@ -326,7 +338,6 @@ def bnpo(rewards: torch.Tensor, group_ids: torch.Tensor, *, min_value: float = 0
     group-mean baseline; alpha = beta = 3/2 is GRPO with population std times pi/8. With ``decompose`` and
     ``components`` ([B, K] binary reward parts), each part gets its own fit and the advantages are averaged.
     """
-    _check(rewards)
     if not decompose:
         return _bnpo_one(rewards, group_ids, min_value, max_value)
     if components is None or components.ndim != 2 or components.shape[0] != rewards.shape[0]:
@@ -352,7 +363,6 @@ def ngrpo(rewards: torch.Tensor, group_ids: torch.Tensor, *, max_reward: float =
     >>> ngrpo(torch.zeros(8), torch.zeros(8, dtype=torch.long))
     tensor([-0.3333, -0.3333, -0.3333, -0.3333, -0.3333, -0.3333, -0.3333, -0.3333])
     """
-    _check(rewards)
     if num_virtual < 1:
         raise ValueError(f"num_virtual must be >= 1, got {num_virtual}")
     stats = group_stats(rewards, group_ids)
@@ -390,6 +400,11 @@ class _KeyedStore:
         if keys.numel() == 0:
             return
         merged = torch.cat([self.keys, keys])
+        if merged.numel() == 1 or bool((merged[1:] > merged[:-1]).all()):  # already sorted (first fill)
+            self.keys = merged
+            for name in self.values:
+                self.values[name] = torch.cat([self.values[name], values[name].double()])
+            return
         order = torch.argsort(merged)
         self.keys = merged[order]
         for name in self.values:
@@ -426,7 +441,6 @@ class PerPromptTracker:
         self.store = _KeyedStore(("count", "sum", "sumsq"))
 
     def __call__(self, rewards: torch.Tensor, group_ids: torch.Tensor, **extras) -> torch.Tensor:
-        _check(rewards)
         stats = group_stats(rewards, group_ids)
         if self.keep_history:
             # Fold this batch's per-group sums into the per-prompt history, then read mean / std from it.
@@ -519,21 +533,26 @@ class SPOTracker:
 
     def values(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """p_hat for each prompt (0.5 for one never seen), float64 ``[B]``."""
-        slot, found = self.store.lookup(prompt_ids.long())
         if self.store.keys.numel() == 0:
             return torch.full(prompt_ids.shape, 0.5, dtype=torch.float64)
+        slot, found = self.store.lookup(prompt_ids.long())
         a, b = self.store.values["alpha"][slot], self.store.values["beta"][slot]
         return torch.where(found, a / (a + b), torch.full_like(a, 0.5))
 
     def __call__(self, rewards: torch.Tensor, group_ids: torch.Tensor, **extras) -> torch.Tensor:
-        _check(rewards)
-        valid = ~torch.isnan(rewards)
-        raw = rewards.double() - self.values(group_ids)
-        raw_valid = raw[valid]
-        if raw_valid.numel() < 2:
+        r = rewards.double()
+        valid = _finite_or_nan(r)
+        raw = (r.nan_to_num(0.0) if valid is not None else r) - self.values(group_ids)
+        present = raw[valid] if valid is not None else raw
+        if present.numel() < 2:
             return torch.zeros_like(rewards)
-        advantages = (raw - raw_valid.mean()) / (raw_valid.std() + self.eps)
-        return torch.where(valid, advantages, torch.zeros_like(advantages)).to(rewards.dtype)
+        mean = present.mean()
+        centered = present - mean
+        std = (centered.dot(centered) / (present.numel() - 1)).sqrt()
+        advantages = raw.sub_(mean).div_(std + self.eps)
+        if valid is not None:
+            advantages.mul_(valid)
+        return advantages.to(rewards.dtype)
 
     def update(self, rewards: torch.Tensor, group_ids: torch.Tensor,
                divergence: torch.Tensor | None = None) -> None:

@@ -253,7 +253,8 @@ def _unknown_key_message(key: str, cls: type, prefix: str) -> str:
         leaf = key.rsplit(".", 1)[-1]
         same_section = [c for c in candidates if c.startswith(prefix) and "." not in c[len(prefix):]]
         close = [prefix + m for m in difflib.get_close_matches(leaf, [c[len(prefix):] for c in same_section], n=1)]
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(f.name for f in dataclasses.fields(cls))}"
+    valid = ", ".join(f.name for f in dataclasses.fields(cls))
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {valid}"
     return f"unknown key '{key}'{hint}"
 
 

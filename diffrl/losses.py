@@ -43,7 +43,7 @@ def clipped_surrogate(log_probs: torch.Tensor, old_log_probs: torch.Tensor, adva
     clip_high = clip_low if clip_high is None else clip_high
     adv = _broadcast(advantages, log_probs).to(log_probs.dtype)
     # fp32 ratio: bf16 exp of a log-ratio near 0 rounds to exactly 1 and hides small updates.
-    ratio = torch.exp((log_probs.float() - old_log_probs.float()))
+    ratio = torch.exp(log_probs.float() - old_log_probs.float())
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
     loss = torch.maximum(unclipped, clipped)

@@ -8,8 +8,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffrl.advantages import (available_estimators, beta_density, bnpo, clip_advantages, dr_grpo, get_estimator,
-                               grpo, group_summary, ngrpo, register_estimator, reinforce_pp, rloo)
+from diffrl.advantages import (
+    available_estimators,
+    beta_density,
+    bnpo,
+    clip_advantages,
+    dr_grpo,
+    get_estimator,
+    group_summary,
+    grpo,
+    ngrpo,
+    register_estimator,
+    reinforce_pp,
+    rloo,
+)
 from tests.reference import advantages as ref
 
 T = torch.tensor

@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from diffrl.advantages import get_estimator
-from diffrl.curriculum import (D3SSchedule, DUMPScheduler, SPOPrioritySampler, UniformSampler, filter_groups,
-                               max_variance_subset, top_fraction_mask)
+from diffrl.curriculum import (
+    D3SSchedule,
+    DUMPScheduler,
+    SPOPrioritySampler,
+    UniformSampler,
+    filter_groups,
+    max_variance_subset,
+    top_fraction_mask,
+)
 
 T = torch.tensor
 

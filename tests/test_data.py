@@ -2,8 +2,7 @@ import re
 
 import pytest
 
-from diffrl.data import (arithmetic_tasks, last_boxed, load_prompts, load_reasoning, load_tasks,
-                         split_trace_answer)
+from diffrl.data import arithmetic_tasks, last_boxed, load_prompts, load_reasoning, load_tasks, split_trace_answer
 from diffrl.errors import DataError
 
 

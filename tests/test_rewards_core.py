@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from rewards import RewardOutput, load_reward, register_reward
 from diffrl.errors import RewardError
+from rewards import RewardOutput, load_reward, register_reward
 
 
 @register_reward("test_brightness", modality="image")

@@ -28,7 +28,7 @@ def loading_errors(path: str | Path):
         yield
     except ConfigError:
         raise
-    except (OSError, ValueError, KeyError, EnvironmentError) as e:
+    except (OSError, ValueError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ConfigError(f"model.path {path}: cannot load the model ({first}); check the hub id or folder, "
                           f"and that the machine can reach the hub or the files are cached") from None

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from diffrl.errors import ConfigError
-from diffrl.models import lora as lora_utils
 from diffrl.models import loading_errors
+from diffrl.models import lora as lora_utils
 
 _PIPELINE_FAMILY = {
     "StableDiffusion3Pipeline": "sd3",

@@ -162,9 +162,9 @@ def build_sd15(seed: int = 0):
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     vae = _tiny_vae(latent_channels=4, downsample=2)
-    return StableDiffusionPipeline(unet=unet, scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(_clip_text_config()),
-                                   tokenizer=tiny_clip_tokenizer(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return StableDiffusionPipeline(unet=unet, scheduler=scheduler, vae=vae,
+                                   text_encoder=CLIPTextModel(_clip_text_config()), tokenizer=tiny_clip_tokenizer(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 # Characters of the tiny masked LM: enough for arithmetic, countdown and sudoku traces and short prompts.

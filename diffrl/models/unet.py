@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from diffrl.errors import ConfigError
-from diffrl.models import lora as lora_utils
 from diffrl.models import loading_errors
+from diffrl.models import lora as lora_utils
 from diffrl.models.flow import Cond
 
 _PIPELINE_FAMILY = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
@@ -119,7 +119,8 @@ class EpsilonModel:
         dtype = self.unet.dtype
         kwargs = {}
         if self.family == "sdxl":
-            h, w = latents.shape[-2] * self.pipeline.vae_scale_factor, latents.shape[-1] * self.pipeline.vae_scale_factor
+            factor = self.pipeline.vae_scale_factor
+            h, w = latents.shape[-2] * factor, latents.shape[-1] * factor
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=dtype).expand(latents.shape[0], -1)
             kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(self.device, dtype), "time_ids": time_ids}
         out = self.denoiser(latents.to(dtype), timesteps.to(self.device), encoder_hidden_states=cond.embeds.to(

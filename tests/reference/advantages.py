@@ -10,7 +10,7 @@ from collections import defaultdict
 
 def _groups(rewards, group_ids):
     groups = defaultdict(list)
-    for i, (r, g) in enumerate(zip(rewards, group_ids)):
+    for i, g in enumerate(group_ids):
         groups[g].append(i)
     return groups
 

@@ -61,7 +61,11 @@ def test_blocks_fill_left_to_right(model):
     ids, mask = prompts(model)
     seen = []
     original = model.logits
-    model.logits = lambda x, attention_mask=None: seen.append(x[:, ids.shape[1]:].clone()) or original(x, attention_mask)
+    def spy(x, attention_mask=None):
+        seen.append(x[:, ids.shape[1]:].clone())
+        return original(x, attention_mask)
+
+    model.logits = spy
     try:
         generate(model, ids, prompt_mask=mask, gen_length=8, block_length=4, steps=4)
     finally:
