@@ -55,6 +55,32 @@ class Cond:
         return Cond(torch.cat([c.embeds for c in conds]), pooled)
 
 
+class PromptCache:
+    """LRU cache of per-prompt conditioning: each unique prompt is encoded once, then reused.
+
+    ``encode`` maps a list of unique prompts to a batched :class:`Cond`; ``max_size`` bounds memory
+    (an SD3 prompt with 128 T5 tokens is ~1 MB in bf16).
+    """
+
+    def __init__(self, encode, max_size: int = 4096):
+        self.encode = encode
+        self.max_size = max_size
+        self.entries: OrderedDict[str, Cond] = OrderedDict()
+
+    def __call__(self, prompts: list[str]) -> Cond:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.entries))
+        if missing:
+            fresh = self.encode(missing)
+            for i, prompt in enumerate(missing):
+                self.entries[prompt] = fresh[i:i + 1]
+        for prompt in prompts:
+            self.entries.move_to_end(prompt)
+        out = Cond.cat([self.entries[p] for p in prompts])
+        while len(self.entries) > self.max_size:
+            self.entries.popitem(last=False)
+        return out
+
+
 def detect_family(path: str | Path, revision: str | None = None) -> str:
     """The family of a pipeline folder or hub id, read from its ``model_index.json``."""
     local = Path(path)
@@ -92,8 +118,7 @@ class FlowModel:
         self.transformer = pipeline.transformer
         self.denoiser = self.transformer
         self.vae = pipeline.vae
-        self._cache: OrderedDict[str, Cond] = OrderedDict()
-        self._cache_size = prompt_cache_size
+        self._prompt_cache = PromptCache(lambda prompts: self._encode_uncached(prompts), prompt_cache_size)
         # Frozen parts in the requested dtype; the transformer's trainable weights are set up by the trainer.
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer"):
             module = getattr(pipeline, name, None)
@@ -191,17 +216,7 @@ class FlowModel:
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Encode a batch of prompts; each unique prompt is encoded once and kept (LRU) for later steps."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if missing:
-            fresh = self._encode_uncached(missing)
-            for i, prompt in enumerate(missing):
-                self._cache[prompt] = fresh[i:i + 1]
-        for prompt in prompts:
-            self._cache.move_to_end(prompt)
-        out = Cond.cat([self._cache[p] for p in prompts])
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return out
+        return self._prompt_cache(prompts)
 
     def offload_text_encoders(self) -> None:
         """Move the text encoders to CPU once every prompt is cached (saves GPU memory during training)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from diffrl.errors import ConfigError
 from diffrl.models import loading_errors
 from diffrl.models import lora as lora_utils
-from diffrl.models.flow import Cond
+from diffrl.models.flow import Cond, PromptCache
 
 _PIPELINE_FAMILY = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
 
@@ -36,8 +35,7 @@ class EpsilonModel:
         self.denoiser = self.unet
         self.vae = pipeline.vae
         self.scheduler = pipeline.scheduler
-        self._cache: OrderedDict[str, Cond] = OrderedDict()
-        self._cache_size = prompt_cache_size
+        self._prompt_cache = PromptCache(self._encode_uncached, prompt_cache_size)
         for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
             module = getattr(pipeline, name, None)
             if module is not None:
@@ -78,24 +76,17 @@ class EpsilonModel:
         return (self.unet.config.in_channels, height // f, width // f)
 
     @torch.no_grad()
+    def _encode_uncached(self, prompts: list[str]) -> Cond:
+        if self.family == "sd15":
+            embeds, _ = self.pipeline.encode_prompt(prompts, self.device, 1, False)
+            return Cond(embeds)
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=self.device,
+                                                           do_classifier_free_guidance=False)
+        return Cond(embeds, pooled)
+
     def encode_prompts(self, prompts: list[str]) -> Cond:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if missing:
-            if self.family == "sd15":
-                embeds, _ = self.pipeline.encode_prompt(missing, self.device, 1, False)
-                fresh = Cond(embeds)
-            else:
-                embeds, _, pooled, _ = self.pipeline.encode_prompt(missing, device=self.device,
-                                                                   do_classifier_free_guidance=False)
-                fresh = Cond(embeds, pooled)
-            for i, prompt in enumerate(missing):
-                self._cache[prompt] = fresh[i:i + 1]
-        for prompt in prompts:
-            self._cache.move_to_end(prompt)
-        out = Cond.cat([self._cache[p] for p in prompts])
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return out
+        """Encode a batch of prompts; each unique prompt is encoded once and kept (LRU)."""
+        return self._prompt_cache(prompts)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod[timesteps].view(-1, *([1] * (x0.ndim - 1)))

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -20,6 +22,23 @@ def prompts(model):
     return model.left_pad(model.chat_prompt_ids(["1+2", "12*3+4"]))
 
 
+@contextlib.contextmanager
+def canvases(model, prompt_length):
+    """Record the answer canvas the model sees at every denoising step."""
+    seen = []
+    original = model.logits
+
+    def spy(x, attention_mask=None):
+        seen.append(x[:, prompt_length:].clone())
+        return original(x, attention_mask)
+
+    model.logits = spy
+    try:
+        yield seen
+    finally:
+        del model.logits
+
+
 @pytest.mark.parametrize("remasking", ["low_confidence", "random"])
 def test_generates_without_masks_and_is_seeded(model, remasking):
     ids, mask = prompts(model)
@@ -34,18 +53,8 @@ def test_pinned_positions_never_change_and_steps_unmask_on_schedule(model):
     ids, mask = prompts(model)
     pinned = torch.full((2, 8), FREE)
     pinned[0, 1], pinned[0, 6], pinned[1, 0] = 20, 21, 22
-    seen = []
-    original = model.logits
-
-    def spy(x, attention_mask=None):
-        seen.append(x[:, ids.shape[1]:].clone())
-        return original(x, attention_mask)
-
-    model.logits = spy
-    try:
+    with canvases(model, ids.shape[1]) as seen:
         out = generate(model, ids, prompt_mask=mask, gen_length=8, block_length=4, steps=4, pinned=pinned)
-    finally:
-        del model.logits
     assert out[0, 1] == 20 and out[0, 6] == 21 and out[1, 0] == 22
     for canvas in seen:  # at every step the pinned tokens were in place
         assert canvas[0, 1] == 20 and canvas[0, 6] == 21 and canvas[1, 0] == 22
