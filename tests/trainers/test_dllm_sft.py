@@ -78,3 +78,9 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
         return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
     assert losses("a") == losses("b") and len(losses("a")) == 4
+
+
+def test_tensorboard_tracker_writes_events(tiny_dir, tmp_path):
+    trainer = DllmSFTTrainer(config(tiny_dir, tmp_path, max_steps=1, logging__trackers=["tensorboard"]))
+    trainer.train()
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
