@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# constraints.txt pins torch/torchvision to the builds that work on these CPU machines.
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,ocr,clip]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -25,6 +25,7 @@ demo: $(STAMP) assets/tiny/dllm
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench/advantages.py
+	$(BIN)/python scripts/bench/rewards.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check diffrl rewards tests scripts

@@ -142,6 +142,63 @@ _LISTERS = {
 }
 
 
+def _reward_spec(text: str) -> dict[str, float]:
+    """``pickscore,ocr`` or ``pickscore=1,ocr=0.5`` -> {name: weight}."""
+    spec = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, weight = part.partition("=")
+        try:
+            spec[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise DiffrlError(f"--reward {text}: weight {weight!r} of {name!r} is not a number") from None
+    if not spec:
+        raise DiffrlError("--reward is empty; name at least one reward (see `diffrl ls rewards`)")
+    return spec
+
+
+def cmd_score(args) -> int:
+    import json
+    import warnings
+
+    from diffrl import scoring
+    from rewards import load_reward
+
+    try:
+        kwargs = json.loads(args.reward_kwargs) if args.reward_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise DiffrlError(f"--reward-kwargs is not valid JSON ({e.msg}); example: "
+                          f"'{{\"pickscore\": {{\"divide_by\": 26}}}}'") from None
+    reward = load_reward(_reward_spec(args.reward), device=args.device, kwargs=kwargs)
+    modality = "text" if args.texts else "video" if args.videos else "image"
+    if reward.modality != modality:
+        raise DiffrlError(f"--reward {args.reward} scores {reward.modality}, but {modality} inputs were given")
+    if args.texts:
+        rows = scoring.score_texts(args.texts, reward, batch_size=args.batch_size)
+    else:
+        video = args.videos is not None
+        files = scoring.collect_files(args.videos if video else args.images,
+                                      scoring.VIDEO_SUFFIXES if video else scoring.IMAGE_SUFFIXES,
+                                      directories_are_items=video)
+        prompt_free = {"aesthetic", "jpeg_compressibility", "jpeg_incompressibility"}
+        prompts = scoring.match_prompts(files, args.prompts, required=not set(reward.names) <= prompt_free)
+        loader = (lambda p: scoring.load_video(p, args.max_frames)) if video else scoring.load_image
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unreadable files are reported once below, as rows and a count
+            rows = scoring.score_files(files, reward, prompts, loader=loader, batch_size=args.batch_size,
+                                       progress=not args.quiet)
+    failed = [r for r in rows if "error" in r]
+    for row in failed:
+        print(f"warning: {row['error']}", file=sys.stderr)
+    if args.out:
+        scoring.write_rows(rows, args.out)
+    print(scoring.format_summary(scoring.summarize(rows, reward.names), len(failed)))
+    if args.out:
+        print(f"wrote {len(rows)} rows to {args.out}")
+    if len(failed) == len(rows):
+        raise DiffrlError("nothing could be scored: every input failed to load")
+    return 0
+
+
 def _not_yet(name: str):
     def command(args) -> int:
         raise DiffrlError(f"`diffrl {name}` is not available in this version yet; see the README for what is")
@@ -175,8 +232,25 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("what", nargs="*", help=f"sections to list: {', '.join(_LISTERS)} (default: all)")
     ls.set_defaults(func=cmd_ls)
 
+    score = sub.add_parser("score", help="score images, videos or texts with reward models",
+                           description="Score a folder of generations. Examples: diffrl score --reward pickscore "
+                           "--images out/ --prompts prompts.txt --out scores.jsonl")
+    score.add_argument("--reward", required=True, help="rewards, comma-separated, optionally weighted: "
+                       "pickscore,ocr or pickscore=1,ocr=0.5")
+    inputs = score.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--images", nargs="+", help="image folders, files or globs")
+    inputs.add_argument("--videos", nargs="+", help="video files (needs av) or folders of frames, or globs")
+    inputs.add_argument("--texts", help="jsonl with 'text' (and 'prompt', 'answer', ... metadata) per row")
+    score.add_argument("--prompts", help="prompts.txt (sorted file order) or metadata.jsonl (file_name, prompt)")
+    score.add_argument("--out", help="write one row per sample: .jsonl or .csv")
+    score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    score.add_argument("--max-frames", type=int, default=None, help="frames read per video (default: all)")
+    score.add_argument("--reward-kwargs", help="JSON: options per reward, e.g. '{\"pickscore\": {\"divide_by\": 26}}'")
+    score.add_argument("--quiet", action="store_true", help="no progress bar")
+    score.set_defaults(func=cmd_score)
+
     for name, text in (("sample", "generate samples from a model or checkpoint"),
-                       ("score", "score images, videos or texts with reward models"),
                        ("eval", "evaluate a model or checkpoint")):
         stub = sub.add_parser(name, help=text + " (coming in a later version)")
         stub.add_argument("rest", nargs=argparse.REMAINDER)

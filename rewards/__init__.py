@@ -57,7 +57,11 @@ class RewardEntry:
 
 
 _REGISTRY: dict[str, RewardEntry] = {}
-_BUILTIN_MODULES = ()  # filled as reward modules land: ("rewards.image.pickscore", ...)
+_BUILTIN_MODULES = (
+    "rewards.image.pickscore", "rewards.image.clip_score", "rewards.image.aesthetic", "rewards.image.hps",
+    "rewards.image.ocr", "rewards.image.jpeg", "rewards.video",
+    "rewards.text.math", "rewards.text.format", "rewards.text.countdown", "rewards.text.sudoku",
+)
 _discovered = False
 
 

@@ -70,6 +70,6 @@ def test_train_missing_model_folder_is_one_line(tmp_path):
 
 
 def test_stub_commands_say_so():
-    result = run_cli("score")
+    result = run_cli("sample")
     assert result.returncode == 1
     assert "not available in this version yet" in result.stderr

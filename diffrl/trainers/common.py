@@ -366,8 +366,12 @@ def unwrap(accelerator, module: torch.nn.Module) -> torch.nn.Module:
 
 
 def end_training(accelerator) -> None:
+    """Close trackers and the process group. Rank 0 hosts the c10d TCPStore: it leaves last, because another
+    rank still tearing down its gloo group when the store disappears aborts ("terminate called...")."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.num_processes > 1 and accelerator.is_main_process:
+        time.sleep(1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------

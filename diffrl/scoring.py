@@ -1,0 +1,224 @@
+"""Score folders of generations with reward plug-ins (``diffrl score``).
+
+    rows, summary = score_images(["out/*.png"], reward, prompts="prompts.txt")
+
+Prompts are matched to files by a ``metadata.jsonl`` (``file_name``, ``prompt``: the Hugging Face imagefolder
+convention, found beside the files or given with ``prompts=``) or, for a .txt file, by sorted order with a
+count check. A file that cannot be read becomes a row with an ``error`` field and a warning; scoring goes on.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from diffrl.data import load_prompts, read_records
+from diffrl.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".gif")
+
+
+def collect_files(specs: list[str], suffixes: tuple[str, ...], *, directories_are_items: bool = False) -> list[Path]:
+    """Files (or, for frame-folder videos, sub-folders) named by folders, globs or paths, sorted, unique."""
+    found: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            children = sorted(path.iterdir())
+            found += [p for p in children if p.is_file() and p.suffix.lower() in suffixes]
+            if directories_are_items:
+                found += [p for p in children if p.is_dir()]
+        elif path.is_file():
+            found.append(path)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(spec))
+            if not matches:
+                raise DataError(f"{spec}: no such file, folder or glob match")
+            found += [m for m in matches if m.is_dir() or m.suffix.lower() in suffixes or m.is_file()]
+    unique = sorted(dict.fromkeys(found))
+    if not unique:
+        raise DataError(f"no files with suffix {', '.join(suffixes)} in {', '.join(specs)}")
+    return unique
+
+
+def match_prompts(files: list[Path], prompts: str | None, *, required: bool) -> list[str]:
+    """One prompt per file: metadata.jsonl by file name, or a .txt in sorted file order."""
+    if prompts is None:
+        beside = files[0].parent / "metadata.jsonl"
+        if beside.is_file():
+            prompts = str(beside)
+        elif required:
+            raise DataError("these rewards need prompts: pass --prompts prompts.txt or metadata.jsonl "
+                            "(or put a metadata.jsonl with file_name and prompt beside the files)")
+        else:
+            return [""] * len(files)
+    if Path(prompts).suffix.lower() == ".txt":
+        lines = load_prompts(prompts)
+        if len(lines) != len(files):
+            raise DataError(f"{prompts} has {len(lines)} prompts for {len(files)} files; they are matched in "
+                            f"sorted file order, so the counts must be equal (or use a metadata.jsonl)")
+        return lines
+    rows = read_records(prompts)
+    by_name = {}
+    for number, row in enumerate(rows, 1):
+        if "file_name" not in row or "prompt" not in row:
+            raise DataError(f"{prompts}: row {number} needs 'file_name' and 'prompt' fields")
+        by_name[Path(str(row["file_name"])).name] = str(row["prompt"])
+    missing = [f.name for f in files if f.name not in by_name]
+    if missing:
+        raise DataError(f"{prompts} has no prompt for {missing[0]}" + (f" and {len(missing) - 1} more files"
+                                                                      if len(missing) > 1 else ""))
+    return [by_name[f.name] for f in files]
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """``[3, H, W]`` float in [0, 1]; raises DataError naming the file when it cannot be decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            array = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot read the image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+    return array.view(height, width, 3).permute(2, 0, 1).float() / 255
+
+
+def load_video(path: Path, max_frames: int | None = None) -> torch.Tensor:
+    """``[T, 3, H, W]`` in [0, 1] from a folder of frames or a video file (needs ``av``)."""
+    if path.is_dir():
+        frames = [p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not frames:
+            raise DataError(f"{path}: the frame folder holds no images")
+        return torch.stack([load_image(p) for p in frames[:max_frames]])
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the video file is empty (0 bytes)")
+    try:
+        import av
+    except ImportError:
+        raise DataError(f"{path}: reading video files needs PyAV: pip install 'diffrl[video]' (or pass folders of "
+                        f"frames)") from None
+    try:
+        with av.open(str(path)) as container:
+            frames = [torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+    except (av.error.FFmpegError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode the video ({type(e).__name__})") from None
+    if not frames:
+        raise DataError(f"{path}: the video has no frames")
+    return torch.stack(frames[:max_frames]).permute(0, 3, 1, 2).float() / 255
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _score_loaded(reward, loaded: list[tuple[int, torch.Tensor]], prompts: list[str], rows: list[dict]) -> None:
+    """Score already-decoded samples, grouped by shape (tensors of different sizes cannot be stacked)."""
+    by_shape: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+    for index, sample in loaded:
+        by_shape.setdefault(tuple(sample.shape), []).append((index, sample))
+    for group in by_shape.values():
+        indices = [i for i, _ in group]
+        out = reward(torch.stack([s for _, s in group]), [prompts[i] for i in indices])
+        for position, index in enumerate(indices):
+            rows[index]["reward"] = _number(out.scores[position])
+            for name in reward.names:
+                rows[index][name] = _number(out.extras[name][position])
+
+
+def _number(value) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def score_files(files: list[Path], reward, prompts: list[str], *, loader, batch_size: int = 16,
+                progress: bool = True) -> list[dict]:
+    """One row per file (``file``, ``prompt``, ``reward``, each component; or ``error``)."""
+    from tqdm.auto import tqdm
+
+    rows = [{"file": str(f), "prompt": p} for f, p in zip(files, prompts)]
+    bar = tqdm(total=len(files), desc="scoring", disable=not progress, unit="file")
+    for batch in _batches(list(range(len(files))), batch_size):
+        loaded = []
+        for index in batch:
+            try:
+                loaded.append((index, loader(files[index])))
+            except DataError as e:
+                rows[index]["error"] = str(e)
+                warnings.warn(str(e), stacklevel=2)
+        if loaded:
+            _score_loaded(reward, loaded, prompts, rows)
+        bar.update(len(batch))
+    bar.close()
+    return rows
+
+
+def score_texts(path: str, reward, *, batch_size: int = 64) -> list[dict]:
+    """Rows of a jsonl file with ``text`` (or ``completion``), optional ``prompt`` and metadata fields
+    (``answer``, ``numbers``, ``target``, ``puzzle``, ``solution``) handed to the reward."""
+    records = read_records(path)
+    rows = []
+    for number, record in enumerate(records, 1):
+        text = record.get("text", record.get("completion"))
+        if not isinstance(text, str):
+            raise DataError(f"{path}: row {number} needs a 'text' (or 'completion') string field")
+        rows.append({"index": number - 1, "prompt": str(record.get("prompt", "")), "text": text})
+    for batch in _batches(list(range(len(rows))), batch_size):
+        keys = {k for i in batch for k in records[i]} - {"text", "completion", "prompt"}
+        metadata = {k: [records[i].get(k) for i in batch] for k in keys}
+        out = reward([rows[i]["text"] for i in batch], [rows[i]["prompt"] for i in batch], **metadata)
+        for position, index in enumerate(batch):
+            rows[index]["reward"] = _number(out.scores[position])
+            for name in reward.names:
+                rows[index][name] = _number(out.extras[name][position])
+    return rows
+
+
+def summarize(rows: list[dict], names: list[str]) -> dict[str, dict[str, float]]:
+    """mean / std / min / max / n of each reward column over the rows that have it."""
+    summary = {}
+    for name in [*names, "reward"] if len(names) > 1 else ["reward"]:
+        values = torch.tensor([r[name] for r in rows if r.get(name) is not None], dtype=torch.float64)
+        if values.numel():
+            summary[name] = {"mean": float(values.mean()), "std": float(values.std()) if values.numel() > 1 else 0.0,
+                             "min": float(values.min()), "max": float(values.max()), "n": int(values.numel())}
+    return summary
+
+
+def write_rows(rows: list[dict], path: str | Path) -> None:
+    """JSONL, or CSV for a .csv path; written to a temporary file and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    if path.suffix.lower() == ".csv":
+        import csv
+
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def format_summary(summary: dict[str, dict[str, float]], failed: int) -> str:
+    lines = [f"{'reward':<22}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}{'n':>7}"]
+    for name, s in summary.items():
+        lines.append(f"{name:<22}{s['mean']:>10.4f}{s['std']:>10.4f}{s['min']:>10.4f}{s['max']:>10.4f}{s['n']:>7}")
+    if failed:
+        lines.append(f"{failed} file(s) could not be read (see the 'error' rows)")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""Any image reward lifted to video: score ``num_frames`` evenly spaced frames and average them.
+
+    reward = load_reward({"video": 1.0}, kwargs={"video": {"image_reward": "pickscore", "num_frames": 4}})
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffrl.errors import RewardError
+from rewards import RewardOutput, load_reward, register_reward
+
+
+def frame_indices(num_total: int, num_frames: int) -> torch.Tensor:
+    """``num_frames`` evenly spaced frame indices including the first and the last."""
+    if num_frames >= num_total:
+        return torch.arange(num_total)
+    return torch.linspace(0, num_total - 1, num_frames).round().long()
+
+
+@register_reward("video", modality="video", source="frame-averaged image reward",
+                 summary="an image reward averaged over evenly spaced frames of each video")
+class FrameAveraged:
+    def __init__(self, device="cpu", image_reward: str | dict = "pickscore", num_frames: int = 4,
+                 image_kwargs: dict | None = None):
+        if num_frames < 1:
+            raise RewardError(f"num_frames must be >= 1, got {num_frames}")
+        name = image_reward if isinstance(image_reward, str) else None
+        self.inner = load_reward(image_reward, device=device,
+                                 kwargs={name: image_kwargs or {}} if name else None)
+        if self.inner.modality != "image":
+            raise RewardError(f"the video reward lifts image rewards; {image_reward!r} is {self.inner.modality}")
+        self.num_frames = num_frames
+
+    def __call__(self, samples, prompts, **metadata) -> RewardOutput:
+        if not isinstance(samples, torch.Tensor) or samples.ndim != 5 or samples.shape[2] != 3:
+            raise RewardError("video rewards take a float tensor [B, T, 3, H, W] in [0, 1]")
+        batch, total = samples.shape[:2]
+        index = frame_indices(total, self.num_frames)
+        frames = samples[:, index].flatten(0, 1)                           # [B * F, 3, H, W]
+        repeated = [p for p in prompts for _ in range(len(index))]
+        out = self.inner(frames, repeated, **metadata)
+        per_frame = out.scores.view(batch, len(index))
+        return RewardOutput(per_frame.nanmean(dim=1), {"per_frame": per_frame})

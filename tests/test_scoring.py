@@ -1,0 +1,102 @@
+"""`diffrl score` end to end, as a user runs it."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from diffrl.errors import DataError
+from diffrl.scoring import collect_files, load_image, match_prompts
+from tests.conftest import run_cli
+
+
+@pytest.fixture
+def folder(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(tmp_path / "a_flat.png")
+    noise = (torch.rand(32, 32, 3, generator=gen) * 255).byte().numpy()
+    Image.fromarray(noise).save(tmp_path / "b_noise.png")
+    Image.new("RGB", (48, 40), (10, 200, 30)).save(tmp_path / "c_other_size.jpg")
+    (tmp_path / "d_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return tmp_path
+
+
+def test_score_folder_survives_a_corrupt_file(folder, tmp_path):
+    out = tmp_path / "scores.jsonl"
+    result = run_cli("score", "--reward", "jpeg_compressibility", "--images", str(folder), "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["file"].rsplit("/", 1)[1] for r in rows] == ["a_flat.png", "b_noise.png", "c_other_size.jpg",
+                                                          "d_corrupt.png"]
+    assert rows[0]["reward"] > rows[1]["reward"] and "reward" in rows[2]
+    assert "error" in rows[3] and "cannot read the image" in rows[3]["error"] and "reward" not in rows[3]
+    assert "warning:" in result.stderr and "d_corrupt.png" in result.stderr
+    assert "jpeg_compressibility" not in result.stdout.splitlines()[0] and "reward" in result.stdout
+    assert "1 file(s) could not be read" in result.stdout
+
+
+def test_score_csv_with_prompts_txt_and_weights(folder, tmp_path):
+    (folder / "d_corrupt.png").unlink()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('flat "gray"\nnoise "x"\nother "y"\n')
+    out = tmp_path / "scores.csv"
+    result = run_cli("score", "--reward", "jpeg_compressibility=2,jpeg_incompressibility=1", "--images",
+                     str(folder / "*.png"), str(folder / "*.jpg"), "--prompts", str(prompts), "--out", str(out),
+                     "--quiet")
+    assert result.returncode == 0, result.stderr
+    header, *lines = out.read_text().splitlines()
+    assert header == "file,prompt,reward,jpeg_compressibility,jpeg_incompressibility" and len(lines) == 3
+    assert 'flat ""gray""' in lines[0]
+
+
+def test_nothing_scorable_exits_nonzero(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"")
+    result = run_cli("score", "--reward", "jpeg_compressibility", "--images", str(tmp_path), "--quiet")
+    assert result.returncode == 1
+    assert "error: nothing could be scored" in result.stderr
+
+
+def test_texts_jsonl(tmp_path):
+    texts = tmp_path / "t.jsonl"
+    texts.write_text('{"text": "\\\\boxed{4}", "answer": "4"}\n{"text": "\\\\boxed{5}", "answer": "4"}\n')
+    result = run_cli("score", "--reward", "math", "--texts", str(texts), "--out", str(tmp_path / "o.jsonl"))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in rows] == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reward", "pickscor", "--images", "x"], "unknown reward 'pickscor'; did you mean 'pickscore'?"),
+    (["--reward", "math", "--images", "{folder}"], "--reward math scores text, but image inputs were given"),
+    (["--reward", "ocr", "--images", "{folder}/nope*.png"], "no such file, folder or glob match"),
+    (["--reward", "ocr", "--images", "{folder}"], "these rewards need prompts"),
+    (["--reward", "jpeg_compressibility=abc", "--images", "{folder}"], "weight 'abc' of 'jpeg_compressibility'"),
+    (["--reward", "ocr", "--images", "{folder}", "--reward-kwargs", "{bad"], "--reward-kwargs is not valid JSON"),
+])
+def test_bad_score_inputs_are_one_line(folder, args, message):
+    result = run_cli("score", *[a.replace("{folder}", str(folder)) for a in args], "--quiet")
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_prompt_matching(folder, tmp_path):
+    files = collect_files([str(folder)], (".png",))
+    assert [f.name for f in files] == ["a_flat.png", "b_noise.png", "d_corrupt.png"]
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text('{"file_name": "b_noise.png", "prompt": "n"}\n{"file_name": "a_flat.png", "prompt": "f"}\n')
+    with pytest.raises(DataError, match="has no prompt for d_corrupt.png"):
+        match_prompts(files, str(meta), required=True)
+    assert match_prompts(files[:2], str(meta), required=True) == ["f", "n"]
+    short = tmp_path / "p.txt"
+    short.write_text("one\n")
+    with pytest.raises(DataError, match="has 1 prompts for 3 files"):
+        match_prompts(files, str(short), required=True)
+
+
+def test_truncated_png_is_a_data_error(folder, tmp_path):
+    good = (folder / "b_noise.png").read_bytes()
+    (tmp_path / "t.png").write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match="t.png: cannot read the image"):
+        load_image(tmp_path / "t.png")
+    assert load_image(folder / "c_other_size.jpg").shape == (3, 40, 48)
