@@ -179,8 +179,7 @@ def cmd_score(args) -> int:
         files = scoring.collect_files(args.videos if video else args.images,
                                       scoring.VIDEO_SUFFIXES if video else scoring.IMAGE_SUFFIXES,
                                       directories_are_items=video)
-        prompt_free = {"aesthetic", "jpeg_compressibility", "jpeg_incompressibility"}
-        prompts = scoring.match_prompts(files, args.prompts, required=not set(reward.names) <= prompt_free)
+        prompts = scoring.match_prompts(files, args.prompts, required=reward.needs_prompts)
         loader = (lambda p: scoring.load_video(p, args.max_frames)) if video else scoring.load_image
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unreadable files are reported once below, as rows and a count

@@ -43,6 +43,8 @@ class RewardOutput:
 
 class Reward(Protocol):
     modality: str
+    # Optional: False for rewards that ignore the prompt (aesthetic, JPEG); absent means True.
+    needs_prompts: bool
 
     def __call__(self, samples, prompts: Sequence[str], **metadata) -> RewardOutput: ...
 
@@ -152,6 +154,10 @@ class CombinedReward:
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.components]
+
+    @property
+    def needs_prompts(self) -> bool:
+        return any(getattr(c.reward, "needs_prompts", True) for c in self.components)
 
     def __call__(self, samples, prompts: Sequence[str], **metadata) -> RewardOutput:
         batch = len(samples)

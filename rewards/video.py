@@ -31,6 +31,7 @@ class FrameAveraged:
         if self.inner.modality != "image":
             raise RewardError(f"the video reward lifts image rewards; {image_reward!r} is {self.inner.modality}")
         self.num_frames = num_frames
+        self.needs_prompts = self.inner.needs_prompts
 
     def __call__(self, samples, prompts, **metadata) -> RewardOutput:
         if not isinstance(samples, torch.Tensor) or samples.ndim != 5 or samples.shape[2] != 3:

@@ -100,3 +100,22 @@ def test_truncated_png_is_a_data_error(folder, tmp_path):
     with pytest.raises(DataError, match="t.png: cannot read the image"):
         load_image(tmp_path / "t.png")
     assert load_image(folder / "c_other_size.jpg").shape == (3, 40, 48)
+
+
+def test_score_videos_from_frame_folders_and_empty_file(tmp_path):
+    clips = tmp_path / "clips"
+    for name, shade in (("a", 128), ("b", None)):
+        folder = clips / name
+        folder.mkdir(parents=True)
+        for t in range(3):
+            pixels = torch.full((16, 16, 3), shade, dtype=torch.uint8) if shade is not None else \
+                (torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(t)) * 255).byte()
+            Image.fromarray(pixels.numpy()).save(folder / f"{t:03d}.png")
+    (clips / "c.mp4").write_bytes(b"")  # zero-byte video
+    out = tmp_path / "v.jsonl"
+    result = run_cli("score", "--reward", "video", "--videos", str(clips), "--out", str(out), "--quiet",
+                     "--reward-kwargs", '{"video": {"image_reward": "jpeg_compressibility", "num_frames": 2}}')
+    assert result.returncode == 0, result.stderr
+    rows = {json.loads(line)["file"].rsplit("/", 1)[1]: json.loads(line) for line in out.read_text().splitlines()}
+    assert rows["a"]["reward"] > rows["b"]["reward"]  # flat frames compress better than noise
+    assert "the video file is empty (0 bytes)" in rows["c.mp4"]["error"]

@@ -47,6 +47,8 @@ def load_head_state(spec: str) -> dict[str, torch.Tensor]:
 @register_reward("aesthetic", modality="image", source="LAION improved-aesthetic-predictor",
                  summary="LAION aesthetic score (1-10) from CLIP ViT-L/14 embeddings")
 class Aesthetic:
+    needs_prompts = False
+
     def __init__(self, device="cpu", model: str = "openai/clip-vit-large-patch14", head: str = DEFAULT_HEAD,
                  dtype: str = "float32", batch_size: int = 32, quantize: bool = True):
         self.clip = ClipEmbedder(model, None, device=device, dtype=dtype, batch_size=batch_size, quantize=quantize)

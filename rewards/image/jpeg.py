@@ -30,6 +30,8 @@ def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
 @register_reward("jpeg_compressibility", modality="image", source="DDPO",
                  summary="-(JPEG size in kB) / 500: rewards simple, flat images")
 class JpegCompressibility:
+    needs_prompts = False
+
     def __init__(self, device="cpu", quality: int = 95, scale: float = 500.0):
         self.quality, self.scale = quality, scale
 
@@ -41,6 +43,8 @@ class JpegCompressibility:
 @register_reward("jpeg_incompressibility", modality="image", source="DDPO",
                  summary="(JPEG size in kB) / 500: rewards detailed, busy images")
 class JpegIncompressibility:
+    needs_prompts = False
+
     def __init__(self, device="cpu", quality: int = 95, scale: float = 500.0):
         self.quality, self.scale = quality, scale
 
