@@ -97,6 +97,37 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class PromptDataConfig:
+    path: str = param(help="prompt file (.txt one per line, .jsonl/.parquet with a prompt column) or hub dataset")
+    column: str = param("prompt", help="prompt field of jsonl / parquet / hub rows")
+    split: str = param("train", help="dataset split")
+    eval_path: str | None = param(None, help="prompts for evaluation (default: the first eval_size training prompts)")
+    eval_size: int = param(16, help="number of evaluation prompts", ge=0)
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    weights: dict[str, float] = param(help="reward name -> weight, e.g. {pickscore: 1.0, ocr: 0.5} (diffrl ls rewards)")
+    kwargs: dict[str, dict] = param({}, help="per-reward options, e.g. {pickscore: {divide_by: 26}}")
+    device: str | None = param(None, help="device of the reward models (default: the training device)")
+
+
+@dataclasses.dataclass
+class FlowSamplingConfig:
+    height: int = param(512, help="image height in pixels", ge=8)
+    width: int = param(512, help="image width in pixels", ge=8)
+    num_frames: int = param(1, help="video frames (Wan: 1 + a multiple of 4); 1 for images", ge=1)
+    num_steps: int = param(10, help="denoising steps of a training rollout", ge=1)
+    eval_num_steps: int = param(40, help="Euler ODE steps of evaluation samples", ge=1)
+    guidance_scale: float = param(1.0, help="CFG scale for SD3 / Wan (FLUX: its guidance embedding)", ge=0)
+    noise_level: float = param(0.7, help="SDE noise level (0 = deterministic ODE rollouts)", ge=0)
+    sde_type: Literal["sde", "cps"] = param("sde", help="Flow-GRPO's SDE step or the coefficients-preserving one")
+    sde_window: list[int] | None = param(None, help="[start, end) steps sampled with the SDE (Flow-GRPO-Fast); "
+                                                    "null: every step")
+    max_sequence_length: int | None = param(None, help="text tokens of the T5 / UMT5 encoder (null: family default)")
+
+
+@dataclasses.dataclass
 class TrainerConfig:
     """Fields every trainer config has. Trainer configs add their algorithm's fields and sections."""
 
@@ -171,6 +202,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
         return {_convert(k, key_tp, key): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp in (dict, list):  # free-form options handed to a plug-in (e.g. a reward's kwargs)
+        if not isinstance(value, tp):
+            raise ConfigError(f"{key} must be a {'mapping' if tp is dict else 'list'}, got {value!r}")
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -157,6 +157,42 @@ def drpo_loss(scores: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tens
     return loss, {"drpo/usable_groups": float(usable.sum()), "drpo/groups": float(q_total)}
 
 
+FLOW_WEIGHTINGS = ("uniform", "t", "t2", "huber", "ghuber")
+
+
+def flow_matching_log_prob(velocity: torch.Tensor, target: torch.Tensor, t: torch.Tensor, *,
+                           weighting: str = "ghuber", power: float = 0.25) -> torch.Tensor:
+    """AWM's per-sample "log-prob": the negative, weighted flow-matching error (arXiv 2509.25050; the public
+    ``compute_log_prob_awm``), in float64.
+
+    velocity, target: ``[N, ...]`` (target = eps - x0); t: ``[N]`` in [0, 1]. With mse = mean((v - target)^2):
+    uniform -mse; t -t mse; t2 -t^2 mse; huber -(sqrt(mse + 1e-10) - 1e-5) t;
+    ghuber -((mse + 1e-10)^p - (1e-10)^p) t / p (p = ``power``, 0.25 in the shipped configs).
+
+    >>> flow_matching_log_prob(torch.ones(1, 4), torch.zeros(1, 4), torch.tensor([0.5]), weighting="t")
+    tensor([-0.5000], dtype=torch.float64)
+    """
+    # fp64: the error of a good prediction is tiny, and (mse + 1e-10)^0.25 is steep near 0.
+    mse = ((velocity.double() - target.double()) ** 2).mean(dim=tuple(range(1, velocity.ndim)))
+    t = t.double().view(-1)
+    if weighting == "uniform":
+        return -mse
+    if weighting == "t":
+        return -mse * t
+    if weighting == "t2":
+        return -mse * t ** 2
+    if weighting == "huber":
+        return -(torch.sqrt(mse + 1e-10) - 1e-5) * t
+    if weighting == "ghuber":
+        return -(torch.pow(mse + 1e-10, power) - 1e-10 ** power) * t / power
+    raise ValueError(f"unknown weighting {weighting!r}; known: {', '.join(FLOW_WEIGHTINGS)}")
+
+
+def velocity_kl(velocity: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """AWM's KL surrogate to a reference policy: mean squared velocity difference, per sample ``[N]``."""
+    return ((velocity.float() - reference.float()) ** 2).mean(dim=tuple(range(1, velocity.ndim)))
+
+
 def describe_losses() -> list[tuple[str, str, str]]:
     rows = [(mode, text, "") for mode, text in LOSS_MODES.items()]
     rows += [("clipped_surrogate", "PPO clip with clip-low/clip-high (DAPO) and dual-clip",
@@ -164,5 +200,7 @@ def describe_losses() -> list[tuple[str, str, str]]:
              ("kl_penalty", "k1 / k2 / k3 / low_var_kl estimators of KL to the reference",
               "http://joschu.net/blog/kl-approx.html"),
              ("drpo_loss", "DRPO: length-weighted positives, log-sum-exp negatives",
-              "https://arxiv.org/abs/2510.04474")]
+              "https://arxiv.org/abs/2510.04474"),
+             ("flow_matching_log_prob", "AWM: weighted flow-matching error (uniform, t, t2, huber, ghuber)",
+              "https://arxiv.org/abs/2509.25050")]
     return rows

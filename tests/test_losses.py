@@ -119,3 +119,22 @@ def test_drpo_matches_a_loop_over_groups():
         total += sum(wi * scores[i].item() for wi, i in zip(w, pos))
         total -= 10 * math.log(sum(math.exp(scores[i].item() / 10) for i in neg))
     assert loss.item() == pytest.approx(-total / 6, rel=1e-5)
+
+
+def test_flow_matching_log_prob_weightings_by_hand():
+    from diffrl.losses import flow_matching_log_prob
+
+    # v - target = 2 everywhere: mse = 4; t = 0.5
+    v, target, t = torch.full((1, 3, 2, 2), 2.0), torch.zeros(1, 3, 2, 2), T([0.5])
+    expected = {
+        "uniform": -4.0,
+        "t": -4.0 * 0.5,
+        "t2": -4.0 * 0.25,
+        "huber": -(math.sqrt(4 + 1e-10) - 1e-5) * 0.5,
+        "ghuber": -((4 + 1e-10) ** 0.25 - 1e-10 ** 0.25) * 0.5 / 0.25,   # = -(1.41421 - 0.00316) * 2
+    }
+    for weighting, value in expected.items():
+        out = flow_matching_log_prob(v, target, t, weighting=weighting, power=0.25)
+        assert out.dtype == torch.float64 and out.item() == pytest.approx(value, rel=1e-12), weighting
+    with pytest.raises(ValueError, match="unknown weighting"):
+        flow_matching_log_prob(v, target, t, weighting="Uniform")

@@ -62,16 +62,21 @@ class PromptCache:
     (an SD3 prompt with 128 T5 tokens is ~1 MB in bf16).
     """
 
-    def __init__(self, encode, max_size: int = 4096):
+    def __init__(self, encode, max_size: int = 4096, chunk_size: int = 8):
         self.encode = encode
         self.max_size = max_size
+        self.chunk_size = chunk_size
         self.entries: OrderedDict[str, Cond] = OrderedDict()
 
     def __call__(self, prompts: list[str]) -> Cond:
         missing = list(dict.fromkeys(p for p in prompts if p not in self.entries))
-        if missing:
-            fresh = self.encode(missing)
-            for i, prompt in enumerate(missing):
+        # Always encode chunks of exactly chunk_size (padded by repeating the last prompt): matrix products
+        # round differently for different batch sizes, and a prompt's embedding must not depend on which
+        # other prompts were new at the same time (exact resume, reproducible runs).
+        for start in range(0, len(missing), self.chunk_size):
+            chunk = missing[start:start + self.chunk_size]
+            fresh = self.encode(chunk + [chunk[-1]] * (self.chunk_size - len(chunk)))
+            for i, prompt in enumerate(chunk):
                 self.entries[prompt] = fresh[i:i + 1]
         for prompt in prompts:
             self.entries.move_to_end(prompt)
@@ -323,7 +328,18 @@ class FlowModel:
     def add_lora(self, *, rank: int, alpha: float, dropout: float = 0.0, init: str = "gaussian",
                  target_modules: list[str] | None = None, adapter_name: str = "default") -> None:
         lora_utils.add_lora(self.transformer, self.family, rank=rank, alpha=alpha, dropout=dropout, init=init,
-                            target_modules=target_modules, adapter_name=adapter_name)
+                            target_modules=target_modules, exclude=self._dead_projections(),
+                            adapter_name=adapter_name)
+
+    def _dead_projections(self) -> list[str]:
+        """Projections whose output the model throws away: an adapter there would never get a gradient.
+
+        SD3's last block is ``context_pre_only``: its text-stream queries (``attn.add_q_proj``) feed nothing.
+        """
+        if self.family != "sd3":
+            return []
+        return [f"transformer_blocks.{i}.attn.add_q_proj" for i, block in enumerate(self.transformer.transformer_blocks)
+                if block.context_pre_only]
 
     @contextlib.contextmanager
     def reference(self):

@@ -32,9 +32,12 @@ DEFAULT_TARGETS = {
 
 
 def add_lora(module: torch.nn.Module, family: str, *, rank: int, alpha: float, dropout: float = 0.0,
-             init: str = "gaussian", target_modules: list[str] | None = None,
+             init: str = "gaussian", target_modules: list[str] | None = None, exclude: list[str] | None = None,
              adapter_name: str = "default") -> None:
-    """Inject a LoRA adapter into ``module`` in place; only the adapter's weights stay trainable."""
+    """Inject a LoRA adapter into ``module`` in place; only the adapter's weights stay trainable.
+
+    ``exclude``: full module names to leave out (projections whose output the model discards).
+    """
     targets = list(target_modules or DEFAULT_TARGETS[family])
     present = {name for name, _ in module.named_modules()}
     matched = [t for t in targets if any(n == t or n.endswith("." + t) for n in present)]
@@ -42,12 +45,16 @@ def add_lora(module: torch.nn.Module, family: str, *, rank: int, alpha: float, d
         raise ValueError(f"none of the LoRA target modules {targets} exist in {type(module).__name__}; "
                          f"set lora.target_modules to names from the model")
     config = PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=matched,
-                            init_lora_weights=True if init == "default" else init)
+                            exclude_modules=exclude or None, init_lora_weights=True if init == "default" else init)
     module.requires_grad_(False)
     existing = getattr(module, "peft_config", None) or {}
     if adapter_name in existing:
         raise ValueError(f"{type(module).__name__} already has a LoRA adapter named {adapter_name!r}")
-    inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    import warnings
+
+    with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, module, adapter_name=adapter_name)
     module.peft_config = {**existing, adapter_name: config}
     # A second adapter (AWM's "ema", SePPO's reference) is frozen; "default" stays the active, trained one.
     set_active_adapter(module, "default" if "default" in module.peft_config else adapter_name)

@@ -36,7 +36,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, codes)))
 
 
-def tiny_clip_tokenizer(max_length: int = 16):
+def tiny_clip_tokenizer(max_length: int = 77):
     """A CLIPTokenizer with a byte-level vocabulary and no merges (514 tokens)."""
     from transformers import CLIPTokenizer
 

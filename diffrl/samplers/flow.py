@@ -6,6 +6,9 @@ whatever the model's dtype.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from diffrl.models.flow import Cond, FlowModel
@@ -44,3 +47,128 @@ def sample_ode(model: FlowModel, cond: Cond, *, num_steps: int, height: int, wid
         v = model.velocity(latents, t, cond, guidance_scale=guidance_scale, uncond=uncond)
         latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
     return latents
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flow-GRPO's SDE sampling with transition log-probabilities
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _mean_over_sample(values: torch.Tensor) -> torch.Tensor:
+    return values.mean(dim=tuple(range(1, values.ndim)))
+
+
+def sde_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, *,
+             noise_level: float, sigma_max: float, prev_sample: torch.Tensor | None = None,
+             generator: torch.Generator | None = None, sde_type: str = "sde"
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One reverse-SDE step of Flow-GRPO (arXiv 2505.05470, ``sd3_sde_with_logprob.py``), all in fp32.
+
+    ``sde`` (default): with dt = sigma_next - sigma < 0 and sigma_t = noise_level sqrt(sigma / (1 - sigma))
+    (sigma = 1 replaced by ``sigma_max`` = sigmas[1] in the denominator),
+
+        mu = x (1 + sigma_t^2 dt / (2 sigma)) + v (1 + sigma_t^2 (1 - sigma) / (2 sigma)) dt,
+        x' = mu + sigma_t sqrt(-dt) z,
+        log p(x' | x) = Gaussian log-density of x' under N(mu, (sigma_t sqrt(-dt))^2), averaged over dims.
+
+    ``cps`` (coefficients-preserving): std = sigma_next sin(noise_level pi / 2),
+    mu = x0_hat (1 - sigma_next) + x1_hat sqrt(sigma_next^2 - std^2) with x0_hat = x - sigma v and
+    x1_hat = x + (1 - sigma) v; log p = -(x' - mu)^2 averaged over dims (no constants, as the public code).
+
+    Pass ``prev_sample`` to score a stored transition instead of drawing one. Returns
+    ``(x', log_prob [B], mean, std)``.
+    """
+    x = latents.float()
+    v = velocity.float()
+    sigma = _expand(sigma, x)
+    sigma_next = _expand(sigma_next, x)
+    if sde_type == "sde":
+        dt = sigma_next - sigma
+        std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, torch.full_like(sigma, sigma_max), sigma)))
+        std_dev_t = std_dev_t * noise_level
+        mean = x * (1 + std_dev_t ** 2 / (2 * sigma) * dt) + v * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt
+        std = std_dev_t * torch.sqrt(-dt)
+    elif sde_type == "cps":
+        std = sigma_next * math.sin(noise_level * math.pi / 2)
+        x0_hat, x1_hat = x - sigma * v, x + (1 - sigma) * v
+        mean = x0_hat * (1 - sigma_next) + x1_hat * torch.sqrt((sigma_next ** 2 - std ** 2).clamp_min(0))
+    else:
+        raise ValueError(f"sde_type must be 'sde' or 'cps', got {sde_type!r}")
+    if prev_sample is None:
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device) \
+            if generator is not None else torch.randn_like(x)
+        prev_sample = mean + std * noise
+    prev_sample = prev_sample.float()
+    if sde_type == "sde":
+        log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * std ** 2) - torch.log(std)
+                    - math.log(math.sqrt(2 * math.pi)))
+    else:
+        log_prob = -((prev_sample.detach() - mean) ** 2)
+    return prev_sample, _mean_over_sample(log_prob), mean, std
+
+
+@dataclass
+class Trajectory:
+    """A sampled trajectory. ``latents``: ``[B, N + 1, ...]`` from noise to the clean sample;
+    ``log_probs``: ``[B, N]`` (0 on ODE steps); ``sde_steps``: ``[N]`` bool, the steps sampled stochastically;
+    ``sigmas``: ``[N + 1]``."""
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    sde_steps: torch.Tensor
+    sigmas: torch.Tensor
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+
+@torch.no_grad()
+def sample_trajectory(model: FlowModel, cond: Cond, *, num_steps: int, height: int, width: int,
+                      num_frames: int = 1, noise_level: float = 0.7, sde_type: str = "sde",
+                      sde_window: tuple[int, int] | None = None, guidance_scale: float = 1.0,
+                      uncond: Cond | None = None, generator: torch.Generator | None = None,
+                      latents: torch.Tensor | None = None) -> Trajectory:
+    """Sample with SDE steps (all, or only ``sde_window`` = [start, end) as in Flow-GRPO-Fast) and Euler ODE
+    steps elsewhere; ``noise_level = 0`` gives a pure ODE trajectory. Keeps every latent and log-prob."""
+    shape = model.latent_shape(height, width, num_frames)
+    if latents is None:
+        latents = initial_noise(len(cond), shape, generator=generator, device=model.device)
+    sigmas = model.sigmas(num_steps, shape).to(model.device)
+    start, end = sde_window if sde_window is not None else (0, num_steps)
+    sde_steps = torch.zeros(num_steps, dtype=torch.bool)
+    if noise_level > 0:
+        sde_steps[start:end] = True
+    states, log_probs = [latents], []
+    for i in range(num_steps):
+        t = sigmas[i].expand(latents.shape[0])
+        v = model.velocity(latents, t, cond, guidance_scale=guidance_scale, uncond=uncond)
+        if sde_steps[i]:
+            latents, log_prob, _, _ = sde_step(latents, v, sigmas[i], sigmas[i + 1], noise_level=noise_level,
+                                               sigma_max=float(sigmas[1]), generator=generator, sde_type=sde_type)
+        else:
+            latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+            log_prob = torch.zeros(latents.shape[0], device=latents.device)
+        states.append(latents)
+        log_probs.append(log_prob)
+    return Trajectory(torch.stack(states, 1), torch.stack(log_probs, 1), sde_steps, sigmas)
+
+
+def stratified_timestep_indices(num_steps: int, count: int, *, time_type: str = "discrete_wo_init",
+                                generator: torch.Generator | None = None) -> torch.Tensor:
+    """AWM's training timesteps: ``count`` indices into the rollout's own schedule, one per stratum.
+
+    ``discrete_wo_init`` draws from [1, int(0.9 N)) (skipping sigma ~ 1 and the cleanest steps; GenEval, OCR),
+    ``discrete`` from [0, int(0.9 N)) (PickScore). The integers of the range are split into ``count``
+    contiguous strata (as equal as possible) and one index is drawn uniformly from each, so indices never
+    repeat. N = 14, count = 6: [1, 12) -> {1,2} {3,4} {5,6} {7,8} {9,10} {11}.
+    """
+    if time_type not in ("discrete", "discrete_wo_init"):
+        raise ValueError(f"time_type must be 'discrete' or 'discrete_wo_init', got {time_type!r}")
+    low, high = (1 if time_type == "discrete_wo_init" else 0), int(num_steps * 0.9)
+    if high - low < count:
+        raise ValueError(f"{count} training timesteps need at least {count} steps in [{low}, {high}); raise "
+                         f"sampling.num_steps or lower train_timesteps")
+    strata = torch.tensor_split(torch.arange(low, high), count)
+    u = torch.rand(count, generator=generator)
+    return torch.stack([stratum[int(x * len(stratum))] for stratum, x in zip(strata, u.tolist())])

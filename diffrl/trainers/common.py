@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from diffrl.config import TrainerConfig, save_config, to_dict
-from diffrl.errors import CheckpointError, ConfigError
+from diffrl.errors import CheckpointError, ConfigError, TrainingError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINT_PREFIX = "step-"
@@ -128,6 +128,17 @@ def create_scheduler(optimizer: torch.optim.Optimizer, optim, max_steps: int):
 
     return get_scheduler(optim.scheduler, optimizer, num_warmup_steps=optim.warmup_steps,
                          num_training_steps=max_steps)
+
+
+def check_bad_steps(bad_steps: int, limit: int, loss: float, grad_norm: float) -> None:
+    """Warn about a skipped non-finite step; stop with the cause after ``limit`` in a row."""
+    import warnings
+
+    if bad_steps >= limit:
+        raise TrainingError(f"{bad_steps} consecutive steps had a non-finite loss ({loss}) or gradient norm "
+                            f"({grad_norm}); lower optim.lr, check the rewards for NaN / inf, or train in fp32")
+    warnings.warn(f"skipped an update with a non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                  f"{bad_steps} in a row", stacklevel=2)
 
 
 def clip_and_check_grads(accelerator, params, max_norm: float | None) -> float:

@@ -73,9 +73,10 @@ def test_prompt_cache_encodes_each_prompt_once(tiny_dir):
     calls = []
     original = model._encode_uncached
     model._encode_uncached = lambda prompts: calls.append(list(prompts)) or original(prompts)
+    model._prompt_cache.chunk_size = 3
     first = model.encode_prompts(["a", "b", "a"])
     second = model.encode_prompts(["b", "c"])
-    assert calls == [["a", "b"], ["c"]]
+    assert calls == [["a", "b", "b"], ["c", "c", "c"]]  # fixed-size chunks, padded with the last prompt
     torch.testing.assert_close(first.embeds[1], second.embeds[0])
     torch.testing.assert_close(first.embeds[0], first.embeds[2])
 

@@ -1,0 +1,341 @@
+"""AWM: Advantage Weighted Matching (Adobe, arXiv 2509.25050), as the public code computes it
+(papers/awm.md).
+
+One step:
+1. rollout: ``group_size`` samples for each of ``prompts_per_step`` prompts (spread over processes) with the
+   current policy, ODE or SDE; only the final clean latents x0 are kept (no log-probs needed);
+2. score them, gather rewards from every process, per-prompt advantages with the batch std, clipped to
+   +-adv_clip_max and scaled to [-advantage_max, advantage_max];
+3. update: for ``train_timesteps`` stratified timesteps t of the rollout schedule, fresh noise eps and
+   x_t = (1 - t) x0 + t eps, the loss is
+
+       -A * w(t, || v_theta(x_t, t) - (eps - x0) ||^2)        (flow_matching_log_prob, "ghuber" by default)
+       + beta * || v_theta - v_base ||^2 + ema_beta * || v_theta - v_ema ||^2
+
+   i.e. the pretraining flow-matching loss weighted by the advantage. On-policy (the default) the PPO ratio
+   of the public code is identically 1, so it is written without one; ``off_policy`` samples with the
+   EMA adapter and uses a real clipped ratio against it;
+4. one optimizer step per rollout, then the EMA adapter follows: ema <- d ema + (1 - d) theta with
+   d = min(0.3, 0.001 * step).
+
+Differences from the public code (each a defect there): beta = 0 and ema_beta = 0 work; exact resume
+(optimizer, both adapters, samplers, estimator); no hard-coded paths. The SA-Solver rollout sampler of the
+public code is not implemented: rollouts use Euler ODE or Flow-GRPO's Euler SDE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+
+import torch
+
+from diffrl.advantages import clip_advantages, get_estimator
+from diffrl.config import FlowSamplingConfig, PromptDataConfig, RewardConfig, TrainerConfig, param
+from diffrl.curriculum import UniformSampler
+from diffrl.data import load_prompts
+from diffrl.errors import ConfigError
+from diffrl.losses import FLOW_WEIGHTINGS, clipped_surrogate, flow_matching_log_prob, velocity_kl
+from diffrl.models import lora as lora_utils
+from diffrl.models.flow import FlowModel
+from diffrl.samplers.flow import initial_noise, stratified_timestep_indices
+from diffrl.trainers import common, register_trainer
+from diffrl.trainers.rollout import decode_and_score, evaluate_flow, flow_rollout, local_group_slots
+from rewards import load_reward
+
+
+@dataclasses.dataclass(kw_only=True)  # required sections after the base class's defaulted fields
+class AWMConfig(TrainerConfig):
+    data: PromptDataConfig = param(help="training and evaluation prompts")
+    reward: RewardConfig = param(help="reward models and weights")
+    sampling: FlowSamplingConfig = param(FlowSamplingConfig(num_steps=14, noise_level=0.0),
+                                         help="rollout and evaluation sampling (AWM: 14 steps, CFG 1)")
+    group_size: int = param(24, help="samples per prompt (the group of the advantage estimate)", ge=2)
+    prompts_per_step: int = param(24, help="prompts (groups) per optimizer step, over all processes", ge=1)
+    sample_batch_size: int = param(6, help="samples per process per rollout forward", ge=1)
+    train_batch_size: int = param(2, help="samples per process per training forward (x train_timesteps)", ge=1)
+    train_timesteps: int = param(6, help="stratified timesteps of the rollout schedule per sample", ge=1)
+    time_type: str = param("discrete_wo_init", help="discrete_wo_init (GenEval, OCR) or discrete (PickScore)")
+    weighting: str = param("ghuber", help=f"flow-matching weighting: {', '.join(FLOW_WEIGHTINGS)}")
+    ghuber_power: float = param(0.25, help="power p of the ghuber weighting", gt=0)
+    beta: float = param(1e-4, help="weight of the velocity KL to the base model (0 disables it)", ge=0)
+    ema_beta: float = param(1.0, help="weight of the velocity KL to the EMA adapter (0 disables it)", ge=0)
+    ema_decay_max: float = param(0.3, help="EMA adapter decay cap: d = min(cap, rate * step)", ge=0, lt=1)
+    ema_decay_rate: float = param(1e-3, help="EMA adapter decay growth per step", ge=0)
+    off_policy: bool = param(False, help="sample with the EMA adapter and clip the ratio against it")
+    clip_range: float = param(1.0, help="ratio clip range, used only off-policy", gt=0)
+    estimator: str = param("per_prompt", help="advantage estimator (diffrl ls estimators)")
+    estimator_kwargs: dict[str, float | bool | str] = param({"global_std": True},
+                                                            help="options of the estimator")
+    adv_clip_max: float = param(5.0, help="advantages are clipped to +-adv_clip_max ...", gt=0)
+    advantage_max: float = param(1.0, help="... then scaled so that |A| <= advantage_max", gt=0)
+    eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
+    eval_seed: int = param(1234, help="seed of the evaluation noise (the same images every time)", ge=0)
+    max_bad_steps: int = param(5, help="stop after this many consecutive steps with a non-finite loss", ge=1)
+
+    def __post_init__(self):
+        if self.time_type not in ("discrete", "discrete_wo_init"):
+            raise ConfigError(f"time_type must be 'discrete' or 'discrete_wo_init', got {self.time_type!r}")
+        if self.weighting not in FLOW_WEIGHTINGS:
+            raise ConfigError(f"weighting must be one of {', '.join(FLOW_WEIGHTINGS)}, got {self.weighting!r}")
+        if (self.ema_beta > 0 or self.off_policy) and not self.lora.enabled:
+            raise ConfigError("ema_beta > 0 and off_policy need the EMA LoRA adapter: enable lora or set ema_beta: 0")
+        if self.optim.gradient_accumulation_steps != 1:
+            raise ConfigError("AWM takes one optimizer step per rollout; leave optim.gradient_accumulation_steps "
+                              "at 1 and set train_batch_size / prompts_per_step instead")
+
+
+@register_trainer("awm", config_class=AWMConfig, paper="https://arxiv.org/abs/2509.25050",
+                  summary="Advantage Weighted Matching for SD3.5 / FLUX / Wan (flow matching)")
+class AWMTrainer:
+    def __init__(self, config: AWMConfig):
+        self.config = config
+
+    # ------------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.config
+        self.accelerator = acc = common.create_accelerator(cfg)
+        self.output_dir = common.prepare_output_dir(acc, cfg)
+        common.seed_everything(cfg.seed, acc)
+        # Prompts before the model: a bad prompt file fails in a second, not after minutes of loading.
+        self.prompts = load_prompts(cfg.data.path, column=cfg.data.column, split=cfg.data.split)
+        eval_prompts = load_prompts(cfg.data.eval_path, column=cfg.data.column) if cfg.data.eval_path \
+            else self.prompts
+        self.eval_prompts = eval_prompts[:cfg.data.eval_size]
+        if (cfg.prompts_per_step * cfg.group_size) % acc.num_processes:
+            raise ConfigError(f"prompts_per_step x group_size = {cfg.prompts_per_step * cfg.group_size} must be "
+                              f"divisible by the {acc.num_processes} processes")
+        self.reward = load_reward(cfg.reward.weights, device=cfg.reward.device or acc.device, kwargs=cfg.reward.kwargs)
+        self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
+
+        self.model = FlowModel.from_pretrained(
+            cfg.model.path, revision=cfg.model.revision, dtype=common.torch_dtype(cfg.model.dtype),
+            device=acc.device, max_sequence_length=cfg.sampling.max_sequence_length)
+        self.model.latent_shape(cfg.sampling.height, cfg.sampling.width, cfg.sampling.num_frames)  # validates
+        common.apply_lora(self.model, cfg.lora)
+        self.has_ema = cfg.ema_beta > 0 or cfg.off_policy
+        if self.has_ema:
+            # The "ema" adapter starts equal to the policy adapter and trails it (TRPO-like anchor).
+            self.model.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, init=cfg.lora.init,
+                                target_modules=cfg.lora.target_modules, adapter_name="ema")
+            lora_utils.copy_adapter(self.model.transformer, "default", "ema")
+        if cfg.model.gradient_checkpointing:
+            self.model.transformer.enable_gradient_checkpointing()
+        self.params = common.trainable_parameters(self.model.transformer)
+        optimizer = common.create_optimizer(self.params, cfg.optim)
+        scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps)
+        self.model.denoiser, self.optimizer, self.scheduler = acc.prepare(self.model.transformer, optimizer,
+                                                                          scheduler)
+        self.uncond = self.model.encode_prompts([""]) if cfg.sampling.guidance_scale != 1.0 else None
+
+        # Every rank draws the same prompts (world_size=1 here); samples are split by local_group_slots.
+        self.prompt_sampler = UniformSampler(len(self.prompts), cfg.prompts_per_step, seed=cfg.seed)
+        self.noise = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
+        self.step, self.bad_steps = 0, 0
+        resume = common.resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
+        if resume is not None:
+            info = common.load_checkpoint(resume, acc, trainer="awm", load_model=self._load_model,
+                                          optimizer=self.optimizer, scheduler=self.scheduler,
+                                          states=self._states(), generators={"noise": self.noise})
+            self.step = info["step"]
+        self.metrics = common.MetricsLogger(acc, self.output_dir, resume_step=self.step,
+                                            trackers=bool(cfg.logging.trackers))
+        common.init_trackers(acc, cfg)
+
+    def _states(self) -> dict:
+        states = {"prompt_sampler": self.prompt_sampler}
+        if hasattr(self.estimator, "state_dict"):
+            states["estimator"] = self.estimator
+        return states
+
+    # ------------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _sampling_policy(self):
+        """Off-policy rollouts come from the EMA adapter; on-policy ones from the current adapter."""
+        if not self.config.off_policy:
+            yield
+            return
+        lora_utils.set_active_adapter(self.model.transformer, "ema")
+        try:
+            yield
+        finally:
+            lora_utils.set_active_adapter(self.model.transformer, "default")
+
+    @torch.no_grad()
+    def rollout(self) -> dict:
+        """This process's share of the step's samples: final latents x0 [n, ...], prompts, group ids."""
+        cfg, acc = self.config, self.accelerator
+        prompt_ids = torch.tensor(self.prompt_sampler.next_indices())
+        slots = local_group_slots(cfg.prompts_per_step, cfg.group_size, rank=acc.process_index,
+                                  world_size=acc.num_processes, seed=cfg.seed, step=self.step)
+        group_ids = prompt_ids[slots]
+        prompts = [self.prompts[i] for i in group_ids.tolist()]
+        self.model.denoiser.eval()
+        with self._sampling_policy():
+            trajectories = flow_rollout(self.model, prompts, cfg.sampling, batch_size=cfg.sample_batch_size,
+                                        generator=self.noise, uncond=self.uncond)
+        return {"x0": torch.cat([t.final for t in trajectories]), "prompts": prompts, "group_ids": group_ids,
+                "sigmas": trajectories[0].sigmas}
+
+    def score(self, batch: dict) -> dict:
+        cfg = self.config
+        advantages, stats = decode_and_score(self.accelerator, self.model, self.reward, self.estimator, batch["x0"],
+                                             batch["prompts"], batch["group_ids"], batch_size=cfg.sample_batch_size)
+        batch["advantages"] = clip_advantages(advantages, max_abs=cfg.adv_clip_max,
+                                              scale=cfg.advantage_max / cfg.adv_clip_max)
+        return stats
+
+    def _loss(self, x0: torch.Tensor, advantages: torch.Tensor, prompts: list[str], sigmas: torch.Tensor):
+        """AWM loss of one micro-batch; returns (loss, parts) with parts as floats for logging."""
+        cfg = self.config
+        count = cfg.train_timesteps
+        index = stratified_timestep_indices(len(sigmas) - 1, count, time_type=cfg.time_type, generator=self.noise)
+        t = sigmas[index].to(x0.device).repeat(x0.shape[0])                    # [b * T], shared per micro-batch
+        x0 = x0.repeat_interleave(count, 0)
+        eps = initial_noise(x0.shape[0], tuple(x0.shape[1:]), generator=self.noise, device=x0.device)
+        t_b = t.view(-1, *([1] * (x0.ndim - 1)))
+        x_t = (1 - t_b) * x0 + t_b * eps
+        target = eps - x0
+        cond = self.model.encode_prompts(prompts).repeat_interleave(count)
+        adv = advantages.to(x0.device).repeat_interleave(count).double()
+        with self.accelerator.autocast():
+            v = self.model.velocity(x_t, t, cond)
+        log_prob = flow_matching_log_prob(v, target, t, weighting=cfg.weighting, power=cfg.ghuber_power)
+        parts = {}
+        if cfg.off_policy:
+            with torch.no_grad(), self._sampling_policy():
+                old = flow_matching_log_prob(self.model.velocity(x_t, t, cond), target, t, weighting=cfg.weighting,
+                                             power=cfg.ghuber_power)
+            per_sample, clip_stats = clipped_surrogate(log_prob[:, None], old[:, None], adv,
+                                                       clip_low=cfg.clip_range)
+            policy = per_sample.mean()
+            parts["clip_frac"] = float(clip_stats["clipped"].mean())
+        else:
+            # On-policy the public code's ratio exp(lp - lp.detach()) is 1 with gradient grad(lp): write that.
+            policy = -(adv * log_prob).mean()
+        loss = policy.float()
+        parts["policy_loss"] = float(policy.detach())
+        if cfg.beta > 0:
+            with torch.no_grad(), self.model.reference():
+                v_ref = self.model.velocity(x_t, t, cond)
+            kl = velocity_kl(v, v_ref).mean()
+            loss = loss + cfg.beta * kl
+            parts["kl"] = float(kl)
+        if cfg.ema_beta > 0:
+            lora_utils.set_active_adapter(self.model.transformer, "ema")
+            try:
+                with torch.no_grad():
+                    v_ema = self.model.velocity(x_t, t, cond)
+            finally:
+                lora_utils.set_active_adapter(self.model.transformer, "default")
+            kl_ema = velocity_kl(v, v_ema).mean()
+            loss = loss + cfg.ema_beta * kl_ema
+            parts["kl_ema"] = float(kl_ema)
+        return loss, parts
+
+    def update(self, batch: dict) -> dict:
+        """One optimizer step over this process's samples, in micro-batches of train_batch_size."""
+        cfg, acc = self.config, self.accelerator
+        self.model.denoiser.train()
+        starts = list(range(0, len(batch["prompts"]), cfg.train_batch_size))
+        totals: dict[str, float] = {}
+        for i, start in enumerate(starts):
+            end = start + cfg.train_batch_size
+            # Gradients are averaged over micro-batches and synced across processes once, on the last.
+            sync = contextlib.nullcontext() if i == len(starts) - 1 else acc.no_sync(self.model.denoiser)
+            with sync:
+                loss, parts = self._loss(batch["x0"][start:end], batch["advantages"][start:end],
+                                         batch["prompts"][start:end], batch["sigmas"])
+                acc.backward(loss / len(starts))
+            for key, value in {"loss": float(loss), **parts}.items():
+                totals[key] = totals.get(key, 0.0) + value / len(starts)
+        grad_norm = common.clip_and_check_grads(acc, self.params, cfg.optim.max_grad_norm)
+        finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            common.check_bad_steps(self.bad_steps, cfg.max_bad_steps, totals["loss"], grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        return {**totals, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+                "skipped": 0.0 if finite else 1.0}
+
+    @torch.no_grad()
+    def _update_ema_adapter(self) -> None:
+        """ema <- d ema + (1 - d) theta, d = min(cap, rate * step): the adapter trails the policy closely."""
+        cfg = self.config
+        if not self.has_ema:
+            return
+        decay = min(cfg.ema_decay_max, cfg.ema_decay_rate * self.step)
+        module = self.model.transformer
+        current = lora_utils.lora_state_dict(module, "default")
+        ema = lora_utils.lora_state_dict(module, "ema")
+        mixed = {k: decay * ema[k] + (1 - decay) * current[k] for k in current}
+        lora_utils.load_lora_state_dict(module, mixed, adapter_name="ema")
+        lora_utils.set_active_adapter(module, "default")
+
+    def evaluate(self) -> dict:
+        cfg = self.config
+        self.model.denoiser.eval()
+        return evaluate_flow(self.accelerator, self.model, self.reward, self.eval_prompts, cfg.sampling,
+                             batch_size=cfg.sample_batch_size, seed=cfg.eval_seed, uncond=self.uncond,
+                             grid_path=self.output_dir / "samples" / f"step-{self.step:06d}.png")
+
+    def train(self) -> dict:
+        cfg = self.config
+        self.setup()
+        if self.step == 0:
+            self.metrics.log(self.evaluate(), step=0)
+        bar = common.progress_bar(self.accelerator, total=cfg.max_steps, initial=self.step,
+                                  enabled=cfg.logging.progress_bar, desc="awm")
+        last: dict = {}
+        while self.step < cfg.max_steps:
+            start = time.time()
+            batch = self.rollout()
+            stats = self.score(batch)
+            rollout_time = time.time() - start
+            last = {**stats, **self.update(batch)}
+            self.step += 1
+            self._update_ema_adapter()
+            last.update(step_time=time.time() - start, rollout_time=rollout_time)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                last.update(self.evaluate())
+            if self.step % cfg.logging.log_every == 0:
+                self.metrics.log(last, step=self.step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{last['reward']:.3f}", loss=f"{last['loss']:.4f}")
+            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.max_steps:
+                self.save()
+        bar.close()
+        final = self.evaluate()
+        self.metrics.log(final, step=self.step)
+        common.end_training(self.accelerator)
+        return {**last, **final}
+
+    def save(self) -> None:
+        cfg = self.config
+        common.save_checkpoint(self.accelerator, cfg.output_dir, self.step, trainer="awm",
+                               save_model=self._save_model, optimizer=self.optimizer, scheduler=self.scheduler,
+                               states=self._states(), generators={"noise": self.noise},
+                               keep_last=cfg.checkpoint.keep_last)
+
+    def _save_model(self, folder) -> None:
+        common.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        if self.has_ema:
+            from safetensors.torch import save_file
+
+            ema = lora_utils.lora_state_dict(self.model.transformer, "ema")
+            save_file(ema, str(folder / "ema_adapter.safetensors"))
+
+    def _load_model(self, folder) -> None:
+        common.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        if self.has_ema:
+            from safetensors.torch import load_file
+
+            ema = load_file(str(folder / "ema_adapter.safetensors"))
+            lora_utils.load_lora_state_dict(self.model.transformer, ema, adapter_name="ema")
+            lora_utils.set_active_adapter(self.model.transformer, "default")

@@ -1,0 +1,106 @@
+"""Rollout glue shared by the flow trainers (AWM, Flow-GRPO): which samples this process draws, sampling
+them, scoring them, and advantages over groups that span processes. Functions, not a base class."""
+
+from __future__ import annotations
+
+import torch
+
+from diffrl.errors import RewardError
+
+
+def local_group_slots(num_prompts: int, group_size: int, *, rank: int, world_size: int, seed: int,
+                      step: int) -> torch.Tensor:
+    """Spread the ``num_prompts x group_size`` samples of a step over processes (flow_grpo's
+    DistributedKRepeatSampler): a permutation shared by every rank, rank r taking every world_size-th sample.
+    Returns the prompt slot (0..num_prompts-1) of each of this rank's samples, so the K samples of one prompt
+    may land on different processes."""
+    total = num_prompts * group_size
+    if total % world_size:
+        raise ValueError(f"prompts_per_step x group_size = {total} must be divisible by the {world_size} processes")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+    return order[rank::world_size] // group_size
+
+
+@torch.no_grad()
+def score_samples(reward, samples: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict]:
+    """Rewards [n] (float32, CPU) and the per-component extras; a reward that is NaN for every sample is an
+    error (nothing to learn from), single NaNs are "not applicable" and get advantage 0."""
+    out = reward(samples, prompts)
+    scores = out.scores.float().cpu()
+    if scores.numel() and torch.isnan(scores).all():
+        raise RewardError(f"every reward of this batch is NaN ({', '.join(reward.names)}); check that the prompts "
+                          f"fit the reward (the ocr reward needs text in double quotes)")
+    return scores, out.extras
+
+
+def gather_advantages(accelerator, estimator, rewards: torch.Tensor,
+                      group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather every process's rewards and group ids, estimate advantages over whole groups, and return
+    ``(local advantages, all rewards, all group ids)``. Every process must hold the same number of samples."""
+    device = accelerator.device
+    all_rewards = accelerator.gather(rewards.to(device)).cpu()
+    all_groups = accelerator.gather(group_ids.to(device)).cpu()
+    advantages = estimator(all_rewards, all_groups)
+    n = rewards.shape[0]
+    start = accelerator.process_index * n
+    return advantages[start:start + n], all_rewards, all_groups
+
+
+@torch.no_grad()
+def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, generator: torch.Generator,
+                 uncond=None) -> list:
+    """Sample ``prompts`` (one sample each) in batches; returns one :class:`Trajectory` per batch."""
+    from diffrl.samplers.flow import sample_trajectory
+
+    trajectories = []
+    for start in range(0, len(prompts), batch_size):
+        cond = model.encode_prompts(prompts[start:start + batch_size])
+        trajectories.append(sample_trajectory(
+            model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
+            num_frames=sampling.num_frames, noise_level=sampling.noise_level, sde_type=sampling.sde_type,
+            sde_window=tuple(sampling.sde_window) if sampling.sde_window else None,
+            guidance_scale=sampling.guidance_scale, uncond=uncond, generator=generator))
+    return trajectories
+
+
+@torch.no_grad()
+def decode_and_score(accelerator, model, reward, estimator, final_latents: torch.Tensor, prompts: list[str],
+                     group_ids: torch.Tensor, *, batch_size: int) -> tuple[torch.Tensor, dict]:
+    """Decode this process's samples, score them, and estimate advantages over the gathered groups.
+    Returns the local advantages (unclipped) and logging stats computed over every process."""
+    from diffrl.advantages import group_summary
+
+    samples = torch.cat([model.decode(final_latents[i:i + batch_size]) for i in range(0, len(prompts), batch_size)])
+    rewards, extras = score_samples(reward, samples, prompts)
+    advantages, all_rewards, all_groups = gather_advantages(accelerator, estimator, rewards, group_ids)
+    valid = all_rewards[~all_rewards.isnan()]
+    stats = {"reward": float(valid.mean()), "reward_std": float(valid.std()) if valid.numel() > 1 else 0.0,
+             **group_summary(all_rewards, all_groups)}
+    if len(reward.names) > 1:
+        for name in reward.names:
+            stats[f"reward/{name}"] = float(accelerator.gather(extras[name].to(accelerator.device)).nanmean())
+    return advantages, stats
+
+
+@torch.no_grad()
+def evaluate_flow(accelerator, model, reward, prompts: list[str], sampling, *, batch_size: int, seed: int,
+                  uncond, grid_path) -> dict:
+    """Fixed prompts and noise, Euler ODE with ``eval_num_steps``: mean reward and a grid of the samples."""
+    from diffrl.report import save_grid
+    from diffrl.samplers.flow import sample_ode
+
+    if not prompts:
+        return {}
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for start in range(0, len(prompts), batch_size):
+        cond = model.encode_prompts(prompts[start:start + batch_size])
+        latents = sample_ode(model, cond, num_steps=sampling.eval_num_steps, height=sampling.height,
+                             width=sampling.width, num_frames=sampling.num_frames,
+                             guidance_scale=sampling.guidance_scale, uncond=uncond, generator=generator)
+        samples.append(model.decode(latents))
+    samples = torch.cat(samples)
+    rewards, _ = score_samples(reward, samples, prompts)
+    if accelerator.is_main_process:
+        save_grid(samples, [f"{r:.3f} {p}" for r, p in zip(rewards.tolist(), prompts)], grid_path)
+    return {"eval/reward": float(rewards.nanmean())}

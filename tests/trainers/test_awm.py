@@ -1,0 +1,150 @@
+"""AWM on the tiny SD3, FLUX and Wan models."""
+
+import json
+import math
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+from safetensors.torch import load_file
+
+from diffrl.config import from_dict
+from diffrl.errors import ConfigError
+from diffrl.samplers.flow import stratified_timestep_indices
+from diffrl.trainers.awm import AWMConfig, AWMTrainer
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white star"]
+
+
+def make_config(tiny_dir, tmp_path, kind="sd3", **overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    video = kind == "wan"
+    data = {"trainer": "awm", "model": {"path": str(tiny_dir(kind))}, "output_dir": str(tmp_path / "run"),
+            "max_steps": 2, "seed": 0, "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2},
+            "data": {"path": str(prompts), "eval_size": 2},
+            "reward": {"weights": {"video" if video else "jpeg_compressibility": 1.0},
+                       "kwargs": {"video": {"image_reward": "jpeg_compressibility", "num_frames": 2}} if video else {}},
+            "sampling": {"height": 32, "width": 32, "num_frames": 5 if video else 1, "num_steps": 6,
+                         "eval_num_steps": 2, "noise_level": 0.5},
+            "group_size": 2, "prompts_per_step": 2, "sample_batch_size": 4, "train_batch_size": 2,
+            "train_timesteps": 2, "time_type": "discrete", "beta": 0.1, "ema_beta": 0.5,
+            "logging": {"trackers": [], "progress_bar": False}, "checkpoint": {"every": 1}}
+    for key, value in overrides.items():
+        node = data
+        *path, leaf = key.split("__")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(AWMConfig, data)
+
+
+def test_stratified_timesteps_cover_each_stratum():
+    for seed in range(10):
+        index = stratified_timestep_indices(14, 6, generator=torch.Generator().manual_seed(seed)).tolist()
+        # [1, 12) in six strata {1,2} {3,4} {5,6} {7,8} {9,10} {11}
+        assert [i in s for i, s in zip(index, [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11,)])] == [True] * 6
+    with pytest.raises(ValueError, match="need at least 6 steps"):
+        stratified_timestep_indices(5, 6)
+
+
+def test_loss_equals_a_plain_recomputation(tiny_dir, tmp_path):
+    trainer = AWMTrainer(make_config(tiny_dir, tmp_path))
+    trainer.setup()
+    model = trainer.model
+    with torch.no_grad():  # make the policy and the EMA adapter differ from the base model and each other
+        for name, p in model.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    adv = torch.tensor([0.8, -0.4])
+    sigmas = model.sigmas(6, (4, 16, 16))
+    state = trainer.noise.get_state()
+    loss, parts = trainer._loss(x0, adv, PROMPTS[:2], sigmas)
+
+    # The same draws, by hand: 2 timesteps shared by the micro-batch, fresh noise per (sample, timestep).
+    gen = torch.Generator()
+    gen.set_state(state)
+    t = sigmas[stratified_timestep_indices(6, 2, time_type="discrete", generator=gen)].repeat(2)
+    x0r = x0.repeat_interleave(2, 0)
+    eps = torch.randn(x0r.shape, generator=gen)
+    tb = t.view(-1, 1, 1, 1)
+    x_t, target = (1 - tb) * x0r + tb * eps, eps - x0r
+    cond = model.encode_prompts(PROMPTS[:2]).repeat_interleave(2)
+    with torch.no_grad():
+        v = model.velocity(x_t, t, cond)
+        with model.reference():
+            v_ref = model.velocity(x_t, t, cond)
+        from diffrl.models.lora import set_active_adapter
+        set_active_adapter(model.transformer, "ema")
+        v_ema = model.velocity(x_t, t, cond)
+        set_active_adapter(model.transformer, "default")
+    mse = ((v.double() - target.double()) ** 2).mean(dim=(1, 2, 3))
+    ghuber = -((mse + 1e-10) ** 0.25 - 1e-10 ** 0.25) * t.double() / 0.25
+    policy = -(adv.double().repeat_interleave(2) * ghuber).mean()
+    kl = ((v - v_ref) ** 2).mean()
+    kl_ema = ((v - v_ema) ** 2).mean()
+    expected = policy + 0.1 * kl + 0.5 * kl_ema
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert parts["kl"] == pytest.approx(kl.item(), rel=1e-5) and parts["kl_ema"] > 0
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux", "wan"])
+def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, kind):
+    trainer = AWMTrainer(make_config(tiny_dir, tmp_path, kind))
+    trainer.setup()
+    params = {n: p for n, p in trainer.model.transformer.named_parameters() if p.requires_grad}
+    assert params and all("lora" in n and ".default." in n for n in params)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for _ in range(2):
+        batch = trainer.rollout()
+        trainer.score(batch)
+        out = trainer.update(batch)
+        trainer.step += 1
+        assert math.isfinite(out["loss"]) and out["skipped"] == 0
+    assert [n for n, p in params.items() if torch.equal(p, before[n])] == []
+
+
+def test_resume_gives_the_same_next_steps_and_weights(tiny_dir, tmp_path):
+    straight = AWMTrainer(make_config(tiny_dir, tmp_path / "a", max_steps=3))
+    straight.train()
+    first = AWMTrainer(make_config(tiny_dir, tmp_path / "b", max_steps=1))
+    first.train()
+    resumed = AWMTrainer(make_config(tiny_dir, tmp_path / "b", max_steps=3, checkpoint__resume="latest"))
+    resumed.train()
+
+    def rows(run):
+        lines = (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"], r["reward"]) for r in map(json.loads, lines) if "loss" in r]
+
+    assert rows("a") == rows("b") and len(rows("a")) == 3
+    for name in ("pytorch_lora_weights.safetensors", "ema_adapter.safetensors"):
+        a = load_file(tmp_path / "a/run/checkpoints/step-000003/model" / name)
+        b = load_file(tmp_path / "b/run/checkpoints/step-000003/model" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_lora_loads_in_diffusers(tiny_dir, tmp_path):
+    trainer = AWMTrainer(make_config(tiny_dir, tmp_path, max_steps=1, beta=0.0, ema_beta=0.0))
+    trainer.train()  # beta = 0 and ema_beta = 0 must work (they crash the public code)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_dir("sd3"))
+    pipe.load_lora_weights(tmp_path / "run/checkpoints/step-000001/model")
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([0.4])
+    cond = trainer.model.encode_prompts(["a red circle"])
+    expected = trainer.model.velocity(x, t, cond)
+    got = pipe.transformer(hidden_states=x, timestep=t * 1000, encoder_hidden_states=cond.embeds,
+                           pooled_projections=cond.pooled, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (tmp_path / "run/samples/step-000001.png").is_file()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"weighting": "Uniform"}, "weighting must be one of uniform"),
+    ({"lora__enabled": False}, "need the EMA LoRA adapter"),
+    ({"optim__gradient_accumulation_steps": 2}, "one optimizer step per rollout"),
+    ({"time_type": "uniform"}, "time_type must be"),
+])
+def test_bad_awm_configs(tiny_dir, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(tiny_dir, tmp_path, **overrides)
