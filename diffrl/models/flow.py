@@ -141,8 +141,10 @@ class FlowModel:
         """Open a hub id or a local folder written by ``save_pretrained``; both go through diffusers."""
         from diffusers import DiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
         diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
         with loading_errors(path):
             family = family or detect_family(path, revision)
             pipeline = DiffusionPipeline.from_pretrained(str(path), revision=revision, dtype=dtype)
@@ -260,12 +262,13 @@ class FlowModel:
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
     def velocity(self, latents: torch.Tensor, t: torch.Tensor, cond: Cond, *, guidance_scale: float = 1.0,
-                 uncond: Cond | None = None) -> torch.Tensor:
+                 uncond: Cond | None = None, grad_uncond: bool = True) -> torch.Tensor:
         """Predicted velocity ``v = eps - x0`` at ``x_t`` (fp32 output).
 
         latents: ``[B, C, h, w]`` or ``[B, C, f, h, w]``; t: ``[B]`` sigmas in [0, 1]; cond: B prompts.
         For SD3 and Wan, ``guidance_scale > 1`` with ``uncond`` applies classifier-free guidance in one
         batched forward. FLUX.1-dev is guidance-distilled: ``guidance_scale`` feeds its guidance embedding.
+        ``grad_uncond=False`` computes the unconditional branch without gradient (Flow-GRPO's training).
         """
         if t.ndim == 0:
             t = t.expand(latents.shape[0])
@@ -275,6 +278,11 @@ class FlowModel:
                 raise ValueError("classifier-free guidance needs `uncond` (encode_prompts(['']))")
             if len(uncond) == 1:
                 uncond = uncond.repeat_interleave(latents.shape[0])
+            if not grad_uncond:
+                v_cond = self._forward(latents, t, cond, guidance_scale).float()
+                with torch.no_grad():
+                    v_uncond = self._forward(latents, t, uncond, guidance_scale).float()
+                return v_uncond + guidance_scale * (v_cond - v_uncond)
             both = self._forward(torch.cat([latents, latents]), torch.cat([t, t]), Cond.cat([cond, uncond]),
                                  guidance_scale).float()
             v_cond, v_uncond = both.chunk(2)

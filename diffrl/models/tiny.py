@@ -49,7 +49,7 @@ def tiny_clip_tokenizer(max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def tiny_t5_tokenizer(max_length: int = 16):
+def tiny_t5_tokenizer(max_length: int = 512):
     """A character-level T5Tokenizer (Unigram model, pad=0, eos=1)."""
     from transformers import T5Tokenizer
 

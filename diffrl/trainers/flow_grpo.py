@@ -1,0 +1,271 @@
+"""Flow-GRPO (arXiv 2505.05470), as the public code computes it (papers/flow_grpo.md), and Flow-GRPO-Fast.
+
+One step:
+1. rollout: ``group_size`` SDE trajectories per prompt (Flow-GRPO's SDE step, log-prob of every transition
+   stored), CFG as configured; with ``sampling.sde_window`` only a window of steps is stochastic (Fast);
+2. score, gather rewards over processes, per-prompt advantages (global std), clipped to +-adv_clip_max;
+   samples with zero advantage are dropped (as the public code does);
+3. ``updates_per_rollout`` optimizer updates, each over its share of the samples and over the trained
+   denoising steps (the first ``timestep_fraction`` of the SDE steps), with the PPO-clipped ratio of the
+   recomputed transition log-prob to the stored one and the KL between the policy's and the base model's
+   Gaussian transitions: ||mu_theta - mu_ref||^2 / (2 std^2).
+
+Shares samplers, model adapters, rewards, advantages and losses with AWM; only the glue is its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+
+import torch
+
+from diffrl.advantages import clip_advantages, get_estimator
+from diffrl.config import FlowSamplingConfig, PromptDataConfig, RewardConfig, TrainerConfig, param
+from diffrl.curriculum import UniformSampler
+from diffrl.data import load_prompts
+from diffrl.errors import ConfigError
+from diffrl.losses import clipped_surrogate
+from diffrl.models.flow import FlowModel
+from diffrl.samplers.flow import sde_step
+from diffrl.trainers import common, register_trainer
+from diffrl.trainers.rollout import decode_and_score, evaluate_flow, flow_rollout, local_group_slots
+from rewards import load_reward
+
+
+@dataclasses.dataclass(kw_only=True)  # required sections after the base class's defaulted fields
+class FlowGRPOConfig(TrainerConfig):
+    data: PromptDataConfig = param(help="training and evaluation prompts")
+    reward: RewardConfig = param(help="reward models and weights")
+    sampling: FlowSamplingConfig = param(FlowSamplingConfig(num_steps=10, guidance_scale=4.5, noise_level=0.7),
+                                         help="rollout and evaluation sampling (Flow-GRPO SD3.5: 10 steps, CFG 4.5)")
+    group_size: int = param(24, help="samples per prompt", ge=2)
+    prompts_per_step: int = param(48, help="prompts (groups) per rollout, over all processes", ge=1)
+    sample_batch_size: int = param(9, help="samples per process per rollout forward", ge=1)
+    train_batch_size: int = param(9, help="samples per process per training forward (keep equal to sampling: "
+                                          "SD3's output depends on the batch size)", ge=1)
+    updates_per_rollout: int = param(2, help="optimizer updates per rollout (Flow-GRPO: 2)", ge=1)
+    timestep_fraction: float = param(0.99, help="fraction of the SDE steps trained (int(N x fraction))", gt=0, le=1)
+    train_cfg: bool = param(True, help="compute training log-probs with CFG (unconditional branch detached)")
+    clip_range: float = param(1e-4, help="PPO ratio clip range (1e-4; Fast: 1e-5)", gt=0)
+    adv_clip_max: float = param(5.0, help="advantages are clipped to +-adv_clip_max", gt=0)
+    beta: float = param(0.04, help="weight of the KL to the base model (OCR / GenEval 0.04, PickScore 0.01)", ge=0)
+    estimator: str = param("per_prompt", help="advantage estimator (diffrl ls estimators)")
+    estimator_kwargs: dict[str, float | bool | str] = param({"global_std": True}, help="options of the estimator")
+    eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
+    eval_seed: int = param(1234, help="seed of the evaluation noise", ge=0)
+    max_bad_steps: int = param(5, help="stop after this many consecutive non-finite updates", ge=1)
+
+    def __post_init__(self):
+        if self.sampling.noise_level <= 0:
+            raise ConfigError("Flow-GRPO needs stochastic rollouts: sampling.noise_level must be > 0")
+        if self.optim.gradient_accumulation_steps != 1:
+            raise ConfigError("Flow-GRPO accumulates over its samples and steps itself; leave "
+                              "optim.gradient_accumulation_steps at 1 and set updates_per_rollout instead")
+
+
+@register_trainer("flow_grpo", config_class=FlowGRPOConfig, paper="https://arxiv.org/abs/2505.05470",
+                  summary="Flow-GRPO (and -Fast): PPO over SDE denoising steps of flow-matching models")
+class FlowGRPOTrainer:
+    def __init__(self, config: FlowGRPOConfig):
+        self.config = config
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.accelerator = acc = common.create_accelerator(cfg)
+        self.output_dir = common.prepare_output_dir(acc, cfg)
+        common.seed_everything(cfg.seed, acc)
+        self.prompts = load_prompts(cfg.data.path, column=cfg.data.column, split=cfg.data.split)
+        eval_prompts = load_prompts(cfg.data.eval_path, column=cfg.data.column) if cfg.data.eval_path \
+            else self.prompts
+        self.eval_prompts = eval_prompts[:cfg.data.eval_size]
+        if (cfg.prompts_per_step * cfg.group_size) % acc.num_processes:
+            raise ConfigError(f"prompts_per_step x group_size = {cfg.prompts_per_step * cfg.group_size} must be "
+                              f"divisible by the {acc.num_processes} processes")
+        self.reward = load_reward(cfg.reward.weights, device=cfg.reward.device or acc.device, kwargs=cfg.reward.kwargs)
+        self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
+        self.model = FlowModel.from_pretrained(
+            cfg.model.path, revision=cfg.model.revision, dtype=common.torch_dtype(cfg.model.dtype),
+            device=acc.device, max_sequence_length=cfg.sampling.max_sequence_length)
+        self.model.latent_shape(cfg.sampling.height, cfg.sampling.width, cfg.sampling.num_frames)
+        common.apply_lora(self.model, cfg.lora)
+        if cfg.beta > 0 and not cfg.lora.enabled:
+            raise ConfigError("beta > 0 uses the LoRA-disabled model as the reference: enable lora or set beta: 0")
+        if cfg.model.gradient_checkpointing:
+            self.model.transformer.enable_gradient_checkpointing()
+        self.params = common.trainable_parameters(self.model.transformer)
+        optimizer = common.create_optimizer(self.params, cfg.optim)
+        scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps * cfg.updates_per_rollout)
+        self.model.denoiser, self.optimizer, self.scheduler = acc.prepare(self.model.transformer, optimizer,
+                                                                          scheduler)
+        self.uncond = self.model.encode_prompts([""]) if cfg.sampling.guidance_scale != 1.0 else None
+        self.prompt_sampler = UniformSampler(len(self.prompts), cfg.prompts_per_step, seed=cfg.seed)
+        self.noise = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
+        self.step, self.bad_steps = 0, 0
+        resume = common.resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
+        if resume is not None:
+            info = common.load_checkpoint(resume, acc, trainer="flow_grpo", load_model=self._load_model,
+                                          optimizer=self.optimizer, scheduler=self.scheduler,
+                                          states=self._states(), generators={"noise": self.noise})
+            self.step = info["step"]
+        self.metrics = common.MetricsLogger(acc, self.output_dir, resume_step=self.step,
+                                            trackers=bool(cfg.logging.trackers))
+        common.init_trackers(acc, cfg)
+
+    def _states(self) -> dict:
+        states = {"prompt_sampler": self.prompt_sampler}
+        if hasattr(self.estimator, "state_dict"):
+            states["estimator"] = self.estimator
+        return states
+
+    # ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self) -> dict:
+        """SDE trajectories for this process's samples: latents [n, N+1, ...], old log-probs [n, N]."""
+        cfg, acc = self.config, self.accelerator
+        prompt_ids = torch.tensor(self.prompt_sampler.next_indices())
+        slots = local_group_slots(cfg.prompts_per_step, cfg.group_size, rank=acc.process_index,
+                                  world_size=acc.num_processes, seed=cfg.seed, step=self.step)
+        group_ids = prompt_ids[slots]
+        prompts = [self.prompts[i] for i in group_ids.tolist()]
+        self.model.denoiser.eval()
+        trajectories = flow_rollout(self.model, prompts, cfg.sampling, batch_size=cfg.sample_batch_size,
+                                    generator=self.noise, uncond=self.uncond)
+        sde_steps = trajectories[0].sde_steps.nonzero().flatten()
+        trained = sde_steps[:max(1, int(len(sde_steps) * cfg.timestep_fraction))] if cfg.sampling.sde_window is None \
+            else sde_steps
+        return {"latents": torch.cat([t.latents for t in trajectories]),
+                "log_probs": torch.cat([t.log_probs for t in trajectories]), "prompts": prompts,
+                "group_ids": group_ids, "sigmas": trajectories[0].sigmas, "train_steps": trained}
+
+    def score(self, batch: dict) -> dict:
+        cfg = self.config
+        advantages, stats = decode_and_score(self.accelerator, self.model, self.reward, self.estimator,
+                                             batch["latents"][:, -1], batch["prompts"], batch["group_ids"],
+                                             batch_size=cfg.sample_batch_size)
+        batch["advantages"] = clip_advantages(advantages, max_abs=cfg.adv_clip_max)
+        return stats
+
+    def _step_loss(self, latents: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                   prompts: list[str], sigmas: torch.Tensor, j: int) -> tuple[torch.Tensor, dict]:
+        """Clipped policy loss and KL of the transition x_j -> x_{j+1} for one micro-batch."""
+        cfg = self.config
+        s = cfg.sampling
+        x, x_next = latents[:, j], latents[:, j + 1]
+        cond = self.model.encode_prompts(prompts)
+        t = sigmas[j].expand(x.shape[0]).to(x.device)
+        guidance = s.guidance_scale if cfg.train_cfg else 1.0
+        kwargs = dict(noise_level=s.noise_level, sigma_max=float(sigmas[1]), prev_sample=x_next, sde_type=s.sde_type)
+        with self.accelerator.autocast():
+            v = self.model.velocity(x, t, cond, guidance_scale=guidance, uncond=self.uncond, grad_uncond=False)
+        _, log_prob, mean, std = sde_step(x, v, sigmas[j], sigmas[j + 1], **kwargs)
+        per_sample, clip_stats = clipped_surrogate(log_prob[:, None], old_log_probs[:, j, None], advantages,
+                                                   clip_low=cfg.clip_range)
+        loss = per_sample.mean()
+        parts = {"policy_loss": float(loss.detach()), "clip_frac": float(clip_stats["clipped"].mean()),
+                 "approx_kl": float(0.5 * ((log_prob.detach() - old_log_probs[:, j]) ** 2).mean())}
+        # CPS's last transition (sigma_next = 0) is deterministic: no Gaussian, no KL there.
+        if cfg.beta > 0 and float(std.min()) > 0:
+            with torch.no_grad(), self.model.reference():
+                v_ref = self.model.velocity(x, t, cond, guidance_scale=guidance, uncond=self.uncond)
+                _, _, mean_ref, _ = sde_step(x, v_ref, sigmas[j], sigmas[j + 1], **kwargs)
+            # KL between the two Gaussian transitions (same std): ||mu - mu_ref||^2 / (2 std^2), dims averaged.
+            kl = (((mean - mean_ref) ** 2) / (2 * std ** 2)).mean()
+            loss = loss + cfg.beta * kl
+            parts["kl"] = float(kl.detach())
+        return loss, parts
+
+    def update(self, batch: dict) -> dict:
+        """``updates_per_rollout`` optimizer steps, each over its share of the (non-zero-advantage) samples."""
+        cfg, acc = self.config, self.accelerator
+        self.model.denoiser.train()
+        keep = (batch["advantages"] != 0).nonzero().flatten()  # zero-advantage samples teach nothing
+        chunks = [c for c in keep.tensor_split(cfg.updates_per_rollout)]
+        steps = batch["train_steps"].tolist()
+        logged: dict[str, float] = {"kept_fraction": keep.numel() / max(1, len(batch["prompts"]))}
+        for chunk in chunks:
+            # Every process runs the same number of backward passes, so DDP's all-reduce always pairs up:
+            # an empty share contributes a zero loss that still has a graph.
+            micro = list(chunk.split(cfg.train_batch_size)) or [chunk]
+            count = len(micro) * len(steps)
+            totals: dict[str, float] = {}
+            for i, index in enumerate(micro):
+                for k, j in enumerate(steps):
+                    last = i == len(micro) - 1 and k == len(steps) - 1
+                    with contextlib.nullcontext() if last else acc.no_sync(self.model.denoiser):
+                        if index.numel() == 0:
+                            loss = sum(p.sum() for p in self.params) * 0.0
+                            parts = {}
+                        else:
+                            loss, parts = self._step_loss(
+                                batch["latents"][index], batch["log_probs"][index], batch["advantages"][index],
+                                [batch["prompts"][n] for n in index.tolist()], batch["sigmas"], j)
+                        acc.backward(loss / count)
+                    for key, value in {"loss": float(loss.detach()), **parts}.items():
+                        totals[key] = totals.get(key, 0.0) + value / count
+            grad_norm = common.clip_and_check_grads(acc, self.params, cfg.optim.max_grad_norm)
+            finite = math.isfinite(grad_norm) and math.isfinite(totals.get("loss", 0.0))
+            if finite:
+                self.optimizer.step()
+                self.scheduler.step()
+                self.bad_steps = 0
+            else:
+                self.bad_steps += 1
+                common.check_bad_steps(self.bad_steps, cfg.max_bad_steps, totals.get("loss"), grad_norm)
+            self.optimizer.zero_grad(set_to_none=True)
+            for key, value in {**totals, "grad_norm": grad_norm, "skipped": 0.0 if finite else 1.0}.items():
+                logged[key] = logged.get(key, 0.0) + value / len(chunks)
+        logged["lr"] = self.scheduler.get_last_lr()[0]
+        return logged
+
+    def evaluate(self) -> dict:
+        cfg = self.config
+        self.model.denoiser.eval()
+        return evaluate_flow(self.accelerator, self.model, self.reward, self.eval_prompts, cfg.sampling,
+                             batch_size=cfg.sample_batch_size, seed=cfg.eval_seed, uncond=self.uncond,
+                             grid_path=self.output_dir / "samples" / f"step-{self.step:06d}.png")
+
+    def train(self) -> dict:
+        cfg = self.config
+        self.setup()
+        if self.step == 0:
+            self.metrics.log(self.evaluate(), step=0)
+        bar = common.progress_bar(self.accelerator, total=cfg.max_steps, initial=self.step,
+                                  enabled=cfg.logging.progress_bar, desc="flow_grpo")
+        last: dict = {}
+        while self.step < cfg.max_steps:
+            start = time.time()
+            batch = self.rollout()
+            stats = self.score(batch)
+            rollout_time = time.time() - start
+            last = {**stats, **self.update(batch)}
+            self.step += 1
+            last.update(step_time=time.time() - start, rollout_time=rollout_time)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                last.update(self.evaluate())
+            if self.step % cfg.logging.log_every == 0:
+                self.metrics.log(last, step=self.step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{last['reward']:.3f}", loss=f"{last.get('loss', 0.0):.4f}")
+            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.max_steps:
+                self.save()
+        bar.close()
+        final = self.evaluate()
+        self.metrics.log(final, step=self.step)
+        common.end_training(self.accelerator)
+        return {**last, **final}
+
+    def save(self) -> None:
+        cfg = self.config
+        common.save_checkpoint(self.accelerator, cfg.output_dir, self.step, trainer="flow_grpo",
+                               save_model=self._save_model, optimizer=self.optimizer, scheduler=self.scheduler,
+                               states=self._states(), generators={"noise": self.noise},
+                               keep_last=cfg.checkpoint.keep_last)
+
+    def _save_model(self, folder) -> None:
+        common.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+
+    def _load_model(self, folder) -> None:
+        common.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

@@ -1,0 +1,126 @@
+"""Flow-GRPO on the tiny SD3 and FLUX models."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffrl.config import from_dict
+from diffrl.errors import ConfigError
+from diffrl.samplers.flow import sde_step
+from diffrl.trainers.flow_grpo import FlowGRPOConfig, FlowGRPOTrainer
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white star"]
+
+
+def make_config(tiny_dir, tmp_path, kind="sd3", **overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    data = {"trainer": "flow_grpo", "model": {"path": str(tiny_dir(kind))}, "output_dir": str(tmp_path / "run"),
+            "max_steps": 2, "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2},
+            "data": {"path": str(prompts), "eval_size": 2}, "reward": {"weights": {"jpeg_compressibility": 1.0}},
+            "sampling": {"height": 32, "width": 32, "num_steps": 4, "eval_num_steps": 2, "guidance_scale": 2.0,
+                         "noise_level": 0.7},
+            "group_size": 2, "prompts_per_step": 2, "sample_batch_size": 4, "train_batch_size": 2,
+            "updates_per_rollout": 1, "clip_range": 0.2, "beta": 0.1,
+            "logging": {"trackers": [], "progress_bar": False}, "checkpoint": {"every": 1}}
+    for key, value in overrides.items():
+        node = data
+        *path, leaf = key.split("__")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(FlowGRPOConfig, data)
+
+
+def test_step_loss_equals_a_plain_recomputation(tiny_dir, tmp_path):
+    trainer = FlowGRPOTrainer(make_config(tiny_dir, tmp_path))
+    trainer.setup()
+    batch = trainer.rollout()
+    model = trainer.model
+    with torch.no_grad():  # move the policy away from the rollout policy and from the base model
+        for name, p in model.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    adv = torch.tensor([1.0, -0.5])
+    index = torch.tensor([0, 1])
+    j = 1
+    loss, parts = trainer._step_loss(batch["latents"][index], batch["log_probs"][index], adv,
+                                     batch["prompts"][:2], batch["sigmas"], j)
+    # by hand: CFG 2 with the unconditional branch, ratio of the recomputed to the stored log-prob, clip 0.2
+    x, x_next, sigmas = batch["latents"][:2, j], batch["latents"][:2, j + 1], batch["sigmas"]
+    cond, uncond = model.encode_prompts(batch["prompts"][:2]), model.encode_prompts([""]).repeat_interleave(2)
+    t = sigmas[j].expand(2)
+    with torch.no_grad():
+        def guided(ctx=None):
+            v_c, v_u = model.velocity(x, t, cond), model.velocity(x, t, uncond)
+            return v_u + 2.0 * (v_c - v_u)
+        v = guided()
+        with model.reference():
+            v_ref = guided()
+    kw = dict(noise_level=0.7, sigma_max=float(sigmas[1]), prev_sample=x_next)
+    _, lp, mean, std = sde_step(x, v, sigmas[j], sigmas[j + 1], **kw)
+    _, _, mean_ref, _ = sde_step(x, v_ref, sigmas[j], sigmas[j + 1], **kw)
+    ratio = torch.exp(lp - batch["log_probs"][:2, j])
+    policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
+    kl = ((mean - mean_ref) ** 2 / (2 * std ** 2)).mean()
+    assert loss.item() == pytest.approx((policy + 0.1 * kl).item(), rel=1e-4)
+    assert parts["kl"] == pytest.approx(kl.item(), rel=1e-4)
+
+
+def test_fresh_policy_has_ratio_one_and_no_kl(tiny_dir, tmp_path):
+    trainer = FlowGRPOTrainer(make_config(tiny_dir, tmp_path))
+    trainer.setup()
+    batch = trainer.rollout()
+    adv = torch.tensor([1.0, -3.0])
+    loss, parts = trainer._step_loss(batch["latents"][:2], batch["log_probs"][:2], adv, batch["prompts"][:2],
+                                     batch["sigmas"], 0)
+    # LoRA B starts at 0: policy = base = rollout policy, so ratio 1, loss = mean(-A) = 1.0, KL = 0
+    assert loss.item() == pytest.approx(1.0, abs=1e-4) and parts["kl"] == pytest.approx(0.0, abs=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, kind):
+    trainer = FlowGRPOTrainer(make_config(tiny_dir, tmp_path, kind))
+    trainer.setup()
+    params = {n: p for n, p in trainer.model.transformer.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for _ in range(2):
+        batch = trainer.rollout()
+        trainer.score(batch)
+        out = trainer.update(batch)
+        trainer.step += 1
+        assert math.isfinite(out["loss"]) and out["skipped"] == 0
+    assert [n for n, p in params.items() if torch.equal(p, before[n])] == []
+
+
+def test_zero_advantage_samples_are_dropped(tiny_dir, tmp_path):
+    trainer = FlowGRPOTrainer(make_config(tiny_dir, tmp_path))
+    trainer.setup()
+    batch = trainer.rollout()
+    trainer.score(batch)
+    batch["advantages"][:2] = 0.0
+    assert trainer.update(batch)["kept_fraction"] == 0.5
+
+
+def test_resume_continues_exactly(tiny_dir, tmp_path):
+    FlowGRPOTrainer(make_config(tiny_dir, tmp_path / "a", max_steps=3)).train()
+    FlowGRPOTrainer(make_config(tiny_dir, tmp_path / "b", max_steps=1)).train()
+    FlowGRPOTrainer(make_config(tiny_dir, tmp_path / "b", max_steps=3, checkpoint__resume="latest")).train()
+
+    def rows(run):
+        lines = (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"], r["reward"]) for r in map(json.loads, lines) if "loss" in r]
+
+    assert rows("a") == rows("b") and len(rows("a")) == 3
+    a = load_file(tmp_path / "a/run/checkpoints/step-000003/model/pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b/run/checkpoints/step-000003/model/pytorch_lora_weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_deterministic_rollouts_are_refused(tiny_dir, tmp_path):
+    with pytest.raises(ConfigError, match="noise_level must be > 0"):
+        make_config(tiny_dir, tmp_path, sampling__noise_level=0.0)
