@@ -183,6 +183,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("no" if value is False else "yes") in choices:
+            value = "no" if value is False else "yes"  # YAML 1.1 reads a bare no / yes as a boolean
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""

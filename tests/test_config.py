@@ -34,6 +34,11 @@ def test_overrides_convert_types_and_create_sections(tmp_path):
     assert cfg.seed == 3 and cfg.optim.betas == [0.8, 0.9] and cfg.model.revision == "main"
 
 
+def test_yaml_no_is_the_string_no_for_choice_fields(tmp_path):
+    path = write(tmp_path, "trainer: dllm_sft\nmodel: {path: x}\nmixed_precision: no\n")
+    assert load_config(path).mixed_precision == "no"
+
+
 def test_overrides_do_not_mutate_input():
     data = {"a": {"b": 1}}
     out = apply_overrides(data, ["a.b=2", "a.c=x"])

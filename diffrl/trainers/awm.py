@@ -222,7 +222,7 @@ class AWMTrainer:
                 v_ref = self.model.velocity(x_t, t, cond)
             kl = velocity_kl(v, v_ref).mean()
             loss = loss + cfg.beta * kl
-            parts["kl"] = float(kl)
+            parts["kl"] = float(kl.detach())
         if cfg.ema_beta > 0:
             lora_utils.set_active_adapter(self.model.transformer, "ema")
             try:
@@ -232,7 +232,7 @@ class AWMTrainer:
                 lora_utils.set_active_adapter(self.model.transformer, "default")
             kl_ema = velocity_kl(v, v_ema).mean()
             loss = loss + cfg.ema_beta * kl_ema
-            parts["kl_ema"] = float(kl_ema)
+            parts["kl_ema"] = float(kl_ema.detach())
         return loss, parts
 
     def update(self, batch: dict) -> dict:

@@ -63,3 +63,50 @@ def test_two_process_ddp_averages_gradients(tiny_dir, tmp_path):
         assert row["avg_err"] < 1e-6          # synced gradient == mean of the two ranks' own gradients
         assert row["own_vs_synced"] > 1e-6    # and the ranks really had different gradients
         assert row["weights_equal"]           # so both ranks hold the same weights after the step
+
+
+AWM_SCRIPT = r'''
+import json, sys, torch
+from diffrl.config import load_config
+from diffrl.trainers.awm import AWMTrainer
+from diffrl.trainers import common
+
+config = load_config("configs/awm/tiny_sd3_jpeg.yaml", [f"model.path={sys.argv[1]}", f"output_dir={sys.argv[2]}/run",
+                     "max_steps=2", "logging.progress_bar=false", "prompts_per_step=3", "group_size=2",
+                     "sample_batch_size=3", "train_batch_size=3", "data.eval_size=0"])
+trainer = AWMTrainer(config)
+trainer.setup()
+acc = trainer.accelerator
+local_prompts = []
+for _ in range(2):
+    batch = trainer.rollout()
+    local_prompts.append(batch["prompts"])
+    trainer.score(batch)
+    trainer.update(batch)
+    trainer.step += 1
+flat = torch.cat([p.detach().flatten() for p in trainer.params])
+gathered = acc.gather(flat[None])
+out = {"world": acc.num_processes, "weights_equal": bool(torch.equal(gathered[0], gathered[1])),
+       "moved": float(flat.abs().sum()), "prompts": local_prompts}
+with open(sys.argv[2] + f"/awm_rank{acc.process_index}.json", "w") as f:
+    json.dump(out, f)
+common.end_training(acc)
+'''
+
+
+@pytest.mark.slow
+def test_two_process_awm_keeps_ranks_identical(tiny_dir, tmp_path):
+    script = tmp_path / "awm_ddp.py"
+    script.write_text(AWM_SCRIPT)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "29519", str(script), str(tiny_dir("sd3")), str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-6000:]
+    rows = [json.loads((tmp_path / f"awm_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(row["world"] == 2 and row["weights_equal"] and row["moved"] > 0 for row in rows)
+    # 3 prompts x 2 samples = 6 per step, 3 per rank: a prompt's group spans both processes
+    for step in range(2):
+        both = rows[0]["prompts"][step] + rows[1]["prompts"][step]
+        assert len(both) == 6 and any(p in rows[1]["prompts"][step] for p in rows[0]["prompts"][step])

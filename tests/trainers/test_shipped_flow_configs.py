@@ -1,0 +1,46 @@
+"""Every published AWM / Flow-GRPO config starts and takes a step on the tiny stand-in of its model:
+only paths, sizes and batch counts are overridden, the algorithm settings are the shipped ones."""
+
+import math
+
+import pytest
+
+from diffrl.config import load_config
+from diffrl.trainers import get_trainer
+from tests.conftest import REPO_ROOT
+
+CONFIGS = sorted(str(p.relative_to(REPO_ROOT)) for folder in ("awm", "flow_grpo")
+                 for p in (REPO_ROOT / "configs" / folder).glob("*.yaml") if not p.name.startswith("tiny"))
+
+
+def family(path: str) -> str:
+    return "flux" if "flux" in path else "wan" if "wan" in path else "sd3"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS)
+def test_published_config_starts_on_tiny_model(path, tiny_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a sign that says "OPEN"\na red cat holding a card that says "HI"\n')
+    kind = family(path)
+    clip = str(tiny_dir("clip"))
+    overrides = [f"model.path={tiny_dir(kind)}", "model.dtype=float32", "mixed_precision=no",
+                 f"output_dir={tmp_path / 'run'}", "max_steps=1", f"data.path={prompts}", "data.eval_path=null",
+                 "data.eval_size=1", "sampling.height=32", "sampling.width=32", "sampling.num_steps=4",
+                 "sampling.eval_num_steps=2", "group_size=2", "prompts_per_step=2", "sample_batch_size=4",
+                 "train_batch_size=2", "logging.trackers=[]", "logging.progress_bar=false", "checkpoint.every=1",
+                 "lora.rank=4", "lora.alpha=8", "sampling.max_sequence_length=null"]
+    if kind == "wan":
+        overrides += ["sampling.num_frames=5", f"reward.kwargs.video.image_kwargs.model={clip}",
+                      f"reward.kwargs.video.image_kwargs.processor={clip}"]
+    else:
+        overrides += [f"reward.kwargs.pickscore.model={clip}", f"reward.kwargs.pickscore.processor={clip}"]
+    config = load_config(REPO_ROOT / path, overrides)
+    if config.trainer == "awm":
+        config.train_timesteps = 2
+    elif config.sampling.sde_window is not None:
+        config.sampling.sde_window = [1, 3]
+    trainer = get_trainer(config.trainer).trainer_class(config)
+    result = trainer.train()
+    assert math.isfinite(result["loss"]) and math.isfinite(result["reward"])
+    assert (tmp_path / "run" / "checkpoints" / "step-000001" / "trainer_state.json").is_file()
