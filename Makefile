@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench lint clean tiny-assets
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,16 +16,20 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# The quickstart's model: built from code (seeded), saved with save_pretrained, opened like a hub id.
-assets/tiny/dllm: | $(STAMP)
-	$(BIN)/python -m diffrl.models.tiny dllm $@
+# Tiny offline models for the quickstart and the tiny configs: built from code (seeded), saved with
+# save_pretrained, opened like a hub id.
+assets/tiny/%: | $(STAMP)
+	$(BIN)/python -m diffrl.models.tiny $* $@
 
-demo: $(STAMP) assets/tiny/dllm
+tiny-assets: assets/tiny/dllm assets/tiny/sd3
+
+demo: $(STAMP) tiny-assets
 	$(BIN)/diffrl train configs/quickstart.yaml
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench/advantages.py
 	$(BIN)/python scripts/bench/rewards.py
+	$(BIN)/python scripts/bench/trainer_overhead.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check diffrl rewards tests scripts

@@ -249,7 +249,7 @@ class AWMTrainer:
                 loss, parts = self._loss(batch["x0"][start:end], batch["advantages"][start:end],
                                          batch["prompts"][start:end], batch["sigmas"])
                 acc.backward(loss / len(starts))
-            for key, value in {"loss": float(loss), **parts}.items():
+            for key, value in {"loss": float(loss.detach()), **parts}.items():
                 totals[key] = totals.get(key, 0.0) + value / len(starts)
         grad_norm = common.clip_and_check_grads(acc, self.params, cfg.optim.max_grad_norm)
         finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
