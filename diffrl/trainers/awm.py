@@ -71,6 +71,8 @@ class AWMConfig(TrainerConfig):
                                                             help="options of the estimator")
     adv_clip_max: float = param(5.0, help="advantages are clipped to +-adv_clip_max ...", gt=0)
     advantage_max: float = param(1.0, help="... then scaled so that |A| <= advantage_max", gt=0)
+    weight_ema_decay: float | None = param(None, help="EMA of the trainable weights for evaluation (AWM: 0.99); "
+                                                      "null disables", gt=0, lt=1)
     eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
     eval_seed: int = param(1234, help="seed of the evaluation noise (the same images every time)", ge=0)
     max_bad_steps: int = param(5, help="stop after this many consecutive steps with a non-finite loss", ge=1)
@@ -124,6 +126,7 @@ class AWMTrainer:
         if cfg.model.gradient_checkpointing:
             self.model.transformer.enable_gradient_checkpointing()
         self.params = common.trainable_parameters(self.model.transformer)
+        self.weight_ema = common.WeightEMA(self.params, decay=cfg.weight_ema_decay) if cfg.weight_ema_decay else None
         optimizer = common.create_optimizer(self.params, cfg.optim)
         scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps)
         self.model.denoiser, self.optimizer, self.scheduler = acc.prepare(self.model.transformer, optimizer,
@@ -148,6 +151,8 @@ class AWMTrainer:
         states = {"prompt_sampler": self.prompt_sampler}
         if hasattr(self.estimator, "state_dict"):
             states["estimator"] = self.estimator
+        if self.weight_ema is not None:
+            states["weight_ema"] = self.weight_ema
         return states
 
     # ------------------------------------------------------------------------------------------------------
@@ -257,6 +262,8 @@ class AWMTrainer:
             self.optimizer.step()
             self.scheduler.step()
             self.bad_steps = 0
+            if self.weight_ema is not None:
+                self.weight_ema.step()
         else:
             self.bad_steps += 1
             common.check_bad_steps(self.bad_steps, cfg.max_bad_steps, totals["loss"], grad_norm)
@@ -279,11 +286,20 @@ class AWMTrainer:
         lora_utils.set_active_adapter(module, "default")
 
     def evaluate(self) -> dict:
+        """Raw weights, and the weight EMA when enabled (as the public code evaluates both)."""
         cfg = self.config
         self.model.denoiser.eval()
-        return evaluate_flow(self.accelerator, self.model, self.reward, self.eval_prompts, cfg.sampling,
-                             batch_size=cfg.sample_batch_size, seed=cfg.eval_seed, uncond=self.uncond,
-                             grid_path=self.output_dir / "samples" / f"step-{self.step:06d}.png")
+
+        def run(suffix: str) -> dict:
+            return evaluate_flow(self.accelerator, self.model, self.reward, self.eval_prompts, cfg.sampling,
+                                 batch_size=cfg.sample_batch_size, seed=cfg.eval_seed, uncond=self.uncond,
+                                 grid_path=self.output_dir / "samples" / f"step-{self.step:06d}{suffix}.png")
+
+        metrics = run("")
+        if self.weight_ema is not None and metrics:
+            with self.weight_ema.applied():
+                metrics["eval/reward_ema"] = run("_ema")["eval/reward"]
+        return metrics
 
     def train(self) -> dict:
         cfg = self.config

@@ -148,3 +148,30 @@ def test_checkpoint_lora_loads_in_diffusers(tiny_dir, tmp_path):
 def test_bad_awm_configs(tiny_dir, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         make_config(tiny_dir, tmp_path, **overrides)
+
+
+def test_weight_ema_warmup_by_hand():
+    from diffrl.trainers.common import WeightEMA
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    ema = WeightEMA([p], decay=0.99)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.step()  # d = min(0.99, 2 / 11): shadow = (1 - 2/11) * 1
+    assert ema.shadow[0][0].item() == pytest.approx(9 / 11)
+    with ema.applied():
+        assert p[0].item() == pytest.approx(9 / 11)
+    assert p[0].item() == 1.0
+
+
+def test_weight_ema_evaluation_and_resume(tiny_dir, tmp_path):
+    AWMTrainer(make_config(tiny_dir, tmp_path / "a", max_steps=2, weight_ema_decay=0.99)).train()
+    AWMTrainer(make_config(tiny_dir, tmp_path / "b", max_steps=1, weight_ema_decay=0.99)).train()
+    resumed = AWMTrainer(make_config(tiny_dir, tmp_path / "b", max_steps=2, weight_ema_decay=0.99,
+                                  checkpoint__resume="latest"))
+    resumed.train()
+    rows = [json.loads(line) for line in (tmp_path / "a/run/metrics.jsonl").read_text().splitlines()]
+    assert "eval/reward_ema" in rows[-1] and (tmp_path / "a/run/samples/step-000002_ema.png").is_file()
+    a = torch.load(tmp_path / "a/run/checkpoints/step-000002/state_weight_ema.pt", weights_only=True)
+    b = torch.load(tmp_path / "b/run/checkpoints/step-000002/state_weight_ema.pt", weights_only=True)
+    assert a["updates"] == b["updates"] == 2 and all(torch.equal(x, y) for x, y in zip(a["shadow"], b["shadow"]))
