@@ -39,3 +39,23 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
     """Run the installed CLI the way a user does, in a subprocess."""
     return subprocess.run([sys.executable, "-m", "diffrl.cli", *args], cwd=cwd or REPO_ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def with_overrides(data: dict, overrides: dict) -> dict:
+    """Set nested keys of a config mapping: ``{"optim__lr": 0.1}`` sets ``data["optim"]["lr"]``."""
+    for key, value in overrides.items():
+        node = data
+        *path, leaf = key.split("__")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return data
+
+
+def accelerate_launch(script, *args, port: int, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``script`` as a real two-process gloo DDP job on CPU (accelerate launch --multi_gpu)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), str(script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})

@@ -25,13 +25,19 @@ import torch
 from diffrl.advantages import clip_advantages, get_estimator
 from diffrl.config import FlowSamplingConfig, PromptDataConfig, RewardConfig, TrainerConfig, param
 from diffrl.curriculum import UniformSampler
-from diffrl.data import load_prompts
 from diffrl.errors import ConfigError
 from diffrl.losses import clipped_surrogate
-from diffrl.models.flow import FlowModel
 from diffrl.samplers.flow import sde_step
 from diffrl.trainers import common, register_trainer
-from diffrl.trainers.rollout import decode_and_score, evaluate_flow, flow_rollout, local_group_slots
+from diffrl.trainers.rollout import (
+    check_group_split,
+    decode_and_score,
+    evaluate_flow,
+    flow_rollout,
+    load_flow_model,
+    local_group_slots,
+    prompt_sets,
+)
 from rewards import load_reward
 
 
@@ -77,24 +83,14 @@ class FlowGRPOTrainer:
         self.accelerator = acc = common.create_accelerator(cfg)
         self.output_dir = common.prepare_output_dir(acc, cfg)
         common.seed_everything(cfg.seed, acc)
-        self.prompts = load_prompts(cfg.data.path, column=cfg.data.column, split=cfg.data.split)
-        eval_prompts = load_prompts(cfg.data.eval_path, column=cfg.data.column) if cfg.data.eval_path \
-            else self.prompts
-        self.eval_prompts = eval_prompts[:cfg.data.eval_size]
-        if (cfg.prompts_per_step * cfg.group_size) % acc.num_processes:
-            raise ConfigError(f"prompts_per_step x group_size = {cfg.prompts_per_step * cfg.group_size} must be "
-                              f"divisible by the {acc.num_processes} processes")
-        self.reward = load_reward(cfg.reward.weights, device=cfg.reward.device or acc.device, kwargs=cfg.reward.kwargs)
-        self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
-        self.model = FlowModel.from_pretrained(
-            cfg.model.path, revision=cfg.model.revision, dtype=common.torch_dtype(cfg.model.dtype),
-            device=acc.device, max_sequence_length=cfg.sampling.max_sequence_length)
-        self.model.latent_shape(cfg.sampling.height, cfg.sampling.width, cfg.sampling.num_frames)
-        common.apply_lora(self.model, cfg.lora)
         if cfg.beta > 0 and not cfg.lora.enabled:
             raise ConfigError("beta > 0 uses the LoRA-disabled model as the reference: enable lora or set beta: 0")
-        if cfg.model.gradient_checkpointing:
-            self.model.transformer.enable_gradient_checkpointing()
+        # Prompts and rewards before the model: a bad file fails in a second, not after minutes of loading.
+        self.prompts, self.eval_prompts = prompt_sets(cfg.data)
+        check_group_split(cfg.prompts_per_step, cfg.group_size, acc.num_processes)
+        self.reward = load_reward(cfg.reward.weights, device=cfg.reward.device or acc.device, kwargs=cfg.reward.kwargs)
+        self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
+        self.model = load_flow_model(cfg, acc.device)
         self.params = common.trainable_parameters(self.model.transformer)
         optimizer = common.create_optimizer(self.params, cfg.optim)
         scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps * cfg.updates_per_rollout)

@@ -5,7 +5,38 @@ from __future__ import annotations
 
 import torch
 
-from diffrl.errors import RewardError
+from diffrl.errors import ConfigError, RewardError
+
+
+def prompt_sets(data) -> tuple[list[str], list[str]]:
+    """Training prompts and the first ``eval_size`` evaluation prompts of a PromptDataConfig."""
+    from diffrl.data import load_prompts
+
+    train = load_prompts(data.path, column=data.column, split=data.split)
+    evaluation = load_prompts(data.eval_path, column=data.column) if data.eval_path else train
+    return train, evaluation[:data.eval_size]
+
+
+def check_group_split(prompts_per_step: int, group_size: int, num_processes: int) -> None:
+    if (prompts_per_step * group_size) % num_processes:
+        raise ConfigError(f"prompts_per_step x group_size = {prompts_per_step * group_size} must be divisible by "
+                          f"the {num_processes} processes")
+
+
+def load_flow_model(config, device):
+    """The config's FlowModel with its LoRA (or full fine-tuning) and gradient checkpointing set up."""
+    from diffrl.models.flow import FlowModel
+    from diffrl.trainers import common
+
+    model = FlowModel.from_pretrained(config.model.path, revision=config.model.revision,
+                                      dtype=common.torch_dtype(config.model.dtype), device=device,
+                                      max_sequence_length=config.sampling.max_sequence_length)
+    s = config.sampling
+    model.latent_shape(s.height, s.width, s.num_frames)  # a bad size fails here, not mid-rollout
+    common.apply_lora(model, config.lora)
+    if config.model.gradient_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    return model
 
 
 def local_group_slots(num_prompts: int, group_size: int, *, rank: int, world_size: int, seed: int,
@@ -14,9 +45,8 @@ def local_group_slots(num_prompts: int, group_size: int, *, rank: int, world_siz
     DistributedKRepeatSampler): a permutation shared by every rank, rank r taking every world_size-th sample.
     Returns the prompt slot (0..num_prompts-1) of each of this rank's samples, so the K samples of one prompt
     may land on different processes."""
+    check_group_split(num_prompts, group_size, world_size)
     total = num_prompts * group_size
-    if total % world_size:
-        raise ValueError(f"prompts_per_step x group_size = {total} must be divisible by the {world_size} processes")
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
     return order[rank::world_size] // group_size
 

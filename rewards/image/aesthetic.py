@@ -3,13 +3,11 @@ ViT-L/14 image embeddings, trained on SAC + LAION-logos + AVA ratings (1-10)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from diffrl.errors import RewardError
 from rewards import RewardOutput, register_reward
+from rewards._files import load_weights
 from rewards.image._clip import ClipEmbedder
 
 DEFAULT_HEAD = "camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth"
@@ -19,29 +17,6 @@ def aesthetic_head(embed_dim: int = 768) -> nn.Sequential:
     """The predictor's layers (dropouts are inactive in eval), keyed like the published state dict."""
     return nn.Sequential(nn.Linear(embed_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
                          nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
-
-
-def load_head_state(spec: str) -> dict[str, torch.Tensor]:
-    """A local .safetensors / .pth file, or ``org/repo/filename`` on the hub. Pickles load weights-only."""
-    path = Path(spec)
-    if not path.is_file():
-        from huggingface_hub import hf_hub_download
-
-        parts = spec.split("/")
-        if len(parts) < 3:
-            raise RewardError(f"aesthetic head {spec!r}: not a file, and not 'org/repo/filename' on the hub")
-        try:
-            path = Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
-        except Exception as e:
-            raise RewardError(f"aesthetic head {spec!r} cannot be downloaded ({type(e).__name__}); give a local "
-                              f"file with head=...") from None
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k.removeprefix("layers."): v for k, v in state.items()}
 
 
 @register_reward("aesthetic", modality="image", source="LAION improved-aesthetic-predictor",
@@ -57,7 +32,7 @@ class Aesthetic:
 
     def _load_head(self) -> nn.Sequential:
         if self.head is None:
-            state = load_head_state(self.head_spec)
+            state = {k.removeprefix("layers."): v for k, v in load_weights(self.head_spec, "aesthetic head").items()}
             head = aesthetic_head(state["0.weight"].shape[1])
             head.load_state_dict(state)
             self.head = head.to(self.clip.device).eval().requires_grad_(False)

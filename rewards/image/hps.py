@@ -7,38 +7,16 @@ The checkpoint is HPS's own file (``xswu/HPSv2/HPS_v2.1_compressed.pt`` on the h
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 from diffrl.errors import RewardError
 from rewards import RewardOutput, register_reward
+from rewards._files import load_weights
 from rewards.image._clip import check_images, clip_preprocess
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def _checkpoint_state(spec: str) -> dict[str, torch.Tensor]:
-    path = Path(spec)
-    if not path.is_file():
-        from huggingface_hub import hf_hub_download
-
-        parts = spec.split("/")
-        if len(parts) < 3:
-            raise RewardError(f"hps checkpoint {spec!r}: not a file, and not 'org/repo/filename' on the hub")
-        try:
-            path = Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
-        except Exception as e:
-            raise RewardError(f"hps checkpoint {spec!r} cannot be downloaded ({type(e).__name__}); give a local "
-                              f"file with checkpoint=...") from None
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state)
 
 
 @register_reward("hps", modality="image", source="xswu/HPSv2 (HPS v2.1)",
@@ -63,7 +41,7 @@ class HPS:
             model = open_clip.CLIP(**self.model_config)
         else:
             model = open_clip.create_model(self.architecture, pretrained=None)
-        missing, unexpected = model.load_state_dict(_checkpoint_state(self.checkpoint), strict=False)
+        missing, unexpected = model.load_state_dict(load_weights(self.checkpoint, "hps checkpoint"), strict=False)
         if missing:
             raise RewardError(f"hps checkpoint {self.checkpoint!r} does not fit {self.architecture} "
                               f"({len(missing)} missing weights such as {missing[0]!r})")

@@ -12,6 +12,7 @@ from diffrl.config import from_dict
 from diffrl.errors import ConfigError
 from diffrl.samplers.flow import stratified_timestep_indices
 from diffrl.trainers.awm import AWMConfig, AWMTrainer
+from tests.conftest import with_overrides
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white star"]
 
@@ -31,13 +32,7 @@ def make_config(tiny_dir, tmp_path, kind="sd3", **overrides):
             "group_size": 2, "prompts_per_step": 2, "sample_batch_size": 4, "train_batch_size": 2,
             "train_timesteps": 2, "time_type": "discrete", "beta": 0.1, "ema_beta": 0.5,
             "logging": {"trackers": [], "progress_bar": False}, "checkpoint": {"every": 1}}
-    for key, value in overrides.items():
-        node = data
-        *path, leaf = key.split("__")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return from_dict(AWMConfig, data)
+    return from_dict(AWMConfig, with_overrides(data, overrides))
 
 
 def test_stratified_timesteps_cover_each_stratum():

@@ -1,11 +1,10 @@
 """A real two-process gloo DDP run on CPU (accelerate launch --multi_gpu with Accelerator(cpu=True))."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+
+from tests.conftest import accelerate_launch
 
 SCRIPT = r'''
 import json, sys, torch
@@ -51,11 +50,7 @@ end_training(acc)
 def test_two_process_ddp_averages_gradients(tiny_dir, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(SCRIPT)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", "29517", str(script), str(tiny_dir("dllm")), str(tmp_path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    result = accelerate_launch(script, tiny_dir("dllm"), tmp_path, port=29517)
     assert result.returncode == 0, result.stderr[-6000:]
     rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for row in rows:
@@ -98,11 +93,7 @@ common.end_training(acc)
 def test_two_process_awm_keeps_ranks_identical(tiny_dir, tmp_path):
     script = tmp_path / "awm_ddp.py"
     script.write_text(AWM_SCRIPT)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", "29519", str(script), str(tiny_dir("sd3")), str(tmp_path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    result = accelerate_launch(script, tiny_dir("sd3"), tmp_path, port=29519)
     assert result.returncode == 0, result.stderr[-6000:]
     rows = [json.loads((tmp_path / f"awm_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(row["world"] == 2 and row["weights_equal"] and row["moved"] > 0 for row in rows)

@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from diffrl.config import from_dict
 from diffrl.trainers.dllm_sft import DllmSFTConfig, DllmSFTTrainer, masked_diffusion_loss
+from tests.conftest import with_overrides
 
 
 def test_masked_diffusion_loss_by_hand():
@@ -29,13 +30,7 @@ def config(tiny_dir, out, **overrides):
             "optim": {"lr": 1e-2}, "data": {"size": 64, "eval_size": 2},
             "generation": {"gen_length": 8, "block_length": 8, "steps": 4},
             "logging": {"trackers": [], "progress_bar": False}, "checkpoint": {"every": 1}}
-    for key, value in overrides.items():
-        node = data
-        *path, leaf = key.split("__")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return from_dict(DllmSFTConfig, data)
+    return from_dict(DllmSFTConfig, with_overrides(data, overrides))
 
 
 def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path):

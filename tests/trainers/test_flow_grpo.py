@@ -11,6 +11,7 @@ from diffrl.config import from_dict
 from diffrl.errors import ConfigError
 from diffrl.samplers.flow import sde_step
 from diffrl.trainers.flow_grpo import FlowGRPOConfig, FlowGRPOTrainer
+from tests.conftest import with_overrides
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white star"]
 
@@ -27,13 +28,7 @@ def make_config(tiny_dir, tmp_path, kind="sd3", **overrides):
             "group_size": 2, "prompts_per_step": 2, "sample_batch_size": 4, "train_batch_size": 2,
             "updates_per_rollout": 1, "clip_range": 0.2, "beta": 0.1,
             "logging": {"trackers": [], "progress_bar": False}, "checkpoint": {"every": 1}}
-    for key, value in overrides.items():
-        node = data
-        *path, leaf = key.split("__")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return from_dict(FlowGRPOConfig, data)
+    return from_dict(FlowGRPOConfig, with_overrides(data, overrides))
 
 
 def test_step_loss_equals_a_plain_recomputation(tiny_dir, tmp_path):
