@@ -128,20 +128,26 @@ def load_prompts(path: str | Path, *, column: str = "prompt", split: str = "trai
 _GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.S)
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (nested braces allowed), or None."""
-    start = text.rfind("\\boxed{")
+def boxed(text: str, which: str = "last") -> str | None:
+    """Content of the last (or ``which="first"``) ``\\boxed{...}``, nested braces allowed; None if absent
+    or unclosed."""
+    start = text.rfind("\\boxed{") if which == "last" else text.find("\\boxed{")
     if start < 0:
         return None
-    depth, i = 0, start + len("\\boxed{")
-    for j in range(i, len(text)):
+    depth, begin = 0, start + len("\\boxed{")
+    for j in range(begin, len(text)):
         if text[j] == "{":
             depth += 1
         elif text[j] == "}":
             if depth == 0:
-                return text[i:j]
+                return text[begin:j]
             depth -= 1
     return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (the MATH convention)."""
+    return boxed(text, "last")
 
 
 def split_trace_answer(solution: str) -> tuple[str, str]:

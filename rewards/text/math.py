@@ -11,25 +11,12 @@ from fractions import Fraction
 
 import torch
 
-from diffrl.data import last_boxed
+from diffrl.data import boxed, last_boxed
 from diffrl.errors import RewardError
 from rewards import RewardOutput, register_reward
 
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*|-?\.\d+")
 _XML_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
-
-
-def first_boxed(text: str) -> str | None:
-    """Content of the first ``\\boxed{...}`` (IGPO's extract_boxed_answer), nested braces allowed."""
-    start = text.find("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 1, start + len("\\boxed{")
-    for i in range(begin, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[begin:i].strip()
-    return None
 
 
 def extract_answer(text: str, style: str = "auto") -> str | None:
@@ -41,7 +28,8 @@ def extract_answer(text: str, style: str = "auto") -> str | None:
     if style == "boxed_last":
         return last_boxed(text)
     if style == "boxed_first":
-        return first_boxed(text)
+        found = boxed(text, "first")  # IGPO's extract_boxed_answer
+        return found.strip() if found is not None else None
     if style == "xml":
         found = _XML_ANSWER.findall(text)
         return found[-1].strip() if found else None
