@@ -124,6 +124,8 @@ class FlowSamplingConfig:
     sde_type: Literal["sde", "cps"] = param("sde", help="Flow-GRPO's SDE step or the coefficients-preserving one")
     sde_window: list[int] | None = param(None, help="[start, end) steps sampled with the SDE (Flow-GRPO-Fast); "
                                                     "null: every step")
+    sde_window_size: int | None = param(None, help="Flow-GRPO-Fast: a window of this many SDE steps placed at "
+                                                   "random inside sde_window (default [0, N/2)) each rollout", ge=1)
     max_sequence_length: int | None = param(None, help="text tokens of the T5 / UMT5 encoder (null: family default)")
 
 

@@ -48,6 +48,7 @@ from diffrl.trainers.rollout import (
     load_flow_model,
     local_group_slots,
     prompt_sets,
+    sde_window,
 )
 from rewards import load_reward
 
@@ -174,7 +175,8 @@ class AWMTrainer:
         self.model.denoiser.eval()
         with self._sampling_policy():
             trajectories = flow_rollout(self.model, prompts, cfg.sampling, batch_size=cfg.sample_batch_size,
-                                        generator=self.noise, uncond=self.uncond)
+                                        generator=self.noise, uncond=self.uncond,
+                                        window=sde_window(cfg.sampling, seed=cfg.seed, step=self.step))
         return {"x0": torch.cat([t.final for t in trajectories]), "prompts": prompts, "group_ids": group_ids,
                 "sigmas": trajectories[0].sigmas}
 

@@ -37,6 +37,7 @@ from diffrl.trainers.rollout import (
     load_flow_model,
     local_group_slots,
     prompt_sets,
+    sde_window,
 )
 from rewards import load_reward
 
@@ -127,11 +128,12 @@ class FlowGRPOTrainer:
         group_ids = prompt_ids[slots]
         prompts = [self.prompts[i] for i in group_ids.tolist()]
         self.model.denoiser.eval()
+        window = sde_window(cfg.sampling, seed=cfg.seed, step=self.step)
         trajectories = flow_rollout(self.model, prompts, cfg.sampling, batch_size=cfg.sample_batch_size,
-                                    generator=self.noise, uncond=self.uncond)
+                                    generator=self.noise, uncond=self.uncond, window=window)
         sde_steps = trajectories[0].sde_steps.nonzero().flatten()
-        trained = sde_steps[:max(1, int(len(sde_steps) * cfg.timestep_fraction))] if cfg.sampling.sde_window is None \
-            else sde_steps
+        # Full Flow-GRPO trains the first timestep_fraction of its SDE steps; Fast trains its whole window.
+        trained = sde_steps if window is not None else sde_steps[:max(1, int(len(sde_steps) * cfg.timestep_fraction))]
         return {"latents": torch.cat([t.latents for t in trajectories]),
                 "log_probs": torch.cat([t.log_probs for t in trajectories]), "prompts": prompts,
                 "group_ids": group_ids, "sigmas": trajectories[0].sigmas, "train_steps": trained}

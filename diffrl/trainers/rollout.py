@@ -77,9 +77,24 @@ def gather_advantages(accelerator, estimator, rewards: torch.Tensor,
 
 
 @torch.no_grad()
+def sde_window(sampling, *, seed: int, step: int) -> tuple[int, int] | None:
+    """The SDE steps of this rollout: ``sampling.sde_window``, or, with ``sde_window_size``, a window of that
+    size placed uniformly inside it (Flow-GRPO-Fast). Drawn from (seed, step): the same on every process."""
+    if sampling.sde_window_size is None:
+        return tuple(sampling.sde_window) if sampling.sde_window else None
+    low, high = sampling.sde_window or (0, sampling.num_steps // 2)
+    if high - low < sampling.sde_window_size:
+        raise ConfigError(f"sampling.sde_window_size {sampling.sde_window_size} does not fit in [{low}, {high})")
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+    start = low + int(torch.randint(high - low - sampling.sde_window_size + 1, (1,), generator=generator))
+    return start, start + sampling.sde_window_size
+
+
+@torch.no_grad()
 def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, generator: torch.Generator,
-                 uncond=None) -> list:
-    """Sample ``prompts`` (one sample each) in batches; returns one :class:`Trajectory` per batch."""
+                 uncond=None, window: tuple[int, int] | None = None) -> list:
+    """Sample ``prompts`` (one sample each) in batches, SDE on ``window`` (None: every step); returns one
+    :class:`Trajectory` per batch."""
     from diffrl.samplers.flow import sample_trajectory
 
     trajectories = []
@@ -88,8 +103,7 @@ def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, genera
         trajectories.append(sample_trajectory(
             model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
             num_frames=sampling.num_frames, noise_level=sampling.noise_level, sde_type=sampling.sde_type,
-            sde_window=tuple(sampling.sde_window) if sampling.sde_window else None,
-            guidance_scale=sampling.guidance_scale, uncond=uncond, generator=generator))
+            sde_window=window, guidance_scale=sampling.guidance_scale, uncond=uncond, generator=generator))
     return trajectories
 
 

@@ -119,3 +119,19 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
 def test_deterministic_rollouts_are_refused(tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match="noise_level must be > 0"):
         make_config(tiny_dir, tmp_path, sampling__noise_level=0.0)
+
+
+def test_fast_window_moves_between_rollouts_and_only_it_is_trained(tiny_dir, tmp_path):
+    config = make_config(tiny_dir, tmp_path, sampling__num_steps=6, sampling__sde_window=[0, 4],
+                         sampling__sde_window_size=2, sampling__sde_type="cps")
+    trainer = FlowGRPOTrainer(config)
+    trainer.setup()
+    windows = set()
+    for step in range(6):
+        trainer.step = step
+        batch = trainer.rollout()
+        steps = batch["train_steps"].tolist()
+        assert len(steps) == 2 and steps[1] == steps[0] + 1 and 0 <= steps[0] and steps[1] < 4
+        assert (batch["log_probs"][:, [i for i in range(6) if i not in steps]] == 0).all()
+        windows.add(steps[0])
+    assert len(windows) > 1

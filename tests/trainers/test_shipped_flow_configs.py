@@ -38,8 +38,8 @@ def test_published_config_starts_on_tiny_model(path, tiny_dir, tmp_path):
     config = load_config(REPO_ROOT / path, overrides)
     if config.trainer == "awm":
         config.train_timesteps = 2
-    elif config.sampling.sde_window is not None:
-        config.sampling.sde_window = [1, 3]
+    elif config.sampling.sde_window_size is not None:
+        config.sampling.sde_window, config.sampling.sde_window_size = [0, 3], 2
     trainer = get_trainer(config.trainer).trainer_class(config)
     result = trainer.train()
     assert math.isfinite(result["loss"]) and math.isfinite(result["reward"])
