@@ -6,11 +6,11 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: test demo bench lint clean tiny-assets
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# constraints.txt pins torch/torchvision to the builds that work on these CPU machines.
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,ocr,clip]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,ocr,clip,video]'
 	touch $(STAMP)
 
 test: $(STAMP)

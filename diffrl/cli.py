@@ -160,7 +160,7 @@ def cmd_score(args) -> int:
     import json
     import warnings
 
-    from diffrl import scoring
+    from diffrl import media, scoring
     from rewards import load_reward
 
     try:
@@ -177,10 +177,10 @@ def cmd_score(args) -> int:
     else:
         video = args.videos is not None
         files = scoring.collect_files(args.videos if video else args.images,
-                                      scoring.VIDEO_SUFFIXES if video else scoring.IMAGE_SUFFIXES,
+                                      media.VIDEO_SUFFIXES if video else media.IMAGE_SUFFIXES,
                                       directories_are_items=video)
         prompts = scoring.match_prompts(files, args.prompts, required=reward.needs_prompts)
-        loader = (lambda p: scoring.load_video(p, args.max_frames)) if video else scoring.load_image
+        loader = (lambda p: media.load_video(p, args.max_frames)) if video else media.load_image
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unreadable files are reported once below, as rows and a count
             rows = scoring.score_files(files, reward, prompts, loader=loader, batch_size=args.batch_size,

@@ -130,6 +130,33 @@ class FlowSamplingConfig:
 
 
 @dataclasses.dataclass
+class PreferenceDataConfig:
+    path: str = param(help="folder with metadata.jsonl, a jsonl / parquet / csv file, or a hub dataset in the "
+                           "Pick-a-Pic v2 layout (caption, jpg_0, jpg_1, label_0)")
+    split: str = param("train", help="dataset split")
+    config_name: str | None = param(None, help="hub dataset configuration")
+    caption_column: str = param("caption", help="caption field of each row")
+    keep_ties: bool = param(False, help="keep Pick-a-Pic ties (label 0.5, jpg_0 as winner); Diffusion-DPO drops them")
+    resolution: int = param(512, help="training size: shorter side resized, then center-cropped square", ge=8)
+    num_frames: int | None = param(None, help="frames per clip for video models (null for images)", ge=1)
+    frame_stride: int = param(1, help="take every N-th frame of a clip", ge=1)
+    random_flip: bool = param(False, help="flip training samples horizontally with probability 0.5")
+    proportion_empty_prompts: float = param(0.0, help="fraction of captions replaced by '' (Diffusion-DPO: 0.2 "
+                                                      "for SDXL)", ge=0, le=1)
+    eval_path: str | None = param(None, help="evaluation prompts (default: the first eval_size captions)")
+    eval_size: int = param(16, help="number of evaluation prompts", ge=0)
+
+
+@dataclasses.dataclass
+class GenerationConfig:
+    num_steps: int = param(50, help="sampler steps for generated training samples (SePPO's reference samples)",
+                           ge=1)
+    eval_num_steps: int = param(50, help="sampler steps for evaluation samples", ge=1)
+    guidance_scale: float = param(7.5, help="classifier-free guidance scale (FLUX: its guidance embedding)", ge=0)
+    max_sequence_length: int | None = param(None, help="text tokens of the T5 / UMT5 encoder (null: family default)")
+
+
+@dataclasses.dataclass
 class TrainerConfig:
     """Fields every trainer config has. Trainer configs add their algorithm's fields and sections."""
 

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from diffrl.errors import DataError
 
 _LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
@@ -214,3 +216,178 @@ def load_tasks(path: str, *, size: int, seed: int, split: str = "train", config_
         return GENERATORS[name](size, seed=seed)
     return load_reasoning(path, split=split, config_name=config_name, question_field=question_field,
                           answer_field=answer_field)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preference data (SePPO, Diffusion-DPO)
+# ----------------------------------------------------------------------------------------------------------
+
+_WINNER_COLUMNS = ("winner", "chosen", "image", "video", "jpg_w")
+_LOSER_COLUMNS = ("loser", "rejected", "jpg_l")
+_METADATA_FILES = ("metadata.jsonl", "metadata.parquet", "metadata.csv")
+
+
+class PreferenceData:
+    """Rows of a caption, a preferred (winning) sample and, for pairwise methods, a losing one.
+
+    Two layouts are read:
+
+    - Pick-a-Pic v2: ``caption``, ``jpg_0``, ``jpg_1``, ``label_0`` (1: jpg_0 preferred, 0: jpg_1, 0.5: tie).
+      Ties are dropped unless ``keep_ties`` (then jpg_0 counts as the winner, as the diffusers example does).
+    - named columns: ``caption`` and ``winner`` (or chosen / image / video), optionally ``loser`` (or rejected).
+
+    from a folder holding ``metadata.jsonl`` / ``.parquet`` / ``.csv`` (sample paths relative to the folder;
+    a sample is an image, a video file or a folder of frames), a table file, or a hub dataset id. Samples are
+    decoded lazily, one batch at a time: Pick-a-Pic v2 does not fit in memory. A row whose sample cannot be
+    decoded is reported once and replaced by the next readable row (:meth:`batch`).
+    """
+
+    def __init__(self, rows, *, source: str, root: Path | None, caption_column: str, winner_column: str,
+                 loser_column: str | None, order: list[int], swap: list[bool]):
+        self.rows = rows
+        self.source = source
+        self.root = root
+        self.caption_column = caption_column
+        self.winner_column = winner_column
+        self.loser_column = loser_column
+        self.order = order            # dataset row of each item
+        self.swap = swap              # Pick-a-Pic: the winner is jpg_1
+        self.bad: set[int] = set()
+
+    @classmethod
+    def load(cls, path: str | Path, *, split: str = "train", config_name: str | None = None,
+             caption_column: str = "caption", need_loser: bool = False, keep_ties: bool = False) -> PreferenceData:
+        rows, root, source = _open_table(path, split, config_name)
+        columns = _column_names(rows)
+        if caption_column not in columns:
+            raise DataError(f"{source}: no {caption_column!r} column (columns: {', '.join(sorted(columns))}); set "
+                            f"data.caption_column")
+        if {"jpg_0", "jpg_1", "label_0"} <= set(columns):  # Pick-a-Pic
+            labels = [float(v) for v in _column_values(rows, "label_0")]
+            order = [i for i, v in enumerate(labels) if keep_ties or v != 0.5]
+            swap = [labels[i] < 0.5 for i in order]
+            data = cls(rows, source=source, root=root, caption_column=caption_column, winner_column="jpg_0",
+                       loser_column="jpg_1", order=order, swap=swap)
+        else:
+            winner = next((c for c in _WINNER_COLUMNS if c in columns), None)
+            loser = next((c for c in _LOSER_COLUMNS if c in columns), None)
+            if winner is None:
+                raise DataError(f"{source}: no winning-sample column ({', '.join(_WINNER_COLUMNS)}, or Pick-a-Pic's "
+                                f"jpg_0 / jpg_1 / label_0); columns: {', '.join(sorted(columns))}")
+            n = len(rows)
+            data = cls(rows, source=source, root=root, caption_column=caption_column, winner_column=winner,
+                       loser_column=loser, order=list(range(n)), swap=[False] * n)
+        if need_loser and data.loser_column is None:
+            raise DataError(f"{source}: pairwise training needs a losing sample per row (a 'loser' / 'rejected' "
+                            f"column, or Pick-a-Pic's jpg_0 / jpg_1 / label_0)")
+        if not data.order:
+            raise DataError(f"{source}: no usable rows (every row is a tie or the table is empty)")
+        return data
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def caption(self, item: int) -> str:
+        return str(self.rows[self.order[item]][self.caption_column])
+
+    def _sample(self, row: dict, column: str, item: int, size: int, num_frames: int | None,
+                frame_stride: int) -> torch.Tensor:
+        from diffrl.media import decode_visual, resize_center_crop
+
+        name = f"{self.source} row {self.order[item]} ({column})"
+        needed = None if num_frames is None else (num_frames - 1) * frame_stride + 1
+        sample = decode_visual(row[column], root=self.root, name=name, max_frames=needed)
+        if num_frames is None:
+            if sample.ndim != 3:
+                raise DataError(f"{name}: expected an image, found a video; use a video model or image data")
+        else:
+            if sample.ndim == 3:
+                raise DataError(f"{name}: expected a video (a video file or a folder of frames), found an image")
+            if sample.shape[0] < needed:
+                raise DataError(f"{name}: has {sample.shape[0]} frames, needs {needed} "
+                                f"(num_frames {num_frames} x stride {frame_stride})")
+            sample = sample[:needed:frame_stride]
+        return resize_center_crop(sample, size)
+
+    def get(self, item: int, *, size: int, num_frames: int | None = None, frame_stride: int = 1,
+            with_loser: bool = False):
+        """``(caption, winner, loser or None)``; samples ``[3, S, S]`` or ``[T, 3, S, S]`` in [0, 1]."""
+        row = self.rows[self.order[item]]
+        first, second = self.winner_column, self.loser_column
+        if self.swap[item]:
+            first, second = second, first
+        winner = self._sample(row, first, item, size, num_frames, frame_stride)
+        loser = self._sample(row, second, item, size, num_frames, frame_stride) if with_loser else None
+        caption = str(row[self.caption_column] or "")
+        return caption, winner, loser
+
+    def batch(self, items: list[int], *, size: int, num_frames: int | None = None, frame_stride: int = 1,
+              with_loser: bool = False):
+        """Captions and stacked samples for ``items``; an unreadable row is reported (once) and replaced by the
+        next readable one, so a few corrupt files never stop a run. Returns ``(captions, winners, losers)``."""
+        import warnings
+
+        captions, winners, losers = [], [], []
+        for item in items:
+            for _ in range(len(self)):
+                if item not in self.bad:
+                    try:
+                        caption, winner, loser = self.get(item, size=size, num_frames=num_frames,
+                                                          frame_stride=frame_stride, with_loser=with_loser)
+                        break
+                    except DataError as e:
+                        self.bad.add(item)
+                        warnings.warn(f"{e}; row skipped", stacklevel=2)
+                item = (item + 1) % len(self)
+            else:
+                raise DataError(f"{self.source}: no row could be decoded; check the image files")
+            captions.append(caption)
+            winners.append(winner)
+            losers.append(loser)
+        return captions, torch.stack(winners), torch.stack(losers) if with_loser else None
+
+
+def _open_table(path: str | Path, split: str, config_name: str | None):
+    """``(rows, root, name)``: rows support ``len`` and ``rows[i] -> dict``; root resolves relative paths."""
+    path_str = str(path)
+    local = Path(path_str)
+    if local.is_dir():
+        for name in _METADATA_FILES:
+            if (local / name).is_file():
+                rows, _, _ = _open_table(local / name, split, config_name)
+                return rows, local, str(local / name)
+        raise DataError(f"{local}: a preference folder needs a {' / '.join(_METADATA_FILES)} listing caption and "
+                        f"sample paths (see the README)")
+    if _is_local(path_str):
+        if local.suffix.lower() in (".parquet", ".csv"):
+            if not local.is_file():
+                raise DataError(f"{local}: file not found; check the data path")
+            return _lazy_dataset(local.suffix[1:], None, "train", data_files=str(local)), local.parent, path_str
+        return read_records(local), local.parent, path_str
+    return _lazy_dataset(path_str, config_name, split), None, path_str
+
+
+def _lazy_dataset(name: str, config_name: str | None, split: str, **kwargs):
+    """A memory-mapped ``datasets.Dataset`` whose image columns stay encoded (decoded per row on demand)."""
+    import datasets
+
+    try:
+        table = datasets.load_dataset(name, config_name, split=split, **kwargs)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{kwargs.get('data_files', name)}: cannot load this dataset (split {split!r}): {first}. "
+                        f"Use a local folder or file, or a reachable hub dataset id") from None
+    for column, feature in table.features.items():
+        if isinstance(feature, datasets.Image):
+            table = table.cast_column(column, datasets.Image(decode=False))
+    if len(table) == 0:
+        raise DataError(f"{kwargs.get('data_files', name)}: no rows; the dataset is empty")
+    return table
+
+
+def _column_names(rows) -> list[str]:
+    return list(rows.column_names) if hasattr(rows, "column_names") else list(rows[0].keys())
+
+
+def _column_values(rows, column: str) -> list:
+    return list(rows[column]) if hasattr(rows, "column_names") else [r.get(column) for r in rows]

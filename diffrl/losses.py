@@ -193,6 +193,59 @@ def velocity_kl(velocity: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
     return ((velocity.float() - reference.float()) ** 2).mean(dim=tuple(range(1, velocity.ndim)))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Preference losses on denoising errors (Diffusion-DPO, SePPO)
+# ----------------------------------------------------------------------------------------------------------
+
+DPO_LOSS_TYPES = ("sigmoid", "hinge")
+AAF_MODES = ("flip", "indicator", "none")
+
+
+def diffusion_dpo_loss(model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, *,
+                       beta: float, loss_type: str = "sigmoid",
+                       sign: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Diffusion-DPO (Wallace et al., arXiv 2311.12908) on per-sample denoising errors ``[B]``, and SePPO's
+    form of it (arXiv 2410.05255, papers/seppo.md A5) through ``sign``.
+
+    With ``Delta(x) = e_theta(x) - e_ref(x)`` (each error an MSE over every non-batch axis, one shared
+    (noise, t) per pair)::
+
+        inside = -0.5 * beta * (Delta(x_w) - sign * Delta(x_l))
+        sigmoid: loss = -log sigmoid(inside)         hinge (SLiC): loss = relu(1 - inside)
+
+    ``sign`` = 1 (the default) is plain Diffusion-DPO; SePPO passes +1 where its reference sample is a loser,
+    -1 where it counts as a winner and 0 where it is dropped (:func:`seppo_sign`). ``-0.5 * beta`` with
+    beta = 5000 is the original code's scaling (the T * w(lambda_t) factor of the paper folded into beta);
+    the diffusers SD1.5 example writes the same coefficient as beta_dpo = 2500 without the 0.5.
+    Returns the per-sample loss ``[B]`` and stats: ``implicit_acc`` (inside > 0) and ``inside``.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {loss_type!r}")
+    sign = torch.ones_like(model_l) if sign is None else sign.to(model_l)
+    bracket = (model_w - ref_w) - sign * (model_l - ref_l)
+    inside = -0.5 * beta * bracket.float()
+    loss = -torch.nn.functional.logsigmoid(inside) if loss_type == "sigmoid" else torch.relu(1 - inside)
+    return loss, {"implicit_acc": (inside > 0).float(), "inside": inside.detach()}
+
+
+def seppo_sign(policy_error_w: torch.Tensor, ref_error_w: torch.Tensor, mode: str = "flip") -> torch.Tensor:
+    """SePPO's Anchor-based Adaptive Flipper (papers/seppo.md A4; a reconstruction [R]): per sample, whether
+    the reference model's own sample x_ref is treated as a loser (+1) or not, judged on the winner (anchor).
+
+    If the policy fits the anchor better than the reference, ``e_theta(x_w) < e_ref(x_w)``, the policy is the
+    better model, so x_ref is a loser: +1. Otherwise (ties included) ``flip`` makes x_ref a winner (-1, both
+    errors pushed down, SFT-like), ``indicator`` drops its term (0; the paper's 1(x > 0) ablation), and
+    ``none`` always uses +1 (SePPO without AAF).
+    """
+    if mode not in AAF_MODES:
+        raise ValueError(f"aaf must be one of {', '.join(AAF_MODES)}, got {mode!r}")
+    better = policy_error_w.detach() < ref_error_w.detach()
+    if mode == "none":
+        return torch.ones_like(policy_error_w)
+    otherwise = -1.0 if mode == "flip" else 0.0
+    return torch.where(better, 1.0, otherwise).to(policy_error_w)
+
+
 def describe_losses() -> list[tuple[str, str, str]]:
     rows = [(mode, text, "") for mode, text in LOSS_MODES.items()]
     rows += [("clipped_surrogate", "PPO clip with clip-low/clip-high (DAPO) and dual-clip",
@@ -202,5 +255,9 @@ def describe_losses() -> list[tuple[str, str, str]]:
              ("drpo_loss", "DRPO: length-weighted positives, log-sum-exp negatives",
               "https://arxiv.org/abs/2510.04474"),
              ("flow_matching_log_prob", "AWM: weighted flow-matching error (uniform, t, t2, huber, ghuber)",
-              "https://arxiv.org/abs/2509.25050")]
+              "https://arxiv.org/abs/2509.25050"),
+             ("diffusion_dpo_loss", "Diffusion-DPO on denoising errors (sigmoid, hinge); SePPO's signed form",
+              "https://arxiv.org/abs/2311.12908"),
+             ("seppo_sign", "SePPO's anchor-based adaptive flipper (flip, indicator, none)",
+              "https://arxiv.org/abs/2410.05255")]
     return rows

@@ -21,9 +21,6 @@ import torch
 from diffrl.data import load_prompts, read_records
 from diffrl.errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".gif")
-
 
 def collect_files(specs: list[str], suffixes: tuple[str, ...], *, directories_are_items: bool = False) -> list[Path]:
     """Files (or, for frame-folder videos, sub-folders) named by folders, globs or paths, sorted, unique."""
@@ -76,45 +73,6 @@ def match_prompts(files: list[Path], prompts: str | None, *, required: bool) -> 
         raise DataError(f"{prompts} has no prompt for {missing[0]}" + (f" and {len(missing) - 1} more files"
                                                                       if len(missing) > 1 else ""))
     return [by_name[f.name] for f in files]
-
-
-def load_image(path: Path) -> torch.Tensor:
-    """``[3, H, W]`` float in [0, 1]; raises DataError naming the file when it cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            array = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
-            width, height = image.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{path}: cannot read the image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
-            from None
-    return array.view(height, width, 3).permute(2, 0, 1).float() / 255
-
-
-def load_video(path: Path, max_frames: int | None = None) -> torch.Tensor:
-    """``[T, 3, H, W]`` in [0, 1] from a folder of frames or a video file (needs ``av``)."""
-    if path.is_dir():
-        frames = [p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-        if not frames:
-            raise DataError(f"{path}: the frame folder holds no images")
-        return torch.stack([load_image(p) for p in frames[:max_frames]])
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the video file is empty (0 bytes)")
-    try:
-        import av
-    except ImportError:
-        raise DataError(f"{path}: reading video files needs PyAV: pip install 'diffrl[video]' (or pass folders of "
-                        f"frames)") from None
-    try:
-        with av.open(str(path)) as container:
-            frames = [torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
-    except (av.error.FFmpegError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode the video ({type(e).__name__})") from None
-    if not frames:
-        raise DataError(f"{path}: the video has no frames")
-    return torch.stack(frames[:max_frames]).permute(0, 3, 1, 2).float() / 255
 
 
 def _batches(items: list, size: int) -> Iterator[list]:

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from diffrl.errors import DataError
-from diffrl.scoring import collect_files, load_image, match_prompts
+from diffrl.media import load_image
+from diffrl.scoring import collect_files, match_prompts
 from tests.conftest import run_cli
 
 

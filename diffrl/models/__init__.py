@@ -1,4 +1,5 @@
-"""Model adapters: FlowModel (SD3, FLUX, Wan), EpsilonModel (SD1.5, SDXL), MaskedDiffusionLM (LLaDA, Dream...)."""
+"""Model adapters: FlowModel (SD3, FLUX, Wan), EpsilonModel (SD1.5, SDXL, AnimateDiff), MaskedDiffusionLM
+(LLaDA, Dream...). ``load_diffusion_model`` opens either image/video kind from its ``model_index.json``."""
 
 from __future__ import annotations
 
@@ -32,3 +33,37 @@ def loading_errors(path: str | Path):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ConfigError(f"model.path {path}: cannot load the model ({first}); check the hub id or folder, "
                           f"and that the machine can reach the hub or the files are cached") from None
+
+
+def pipeline_class_name(path: str | Path, revision: str | None = None) -> str:
+    """``_class_name`` of a diffusers pipeline folder or hub id (its ``model_index.json``)."""
+    import json
+
+    with loading_errors(path):
+        local = Path(path)
+        if local.is_dir():
+            index = local / "model_index.json"
+            if not index.is_file():
+                raise ConfigError(f"model.path {path}: no model_index.json; point it at a diffusers pipeline folder")
+            return json.loads(index.read_text())["_class_name"]
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.load_config(str(path), revision=revision)["_class_name"]
+
+
+def load_diffusion_model(path: str | Path, *, revision: str | None = None, dtype=None, device="cpu",
+                         max_sequence_length: int | None = None):
+    """A :class:`FlowModel` (SD3, FLUX, Wan) or an :class:`EpsilonModel` (SD1.5, SDXL, AnimateDiff)."""
+    import torch
+
+    from diffrl.models import flow, unet
+
+    dtype = dtype or torch.float32
+    name = pipeline_class_name(path, revision)
+    if name in flow._PIPELINE_FAMILY:
+        return flow.FlowModel.from_pretrained(path, revision=revision, dtype=dtype, device=device,
+                                              max_sequence_length=max_sequence_length)
+    if name in unet._PIPELINE_FAMILY:
+        return unet.EpsilonModel.from_pretrained(path, revision=revision, dtype=dtype, device=device)
+    known = ", ".join([*flow._PIPELINE_FAMILY, *unet._PIPELINE_FAMILY])
+    raise ConfigError(f"model.path {path}: {name} is not a pipeline diffrl trains ({known})")

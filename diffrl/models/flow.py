@@ -12,7 +12,6 @@ losses never see a family's layout.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from diffrl.errors import ConfigError
-from diffrl.models import loading_errors
+from diffrl.models import loading_errors, pipeline_class_name
 from diffrl.models import lora as lora_utils
 
 _PIPELINE_FAMILY = {
@@ -88,16 +87,7 @@ class PromptCache:
 
 def detect_family(path: str | Path, revision: str | None = None) -> str:
     """The family of a pipeline folder or hub id, read from its ``model_index.json``."""
-    local = Path(path)
-    if local.is_dir():
-        index = local / "model_index.json"
-        if not index.is_file():
-            raise ConfigError(f"model.path {path}: no model_index.json; point it at a diffusers pipeline folder")
-        class_name = json.loads(index.read_text())["_class_name"]
-    else:
-        from diffusers import DiffusionPipeline
-
-        class_name = DiffusionPipeline.load_config(str(path), revision=revision)["_class_name"]
+    class_name = pipeline_class_name(path, revision)
     if class_name not in _PIPELINE_FAMILY:
         raise ConfigError(f"model.path {path}: {class_name} is not a flow-matching pipeline diffrl knows "
                           f"({', '.join(_PIPELINE_FAMILY)})")
@@ -288,6 +278,40 @@ class FlowModel:
             v_cond, v_uncond = both.chunk(2)
             return v_uncond + guidance_scale * (v_cond - v_uncond)
         return self._forward(latents, t, cond, guidance_scale).float()
+
+    @torch.no_grad()
+    def sample(self, cond: Cond, *, num_steps: int, height: int, width: int, num_frames: int = 1,
+               guidance_scale: float = 1.0, uncond: Cond | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Euler ODE sampling to clean latents (the same call as :meth:`EpsilonModel.sample`)."""
+        from diffrl.samplers.flow import sample_ode
+
+        return sample_ode(self, cond, num_steps=num_steps, height=height, width=width, num_frames=num_frames,
+                          guidance_scale=guidance_scale, uncond=uncond, generator=generator)
+
+    # ------------------------------------------------------------------------------------------------------
+    # The training objective (shared shape with EpsilonModel: preference trainers call these two)
+    # ------------------------------------------------------------------------------------------------------
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training sigmas [n]: u ~ U(0, 1) through the scheduler's static shift ``s u / (1 + (s - 1) u)``
+        (SD3 / Wan: s = 3; FLUX shifts by resolution only at inference, so its training sigmas are u), the
+        distribution of the scheduler's training timesteps that diffusers' fine-tuning scripts draw from."""
+        u = torch.rand(n, generator=generator)
+        config = self.pipeline.scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            shift = config.get("shift", 1.0)
+            u = shift * u / (1 + (shift - 1) * u)
+        return u.clamp(1e-3, 1.0).to(self.device)
+
+    def denoising_error(self, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+                        cond: Cond) -> torch.Tensor:
+        """Per-sample flow-matching error ``|| (eps - x0) - v_theta(x_t, t, c) ||^2`` with
+        ``x_t = (1 - t) x0 + t eps``, averaged over every non-batch axis (fp32 [B])."""
+        t = sigmas.view(-1, *([1] * (x0.ndim - 1))).to(x0.device)
+        x_t = (1 - t) * x0 + t * noise
+        v = self.velocity(x_t, sigmas, cond)
+        return (v - (noise - x0).float()).pow(2).mean(dim=tuple(range(1, v.ndim)))
 
     # ------------------------------------------------------------------------------------------------------
     # Pixels <-> latents

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("sd3", "flux", "wan", "sd15", "dllm", "clip")
+TINY_KINDS = ("sd3", "flux", "wan", "sd15", "animatediff", "dllm", "clip")
 
 # The shared character-level vocabulary of the tiny text encoders: every prompt tokenizes to characters.
 _T5_CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,:;!?'\"-+*/=()<>#%$&@_"
@@ -148,23 +148,46 @@ def build_wan(seed: int = 0):
                        vae=vae, scheduler=scheduler)
 
 
+def _tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32,
+                                attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def _ddim_scheduler(beta_schedule: str):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule=beta_schedule, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
 def build_sd15(seed: int = 0):
     """A StableDiffusionPipeline (SD1.5 layout): epsilon-prediction UNet, one CLIP encoder, DDPM-style schedule."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32,
-                                attention_head_dim=4,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    vae = _tiny_vae(latent_channels=4, downsample=2)
-    return StableDiffusionPipeline(unet=unet, scheduler=scheduler, vae=vae,
+    return StableDiffusionPipeline(unet=_tiny_unet(), scheduler=_ddim_scheduler("scaled_linear"),
+                                   vae=_tiny_vae(latent_channels=4, downsample=2),
                                    text_encoder=CLIPTextModel(_clip_text_config()), tokenizer=tiny_clip_tokenizer(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def build_animatediff(seed: int = 0):
+    """An AnimateDiffPipeline: the tiny SD1.5 UNet plus a motion adapter (temporal attention per block),
+    merged by diffusers into a UNetMotionModel; AnimateDiff's linear-beta DDIM schedule."""
+    from diffusers import AnimateDiffPipeline, MotionAdapter
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    adapter = MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1, motion_norm_num_groups=8,
+                            motion_num_attention_heads=2, motion_max_seq_length=16, use_motion_mid_block=False)
+    return AnimateDiffPipeline(unet=_tiny_unet(), motion_adapter=adapter, scheduler=_ddim_scheduler("linear"),
+                               vae=_tiny_vae(latent_channels=4, downsample=2),
+                               text_encoder=CLIPTextModel(_clip_text_config()), tokenizer=tiny_clip_tokenizer())
 
 
 # Characters of the tiny masked LM: enough for arithmetic, countdown and sudoku traces and short prompts.
@@ -226,6 +249,7 @@ def build_clip(seed: int = 0, image_size: int = 32):
 
 
 _BUILDERS = {"sd3": build_sd3, "flux": build_flux, "wan": build_wan, "sd15": build_sd15,
+             "animatediff": build_animatediff,
              "dllm": build_dllm, "clip": build_clip}
 
 

@@ -1,25 +1,29 @@
-"""EpsilonModel: epsilon-prediction UNets (SD1.5, SDXL) behind the same shape of interface as FlowModel.
+"""EpsilonModel: epsilon-prediction UNets (SD1.5, SDXL, AnimateDiff) behind the same interface as FlowModel.
 
     cond = model.encode_prompts(["a cat"])
     eps = model.predict_noise(x_t, timesteps, cond)          # timesteps: [B] integers in [0, 1000)
     x_t = model.add_noise(x0, noise, timesteps)              # sqrt(a_t) x0 + sqrt(1 - a_t) eps
-    images = model.decode(latents)                           # [B, 3, H, W] in [0, 1]
+    images = model.decode(latents)                           # [B, 3, H, W] (AnimateDiff: [B, T, 3, H, W]) in [0, 1]
+    error = model.denoising_error(x0, noise, t, cond)        # [B] per-sample MSE of the training objective
+
+AnimateDiff is diffusers' ``AnimateDiffPipeline``: an SD1.5 UNet with a motion adapter, merged into one
+``UNetMotionModel`` that takes ``[B, C, F, h, w]`` latents; the prompt embedding is repeated per frame.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
 
 from diffrl.errors import ConfigError
-from diffrl.models import loading_errors
+from diffrl.models import loading_errors, pipeline_class_name
 from diffrl.models import lora as lora_utils
 from diffrl.models.flow import Cond, PromptCache
 
-_PIPELINE_FAMILY = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
+_PIPELINE_FAMILY = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
+                    "AnimateDiffPipeline": "animatediff"}
 
 
 class EpsilonModel:
@@ -51,14 +55,10 @@ class EpsilonModel:
 
         diffusers_logging.disable_progress_bar()
         with loading_errors(path):
-            local = Path(path)
-            if local.is_dir() and not (local / "model_index.json").is_file():
-                raise ConfigError(f"model.path {path}: no model_index.json; point it at a diffusers pipeline folder")
-            config = json.loads((local / "model_index.json").read_text()) if local.is_dir() else \
-                DiffusionPipeline.load_config(str(path), revision=revision)
-            family = _PIPELINE_FAMILY.get(config["_class_name"])
+            class_name = pipeline_class_name(path, revision)
+            family = _PIPELINE_FAMILY.get(class_name)
             if family is None:
-                raise ConfigError(f"model.path {path}: {config['_class_name']} is not an epsilon-prediction "
+                raise ConfigError(f"model.path {path}: {class_name} is not an epsilon-prediction "
                                   f"pipeline diffrl knows ({', '.join(_PIPELINE_FAMILY)})")
             kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
             pipeline = DiffusionPipeline.from_pretrained(str(path), revision=revision, dtype=dtype, **kwargs)
@@ -69,15 +69,22 @@ class EpsilonModel:
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+    @property
+    def is_video(self) -> bool:
+        return self.family == "animatediff"
+
+    def latent_shape(self, height: int, width: int, num_frames: int = 1) -> tuple[int, ...]:
+        """Per-sample latent shape ``(C, h, w)``, or ``(C, F, h, w)`` for AnimateDiff."""
         f = self.pipeline.vae_scale_factor
         if height % f or width % f:
             raise ConfigError(f"height and width must be multiples of {f}, got {height}x{width}")
+        if self.is_video:
+            return (self.unet.config.in_channels, num_frames, height // f, width // f)
         return (self.unet.config.in_channels, height // f, width // f)
 
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> Cond:
-        if self.family == "sd15":
+        if self.family in ("sd15", "animatediff"):
             embeds, _ = self.pipeline.encode_prompt(prompts, self.device, 1, False)
             return Cond(embeds)
         embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=self.device,
@@ -106,6 +113,29 @@ class EpsilonModel:
             return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         return self._forward(latents, timesteps, cond)
 
+    # ------------------------------------------------------------------------------------------------------
+    # The training objective (shared shape with FlowModel: preference trainers call these two)
+    # ------------------------------------------------------------------------------------------------------
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training timesteps t ~ U{0, ..., T-1} (DDPM / Diffusion-DPO), as a long tensor [n]."""
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(self.device)
+
+    def denoising_error(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                        cond: Cond) -> torch.Tensor:
+        """Per-sample ``|| target - model(x_t, t, c) ||^2`` averaged over every non-batch axis (fp32 [B]).
+
+        The target is ``noise`` for epsilon-prediction and ``sqrt(a) eps - sqrt(1 - a) x0`` for
+        v-prediction models (the scheduler's ``prediction_type``).
+        """
+        x_t = self.add_noise(x0, noise, timesteps)
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(x0, noise, timesteps)
+        else:
+            target = noise
+        pred = self._forward(x_t, timesteps, cond)
+        return (pred - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+
     def _forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = self.unet.dtype
         kwargs = {}
@@ -114,15 +144,19 @@ class EpsilonModel:
             h, w = latents.shape[-2] * factor, latents.shape[-1] * factor
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=dtype).expand(latents.shape[0], -1)
             kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(self.device, dtype), "time_ids": time_ids}
-        out = self.denoiser(latents.to(dtype), timesteps.to(self.device), encoder_hidden_states=cond.embeds.to(
-            self.device, dtype), return_dict=False, **kwargs)[0]
+        embeds = cond.embeds.to(self.device, dtype)
+        if self.is_video:  # UNetMotionModel folds frames into the batch; the text is the same for every frame
+            embeds = embeds.repeat_interleave(latents.shape[2], 0)
+        out = self.denoiser(latents.to(dtype), timesteps.to(self.device), encoder_hidden_states=embeds,
+                            return_dict=False, **kwargs)[0]
         return out.float()
 
     @torch.no_grad()
-    def sample(self, cond: Cond, *, num_steps: int, height: int, width: int, guidance_scale: float = 1.0,
-               uncond: Cond | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDIM (eta = 0) sampling with the pipeline's scheduler; returns clean latents."""
-        shape = self.latent_shape(height, width)
+    def sample(self, cond: Cond, *, num_steps: int, height: int, width: int, num_frames: int = 1,
+               guidance_scale: float = 1.0, uncond: Cond | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sampling with the pipeline's scheduler (DDIM, eta = 0, for the published set-ups); clean latents."""
+        shape = self.latent_shape(height, width, num_frames)
         latents = torch.randn((len(cond), *shape), generator=generator).to(self.device)
         latents = latents * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_steps, device=self.device)
@@ -134,11 +168,21 @@ class EpsilonModel:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> samples in [0, 1]: ``[B, 3, H, W]``, or ``[B, T, 3, H, W]`` for AnimateDiff (fp32)."""
+        if latents.ndim == 5:
+            b, c, f, h, w = latents.shape
+            frames = self.decode(latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w))
+            return frames.view(b, f, *frames.shape[1:])
         image = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
     def encode(self, samples: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Samples in [0, 1] (``[B, 3, H, W]`` or ``[B, T, 3, H, W]``) -> scaled latents (fp32)."""
+        if samples.ndim == 5:
+            b, f = samples.shape[:2]
+            z = self.encode(samples.reshape(b * f, *samples.shape[2:]), generator)
+            return z.view(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
         z = self.vae.encode((samples * 2 - 1).to(self.device, self.vae.dtype)).latent_dist.sample(generator)
         return z.float() * self.vae.config.scaling_factor
 

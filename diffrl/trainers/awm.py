@@ -40,10 +40,10 @@ from diffrl.losses import FLOW_WEIGHTINGS, clipped_surrogate, flow_matching_log_
 from diffrl.models import lora as lora_utils
 from diffrl.samplers.flow import initial_noise, stratified_timestep_indices
 from diffrl.trainers import common, register_trainer
+from diffrl.trainers.evaluation import check_reward_fits, evaluate_generation, flow_eval_kwargs
 from diffrl.trainers.rollout import (
     check_group_split,
     decode_and_score,
-    evaluate_flow,
     flow_rollout,
     load_flow_model,
     local_group_slots,
@@ -114,6 +114,7 @@ class AWMTrainer:
         self.reward = load_reward(cfg.reward.weights, device=cfg.reward.device or acc.device, kwargs=cfg.reward.kwargs)
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_flow_model(cfg, acc.device)
+        check_reward_fits(self.reward, self.model)
         self.has_ema = cfg.ema_beta > 0 or cfg.off_policy
         if self.has_ema:
             # The "ema" adapter starts equal to the policy adapter and trails it (TRPO-like anchor).
@@ -287,9 +288,10 @@ class AWMTrainer:
         self.model.denoiser.eval()
 
         def run(suffix: str) -> dict:
-            return evaluate_flow(self.accelerator, self.model, self.reward, self.eval_prompts, cfg.sampling,
-                                 batch_size=cfg.sample_batch_size, seed=cfg.eval_seed, uncond=self.uncond,
-                                 grid_path=self.output_dir / "samples" / f"step-{self.step:06d}{suffix}.png")
+            return evaluate_generation(self.accelerator, self.model, self.reward, self.eval_prompts,
+                                       **flow_eval_kwargs(cfg.sampling), batch_size=cfg.sample_batch_size,
+                                       seed=cfg.eval_seed, uncond=self.uncond,
+                                       grid_path=self.output_dir / "samples" / f"step-{self.step:06d}{suffix}.png")
 
         metrics = run("")
         if self.weight_ema is not None and metrics:

@@ -150,6 +150,38 @@ def clip_and_check_grads(accelerator, params, max_norm: float | None) -> float:
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
+def accumulate(accelerator, module, num_micro_batches: int, micro_batch_loss) -> dict[str, float]:
+    """Backward ``micro_batch_loss(i) -> (loss, parts)`` for each micro-batch, scaled by 1 / count; gradients
+    are synchronized across processes once, on the last. Returns ``loss`` and the parts, averaged."""
+    totals: dict[str, float] = {}
+    for i in range(num_micro_batches):
+        sync = contextlib.nullcontext() if i == num_micro_batches - 1 else accelerator.no_sync(module)
+        with sync:
+            loss, parts = micro_batch_loss(i)
+            accelerator.backward(loss / num_micro_batches)
+        for key, value in {"loss": float(loss.detach()), **parts}.items():
+            totals[key] = totals.get(key, 0.0) + value / num_micro_batches
+    return totals
+
+
+def optimizer_step(trainer, totals: dict[str, float]) -> dict[str, float]:
+    """Clip, then step the optimizer and scheduler, or skip a non-finite update (stopping after
+    ``max_bad_steps`` in a row); ``trainer`` holds accelerator, params, optimizer, scheduler, bad_steps."""
+    cfg = trainer.config
+    grad_norm = clip_and_check_grads(trainer.accelerator, trainer.params, cfg.optim.max_grad_norm)
+    finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
+    if finite:
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        trainer.bad_steps = 0
+    else:
+        trainer.bad_steps += 1
+        check_bad_steps(trainer.bad_steps, cfg.max_bad_steps, totals["loss"], grad_norm)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return {**totals, "grad_norm": grad_norm, "lr": trainer.scheduler.get_last_lr()[0],
+            "skipped": 0.0 if finite else 1.0}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Metrics and progress
 # ----------------------------------------------------------------------------------------------------------

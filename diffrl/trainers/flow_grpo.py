@@ -29,10 +29,10 @@ from diffrl.errors import ConfigError
 from diffrl.losses import clipped_surrogate
 from diffrl.samplers.flow import sde_step
 from diffrl.trainers import common, register_trainer
+from diffrl.trainers.evaluation import check_reward_fits, evaluate_generation, flow_eval_kwargs
 from diffrl.trainers.rollout import (
     check_group_split,
     decode_and_score,
-    evaluate_flow,
     flow_rollout,
     load_flow_model,
     local_group_slots,
@@ -92,6 +92,7 @@ class FlowGRPOTrainer:
         self.reward = load_reward(cfg.reward.weights, device=cfg.reward.device or acc.device, kwargs=cfg.reward.kwargs)
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_flow_model(cfg, acc.device)
+        check_reward_fits(self.reward, self.model)
         self.params = common.trainable_parameters(self.model.transformer)
         optimizer = common.create_optimizer(self.params, cfg.optim)
         scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps * cfg.updates_per_rollout)
@@ -221,9 +222,10 @@ class FlowGRPOTrainer:
     def evaluate(self) -> dict:
         cfg = self.config
         self.model.denoiser.eval()
-        return evaluate_flow(self.accelerator, self.model, self.reward, self.eval_prompts, cfg.sampling,
-                             batch_size=cfg.sample_batch_size, seed=cfg.eval_seed, uncond=self.uncond,
-                             grid_path=self.output_dir / "samples" / f"step-{self.step:06d}.png")
+        return evaluate_generation(self.accelerator, self.model, self.reward, self.eval_prompts,
+                                   **flow_eval_kwargs(cfg.sampling), batch_size=cfg.sample_batch_size,
+                                   seed=cfg.eval_seed, uncond=self.uncond,
+                                   grid_path=self.output_dir / "samples" / f"step-{self.step:06d}.png")
 
     def train(self) -> dict:
         cfg = self.config

@@ -124,27 +124,3 @@ def decode_and_score(accelerator, model, reward, estimator, final_latents: torch
         for name in reward.names:
             stats[f"reward/{name}"] = float(accelerator.gather(extras[name].to(accelerator.device)).nanmean())
     return advantages, stats
-
-
-@torch.no_grad()
-def evaluate_flow(accelerator, model, reward, prompts: list[str], sampling, *, batch_size: int, seed: int,
-                  uncond, grid_path) -> dict:
-    """Fixed prompts and noise, Euler ODE with ``eval_num_steps``: mean reward and a grid of the samples."""
-    from diffrl.report import save_grid
-    from diffrl.samplers.flow import sample_ode
-
-    if not prompts:
-        return {}
-    generator = torch.Generator().manual_seed(seed)
-    samples = []
-    for start in range(0, len(prompts), batch_size):
-        cond = model.encode_prompts(prompts[start:start + batch_size])
-        latents = sample_ode(model, cond, num_steps=sampling.eval_num_steps, height=sampling.height,
-                             width=sampling.width, num_frames=sampling.num_frames,
-                             guidance_scale=sampling.guidance_scale, uncond=uncond, generator=generator)
-        samples.append(model.decode(latents))
-    samples = torch.cat(samples)
-    rewards, _ = score_samples(reward, samples, prompts)
-    if accelerator.is_main_process:
-        save_grid(samples, [f"{r:.3f} {p}" for r, p in zip(rewards.tolist(), prompts)], grid_path)
-    return {"eval/reward": float(rewards.nanmean())}

@@ -1,0 +1,178 @@
+"""Diffusion-DPO (Wallace et al., arXiv 2311.12908): direct preference optimization on human preference
+pairs, with a frozen reference (papers/seppo.md, section B). The baseline SePPO is compared with.
+
+One step (= one optimizer update):
+1. ``gradient_accumulation_steps`` micro-batches of ``train_batch_size`` pairs per process (the original:
+   1 pair x 256 accumulation x 8 GPUs = 2048), winners and losers encoded by the VAE;
+2. one (noise, t) per pair, shared by winner and loser; per-sample denoising errors of the policy and of
+   the reference (the base model: the LoRA adapter disabled, as the diffusers example does);
+3. ``loss = -log sigmoid(-0.5 beta ((e_w - e_w_ref) - (e_l - e_l_ref)))`` (losses.diffusion_dpo_loss),
+   beta = 5000 as the original launchers; logs implicit accuracy and the errors.
+
+The error is epsilon MSE for SD1.5 / SDXL / AnimateDiff and velocity MSE for SD3 / FLUX / Wan: the model
+adapter's ``denoising_error``. Only LoRA training is supported (the reference is the adapter-free model);
+the original's full fine-tuning with a second frozen UNet is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from diffrl.config import GenerationConfig, PreferenceDataConfig, RewardConfig, TrainerConfig, param
+from diffrl.curriculum import UniformSampler
+from diffrl.errors import ConfigError
+from diffrl.losses import DPO_LOSS_TYPES, diffusion_dpo_loss
+from diffrl.trainers import common, register_trainer
+from diffrl.trainers.evaluation import check_reward_fits, evaluate_generation
+from diffrl.trainers.preference import (
+    evaluation_prompts,
+    load_batch,
+    load_preference_model,
+    paired_errors,
+    unconditional,
+)
+from rewards import load_reward
+
+
+@dataclasses.dataclass(kw_only=True)
+class DiffusionDPOConfig(TrainerConfig):
+    data: PreferenceDataConfig = param(help="preference pairs (Pick-a-Pic v2 layout or winner / loser columns)")
+    generation: GenerationConfig = param(GenerationConfig(), help="evaluation sampling")
+    reward: RewardConfig | None = param(None, help="rewards reported at evaluation (PickScore, HPS, ...); null: "
+                                                   "sample grids only")
+    beta: float = param(5000.0, help="KL strength; the loss uses -0.5 * beta as the original code", gt=0)
+    loss_type: str = param("sigmoid", help=f"{' or '.join(DPO_LOSS_TYPES)} (SLiC)")
+    train_batch_size: int = param(1, help="pairs per process per forward (x optim.gradient_accumulation_steps)",
+                                  ge=1)
+    eval_batch_size: int = param(4, help="samples per forward at evaluation", ge=1)
+    eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
+    eval_seed: int = param(1234, help="seed of the evaluation noise", ge=0)
+    max_bad_steps: int = param(5, help="stop after this many consecutive steps with a non-finite loss", ge=1)
+
+    def __post_init__(self):
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise ConfigError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {self.loss_type!r}")
+        if not self.lora.enabled:
+            raise ConfigError("diffusion_dpo uses the LoRA-free model as its reference: set lora.enabled: true")
+
+
+@register_trainer("diffusion_dpo", config_class=DiffusionDPOConfig, paper="https://arxiv.org/abs/2311.12908",
+                  summary="Diffusion-DPO on preference pairs (SD1.5/SDXL/AnimateDiff, SD3/FLUX/Wan)")
+class DiffusionDPOTrainer:
+    def __init__(self, config: DiffusionDPOConfig):
+        self.config = config
+
+    # ------------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from diffrl.data import PreferenceData
+
+        cfg = self.config
+        self.accelerator = acc = common.create_accelerator(cfg)
+        self.output_dir = common.prepare_output_dir(acc, cfg)
+        common.seed_everything(cfg.seed, acc)
+        self.data = PreferenceData.load(cfg.data.path, split=cfg.data.split, config_name=cfg.data.config_name,
+                                        caption_column=cfg.data.caption_column, need_loser=True,
+                                        keep_ties=cfg.data.keep_ties)
+        self.eval_prompts = evaluation_prompts(cfg.data, self.data)
+        self.reward = None if cfg.reward is None else load_reward(
+            cfg.reward.weights, device=cfg.reward.device or acc.device, kwargs=cfg.reward.kwargs)
+        self.model = load_preference_model(cfg, acc.device)
+        check_reward_fits(self.reward, self.model)
+        self.params = common.trainable_parameters(self.model.trainable)
+        optimizer = common.create_optimizer(self.params, cfg.optim)
+        scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps)
+        self.model.denoiser, self.optimizer, self.scheduler = acc.prepare(self.model.trainable, optimizer, scheduler)
+        self.uncond = unconditional(self.model, cfg.generation.guidance_scale)
+        self.sampler = UniformSampler(len(self.data), cfg.train_batch_size * cfg.optim.gradient_accumulation_steps,
+                                      seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
+        # Training noise, timesteps, VAE draws and augmentations; distinct per process, checkpointed.
+        self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
+        self.step, self.bad_steps = 0, 0
+        folder = common.resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
+        if folder is not None:
+            info = common.load_checkpoint(folder, acc, trainer="diffusion_dpo", load_model=self._load_model,
+                                          optimizer=self.optimizer, scheduler=self.scheduler,
+                                          states={"sampler": self.sampler}, generators={"noise": self.noise})
+            self.step = info["step"]
+        common.init_trackers(acc, cfg)
+        self.metrics = common.MetricsLogger(acc, self.output_dir, resume_step=self.step,
+                                            trackers=bool(cfg.logging.trackers))
+
+    # ------------------------------------------------------------------------------------------------------
+    def rollout(self) -> list[list[int]]:
+        """Diffusion-DPO samples nothing: the step's pairs, as micro-batches of data rows."""
+        items = self.sampler.next_indices()
+        size = self.config.train_batch_size
+        return [items[i:i + size] for i in range(0, len(items), size)]
+
+    def _loss(self, items: list[int]):
+        cfg, model = self.config, self.model
+        train_captions, _, winners, losers = load_batch(self.data, items, cfg.data, generator=self.noise,
+                                                        with_loser=True)
+        x_w = model.encode(winners, generator=self.noise)
+        x_l = model.encode(losers, generator=self.noise)
+        cond = model.encode_prompts(train_captions)
+        with self.accelerator.autocast():
+            model_w, model_l, ref_w, ref_l = paired_errors(model, x_w, x_l, cond, generator=self.noise,
+                                                           reference=model.reference)
+        losses, stats = diffusion_dpo_loss(model_w, model_l, ref_w, ref_l, beta=cfg.beta, loss_type=cfg.loss_type)
+        parts = {"implicit_acc": float(stats["implicit_acc"].mean()), "mse_w": float(model_w.detach().mean()),
+                 "mse_l": float(model_l.detach().mean()), "ref_mse_w": float(ref_w.mean()),
+                 "ref_mse_l": float(ref_l.mean())}
+        return losses.mean(), parts
+
+    def update(self, micro_batches: list[list[int]]) -> dict:
+        self.model.denoiser.train()
+        totals = common.accumulate(self.accelerator, self.model.denoiser, len(micro_batches),
+                                   lambda i: self._loss(micro_batches[i]))
+        return common.optimizer_step(self, totals)
+
+    def evaluate(self) -> dict:
+        cfg = self.config
+        self.model.denoiser.eval()
+        size = cfg.data.resolution
+        return evaluate_generation(self.accelerator, self.model, self.reward, self.eval_prompts,
+                                   num_steps=cfg.generation.eval_num_steps, height=size, width=size,
+                                   num_frames=cfg.data.num_frames or 1, guidance_scale=cfg.generation.guidance_scale,
+                                   uncond=self.uncond, batch_size=cfg.eval_batch_size, seed=cfg.eval_seed,
+                                   grid_path=self.output_dir / "samples" / f"step-{self.step:06d}.png")
+
+    def train(self) -> dict:
+        cfg = self.config
+        self.setup()
+        if self.step == 0:
+            self.metrics.log(self.evaluate(), step=0)
+        bar = common.progress_bar(self.accelerator, total=cfg.max_steps, initial=self.step,
+                                  enabled=cfg.logging.progress_bar, desc="diffusion_dpo")
+        last: dict = {}
+        while self.step < cfg.max_steps:
+            start = time.time()
+            last = self.update(self.rollout())
+            self.step += 1
+            last["step_time"] = time.time() - start
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                last.update(self.evaluate())
+            if self.step % cfg.logging.log_every == 0:
+                self.metrics.log(last, step=self.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['implicit_acc']:.2f}")
+            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.max_steps:
+                self.save()
+        bar.close()
+        final = self.evaluate()
+        self.metrics.log(final, step=self.step)
+        common.end_training(self.accelerator)
+        return {**last, **final}
+
+    def save(self) -> None:
+        cfg = self.config
+        common.save_checkpoint(self.accelerator, cfg.output_dir, self.step, trainer="diffusion_dpo",
+                               save_model=lambda folder: common.save_trainable(self.model, folder, lora_enabled=True),
+                               optimizer=self.optimizer, scheduler=self.scheduler, states={"sampler": self.sampler},
+                               generators={"noise": self.noise}, keep_last=cfg.checkpoint.keep_last)
+
+    def _load_model(self, folder) -> None:
+        common.load_trainable(self.model, folder, lora_enabled=True)

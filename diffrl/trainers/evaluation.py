@@ -1,0 +1,62 @@
+"""Evaluation shared by the image / video trainers: fixed prompts and noise, a grid, the mean rewards."""
+
+from __future__ import annotations
+
+import torch
+
+from diffrl.errors import ConfigError
+
+
+@torch.no_grad()
+def evaluate_generation(accelerator, model, reward, prompts: list[str], *, num_steps: int, height: int, width: int,
+                        num_frames: int = 1, guidance_scale: float = 1.0, uncond=None, batch_size: int, seed: int,
+                        grid_path) -> dict:
+    """Sample ``prompts`` with ``model.sample`` (Euler ODE for flow models, the scheduler for UNets) from
+    noise seeded by ``seed`` (the same noise every evaluation), save a captioned grid, and return
+    ``eval/reward`` plus ``eval/reward/<name>`` per component when there are several (``reward`` may be None:
+    only the grid)."""
+    from diffrl.report import save_grid
+    from diffrl.trainers.rollout import score_samples
+
+    if not prompts:
+        return {}
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for start in range(0, len(prompts), batch_size):
+        cond = model.encode_prompts(prompts[start:start + batch_size])
+        latents = model.sample(cond, num_steps=num_steps, height=height, width=width, num_frames=num_frames,
+                               guidance_scale=guidance_scale, uncond=uncond, generator=generator)
+        samples.append(model.decode(latents))
+    samples = torch.cat(samples)
+    if reward is None:
+        if accelerator.is_main_process:
+            save_grid(samples, prompts, grid_path)
+        return {}
+    rewards, extras = score_samples(reward, samples, prompts)
+    if accelerator.is_main_process:
+        save_grid(samples, [f"{r:.3f} {p}" for r, p in zip(rewards.tolist(), prompts)], grid_path)
+    metrics = {"eval/reward": float(rewards.nanmean())}
+    if len(reward.names) > 1:
+        metrics.update({f"eval/reward/{name}": float(extras[name].float().nanmean()) for name in reward.names})
+    return metrics
+
+
+def flow_eval_kwargs(sampling) -> dict:
+    """The :func:`evaluate_generation` sampling arguments of a FlowSamplingConfig."""
+    return {"num_steps": sampling.eval_num_steps, "height": sampling.height, "width": sampling.width,
+            "num_frames": sampling.num_frames, "guidance_scale": sampling.guidance_scale}
+
+
+def check_reward_fits(reward, model) -> None:
+    """Fail at set-up, in one line, when a reward cannot score what the model makes (image vs video)."""
+    if reward is None:
+        return
+    wanted = "video" if model.is_video else "image"
+    wrong = [c.name for c in reward.components if c.modality != wanted]
+    if not wrong:
+        return
+    if wanted == "video":
+        raise ConfigError(f"reward {wrong[0]!r} scores images but the model makes videos; lift it to video: "
+                          f"reward: {{weights: {{video: 1.0}}, kwargs: {{video: {{image_reward: {wrong[0]}}}}}}}")
+    raise ConfigError(f"reward {wrong[0]!r} scores {reward.components[0].modality} but the model makes images; "
+                      f"choose an image reward (diffrl ls rewards)")

@@ -1,0 +1,90 @@
+"""Glue shared by the preference trainers (Diffusion-DPO, SePPO): the model, batches of preference samples,
+and the denoising errors of sample pairs under the policy and a reference. Functions, not a base class."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+from diffrl.errors import ConfigError
+from diffrl.samplers.flow import initial_noise
+
+
+def load_preference_model(config, device):
+    """The config's FlowModel (SD3, FLUX, Wan) or EpsilonModel (SD1.5, SDXL, AnimateDiff), with LoRA (or full
+    fine-tuning) and gradient checkpointing, checked against the data's resolution and frame count."""
+    from diffrl.models import load_diffusion_model
+    from diffrl.trainers import common
+
+    model = load_diffusion_model(config.model.path, revision=config.model.revision,
+                                 dtype=common.torch_dtype(config.model.dtype), device=device,
+                                 max_sequence_length=config.generation.max_sequence_length)
+    data = config.data
+    if model.is_video != (data.num_frames is not None):
+        raise ConfigError(f"model.path {config.model.path} is a {'video' if model.is_video else 'image'} model: "
+                          f"set data.num_frames for video models and leave it null for image models")
+    model.latent_shape(data.resolution, data.resolution, data.num_frames or 1)  # a bad size fails here
+    common.apply_lora(model, config.lora)
+    if config.model.gradient_checkpointing:
+        model.trainable.enable_gradient_checkpointing()
+    return model
+
+
+def evaluation_prompts(data_config, data) -> list[str]:
+    """``data.eval_path`` prompts, or the first ``eval_size`` captions of the training data."""
+    from diffrl.data import load_prompts
+
+    if data_config.eval_path:
+        return load_prompts(data_config.eval_path)[:data_config.eval_size]
+    return [data.caption(i) for i in range(min(data_config.eval_size, len(data)))]
+
+
+def unconditional(model, guidance_scale: float):
+    """The empty-prompt conditioning classifier-free guidance needs (None when CFG is off, or for FLUX,
+    whose guidance is an embedding)."""
+    if guidance_scale == 1.0 or getattr(model, "family", None) == "flux":
+        return None
+    return model.encode_prompts([""])
+
+
+def load_batch(data, items: list[int], data_config, *, generator: torch.Generator, with_loser: bool):
+    """Decoded samples of ``items`` with the training augmentations: ``(train_captions, captions, winners,
+    losers)``. A pair shares its flip (as Diffusion-DPO transforms the channel-stacked pair); dropped captions
+    (``proportion_empty_prompts``) become '' in ``train_captions`` only."""
+    captions, winners, losers = data.batch(items, size=data_config.resolution, num_frames=data_config.num_frames,
+                                           frame_stride=data_config.frame_stride, with_loser=with_loser)
+    n = len(captions)
+    flip = torch.rand(n, generator=generator) < 0.5
+    drop = torch.rand(n, generator=generator) < data_config.proportion_empty_prompts
+    if data_config.random_flip and flip.any():
+        winners[flip] = winners[flip].flip(-1)
+        if losers is not None:
+            losers[flip] = losers[flip].flip(-1)
+    train_captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    return train_captions, captions, winners, losers
+
+
+def paired_errors(model, x_a: torch.Tensor, x_b: torch.Tensor, cond, *, generator: torch.Generator,
+                  reference: Callable[[], contextlib.AbstractContextManager], share_noise: bool = True):
+    """Denoising errors ``[B]`` of the pairs (x_a[i], x_b[i]) under the policy (with gradient) and under the
+    reference (``reference()`` is entered for those forwards, without gradient).
+
+    Both members of a pair see the same (noise, t) when ``share_noise`` (Diffusion-DPO's code), and the policy
+    and the reference always see the same draws. Returns ``(policy_a, policy_b, ref_a, ref_b)``.
+    """
+    n, shape = x_a.shape[0], tuple(x_a.shape[1:])
+    noise = initial_noise(n, shape, generator=generator, device=x_a.device)
+    t = model.sample_timesteps(n, generator)
+    if share_noise:
+        noise_b, t_b = noise, t
+    else:
+        noise_b = initial_noise(n, shape, generator=generator, device=x_a.device)
+        t_b = model.sample_timesteps(n, generator)
+    x, eps, steps = torch.cat([x_a, x_b]), torch.cat([noise, noise_b]), torch.cat([t, t_b])
+    both = type(cond).cat([cond, cond])
+    policy = model.denoising_error(x, eps, steps, both)
+    with torch.no_grad(), reference():
+        ref = model.denoising_error(x, eps, steps, both)
+    return policy[:n], policy[n:], ref[:n], ref[n:]

@@ -1,0 +1,303 @@
+"""SePPO: Semi-Policy Preference Optimization (Zhang et al., arXiv 2410.05255; v2 "SSPO"), the first public
+training code for it (papers/seppo.md). The authors released none, so the items the spec marks [R] are
+reconstructions; each is a config field here.
+
+Only winners are needed (Pick-a-Pic v2's preferred images). One step (= one optimizer update):
+1. reference: a checkpoint drawn from the bank of past policies (papers/seppo.md A2: theta_0 plus one
+   LoRA state every ``bank_every`` = 30 updates, ``bank_size`` = 7 kept), uniformly by default
+   (``reference``: uniform | initial | latest); redrawn every step or once per block of ``bank_every``
+   updates (``redraw``, [R]). theta_0 is the LoRA-free model; other entries are loaded into a second
+   adapter;
+2. for each winner's caption, the reference generates x_ref (A3; sampler steps and CFG in ``generation``,
+   [R]);
+3. one (noise, t) per pair, shared by x_w and x_ref (``share_noise``, [R]); per-sample errors
+   e_theta and e_ref of both;
+4. AAF (A4): sign = +1 (x_ref is a loser) where the policy fits the anchor x_w better than the reference,
+   e_theta(x_w) < e_ref(x_w); else -1 (x_ref counts as a winner; ``aaf: flip``) or 0 (``indicator``);
+5. loss (A5) ``-log sigmoid(-0.5 beta [Delta(x_w) - sign Delta(x_ref)])`` (losses.diffusion_dpo_loss),
+   beta = 5000 as Diffusion-DPO's code [R].
+
+Logged: how often x_ref is a loser / winner / dropped, the drawn bank entry (its training step), implicit
+accuracy and the errors. The error is epsilon MSE for UNets and velocity MSE for flow models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+
+import torch
+
+from diffrl.config import GenerationConfig, PreferenceDataConfig, RewardConfig, TrainerConfig, param
+from diffrl.curriculum import UniformSampler
+from diffrl.errors import CheckpointError, ConfigError
+from diffrl.losses import AAF_MODES, DPO_LOSS_TYPES, diffusion_dpo_loss, seppo_sign
+from diffrl.models import lora as lora_utils
+from diffrl.trainers import common, register_trainer
+from diffrl.trainers.evaluation import check_reward_fits, evaluate_generation
+from diffrl.trainers.preference import (
+    evaluation_prompts,
+    load_batch,
+    load_preference_model,
+    paired_errors,
+    unconditional,
+)
+from rewards import load_reward
+
+REFERENCE_STRATEGIES = ("uniform", "initial", "latest")
+
+
+class CheckpointBank:
+    """SePPO's bank of past policies as LoRA states (cheap: a few MB each for SD1.5 at rank 32).
+
+    Entry 0 is theta_0, the pretrained model (state ``None``: the adapter is disabled). :meth:`add` appends
+    the current state every ``every`` updates; beyond ``size`` entries the oldest non-initial one is dropped
+    (the paper keeps K = 7 checkpoints, 30 updates apart; what happens after the 7th is not public [R]).
+    ``current`` is the drawn entry, kept in the state so a resumed run uses the same reference.
+    """
+
+    def __init__(self, size: int, every: int):
+        if size < 1:
+            raise ValueError("the checkpoint bank needs at least one entry (the initial model)")
+        self.size = size
+        self.every = every
+        self.steps: list[int] = [0]
+        self.states: list[dict[str, torch.Tensor] | None] = [None]
+        self.current = 0
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def add(self, step: int, state: dict[str, torch.Tensor]) -> None:
+        self.steps.append(step)
+        self.states.append({k: v.detach().cpu().clone() for k, v in state.items()})
+        while len(self.states) > self.size:
+            del self.steps[1], self.states[1]  # keep theta_0, drop the oldest later checkpoint
+
+    def draw(self, strategy: str, generator: torch.Generator) -> int:
+        """Pick ``current``: uniform over the bank (Algorithm 1: ref ~ U(0, k-1)), the initial or the latest."""
+        if strategy == "uniform":
+            self.current = int(torch.randint(len(self.states), (1,), generator=generator))
+        else:
+            self.current = 0 if strategy == "initial" else len(self.states) - 1
+        return self.current
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "every": self.every, "steps": list(self.steps), "current": self.current,
+                "states": [{} if s is None else s for s in self.states]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["states"]) > self.size:
+            raise CheckpointError(f"the checkpoint bank holds {len(state['states'])} entries, more than bank_size "
+                                  f"{self.size}; resume with the bank_size the run started with")
+        self.steps = [int(s) for s in state["steps"]]
+        self.states = [None] + [dict(s) for s in state["states"][1:]]
+        self.current = int(state["current"])
+
+
+@dataclasses.dataclass(kw_only=True)
+class SePPOConfig(TrainerConfig):
+    data: PreferenceDataConfig = param(help="winning samples and captions (Pick-a-Pic v2 winners by default)")
+    generation: GenerationConfig = param(GenerationConfig(), help="reference-sample and evaluation sampling")
+    reward: RewardConfig | None = param(None, help="rewards reported at evaluation (PickScore, HPS, aesthetic, "
+                                                   "CLIP score); null: sample grids only")
+    bank_size: int = param(7, help="checkpoints kept in the bank, the initial model included (paper: 7)", ge=1)
+    bank_every: int = param(30, help="add the current policy to the bank every N updates (paper: 30)", ge=1)
+    reference: str = param("uniform", help=f"reference draw: {', '.join(REFERENCE_STRATEGIES)} (paper: uniform; "
+                                           f"initial ~ DITTO, latest ~ SPIN-Diffusion)")
+    redraw: str = param("step", help="draw the reference every 'step' or once per 'block' of bank_every updates [R]")
+    aaf: str = param("flip", help=f"anchor-based flipper: {', '.join(AAF_MODES)} (flip: paper; indicator: drop "
+                                  f"instead of flip; none: x_ref always a loser)")
+    share_noise: bool = param(True, help="x_w and x_ref of a pair share (noise, t), as Diffusion-DPO [R]")
+    beta: float = param(5000.0, help="KL strength; the loss uses -0.5 * beta as Diffusion-DPO's code [R]", gt=0)
+    loss_type: str = param("sigmoid", help=f"{' or '.join(DPO_LOSS_TYPES)} (SLiC)")
+    train_batch_size: int = param(1, help="winners per process per forward (x optim.gradient_accumulation_steps)",
+                                  ge=1)
+    eval_batch_size: int = param(4, help="samples per forward at evaluation", ge=1)
+    eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
+    eval_seed: int = param(1234, help="seed of the evaluation noise", ge=0)
+    max_bad_steps: int = param(5, help="stop after this many consecutive steps with a non-finite loss", ge=1)
+
+    def __post_init__(self):
+        choices = {"reference": REFERENCE_STRATEGIES, "redraw": ("step", "block"), "aaf": AAF_MODES,
+                   "loss_type": DPO_LOSS_TYPES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not self.lora.enabled:
+            raise ConfigError("seppo keeps its checkpoint bank as LoRA states: set lora.enabled: true")
+
+
+@register_trainer("seppo", config_class=SePPOConfig, paper="https://arxiv.org/abs/2410.05255",
+                  summary="SePPO: preference optimization from winners only, past checkpoints as reference")
+class SePPOTrainer:
+    def __init__(self, config: SePPOConfig):
+        self.config = config
+
+    # ------------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from diffrl.data import PreferenceData
+
+        cfg = self.config
+        self.accelerator = acc = common.create_accelerator(cfg)
+        self.output_dir = common.prepare_output_dir(acc, cfg)
+        common.seed_everything(cfg.seed, acc)
+        self.data = PreferenceData.load(cfg.data.path, split=cfg.data.split, config_name=cfg.data.config_name,
+                                        caption_column=cfg.data.caption_column, keep_ties=cfg.data.keep_ties)
+        self.eval_prompts = evaluation_prompts(cfg.data, self.data)
+        self.reward = None if cfg.reward is None else load_reward(
+            cfg.reward.weights, device=cfg.reward.device or acc.device, kwargs=cfg.reward.kwargs)
+        self.model = load_preference_model(cfg, acc.device)
+        check_reward_fits(self.reward, self.model)
+        # The bank's later entries are loaded into this second, frozen adapter.
+        self.model.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, init=cfg.lora.init,
+                            target_modules=cfg.lora.target_modules, adapter_name="reference")
+        self.params = common.trainable_parameters(self.model.trainable)
+        optimizer = common.create_optimizer(self.params, cfg.optim)
+        scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps)
+        self.model.denoiser, self.optimizer, self.scheduler = acc.prepare(self.model.trainable, optimizer, scheduler)
+        self.uncond = unconditional(self.model, cfg.generation.guidance_scale)
+        self.sampler = UniformSampler(len(self.data), cfg.train_batch_size * cfg.optim.gradient_accumulation_steps,
+                                      seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
+        self.bank = CheckpointBank(cfg.bank_size, cfg.bank_every)
+        # Reference draws are the same on every process; noise, timesteps and VAE draws differ per process.
+        self.draws = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
+        self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
+        self.step, self.bad_steps = 0, 0
+        folder = common.resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
+        if folder is not None:
+            info = common.load_checkpoint(folder, acc, trainer="seppo", load_model=self._load_model,
+                                          optimizer=self.optimizer, scheduler=self.scheduler,
+                                          states={"sampler": self.sampler, "bank": self.bank},
+                                          generators={"noise": self.noise, "draws": self.draws})
+            self.step = info["step"]
+        self._load_reference()
+        common.init_trackers(acc, cfg)
+        self.metrics = common.MetricsLogger(acc, self.output_dir, resume_step=self.step,
+                                            trackers=bool(cfg.logging.trackers))
+
+    # ------------------------------------------------------------------------------------------------------
+    def _load_reference(self) -> None:
+        state = self.bank.states[self.bank.current]
+        if state is not None:
+            lora_utils.load_lora_state_dict(self.model.trainable, state, adapter_name="reference")
+            lora_utils.set_active_adapter(self.model.trainable, "default")
+
+    @contextlib.contextmanager
+    def _reference(self):
+        """Forwards inside the block come from the drawn bank entry (theta_0: every adapter disabled)."""
+        if self.bank.states[self.bank.current] is None:
+            with self.model.reference():
+                yield
+            return
+        lora_utils.set_active_adapter(self.model.trainable, "reference")
+        try:
+            yield
+        finally:
+            lora_utils.set_active_adapter(self.model.trainable, "default")
+
+    def _draw_reference(self) -> None:
+        cfg = self.config
+        if cfg.redraw == "step" or self.step % cfg.bank_every == 0:
+            self.bank.draw(cfg.reference, self.draws)
+            self._load_reference()
+
+    @torch.no_grad()
+    def rollout(self) -> list[dict]:
+        """The step's winners, and the reference's own sample x_ref for each caption (latents)."""
+        cfg, model = self.config, self.model
+        self._draw_reference()
+        model.denoiser.eval()
+        items = self.sampler.next_indices()
+        size = cfg.data.resolution
+        micro_batches = []
+        for start in range(0, len(items), cfg.train_batch_size):
+            train_captions, captions, winners, _ = load_batch(self.data, items[start:start + cfg.train_batch_size],
+                                                              cfg.data, generator=self.noise, with_loser=False)
+            with self._reference():
+                x_ref = model.sample(model.encode_prompts(captions), num_steps=cfg.generation.num_steps,
+                                     height=size, width=size, num_frames=cfg.data.num_frames or 1,
+                                     guidance_scale=cfg.generation.guidance_scale, uncond=self.uncond,
+                                     generator=self.noise)
+            micro_batches.append({"x_w": model.encode(winners, generator=self.noise), "x_ref": x_ref,
+                                  "captions": train_captions})
+        return micro_batches
+
+    def _loss(self, batch: dict):
+        cfg, model = self.config, self.model
+        cond = model.encode_prompts(batch["captions"])
+        with self.accelerator.autocast():
+            model_w, model_r, ref_w, ref_r = paired_errors(model, batch["x_w"], batch["x_ref"], cond,
+                                                           generator=self.noise, reference=self._reference,
+                                                           share_noise=cfg.share_noise)
+        sign = seppo_sign(model_w, ref_w, cfg.aaf)
+        losses, stats = diffusion_dpo_loss(model_w, model_r, ref_w, ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
+                                           sign=sign)
+        parts = {"implicit_acc": float(stats["implicit_acc"].mean()), "mse_w": float(model_w.detach().mean()),
+                 "mse_ref_sample": float(model_r.detach().mean()), "ref_mse_w": float(ref_w.mean()),
+                 "ref_mse_ref_sample": float(ref_r.mean()), "aaf/ref_as_loser": float((sign > 0).float().mean()),
+                 "aaf/ref_as_winner": float((sign < 0).float().mean()),
+                 "aaf/ref_dropped": float((sign == 0).float().mean())}
+        return losses.mean(), parts
+
+    def update(self, micro_batches: list[dict]) -> dict:
+        self.model.denoiser.train()
+        totals = common.accumulate(self.accelerator, self.model.denoiser, len(micro_batches),
+                                   lambda i: self._loss(micro_batches[i]))
+        metrics = common.optimizer_step(self, totals)
+        metrics.update(reference_step=self.bank.steps[self.bank.current], bank_size=len(self.bank))
+        return metrics
+
+    def evaluate(self) -> dict:
+        cfg = self.config
+        self.model.denoiser.eval()
+        size = cfg.data.resolution
+        return evaluate_generation(self.accelerator, self.model, self.reward, self.eval_prompts,
+                                   num_steps=cfg.generation.eval_num_steps, height=size, width=size,
+                                   num_frames=cfg.data.num_frames or 1, guidance_scale=cfg.generation.guidance_scale,
+                                   uncond=self.uncond, batch_size=cfg.eval_batch_size, seed=cfg.eval_seed,
+                                   grid_path=self.output_dir / "samples" / f"step-{self.step:06d}.png")
+
+    def train(self) -> dict:
+        cfg = self.config
+        self.setup()
+        if self.step == 0:
+            self.metrics.log(self.evaluate(), step=0)
+        bar = common.progress_bar(self.accelerator, total=cfg.max_steps, initial=self.step,
+                                  enabled=cfg.logging.progress_bar, desc="seppo")
+        last: dict = {}
+        while self.step < cfg.max_steps:
+            start = time.time()
+            batches = self.rollout()
+            rollout_time = time.time() - start
+            last = self.update(batches)
+            self.step += 1
+            if self.step % cfg.bank_every == 0:
+                self.bank.add(self.step, lora_utils.lora_state_dict(self.model.trainable, "default"))
+            last.update(step_time=time.time() - start, rollout_time=rollout_time)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                last.update(self.evaluate())
+            if self.step % cfg.logging.log_every == 0:
+                self.metrics.log(last, step=self.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", flip=f"{last['aaf/ref_as_winner']:.2f}")
+            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.max_steps:
+                self.save()
+        bar.close()
+        final = self.evaluate()
+        self.metrics.log(final, step=self.step)
+        common.end_training(self.accelerator)
+        return {**last, **final}
+
+    def save(self) -> None:
+        cfg = self.config
+        common.save_checkpoint(self.accelerator, cfg.output_dir, self.step, trainer="seppo",
+                               save_model=lambda folder: common.save_trainable(self.model, folder, lora_enabled=True),
+                               optimizer=self.optimizer, scheduler=self.scheduler,
+                               states={"sampler": self.sampler, "bank": self.bank},
+                               generators={"noise": self.noise, "draws": self.draws},
+                               keep_last=cfg.checkpoint.keep_last)
+
+    def _load_model(self, folder) -> None:
+        common.load_trainable(self.model, folder, lora_enabled=True)
