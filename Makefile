@@ -21,7 +21,7 @@ test: $(STAMP)
 assets/tiny/%: | $(STAMP)
 	$(BIN)/python -m diffrl.models.tiny $* $@
 
-tiny-assets: assets/tiny/dllm assets/tiny/sd3
+tiny-assets: assets/tiny/dllm assets/tiny/sd3 assets/tiny/sd15 assets/tiny/preferences
 
 demo: $(STAMP) tiny-assets
 	$(BIN)/diffrl train configs/quickstart.yaml

@@ -54,6 +54,8 @@ class ModelConfig:
         "float32", help="dtype of the frozen weights (text encoders, VAE, reference); trainable weights stay fp32")
     trust_remote_code: bool = param(False, help="allow code from the model repository to run (LLaDA, Dream)")
     gradient_checkpointing: bool = param(False, help="recompute activations in backward to save memory")
+    motion_adapter: str | None = param(None, help="AnimateDiff: a MotionAdapter hub id or folder; path is then the "
+                                                  "SD1.5 pipeline it animates")
 
 
 @dataclasses.dataclass

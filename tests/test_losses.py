@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from diffrl.losses import aggregate, clipped_surrogate, drpo_loss, kl_penalty
+from diffrl.losses import aggregate, clipped_surrogate, diffusion_dpo_loss, drpo_loss, kl_penalty, seppo_sign
 
 T = torch.tensor
 
@@ -138,3 +138,57 @@ def test_flow_matching_log_prob_weightings_by_hand():
         assert out.dtype == torch.float64 and out.item() == pytest.approx(value, rel=1e-12), weighting
     with pytest.raises(ValueError, match="unknown weighting"):
         flow_matching_log_prob(v, target, t, weighting="Uniform")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Diffusion-DPO and SePPO
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_diffusion_dpo_loss_hand_computed():
+    # bracket = (1.0 - 1.1) - (2.0 - 1.9) = -0.2; inside = -0.5 * 10 * -0.2 = 1
+    loss, stats = diffusion_dpo_loss(torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([1.1]),
+                                     torch.tensor([1.9]), beta=10.0)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0)), abs=1e-6)
+    assert stats["implicit_acc"].item() == 1.0
+    hinge, _ = diffusion_dpo_loss(torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([1.1]),
+                                  torch.tensor([1.9]), beta=10.0, loss_type="hinge")
+    assert hinge.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_diffusion_dpo_loss_is_log2_when_policy_equals_reference():
+    errors = torch.rand(5)
+    loss, stats = diffusion_dpo_loss(errors, errors + 1, errors, errors + 1, beta=5000.0)
+    torch.testing.assert_close(loss, torch.full((5,), math.log(2.0)))
+    assert stats["implicit_acc"].sum() == 0
+
+
+def test_seppo_signed_loss_hand_computed():
+    args = (torch.tensor([1.0, 1.0, 1.0]), torch.tensor([2.0, 2.0, 2.0]), torch.tensor([1.1, 1.1, 1.1]),
+            torch.tensor([1.9, 1.9, 1.9]))
+    loss, _ = diffusion_dpo_loss(*args, beta=10.0, sign=torch.tensor([1.0, -1.0, 0.0]))
+    # sign +1: bracket -0.2 (inside 1); -1: -0.1 + 0.1 = 0 (inside 0); 0: -0.1 (inside 0.5)
+    expected = [math.log1p(math.exp(-1.0)), math.log(2.0), math.log1p(math.exp(-0.5))]
+    torch.testing.assert_close(loss, torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def test_diffusion_dpo_loss_matches_a_plain_loop():
+    g = torch.Generator().manual_seed(3)
+    mw, ml, rw, rl, sign = (torch.rand(16, generator=g) for _ in range(5))
+    sign = torch.where(sign > 0.5, 1.0, -1.0)
+    loss, _ = diffusion_dpo_loss(mw, ml, rw, rl, beta=7.0, sign=sign)
+    for i in range(16):
+        inside = -0.5 * 7.0 * ((mw[i] - rw[i]) - sign[i] * (ml[i] - rl[i])).item()
+        assert loss[i].item() == pytest.approx(-math.log(1 / (1 + math.exp(-inside))), rel=1e-5)
+
+
+def test_seppo_sign_branches_on_constructed_cases():
+    policy_w = torch.tensor([0.5, 1.0, 2.0])   # better than, tied with, worse than the reference
+    ref_w = torch.tensor([1.0, 1.0, 1.0])
+    assert seppo_sign(policy_w, ref_w, "flip").tolist() == [1.0, -1.0, -1.0]
+    assert seppo_sign(policy_w, ref_w, "indicator").tolist() == [1.0, 0.0, 0.0]
+    assert seppo_sign(policy_w, ref_w, "none").tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="aaf must be one of"):
+        seppo_sign(policy_w, ref_w, "random")
+    with pytest.raises(ValueError, match="loss_type"):
+            diffusion_dpo_loss(policy_w, policy_w, ref_w, ref_w, beta=1.0, loss_type="ipo")

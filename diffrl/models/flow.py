@@ -215,6 +215,10 @@ class FlowModel:
         """Encode a batch of prompts; each unique prompt is encoded once and kept (LRU) for later steps."""
         return self._prompt_cache(prompts)
 
+    def null_condition(self) -> Cond:
+        """The unconditional input of classifier-free guidance: the encoded empty prompt (SD3, Wan)."""
+        return self.encode_prompts([""])
+
     def offload_text_encoders(self) -> None:
         """Move the text encoders to CPU once every prompt is cached (saves GPU memory during training)."""
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("sd3", "flux", "wan", "sd15", "animatediff", "dllm", "clip")
+TINY_KINDS = ("sd3", "flux", "wan", "sd15", "sdxl", "animatediff", "dllm", "clip", "preferences", "video_preferences")
 
 # The shared character-level vocabulary of the tiny text encoders: every prompt tokenizes to characters.
 _T5_CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,:;!?'\"-+*/=()<>#%$&@_"
@@ -176,6 +176,27 @@ def build_sd15(seed: int = 0):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def build_sdxl(seed: int = 0):
+    """A StableDiffusionXLPipeline: two CLIP encoders (hidden states side by side, pooled from the second) and
+    a UNet with SDXL's text-time embedding (6 size ids x 8 + the 32-d pooled text = 80)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=64,
+                                attention_head_dim=(2, 4), use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=80,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    return StableDiffusionXLPipeline(unet=unet, scheduler=_ddim_scheduler("scaled_linear"),
+                                     vae=_tiny_vae(latent_channels=4, downsample=2),
+                                     text_encoder=CLIPTextModel(_clip_text_config()), tokenizer=tiny_clip_tokenizer(),
+                                     text_encoder_2=CLIPTextModelWithProjection(_clip_text_config()),
+                                     tokenizer_2=tiny_clip_tokenizer())
+
+
 def build_animatediff(seed: int = 0):
     """An AnimateDiffPipeline: the tiny SD1.5 UNet plus a motion adapter (temporal attention per block),
     merged by diffusers into a UNetMotionModel; AnimateDiff's linear-beta DDIM schedule."""
@@ -249,8 +270,41 @@ def build_clip(seed: int = 0, image_size: int = 32):
 
 
 _BUILDERS = {"sd3": build_sd3, "flux": build_flux, "wan": build_wan, "sd15": build_sd15,
-             "animatediff": build_animatediff,
+             "sdxl": build_sdxl, "animatediff": build_animatediff,
              "dllm": build_dllm, "clip": build_clip}
+
+
+def save_preferences(folder: str | Path, *, num_rows: int = 8, num_frames: int | None = None, seed: int = 0) -> Path:
+    """A preference folder in the layout ``PreferenceData`` reads: ``metadata.jsonl`` rows ``{caption, winner,
+    loser}`` with 48x40 PNGs (or, with ``num_frames``, folders of frames). Winners are warm (red-dominant) and
+    losers cool (blue-dominant), so a preference-trained model has something to learn."""
+    import json
+
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    colors = {"winner": torch.tensor([0.85, 0.35, 0.2]), "loser": torch.tensor([0.2, 0.35, 0.85])}
+    shapes = ["circle", "square", "triangle", "star"]
+    rows = []
+    for i in range(num_rows):
+        row = {"caption": f"a warm {shapes[i % len(shapes)]} number {i}"}
+        for role, color in colors.items():
+            frames = num_frames or 1
+            pixels = (color.view(1, 3, 1, 1) + 0.15 * torch.randn(frames, 3, 40, 48, generator=generator)).clamp(0, 1)
+            images = [Image.fromarray((p.permute(1, 2, 0) * 255).round().byte().numpy()) for p in pixels]
+            if num_frames is None:
+                images[0].save(folder / f"{i:03d}_{role}.png")
+                row[role] = f"{i:03d}_{role}.png"
+            else:
+                (folder / f"{i:03d}_{role}").mkdir(exist_ok=True)
+                for j, image in enumerate(images):
+                    image.save(folder / f"{i:03d}_{role}" / f"{j:03d}.png")
+                row[role] = f"{i:03d}_{role}"
+        rows.append(row)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
 
 
 def build_tiny(kind: str, seed: int = 0):
@@ -262,6 +316,8 @@ def build_tiny(kind: str, seed: int = 0):
 def save_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
     """Build a tiny model and ``save_pretrained`` it (safetensors) into ``folder``."""
     folder = Path(folder)
+    if kind in ("preferences", "video_preferences"):
+        return save_preferences(folder, num_frames=5 if kind == "video_preferences" else None, seed=seed)
     built = build_tiny(kind, seed=seed)
     if isinstance(built, tuple):
         for part in built:

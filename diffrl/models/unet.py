@@ -48,9 +48,12 @@ class EpsilonModel:
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, revision: str | None = None,
+    def from_pretrained(cls, path: str | Path, *, revision: str | None = None, motion_adapter: str | Path | None = None,
                         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> EpsilonModel:
-        from diffusers import DiffusionPipeline
+        """Open a hub id or a folder. With ``motion_adapter`` (a MotionAdapter hub id or folder), ``path`` is the
+        SD1.5 pipeline it animates and the result is AnimateDiff, as ``AnimateDiffPipeline.from_pretrained(path,
+        motion_adapter=...)`` builds it."""
+        from diffusers import AnimateDiffPipeline, DiffusionPipeline, MotionAdapter
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
@@ -60,8 +63,17 @@ class EpsilonModel:
             if family is None:
                 raise ConfigError(f"model.path {path}: {class_name} is not an epsilon-prediction "
                                   f"pipeline diffrl knows ({', '.join(_PIPELINE_FAMILY)})")
-            kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
-            pipeline = DiffusionPipeline.from_pretrained(str(path), revision=revision, dtype=dtype, **kwargs)
+            if motion_adapter is not None:
+                if family != "sd15":
+                    raise ConfigError(f"model.motion_adapter animates SD1.5 pipelines; {path} is {class_name}")
+                with loading_errors(motion_adapter):
+                    adapter = MotionAdapter.from_pretrained(str(motion_adapter), dtype=dtype)
+                pipeline = AnimateDiffPipeline.from_pretrained(str(path), revision=revision, motion_adapter=adapter,
+                                                               dtype=dtype)
+                family = "animatediff"
+            else:
+                kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
+                pipeline = DiffusionPipeline.from_pretrained(str(path), revision=revision, dtype=dtype, **kwargs)
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline, family, device=device, dtype=dtype)
 
@@ -94,6 +106,14 @@ class EpsilonModel:
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Encode a batch of prompts; each unique prompt is encoded once and kept (LRU)."""
         return self._prompt_cache(prompts)
+
+    def null_condition(self) -> Cond:
+        """The unconditional input of classifier-free guidance, as the pipeline makes it: SDXL zeros the
+        embeddings (``force_zeros_for_empty_prompt``), SD1.5 / AnimateDiff encode ''."""
+        cond = self.encode_prompts([""])
+        if self.family == "sdxl" and self.pipeline.config.get("force_zeros_for_empty_prompt", False):
+            return Cond(torch.zeros_like(cond.embeds), torch.zeros_like(cond.pooled))
+        return cond
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod[timesteps].view(-1, *([1] * (x0.ndim - 1)))

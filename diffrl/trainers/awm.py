@@ -127,7 +127,7 @@ class AWMTrainer:
         scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps)
         self.model.denoiser, self.optimizer, self.scheduler = acc.prepare(self.model.transformer, optimizer,
                                                                           scheduler)
-        self.uncond = self.model.encode_prompts([""]) if cfg.sampling.guidance_scale != 1.0 else None
+        self.uncond = self.model.null_condition() if cfg.sampling.guidance_scale != 1.0 else None
 
         # Every rank draws the same prompts (world_size=1 here); samples are split by local_group_slots.
         self.prompt_sampler = UniformSampler(len(self.prompts), cfg.prompts_per_step, seed=cfg.seed)

@@ -98,7 +98,7 @@ class FlowGRPOTrainer:
         scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps * cfg.updates_per_rollout)
         self.model.denoiser, self.optimizer, self.scheduler = acc.prepare(self.model.transformer, optimizer,
                                                                           scheduler)
-        self.uncond = self.model.encode_prompts([""]) if cfg.sampling.guidance_scale != 1.0 else None
+        self.uncond = self.model.null_condition() if cfg.sampling.guidance_scale != 1.0 else None
         self.prompt_sampler = UniformSampler(len(self.prompts), cfg.prompts_per_step, seed=cfg.seed)
         self.noise = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
         self.step, self.bad_steps = 0, 0

@@ -20,10 +20,11 @@ def load_preference_model(config, device):
 
     model = load_diffusion_model(config.model.path, revision=config.model.revision,
                                  dtype=common.torch_dtype(config.model.dtype), device=device,
-                                 max_sequence_length=config.generation.max_sequence_length)
+                                 max_sequence_length=config.generation.max_sequence_length,
+                                 motion_adapter=config.model.motion_adapter)
     data = config.data
     if model.is_video != (data.num_frames is not None):
-        raise ConfigError(f"model.path {config.model.path} is a {'video' if model.is_video else 'image'} model: "
+        raise ConfigError(f"model.path {config.model.path} is {'a video' if model.is_video else 'an image'} model: "
                           f"set data.num_frames for video models and leave it null for image models")
     model.latent_shape(data.resolution, data.resolution, data.num_frames or 1)  # a bad size fails here
     common.apply_lora(model, config.lora)
@@ -44,9 +45,9 @@ def evaluation_prompts(data_config, data) -> list[str]:
 def unconditional(model, guidance_scale: float):
     """The empty-prompt conditioning classifier-free guidance needs (None when CFG is off, or for FLUX,
     whose guidance is an embedding)."""
-    if guidance_scale == 1.0 or getattr(model, "family", None) == "flux":
+    if guidance_scale == 1.0 or model.family == "flux":
         return None
-    return model.encode_prompts([""])
+    return model.null_condition()
 
 
 def load_batch(data, items: list[int], data_config, *, generator: torch.Generator, with_loser: bool):

@@ -28,6 +28,9 @@ def load_flow_model(config, device):
     from diffrl.models.flow import FlowModel
     from diffrl.trainers import common
 
+    if config.model.motion_adapter is not None:
+        raise ConfigError("model.motion_adapter (AnimateDiff) is for the UNet trainers (seppo, diffusion_dpo); "
+                          "flow trainers take SD3, FLUX and Wan pipelines")
     model = FlowModel.from_pretrained(config.model.path, revision=config.model.revision,
                                       dtype=common.torch_dtype(config.model.dtype), device=device,
                                       max_sequence_length=config.sampling.max_sequence_length)

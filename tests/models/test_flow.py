@@ -121,3 +121,25 @@ def test_bad_shapes_and_folders_are_clear(tiny_dir, tmp_path):
         FlowModel.from_pretrained(tmp_path / "empty")
     with pytest.raises(ConfigError, match="StableDiffusionPipeline is not a flow-matching pipeline"):
         FlowModel.from_pretrained(tiny_dir("sd15"))
+
+
+def test_denoising_error_is_the_velocity_mse(tiny_dir):
+    model = FlowModel.from_pretrained(tiny_dir("sd3"))
+    cond = model.encode_prompts(["a", "b"])
+    x0, noise, sigmas = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([0.2, 0.9])
+    x_t = (1 - sigmas.view(-1, 1, 1, 1)) * x0 + sigmas.view(-1, 1, 1, 1) * noise
+    v = model.transformer(hidden_states=x_t, timestep=sigmas * 1000, encoder_hidden_states=cond.embeds,
+                          pooled_projections=cond.pooled).sample
+    expected = ((v - (noise - x0)) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(model.denoising_error(x0, noise, sigmas, cond), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_training_sigmas_follow_the_scheduler_shift(tiny_dir):
+    sd3, flux = FlowModel.from_pretrained(tiny_dir("sd3")), FlowModel.from_pretrained(tiny_dir("flux"))
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    shifted = 3.0 * u / (1 + 2.0 * u)                     # SD3's static shift 3
+    torch.testing.assert_close(sd3.sample_timesteps(20000, torch.Generator().manual_seed(0)),
+                               shifted.clamp(1e-3, 1.0))
+    # FLUX shifts by resolution at inference only: its training sigmas are uniform
+    flux_sigmas = flux.sample_timesteps(20000, torch.Generator().manual_seed(0))
+    assert abs(flux_sigmas.mean().item() - 0.5) < 0.01 and sd3.sample_timesteps(20000).mean() > 0.65

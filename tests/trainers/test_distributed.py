@@ -101,3 +101,50 @@ def test_two_process_awm_keeps_ranks_identical(tiny_dir, tmp_path):
     for step in range(2):
         both = rows[0]["prompts"][step] + rows[1]["prompts"][step]
         assert len(both) == 6 and any(p in rows[1]["prompts"][step] for p in rows[0]["prompts"][step])
+
+
+SEPPO_SCRIPT = r'''
+import json, sys, torch
+from diffrl.config import load_config
+from diffrl.models.lora import lora_state_dict
+from diffrl.trainers.seppo import SePPOTrainer
+from diffrl.trainers import common
+
+config = load_config("configs/seppo/tiny_sd15.yaml", [f"model.path={sys.argv[1]}", f"data.path={sys.argv[3]}",
+                     f"output_dir={sys.argv[2]}/run", "logging.progress_bar=false", "data.eval_size=0",
+                     "bank_every=1", "train_batch_size=1"])
+trainer = SePPOTrainer(config)
+trainer.setup()
+acc = trainer.accelerator
+captions, references = [], []
+for _ in range(3):
+    batches = trainer.rollout()
+    captions.append([c for b in batches for c in b["captions"]])
+    references.append(trainer.bank.current)
+    trainer.update(batches)
+    trainer.step += 1
+    trainer.bank.add(trainer.step, lora_state_dict(trainer.model.trainable))
+flat = torch.cat([p.detach().flatten() for p in trainer.params])
+gathered = acc.gather(flat[None])
+out = {"world": acc.num_processes, "weights_equal": bool(torch.equal(gathered[0], gathered[1])),
+       "captions": captions, "references": references}
+with open(sys.argv[2] + f"/seppo_rank{acc.process_index}.json", "w") as f:
+    json.dump(out, f)
+common.end_training(acc)
+'''
+
+
+@pytest.mark.slow
+def test_two_process_seppo_shares_references_and_splits_data(tiny_dir, tmp_path):
+    from diffrl.models.tiny import save_preferences
+
+    script = tmp_path / "seppo_ddp.py"
+    script.write_text(SEPPO_SCRIPT)
+    data = save_preferences(tmp_path / "prefs", num_rows=8)
+    result = accelerate_launch(script, tiny_dir("sd15"), tmp_path, data, port=29521)
+    assert result.returncode == 0, result.stderr[-6000:]
+    rows = [json.loads((tmp_path / f"seppo_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(row["world"] == 2 and row["weights_equal"] for row in rows)
+    assert rows[0]["references"] == rows[1]["references"]          # one reference draw for every process
+    for step in range(3):                                           # 2 micro-batches x 1 winner per rank
+        assert len(rows[0]["captions"][step]) == 2 and rows[0]["captions"][step] != rows[1]["captions"][step]
