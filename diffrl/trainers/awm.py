@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 
 import torch
@@ -242,31 +241,17 @@ class AWMTrainer:
         cfg, acc = self.config, self.accelerator
         self.model.denoiser.train()
         starts = list(range(0, len(batch["prompts"]), cfg.train_batch_size))
-        totals: dict[str, float] = {}
-        for i, start in enumerate(starts):
-            end = start + cfg.train_batch_size
-            # Gradients are averaged over micro-batches and synced across processes once, on the last.
-            sync = contextlib.nullcontext() if i == len(starts) - 1 else acc.no_sync(self.model.denoiser)
-            with sync:
-                loss, parts = self._loss(batch["x0"][start:end], batch["advantages"][start:end],
-                                         batch["prompts"][start:end], batch["sigmas"])
-                acc.backward(loss / len(starts))
-            for key, value in {"loss": float(loss.detach()), **parts}.items():
-                totals[key] = totals.get(key, 0.0) + value / len(starts)
-        grad_norm = common.clip_and_check_grads(acc, self.params, cfg.optim.max_grad_norm)
-        finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
-        if finite:
-            self.optimizer.step()
-            self.scheduler.step()
-            self.bad_steps = 0
-            if self.weight_ema is not None:
-                self.weight_ema.step()
-        else:
-            self.bad_steps += 1
-            common.check_bad_steps(self.bad_steps, cfg.max_bad_steps, totals["loss"], grad_norm)
-        self.optimizer.zero_grad(set_to_none=True)
-        return {**totals, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
-                "skipped": 0.0 if finite else 1.0}
+
+        def micro_batch_loss(i: int):
+            part = slice(starts[i], starts[i] + cfg.train_batch_size)
+            return self._loss(batch["x0"][part], batch["advantages"][part], batch["prompts"][part], batch["sigmas"])
+
+        # Gradients are averaged over micro-batches and synced across processes once, on the last.
+        totals = common.accumulate(acc, self.model.denoiser, len(starts), micro_batch_loss)
+        metrics = common.optimizer_step(self, totals)
+        if self.weight_ema is not None and metrics["skipped"] == 0:
+            self.weight_ema.step()
+        return metrics
 
     @torch.no_grad()
     def _update_ema_adapter(self) -> None:

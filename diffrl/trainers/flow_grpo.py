@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 
 import torch
@@ -204,19 +203,10 @@ class FlowGRPOTrainer:
                         acc.backward(loss / count)
                     for key, value in {"loss": float(loss.detach()), **parts}.items():
                         totals[key] = totals.get(key, 0.0) + value / count
-            grad_norm = common.clip_and_check_grads(acc, self.params, cfg.optim.max_grad_norm)
-            finite = math.isfinite(grad_norm) and math.isfinite(totals.get("loss", 0.0))
-            if finite:
-                self.optimizer.step()
-                self.scheduler.step()
-                self.bad_steps = 0
-            else:
-                self.bad_steps += 1
-                common.check_bad_steps(self.bad_steps, cfg.max_bad_steps, totals.get("loss"), grad_norm)
-            self.optimizer.zero_grad(set_to_none=True)
-            for key, value in {**totals, "grad_norm": grad_norm, "skipped": 0.0 if finite else 1.0}.items():
+            step = common.optimizer_step(self, totals)
+            for key, value in step.items():
                 logged[key] = logged.get(key, 0.0) + value / len(chunks)
-        logged["lr"] = self.scheduler.get_last_lr()[0]
+        logged["lr"] = self.scheduler.get_last_lr()[0]  # the last step's, not an average
         return logged
 
     def evaluate(self) -> dict:
