@@ -159,6 +159,28 @@ class GenerationConfig:
 
 
 @dataclasses.dataclass
+class ReasoningDataConfig:
+    path: str = param("generator:arithmetic", help="jsonl/parquet file, hub dataset id, or generator:NAME")
+    split: str = param("train", help="dataset split")
+    config_name: str | None = param(None, help="hub dataset config (gsm8k: 'main')")
+    question_field: str = param("question", help="field holding the question")
+    answer_field: str = param("answer", help="field holding the reasoning trace and final answer")
+    size: int = param(2000, help="number of tasks a generator makes", ge=1)
+    eval_size: int = param(32, help="held-out tasks used by evaluation (taken from the end)", ge=0)
+
+
+@dataclasses.dataclass
+class MaskedGenerationConfig:
+    gen_length: int = param(32, help="answer tokens generated (rollouts and evaluation)", ge=1)
+    block_length: int = param(32, help="semi-autoregressive block size", ge=1)
+    steps: int = param(16, help="denoising steps over the whole answer", ge=1)
+    temperature: float = param(0.0, help="Gumbel sampling temperature of training rollouts (IGPO: 1.2)", ge=0)
+    eval_temperature: float = param(0.0, help="temperature at evaluation (0 = greedy, the papers' accuracy)", ge=0)
+    remasking: Literal["low_confidence", "random"] = param("low_confidence", help="which predictions are kept "
+                                                           "each step: the most confident or random ones")
+
+
+@dataclasses.dataclass
 class TrainerConfig:
     """Fields every trainer config has. Trainer configs add their algorithm's fields and sections."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,11 +31,18 @@ class ReasoningExample:
     trace: str
     answer: str
     source: str = "default"
+    answer_format: str = "boxed"            # "boxed" (math) or "xml" (<answer>...</answer>: countdown, sudoku)
+    metadata: dict = field(default_factory=dict, hash=False)   # what the task's reward needs besides 'answer'
 
     @property
     def target(self) -> str:
-        """What SFT trains on: the trace, then the answer in ``\\boxed{}``."""
-        return f"{self.trace}\n\\boxed{{{self.answer}}}" if self.trace else f"\\boxed{{{self.answer}}}"
+        """What SFT trains on and IGPO's hints come from: the trace, then the answer (boxed or in tags)."""
+        answer = f"<answer>{self.answer}</answer>" if self.answer_format == "xml" else f"\\boxed{{{self.answer}}}"
+        return f"{self.trace}\n{answer}" if self.trace else answer
+
+    def reward_metadata(self) -> dict:
+        """Keyword metadata for the task's reward: ``answer`` plus the task's own fields."""
+        return {"answer": self.answer, **self.metadata}
 
 
 def _is_local(path: str) -> bool:
@@ -203,7 +210,55 @@ def arithmetic_tasks(n: int, *, seed: int = 0, min_terms: int = 2, max_terms: in
     return examples
 
 
-GENERATORS = {"arithmetic": arithmetic_tasks}
+def countdown_tasks(n: int, *, seed: int = 0, num_numbers: int = 3, max_value: int = 9) -> list[ReasoningExample]:
+    """Countdown (TinyZero / d1's task): reach the target with each number once, + - * only here.
+
+    Example: numbers [3, 5, 2], target 16; trace "3+5=8\\n8*2=16"; answer "(3+5)*2" (scored by the countdown
+    reward from the ``<answer>`` tag).
+    """
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        numbers = [rng.randint(1, max_value) for _ in range(num_numbers)]
+        value, expression, steps = numbers[0], str(numbers[0]), []
+        for number in numbers[1:]:
+            op = rng.choice("+-*")
+            new = value + number if op == "+" else value - number if op == "-" else value * number
+            steps.append(f"{value}{op}{number}={new}")
+            expression = f"({expression}){op}{number}" if op == "*" and len(steps) > 1 else f"{expression}{op}{number}"
+            value = new
+        question = (f"Using the numbers {numbers}, create an equation that equals {value}. Use each number once "
+                    f"and + - * only.")
+        examples.append(ReasoningExample(question, "\n".join(steps), expression, "countdown", "xml",
+                                         {"numbers": numbers, "target": value}))
+    return examples
+
+
+def sudoku_tasks(n: int, *, seed: int = 0, num_blanks: int = 6) -> list[ReasoningExample]:
+    """4x4 Sudoku (d1's task): a valid grid from a base pattern shuffled by digit relabeling, row swaps within
+    bands, column swaps within stacks and transposition, with ``num_blanks`` cells blanked (0). The trace lists
+    each filled cell; the answer is the 16-digit solution (scored by the sudoku reward from ``<answer>``)."""
+    rng = random.Random(seed)
+    base = [[0, 1, 2, 3], [2, 3, 0, 1], [1, 0, 3, 2], [3, 2, 1, 0]]
+    examples = []
+    for _ in range(n):
+        digits = rng.sample(range(1, 5), 4)
+        rows = [r for band in rng.sample([[0, 1], [2, 3]], 2) for r in rng.sample(band, 2)]
+        cols = [c for stack in rng.sample([[0, 1], [2, 3]], 2) for c in rng.sample(stack, 2)]
+        grid = [[digits[base[r][c]] for c in cols] for r in rows]
+        if rng.random() < 0.5:
+            grid = [list(row) for row in zip(*grid)]
+        solution = "".join(str(v) for row in grid for v in row)
+        blanks = sorted(rng.sample(range(16), num_blanks))
+        puzzle = "".join("0" if i in blanks else ch for i, ch in enumerate(solution))
+        trace = "\n".join(f"r{i // 4 + 1}c{i % 4 + 1}={solution[i]}" for i in blanks)
+        question = f"Solve this 4x4 Sudoku, row by row, 0 = empty: {puzzle}"
+        examples.append(ReasoningExample(question, trace, solution, "sudoku", "xml",
+                                         {"puzzle": puzzle, "solution": solution}))
+    return examples
+
+
+GENERATORS = {"arithmetic": arithmetic_tasks, "countdown": countdown_tasks, "sudoku": sudoku_tasks}
 
 
 def load_tasks(path: str, *, size: int, seed: int, split: str = "train", config_name: str | None = None,

@@ -59,6 +59,33 @@ def clipped_surrogate(log_probs: torch.Tensor, old_log_probs: torch.Tensor, adva
     return loss, stats
 
 
+def sequence_log_ratio(log_probs: torch.Tensor, old_log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's length-normalized sequence log-ratio (arXiv 2507.18071; IGPO's ``use_gspo``):
+    ``sum_t m (log p - log p_old) / sum_t m`` per sequence ``[B]``. Feed ``s[:, None]`` expanded to ``[B, T]``
+    with zero old log-probs to :func:`clipped_surrogate` for the sequence-level clipped objective."""
+    mask = mask.to(log_probs.dtype)
+    return ((log_probs - old_log_probs) * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def hint_entropy_mask(entropy: torch.Tensor, hint_mask: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """IGPO's entropy filter on inpainted hint tokens (arXiv 2509.10396, ``entropy_clipping_ratio_inpaint``).
+
+    entropy, hint_mask: ``[B, T]``. Every non-hint (self-generated) token is kept; among a row's n hint tokens
+    only the ``max(1, floor(n * keep_ratio))`` with the highest entropy are. Returns the keep mask ``[B, T]``.
+
+    >>> hint_entropy_mask(torch.tensor([[0.1, 0.9, 0.5, 0.2]]), torch.tensor([[True, True, True, False]]), 0.4)
+    tensor([[False,  True, False,  True]])
+    """
+    hint_mask = hint_mask.bool()
+    scores = torch.where(hint_mask, entropy.float(), torch.full_like(entropy, -float("inf"), dtype=torch.float))
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    positions = torch.arange(entropy.shape[1], device=entropy.device).expand_as(order).contiguous()
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    count = hint_mask.sum(1, keepdim=True)
+    keep = torch.clamp((count.float() * keep_ratio).floor().long(), min=1)
+    return ~hint_mask | (rank < keep)
+
+
 def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token estimates of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL divergence").
 
@@ -259,5 +286,9 @@ def describe_losses() -> list[tuple[str, str, str]]:
              ("diffusion_dpo_loss", "Diffusion-DPO on denoising errors (sigmoid, hinge); SePPO's signed form",
               "https://arxiv.org/abs/2311.12908"),
              ("seppo_sign", "SePPO's anchor-based adaptive flipper (flip, indicator, none)",
-              "https://arxiv.org/abs/2410.05255")]
+              "https://arxiv.org/abs/2410.05255"),
+             ("sequence_log_ratio", "GSPO's length-normalized sequence ratio (IGPO's use_gspo)",
+              "https://arxiv.org/abs/2507.18071"),
+             ("hint_entropy_mask", "IGPO: only the top-entropy fraction of hint tokens get gradient",
+              "https://arxiv.org/abs/2509.10396")]
     return rows

@@ -82,6 +82,31 @@ class MaskedDiffusionLM:
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits.float()
 
+    def completion_log_probs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                             *, mask_seed: int, prompt_mask_prob: float = 0.15
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """d1's one-pass estimate of per-token log-probs (diffu-GRPO, arXiv 2504.12216; IGPO's ``d1_masking``).
+
+        The completion is fully masked and each real prompt token is masked with probability
+        ``prompt_mask_prob`` (d1: 0.15; IGPO's public code: 0) using ``mask_seed`` (one seed per inner
+        iteration, so the policy, the old policy and the reference see the same masking). The log-prob of each
+        completion token is read at its (masked) position.
+
+        prompt_ids / prompt_mask: ``[B, P]`` (left-padded); completion_ids: ``[B, T]``.
+        Returns ``(log_probs, entropy)``, both ``[B, T]`` fp32; entropy is of the predicted distribution.
+        """
+        generator = torch.Generator().manual_seed(int(mask_seed))
+        drop = torch.rand(prompt_ids.shape, generator=generator).to(prompt_ids.device) < prompt_mask_prob
+        noisy_prompt = torch.where(drop & prompt_mask.bool(), self.mask_id, prompt_ids)
+        masked_completion = torch.full_like(completion_ids, self.mask_id)
+        ids = torch.cat([noisy_prompt, masked_completion], dim=1)
+        attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)
+        logits = self.logits(ids, attention)[:, prompt_ids.shape[1]:]
+        log_softmax = torch.log_softmax(logits, dim=-1)
+        log_probs = log_softmax.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+        return log_probs, entropy
+
     def chat_prompt_ids(self, prompts: list[str], *, chat_template: bool = True) -> list[list[int]]:
         """Token ids of each prompt as a user turn followed by the assistant header (or raw text)."""
         if chat_template and self.tokenizer.chat_template:

@@ -104,3 +104,31 @@ def generate(model: MaskedDiffusionLM, prompt_ids: torch.Tensor, *, gen_length: 
             transfer = (rank < schedule[:, step:step + 1]) & eligible
             x = torch.where(transfer, predicted, x)
     return x[:, prompt_len:]
+
+
+def build_hints(trace_ids: list[int], gen_length: int, *, ratio: float, min_chunk: int, max_chunk: int,
+                generator: torch.Generator) -> torch.Tensor:
+    """IGPO's inpainting hints (arXiv 2509.10396, papers/igpo.md): ``pinned [gen_length]`` for :func:`generate`.
+
+    The ground-truth trace (token ids, cut to ``gen_length``) is split into consecutive chunks of random length
+    in ``[min_chunk, max_chunk]``; chunks are taken in random order until ``ratio`` of the trace is covered,
+    and each is pinned at its own position in the answer canvas. Everything else stays ``FREE``.
+    """
+    if min_chunk < 1 or max_chunk < min_chunk:
+        raise ValueError(f"need 1 <= min_chunk <= max_chunk, got {min_chunk}, {max_chunk}")
+    trace = torch.tensor(trace_ids[:gen_length], dtype=torch.long)
+    pinned = torch.full((gen_length,), FREE, dtype=torch.long)
+    bounds, start = [], 0
+    while start < len(trace):
+        size = int(torch.randint(min_chunk, max_chunk + 1, (1,), generator=generator))
+        bounds.append((start, min(start + size, len(trace))))
+        start += size
+    target = ratio * len(trace)
+    covered = 0
+    for index in torch.randperm(len(bounds), generator=generator).tolist():
+        if covered >= target or target == 0:
+            break
+        low, high = bounds[index]
+        pinned[low:high] = trace[low:high]
+        covered += high - low
+    return pinned

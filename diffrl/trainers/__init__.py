@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from diffrl.errors import ConfigError
 
-_NOT_TRAINERS = {"common"}
+_NOT_TRAINERS = {"common", "evaluation", "preference", "reasoning", "rollout"}  # shared helpers
 
 
 @dataclass(frozen=True)

@@ -150,16 +150,21 @@ def clip_and_check_grads(accelerator, params, max_norm: float | None) -> float:
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
-def accumulate(accelerator, module, num_micro_batches: int, micro_batch_loss) -> dict[str, float]:
-    """Backward ``micro_batch_loss(i) -> (loss, parts)`` for each micro-batch, scaled by 1 / count; gradients
-    are synchronized across processes once, on the last. Returns ``loss`` and the parts, averaged."""
+def accumulate(accelerator, module, num_micro_batches: int, micro_batch_loss, *, average: bool = True
+               ) -> dict[str, float]:
+    """Backward ``micro_batch_loss(i) -> (loss, parts)`` for each micro-batch; gradients are synchronized across
+    processes once, on the last. ``average``: losses are scaled by 1 / count (each micro-batch a mean);
+    otherwise they are summed (each micro-batch already normalized by the whole batch's token count).
+    Returns ``loss`` and the parts, averaged (or summed, for ``loss``, when not ``average``)."""
     totals: dict[str, float] = {}
+    scale = 1.0 / num_micro_batches if average else 1.0
     for i in range(num_micro_batches):
         sync = contextlib.nullcontext() if i == num_micro_batches - 1 else accelerator.no_sync(module)
         with sync:
             loss, parts = micro_batch_loss(i)
-            accelerator.backward(loss / num_micro_batches)
-        for key, value in {"loss": float(loss.detach()), **parts}.items():
+            accelerator.backward(loss * scale)
+        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * scale
+        for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + value / num_micro_batches
     return totals
 

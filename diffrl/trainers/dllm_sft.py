@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from diffrl.config import TrainerConfig, param
+from diffrl.config import MaskedGenerationConfig, ReasoningDataConfig, TrainerConfig, param
 from diffrl.curriculum import UniformSampler
 from diffrl.data import ReasoningExample, last_boxed, load_tasks
 from diffrl.errors import ConfigError
@@ -28,28 +28,9 @@ from diffrl.trainers import common, register_trainer
 
 
 @dataclasses.dataclass
-class SFTDataConfig:
-    path: str = param("generator:arithmetic", help="jsonl/parquet file, hub dataset id, or generator:NAME")
-    split: str = param("train", help="dataset split")
-    config_name: str | None = param(None, help="hub dataset config (gsm8k: 'main')")
-    question_field: str = param("question", help="field holding the question")
-    answer_field: str = param("answer", help="field holding the reasoning trace and final answer")
-    size: int = param(2000, help="number of tasks a generator makes", ge=1)
-    eval_size: int = param(32, help="held-out tasks used by evaluation (taken from the end)", ge=0)
-
-
-@dataclasses.dataclass
-class SFTGenerationConfig:
-    gen_length: int = param(32, help="answer tokens generated at evaluation", ge=1)
-    block_length: int = param(32, help="semi-autoregressive block size", ge=1)
-    steps: int = param(16, help="denoising steps over the whole answer", ge=1)
-    temperature: float = param(0.0, help="Gumbel sampling temperature (0 = greedy)", ge=0)
-
-
-@dataclasses.dataclass
 class DllmSFTConfig(TrainerConfig):
-    data: SFTDataConfig = param(SFTDataConfig(), help="training tasks")
-    generation: SFTGenerationConfig = param(SFTGenerationConfig(), help="decoding used by evaluation")
+    data: ReasoningDataConfig = param(ReasoningDataConfig(), help="training tasks")
+    generation: MaskedGenerationConfig = param(MaskedGenerationConfig(), help="decoding used by evaluation")
     batch_size: int = param(8, help="sequences per process per micro-batch", ge=1)
     max_answer_length: int = param(32, help="answer tokens (trace + answer + EOS padding)", ge=1)
     mask_eps: float = param(1e-3, help="minimum masking probability eps (LLaDA)", gt=0, lt=1)
@@ -176,7 +157,8 @@ class DllmSFTTrainer:
         ids, mask = self.model.left_pad(prompts)
         gen = cfg.generation
         out = generate(self.model, ids, prompt_mask=mask, gen_length=gen.gen_length, block_length=gen.block_length,
-                       steps=gen.steps, temperature=gen.temperature,
+                       steps=gen.steps, temperature=gen.eval_temperature,
+                       remasking=gen.remasking,
                        generator=torch.Generator().manual_seed(cfg.seed))
         texts = self.model.decode(out)
         correct = [last_boxed(text) == e.answer for text, e in zip(texts, self.eval_tasks)]

@@ -71,4 +71,5 @@ class CountdownReward:
         targets = _metadata_list(metadata, "target", len(samples), "countdown")
         scores = [countdown_score(t, n, g, format_score=self.format_score, score=self.score)
                   for t, n, g in zip(samples, numbers, targets)]
-        return RewardOutput(torch.tensor(scores, dtype=torch.float32))
+        scores = torch.tensor(scores, dtype=torch.float32)
+        return RewardOutput(scores, {"correct": scores >= self.score})

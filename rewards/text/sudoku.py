@@ -33,5 +33,6 @@ class SudokuReward:
     def __call__(self, samples, prompts, **metadata) -> RewardOutput:
         puzzles = _metadata_list(metadata, "puzzle", len(samples), "sudoku")
         solutions = _metadata_list(metadata, "solution", len(samples), "sudoku")
-        return RewardOutput(torch.tensor([sudoku_score(t, p, s) for t, p, s in zip(samples, puzzles, solutions)],
-                                         dtype=torch.float32))
+        scores = torch.tensor([sudoku_score(t, p, s) for t, p, s in zip(samples, puzzles, solutions)],
+                              dtype=torch.float32)
+        return RewardOutput(scores, {"correct": scores >= 1.0})

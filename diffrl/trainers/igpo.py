@@ -1,0 +1,360 @@
+"""IGPO: Inpainting-Guided Policy Optimization for masked diffusion LLMs (Zhao et al., arXiv 2509.10396),
+on d1's diffu-GRPO (arXiv 2504.12216); ``igpo.enabled: false`` is plain diffu-GRPO (papers/igpo.md).
+
+One step:
+1. rollout: ``group_size`` completions for each of this process's questions (whole groups stay on one
+   process), LLaDA-style generation (``samplers.masked.generate``);
+2. score with the task reward (its ``correct`` flag decides right / wrong) plus format rewards;
+3. inpainting (IGPO): for each group whose completions are all wrong, ``inpaint_samples`` completions are
+   regenerated with hints pinned (chunks of 5-10 tokens of the ground-truth trace covering a fraction drawn
+   uniformly in [ratio_low, ratio_high]); up to ``max_replacements`` wrong completions are replaced by correct
+   inpainted ones, which gives the group reward variance;
+4. advantages from ``diffrl.advantages`` (``dr_grpo``: r - group mean, as IGPO's trainer);
+5. ``num_iterations`` (mu) optimizer steps on the batch: per-token log-probs by d1's estimator (completion
+   fully masked, prompt masked at ``prompt_mask_prob`` with one seed per iteration), the clipped surrogate
+   with sequence-level GSPO ratios (IGPO's published run) or token-level ones, k3 KL to the LoRA-free
+   reference, token-mean over the loss mask. The mask keeps every self-generated token and, among hint tokens,
+   only the top ``entropy_keep_ratio`` by entropy (at least one per completion).
+
+Where the spec is silent the public code (facebookresearch/igpo) is followed: every completion position counts
+in the loss (EOS padding included, as LLaDA learns to stop); hints are placed at the trace's own positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from diffrl.advantages import get_estimator, group_summary
+from diffrl.config import MaskedGenerationConfig, ReasoningDataConfig, RewardConfig, TrainerConfig, param
+from diffrl.curriculum import UniformSampler
+from diffrl.errors import ConfigError
+from diffrl.losses import aggregate, clipped_surrogate, hint_entropy_mask, kl_penalty, sequence_log_ratio
+from diffrl.samplers.masked import FREE, build_hints, generate
+from diffrl.trainers import common, register_trainer
+from diffrl.trainers.reasoning import (
+    check_correctness_reward,
+    evaluate_reasoning,
+    load_dllm,
+    load_task_split,
+    prompt_tensors,
+    score_texts,
+)
+from rewards import load_reward
+
+
+@dataclasses.dataclass
+class InpaintingConfig:
+    enabled: bool = param(True, help="IGPO's inpainting; false gives plain diffu-GRPO (d1)")
+    min_chunk: int = param(5, help="shortest hint chunk, in tokens of the reference trace", ge=1)
+    max_chunk: int = param(10, help="longest hint chunk", ge=1)
+    ratio_low: float = param(0.2, help="lower end of the hinted fraction of the trace", ge=0, le=1)
+    ratio_high: float = param(0.6, help="upper end of the hinted fraction (at the start of training)", ge=0, le=1)
+    ratio_high_final: float | None = param(None, help="upper end at the last step (linear decay); null: constant",
+                                           ge=0, le=1)
+    max_replacements: int = param(4, help="wrong completions of a group replaced by correct inpainted ones", ge=1)
+    inpaint_samples: int | None = param(None, help="inpainted completions drawn per all-wrong group "
+                                                   "(default: max_replacements)", ge=1)
+    entropy_keep_ratio: float = param(0.2, help="fraction of hint tokens, highest entropy first, that get "
+                                                "gradient (at least one)", ge=0, le=1)
+
+
+@dataclasses.dataclass(kw_only=True)
+class IGPOConfig(TrainerConfig):
+    data: ReasoningDataConfig = param(ReasoningDataConfig(), help="questions with reference traces and answers")
+    generation: MaskedGenerationConfig = param(
+        MaskedGenerationConfig(gen_length=256, block_length=32, steps=128, temperature=1.2),
+        help="LLaDA-style decoding of rollouts (temperature) and evaluation (eval_temperature)")
+    reward: RewardConfig = param(RewardConfig(weights={"math": 1.0}), help="task and format rewards")
+    correctness: str = param("math", help="the reward whose 'correct' flag decides right / wrong (all-wrong groups)")
+    igpo: InpaintingConfig = param(InpaintingConfig(), help="inpainting of all-wrong groups")
+    group_size: int = param(8, help="completions per question (G)", ge=2)
+    prompts_per_step: int = param(8, help="questions per step over all processes (divisible by them)", ge=1)
+    generation_batch_size: int = param(64, help="sequences per generation forward", ge=1)
+    train_batch_size: int = param(8, help="sequences per training forward", ge=1)
+    num_iterations: int = param(4, help="optimizer steps per rollout (mu), each with its own mask seed", ge=1)
+    clip_low: float = param(0.2, help="ratio clip below 1 (epsilon_low)", gt=0)
+    clip_high: float = param(0.2, help="ratio clip above 1 (epsilon_high)", gt=0)
+    ratio_level: str = param("sequence", help="'sequence' (GSPO, IGPO's published run) or 'token' (d1) ratios")
+    beta: float = param(0.01, help="weight of the k3 KL to the LoRA-free reference (IGPO 0.01, d1 0.04)", ge=0)
+    prompt_mask_prob: float = param(0.15, help="prompt tokens masked in the log-prob estimate (d1: 0.15; IGPO's "
+                                               "code: 0)", ge=0, lt=1)
+    estimator: str = param("dr_grpo", help="advantage estimator (diffrl ls estimators)")
+    estimator_kwargs: dict[str, float | bool | str] = param({}, help="options of the estimator")
+    chat_template: bool = param(True, help="wrap questions in the tokenizer's chat template")
+    eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
+    eval_k: int = param(1, help="also report pass@k with k samples per question at `temperature` (1: off)", ge=1)
+    max_bad_steps: int = param(5, help="stop after this many consecutive steps with a non-finite loss", ge=1)
+
+    def __post_init__(self):
+        if self.ratio_level not in ("sequence", "token"):
+            raise ConfigError(f"ratio_level must be 'sequence' or 'token', got {self.ratio_level!r}")
+        if self.beta > 0 and not self.lora.enabled:
+            raise ConfigError("beta > 0 needs the LoRA-free model as reference: enable lora or set beta: 0")
+        if self.igpo.max_chunk < self.igpo.min_chunk:
+            raise ConfigError(f"igpo.max_chunk ({self.igpo.max_chunk}) must be >= igpo.min_chunk "
+                              f"({self.igpo.min_chunk})")
+        if self.igpo.ratio_high < self.igpo.ratio_low:
+            raise ConfigError(f"igpo.ratio_high ({self.igpo.ratio_high}) must be >= igpo.ratio_low "
+                              f"({self.igpo.ratio_low})")
+        if self.igpo.max_replacements > self.group_size:
+            raise ConfigError(f"igpo.max_replacements ({self.igpo.max_replacements}) cannot exceed group_size "
+                              f"({self.group_size})")
+
+
+@register_trainer("igpo", config_class=IGPOConfig, paper="https://arxiv.org/abs/2509.10396",
+                  summary="IGPO / diffu-GRPO: GRPO for masked diffusion LLMs with inpainted hints")
+class IGPOTrainer:
+    def __init__(self, config: IGPOConfig):
+        self.config = config
+
+    # ------------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.config
+        self.accelerator = acc = common.create_accelerator(cfg)
+        self.output_dir = common.prepare_output_dir(acc, cfg)
+        common.seed_everything(cfg.seed, acc)
+        if cfg.prompts_per_step % acc.num_processes:
+            raise ConfigError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the "
+                              f"{acc.num_processes} processes: each process keeps whole groups")
+        self.train_tasks, self.eval_tasks = load_task_split(cfg.data, cfg.seed)
+        self.reward = load_reward(cfg.reward.weights, device=cfg.reward.device or acc.device, kwargs=cfg.reward.kwargs)
+        check_correctness_reward(self.reward, cfg.correctness)
+        self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
+        self.model = load_dllm(cfg, acc.device)
+        self.params = common.trainable_parameters(self.model.module)
+        optimizer = common.create_optimizer(self.params, cfg.optim)
+        scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps * cfg.num_iterations)
+        self.model.denoiser, self.optimizer, self.scheduler = acc.prepare(self.model.module, optimizer, scheduler)
+        self.sampler = UniformSampler(len(self.train_tasks), cfg.prompts_per_step // acc.num_processes,
+                                      seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
+        self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
+        self.step, self.bad_steps = 0, 0
+        folder = common.resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
+        if folder is not None:
+            info = common.load_checkpoint(folder, acc, trainer="igpo", load_model=self._load_model,
+                                          optimizer=self.optimizer, scheduler=self.scheduler,
+                                          states=self._states(), generators={"noise": self.noise})
+            self.step = info["step"]
+        common.init_trackers(acc, cfg)
+        self.metrics = common.MetricsLogger(acc, self.output_dir, resume_step=self.step,
+                                            trackers=bool(cfg.logging.trackers))
+
+    def _states(self) -> dict:
+        states = {"sampler": self.sampler}
+        if hasattr(self.estimator, "state_dict"):
+            states["estimator"] = self.estimator
+        return states
+
+    # ------------------------------------------------------------------------------------------------------
+    def _generate(self, prompt_ids, prompt_mask, pinned=None) -> torch.Tensor:
+        cfg, gen = self.config, self.config.generation
+        outputs = []
+        for start in range(0, prompt_ids.shape[0], cfg.generation_batch_size):
+            end = start + cfg.generation_batch_size
+            outputs.append(generate(self.model, prompt_ids[start:end], prompt_mask=prompt_mask[start:end],
+                                    gen_length=gen.gen_length, block_length=gen.block_length, steps=gen.steps,
+                                    temperature=gen.temperature, remasking=gen.remasking,
+                                    pinned=None if pinned is None else pinned[start:end], generator=self.noise))
+        return torch.cat(outputs)
+
+    def _hint_ratio_high(self) -> float:
+        igpo = self.config.igpo
+        if igpo.ratio_high_final is None:
+            return igpo.ratio_high
+        progress = self.step / max(1, self.config.max_steps - 1)
+        return igpo.ratio_high + (igpo.ratio_high_final - igpo.ratio_high) * min(1.0, progress)
+
+    @torch.no_grad()
+    def rollout(self) -> dict:
+        """Completions ``[N, T]`` for this process's questions (``group_size`` each), with their tasks."""
+        cfg = self.config
+        self.model.denoiser.eval()
+        tasks = [self.train_tasks[i] for i in self.sampler.next_indices()]
+        prompt_ids, prompt_mask = prompt_tensors(self.model, tasks, chat_template=cfg.chat_template,
+                                                 repeat=cfg.group_size)
+        completions = self._generate(prompt_ids, prompt_mask)
+        return {"tasks": tasks, "rows": [t for t in tasks for _ in range(cfg.group_size)],
+                "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completions": completions,
+                "group_ids": torch.arange(len(tasks)).repeat_interleave(cfg.group_size),
+                "hint_mask": torch.zeros_like(completions, dtype=torch.bool)}
+
+    @torch.no_grad()
+    def _inpaint(self, batch: dict, rewards: torch.Tensor, correct: torch.Tensor) -> dict:
+        """IGPO's step 3: regenerate all-wrong groups with pinned hints; swap correct ones in, in place."""
+        cfg, igpo, tok = self.config, self.config.igpo, self.model.tokenizer
+        gen_length = cfg.generation.gen_length
+        samples = igpo.inpaint_samples or igpo.max_replacements
+        stats = {"inpaint/groups": 0.0, "inpaint/rescued": 0.0, "inpaint/replaced": 0.0}
+        high = self._hint_ratio_high()
+        for group, task in enumerate(batch["tasks"]):
+            rows = torch.arange(group * cfg.group_size, (group + 1) * cfg.group_size)
+            if correct[rows].any():
+                continue
+            stats["inpaint/groups"] += 1
+            trace_ids = tok(task.target, add_special_tokens=False).input_ids
+            ratios = igpo.ratio_low + (high - igpo.ratio_low) * torch.rand(samples, generator=self.noise)
+            pinned = torch.stack([build_hints(trace_ids, gen_length, ratio=float(r), min_chunk=igpo.min_chunk,
+                                              max_chunk=igpo.max_chunk, generator=self.noise) for r in ratios])
+            first = rows[0].item()
+            new = self._generate(batch["prompt_ids"][first:first + 1].expand(samples, -1),
+                                 batch["prompt_mask"][first:first + 1].expand(samples, -1),
+                                 pinned.to(batch["prompt_ids"].device))
+            new_rewards, new_correct, _ = score_texts(self.reward, self.model.decode(new), [task] * samples,
+                                                      cfg.correctness)
+            good = new_correct.nonzero().flatten()[:igpo.max_replacements]
+            if good.numel() == 0:
+                continue
+            stats["inpaint/rescued"] += 1
+            stats["inpaint/replaced"] += good.numel()
+            targets = rows[:good.numel()]  # every completion of the group is wrong: replace the first ones
+            batch["completions"][targets] = new[good].to(batch["completions"].device)
+            batch["hint_mask"][targets] = (pinned[good] != FREE).to(batch["hint_mask"].device)
+            rewards[targets] = new_rewards[good]
+            correct[targets] = True
+        return stats
+
+    def score(self, batch: dict) -> dict:
+        """Rewards, IGPO's inpainting, advantages, and the old / reference log-probs of every iteration."""
+        cfg, acc = self.config, self.accelerator
+        rewards, correct, extras = score_texts(self.reward, self.model.decode(batch["completions"]), batch["rows"],
+                                               cfg.correctness)
+        groups = correct.view(-1, cfg.group_size)
+        stats = {"reward_before_inpainting": float(rewards.mean()),
+                 "all_wrong_ratio": float((~groups.any(1)).float().mean()),
+                 "all_correct_ratio": float(groups.all(1).float().mean())}
+        if cfg.igpo.enabled:
+            stats.update(self._inpaint(batch, rewards, correct))
+        advantages = self.estimator(rewards, batch["group_ids"])
+        batch["advantages"] = advantages
+        stats.update(reward=float(rewards.mean()), accuracy=float(correct.float().mean()),
+                     **group_summary(rewards, batch["group_ids"]))
+        for name in self.reward.names:
+            if len(self.reward.names) > 1:
+                stats[f"reward/{name}"] = float(torch.as_tensor(extras[name]).float().mean())
+
+        # One mask seed per inner iteration; old log-probs (the rollout policy), entropies (for the hint
+        # filter) and reference log-probs are all computed now, before the first update.
+        self.model.denoiser.eval()
+        batch["mask_seeds"] = torch.randint(0, 2 ** 31 - 1, (cfg.num_iterations,), generator=self.noise).tolist()
+        batch["old_log_probs"], batch["loss_masks"], batch["ref_log_probs"] = [], [], []
+        with torch.no_grad():
+            for seed in batch["mask_seeds"]:
+                old, entropy = self._log_probs(batch, seed)
+                batch["old_log_probs"].append(old)
+                batch["loss_masks"].append(hint_entropy_mask(entropy, batch["hint_mask"].to(entropy.device),
+                                                             cfg.igpo.entropy_keep_ratio))
+                if cfg.beta > 0:
+                    with self.model.reference():
+                        batch["ref_log_probs"].append(self._log_probs(batch, seed)[0])
+        hints = batch["hint_mask"]
+        if hints.any():
+            kept = batch["loss_masks"][0] & hints.to(batch["loss_masks"][0].device)
+            stats["inpaint/hint_tokens_in_loss"] = float(kept.sum() / hints.sum())
+        # Means over processes, for logging
+        reduced = acc.reduce(torch.tensor(list(stats.values()), device=acc.device), reduction="mean")
+        return dict(zip(stats, reduced.tolist()))
+
+    def _log_probs(self, batch: dict, seed: int, rows: slice = slice(None)):
+        cfg = self.config
+        log_probs, entropy = [], []
+        ids, mask, completions = batch["prompt_ids"][rows], batch["prompt_mask"][rows], batch["completions"][rows]
+        for start in range(0, ids.shape[0], cfg.train_batch_size):
+            part = slice(start, start + cfg.train_batch_size)
+            lp, ent = self.model.completion_log_probs(ids[part], mask[part], completions[part], mask_seed=seed,
+                                                      prompt_mask_prob=cfg.prompt_mask_prob)
+            log_probs.append(lp)
+            entropy.append(ent)
+        return torch.cat(log_probs), torch.cat(entropy)
+
+    def _loss(self, batch: dict, iteration: int, rows: slice, total_tokens: float):
+        cfg = self.config
+        seed = batch["mask_seeds"][iteration]
+        log_probs, _ = self.model.completion_log_probs(batch["prompt_ids"][rows], batch["prompt_mask"][rows],
+                                                       batch["completions"][rows], mask_seed=seed,
+                                                       prompt_mask_prob=cfg.prompt_mask_prob)
+        old = batch["old_log_probs"][iteration][rows] if cfg.num_iterations > 1 else log_probs.detach()
+        mask = batch["loss_masks"][iteration][rows]
+        advantages = batch["advantages"][rows].to(log_probs.device)
+        if cfg.ratio_level == "sequence":
+            # IGPO's GSPO ratio averages over every completion position (its code divides by the length).
+            seq = sequence_log_ratio(log_probs, old, torch.ones_like(mask))
+            per_token, clip = clipped_surrogate(seq[:, None].expand_as(log_probs), torch.zeros_like(log_probs),
+                                                advantages, clip_low=cfg.clip_low, clip_high=cfg.clip_high)
+        else:
+            per_token, clip = clipped_surrogate(log_probs, old, advantages, clip_low=cfg.clip_low,
+                                                clip_high=cfg.clip_high)
+        parts = {"clip_fraction": float(clip["clipped"].float().mean())}
+        if cfg.beta > 0:
+            kl = kl_penalty(log_probs, batch["ref_log_probs"][iteration][rows], "k3")
+            per_token = per_token + cfg.beta * kl
+            parts["kl"] = float((kl.detach() * mask).sum() / mask.sum().clamp_min(1))
+        return aggregate(per_token, mask, "token-mean", global_tokens=total_tokens), parts
+
+    def update(self, batch: dict) -> dict:
+        """``num_iterations`` optimizer steps over the batch, each a token-mean over the whole batch."""
+        cfg = self.config
+        self.model.denoiser.train()
+        count = batch["completions"].shape[0]
+        starts = list(range(0, count, cfg.train_batch_size))
+        logged: dict[str, float] = {}
+        for iteration in range(cfg.num_iterations):
+            total_tokens = float(batch["loss_masks"][iteration].sum().clamp_min(1))
+            totals = common.accumulate(
+                self.accelerator, self.model.denoiser, len(starts),
+                lambda i, it=iteration, tokens=total_tokens: self._loss(
+                    batch, it, slice(starts[i], starts[i] + cfg.train_batch_size), tokens), average=False)
+            for key, value in common.optimizer_step(self, totals).items():
+                logged[key] = logged.get(key, 0.0) + value / cfg.num_iterations
+        logged["lr"] = self.scheduler.get_last_lr()[0]
+        return logged
+
+    def evaluate(self) -> dict:
+        cfg = self.config
+        self.model.denoiser.eval()
+        return evaluate_reasoning(self.model, self.eval_tasks, self.reward, cfg.generation,
+                                  correctness=cfg.correctness, chat_template=cfg.chat_template, k=cfg.eval_k,
+                                  batch_size=cfg.generation_batch_size, seed=cfg.seed)
+
+    def train(self) -> dict:
+        cfg = self.config
+        self.setup()
+        if self.step == 0:
+            self.metrics.log(self.evaluate(), step=0)
+        bar = common.progress_bar(self.accelerator, total=cfg.max_steps, initial=self.step,
+                                  enabled=cfg.logging.progress_bar, desc="igpo" if cfg.igpo.enabled else "diffu-grpo")
+        last: dict = {}
+        while self.step < cfg.max_steps:
+            start = time.time()
+            batch = self.rollout()
+            stats = self.score(batch)
+            rollout_time = time.time() - start
+            last = {**stats, **self.update(batch)}
+            self.step += 1
+            last.update(step_time=time.time() - start, rollout_time=rollout_time)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                last.update(self.evaluate())
+            if self.step % cfg.logging.log_every == 0:
+                self.metrics.log(last, step=self.step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{last['reward']:.3f}", loss=f"{last['loss']:.4f}")
+            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.max_steps:
+                self.save()
+        bar.close()
+        final = self.evaluate()
+        self.metrics.log(final, step=self.step)
+        common.end_training(self.accelerator)
+        return {**last, **final}
+
+    def save(self) -> None:
+        cfg = self.config
+        common.save_checkpoint(self.accelerator, cfg.output_dir, self.step, trainer="igpo",
+                               save_model=lambda folder: common.save_trainable(self.model, folder,
+                                                                               lora_enabled=cfg.lora.enabled),
+                               optimizer=self.optimizer, scheduler=self.scheduler, states=self._states(),
+                               generators={"noise": self.noise}, keep_last=cfg.checkpoint.keep_last)
+
+    def _load_model(self, folder) -> None:
+        common.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

@@ -1,0 +1,105 @@
+"""Glue shared by the diffusion-LLM trainers (dllm_sft, igpo) and ``diffrl eval``: loading the model and the
+task split, prompting, scoring completions, and accuracy / pass@k evaluation. Functions, not a base class."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from diffrl.errors import ConfigError, RewardError
+
+
+def load_task_split(data, seed: int):
+    """``(train, eval)`` tasks of a ReasoningDataConfig: the last ``eval_size`` tasks are held out."""
+    from diffrl.data import load_tasks
+
+    tasks = load_tasks(data.path, size=data.size, seed=seed, split=data.split, config_name=data.config_name,
+                       question_field=data.question_field, answer_field=data.answer_field)
+    cut = len(tasks) - data.eval_size
+    if cut <= 0:
+        raise ConfigError(f"data.eval_size ({data.eval_size}) leaves no training examples out of {len(tasks)}")
+    return tasks[:cut], tasks[cut:]
+
+
+def load_dllm(config, device):
+    """The config's MaskedDiffusionLM with LoRA (or full fine-tuning) and gradient checkpointing."""
+    from diffrl.models.dllm import MaskedDiffusionLM
+    from diffrl.trainers import common
+
+    model = MaskedDiffusionLM.from_pretrained(config.model.path, revision=config.model.revision,
+                                              dtype=common.torch_dtype(config.model.dtype), device=device,
+                                              trust_remote_code=config.model.trust_remote_code)
+    common.apply_lora(model, config.lora)
+    if config.model.gradient_checkpointing:
+        model.module.gradient_checkpointing_enable()
+    return model
+
+
+def prompt_tensors(model, tasks, *, chat_template: bool, repeat: int = 1):
+    """Left-padded prompt ids and mask ``[len(tasks) * repeat, P]``, each task's rows adjacent."""
+    prompts = model.chat_prompt_ids([t.question for t in tasks], chat_template=chat_template)
+    return model.left_pad([p for p in prompts for _ in range(repeat)])
+
+
+def score_texts(reward, texts: list[str], tasks, correctness: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Rewards ``[N]``, correct flags ``[N]`` (from the ``correctness`` component's ``correct`` extra) and the
+    extras, for completions of ``tasks`` (one task per text)."""
+    metadata: dict[str, list] = {}
+    for task in tasks:
+        for key, value in task.reward_metadata().items():
+            metadata.setdefault(key, []).append(value)
+    out = reward(texts, [t.question for t in tasks], **metadata)
+    key = f"{correctness}/correct" if len(reward.names) > 1 or f"{correctness}/correct" in out.extras \
+        else "correct"
+    if key not in out.extras:
+        raise RewardError(f"reward {correctness!r} reports no 'correct' flag; set correctness to a task reward "
+                          f"(math, countdown, sudoku)")
+    return out.scores.float(), torch.as_tensor(out.extras[key]).bool(), out.extras
+
+
+def check_correctness_reward(reward, correctness: str) -> None:
+    if correctness not in reward.names:
+        raise ConfigError(f"correctness: {correctness!r} is not one of the rewards ({', '.join(reward.names)}); "
+                          f"name the task reward that decides right / wrong")
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """The unbiased pass@k estimate from n samples with c correct (Chen et al., 2021):
+    ``1 - C(n - c, k) / C(n, k)``."""
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
+
+
+@torch.no_grad()
+def evaluate_reasoning(model, tasks, reward, generation, *, correctness: str, chat_template: bool, k: int = 1,
+                       batch_size: int = 32, seed: int = 0) -> dict:
+    """Accuracy of one completion per task at ``generation.eval_temperature`` (0: greedy, the papers'
+    setting) and, with ``k > 1``, pass@k from k completions per task at ``generation.temperature``."""
+    from diffrl.samplers.masked import generate
+
+    if not tasks:
+        return {}
+
+    def run(temperature: float, repeat: int) -> tuple[torch.Tensor, list[str]]:
+        correct, texts = [], []
+        generator = torch.Generator().manual_seed(seed)
+        for start in range(0, len(tasks), max(1, batch_size // repeat)):
+            chunk = tasks[start:start + max(1, batch_size // repeat)]
+            ids, mask = prompt_tensors(model, chunk, chat_template=chat_template, repeat=repeat)
+            out = generate(model, ids, prompt_mask=mask, gen_length=generation.gen_length,
+                           block_length=generation.block_length, steps=generation.steps, temperature=temperature,
+                           remasking=generation.remasking, generator=generator)
+            decoded = model.decode(out)
+            _, flags, _ = score_texts(reward, decoded, [t for t in chunk for _ in range(repeat)], correctness)
+            correct.append(flags.view(len(chunk), repeat))
+            texts += decoded
+        return torch.cat(correct), texts
+
+    greedy, texts = run(generation.eval_temperature, 1)
+    metrics = {"eval/accuracy": float(greedy.float().mean()), "eval/example": texts[0][:120]}
+    if k > 1:
+        sampled, _ = run(generation.temperature, k)
+        metrics[f"eval/pass@{k}"] = sum(pass_at_k(k, int(c), k) for c in sampled.sum(1)) / len(tasks)
+    return metrics
