@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench/advantages.py
 	$(BIN)/python scripts/bench/rewards.py
 	$(BIN)/python scripts/bench/trainer_overhead.py
+	$(BIN)/python scripts/bench/dllm_generate.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check diffrl rewards tests scripts

@@ -198,6 +198,45 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Accuracy (and pass@k) of a diffusion-LLM config's model, or of a checkpoint of it, on the held-out tasks."""
+    import json
+
+    import torch
+
+    from diffrl.config import load_config
+    from diffrl.errors import CheckpointError
+    from diffrl.trainers import common
+    from diffrl.trainers.reasoning import check_correctness_reward, evaluate_reasoning, load_dllm, load_task_split
+    from rewards import load_reward
+
+    config = load_config(args.config, args.overrides)
+    if config.trainer not in ("igpo", "dllm_sft"):
+        raise DiffrlError(f"diffrl eval scores diffusion-LLM runs (igpo, dllm_sft); {args.config} is a "
+                          f"{config.trainer} config: image and video runs are evaluated during training")
+    _, tasks = load_task_split(config.data, config.seed)
+    if not tasks:
+        raise DiffrlError(f"{args.config}: data.eval_size is 0; set data.eval_size=N to hold out N tasks")
+    reward_config = getattr(config, "reward", None)
+    reward = load_reward(reward_config.weights if reward_config else {"math": 1.0},
+                         kwargs=reward_config.kwargs if reward_config else None)
+    correctness = getattr(config, "correctness", "math")
+    check_correctness_reward(reward, correctness)
+    model = load_dllm(config, "cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
+    if args.checkpoint:
+        folder = Path(args.checkpoint)
+        folder = folder / "model" if (folder / "model").is_dir() else folder
+        if not folder.is_dir():
+            raise CheckpointError(f"--checkpoint {args.checkpoint}: folder not found")
+        common.load_trainable(model, folder, lora_enabled=config.lora.enabled)
+    model.module.eval()
+    metrics = evaluate_reasoning(model, tasks, reward, config.generation, correctness=correctness,
+                                 chat_template=config.chat_template, k=args.k, batch_size=args.batch_size,
+                                 seed=config.seed)
+    print(json.dumps({"config": args.config, "checkpoint": args.checkpoint, "tasks": len(tasks), **metrics}))
+    return 0
+
+
 def _not_yet(name: str):
     def command(args) -> int:
         raise DiffrlError(f"`diffrl {name}` is not available in this version yet; see the README for what is")
@@ -249,8 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=cmd_score)
 
-    for name, text in (("sample", "generate samples from a model or checkpoint"),
-                       ("eval", "evaluate a model or checkpoint")):
+    evaluate = sub.add_parser("eval", help="accuracy and pass@k of a diffusion-LLM model or checkpoint",
+                              description="Evaluate on the config's held-out tasks (data.eval_size) with its "
+                              "generation settings. Example: diffrl eval configs/igpo/tiny_arithmetic.yaml "
+                              "--checkpoint outputs/igpo_tiny/checkpoints/step-000040 --k 4")
+    evaluate.add_argument("config", help="the run's YAML config (igpo or dllm_sft)")
+    evaluate.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    evaluate.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the base model)")
+    evaluate.add_argument("--k", type=int, default=1, help="also report pass@k from k samples per task")
+    evaluate.add_argument("--batch-size", type=int, default=32, help="sequences per generation forward")
+    evaluate.set_defaults(func=cmd_eval)
+
+    for name, text in (("sample", "generate samples from a model or checkpoint"),):
         stub = sub.add_parser(name, help=text + " (coming in a later version)")
         stub.add_argument("rest", nargs=argparse.REMAINDER)
         stub.set_defaults(func=_not_yet(name))

@@ -167,6 +167,8 @@ class ReasoningDataConfig:
     answer_field: str = param("answer", help="field holding the reasoning trace and final answer")
     size: int = param(2000, help="number of tasks a generator makes", ge=1)
     eval_size: int = param(32, help="held-out tasks used by evaluation (taken from the end)", ge=0)
+    prompt_template: str = param("{question}", help="the prompt built from each question, e.g. the paper's "
+                                                    "instructions followed by {question}")
 
 
 @dataclasses.dataclass

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 from diffrl.config import MaskedGenerationConfig, ReasoningDataConfig, TrainerConfig, param
 from diffrl.curriculum import UniformSampler
-from diffrl.data import ReasoningExample, last_boxed, load_tasks
+from diffrl.data import ReasoningExample, last_boxed
 from diffrl.errors import ConfigError
-from diffrl.models.dllm import MaskedDiffusionLM
 from diffrl.samplers.masked import generate
 from diffrl.trainers import common, register_trainer
+from diffrl.trainers.reasoning import load_dllm, load_task_split
 
 
 @dataclasses.dataclass
@@ -66,19 +66,8 @@ class DllmSFTTrainer:
         self.output_dir = common.prepare_output_dir(self.accelerator, cfg)
         common.seed_everything(cfg.seed, self.accelerator)
         # Data first: a bad path should fail before minutes of model loading.
-        tasks = load_tasks(cfg.data.path, size=cfg.data.size, seed=cfg.seed, split=cfg.data.split,
-                           config_name=cfg.data.config_name, question_field=cfg.data.question_field,
-                           answer_field=cfg.data.answer_field)
-        cut = len(tasks) - cfg.data.eval_size
-        self.train_tasks, self.eval_tasks = tasks[:cut], tasks[cut:]
-        if not self.train_tasks:
-            raise ConfigError(f"data.eval_size ({cfg.data.eval_size}) leaves no training examples out of {len(tasks)}")
-        self.model = MaskedDiffusionLM.from_pretrained(
-            cfg.model.path, revision=cfg.model.revision, dtype=common.torch_dtype(cfg.model.dtype),
-            device=self.accelerator.device, trust_remote_code=cfg.model.trust_remote_code)
-        common.apply_lora(self.model, cfg.lora)
-        if cfg.model.gradient_checkpointing:
-            self.model.module.gradient_checkpointing_enable()
+        self.train_tasks, self.eval_tasks = load_task_split(cfg.data, cfg.seed)
+        self.model = load_dllm(cfg, self.accelerator.device)
         self.params = common.trainable_parameters(self.model.module)
         optimizer = common.create_optimizer(self.params, cfg.optim)
         scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps)

@@ -11,11 +11,19 @@ from diffrl.errors import ConfigError, RewardError
 
 
 def load_task_split(data, seed: int):
-    """``(train, eval)`` tasks of a ReasoningDataConfig: the last ``eval_size`` tasks are held out."""
+    """``(train, eval)`` tasks of a ReasoningDataConfig, questions put through ``prompt_template``; the last
+    ``eval_size`` tasks are held out."""
+    import dataclasses
+
     from diffrl.data import load_tasks
 
+    if "{question}" not in data.prompt_template:
+        raise ConfigError("data.prompt_template must contain {question}")
     tasks = load_tasks(data.path, size=data.size, seed=seed, split=data.split, config_name=data.config_name,
                        question_field=data.question_field, answer_field=data.answer_field)
+    if data.prompt_template != "{question}":
+        tasks = [dataclasses.replace(t, question=data.prompt_template.replace("{question}", t.question))
+                 for t in tasks]
     cut = len(tasks) - data.eval_size
     if cut <= 0:
         raise ConfigError(f"data.eval_size ({data.eval_size}) leaves no training examples out of {len(tasks)}")
