@@ -22,6 +22,7 @@ in the loss (EOS padding included, as LLaDA learns to stop); hints are placed at
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -167,11 +168,26 @@ class IGPOTrainer:
         progress = self.step / max(1, self.config.max_steps - 1)
         return igpo.ratio_high + (igpo.ratio_high_final - igpo.ratio_high) * min(1.0, progress)
 
+    @contextlib.contextmanager
+    def _without_ddp(self):
+        """Gradient-free forwards on the raw module: processes run different numbers of them (inpainting fires
+        per group), so they must not go through the DDP wrapper's collective hooks."""
+        wrapped = self.model.denoiser
+        self.model.denoiser = self.model.module
+        self.model.module.eval()
+        try:
+            yield
+        finally:
+            self.model.denoiser = wrapped
+
     @torch.no_grad()
     def rollout(self) -> dict:
         """Completions ``[N, T]`` for this process's questions (``group_size`` each), with their tasks."""
+        with self._without_ddp():
+            return self._rollout()
+
+    def _rollout(self) -> dict:
         cfg = self.config
-        self.model.denoiser.eval()
         tasks = [self.train_tasks[i] for i in self.sampler.next_indices()]
         prompt_ids, prompt_mask = prompt_tensors(self.model, tasks, chat_template=cfg.chat_template,
                                                  repeat=cfg.group_size)
@@ -218,6 +234,10 @@ class IGPOTrainer:
 
     def score(self, batch: dict) -> dict:
         """Rewards, IGPO's inpainting, advantages, and the old / reference log-probs of every iteration."""
+        with torch.no_grad(), self._without_ddp():
+            return self._score(batch)
+
+    def _score(self, batch: dict) -> dict:
         cfg, acc = self.config, self.accelerator
         rewards, correct, extras = score_texts(self.reward, self.model.decode(batch["completions"]), batch["rows"],
                                                cfg.correctness)
@@ -237,30 +257,33 @@ class IGPOTrainer:
 
         # One mask seed per inner iteration; old log-probs (the rollout policy), entropies (for the hint
         # filter) and reference log-probs are all computed now, before the first update.
-        self.model.denoiser.eval()
         batch["mask_seeds"] = torch.randint(0, 2 ** 31 - 1, (cfg.num_iterations,), generator=self.noise).tolist()
         batch["old_log_probs"], batch["loss_masks"], batch["ref_log_probs"] = [], [], []
-        with torch.no_grad():
-            for seed in batch["mask_seeds"]:
-                old, entropy = self._log_probs(batch, seed)
-                batch["old_log_probs"].append(old)
-                batch["loss_masks"].append(hint_entropy_mask(entropy, batch["hint_mask"].to(entropy.device),
-                                                             cfg.igpo.entropy_keep_ratio))
-                if cfg.beta > 0:
-                    with self.model.reference():
-                        batch["ref_log_probs"].append(self._log_probs(batch, seed)[0])
-        hints = batch["hint_mask"]
-        if hints.any():
-            kept = batch["loss_masks"][0] & hints.to(batch["loss_masks"][0].device)
-            stats["inpaint/hint_tokens_in_loss"] = float(kept.sum() / hints.sum())
-        # Means over processes, for logging
-        reduced = acc.reduce(torch.tensor(list(stats.values()), device=acc.device), reduction="mean")
-        return dict(zip(stats, reduced.tolist()))
+        for seed in batch["mask_seeds"]:
+            old, entropy = self._log_probs(batch, seed)
+            batch["old_log_probs"].append(old)
+            batch["loss_masks"].append(hint_entropy_mask(entropy, batch["hint_mask"].to(entropy.device),
+                                                         cfg.igpo.entropy_keep_ratio))
+            if cfg.beta > 0:
+                with self.model.reference():
+                    batch["ref_log_probs"].append(self._log_probs(batch, seed)[0])
+        if cfg.igpo.enabled:
+            hints = batch["hint_mask"].to(batch["loss_masks"][0].device)
+            stats["inpaint/hint_tokens"] = float(hints.sum())
+            stats["inpaint/hint_tokens_kept"] = float((batch["loss_masks"][0] & hints).sum())
+        # Means over processes, for logging (every process has the same keys in the same order)
+        reduced = dict(zip(stats, acc.reduce(torch.tensor(list(stats.values()), device=acc.device),
+                                             reduction="mean").tolist()))
+        if reduced.get("inpaint/hint_tokens"):
+            kept, total = reduced["inpaint/hint_tokens_kept"], reduced["inpaint/hint_tokens"]
+            reduced["inpaint/hint_tokens_in_loss"] = kept / total
+        return reduced
 
-    def _log_probs(self, batch: dict, seed: int, rows: slice = slice(None)):
+    def _log_probs(self, batch: dict, seed: int):
+        """d1 log-probs and entropies of every completion, in train_batch_size chunks (no gradient here)."""
         cfg = self.config
         log_probs, entropy = [], []
-        ids, mask, completions = batch["prompt_ids"][rows], batch["prompt_mask"][rows], batch["completions"][rows]
+        ids, mask, completions = batch["prompt_ids"], batch["prompt_mask"], batch["completions"]
         for start in range(0, ids.shape[0], cfg.train_batch_size):
             part = slice(start, start + cfg.train_batch_size)
             lp, ent = self.model.completion_log_probs(ids[part], mask[part], completions[part], mask_seed=seed,
@@ -313,10 +336,10 @@ class IGPOTrainer:
 
     def evaluate(self) -> dict:
         cfg = self.config
-        self.model.denoiser.eval()
-        return evaluate_reasoning(self.model, self.eval_tasks, self.reward, cfg.generation,
-                                  correctness=cfg.correctness, chat_template=cfg.chat_template, k=cfg.eval_k,
-                                  batch_size=cfg.generation_batch_size, seed=cfg.seed)
+        with self._without_ddp():
+            return evaluate_reasoning(self.model, self.eval_tasks, self.reward, cfg.generation,
+                                      correctness=cfg.correctness, chat_template=cfg.chat_template, k=cfg.eval_k,
+                                      batch_size=cfg.generation_batch_size, seed=cfg.seed)
 
     def train(self) -> dict:
         cfg = self.config

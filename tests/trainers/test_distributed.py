@@ -148,3 +148,46 @@ def test_two_process_seppo_shares_references_and_splits_data(tiny_dir, tmp_path)
     assert rows[0]["references"] == rows[1]["references"]          # one reference draw for every process
     for step in range(3):                                           # 2 micro-batches x 1 winner per rank
         assert len(rows[0]["captions"][step]) == 2 and rows[0]["captions"][step] != rows[1]["captions"][step]
+
+
+IGPO_SCRIPT = r'''
+import json, sys, torch
+from diffrl.config import load_config
+from diffrl.trainers.igpo import IGPOTrainer
+from diffrl.trainers import common
+
+config = load_config("configs/igpo/tiny_arithmetic.yaml", [f"model.path={sys.argv[1]}", f"output_dir={sys.argv[2]}/run",
+                     "logging.progress_bar=false", "data.eval_size=2", "prompts_per_step=2", "train_batch_size=4"])
+trainer = IGPOTrainer(config)
+trainer.setup()
+acc = trainer.accelerator
+fired = []
+for _ in range(2):
+    batch = trainer.rollout()
+    if acc.process_index == 1:      # rank 1's group is never all wrong: inpainting fires on rank 0 only
+        task = batch["tasks"][0]
+        right = trainer.model.tokenizer(task.target, add_special_tokens=False).input_ids
+        batch["completions"][0] = trainer.model.tokenizer.eos_token_id
+        batch["completions"][0, :len(right)] = torch.tensor(right)
+    stats = trainer.score(batch)
+    fired.append(stats["inpaint/groups"])
+    trainer.update(batch)
+    trainer.step += 1
+flat = torch.cat([p.detach().flatten() for p in trainer.params])
+gathered = acc.gather(flat[None])
+out = {"world": acc.num_processes, "weights_equal": bool(torch.equal(gathered[0], gathered[1])), "fired": fired}
+with open(sys.argv[2] + f"/igpo_rank{acc.process_index}.json", "w") as f:
+    json.dump(out, f)
+common.end_training(acc)
+'''
+
+
+@pytest.mark.slow
+def test_two_process_igpo_with_inpainting_on_one_rank_only(tiny_dir, tmp_path):
+    script = tmp_path / "igpo_ddp.py"
+    script.write_text(IGPO_SCRIPT)
+    result = accelerate_launch(script, tiny_dir("dllm"), tmp_path, port=29523)
+    assert result.returncode == 0, result.stderr[-6000:]
+    rows = [json.loads((tmp_path / f"igpo_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(row["world"] == 2 and row["weights_equal"] for row in rows)
+    assert rows[0]["fired"] == rows[1]["fired"] == [0.5, 0.5]   # the mean over ranks: 1 group on rank 0, 0 on 1
