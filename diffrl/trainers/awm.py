@@ -49,7 +49,6 @@ from diffrl.trainers.rollout import (
     prompt_sets,
     sde_window,
 )
-from rewards import load_reward
 
 
 @dataclasses.dataclass(kw_only=True)  # required sections after the base class's defaulted fields
@@ -110,15 +109,14 @@ class AWMTrainer:
         # Prompts and rewards before the model: a bad file fails in a second, not after minutes of loading.
         self.prompts, self.eval_prompts = prompt_sets(cfg.data)
         check_group_split(cfg.prompts_per_step, cfg.group_size, acc.num_processes)
-        self.reward = load_reward(cfg.reward.weights, device=cfg.reward.device or acc.device, kwargs=cfg.reward.kwargs)
+        self.reward = common.load_configured_reward(cfg.reward, acc.device)
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_flow_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
         self.has_ema = cfg.ema_beta > 0 or cfg.off_policy
         if self.has_ema:
             # The "ema" adapter starts equal to the policy adapter and trails it (TRPO-like anchor).
-            self.model.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, init=cfg.lora.init,
-                                target_modules=cfg.lora.target_modules, adapter_name="ema")
+            common.add_frozen_adapter(self.model, cfg.lora, "ema")
             lora_utils.copy_adapter(self.model.transformer, "default", "ema")
         self.params = common.trainable_parameters(self.model.transformer)
         self.weight_ema = common.WeightEMA(self.params, decay=cfg.weight_ema_decay) if cfg.weight_ema_decay else None
@@ -287,10 +285,7 @@ class AWMTrainer:
     def train(self) -> dict:
         cfg = self.config
         self.setup()
-        if self.step == 0:
-            self.metrics.log(self.evaluate(), step=0)
-        bar = common.progress_bar(self.accelerator, total=cfg.max_steps, initial=self.step,
-                                  enabled=cfg.logging.progress_bar, desc="awm")
+        bar = common.start_training(self, desc="awm")
         last: dict = {}
         while self.step < cfg.max_steps:
             start = time.time()
@@ -301,19 +296,8 @@ class AWMTrainer:
             self.step += 1
             self._update_ema_adapter()
             last.update(step_time=time.time() - start, rollout_time=rollout_time)
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
-                last.update(self.evaluate())
-            if self.step % cfg.logging.log_every == 0:
-                self.metrics.log(last, step=self.step)
-            bar.update(1)
-            bar.set_postfix(reward=f"{last['reward']:.3f}", loss=f"{last['loss']:.4f}")
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.max_steps:
-                self.save()
-        bar.close()
-        final = self.evaluate()
-        self.metrics.log(final, step=self.step)
-        common.end_training(self.accelerator)
-        return {**last, **final}
+            common.after_step(self, last, bar, reward=f"{last['reward']:.3f}", loss=f"{last['loss']:.4f}")
+        return common.finish_training(self, bar, last)
 
     def save(self) -> None:
         cfg = self.config

@@ -245,6 +245,50 @@ def progress_bar(accelerator, *, total: int, initial: int, enabled: bool, desc: 
                 disable=not (enabled and accelerator.is_main_process))
 
 
+# The bookkeeping around every trainer's written-out loop (rollout / score / update stay in the trainer):
+#
+#     bar = common.start_training(self, desc="awm")
+#     while self.step < cfg.max_steps:
+#         ... one optimizer step, self.step += 1 ...
+#         common.after_step(self, last, bar, loss=f"{last['loss']:.4f}")
+#     return common.finish_training(self, bar, last)
+#
+# ``trainer`` has config, accelerator, step, metrics, evaluate() and save().
+
+
+def start_training(trainer, *, desc: str):
+    """Evaluate before the first step of a fresh run, then return the progress bar (starting at a resumed step)."""
+    cfg = trainer.config
+    if trainer.step == 0:
+        trainer.metrics.log(trainer.evaluate(), step=0)
+    return progress_bar(trainer.accelerator, total=cfg.max_steps, initial=trainer.step,
+                        enabled=cfg.logging.progress_bar, desc=desc)
+
+
+def after_step(trainer, metrics: dict, bar, **postfix: str) -> None:
+    """After optimizer step ``trainer.step``: evaluation every ``eval_every`` steps (the last step is evaluated
+    by :func:`finish_training`), a metrics row every ``log_every``, the progress bar, and a checkpoint every
+    ``checkpoint.every`` steps and at the last one."""
+    cfg = trainer.config
+    if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.max_steps:
+        metrics.update(trainer.evaluate())
+    if trainer.step % cfg.logging.log_every == 0:
+        trainer.metrics.log(metrics, step=trainer.step)
+    bar.update(1)
+    bar.set_postfix(**postfix)
+    if trainer.step % cfg.checkpoint.every == 0 or trainer.step == cfg.max_steps:
+        trainer.save()
+
+
+def finish_training(trainer, bar, last: dict) -> dict:
+    """Close the bar, evaluate the final weights, log, shut down; returns the last step's and final metrics."""
+    bar.close()
+    final = trainer.evaluate()
+    trainer.metrics.log(final, step=trainer.step)
+    end_training(trainer.accelerator)
+    return {**last, **final}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # RNG state
 # ----------------------------------------------------------------------------------------------------------
@@ -435,6 +479,22 @@ def apply_lora(model, lora) -> None:
                        target_modules=lora.target_modules)
     else:
         model.trainable.requires_grad_(True)
+
+
+def add_frozen_adapter(model, lora, adapter_name: str) -> None:
+    """A second LoRA adapter shaped like the config's (no dropout), frozen: "default" stays the trained one.
+    AWM's EMA adapter and SePPO's bank reference live in one."""
+    model.add_lora(rank=lora.rank, alpha=lora.alpha, init=lora.init, target_modules=lora.target_modules,
+                   adapter_name=adapter_name)
+
+
+def load_configured_reward(reward, device):
+    """The reward of a config's ``reward`` section on its device (default: ``device``); None without one."""
+    from rewards import load_reward
+
+    if reward is None:
+        return None
+    return load_reward(reward.weights, device=reward.device or device, kwargs=reward.kwargs)
 
 
 def save_trainable(model, folder: Path, *, lora_enabled: bool) -> None:

@@ -28,13 +28,12 @@ from diffrl.losses import DPO_LOSS_TYPES, diffusion_dpo_loss
 from diffrl.trainers import common, register_trainer
 from diffrl.trainers.evaluation import check_reward_fits, evaluate_generation
 from diffrl.trainers.preference import (
-    evaluation_prompts,
     load_batch,
+    load_preference_data,
     load_preference_model,
     paired_errors,
     unconditional,
 )
-from rewards import load_reward
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -67,18 +66,12 @@ class DiffusionDPOTrainer:
 
     # ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from diffrl.data import PreferenceData
-
         cfg = self.config
         self.accelerator = acc = common.create_accelerator(cfg)
         self.output_dir = common.prepare_output_dir(acc, cfg)
         common.seed_everything(cfg.seed, acc)
-        self.data = PreferenceData.load(cfg.data.path, split=cfg.data.split, config_name=cfg.data.config_name,
-                                        caption_column=cfg.data.caption_column, need_loser=True,
-                                        keep_ties=cfg.data.keep_ties)
-        self.eval_prompts = evaluation_prompts(cfg.data, self.data)
-        self.reward = None if cfg.reward is None else load_reward(
-            cfg.reward.weights, device=cfg.reward.device or acc.device, kwargs=cfg.reward.kwargs)
+        self.data, self.eval_prompts = load_preference_data(cfg.data, need_loser=True)
+        self.reward = common.load_configured_reward(cfg.reward, acc.device)
         self.model = load_preference_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
         self.params = common.trainable_parameters(self.model.trainable)
@@ -143,29 +136,15 @@ class DiffusionDPOTrainer:
     def train(self) -> dict:
         cfg = self.config
         self.setup()
-        if self.step == 0:
-            self.metrics.log(self.evaluate(), step=0)
-        bar = common.progress_bar(self.accelerator, total=cfg.max_steps, initial=self.step,
-                                  enabled=cfg.logging.progress_bar, desc="diffusion_dpo")
+        bar = common.start_training(self, desc="diffusion_dpo")
         last: dict = {}
         while self.step < cfg.max_steps:
             start = time.time()
             last = self.update(self.rollout())
             self.step += 1
             last["step_time"] = time.time() - start
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
-                last.update(self.evaluate())
-            if self.step % cfg.logging.log_every == 0:
-                self.metrics.log(last, step=self.step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['implicit_acc']:.2f}")
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.max_steps:
-                self.save()
-        bar.close()
-        final = self.evaluate()
-        self.metrics.log(final, step=self.step)
-        common.end_training(self.accelerator)
-        return {**last, **final}
+            common.after_step(self, last, bar, loss=f"{last['loss']:.4f}", acc=f"{last['implicit_acc']:.2f}")
+        return common.finish_training(self, bar, last)
 
     def save(self) -> None:
         cfg = self.config

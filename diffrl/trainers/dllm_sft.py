@@ -156,29 +156,15 @@ class DllmSFTTrainer:
     def train(self) -> dict[str, float]:
         cfg = self.config
         self.setup()
-        if self.step == 0:
-            self.metrics.log(self.evaluate(), step=0)
-        bar = common.progress_bar(self.accelerator, total=cfg.max_steps, initial=self.step,
-                                  enabled=cfg.logging.progress_bar, desc="dllm_sft")
+        bar = common.start_training(self, desc="dllm_sft")
         last = {}
         while self.step < cfg.max_steps:
             start = time.time()
             last = self.update()
             self.step += 1
             last["step_time"] = time.time() - start
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
-                last.update(self.evaluate())
-            if self.step % cfg.logging.log_every == 0:
-                self.metrics.log(last, step=self.step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.max_steps:
-                self.save()
-        bar.close()
-        final = self.evaluate()
-        self.metrics.log(final, step=self.step)
-        common.end_training(self.accelerator)
-        return {**last, **final}
+            common.after_step(self, last, bar, loss=f"{last['loss']:.4f}")
+        return common.finish_training(self, bar, last)
 
     def save(self) -> None:
         cfg = self.config

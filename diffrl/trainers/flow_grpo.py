@@ -38,7 +38,6 @@ from diffrl.trainers.rollout import (
     prompt_sets,
     sde_window,
 )
-from rewards import load_reward
 
 
 @dataclasses.dataclass(kw_only=True)  # required sections after the base class's defaulted fields
@@ -88,7 +87,7 @@ class FlowGRPOTrainer:
         # Prompts and rewards before the model: a bad file fails in a second, not after minutes of loading.
         self.prompts, self.eval_prompts = prompt_sets(cfg.data)
         check_group_split(cfg.prompts_per_step, cfg.group_size, acc.num_processes)
-        self.reward = load_reward(cfg.reward.weights, device=cfg.reward.device or acc.device, kwargs=cfg.reward.kwargs)
+        self.reward = common.load_configured_reward(cfg.reward, acc.device)
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_flow_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
@@ -220,10 +219,7 @@ class FlowGRPOTrainer:
     def train(self) -> dict:
         cfg = self.config
         self.setup()
-        if self.step == 0:
-            self.metrics.log(self.evaluate(), step=0)
-        bar = common.progress_bar(self.accelerator, total=cfg.max_steps, initial=self.step,
-                                  enabled=cfg.logging.progress_bar, desc="flow_grpo")
+        bar = common.start_training(self, desc="flow_grpo")
         last: dict = {}
         while self.step < cfg.max_steps:
             start = time.time()
@@ -233,19 +229,8 @@ class FlowGRPOTrainer:
             last = {**stats, **self.update(batch)}
             self.step += 1
             last.update(step_time=time.time() - start, rollout_time=rollout_time)
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
-                last.update(self.evaluate())
-            if self.step % cfg.logging.log_every == 0:
-                self.metrics.log(last, step=self.step)
-            bar.update(1)
-            bar.set_postfix(reward=f"{last['reward']:.3f}", loss=f"{last.get('loss', 0.0):.4f}")
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.max_steps:
-                self.save()
-        bar.close()
-        final = self.evaluate()
-        self.metrics.log(final, step=self.step)
-        common.end_training(self.accelerator)
-        return {**last, **final}
+            common.after_step(self, last, bar, reward=f"{last['reward']:.3f}", loss=f"{last.get('loss', 0.0):.4f}")
+        return common.finish_training(self, bar, last)
 
     def save(self) -> None:
         cfg = self.config

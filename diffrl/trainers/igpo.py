@@ -43,7 +43,6 @@ from diffrl.trainers.reasoning import (
     prompt_tensors,
     score_texts,
 )
-from rewards import load_reward
 
 
 @dataclasses.dataclass
@@ -121,7 +120,7 @@ class IGPOTrainer:
             raise ConfigError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the "
                               f"{acc.num_processes} processes: each process keeps whole groups")
         self.train_tasks, self.eval_tasks = load_task_split(cfg.data, cfg.seed)
-        self.reward = load_reward(cfg.reward.weights, device=cfg.reward.device or acc.device, kwargs=cfg.reward.kwargs)
+        self.reward = common.load_configured_reward(cfg.reward, acc.device)
         check_correctness_reward(self.reward, cfg.correctness)
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_dllm(cfg, acc.device)
@@ -344,10 +343,7 @@ class IGPOTrainer:
     def train(self) -> dict:
         cfg = self.config
         self.setup()
-        if self.step == 0:
-            self.metrics.log(self.evaluate(), step=0)
-        bar = common.progress_bar(self.accelerator, total=cfg.max_steps, initial=self.step,
-                                  enabled=cfg.logging.progress_bar, desc="igpo" if cfg.igpo.enabled else "diffu-grpo")
+        bar = common.start_training(self, desc="igpo" if cfg.igpo.enabled else "diffu-grpo")
         last: dict = {}
         while self.step < cfg.max_steps:
             start = time.time()
@@ -357,19 +353,8 @@ class IGPOTrainer:
             last = {**stats, **self.update(batch)}
             self.step += 1
             last.update(step_time=time.time() - start, rollout_time=rollout_time)
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
-                last.update(self.evaluate())
-            if self.step % cfg.logging.log_every == 0:
-                self.metrics.log(last, step=self.step)
-            bar.update(1)
-            bar.set_postfix(reward=f"{last['reward']:.3f}", loss=f"{last['loss']:.4f}")
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.max_steps:
-                self.save()
-        bar.close()
-        final = self.evaluate()
-        self.metrics.log(final, step=self.step)
-        common.end_training(self.accelerator)
-        return {**last, **final}
+            common.after_step(self, last, bar, reward=f"{last['reward']:.3f}", loss=f"{last['loss']:.4f}")
+        return common.finish_training(self, bar, last)
 
     def save(self) -> None:
         cfg = self.config

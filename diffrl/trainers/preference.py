@@ -33,13 +33,17 @@ def load_preference_model(config, device):
     return model
 
 
-def evaluation_prompts(data_config, data) -> list[str]:
-    """``data.eval_path`` prompts, or the first ``eval_size`` captions of the training data."""
-    from diffrl.data import load_prompts
+def load_preference_data(data_config, *, need_loser: bool):
+    """The run's PreferenceData and its evaluation prompts: ``data.eval_path`` prompts, or the first
+    ``eval_size`` captions of the training data."""
+    from diffrl.data import PreferenceData, load_prompts
 
+    data = PreferenceData.load(data_config.path, split=data_config.split, config_name=data_config.config_name,
+                               caption_column=data_config.caption_column, need_loser=need_loser,
+                               keep_ties=data_config.keep_ties)
     if data_config.eval_path:
-        return load_prompts(data_config.eval_path)[:data_config.eval_size]
-    return [data.caption(i) for i in range(min(data_config.eval_size, len(data)))]
+        return data, load_prompts(data_config.eval_path)[:data_config.eval_size]
+    return data, [data.caption(i) for i in range(min(data_config.eval_size, len(data)))]
 
 
 def unconditional(model, guidance_scale: float):

@@ -58,8 +58,7 @@ def score_texts(reward, texts: list[str], tasks, correctness: str) -> tuple[torc
         for key, value in task.reward_metadata().items():
             metadata.setdefault(key, []).append(value)
     out = reward(texts, [t.question for t in tasks], **metadata)
-    key = f"{correctness}/correct" if len(reward.names) > 1 or f"{correctness}/correct" in out.extras \
-        else "correct"
+    key = f"{correctness}/correct"  # CombinedReward prefixes every component's extras with its name
     if key not in out.extras:
         raise RewardError(f"reward {correctness!r} reports no 'correct' flag; set correctness to a task reward "
                           f"(math, countdown, sudoku)")

@@ -37,13 +37,12 @@ from diffrl.models import lora as lora_utils
 from diffrl.trainers import common, register_trainer
 from diffrl.trainers.evaluation import check_reward_fits, evaluate_generation
 from diffrl.trainers.preference import (
-    evaluation_prompts,
     load_batch,
+    load_preference_data,
     load_preference_model,
     paired_errors,
     unconditional,
 )
-from rewards import load_reward
 
 REFERENCE_STRATEGIES = ("uniform", "initial", "latest")
 
@@ -137,22 +136,16 @@ class SePPOTrainer:
 
     # ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from diffrl.data import PreferenceData
-
         cfg = self.config
         self.accelerator = acc = common.create_accelerator(cfg)
         self.output_dir = common.prepare_output_dir(acc, cfg)
         common.seed_everything(cfg.seed, acc)
-        self.data = PreferenceData.load(cfg.data.path, split=cfg.data.split, config_name=cfg.data.config_name,
-                                        caption_column=cfg.data.caption_column, keep_ties=cfg.data.keep_ties)
-        self.eval_prompts = evaluation_prompts(cfg.data, self.data)
-        self.reward = None if cfg.reward is None else load_reward(
-            cfg.reward.weights, device=cfg.reward.device or acc.device, kwargs=cfg.reward.kwargs)
+        self.data, self.eval_prompts = load_preference_data(cfg.data, need_loser=False)
+        self.reward = common.load_configured_reward(cfg.reward, acc.device)
         self.model = load_preference_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
         # The bank's later entries are loaded into this second, frozen adapter.
-        self.model.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, init=cfg.lora.init,
-                            target_modules=cfg.lora.target_modules, adapter_name="reference")
+        common.add_frozen_adapter(self.model, cfg.lora, "reference")
         self.params = common.trainable_parameters(self.model.trainable)
         optimizer = common.create_optimizer(self.params, cfg.optim)
         scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps)
@@ -262,10 +255,7 @@ class SePPOTrainer:
     def train(self) -> dict:
         cfg = self.config
         self.setup()
-        if self.step == 0:
-            self.metrics.log(self.evaluate(), step=0)
-        bar = common.progress_bar(self.accelerator, total=cfg.max_steps, initial=self.step,
-                                  enabled=cfg.logging.progress_bar, desc="seppo")
+        bar = common.start_training(self, desc="seppo")
         last: dict = {}
         while self.step < cfg.max_steps:
             start = time.time()
@@ -276,19 +266,8 @@ class SePPOTrainer:
             if self.step % cfg.bank_every == 0:
                 self.bank.add(self.step, lora_utils.lora_state_dict(self.model.trainable, "default"))
             last.update(step_time=time.time() - start, rollout_time=rollout_time)
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
-                last.update(self.evaluate())
-            if self.step % cfg.logging.log_every == 0:
-                self.metrics.log(last, step=self.step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", flip=f"{last['aaf/ref_as_winner']:.2f}")
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.max_steps:
-                self.save()
-        bar.close()
-        final = self.evaluate()
-        self.metrics.log(final, step=self.step)
-        common.end_training(self.accelerator)
-        return {**last, **final}
+            common.after_step(self, last, bar, loss=f"{last['loss']:.4f}", flip=f"{last['aaf/ref_as_winner']:.2f}")
+        return common.finish_training(self, bar, last)
 
     def save(self) -> None:
         cfg = self.config
