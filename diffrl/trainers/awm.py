@@ -118,27 +118,16 @@ class AWMTrainer:
             # The "ema" adapter starts equal to the policy adapter and trails it (TRPO-like anchor).
             common.add_frozen_adapter(self.model, cfg.lora, "ema")
             lora_utils.copy_adapter(self.model.transformer, "default", "ema")
-        self.params = common.trainable_parameters(self.model.transformer)
+        common.prepare_optimization(self, cfg.max_steps)
         self.weight_ema = common.WeightEMA(self.params, decay=cfg.weight_ema_decay) if cfg.weight_ema_decay else None
-        optimizer = common.create_optimizer(self.params, cfg.optim)
-        scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps)
-        self.model.denoiser, self.optimizer, self.scheduler = acc.prepare(self.model.transformer, optimizer,
-                                                                          scheduler)
         self.uncond = self.model.null_condition() if cfg.sampling.guidance_scale != 1.0 else None
 
         # Every rank draws the same prompts (world_size=1 here); samples are split by local_group_slots.
         self.prompt_sampler = UniformSampler(len(self.prompts), cfg.prompts_per_step, seed=cfg.seed)
         self.noise = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
-        self.step, self.bad_steps = 0, 0
-        resume = common.resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
-        if resume is not None:
-            info = common.load_checkpoint(resume, acc, trainer="awm", load_model=self._load_model,
-                                          optimizer=self.optimizer, scheduler=self.scheduler,
-                                          states=self._states(), generators={"noise": self.noise})
-            self.step = info["step"]
-        self.metrics = common.MetricsLogger(acc, self.output_dir, resume_step=self.step,
-                                            trackers=bool(cfg.logging.trackers))
-        common.init_trackers(acc, cfg)
+        self.bad_steps = 0
+        common.resume_and_open_logs(self, "awm", load_model=self._load_model,
+                                    states=self._states(), generators={"noise": self.noise})
 
     def _states(self) -> dict:
         states = {"prompt_sampler": self.prompt_sampler}

@@ -131,6 +131,18 @@ def create_scheduler(optimizer: torch.optim.Optimizer, optim, max_steps: int):
                          num_training_steps=max_steps)
 
 
+def prepare_optimization(trainer, scheduler_steps: int) -> None:
+    """AdamW over ``trainer.model.trainable``'s trainable weights and the config's schedule over
+    ``scheduler_steps`` optimizer steps, then ``accelerator.prepare``: sets ``trainer.params``, ``optimizer``,
+    ``scheduler`` and ``model.denoiser`` (the DDP / FSDP wrapper; adapters stay managed on the raw module)."""
+    cfg, model = trainer.config, trainer.model
+    trainer.params = trainable_parameters(model.trainable)
+    optimizer = create_optimizer(trainer.params, cfg.optim)
+    scheduler = create_scheduler(optimizer, cfg.optim, scheduler_steps)
+    model.denoiser, trainer.optimizer, trainer.scheduler = trainer.accelerator.prepare(model.trainable, optimizer,
+                                                                                       scheduler)
+
+
 def check_bad_steps(bad_steps: int, limit: int, loss: float, grad_norm: float) -> None:
     """Warn about a skipped non-finite step; stop with the cause after ``limit`` in a row."""
     import warnings
@@ -465,6 +477,23 @@ def end_training(accelerator) -> None:
     accelerator.end_training()
     if accelerator.num_processes > 1 and accelerator.is_main_process:
         time.sleep(1.0)
+
+
+def resume_and_open_logs(trainer, name: str, *, load_model: Callable[[Path], None], states: dict[str, Any],
+                         generators: dict[str, torch.Generator]) -> None:
+    """Continue from ``checkpoint.resume`` when set (``trainer.step`` = the checkpoint's step, else 0), then
+    open the trackers and ``metrics.jsonl`` (rows after the resumed step dropped)."""
+    cfg, acc = trainer.config, trainer.accelerator
+    trainer.step = 0
+    folder = resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
+    if folder is not None:
+        info = load_checkpoint(folder, acc, trainer=name, load_model=load_model,
+                               optimizer=trainer.optimizer, scheduler=trainer.scheduler, states=states,
+                               generators=generators)
+        trainer.step = info["step"]
+    init_trackers(acc, cfg)
+    trainer.metrics = MetricsLogger(acc, trainer.output_dir, resume_step=trainer.step,
+                                    trackers=bool(cfg.logging.trackers))
 
 
 # ----------------------------------------------------------------------------------------------------------

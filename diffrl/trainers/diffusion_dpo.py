@@ -74,25 +74,15 @@ class DiffusionDPOTrainer:
         self.reward = common.load_configured_reward(cfg.reward, acc.device)
         self.model = load_preference_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
-        self.params = common.trainable_parameters(self.model.trainable)
-        optimizer = common.create_optimizer(self.params, cfg.optim)
-        scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps)
-        self.model.denoiser, self.optimizer, self.scheduler = acc.prepare(self.model.trainable, optimizer, scheduler)
+        common.prepare_optimization(self, cfg.max_steps)
         self.uncond = unconditional(self.model, cfg.generation.guidance_scale)
         self.sampler = UniformSampler(len(self.data), cfg.train_batch_size * cfg.optim.gradient_accumulation_steps,
                                       seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
         # Training noise, timesteps, VAE draws and augmentations; distinct per process, checkpointed.
         self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
-        self.step, self.bad_steps = 0, 0
-        folder = common.resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
-        if folder is not None:
-            info = common.load_checkpoint(folder, acc, trainer="diffusion_dpo", load_model=self._load_model,
-                                          optimizer=self.optimizer, scheduler=self.scheduler,
-                                          states={"sampler": self.sampler}, generators={"noise": self.noise})
-            self.step = info["step"]
-        common.init_trackers(acc, cfg)
-        self.metrics = common.MetricsLogger(acc, self.output_dir, resume_step=self.step,
-                                            trackers=bool(cfg.logging.trackers))
+        self.bad_steps = 0
+        common.resume_and_open_logs(self, "diffusion_dpo", load_model=self._load_model,
+                                    states={"sampler": self.sampler}, generators={"noise": self.noise})
 
     # ------------------------------------------------------------------------------------------------------
     def rollout(self) -> list[list[int]]:

@@ -68,26 +68,13 @@ class DllmSFTTrainer:
         # Data first: a bad path should fail before minutes of model loading.
         self.train_tasks, self.eval_tasks = load_task_split(cfg.data, cfg.seed)
         self.model = load_dllm(cfg, self.accelerator.device)
-        self.params = common.trainable_parameters(self.model.module)
-        optimizer = common.create_optimizer(self.params, cfg.optim)
-        scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps)
-        # prepare() wraps the module for DDP; adapters stay managed on the raw module (model.module).
-        self.model.denoiser, self.optimizer, self.scheduler = self.accelerator.prepare(
-            self.model.module, optimizer, scheduler)
+        common.prepare_optimization(self, cfg.max_steps)
         self.sampler = UniformSampler(len(self.train_tasks), cfg.batch_size, seed=cfg.seed,
                                       rank=self.accelerator.process_index,
                                       world_size=self.accelerator.num_processes)
         self.noise = torch.Generator().manual_seed(cfg.seed + 1000 * self.accelerator.process_index)
-        self.step = 0
-        resume = common.resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
-        if resume is not None:
-            info = common.load_checkpoint(
-                resume, self.accelerator, trainer="dllm_sft", load_model=self._load_model, optimizer=self.optimizer,
-                scheduler=self.scheduler, states={"sampler": self.sampler}, generators={"noise": self.noise})
-            self.step = info["step"]
-        self.metrics = common.MetricsLogger(self.accelerator, self.output_dir, resume_step=self.step,
-                                            trackers=bool(cfg.logging.trackers))
-        common.init_trackers(self.accelerator, cfg)
+        common.resume_and_open_logs(self, "dllm_sft", load_model=self._load_model,
+                                    states={"sampler": self.sampler}, generators={"noise": self.noise})
 
     # ------------------------------------------------------------------------------------------------------
 

@@ -91,24 +91,13 @@ class FlowGRPOTrainer:
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_flow_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
-        self.params = common.trainable_parameters(self.model.transformer)
-        optimizer = common.create_optimizer(self.params, cfg.optim)
-        scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps * cfg.updates_per_rollout)
-        self.model.denoiser, self.optimizer, self.scheduler = acc.prepare(self.model.transformer, optimizer,
-                                                                          scheduler)
+        common.prepare_optimization(self, cfg.max_steps * cfg.updates_per_rollout)
         self.uncond = self.model.null_condition() if cfg.sampling.guidance_scale != 1.0 else None
         self.prompt_sampler = UniformSampler(len(self.prompts), cfg.prompts_per_step, seed=cfg.seed)
         self.noise = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
-        self.step, self.bad_steps = 0, 0
-        resume = common.resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
-        if resume is not None:
-            info = common.load_checkpoint(resume, acc, trainer="flow_grpo", load_model=self._load_model,
-                                          optimizer=self.optimizer, scheduler=self.scheduler,
-                                          states=self._states(), generators={"noise": self.noise})
-            self.step = info["step"]
-        self.metrics = common.MetricsLogger(acc, self.output_dir, resume_step=self.step,
-                                            trackers=bool(cfg.logging.trackers))
-        common.init_trackers(acc, cfg)
+        self.bad_steps = 0
+        common.resume_and_open_logs(self, "flow_grpo", load_model=self._load_model,
+                                    states=self._states(), generators={"noise": self.noise})
 
     def _states(self) -> dict:
         states = {"prompt_sampler": self.prompt_sampler}

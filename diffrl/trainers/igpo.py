@@ -124,23 +124,13 @@ class IGPOTrainer:
         check_correctness_reward(self.reward, cfg.correctness)
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_dllm(cfg, acc.device)
-        self.params = common.trainable_parameters(self.model.module)
-        optimizer = common.create_optimizer(self.params, cfg.optim)
-        scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps * cfg.num_iterations)
-        self.model.denoiser, self.optimizer, self.scheduler = acc.prepare(self.model.module, optimizer, scheduler)
+        common.prepare_optimization(self, cfg.max_steps * cfg.num_iterations)
         self.sampler = UniformSampler(len(self.train_tasks), cfg.prompts_per_step // acc.num_processes,
                                       seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
         self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
-        self.step, self.bad_steps = 0, 0
-        folder = common.resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
-        if folder is not None:
-            info = common.load_checkpoint(folder, acc, trainer="igpo", load_model=self._load_model,
-                                          optimizer=self.optimizer, scheduler=self.scheduler,
-                                          states=self._states(), generators={"noise": self.noise})
-            self.step = info["step"]
-        common.init_trackers(acc, cfg)
-        self.metrics = common.MetricsLogger(acc, self.output_dir, resume_step=self.step,
-                                            trackers=bool(cfg.logging.trackers))
+        self.bad_steps = 0
+        common.resume_and_open_logs(self, "igpo", load_model=self._load_model,
+                                    states=self._states(), generators={"noise": self.noise})
 
     def _states(self) -> dict:
         states = {"sampler": self.sampler}

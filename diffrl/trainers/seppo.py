@@ -146,10 +146,7 @@ class SePPOTrainer:
         check_reward_fits(self.reward, self.model)
         # The bank's later entries are loaded into this second, frozen adapter.
         common.add_frozen_adapter(self.model, cfg.lora, "reference")
-        self.params = common.trainable_parameters(self.model.trainable)
-        optimizer = common.create_optimizer(self.params, cfg.optim)
-        scheduler = common.create_scheduler(optimizer, cfg.optim, cfg.max_steps)
-        self.model.denoiser, self.optimizer, self.scheduler = acc.prepare(self.model.trainable, optimizer, scheduler)
+        common.prepare_optimization(self, cfg.max_steps)
         self.uncond = unconditional(self.model, cfg.generation.guidance_scale)
         self.sampler = UniformSampler(len(self.data), cfg.train_batch_size * cfg.optim.gradient_accumulation_steps,
                                       seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
@@ -157,18 +154,11 @@ class SePPOTrainer:
         # Reference draws are the same on every process; noise, timesteps and VAE draws differ per process.
         self.draws = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
         self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
-        self.step, self.bad_steps = 0, 0
-        folder = common.resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
-        if folder is not None:
-            info = common.load_checkpoint(folder, acc, trainer="seppo", load_model=self._load_model,
-                                          optimizer=self.optimizer, scheduler=self.scheduler,
-                                          states={"sampler": self.sampler, "bank": self.bank},
-                                          generators={"noise": self.noise, "draws": self.draws})
-            self.step = info["step"]
+        self.bad_steps = 0
+        common.resume_and_open_logs(self, "seppo", load_model=self._load_model,
+                                    states={"sampler": self.sampler, "bank": self.bank},
+                                    generators={"noise": self.noise, "draws": self.draws})
         self._load_reference()
-        common.init_trackers(acc, cfg)
-        self.metrics = common.MetricsLogger(acc, self.output_dir, resume_step=self.step,
-                                            trackers=bool(cfg.logging.trackers))
 
     # ------------------------------------------------------------------------------------------------------
     def _load_reference(self) -> None:
