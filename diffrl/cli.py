@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from diffrl.errors import DiffrlError
+from diffrl.errors import DiffrlError, TrainingInterrupted
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
@@ -310,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except TrainingInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a process killed by it
     except DiffrlError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

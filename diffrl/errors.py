@@ -23,3 +23,7 @@ class RewardError(DiffrlError):
 
 class TrainingError(DiffrlError):
     """Training cannot continue (for example, too many consecutive non-finite steps)."""
+
+
+class TrainingInterrupted(DiffrlError):
+    """The run stopped on SIGTERM after checkpointing its last finished step (exit status 143)."""

@@ -188,10 +188,8 @@ def _check_scores(out: Any, name: str, batch: int) -> torch.Tensor:
     scores = torch.as_tensor(out.scores)
     if scores.shape != (batch,):
         raise RewardError(f"reward {name!r} returned scores of shape {tuple(scores.shape)}, expected ({batch},)")
-    scores = scores.detach().to("cpu", torch.float32)
-    if torch.isinf(scores).any():
-        raise RewardError(f"reward {name!r} returned an infinite score; return NaN for 'not applicable' instead")
-    return scores
+    # inf is passed on: trainers skip (and count) a step with an infinite reward instead of dying mid-run.
+    return scores.detach().to("cpu", torch.float32)
 
 
 def load_reward(spec, *, device: str | torch.device = "cpu", kwargs: dict[str, dict] | None = None) -> CombinedReward:

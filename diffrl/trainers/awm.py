@@ -125,7 +125,6 @@ class AWMTrainer:
         # Every rank draws the same prompts (world_size=1 here); samples are split by local_group_slots.
         self.prompt_sampler = UniformSampler(len(self.prompts), cfg.prompts_per_step, seed=cfg.seed)
         self.noise = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
-        self.bad_steps = 0
         common.resume_and_open_logs(self, "awm", load_model=self._load_model,
                                     states=self._states(), generators={"noise": self.noise})
 
@@ -278,22 +277,22 @@ class AWMTrainer:
         last: dict = {}
         while self.step < cfg.max_steps:
             start = time.time()
-            batch = self.rollout()
-            stats = self.score(batch)
-            rollout_time = time.time() - start
-            last = {**stats, **self.update(batch)}
+            try:
+                batch = self.rollout()
+                stats = self.score(batch)
+                rollout_time = time.time() - start
+                last = {**stats, **self.update(batch)}
+            except common.SkipStep as skip:  # a non-finite reward or advantage: no update this step
+                rollout_time, last = time.time() - start, self.guard.skip(str(skip))
             self.step += 1
             self._update_ema_adapter()
             last.update(step_time=time.time() - start, rollout_time=rollout_time)
-            common.after_step(self, last, bar, reward=f"{last['reward']:.3f}", loss=f"{last['loss']:.4f}")
+            common.after_step(self, last, bar, **common.postfix(last, "reward", "loss"))
         return common.finish_training(self, bar, last)
 
     def save(self) -> None:
-        cfg = self.config
-        common.save_checkpoint(self.accelerator, cfg.output_dir, self.step, trainer="awm",
-                               save_model=self._save_model, optimizer=self.optimizer, scheduler=self.scheduler,
-                               states=self._states(), generators={"noise": self.noise},
-                               keep_last=cfg.checkpoint.keep_last)
+        common.save(self, "awm", save_model=self._save_model, states=self._states(),
+                    generators={"noise": self.noise})
 
     def _save_model(self, folder) -> None:
         common.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from diffrl.config import TrainerConfig, save_config, to_dict
-from diffrl.errors import CheckpointError, ConfigError, TrainingError
+from diffrl.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINT_PREFIX = "step-"
@@ -66,7 +66,8 @@ def create_accelerator(config: TrainerConfig):
 
 
 def prepare_output_dir(accelerator, config: TrainerConfig) -> Path:
-    """Create ``output_dir`` (failing early if it is not writable) and write the resolved config there."""
+    """Create ``output_dir`` (failing early if it is not writable, or if it holds another run's checkpoints and
+    this run does not resume: they would be overwritten) and write the resolved config there."""
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         try:
@@ -77,6 +78,9 @@ def prepare_output_dir(accelerator, config: TrainerConfig) -> Path:
         except OSError as e:
             raise ConfigError(f"output_dir {output_dir} is not writable ({e.strerror}); choose another "
                               f"output_dir=...") from None
+        if config.checkpoint.resume is None and list_checkpoints(output_dir):
+            raise ConfigError(f"output_dir {output_dir} already holds checkpoints of a run; continue it with "
+                              f"checkpoint.resume=latest or choose a new output_dir=...")
         save_config(config, output_dir / "config.yaml")
     accelerator.wait_for_everyone()
     return output_dir
@@ -143,15 +147,60 @@ def prepare_optimization(trainer, scheduler_steps: int) -> None:
                                                                                        scheduler)
 
 
-def check_bad_steps(bad_steps: int, limit: int, loss: float, grad_norm: float) -> None:
-    """Warn about a skipped non-finite step; stop with the cause after ``limit`` in a row."""
-    import warnings
+class SkipStep(Exception):
+    """Raised inside a step when a reward or an advantage is not finite: the step's update is dropped and
+    :class:`StepGuard` counts it. Raise it from values every process shares (gathered), so ranks agree."""
 
-    if bad_steps >= limit:
-        raise TrainingError(f"{bad_steps} consecutive steps had a non-finite loss ({loss}) or gradient norm "
-                            f"({grad_norm}); lower optim.lr, check the rewards for NaN / inf, or train in fp32")
-    warnings.warn(f"skipped an update with a non-finite loss ({loss}) or gradient norm ({grad_norm}); "
-                  f"{bad_steps} in a row", stacklevel=2)
+
+class StepGuard:
+    """Counts skipped steps (a NaN / inf reward, advantage, loss or gradient norm): each one is warned about
+    and counted (``skipped_total`` in the metrics); after ``limit`` in a row the run stops with the cause.
+    Its counters are saved in every checkpoint."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.consecutive = 0
+        self.total = 0
+
+    def passed(self) -> None:
+        self.consecutive = 0
+
+    def skip(self, cause: str) -> dict[str, float]:
+        """Count a skipped step; raise TrainingError on the ``limit``-th in a row. Returns its metrics."""
+        import warnings
+
+        self.consecutive += 1
+        self.total += 1
+        if self.consecutive >= self.limit:
+            raise TrainingError(f"stopped after {self.consecutive} skipped steps in a row, the last because {cause}; "
+                                f"check the reward on a few samples (diffrl score), lower optim.lr, or train in "
+                                f"float32 (model.dtype / mixed_precision)")
+        warnings.warn(f"skipped a step: {cause} ({self.consecutive} in a row, {self.total} in this run; the run "
+                      f"stops at {self.limit} in a row)", stacklevel=2)
+        return {"skipped": 1.0, "skipped_total": float(self.total)}
+
+    def state_dict(self) -> dict:
+        return {"consecutive": self.consecutive, "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consecutive = int(state.get("consecutive", 0))
+        self.total = int(state.get("total", 0))
+
+
+def check_rewards(rewards: torch.Tensor, names: list[str]) -> None:
+    """Raise :class:`SkipStep` when a reward is infinite or every reward of the batch is NaN (a single NaN
+    means "not applicable" and gets advantage 0). Call it on the rewards gathered from every process."""
+    label = ", ".join(names)
+    if torch.isinf(rewards).any():
+        raise SkipStep(f"the reward ({label}) returned inf")
+    if rewards.numel() and torch.isnan(rewards).all():
+        raise SkipStep(f"the reward ({label}) returned NaN for every sample of the batch; if that is every "
+                       f"step, the prompts do not fit the reward (the ocr reward needs text in double quotes)")
+
+
+def check_advantages(advantages: torch.Tensor) -> None:
+    if not torch.isfinite(advantages).all():
+        raise SkipStep("an advantage is NaN or inf (the estimator's statistics overflowed)")
 
 
 def clip_and_check_grads(accelerator, params, max_norm: float | None) -> float:
@@ -182,21 +231,22 @@ def accumulate(accelerator, module, num_micro_batches: int, micro_batch_loss, *,
 
 
 def optimizer_step(trainer, totals: dict[str, float]) -> dict[str, float]:
-    """Clip, then step the optimizer and scheduler, or skip a non-finite update (stopping after
-    ``max_bad_steps`` in a row); ``trainer`` holds accelerator, params, optimizer, scheduler, bad_steps."""
+    """Clip, then step the optimizer and scheduler, or skip a non-finite update (counted by ``trainer.guard``,
+    which stops the run after ``max_bad_steps`` in a row); ``trainer`` holds accelerator, params, optimizer,
+    scheduler and guard."""
     cfg = trainer.config
     grad_norm = clip_and_check_grads(trainer.accelerator, trainer.params, cfg.optim.max_grad_norm)
     finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
     if finite:
         trainer.optimizer.step()
         trainer.scheduler.step()
-        trainer.bad_steps = 0
+        trainer.guard.passed()
+        skipped = {"skipped": 0.0, "skipped_total": float(trainer.guard.total)}
     else:
-        trainer.bad_steps += 1
-        check_bad_steps(trainer.bad_steps, cfg.max_bad_steps, totals["loss"], grad_norm)
+        skipped = trainer.guard.skip(f"the loss ({totals['loss']}) or the gradient norm ({grad_norm}) is not "
+                                     f"finite")
     trainer.optimizer.zero_grad(set_to_none=True)
-    return {**totals, "grad_norm": grad_norm, "lr": trainer.scheduler.get_last_lr()[0],
-            "skipped": 0.0 if finite else 1.0}
+    return {**totals, "grad_norm": grad_norm, "lr": trainer.scheduler.get_last_lr()[0], **skipped}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,37 +257,45 @@ def optimizer_step(trainer, totals: dict[str, float]) -> dict[str, float]:
 class MetricsLogger:
     """Appends one JSON row per logged step to ``metrics.jsonl`` (main process) and forwards to trackers.
 
-    On resume the rows after the resumed step are dropped, so the file reads as one uninterrupted run.
+    On resume the file is cut back to the rows it had when the checkpoint was written (``keep_rows``; older
+    checkpoints: the rows up to the resumed step), so it reads as one uninterrupted run.
     """
 
-    def __init__(self, accelerator, output_dir: Path, *, resume_step: int = 0, trackers: bool = True):
+    def __init__(self, accelerator, output_dir: Path, *, resume_step: int = 0, keep_rows: int | None = None,
+                 trackers: bool = True):
         self.accelerator = accelerator
         self.path = Path(output_dir) / "metrics.jsonl"
         self.trackers = trackers
-        self.start_time = time.time()
+        self.rows = 0
         if accelerator.is_main_process:
-            self._truncate_after(resume_step)
+            self._truncate(resume_step, keep_rows)
+        if keep_rows is not None:
+            self.rows = keep_rows
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate(self, step: int, keep_rows: int | None) -> None:
         if not self.path.exists():
             return
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
+            if keep_rows is not None and len(kept) == keep_rows:
+                break
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill mid-write
-            if row.get("step", 0) <= step:
+            if keep_rows is not None or row.get("step", 0) <= step:
                 kept.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
         tmp.replace(self.path)
+        self.rows = len(kept)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         row = {"step": step, **{k: _to_python(v) for k, v in metrics.items()}}
         if self.accelerator.is_main_process:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+        self.rows += 1
         if self.trackers:
             self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
 
@@ -269,8 +327,10 @@ def progress_bar(accelerator, *, total: int, initial: int, enabled: bool, desc: 
 
 
 def start_training(trainer, *, desc: str):
-    """Evaluate before the first step of a fresh run, then return the progress bar (starting at a resumed step)."""
+    """Evaluate before the first step of a fresh run, catch SIGTERM (see :func:`after_step`), then return the
+    progress bar (starting at a resumed step)."""
     cfg = trainer.config
+    _catch_sigterm(trainer)
     if trainer.step == 0:
         trainer.metrics.log(trainer.evaluate(), step=0)
     return progress_bar(trainer.accelerator, total=cfg.max_steps, initial=trainer.step,
@@ -280,7 +340,8 @@ def start_training(trainer, *, desc: str):
 def after_step(trainer, metrics: dict, bar, **postfix: str) -> None:
     """After optimizer step ``trainer.step``: evaluation every ``eval_every`` steps (the last step is evaluated
     by :func:`finish_training`), a metrics row every ``log_every``, the progress bar, and a checkpoint every
-    ``checkpoint.every`` steps and at the last one."""
+    ``checkpoint.every`` steps and at the last one. After a SIGTERM (preemption) the step is checkpointed
+    and the run stops with :class:`TrainingInterrupted`."""
     cfg = trainer.config
     if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.max_steps:
         metrics.update(trainer.evaluate())
@@ -288,8 +349,45 @@ def after_step(trainer, metrics: dict, bar, **postfix: str) -> None:
         trainer.metrics.log(metrics, step=trainer.step)
     bar.update(1)
     bar.set_postfix(**postfix)
-    if trainer.step % cfg.checkpoint.every == 0 or trainer.step == cfg.max_steps:
+    saved = trainer.step % cfg.checkpoint.every == 0 or trainer.step == cfg.max_steps
+    if saved:
         trainer.save()
+    if _stop_requested(trainer):
+        if not saved:
+            trainer.save()
+        bar.close()
+        raise TrainingInterrupted(f"stopped by SIGTERM after step {trainer.step}: checkpoint "
+                                  f"{checkpoint_dir(cfg.output_dir, trainer.step)} written; run the same command "
+                                  f"with checkpoint.resume=latest to continue")
+
+
+def _catch_sigterm(trainer) -> None:
+    """A SIGTERM (scheduler preemption, ``kill``) only sets a flag; the step in progress finishes and is saved."""
+    import signal
+    import threading
+
+    trainer.sigterm = False
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        trainer.sigterm = True
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _stop_requested(trainer) -> bool:
+    """Whether any process got SIGTERM (all processes must stop at the same step to write the checkpoint)."""
+    acc = trainer.accelerator
+    flag = bool(getattr(trainer, "sigterm", False))
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0)
+
+
+def postfix(metrics: dict, *keys: str) -> dict[str, str]:
+    """Progress-bar fields of ``metrics`` (absent on a skipped step: shown as '-')."""
+    return {k: f"{metrics[k]:.4f}" if k in metrics else "-" for k in keys}
 
 
 def finish_training(trainer, bar, last: dict) -> dict:
@@ -479,21 +577,35 @@ def end_training(accelerator) -> None:
         time.sleep(1.0)
 
 
+def save(trainer, name: str, *, save_model: Callable[[Path], None], states: dict[str, Any],
+         generators: dict[str, torch.Generator]) -> Path:
+    """Checkpoint ``trainer`` at its step: :func:`save_checkpoint` plus the metrics row count and the skip
+    counters, so a resumed run continues both exactly."""
+    cfg = trainer.config
+    extra = {"metrics_rows": trainer.metrics.rows, "step_guard": trainer.guard.state_dict()}
+    return save_checkpoint(trainer.accelerator, cfg.output_dir, trainer.step, trainer=name, save_model=save_model,
+                           optimizer=trainer.optimizer, scheduler=trainer.scheduler, states=states,
+                           generators=generators, extra=extra, keep_last=cfg.checkpoint.keep_last)
+
+
 def resume_and_open_logs(trainer, name: str, *, load_model: Callable[[Path], None], states: dict[str, Any],
                          generators: dict[str, torch.Generator]) -> None:
     """Continue from ``checkpoint.resume`` when set (``trainer.step`` = the checkpoint's step, else 0), then
-    open the trackers and ``metrics.jsonl`` (rows after the resumed step dropped)."""
+    open the trackers and ``metrics.jsonl`` (cut back to the checkpoint's rows). Creates ``trainer.guard``."""
     cfg, acc = trainer.config, trainer.accelerator
     trainer.step = 0
+    trainer.guard = StepGuard(getattr(cfg, "max_bad_steps", 5))
+    info: dict = {"metrics_rows": 0}
     folder = resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
     if folder is not None:
         info = load_checkpoint(folder, acc, trainer=name, load_model=load_model,
                                optimizer=trainer.optimizer, scheduler=trainer.scheduler, states=states,
                                generators=generators)
         trainer.step = info["step"]
+        trainer.guard.load_state_dict(info.get("step_guard", {}))
     init_trackers(acc, cfg)
     trainer.metrics = MetricsLogger(acc, trainer.output_dir, resume_step=trainer.step,
-                                    trackers=bool(cfg.logging.trackers))
+                                    keep_rows=info.get("metrics_rows"), trackers=bool(cfg.logging.trackers))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -80,7 +80,6 @@ class DiffusionDPOTrainer:
                                       seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
         # Training noise, timesteps, VAE draws and augmentations; distinct per process, checkpointed.
         self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
-        self.bad_steps = 0
         common.resume_and_open_logs(self, "diffusion_dpo", load_model=self._load_model,
                                     states={"sampler": self.sampler}, generators={"noise": self.noise})
 
@@ -133,15 +132,15 @@ class DiffusionDPOTrainer:
             last = self.update(self.rollout())
             self.step += 1
             last["step_time"] = time.time() - start
-            common.after_step(self, last, bar, loss=f"{last['loss']:.4f}", acc=f"{last['implicit_acc']:.2f}")
+            common.after_step(self, last, bar, **common.postfix(last, "loss", "implicit_acc"))
         return common.finish_training(self, bar, last)
 
     def save(self) -> None:
-        cfg = self.config
-        common.save_checkpoint(self.accelerator, cfg.output_dir, self.step, trainer="diffusion_dpo",
-                               save_model=lambda folder: common.save_trainable(self.model, folder, lora_enabled=True),
-                               optimizer=self.optimizer, scheduler=self.scheduler, states={"sampler": self.sampler},
-                               generators={"noise": self.noise}, keep_last=cfg.checkpoint.keep_last)
+        common.save(self, "diffusion_dpo", save_model=self._save_model, states={"sampler": self.sampler},
+                    generators={"noise": self.noise})
+
+    def _save_model(self, folder) -> None:
+        common.save_trainable(self.model, folder, lora_enabled=True)
 
     def _load_model(self, folder) -> None:
         common.load_trainable(self.model, folder, lora_enabled=True)

@@ -150,15 +150,12 @@ class DllmSFTTrainer:
             last = self.update()
             self.step += 1
             last["step_time"] = time.time() - start
-            common.after_step(self, last, bar, loss=f"{last['loss']:.4f}")
+            common.after_step(self, last, bar, **common.postfix(last, "loss"))
         return common.finish_training(self, bar, last)
 
     def save(self) -> None:
-        cfg = self.config
-        common.save_checkpoint(
-            self.accelerator, cfg.output_dir, self.step, trainer="dllm_sft", save_model=self._save_model,
-            optimizer=self.optimizer, scheduler=self.scheduler, states={"sampler": self.sampler},
-            generators={"noise": self.noise}, keep_last=cfg.checkpoint.keep_last)
+        common.save(self, "dllm_sft", save_model=self._save_model, states={"sampler": self.sampler},
+                    generators={"noise": self.noise})
 
     def _save_model(self, folder) -> None:
         common.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffrl.errors import ConfigError
+from diffrl.errors import ConfigError, RewardError
 
 
 @torch.no_grad()
@@ -33,6 +33,9 @@ def evaluate_generation(accelerator, model, reward, prompts: list[str], *, num_s
             save_grid(samples, prompts, grid_path)
         return {}
     rewards, extras = score_samples(reward, samples, prompts)
+    if rewards.numel() and rewards.isnan().all():
+        raise RewardError(f"the reward ({', '.join(reward.names)}) is NaN ('not applicable') for every evaluation "
+                          f"prompt; use prompts that fit it (the ocr reward needs text in double quotes)")
     if accelerator.is_main_process:
         save_grid(samples, [f"{r:.3f} {p}" for r, p in zip(rewards.tolist(), prompts)], grid_path)
     metrics = {"eval/reward": float(rewards.nanmean())}

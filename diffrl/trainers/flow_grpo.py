@@ -95,7 +95,6 @@ class FlowGRPOTrainer:
         self.uncond = self.model.null_condition() if cfg.sampling.guidance_scale != 1.0 else None
         self.prompt_sampler = UniformSampler(len(self.prompts), cfg.prompts_per_step, seed=cfg.seed)
         self.noise = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
-        self.bad_steps = 0
         common.resume_and_open_logs(self, "flow_grpo", load_model=self._load_model,
                                     states=self._states(), generators={"noise": self.noise})
 
@@ -195,6 +194,7 @@ class FlowGRPOTrainer:
             for key, value in step.items():
                 logged[key] = logged.get(key, 0.0) + value / len(chunks)
         logged["lr"] = self.scheduler.get_last_lr()[0]  # the last step's, not an average
+        logged["skipped_total"] = float(self.guard.total)
         return logged
 
     def evaluate(self) -> dict:
@@ -212,21 +212,21 @@ class FlowGRPOTrainer:
         last: dict = {}
         while self.step < cfg.max_steps:
             start = time.time()
-            batch = self.rollout()
-            stats = self.score(batch)
-            rollout_time = time.time() - start
-            last = {**stats, **self.update(batch)}
+            try:
+                batch = self.rollout()
+                stats = self.score(batch)
+                rollout_time = time.time() - start
+                last = {**stats, **self.update(batch)}
+            except common.SkipStep as skip:  # a non-finite reward or advantage: no update this step
+                rollout_time, last = time.time() - start, self.guard.skip(str(skip))
             self.step += 1
             last.update(step_time=time.time() - start, rollout_time=rollout_time)
-            common.after_step(self, last, bar, reward=f"{last['reward']:.3f}", loss=f"{last.get('loss', 0.0):.4f}")
+            common.after_step(self, last, bar, **common.postfix(last, "reward", "loss"))
         return common.finish_training(self, bar, last)
 
     def save(self) -> None:
-        cfg = self.config
-        common.save_checkpoint(self.accelerator, cfg.output_dir, self.step, trainer="flow_grpo",
-                               save_model=self._save_model, optimizer=self.optimizer, scheduler=self.scheduler,
-                               states=self._states(), generators={"noise": self.noise},
-                               keep_last=cfg.checkpoint.keep_last)
+        common.save(self, "flow_grpo", save_model=self._save_model, states=self._states(),
+                    generators={"noise": self.noise})
 
     def _save_model(self, folder) -> None:
         common.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

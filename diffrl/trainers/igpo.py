@@ -128,7 +128,6 @@ class IGPOTrainer:
         self.sampler = UniformSampler(len(self.train_tasks), cfg.prompts_per_step // acc.num_processes,
                                       seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
         self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
-        self.bad_steps = 0
         common.resume_and_open_logs(self, "igpo", load_model=self._load_model,
                                     states=self._states(), generators={"noise": self.noise})
 
@@ -236,7 +235,10 @@ class IGPOTrainer:
                  "all_correct_ratio": float(groups.all(1).float().mean())}
         if cfg.igpo.enabled:
             stats.update(self._inpaint(batch, rewards, correct))
+        # Decided on values every process sees, so that all of them skip the step together.
+        common.check_rewards(acc.gather(rewards.to(acc.device)).cpu(), self.reward.names)
         advantages = self.estimator(rewards, batch["group_ids"])
+        common.check_advantages(acc.gather(advantages.to(acc.device)).cpu())
         batch["advantages"] = advantages
         stats.update(reward=float(rewards.mean()), accuracy=float(correct.float().mean()),
                      **group_summary(rewards, batch["group_ids"]))
@@ -321,6 +323,7 @@ class IGPOTrainer:
             for key, value in common.optimizer_step(self, totals).items():
                 logged[key] = logged.get(key, 0.0) + value / cfg.num_iterations
         logged["lr"] = self.scheduler.get_last_lr()[0]
+        logged["skipped_total"] = float(self.guard.total)
         return logged
 
     def evaluate(self) -> dict:
@@ -337,22 +340,24 @@ class IGPOTrainer:
         last: dict = {}
         while self.step < cfg.max_steps:
             start = time.time()
-            batch = self.rollout()
-            stats = self.score(batch)
-            rollout_time = time.time() - start
-            last = {**stats, **self.update(batch)}
+            try:
+                batch = self.rollout()
+                stats = self.score(batch)
+                rollout_time = time.time() - start
+                last = {**stats, **self.update(batch)}
+            except common.SkipStep as skip:  # a non-finite reward or advantage: no update this step
+                rollout_time, last = time.time() - start, self.guard.skip(str(skip))
             self.step += 1
             last.update(step_time=time.time() - start, rollout_time=rollout_time)
-            common.after_step(self, last, bar, reward=f"{last['reward']:.3f}", loss=f"{last['loss']:.4f}")
+            common.after_step(self, last, bar, **common.postfix(last, "reward", "loss"))
         return common.finish_training(self, bar, last)
 
     def save(self) -> None:
-        cfg = self.config
-        common.save_checkpoint(self.accelerator, cfg.output_dir, self.step, trainer="igpo",
-                               save_model=lambda folder: common.save_trainable(self.model, folder,
-                                                                               lora_enabled=cfg.lora.enabled),
-                               optimizer=self.optimizer, scheduler=self.scheduler, states=self._states(),
-                               generators={"noise": self.noise}, keep_last=cfg.checkpoint.keep_last)
+        common.save(self, "igpo", save_model=self._save_model, states=self._states(),
+                    generators={"noise": self.noise})
+
+    def _save_model(self, folder) -> None:
+        common.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
 
     def _load_model(self, folder) -> None:
         common.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

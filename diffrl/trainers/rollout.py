@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from diffrl.errors import ConfigError, RewardError
+from diffrl.errors import ConfigError
 
 
 def prompt_sets(data) -> tuple[list[str], list[str]]:
@@ -56,24 +56,24 @@ def local_group_slots(num_prompts: int, group_size: int, *, rank: int, world_siz
 
 @torch.no_grad()
 def score_samples(reward, samples: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict]:
-    """Rewards [n] (float32, CPU) and the per-component extras; a reward that is NaN for every sample is an
-    error (nothing to learn from), single NaNs are "not applicable" and get advantage 0."""
+    """Rewards [n] (float32, CPU) and the per-component extras (NaN: "not applicable", advantage 0)."""
     out = reward(samples, prompts)
-    scores = out.scores.float().cpu()
-    if scores.numel() and torch.isnan(scores).all():
-        raise RewardError(f"every reward of this batch is NaN ({', '.join(reward.names)}); check that the prompts "
-                          f"fit the reward (the ocr reward needs text in double quotes)")
-    return scores, out.extras
+    return out.scores.float().cpu(), out.extras
 
 
-def gather_advantages(accelerator, estimator, rewards: torch.Tensor,
-                      group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gather_advantages(accelerator, estimator, rewards: torch.Tensor, group_ids: torch.Tensor,
+                      names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gather every process's rewards and group ids, estimate advantages over whole groups, and return
-    ``(local advantages, all rewards, all group ids)``. Every process must hold the same number of samples."""
+    ``(local advantages, all rewards, all group ids)``. Every process must hold the same number of samples.
+    An inf reward, an all-NaN batch or a non-finite advantage raises ``common.SkipStep`` on every process."""
+    from diffrl.trainers import common
+
     device = accelerator.device
     all_rewards = accelerator.gather(rewards.to(device)).cpu()
     all_groups = accelerator.gather(group_ids.to(device)).cpu()
+    common.check_rewards(all_rewards, names)
     advantages = estimator(all_rewards, all_groups)
+    common.check_advantages(advantages)
     n = rewards.shape[0]
     start = accelerator.process_index * n
     return advantages[start:start + n], all_rewards, all_groups
@@ -119,7 +119,7 @@ def decode_and_score(accelerator, model, reward, estimator, final_latents: torch
 
     samples = torch.cat([model.decode(final_latents[i:i + batch_size]) for i in range(0, len(prompts), batch_size)])
     rewards, extras = score_samples(reward, samples, prompts)
-    advantages, all_rewards, all_groups = gather_advantages(accelerator, estimator, rewards, group_ids)
+    advantages, all_rewards, all_groups = gather_advantages(accelerator, estimator, rewards, group_ids, reward.names)
     valid = all_rewards[~all_rewards.isnan()]
     stats = {"reward": float(valid.mean()), "reward_std": float(valid.std()) if valid.numel() > 1 else 0.0,
              **group_summary(all_rewards, all_groups)}

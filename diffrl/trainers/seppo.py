@@ -154,7 +154,6 @@ class SePPOTrainer:
         # Reference draws are the same on every process; noise, timesteps and VAE draws differ per process.
         self.draws = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
         self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
-        self.bad_steps = 0
         common.resume_and_open_logs(self, "seppo", load_model=self._load_model,
                                     states={"sampler": self.sampler, "bank": self.bank},
                                     generators={"noise": self.noise, "draws": self.draws})
@@ -256,17 +255,15 @@ class SePPOTrainer:
             if self.step % cfg.bank_every == 0:
                 self.bank.add(self.step, lora_utils.lora_state_dict(self.model.trainable, "default"))
             last.update(step_time=time.time() - start, rollout_time=rollout_time)
-            common.after_step(self, last, bar, loss=f"{last['loss']:.4f}", flip=f"{last['aaf/ref_as_winner']:.2f}")
+            common.after_step(self, last, bar, **common.postfix(last, "loss", "aaf/ref_as_winner"))
         return common.finish_training(self, bar, last)
 
     def save(self) -> None:
-        cfg = self.config
-        common.save_checkpoint(self.accelerator, cfg.output_dir, self.step, trainer="seppo",
-                               save_model=lambda folder: common.save_trainable(self.model, folder, lora_enabled=True),
-                               optimizer=self.optimizer, scheduler=self.scheduler,
-                               states={"sampler": self.sampler, "bank": self.bank},
-                               generators={"noise": self.noise, "draws": self.draws},
-                               keep_last=cfg.checkpoint.keep_last)
+        common.save(self, "seppo", save_model=self._save_model, states={"sampler": self.sampler, "bank": self.bank},
+                    generators={"noise": self.noise, "draws": self.draws})
+
+    def _save_model(self, folder) -> None:
+        common.save_trainable(self.model, folder, lora_enabled=True)
 
     def _load_model(self, folder) -> None:
         common.load_trainable(self.model, folder, lora_enabled=True)

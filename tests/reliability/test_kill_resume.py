@@ -1,0 +1,181 @@
+"""Kill-and-resume harness: each trainer family's tiny run is SIGKILLed (or SIGTERMed) at chosen points in a
+chain of subprocesses, each resuming with ``checkpoint.resume=latest``, and the end result must equal an
+uninterrupted run with the same seed bit for bit: final weights, optimizer / scheduler / estimator / sampler /
+bank / RNG state, the checkpoint list, and every metrics row (timings aside).
+
+Kill points (see killable.py): rollout, update (gradients computed, optimizer not stepped), step (weights
+changed in memory only), checkpoint (a checkpoint half written), publish (a complete checkpoint folder not yet
+renamed into place), log (a metrics row half written), plus SIGTERM (preemption: the step in progress is
+finished and checkpointed, exit status 143) and one SIGKILL at a random moment per family.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO_ROOT
+
+TIMING_KEYS = {"step_time", "rollout_time"}
+
+
+@dataclass
+class Family:
+    config: str
+    tiny: dict[str, str]         # override key -> tiny model kind
+    overrides: list[str]
+    kills: list[str]             # "phase:n" (killable.py), "sigterm", or "random"
+    max_steps: int
+
+
+FAMILIES = {
+    "awm": Family("configs/awm/tiny_sd3_jpeg.yaml", {"model.path": "sd3"},
+                  ["data.eval_size=2", "weight_ema_decay=0.9"], max_steps=12,
+                  kills=["rollout:2", "checkpoint:2", "sigterm", "step:2", "publish:1", "log:3", "update:1",
+                         "random"]),
+    "flow_grpo": Family("configs/flow_grpo/tiny_sd3_jpeg.yaml", {"model.path": "sd3"},
+                        ["data.eval_size=2", "estimator=per_prompt"], max_steps=12,
+                        kills=["step:3", "checkpoint:4", "rollout:1", "log:2", "publish:1", "random"]),
+    "seppo": Family("configs/seppo/tiny_sd15.yaml", {"model.path": "sd15", "data.path": "preferences"},
+                    ["data.eval_size=2", "bank_every=2", "bank_size=2"], max_steps=12,
+                    kills=["update:3", "checkpoint:3", "rollout:2", "publish:2", "step:1", "random"]),
+    "igpo": Family("configs/igpo/tiny_arithmetic.yaml", {"model.path": "dllm"},
+                   ["data.size=64", "data.eval_size=4", "eval_k=2"], max_steps=12,
+                   kills=["update:3", "rollout:2", "checkpoint:5", "log:4", "step:2", "random"]),
+}
+
+
+def _command(family: Family, tiny_dir, output_dir: Path) -> list[str]:
+    tiny = [f"{key}={tiny_dir(kind)}" for key, kind in family.tiny.items()]
+    return [sys.executable, "-m", "tests.reliability.killable", family.config, *tiny, *family.overrides,
+            f"output_dir={output_dir}", f"max_steps={family.max_steps}", "checkpoint.every=3",
+            "checkpoint.resume=latest", "logging.progress_bar=false", "logging.trackers=[]"]
+
+
+def _env(kill_at: str | None = None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
+    env.pop("DIFFRL_KILL_AT", None)
+    if kill_at:
+        env["DIFFRL_KILL_AT"] = kill_at
+    return env
+
+
+def _run(cmd: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=_env(kill_at), capture_output=True, text=True, timeout=300)
+
+
+def _rows(output_dir: Path) -> list[dict]:
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def _signal_when_training(cmd: list[str], output_dir: Path, signum: int, *, delay: float | None = None):
+    """Start ``cmd``; send ``signum`` after ``delay`` seconds, or (delay None) once a training step's metrics
+    row appears after the ones already there. Returns (returncode, stderr)."""
+    before = len(_rows(output_dir))
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    start = time.time()
+    while proc.poll() is None and time.time() - start < 300:
+        if delay is not None and time.time() - start >= delay:
+            break
+        if delay is None and any(r["step"] > 0 and "loss" in r for r in _rows(output_dir)[before:]):
+            break
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def _same(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a) == sorted(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for key in a:
+            _same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _json(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    if isinstance(data.get("target_modules"), list):  # peft writes a set: its order changes per process
+        data["target_modules"] = sorted(data["target_modules"])
+    return data
+
+
+def _assert_same_run(reference: Path, resumed: Path) -> None:
+    names = sorted(p.name for p in (reference / "checkpoints").iterdir())
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == names  # no .tmp- / .old- left over
+    final_ref, final = reference / "checkpoints" / names[-1], resumed / "checkpoints" / names[-1]
+    files = sorted(str(p.relative_to(final_ref)) for p in final_ref.rglob("*") if p.is_file())
+    assert sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file()) == files
+    for name in files:
+        if name.endswith(".safetensors"):
+            _same(load_file(str(final_ref / name)), load_file(str(final / name)), name)
+        elif name.endswith(".pt"):
+            _same(torch.load(final_ref / name, weights_only=True), torch.load(final / name, weights_only=True), name)
+        elif name.endswith(".json"):
+            _same(*(_json(folder / name) for folder in (final_ref, final)), name)
+    strip = [[{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in _rows(d)] for d in (reference, resumed)]
+    assert len(strip[0]) == len(strip[1]), (len(strip[0]), len(strip[1]))
+    for i, (a, b) in enumerate(zip(*strip)):
+        assert a == b, f"metrics row {i}: {a} != {b}"
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_killed_runs_resume_to_the_uninterrupted_result(name, tiny_dir, tmp_path):
+    family = FAMILIES[name]
+    reference = _run(_command(family, tiny_dir, tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    cmd = _command(family, tiny_dir, out)
+    delays = random.Random(name)
+    for kill in family.kills:
+        if kill == "sigterm":
+            code, err = _signal_when_training(cmd, out, signal.SIGTERM)
+            assert code == 143, err[-3000:]
+            assert "stopped: stopped by SIGTERM after step" in err and "checkpoint.resume=latest" in err
+            step = int(err.split("after step ")[1].split(":")[0])
+            assert (out / "checkpoints" / f"step-{step:06d}" / "trainer_state.json").is_file()
+        elif kill == "random":  # SIGKILL from outside at a random moment (setup, rollout, update, saving...)
+            code, err = _signal_when_training(cmd, out, signal.SIGKILL, delay=delays.uniform(3.0, 9.0))
+            assert code in (-signal.SIGKILL, 0), err[-3000:]
+        else:
+            result = _run(cmd, kill)
+            assert result.returncode == -signal.SIGKILL, f"{kill} was not reached: {result.stderr[-3000:]}"
+    final = _run(cmd)
+    assert final.returncode == 0, final.stderr[-3000:]
+    _assert_same_run(tmp_path / "reference", out)
+
+
+def test_there_are_at_least_twenty_kill_points():
+    planned = [k for f in FAMILIES.values() for k in f.kills if k != "random"]
+    assert len(planned) >= 20 and {k.split(":")[0] for k in planned} >= {
+        "rollout", "update", "step", "checkpoint", "publish", "log", "sigterm"}
