@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from diffrl.errors import ConfigError
+
 # ----------------------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------------------
@@ -63,14 +65,14 @@ def register_estimator(name: str, *, paper: str, summary: str):
 def get_estimator(name: str, **kwargs) -> Callable[..., torch.Tensor]:
     """The estimator ``name`` with its hyperparameters bound; unknown names and keywords raise with the list."""
     if name not in _ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {name!r}; known: {', '.join(sorted(_ESTIMATORS))}")
+        raise ConfigError(f"unknown advantage estimator {name!r}; choose one of {', '.join(sorted(_ESTIMATORS))}")
     entry = _ESTIMATORS[name]
     target = entry.factory.__init__ if entry.stateful else entry.factory
     params = inspect.signature(target).parameters
     allowed = [p for p, spec in params.items() if spec.kind is inspect.Parameter.KEYWORD_ONLY]
     unknown = [k for k in kwargs if k not in allowed]
     if unknown:
-        raise ValueError(f"advantage estimator {name!r} has no option {unknown[0]!r}; options: "
+        raise ConfigError(f"advantage estimator {name!r} has no option {unknown[0]!r}; options: "
                          f"{', '.join(allowed) or 'none'}")
     return entry.factory(**kwargs) if entry.stateful else functools.partial(entry.factory, **kwargs)
 

@@ -47,6 +47,10 @@ def cmd_train(args) -> int:
 
     config = load_config(args.config, args.overrides)  # validate before spawning anything
     if (args.num_processes > 1 or args.accelerate_config) and not _inside_launcher():
+        if hasattr(config, "group_size") and hasattr(config, "prompts_per_step"):
+            from diffrl.trainers.rollout import check_group_split
+
+            check_group_split(config.prompts_per_step, config.group_size, args.num_processes)
         return _relaunch(args)
     trainer = get_trainer(config.trainer).trainer_class(config)
     result = trainer.train()
@@ -188,13 +192,13 @@ def cmd_score(args) -> int:
     failed = [r for r in rows if "error" in r]
     for row in failed:
         print(f"warning: {row['error']}", file=sys.stderr)
+    if len(failed) == len(rows):  # before writing: no score table that looks like a result
+        raise DiffrlError(f"nothing could be scored: every input failed to load (the first: {failed[0]['error']})")
     if args.out:
         scoring.write_rows(rows, args.out)
     print(scoring.format_summary(scoring.summarize(rows, reward.names), len(failed)))
     if args.out:
         print(f"wrote {len(rows)} rows to {args.out}")
-    if len(failed) == len(rows):
-        raise DiffrlError("nothing could be scored: every input failed to load")
     return 0
 
 

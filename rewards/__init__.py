@@ -187,7 +187,8 @@ def _check_scores(out: Any, name: str, batch: int) -> torch.Tensor:
         raise RewardError(f"reward {name!r} returned {type(out).__name__}; it must return RewardOutput")
     scores = torch.as_tensor(out.scores)
     if scores.shape != (batch,):
-        raise RewardError(f"reward {name!r} returned scores of shape {tuple(scores.shape)}, expected ({batch},)")
+        raise RewardError(f"reward {name!r} returned scores of shape {tuple(scores.shape)}, expected ({batch},): "
+                          f"one score per sample")
     # inf is passed on: trainers skip (and count) a step with an infinite reward instead of dying mid-run.
     return scores.detach().to("cpu", torch.float32)
 

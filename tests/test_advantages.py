@@ -178,7 +178,7 @@ def test_arbitrary_group_ids_equal_dense_ones():
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match="unknown advantage estimator 'gpro'; known: bnpo, dr_grpo, grpo"):
+    with pytest.raises(ValueError, match="unknown advantage estimator 'gpro'; choose one of bnpo, dr_grpo, grpo"):
         get_estimator("gpro")
     with pytest.raises(ValueError, match="has no option 'sclae'; options: scale, eps"):
         get_estimator("grpo", sclae="batch")

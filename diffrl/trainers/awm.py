@@ -83,6 +83,7 @@ class AWMConfig(TrainerConfig):
     max_bad_steps: int = param(5, help="stop after this many consecutive steps with a non-finite loss", ge=1)
 
     def __post_init__(self):
+        get_estimator(self.estimator, **self.estimator_kwargs)  # an unknown name or option fails here
         if self.time_type not in ("discrete", "discrete_wo_init"):
             raise ConfigError(f"time_type must be 'discrete' or 'discrete_wo_init', got {self.time_type!r}")
         if self.weighting not in FLOW_WEIGHTINGS:

@@ -545,7 +545,14 @@ def load_checkpoint(folder: Path, accelerator, *, trainer: str, load_model: Call
     if info.get("num_processes") != accelerator.num_processes:
         raise CheckpointError(f"{folder} was written by {info.get('num_processes')} processes, this run has "
                               f"{accelerator.num_processes}; resume with the same number of processes")
-    load_model(folder / "model")
+    try:
+        load_model(folder / "model")
+    except CheckpointError:
+        raise
+    except Exception as e:  # a truncated or foreign weights file (safetensors / peft errors)
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"{folder / 'model'} cannot be loaded ({reason}); resume from an earlier "
+                              f"checkpoint") from None
     optimizer.load_state_dict(_load(folder / "optimizer.pt"))
     scheduler.load_state_dict(_load(folder / "scheduler.pt"))
     for name, obj in (states or {}).items():

@@ -64,6 +64,7 @@ class FlowGRPOConfig(TrainerConfig):
     max_bad_steps: int = param(5, help="stop after this many consecutive non-finite updates", ge=1)
 
     def __post_init__(self):
+        get_estimator(self.estimator, **self.estimator_kwargs)  # an unknown name or option fails here
         if self.sampling.noise_level <= 0:
             raise ConfigError("Flow-GRPO needs stochastic rollouts: sampling.noise_level must be > 0")
         if self.optim.gradient_accumulation_steps != 1:

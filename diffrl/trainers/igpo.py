@@ -89,6 +89,7 @@ class IGPOConfig(TrainerConfig):
     max_bad_steps: int = param(5, help="stop after this many consecutive steps with a non-finite loss", ge=1)
 
     def __post_init__(self):
+        get_estimator(self.estimator, **self.estimator_kwargs)  # an unknown name or option fails here
         if self.ratio_level not in ("sequence", "token"):
             raise ConfigError(f"ratio_level must be 'sequence' or 'token', got {self.ratio_level!r}")
         if self.beta > 0 and not self.lora.enabled:

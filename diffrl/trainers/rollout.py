@@ -19,8 +19,8 @@ def prompt_sets(data) -> tuple[list[str], list[str]]:
 
 def check_group_split(prompts_per_step: int, group_size: int, num_processes: int) -> None:
     if (prompts_per_step * group_size) % num_processes:
-        raise ConfigError(f"prompts_per_step x group_size = {prompts_per_step * group_size} must be divisible by "
-                          f"the {num_processes} processes")
+        raise ConfigError(f"prompts_per_step x group_size = {prompts_per_step * group_size} samples cannot be split "
+                          f"evenly over {num_processes} processes; make it a multiple of {num_processes}")
 
 
 def load_flow_model(config, device):
