@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean tiny-assets
+.PHONY: test demo demo-text bench race assets lint clean tiny-assets
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,14 +23,25 @@ assets/tiny/%: | $(STAMP)
 
 tiny-assets: assets/tiny/dllm assets/tiny/sd3 assets/tiny/sd15 assets/tiny/preferences
 
-demo: $(STAMP) tiny-assets
+# The quickstart: AWM on the shipped assets/sd3-shapes model, offline, a few minutes on 2 CPU cores.
+demo: $(STAMP)
 	$(BIN)/diffrl train configs/quickstart.yaml
+
+demo-text: $(STAMP)
+	$(BIN)/diffrl train configs/quickstart_text.yaml
+
+# Re-make the shipped small base models (deterministic; ~10 minutes on 2 cores).
+assets: $(STAMP)
+	$(BIN)/python scripts/make_tiny_assets.py all
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench/advantages.py
 	$(BIN)/python scripts/bench/rewards.py
 	$(BIN)/python scripts/bench/trainer_overhead.py
 	$(BIN)/python scripts/bench/dllm_generate.py
+
+race: $(STAMP)
+	$(BIN)/python scripts/bench/awm_vs_flow_grpo.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check diffrl rewards tests scripts

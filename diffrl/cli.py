@@ -1,4 +1,4 @@
-"""diffrl command line: train | validate | ls | sample | score | eval.
+"""diffrl command line: train | validate | ls | sample | score | eval | report.
 
 Errors in user input print one line (``error: ...``) and exit 1; a traceback means a bug in diffrl.
 """
@@ -52,11 +52,29 @@ def cmd_train(args) -> int:
 
             check_group_split(config.prompts_per_step, config.group_size, args.num_processes)
         return _relaunch(args)
+    import time
+
+    start = time.time()
     trainer = get_trainer(config.trainer).trainer_class(config)
     result = trainer.train()
     if int(os.environ.get("RANK", "0")) == 0:
+        from diffrl.report import format_summary, write_run_report
+
         shown = {k: v for k, v in result.items() if isinstance(v, float)}
         print("done: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+        summary = write_run_report(config.output_dir, wall_seconds=time.time() - start)
+        print(format_summary(summary))
+        print(f"report: {Path(config.output_dir) / 'index.html'} (report.png, summary.txt, samples/)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from diffrl.report import format_summary, write_run_report
+
+    for run_dir in args.run_dirs:
+        summary = write_run_report(run_dir)
+        print(f"{run_dir}:\n{format_summary(summary)}\nwrote {Path(run_dir) / 'index.html'}, report.png, "
+              f"summary.txt")
     return 0
 
 
@@ -302,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--k", type=int, default=1, help="also report pass@k from k samples per task")
     evaluate.add_argument("--batch-size", type=int, default=32, help="sequences per generation forward")
     evaluate.set_defaults(func=cmd_eval)
+
+    report = sub.add_parser("report", help="rebuild report.png, summary.txt and index.html of runs",
+                            description="Plots and an HTML page from a run's metrics.jsonl and samples/ grids "
+                            "(written at the end of every `diffrl train`; rebuild any time, also mid-run).")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a run")
+    report.set_defaults(func=cmd_report)
 
     for name, text in (("sample", "generate samples from a model or checkpoint"),):
         stub = sub.add_parser(name, help=text + " (coming in a later version)")

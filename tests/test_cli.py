@@ -39,7 +39,7 @@ def test_validate_every_shipped_config():
 def test_validate_reports_first_bad_file_in_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: dllm_sft\nmodel: {path: x}\noptim: {lrr: 1}\n")
-    result = run_cli("validate", "configs/quickstart.yaml", str(bad))
+    result = run_cli("validate", "configs/dllm_sft/tiny_arithmetic.yaml", str(bad))
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {bad}: unknown key 'optim.lrr'; did you mean 'optim.lr'?"
     assert "Traceback" not in result.stderr
@@ -47,7 +47,8 @@ def test_validate_reports_first_bad_file_in_one_line(tmp_path):
 
 def test_train_tiny_config_two_steps(tmp_path, tiny_dir):
     out = tmp_path / "run"
-    result = run_cli("train", "configs/quickstart.yaml", f"model.path={tiny_dir('dllm')}", f"output_dir={out}",
+    result = run_cli("train", "configs/dllm_sft/tiny_arithmetic.yaml", f"model.path={tiny_dir('dllm')}",
+                     f"output_dir={out}",
                      "max_steps=2", "data.eval_size=2", "logging.progress_bar=false")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("done: loss=")
@@ -57,13 +58,14 @@ def test_train_tiny_config_two_steps(tmp_path, tiny_dir):
 
 
 def test_train_misspelt_override_is_one_line(tmp_path):
-    result = run_cli("train", "configs/quickstart.yaml", "optim.lrr=1")
+    result = run_cli("train", "configs/dllm_sft/tiny_arithmetic.yaml", "optim.lrr=1")
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: configs/quickstart.yaml: unknown key 'optim.lrr'; did you mean 'optim.lr'?"
+    assert result.stderr.strip() == ("error: configs/dllm_sft/tiny_arithmetic.yaml: unknown key 'optim.lrr'; did you "
+                                     "mean 'optim.lr'?")
 
 
 def test_train_missing_model_folder_is_one_line(tmp_path):
-    result = run_cli("train", "configs/quickstart.yaml", f"model.path={tmp_path / 'missing'}",
+    result = run_cli("train", "configs/dllm_sft/tiny_arithmetic.yaml", f"model.path={tmp_path / 'missing'}",
                      f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 1
     assert result.stderr.startswith("error: model.path") and "Traceback" not in result.stderr

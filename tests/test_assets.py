@@ -1,0 +1,82 @@
+"""The small shipped base models (assets/, made by scripts/make_tiny_assets.py) and the quickstarts that
+use them: they load through the ordinary from_pretrained path, and one step of each quickstart runs."""
+
+import importlib.util
+import json
+
+import numpy as np
+import torch
+
+from tests.conftest import REPO_ROOT, run_cli
+
+
+def _assets_script():
+    spec = importlib.util.spec_from_file_location("make_tiny_assets", REPO_ROOT / "scripts/make_tiny_assets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rendered_training_images_match_their_captions():
+    assets = _assets_script()
+    first = [assets.render(np.random.default_rng(7)) for _ in range(2)]
+    assert np.array_equal(first[0][0], first[1][0]) and first[0][1] == first[1][1]  # seeded: re-runnable
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        image, caption = assets.render(rng)
+        words = caption.split()                       # "a <fg> <shape> on a <bg> background"
+        fg, shape, bg = words[1], words[2], words[5]
+        pixels = ((image.transpose(1, 2, 0) + 1) * 127.5).round().astype(int).reshape(-1, 3)
+        assert tuple(pixels[0]) == assets.COLOURS[bg]                 # a corner shows the background
+        assert (pixels == assets.COLOURS[fg]).all(1).sum() >= 20      # and the shape has its colour
+        assert shape in assets.SHAPES and image.shape == (3, 32, 32)
+    assert len(assets.all_captions()) == len(assets.COLOURS) * (len(assets.COLOURS) - 1) * len(assets.SHAPES)
+
+
+def test_shipped_image_model_loads_in_diffusers_and_diffrl():
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffrl.models.flow import FlowModel
+
+    folder = REPO_ROOT / "assets" / "sd3-shapes"
+    info = json.loads((folder / "diffrl_asset.json").read_text())
+    assert info["transformer_parameters"] < 5_000_000
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    image = pipe("a red circle on a blue background", num_inference_steps=4, height=32, width=32,
+                 guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+    model = FlowModel.from_pretrained(folder)
+    assert model.family == "sd3"
+    prompts = (folder / "prompts.txt").read_text().splitlines()
+    assert len(prompts) == 280 and prompts[0].startswith("a red circle on a ")
+
+
+def test_shipped_text_model_loads():
+    from diffrl.models.dllm import MaskedDiffusionLM
+
+    model = MaskedDiffusionLM.from_pretrained(REPO_ROOT / "assets" / "dllm-arithmetic")
+    assert model.mask_id == model.tokenizer.mask_token_id
+    assert json.loads((REPO_ROOT / "assets/dllm-arithmetic/diffrl_asset.json").read_text())["parameters"] < 2e6
+
+
+def test_quickstart_runs_and_writes_its_report(tmp_path):
+    out = tmp_path / "quickstart"
+    result = run_cli("train", "configs/quickstart.yaml", f"output_dir={out}", "max_steps=2", "data.eval_size=2",
+                     "prompts_per_step=2", "group_size=2", "eval_every=0", "logging.progress_bar=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval/reward:" in result.stdout and "report:" in result.stdout
+    for name in ("report.png", "summary.txt", "summary.json", "index.html", "samples/step-000000.png",
+                 "samples/step-000002.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["eval_start"] < 0 and "wall_seconds" in summary
+
+
+def test_text_quickstart_runs(tmp_path):
+    out = tmp_path / "quickstart_text"
+    result = run_cli("train", "configs/quickstart_text.yaml", f"output_dir={out}", "max_steps=1",
+                     "data.eval_size=4", "prompts_per_step=2", "group_size=2", "eval_every=0",
+                     "logging.progress_bar=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_metric"] == "eval/accuracy" and summary["steps"] == 1
