@@ -64,7 +64,8 @@ def cmd_train(args) -> int:
         print("done: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
         summary = write_run_report(config.output_dir, wall_seconds=time.time() - start)
         print(format_summary(summary))
-        print(f"report: {Path(config.output_dir) / 'index.html'} (report.png, summary.txt, samples/)")
+        extra = "report.png, summary.txt" + (", samples/" if (Path(config.output_dir) / "samples").is_dir() else "")
+        print(f"report: {Path(config.output_dir) / 'index.html'} ({extra})")
     return 0
 
 

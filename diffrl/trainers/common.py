@@ -356,6 +356,7 @@ def after_step(trainer, metrics: dict, bar, **postfix: str) -> None:
         if not saved:
             trainer.save()
         bar.close()
+        _release_sigterm(trainer)
         raise TrainingInterrupted(f"stopped by SIGTERM after step {trainer.step}: checkpoint "
                                   f"{checkpoint_dir(cfg.output_dir, trainer.step)} written; run the same command "
                                   f"with checkpoint.resume=latest to continue")
@@ -367,13 +368,24 @@ def _catch_sigterm(trainer) -> None:
     import threading
 
     trainer.sigterm = False
+    trainer.previous_sigterm_handler = None
     if threading.current_thread() is not threading.main_thread():
         return
 
     def handler(signum, frame):
         trainer.sigterm = True
 
-    signal.signal(signal.SIGTERM, handler)
+    trainer.previous_sigterm_handler = signal.signal(signal.SIGTERM, handler)
+
+
+def _release_sigterm(trainer) -> None:
+    """Give SIGTERM back to whatever handled it before the run (the caller may be a longer-lived process)."""
+    import signal
+
+    previous = getattr(trainer, "previous_sigterm_handler", None)
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+        trainer.previous_sigterm_handler = None
 
 
 def _stop_requested(trainer) -> bool:
@@ -393,6 +405,7 @@ def postfix(metrics: dict, *keys: str) -> dict[str, str]:
 def finish_training(trainer, bar, last: dict) -> dict:
     """Close the bar, evaluate the final weights, log, shut down; returns the last step's and final metrics."""
     bar.close()
+    _release_sigterm(trainer)
     final = trainer.evaluate()
     trainer.metrics.log(final, step=trainer.step)
     end_training(trainer.accelerator)

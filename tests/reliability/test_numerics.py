@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -53,9 +54,11 @@ def _rows(run) -> dict[int, dict]:
 def test_an_infinite_reward_skips_the_step_and_is_counted(tiny_dir, tmp_path):
     # Calls: 1 = evaluation at step 0, 2 = step 1, 3 = step 2 (inf), 4 = step 3.
     cfg = make_config(tiny_dir, tmp_path, max_steps=3, **{"reward": _faulty(inf_on_calls=[3])["reward"]})
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.warns(UserWarning, match=r"skipped a step: the reward \(test_faulty_brightness\) returned inf "
                                          r"\(1 in a row, 1 in this run"):
         AWMTrainer(cfg).train()
+    assert signal.getsignal(signal.SIGTERM) is before  # the run gives SIGTERM back when it ends
     run = tmp_path / "run"
     rows = _rows(run)
     assert [rows[s]["skipped"] for s in (1, 2, 3)] == [0.0, 1.0, 0.0]
