@@ -402,6 +402,21 @@ def postfix(metrics: dict, *keys: str) -> dict[str, str]:
     return {k: f"{metrics[k]:.4f}" if k in metrics else "-" for k in keys}
 
 
+def rollout_score_update(trainer) -> dict:
+    """rollout -> score -> update, the middle of an online trainer's step (AWM, Flow-GRPO, IGPO). A
+    :class:`SkipStep` (non-finite reward or advantage) drops the update and is counted. Returns the step's
+    metrics with ``rollout_time`` (rollout and scoring, seconds)."""
+    start = time.time()
+    try:
+        batch = trainer.rollout()
+        stats = trainer.score(batch)
+        rollout_time = time.time() - start
+        metrics = {**stats, **trainer.update(batch)}
+    except SkipStep as skip:
+        rollout_time, metrics = time.time() - start, trainer.guard.skip(str(skip))
+    return {**metrics, "rollout_time": rollout_time}
+
+
 def finish_training(trainer, bar, last: dict) -> dict:
     """Close the bar, evaluate the final weights, log, shut down; returns the last step's and final metrics."""
     bar.close()

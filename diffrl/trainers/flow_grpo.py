@@ -213,15 +213,9 @@ class FlowGRPOTrainer:
         last: dict = {}
         while self.step < cfg.max_steps:
             start = time.time()
-            try:
-                batch = self.rollout()
-                stats = self.score(batch)
-                rollout_time = time.time() - start
-                last = {**stats, **self.update(batch)}
-            except common.SkipStep as skip:  # a non-finite reward or advantage: no update this step
-                rollout_time, last = time.time() - start, self.guard.skip(str(skip))
+            last = common.rollout_score_update(self)
             self.step += 1
-            last.update(step_time=time.time() - start, rollout_time=rollout_time)
+            last["step_time"] = time.time() - start
             common.after_step(self, last, bar, **common.postfix(last, "reward", "loss"))
         return common.finish_training(self, bar, last)
 
