@@ -119,7 +119,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_run(rows: list[dict], path: str | Path, *, title: str = "") -> Path:
+def plot_run(rows: list[dict], summary: dict, path: str | Path, *, title: str = "") -> Path:
     """``report.png``: the headline metric per step (raw and smoothed), the evaluation points, and the
     evaluation at step 0 as the baseline; the loss underneath."""
     import matplotlib
@@ -127,8 +127,7 @@ def plot_run(rows: list[dict], path: str | Path, *, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = summarize_run(rows)
-    name, eval_name = summary["metric"], summary["eval_metric"]
+    name, eval_name = summary["metric"], summary["eval_metric"]  # from summarize_run(rows)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(2, 1))
     steps, values = _series(rows, name)
     if values:
@@ -167,7 +166,7 @@ def write_run_report(run_dir: str | Path, *, wall_seconds: float | None = None) 
     rows = read_metrics(run_dir)
     summary = summarize_run(rows, wall_seconds=wall_seconds)
     text = format_summary(summary)
-    plot_run(rows, run_dir / "report.png", title=str(run_dir))
+    plot_run(rows, summary, run_dir / "report.png", title=str(run_dir))
     (run_dir / "summary.txt").write_text(text + "\n", encoding="utf-8")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     grids = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []

@@ -266,11 +266,9 @@ class MetricsLogger:
         self.accelerator = accelerator
         self.path = Path(output_dir) / "metrics.jsonl"
         self.trackers = trackers
-        self.rows = 0
+        self.rows = 0  # rows in the file (counted on every process; only the main one's is saved)
         if accelerator.is_main_process:
             self._truncate(resume_step, keep_rows)
-        if keep_rows is not None:
-            self.rows = keep_rows
 
     def _truncate(self, step: int, keep_rows: int | None) -> None:
         if not self.path.exists():
