@@ -122,10 +122,14 @@ def save_diffusers_lora(pipeline_class: type, module: torch.nn.Module, folder: s
     """Write ``pytorch_lora_weights.safetensors`` so that ``pipe.load_lora_weights(folder)`` works.
 
     ``component`` is "transformer" (SD3, FLUX, Wan) or "unet" (SD1.5, SDXL). The adapter's config goes into
-    the file's metadata: without it diffusers assumes alpha = rank and loads a differently scaled LoRA.
+    the file's metadata: without it diffusers assumes alpha = rank and loads a differently scaled LoRA. The
+    metadata names exactly the adapted modules and no ``exclude_modules``: with name patterns plus exclusions
+    peft warns "no modules were excluded" on every plain ``load_lora_weights``.
     """
+    state = lora_state_dict(module, adapter_name)
     metadata = module.peft_config[adapter_name].to_dict()
-    metadata["target_modules"] = sorted(metadata["target_modules"])
+    metadata["target_modules"] = sorted({key.split(".lora_")[0] for key in state})
+    metadata["exclude_modules"] = None
     pipeline_class.save_lora_weights(str(folder), safe_serialization=True, **{
-        f"{component}_lora_layers": lora_state_dict(module, adapter_name),
+        f"{component}_lora_layers": state,
         f"{component}_lora_adapter_metadata": metadata})

@@ -58,6 +58,19 @@ def _mean_over_sample(values: torch.Tensor) -> torch.Tensor:
     return values.mean(dim=tuple(range(1, values.ndim)))
 
 
+def sde_noise_scale(sigma: torch.Tensor, *, noise_level: float, sigma_max: float, sde_type: str = "sde",
+                    sigma_next: torch.Tensor | None = None) -> torch.Tensor:
+    """Flow-GRPO's ``std_dev_t``: ``noise_level sqrt(sigma / (1 - sigma))`` (sigma = 1 replaced by ``sigma_max``
+    in the denominator) for ``sde``; ``sigma_next sin(noise_level pi / 2)`` for ``cps``. For ``sde`` the
+    transition's standard deviation is ``std_dev_t sqrt(|dt|)``; for ``cps`` it is ``std_dev_t`` itself."""
+    if sde_type == "sde":
+        safe = torch.where(sigma == 1, torch.full_like(sigma, sigma_max), sigma)
+        return torch.sqrt(sigma / (1 - safe)) * noise_level
+    if sde_type == "cps":
+        return sigma_next * math.sin(noise_level * math.pi / 2)
+    raise ValueError(f"sde_type must be 'sde' or 'cps', got {sde_type!r}")
+
+
 def sde_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, *,
              noise_level: float, sigma_max: float, prev_sample: torch.Tensor | None = None,
              generator: torch.Generator | None = None, sde_type: str = "sde"
@@ -82,18 +95,16 @@ def sde_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
     v = velocity.float()
     sigma = _expand(sigma, x)
     sigma_next = _expand(sigma_next, x)
+    std_dev_t = sde_noise_scale(sigma, noise_level=noise_level, sigma_max=sigma_max, sde_type=sde_type,
+                                sigma_next=sigma_next)
     if sde_type == "sde":
         dt = sigma_next - sigma
-        std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, torch.full_like(sigma, sigma_max), sigma)))
-        std_dev_t = std_dev_t * noise_level
         mean = x * (1 + std_dev_t ** 2 / (2 * sigma) * dt) + v * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt
         std = std_dev_t * torch.sqrt(-dt)
-    elif sde_type == "cps":
-        std = sigma_next * math.sin(noise_level * math.pi / 2)
+    else:
+        std = std_dev_t
         x0_hat, x1_hat = x - sigma * v, x + (1 - sigma) * v
         mean = x0_hat * (1 - sigma_next) + x1_hat * torch.sqrt((sigma_next ** 2 - std ** 2).clamp_min(0))
-    else:
-        raise ValueError(f"sde_type must be 'sde' or 'cps', got {sde_type!r}")
     if prev_sample is None:
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device) \
             if generator is not None else torch.randn_like(x)
@@ -105,6 +116,27 @@ def sde_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
     else:
         log_prob = -((prev_sample.detach() - mean) ** 2)
     return prev_sample, _mean_over_sample(log_prob), mean, std
+
+
+KL_FORMS = ("flow_grpo", "gaussian")
+
+
+def transition_kl(mean: torch.Tensor, mean_ref: torch.Tensor, *, std_dev_t: torch.Tensor, std: torch.Tensor,
+                  form: str = "flow_grpo") -> torch.Tensor:
+    """KL penalty between the policy's and the reference's SDE transitions, averaged over latent dims and
+    the batch. ``mean``: ``[B, ...]``; ``std_dev_t`` / ``std`` broadcast against it (:func:`sde_noise_scale`
+    and the transition std from :func:`sde_step`).
+
+    ``flow_grpo``: ``||mu - mu_ref||^2 / (2 std_dev_t^2)``, the public code's form (no ``|dt|``), which the
+    published betas (0.04 OCR / GenEval, 0.01 PickScore) are calibrated to. ``gaussian``: the exact KL of two
+    Gaussians with the same std, ``||mu - mu_ref||^2 / (2 std^2)`` = the ``flow_grpo`` form divided by
+    ``|dt|`` for ``sde`` (about 13x larger at 10 steps). For ``cps`` both forms coincide.
+    """
+    if form not in KL_FORMS:
+        raise ValueError(f"KL form must be one of {', '.join(KL_FORMS)}, got {form!r}")
+    scale = std_dev_t if form == "flow_grpo" else std
+    squared = _mean_over_sample((mean.float() - mean_ref.float()) ** 2)
+    return (squared / (2 * scale.float().reshape(-1) ** 2)).mean()
 
 
 @dataclass
@@ -155,20 +187,23 @@ def sample_trajectory(model: FlowModel, cond: Cond, *, num_steps: int, height: i
 
 
 def stratified_timestep_indices(num_steps: int, count: int, *, time_type: str = "discrete_wo_init",
-                                generator: torch.Generator | None = None) -> torch.Tensor:
+                                fraction: float = 0.9, generator: torch.Generator | None = None) -> torch.Tensor:
     """AWM's training timesteps: ``count`` indices into the rollout's own schedule, one per stratum.
 
-    ``discrete_wo_init`` draws from [1, int(0.9 N)) (skipping sigma ~ 1 and the cleanest steps; GenEval, OCR),
-    ``discrete`` from [0, int(0.9 N)) (PickScore). The integers of the range are split into ``count``
-    contiguous strata (as equal as possible) and one index is drawn uniformly from each, so indices never
-    repeat. N = 14, count = 6: [1, 12) -> {1,2} {3,4} {5,6} {7,8} {9,10} {11}.
+    ``discrete_wo_init`` draws from [1, int(fraction N)) (skipping sigma ~ 1 and the cleanest steps; GenEval,
+    OCR), ``discrete`` from [0, int(fraction N)) (PickScore). As in the public code, the strata are cut at
+    ``linspace(low, int(fraction N), count + 1).long()`` and index_k = lower_k + floor(u_k (upper_k - lower_k))
+    with one uniform u_k per stratum. N = 14, count = 6, wo_init: boundaries [1, 2, 4, 6, 8, 10, 12], strata
+    {1} {2,3} {4,5} {6,7} {8,9} {10,11}; N = 8, count = 3, discrete: [0, 2, 4, 7] -> {0,1} {2,3} {4,5,6}.
     """
     if time_type not in ("discrete", "discrete_wo_init"):
         raise ValueError(f"time_type must be 'discrete' or 'discrete_wo_init', got {time_type!r}")
-    low, high = (1 if time_type == "discrete_wo_init" else 0), int(num_steps * 0.9)
+    low, high = (1 if time_type == "discrete_wo_init" else 0), int(num_steps * fraction)
     if high - low < count:
+        # The public code would then repeat indices (empty strata); a config error here instead.
         raise ValueError(f"{count} training timesteps need at least {count} steps in [{low}, {high}); raise "
                          f"sampling.num_steps or lower train_timesteps")
-    strata = torch.tensor_split(torch.arange(low, high), count)
+    boundaries = torch.linspace(low, high, count + 1).long()
+    lower, upper = boundaries[:-1], boundaries[1:]
     u = torch.rand(count, generator=generator)
-    return torch.stack([stratum[int(x * len(stratum))] for stratum, x in zip(strata, u.tolist())])
+    return lower + (u * (upper - lower)).long()

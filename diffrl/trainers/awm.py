@@ -39,7 +39,7 @@ from diffrl.losses import FLOW_WEIGHTINGS, clipped_surrogate, flow_matching_log_
 from diffrl.models import lora as lora_utils
 from diffrl.samplers.flow import initial_noise, stratified_timestep_indices
 from diffrl.trainers import common, register_trainer
-from diffrl.trainers.evaluation import check_reward_fits, evaluate_generation, flow_eval_kwargs
+from diffrl.trainers.evaluation import check_reward_fits, evaluate_flow_trainer
 from diffrl.trainers.rollout import (
     check_group_split,
     decode_and_score,
@@ -49,6 +49,7 @@ from diffrl.trainers.rollout import (
     prompt_sets,
     sde_window,
 )
+from diffrl.trainers.weight_ema import WeightEMA
 
 
 @dataclasses.dataclass(kw_only=True)  # required sections after the base class's defaulted fields
@@ -76,8 +77,9 @@ class AWMConfig(TrainerConfig):
                                                             help="options of the estimator")
     adv_clip_max: float = param(5.0, help="advantages are clipped to +-adv_clip_max ...", gt=0)
     advantage_max: float = param(1.0, help="... then scaled so that |A| <= advantage_max", gt=0)
-    weight_ema_decay: float | None = param(None, help="EMA of the trainable weights for evaluation (AWM: 0.99); "
-                                                      "null disables", gt=0, lt=1)
+    weight_ema_decay: float | None = param(None, help="EMA of the trainable weights, evaluated and saved beside "
+                                                      "the raw ones (AWM: 0.99); null disables", gt=0, lt=1)
+    weight_ema_every: int = param(1, help="update the weight EMA every N optimizer steps (AWM: 1)", ge=1)
     eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
     eval_seed: int = param(1234, help="seed of the evaluation noise (the same images every time)", ge=0)
     max_bad_steps: int = param(5, help="stop after this many consecutive steps with a non-finite loss", ge=1)
@@ -120,7 +122,8 @@ class AWMTrainer:
             common.add_frozen_adapter(self.model, cfg.lora, "ema")
             lora_utils.copy_adapter(self.model.transformer, "default", "ema")
         common.prepare_optimization(self, cfg.max_steps)
-        self.weight_ema = common.WeightEMA(self.params, decay=cfg.weight_ema_decay) if cfg.weight_ema_decay else None
+        self.weight_ema = (WeightEMA(self.params, decay=cfg.weight_ema_decay, every=cfg.weight_ema_every)
+                           if cfg.weight_ema_decay else None)
         self.uncond = self.model.null_condition() if cfg.sampling.guidance_scale != 1.0 else None
 
         # Every rank draws the same prompts (world_size=1 here); samples are split by local_group_slots.
@@ -237,7 +240,7 @@ class AWMTrainer:
         totals = common.accumulate(acc, self.model.denoiser, len(starts), micro_batch_loss)
         metrics = common.optimizer_step(self, totals)
         if self.weight_ema is not None and metrics["skipped"] == 0:
-            self.weight_ema.step()
+            self.weight_ema.step(self.step + 1)  # the public code steps it once per epoch, after global_step += 1
         return metrics
 
     @torch.no_grad()
@@ -256,20 +259,7 @@ class AWMTrainer:
 
     def evaluate(self) -> dict:
         """Raw weights, and the weight EMA when enabled (as the public code evaluates both)."""
-        cfg = self.config
-        self.model.denoiser.eval()
-
-        def run(suffix: str) -> dict:
-            return evaluate_generation(self.accelerator, self.model, self.reward, self.eval_prompts,
-                                       **flow_eval_kwargs(cfg.sampling), batch_size=cfg.sample_batch_size,
-                                       seed=cfg.eval_seed, uncond=self.uncond,
-                                       grid_path=self.output_dir / "samples" / f"step-{self.step:06d}{suffix}.png")
-
-        metrics = run("")
-        if self.weight_ema is not None and metrics:
-            with self.weight_ema.applied():
-                metrics["eval/reward_ema"] = run("_ema")["eval/reward"]
-        return metrics
+        return evaluate_flow_trainer(self)
 
     def train(self) -> dict:
         cfg = self.config
@@ -291,6 +281,7 @@ class AWMTrainer:
 
     def _save_model(self, folder) -> None:
         common.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        common.save_weight_ema(self, folder)
         if self.has_ema:
             from safetensors.torch import save_file
 

@@ -698,42 +698,11 @@ def load_trainable(model, folder: Path, *, lora_enabled: bool) -> None:
                               f"unexpected weights); it belongs to another model")
 
 
-class WeightEMA:
-    """Exponential moving average of trainable weights, for evaluation and export (AWM's ``ema.py``):
-    ``shadow <- d shadow + (1 - d) param`` with the warm-up ``d = min(decay, (1 + n) / (10 + n))``."""
+def save_weight_ema(trainer, folder: Path) -> None:
+    """The weight EMA as a second model, in the same format as the raw one, in ``folder/ema`` (a user loads it
+    with ``pipe.load_lora_weights(folder / "ema")``); nothing without an EMA."""
+    if getattr(trainer, "weight_ema", None) is None:
+        return
+    with trainer.weight_ema.applied():
+        save_trainable(trainer.model, folder / "ema", lora_enabled=trainer.config.lora.enabled)
 
-    def __init__(self, params: list[torch.nn.Parameter], *, decay: float):
-        self.params = list(params)
-        self.decay = decay
-        self.updates = 0
-        self.shadow = [p.detach().clone().float() for p in self.params]
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for shadow, param in zip(self.shadow, self.params):
-            shadow.mul_(d).add_(param.detach().float(), alpha=1 - d)
-
-    @contextlib.contextmanager
-    def applied(self):
-        """Inside the block the parameters hold the averaged weights; the trained ones come back after."""
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for param, shadow in zip(self.params, self.shadow):
-                param.copy_(shadow)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for param, saved in zip(self.params, backup):
-                    param.copy_(saved)
-
-    def state_dict(self) -> dict:
-        return {"updates": self.updates, "shadow": [s.clone() for s in self.shadow]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["shadow"]) != len(self.shadow):
-            raise CheckpointError("the weight-EMA state does not fit the model's trainable weights")
-        self.updates = int(state["updates"])
-        self.shadow = [s.float().clone() for s in state["shadow"]]

@@ -50,6 +50,26 @@ def flow_eval_kwargs(sampling) -> dict:
             "num_frames": sampling.num_frames, "guidance_scale": sampling.guidance_scale}
 
 
+def evaluate_flow_trainer(trainer) -> dict:
+    """A flow trainer's periodic evaluation: fixed prompts and noise, Euler ODE at ``eval_num_steps``, with the
+    raw weights and, when the trainer keeps a weight EMA, with the averaged ones too (``eval/reward_ema``), as
+    AWM's and Flow-GRPO's public codes evaluate both."""
+    cfg = trainer.config
+    trainer.model.denoiser.eval()
+
+    def run(suffix: str) -> dict:
+        return evaluate_generation(trainer.accelerator, trainer.model, trainer.reward, trainer.eval_prompts,
+                                   **flow_eval_kwargs(cfg.sampling), batch_size=cfg.sample_batch_size,
+                                   seed=cfg.eval_seed, uncond=trainer.uncond,
+                                   grid_path=trainer.output_dir / "samples" / f"step-{trainer.step:06d}{suffix}.png")
+
+    metrics = run("")
+    if trainer.weight_ema is not None and metrics:
+        with trainer.weight_ema.applied():
+            metrics["eval/reward_ema"] = run("_ema")["eval/reward"]
+    return metrics
+
+
 def check_reward_fits(reward, model) -> None:
     """Fail at set-up, in one line, when a reward cannot score what the model makes (image vs video)."""
     if reward is None:

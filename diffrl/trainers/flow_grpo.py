@@ -7,8 +7,9 @@ One step:
    samples with zero advantage are dropped (as the public code does);
 3. ``updates_per_rollout`` optimizer updates, each over its share of the samples and over the trained
    denoising steps (the first ``timestep_fraction`` of the SDE steps), with the PPO-clipped ratio of the
-   recomputed transition log-prob to the stored one and the KL between the policy's and the base model's
-   Gaussian transitions: ||mu_theta - mu_ref||^2 / (2 std^2).
+   recomputed transition log-prob to the stored one and the KL penalty between the policy's and the base
+   model's transitions in the public code's form ||mu_theta - mu_ref||^2 / (2 std_dev_t^2) (``kl_form``;
+   the exact Gaussian KL divides by |dt| more). See docs/algorithms/flow_grpo.md.
 
 Shares samplers, model adapters, rewards, advantages and losses with AWM; only the glue is its own.
 """
@@ -26,9 +27,9 @@ from diffrl.config import FlowSamplingConfig, PromptDataConfig, RewardConfig, Tr
 from diffrl.curriculum import UniformSampler
 from diffrl.errors import ConfigError
 from diffrl.losses import clipped_surrogate
-from diffrl.samplers.flow import sde_step
+from diffrl.samplers.flow import KL_FORMS, sde_noise_scale, sde_step, transition_kl
 from diffrl.trainers import common, register_trainer
-from diffrl.trainers.evaluation import check_reward_fits, evaluate_generation, flow_eval_kwargs
+from diffrl.trainers.evaluation import check_reward_fits, evaluate_flow_trainer
 from diffrl.trainers.rollout import (
     check_group_split,
     decode_and_score,
@@ -38,6 +39,7 @@ from diffrl.trainers.rollout import (
     prompt_sets,
     sde_window,
 )
+from diffrl.trainers.weight_ema import WeightEMA
 
 
 @dataclasses.dataclass(kw_only=True)  # required sections after the base class's defaulted fields
@@ -53,12 +55,22 @@ class FlowGRPOConfig(TrainerConfig):
                                           "SD3's output depends on the batch size)", ge=1)
     updates_per_rollout: int = param(2, help="optimizer updates per rollout (Flow-GRPO: 2)", ge=1)
     timestep_fraction: float = param(0.99, help="fraction of the SDE steps trained (int(N x fraction))", gt=0, le=1)
-    train_cfg: bool = param(True, help="compute training log-probs with CFG (unconditional branch detached)")
+    train_cfg: bool = param(True, help="compute training log-probs with CFG")
+    cfg_grad: str = param("both", help="with train_cfg, which CFG branches carry gradient: 'both' (flow_grpo's "
+                                       "current training scripts) or 'cond' (unconditional branch detached, "
+                                       "flow_grpo up to mid-2025)")
     clip_range: float = param(1e-4, help="PPO ratio clip range (1e-4; Fast: 1e-5)", gt=0)
     adv_clip_max: float = param(5.0, help="advantages are clipped to +-adv_clip_max", gt=0)
     beta: float = param(0.04, help="weight of the KL to the base model (OCR / GenEval 0.04, PickScore 0.01)", ge=0)
+    kl_form: str = param("flow_grpo", help="'flow_grpo': ||mu - mu_ref||^2 / (2 std_dev_t^2), the public code's "
+                                           "form the published betas are calibrated to; 'gaussian': the exact KL "
+                                           "of the two transitions, ||mu - mu_ref||^2 / (2 std_dev_t^2 |dt|)")
     estimator: str = param("per_prompt", help="advantage estimator (diffrl ls estimators)")
     estimator_kwargs: dict[str, float | bool | str] = param({"global_std": True}, help="options of the estimator")
+    weight_ema_decay: float | None = param(None, help="EMA of the trainable weights, evaluated and saved beside the "
+                                                      "raw ones (Flow-GRPO: 0.9); null disables", gt=0, lt=1)
+    weight_ema_every: int = param(8, help="the EMA updates when (optimizer steps + 1) is a multiple of this "
+                                          "(Flow-GRPO: 8; it is called after every training micro-batch)", ge=1)
     eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
     eval_seed: int = param(1234, help="seed of the evaluation noise", ge=0)
     max_bad_steps: int = param(5, help="stop after this many consecutive non-finite updates", ge=1)
@@ -67,6 +79,13 @@ class FlowGRPOConfig(TrainerConfig):
         get_estimator(self.estimator, **self.estimator_kwargs)  # an unknown name or option fails here
         if self.sampling.noise_level <= 0:
             raise ConfigError("Flow-GRPO needs stochastic rollouts: sampling.noise_level must be > 0")
+        if self.sampling.sampler != "euler":
+            raise ConfigError("Flow-GRPO needs the log-probs of its SDE steps: sampling.sampler must be 'euler' "
+                              "(SA-Solver rollouts are for AWM)")
+        if self.kl_form not in KL_FORMS:
+            raise ConfigError(f"kl_form must be one of {', '.join(KL_FORMS)}, got {self.kl_form!r}")
+        if self.cfg_grad not in ("both", "cond"):
+            raise ConfigError(f"cfg_grad must be 'both' or 'cond', got {self.cfg_grad!r}")
         if self.optim.gradient_accumulation_steps != 1:
             raise ConfigError("Flow-GRPO accumulates over its samples and steps itself; leave "
                               "optim.gradient_accumulation_steps at 1 and set updates_per_rollout instead")
@@ -93,6 +112,8 @@ class FlowGRPOTrainer:
         self.model = load_flow_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
         common.prepare_optimization(self, cfg.max_steps * cfg.updates_per_rollout)
+        self.weight_ema = (WeightEMA(self.params, decay=cfg.weight_ema_decay, every=cfg.weight_ema_every)
+                           if cfg.weight_ema_decay else None)
         self.uncond = self.model.null_condition() if cfg.sampling.guidance_scale != 1.0 else None
         self.prompt_sampler = UniformSampler(len(self.prompts), cfg.prompts_per_step, seed=cfg.seed)
         self.noise = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
@@ -103,6 +124,8 @@ class FlowGRPOTrainer:
         states = {"prompt_sampler": self.prompt_sampler}
         if hasattr(self.estimator, "state_dict"):
             states["estimator"] = self.estimator
+        if self.weight_ema is not None:
+            states["weight_ema"] = self.weight_ema
         return states
 
     # ------------------------------------------------------------------------------------------------------
@@ -116,15 +139,24 @@ class FlowGRPOTrainer:
         group_ids = prompt_ids[slots]
         prompts = [self.prompts[i] for i in group_ids.tolist()]
         self.model.denoiser.eval()
-        window = sde_window(cfg.sampling, seed=cfg.seed, step=self.step)
-        trajectories = flow_rollout(self.model, prompts, cfg.sampling, batch_size=cfg.sample_batch_size,
+        s = cfg.sampling
+        if s.sde_window_size is not None and s.sde_window_per == "batch":
+            def window(k):
+                return sde_window(s, seed=cfg.seed, step=self.step, rank=acc.process_index, batch=k)
+        else:
+            window = sde_window(s, seed=cfg.seed, step=self.step)
+        trajectories = flow_rollout(self.model, prompts, s, batch_size=cfg.sample_batch_size,
                                     generator=self.noise, uncond=self.uncond, window=window)
-        sde_steps = trajectories[0].sde_steps.nonzero().flatten()
-        # Full Flow-GRPO trains the first timestep_fraction of its SDE steps; Fast trains its whole window.
-        trained = sde_steps if window is not None else sde_steps[:max(1, int(len(sde_steps) * cfg.timestep_fraction))]
+        trained = []
+        for trajectory in trajectories:
+            sde_steps = trajectory.sde_steps.nonzero().flatten()
+            # Full Flow-GRPO trains the first timestep_fraction of its SDE steps; Fast its whole window.
+            if s.sde_window_size is None and s.sde_window is None:
+                sde_steps = sde_steps[:max(1, int(len(sde_steps) * cfg.timestep_fraction))]
+            trained.append(sde_steps.expand(trajectory.latents.shape[0], -1))
         return {"latents": torch.cat([t.latents for t in trajectories]),
                 "log_probs": torch.cat([t.log_probs for t in trajectories]), "prompts": prompts,
-                "group_ids": group_ids, "sigmas": trajectories[0].sigmas, "train_steps": trained}
+                "group_ids": group_ids, "sigmas": trajectories[0].sigmas, "train_steps": torch.cat(trained)}
 
     def score(self, batch: dict) -> dict:
         cfg = self.config
@@ -135,30 +167,37 @@ class FlowGRPOTrainer:
         return stats
 
     def _step_loss(self, latents: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-                   prompts: list[str], sigmas: torch.Tensor, j: int) -> tuple[torch.Tensor, dict]:
-        """Clipped policy loss and KL of the transition x_j -> x_{j+1} for one micro-batch."""
+                   prompts: list[str], sigmas: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Clipped policy loss and KL of the transitions x_j -> x_{j+1} of one micro-batch (``j [b]``: each
+        sample's own step, as Flow-GRPO-Fast windows may differ per sampling batch)."""
         cfg = self.config
         s = cfg.sampling
-        x, x_next = latents[:, j], latents[:, j + 1]
+        rows = torch.arange(latents.shape[0])
+        x, x_next = latents[rows, j], latents[rows, j + 1]
+        old_log_probs = old_log_probs[rows, j]
         cond = self.model.encode_prompts(prompts)
-        t = sigmas[j].expand(x.shape[0]).to(x.device)
+        sigmas = sigmas.to(x.device)
+        sigma, sigma_next = sigmas[j], sigmas[j + 1]
+        t = sigma
         guidance = s.guidance_scale if cfg.train_cfg else 1.0
         kwargs = dict(noise_level=s.noise_level, sigma_max=float(sigmas[1]), prev_sample=x_next, sde_type=s.sde_type)
         with self.accelerator.autocast():
-            v = self.model.velocity(x, t, cond, guidance_scale=guidance, uncond=self.uncond, grad_uncond=False)
-        _, log_prob, mean, std = sde_step(x, v, sigmas[j], sigmas[j + 1], **kwargs)
-        per_sample, clip_stats = clipped_surrogate(log_prob[:, None], old_log_probs[:, j, None], advantages,
+            v = self.model.velocity(x, t, cond, guidance_scale=guidance, uncond=self.uncond,
+                                    grad_uncond=cfg.cfg_grad == "both")
+        _, log_prob, mean, std = sde_step(x, v, sigma, sigma_next, **kwargs)
+        per_sample, clip_stats = clipped_surrogate(log_prob[:, None], old_log_probs[:, None], advantages,
                                                    clip_low=cfg.clip_range)
         loss = per_sample.mean()
         parts = {"policy_loss": float(loss.detach()), "clip_frac": float(clip_stats["clipped"].mean()),
-                 "approx_kl": float(0.5 * ((log_prob.detach() - old_log_probs[:, j]) ** 2).mean())}
+                 "approx_kl": float(0.5 * ((log_prob.detach() - old_log_probs) ** 2).mean())}
         # CPS's last transition (sigma_next = 0) is deterministic: no Gaussian, no KL there.
         if cfg.beta > 0 and float(std.min()) > 0:
             with torch.no_grad(), self.model.reference():
                 v_ref = self.model.velocity(x, t, cond, guidance_scale=guidance, uncond=self.uncond)
-                _, _, mean_ref, _ = sde_step(x, v_ref, sigmas[j], sigmas[j + 1], **kwargs)
-            # KL between the two Gaussian transitions (same std): ||mu - mu_ref||^2 / (2 std^2), dims averaged.
-            kl = (((mean - mean_ref) ** 2) / (2 * std ** 2)).mean()
+                _, _, mean_ref, _ = sde_step(x, v_ref, sigma, sigma_next, **kwargs)
+            std_dev_t = sde_noise_scale(sigma, noise_level=s.noise_level, sigma_max=float(sigmas[1]),
+                                        sde_type=s.sde_type, sigma_next=sigma_next)
+            kl = transition_kl(mean, mean_ref, std_dev_t=std_dev_t, std=std, form=cfg.kl_form)
             loss = loss + cfg.beta * kl
             parts["kl"] = float(kl.detach())
         return loss, parts
@@ -169,9 +208,10 @@ class FlowGRPOTrainer:
         self.model.denoiser.train()
         keep = (batch["advantages"] != 0).nonzero().flatten()  # zero-advantage samples teach nothing
         chunks = [c for c in keep.tensor_split(cfg.updates_per_rollout)]
-        steps = batch["train_steps"].tolist()
+        steps = range(batch["train_steps"].shape[1])
         logged: dict[str, float] = {"kept_fraction": keep.numel() / max(1, len(batch["prompts"]))}
-        for chunk in chunks:
+        done = self.step * cfg.updates_per_rollout  # optimizer steps before this rollout's
+        for c, chunk in enumerate(chunks):
             # Every process runs the same number of backward passes, so DDP's all-reduce always pairs up:
             # an empty share contributes a zero loss that still has a graph.
             micro = list(chunk.split(cfg.train_batch_size)) or [chunk]
@@ -187,11 +227,18 @@ class FlowGRPOTrainer:
                         else:
                             loss, parts = self._step_loss(
                                 batch["latents"][index], batch["log_probs"][index], batch["advantages"][index],
-                                [batch["prompts"][n] for n in index.tolist()], batch["sigmas"], j)
+                                [batch["prompts"][n] for n in index.tolist()], batch["sigmas"],
+                                batch["train_steps"][index, j])
                         acc.backward(loss / count)
                     for key, value in {"loss": float(loss.detach()), **parts}.items():
                         totals[key] = totals.get(key, 0.0) + value / count
+                # flow_grpo steps its EMA after every micro-batch with the optimizer steps done so far (the
+                # last micro-batch's after the optimizer step below).
+                if self.weight_ema is not None and i < len(micro) - 1:
+                    self.weight_ema.step(done + c)
             step = common.optimizer_step(self, totals)
+            if self.weight_ema is not None:
+                self.weight_ema.step(done + c + 1)
             for key, value in step.items():
                 logged[key] = logged.get(key, 0.0) + value / len(chunks)
         logged["lr"] = self.scheduler.get_last_lr()[0]  # the last step's, not an average
@@ -199,12 +246,7 @@ class FlowGRPOTrainer:
         return logged
 
     def evaluate(self) -> dict:
-        cfg = self.config
-        self.model.denoiser.eval()
-        return evaluate_generation(self.accelerator, self.model, self.reward, self.eval_prompts,
-                                   **flow_eval_kwargs(cfg.sampling), batch_size=cfg.sample_batch_size,
-                                   seed=cfg.eval_seed, uncond=self.uncond,
-                                   grid_path=self.output_dir / "samples" / f"step-{self.step:06d}.png")
+        return evaluate_flow_trainer(self)
 
     def train(self) -> dict:
         cfg = self.config
@@ -225,6 +267,7 @@ class FlowGRPOTrainer:
 
     def _save_model(self, folder) -> None:
         common.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        common.save_weight_ema(self, folder)
 
     def _load_model(self, folder) -> None:
         common.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

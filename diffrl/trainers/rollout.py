@@ -80,33 +80,46 @@ def gather_advantages(accelerator, estimator, rewards: torch.Tensor, group_ids: 
 
 
 @torch.no_grad()
-def sde_window(sampling, *, seed: int, step: int) -> tuple[int, int] | None:
+def sde_window(sampling, *, seed: int, step: int, rank: int = 0, batch: int = 0) -> tuple[int, int] | None:
     """The SDE steps of this rollout: ``sampling.sde_window``, or, with ``sde_window_size``, a window of that
-    size placed uniformly inside it (Flow-GRPO-Fast). Drawn from (seed, step): the same on every process."""
+    size placed uniformly inside it (Flow-GRPO-Fast). Drawn from (seed, step), the same on every process; with
+    ``sde_window_per: batch`` from (seed, step, rank, batch), one per sampling batch per process."""
     if sampling.sde_window_size is None:
         return tuple(sampling.sde_window) if sampling.sde_window else None
     low, high = sampling.sde_window or (0, sampling.num_steps // 2)
     if high - low < sampling.sde_window_size:
         raise ConfigError(f"sampling.sde_window_size {sampling.sde_window_size} does not fit in [{low}, {high})")
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+    stream = seed * 1_000_003 + step + 1
+    if sampling.sde_window_per == "batch":
+        stream = stream * 7_919 + rank * 104_729 + batch + 1
+    generator = torch.Generator().manual_seed(stream)
     start = low + int(torch.randint(high - low - sampling.sde_window_size + 1, (1,), generator=generator))
     return start, start + sampling.sde_window_size
 
 
 @torch.no_grad()
 def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, generator: torch.Generator,
-                 uncond=None, window: tuple[int, int] | None = None) -> list:
-    """Sample ``prompts`` (one sample each) in batches, SDE on ``window`` (None: every step); returns one
+                 uncond=None, window=None) -> list:
+    """Sample ``prompts`` (one sample each) in batches with ``sampling.sampler``: Euler with SDE steps on
+    ``window`` (None: every step; a callable gives batch k's window), or SA-Solver; returns one
     :class:`Trajectory` per batch."""
     from diffrl.samplers.flow import sample_trajectory
+    from diffrl.samplers.sa_solver import sample_sa_solver
 
     trajectories = []
     for start in range(0, len(prompts), batch_size):
         cond = model.encode_prompts(prompts[start:start + batch_size])
+        if sampling.sampler == "sa_solver":
+            trajectories.append(sample_sa_solver(
+                model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
+                num_frames=sampling.num_frames, noise_level=sampling.noise_level,
+                tau_range=tuple(sampling.sa_tau_range), guidance_scale=sampling.guidance_scale, uncond=uncond,
+                generator=generator))
+            continue
         trajectories.append(sample_trajectory(
             model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
             num_frames=sampling.num_frames, noise_level=sampling.noise_level, sde_type=sampling.sde_type,
-            sde_window=window, guidance_scale=sampling.guidance_scale, uncond=uncond, generator=generator))
+            sde_window=window(start // batch_size) if callable(window) else window, guidance_scale=sampling.guidance_scale, uncond=uncond, generator=generator))
     return trajectories
 
 

@@ -44,7 +44,7 @@ def test_step_loss_equals_a_plain_recomputation(tiny_dir, tmp_path):
     index = torch.tensor([0, 1])
     j = 1
     loss, parts = trainer._step_loss(batch["latents"][index], batch["log_probs"][index], adv,
-                                     batch["prompts"][:2], batch["sigmas"], j)
+                                     batch["prompts"][:2], batch["sigmas"], torch.tensor([j, j]))
     # by hand: CFG 2 with the unconditional branch, ratio of the recomputed to the stored log-prob, clip 0.2
     x, x_next, sigmas = batch["latents"][:2, j], batch["latents"][:2, j + 1], batch["sigmas"]
     cond, uncond = model.encode_prompts(batch["prompts"][:2]), model.encode_prompts([""]).repeat_interleave(2)
@@ -61,9 +61,12 @@ def test_step_loss_equals_a_plain_recomputation(tiny_dir, tmp_path):
     _, _, mean_ref, _ = sde_step(x, v_ref, sigmas[j], sigmas[j + 1], **kw)
     ratio = torch.exp(lp - batch["log_probs"][:2, j])
     policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
-    kl = ((mean - mean_ref) ** 2 / (2 * std ** 2)).mean()
-    assert loss.item() == pytest.approx((policy + 0.1 * kl).item(), rel=1e-4)
+    # flow_grpo's KL: divided by std_dev_t^2 = (0.7 sqrt(sigma / (1 - sigma)))^2, not by the transition variance
+    std_dev_t = 0.7 * math.sqrt(float(sigmas[j]) / (1 - float(sigmas[j])))
+    kl = ((mean - mean_ref) ** 2).mean() / (2 * std_dev_t ** 2)
     assert parts["kl"] == pytest.approx(kl.item(), rel=1e-4)
+    assert parts["kl"] != pytest.approx(((mean - mean_ref) ** 2 / (2 * std ** 2)).mean().item(), rel=0.1)
+    assert loss.item() == pytest.approx((policy + 0.1 * kl).item(), rel=1e-5, abs=1e-9)
 
 
 def test_fresh_policy_has_ratio_one_and_no_kl(tiny_dir, tmp_path):
@@ -72,7 +75,7 @@ def test_fresh_policy_has_ratio_one_and_no_kl(tiny_dir, tmp_path):
     batch = trainer.rollout()
     adv = torch.tensor([1.0, -3.0])
     loss, parts = trainer._step_loss(batch["latents"][:2], batch["log_probs"][:2], adv, batch["prompts"][:2],
-                                     batch["sigmas"], 0)
+                                     batch["sigmas"], torch.tensor([0, 0]))
     # LoRA B starts at 0: policy = base = rollout policy, so ratio 1, loss = mean(-A) = 1.0, KL = 0
     assert loss.item() == pytest.approx(1.0, abs=1e-4) and parts["kl"] == pytest.approx(0.0, abs=1e-8)
 
@@ -130,8 +133,28 @@ def test_fast_window_moves_between_rollouts_and_only_it_is_trained(tiny_dir, tmp
     for step in range(6):
         trainer.step = step
         batch = trainer.rollout()
-        steps = batch["train_steps"].tolist()
+        assert (batch["train_steps"] == batch["train_steps"][0]).all()  # one window for every sample
+        steps = batch["train_steps"][0].tolist()
         assert len(steps) == 2 and steps[1] == steps[0] + 1 and 0 <= steps[0] and steps[1] < 4
         assert (batch["log_probs"][:, [i for i in range(6) if i not in steps]] == 0).all()
         windows.add(steps[0])
     assert len(windows) > 1
+
+
+def test_fast_window_per_sampling_batch(tiny_dir, tmp_path):
+    """The public code draws a window per sampling batch per process: samples of one batch share it, batches
+    differ, and each sample is trained on its own window's steps."""
+    config = make_config(tiny_dir, tmp_path, sampling__num_steps=8, sampling__sde_window=[0, 6],
+                         sampling__sde_window_size=2, sampling__sde_type="cps", sampling__sde_window_per="batch",
+                         group_size=4, prompts_per_step=4, sample_batch_size=2)
+    trainer = FlowGRPOTrainer(config)
+    trainer.setup()
+    batch = trainer.rollout()
+    starts = batch["train_steps"][:, 0]
+    assert (batch["train_steps"][:, 1] == starts + 1).all()
+    assert (starts.view(-1, 2) == starts.view(-1, 2)[:, :1]).all() and len(set(starts.tolist())) > 1
+    for row, (a, b) in enumerate(batch["train_steps"].tolist()):
+        stochastic = (batch["log_probs"][row] != 0).nonzero().flatten().tolist()
+        assert set(stochastic) <= {a, b}
+    trainer.score(batch)
+    assert math.isfinite(trainer.update(batch)["loss"])
