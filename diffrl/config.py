@@ -151,9 +151,10 @@ class PreferenceDataConfig:
     resolution: int = param(512, help="training size: shorter side resized, then center-cropped square", ge=8)
     num_frames: int | None = param(None, help="frames per clip for video models (null for images)", ge=1)
     frame_stride: int = param(1, help="take every N-th frame of a clip", ge=1)
-    random_flip: bool = param(False, help="flip training samples horizontally with probability 0.5")
+    random_flip: bool = param(False, help="flip each training sample horizontally with probability 0.5 (winner "
+                                          "and loser independently, as Diffusion-DPO)")
     proportion_empty_prompts: float = param(0.0, help="fraction of captions replaced by '' (Diffusion-DPO: 0.2 "
-                                                      "for SDXL)", ge=0, le=1)
+                                                      "for SD1.5 and SDXL)", ge=0, le=1)
     eval_path: str | None = param(None, help="evaluation prompts (default: the first eval_size captions)")
     eval_size: int = param(16, help="number of evaluation prompts", ge=0)
 
@@ -175,6 +176,9 @@ class ReasoningDataConfig:
     question_field: str = param("question", help="field holding the question")
     answer_field: str = param("answer", help="field holding the reasoning trace and final answer")
     size: int = param(2000, help="number of tasks a generator makes", ge=1)
+    keep_types: list[str] | None = param(None, help="keep only rows whose 'type' is listed (IGPO on MetaMathQA: "
+                                                    "[GSM_AnsAug, MATH_AnsAug])")
+    dedupe_questions: bool = param(False, help="keep the first row of each question (IGPO on MetaMathQA)")
     eval_size: int = param(32, help="held-out tasks used by evaluation (taken from the end)", ge=0)
     prompt_template: str = param("{question}", help="the prompt built from each question, e.g. the paper's "
                                                     "instructions followed by {question}")

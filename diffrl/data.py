@@ -33,12 +33,22 @@ class ReasoningExample:
     source: str = "default"
     answer_format: str = "boxed"            # "boxed" (math) or "xml" (<answer>...</answer>: countdown, sudoku)
     metadata: dict = field(default_factory=dict, hash=False)   # what the task's reward needs besides 'answer'
+    solution: str = ""                      # the dataset's solution text as written (empty for generated tasks)
 
     @property
     def target(self) -> str:
         """What SFT trains on and IGPO's hints come from: the trace, then the answer (boxed or in tags)."""
         answer = f"<answer>{self.answer}</answer>" if self.answer_format == "xml" else f"\\boxed{{{self.answer}}}"
         return f"{self.trace}\n{answer}" if self.trace else answer
+
+    def hint_text(self, style: str = "igpo") -> str:
+        """The reference IGPO's hints are cut from: ``igpo`` = "<reasoning>\n" + the dataset's solution as
+        written (IGPO's data_utils; generated tasks: their target), ``target`` = :attr:`target`."""
+        if style == "target":
+            return self.target
+        if style == "igpo":
+            return "<reasoning>\n" + (self.solution or self.target)
+        raise DataError(f"unknown hint text style {style!r}; use igpo or target")
 
     def reward_metadata(self) -> dict:
         """Keyword metadata for the task's reward: ``answer`` plus the task's own fields."""
@@ -159,8 +169,16 @@ def last_boxed(text: str) -> str | None:
     return boxed(text, "last")
 
 
+_METAMATH_ANSWER = "The answer is:"
+
+
 def split_trace_answer(solution: str) -> tuple[str, str]:
-    """``(trace, answer)`` from a GSM8K ``#### answer`` or a MATH ``\\boxed{answer}`` solution."""
+    """``(trace, answer)`` from a MetaMathQA ``The answer is: x``, a GSM8K ``#### answer`` or a MATH
+    ``\\boxed{answer}`` solution, tried in that order (IGPO's: a MetaMath MATH_AnsAug response holds a boxed
+    answer and then "The answer is:", which wins)."""
+    if _METAMATH_ANSWER in solution:
+        trace, answer = solution.rsplit(_METAMATH_ANSWER, 1)
+        return trace.strip(), answer.strip()
     match = _GSM8K_ANSWER.search(solution)
     if match:
         return solution[:match.start()].strip(), match.group(1).replace(",", "").strip()
@@ -171,20 +189,31 @@ def split_trace_answer(solution: str) -> tuple[str, str]:
 
 
 def load_reasoning(path: str | Path, *, split: str = "train", config_name: str | None = None,
-                   question_field: str = "question", answer_field: str = "answer",
-                   source: str | None = None) -> list[ReasoningExample]:
+                   question_field: str = "question", answer_field: str = "answer", source: str | None = None,
+                   keep_types: list[str] | None = None, dedupe_questions: bool = False) -> list[ReasoningExample]:
     """Question / solution pairs: GSM8K (``question``, ``answer`` with ``####``), MATH (``problem``,
-    ``solution`` with ``\\boxed{}``), MetaMath (``query``, ``response``), or any file with named fields."""
+    ``solution`` with ``\\boxed{}``), MetaMathQA (``query``, ``response`` ending "The answer is: x"), or any
+    file with named fields. ``keep_types`` keeps rows whose ``type`` is listed and ``dedupe_questions`` the
+    first row of each question: IGPO keeps MetaMathQA's GSM_AnsAug / MATH_AnsAug rows, one per query."""
     rows = read_records(path, split=split, config_name=config_name)
+    if keep_types:
+        types = _column(rows, "type", str(path))
+        rows = [row for row, kind in zip(rows, types) if kind in keep_types]
+        if not rows:
+            raise DataError(f"{path}: no row has a type in {keep_types}; check data.keep_types")
     questions = _column(rows, question_field, str(path))
     solutions = _column(rows, answer_field, str(path))
-    examples = []
+    examples, seen = [], set()
     for question, solution in zip(questions, solutions):
+        if dedupe_questions:
+            if question in seen:
+                continue
+            seen.add(question)
         trace, answer = split_trace_answer(str(solution))
         if not answer:
-            raise DataError(f"{path}: a solution has no final answer ('#### x' or '\\boxed{{x}}'): "
-                            f"{str(solution)[:60]!r}...; check answer_field")
-        examples.append(ReasoningExample(str(question), trace, answer, source or str(path)))
+            raise DataError(f"{path}: a solution has no final answer ('The answer is: x', '#### x' or "
+                            f"'\\boxed{{x}}'): {str(solution)[:60]!r}...; check answer_field")
+        examples.append(ReasoningExample(str(question), trace, answer, source or str(path), solution=str(solution)))
     return examples
 
 
@@ -262,7 +291,8 @@ GENERATORS = {"arithmetic": arithmetic_tasks, "countdown": countdown_tasks, "sud
 
 
 def load_tasks(path: str, *, size: int, seed: int, split: str = "train", config_name: str | None = None,
-               question_field: str = "question", answer_field: str = "answer") -> list[ReasoningExample]:
+               question_field: str = "question", answer_field: str = "answer", keep_types: list[str] | None = None,
+               dedupe_questions: bool = False) -> list[ReasoningExample]:
     """``generator:NAME`` (e.g. ``generator:arithmetic``) builds ``size`` tasks; anything else is loaded."""
     if path.startswith("generator:"):
         name = path.split(":", 1)[1]
@@ -270,7 +300,7 @@ def load_tasks(path: str, *, size: int, seed: int, split: str = "train", config_
             raise DataError(f"unknown task generator {name!r}; known: {', '.join(GENERATORS)}")
         return GENERATORS[name](size, seed=seed)
     return load_reasoning(path, split=split, config_name=config_name, question_field=question_field,
-                          answer_field=answer_field)
+                          answer_field=answer_field, keep_types=keep_types, dedupe_questions=dedupe_questions)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -90,7 +90,8 @@ def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kind: str =
     """Per-token estimates of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL divergence").
 
     With log r = ref_log_probs - log_probs: k1 = -log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r (>= 0,
-    unbiased, low variance; GRPO's choice). "low_var_kl" is k3 clamped to [-10, 10] as verl does.
+    unbiased, low variance; GRPO's choice). "low_var_kl" is verl's k3: log r clamped to [-20, 20] first (exp
+    would overflow past ~88 and give a NaN gradient through the clamp), the result clamped to [-10, 10].
 
     >>> kl_penalty(torch.tensor([0.0]), torch.tensor([-1.0]), "k3")   # e^-1 - 1 + 1
     tensor([0.3679])
@@ -100,9 +101,11 @@ def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kind: str =
         return -log_ratio
     if kind == "k2":
         return 0.5 * log_ratio ** 2
-    if kind in ("k3", "low_var_kl"):
-        kl = torch.exp(log_ratio) - 1 - log_ratio
-        return kl.clamp(-10, 10) if kind == "low_var_kl" else kl
+    if kind == "k3":
+        return torch.exp(log_ratio) - 1 - log_ratio
+    if kind == "low_var_kl":
+        log_ratio = log_ratio.clamp(-20, 20)
+        return (torch.exp(log_ratio) - 1 - log_ratio).clamp(-10, 10)
     raise ValueError(f"KL estimator must be k1, k2, k3 or low_var_kl, got {kind!r}")
 
 

@@ -1,5 +1,5 @@
 """AWM: Advantage Weighted Matching (Adobe, arXiv 2509.25050), as the public code computes it
-(papers/awm.md).
+(docs/algorithms/awm.md).
 
 One step:
 1. rollout: ``group_size`` samples for each of ``prompts_per_step`` prompts (spread over processes) with the
@@ -18,9 +18,9 @@ One step:
 4. one optimizer step per rollout, then the EMA adapter follows: ema <- d ema + (1 - d) theta with
    d = min(0.3, 0.001 * step).
 
-Differences from the public code (each a defect there): beta = 0 and ema_beta = 0 work; exact resume
-(optimizer, both adapters, samplers, estimator); no hard-coded paths. The SA-Solver rollout sampler of the
-public code is not implemented: rollouts use Euler ODE or Flow-GRPO's Euler SDE.
+Rollouts use any sampler: SA-Solver (the public OCR / GenEval configs), Euler ODE (PickScore) or Flow-GRPO's
+Euler SDE. Differences from the public code (each a defect there): beta = 0 and ema_beta = 0 work; exact resume
+(optimizer, both adapters, samplers, estimator); no hard-coded paths. See docs/algorithms/awm.md.
 """
 
 from __future__ import annotations
@@ -56,17 +56,20 @@ from diffrl.trainers.weight_ema import WeightEMA
 class AWMConfig(TrainerConfig):
     data: PromptDataConfig = param(help="training and evaluation prompts")
     reward: RewardConfig = param(help="reward models and weights")
-    sampling: FlowSamplingConfig = param(FlowSamplingConfig(num_steps=14, noise_level=0.0),
-                                         help="rollout and evaluation sampling (AWM: 14 steps, CFG 1)")
+    # Defaults are the public OCR run's (config/dgx_awm.py, ocr_sd3_no_cfg_1node), one task's whole set.
+    sampling: FlowSamplingConfig = param(FlowSamplingConfig(num_steps=14, noise_level=0.4, sampler="sa_solver"),
+                                         help="rollout and evaluation sampling (AWM OCR: SA-Solver, 14 steps, "
+                                              "tau 0.4 on t in [0.3, 0.9], CFG 1)")
     group_size: int = param(24, help="samples per prompt (the group of the advantage estimate)", ge=2)
-    prompts_per_step: int = param(24, help="prompts (groups) per optimizer step, over all processes", ge=1)
+    prompts_per_step: int = param(72, help="prompts (groups) per optimizer step, over all processes", ge=1)
     sample_batch_size: int = param(6, help="samples per process per rollout forward", ge=1)
-    train_batch_size: int = param(2, help="samples per process per training forward (x train_timesteps)", ge=1)
+    train_batch_size: int = param(3, help="samples per process per training forward (x train_timesteps)", ge=1)
     train_timesteps: int = param(6, help="stratified timesteps of the rollout schedule per sample", ge=1)
     time_type: str = param("discrete_wo_init", help="discrete_wo_init (GenEval, OCR) or discrete (PickScore)")
     weighting: str = param("ghuber", help=f"flow-matching weighting: {', '.join(FLOW_WEIGHTINGS)}")
     ghuber_power: float = param(0.25, help="power p of the ghuber weighting", gt=0)
-    beta: float = param(1e-4, help="weight of the velocity KL to the base model (0 disables it)", ge=0)
+    beta: float = param(3e-3, help="weight of the velocity KL to the base model (OCR 0.003, GenEval 0.001, "
+                                   "PickScore 0.0001; 0 disables it)", ge=0)
     ema_beta: float = param(1.0, help="weight of the velocity KL to the EMA adapter (0 disables it)", ge=0)
     ema_decay_max: float = param(0.3, help="EMA adapter decay cap: d = min(cap, rate * step)", ge=0, lt=1)
     ema_decay_rate: float = param(1e-3, help="EMA adapter decay growth per step", ge=0)

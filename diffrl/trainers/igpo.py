@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 import time
 
 import torch
@@ -33,7 +34,7 @@ from diffrl.config import MaskedGenerationConfig, ReasoningDataConfig, RewardCon
 from diffrl.curriculum import UniformSampler
 from diffrl.errors import ConfigError
 from diffrl.losses import aggregate, clipped_surrogate, hint_entropy_mask, kl_penalty, sequence_log_ratio
-from diffrl.samplers.masked import FREE, build_hints, generate
+from diffrl.samplers.masked import FREE, build_hints, build_spacing_scaled_hints, generate
 from diffrl.trainers import common, register_trainer
 from diffrl.trainers.reasoning import (
     check_correctness_reward,
@@ -42,6 +43,7 @@ from diffrl.trainers.reasoning import (
     load_task_split,
     prompt_tensors,
     score_texts,
+    until_first,
 )
 
 
@@ -54,9 +56,19 @@ class InpaintingConfig:
     ratio_high: float = param(0.6, help="upper end of the hinted fraction (at the start of training)", ge=0, le=1)
     ratio_high_final: float | None = param(None, help="upper end at the last step (linear decay); null: constant",
                                            ge=0, le=1)
-    max_replacements: int = param(4, help="wrong completions of a group replaced by correct inpainted ones", ge=1)
-    inpaint_samples: int | None = param(None, help="inpainted completions drawn per all-wrong group "
-                                                   "(default: max_replacements)", ge=1)
+    max_replacements: int = param(4, help="wrong completions of a group replaced by correct inpainted ones "
+                                          "(chosen at random among the correct candidates)", ge=1)
+    inpaint_samples: int | None = param(None, help="inpainted candidates drawn per all-wrong group (IGPO: the "
+                                                   "group size G; null = G)", ge=1)
+    hint_layout: str = param("spacing_scaled", help="'spacing_scaled' (IGPO's code: positions stretched by up to "
+                                                    "1.5x, last free_tail positions free, final chunk always "
+                                                    "shown, fraction counted in chunks) or 'own_positions' "
+                                                    "(chunks at the trace's positions, fraction in tokens)")
+    hint_text: str = param("igpo", help="what hints are cut from: 'igpo' = '<reasoning>\\n' + the dataset's "
+                                        "solution (IGPO), 'target' = trace + boxed answer")
+    free_tail: int = param(30, help="spacing_scaled: canvas positions at the end never hinted", ge=0)
+    max_spacing: int = param(100, help="spacing_scaled: longest stretched gap between hint chunks (IGPO: 100)",
+                             ge=0)
     entropy_keep_ratio: float = param(0.2, help="fraction of hint tokens, highest entropy first, that get "
                                                 "gradient (at least one)", ge=0, le=1)
 
@@ -79,6 +91,11 @@ class IGPOConfig(TrainerConfig):
     clip_high: float = param(0.2, help="ratio clip above 1 (epsilon_high)", gt=0)
     ratio_level: str = param("sequence", help="'sequence' (GSPO, IGPO's published run) or 'token' (d1) ratios")
     beta: float = param(0.01, help="weight of the k3 KL to the LoRA-free reference (IGPO 0.01, d1 0.04)", ge=0)
+    loss_norm: str = param("batch", help="'batch': one token mean over the whole batch; 'micro_batch': the token "
+                                         "mean of each train_batch_size micro-batch, averaged (IGPO's code, with "
+                                         "a micro-batch of one group)")
+    loss_mask: str = param("all", help="completion positions in the loss: 'all' (IGPO's code) or 'until_eos' "
+                                       "(d1: up to and including the first EOS)")
     prompt_mask_prob: float = param(0.15, help="prompt tokens masked in the log-prob estimate (d1: 0.15; IGPO's "
                                                "code: 0)", ge=0, lt=1)
     estimator: str = param("dr_grpo", help="advantage estimator (diffrl ls estimators)")
@@ -90,6 +107,12 @@ class IGPOConfig(TrainerConfig):
 
     def __post_init__(self):
         get_estimator(self.estimator, **self.estimator_kwargs)  # an unknown name or option fails here
+        for name, value, known in (("loss_norm", self.loss_norm, ("batch", "micro_batch")),
+                                   ("loss_mask", self.loss_mask, ("all", "until_eos")),
+                                   ("igpo.hint_layout", self.igpo.hint_layout, ("spacing_scaled", "own_positions")),
+                                   ("igpo.hint_text", self.igpo.hint_text, ("igpo", "target"))):
+            if value not in known:
+                raise ConfigError(f"{name} must be one of {', '.join(known)}, got {value!r}")
         if self.ratio_level not in ("sequence", "token"):
             raise ConfigError(f"ratio_level must be 'sequence' or 'token', got {self.ratio_level!r}")
         if self.beta > 0 and not self.lora.enabled:
@@ -186,32 +209,49 @@ class IGPOTrainer:
                 "group_ids": torch.arange(len(tasks)).repeat_interleave(cfg.group_size),
                 "hint_mask": torch.zeros_like(completions, dtype=torch.bool)}
 
+    def _hints(self, trace_ids: list[int], ratio: float) -> torch.Tensor:
+        igpo, gen_length = self.config.igpo, self.config.generation.gen_length
+        if igpo.hint_layout == "own_positions":
+            return build_hints(trace_ids, gen_length, ratio=ratio, min_chunk=igpo.min_chunk,
+                               max_chunk=igpo.max_chunk, generator=self.noise)
+        # IGPO draws chunk sizes and hidden chunks with Python's random; seeded from our generator so that runs
+        # repeat and resume exactly.
+        rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=self.noise)))
+        return build_spacing_scaled_hints(trace_ids, gen_length, ratio=ratio, min_chunk=igpo.min_chunk,
+                                          max_chunk=igpo.max_chunk, rng=rng, free_tail=igpo.free_tail,
+                                          max_spacing=igpo.max_spacing)
+
     @torch.no_grad()
     def _inpaint(self, batch: dict, rewards: torch.Tensor, correct: torch.Tensor) -> dict:
-        """IGPO's step 3: regenerate all-wrong groups with pinned hints; swap correct ones in, in place."""
+        """IGPO's step 3: regenerate all-wrong groups with pinned hints; swap correct ones in, in place.
+
+        As the public code: G candidates per all-wrong group with hint ratios drawn uniformly in [low, high] and
+        sorted; among the correct candidates up to max_replacements are chosen at random and replace the
+        group's first completions."""
         cfg, igpo, tok = self.config, self.config.igpo, self.model.tokenizer
-        gen_length = cfg.generation.gen_length
-        samples = igpo.inpaint_samples or igpo.max_replacements
-        stats = {"inpaint/groups": 0.0, "inpaint/rescued": 0.0, "inpaint/replaced": 0.0}
+        samples = igpo.inpaint_samples or cfg.group_size
+        stats = {"inpaint/groups": 0.0, "inpaint/candidates": 0.0, "inpaint/rescued": 0.0, "inpaint/replaced": 0.0}
         high = self._hint_ratio_high()
         for group, task in enumerate(batch["tasks"]):
             rows = torch.arange(group * cfg.group_size, (group + 1) * cfg.group_size)
             if correct[rows].any():
                 continue
             stats["inpaint/groups"] += 1
-            trace_ids = tok(task.target, add_special_tokens=False).input_ids
-            ratios = igpo.ratio_low + (high - igpo.ratio_low) * torch.rand(samples, generator=self.noise)
-            pinned = torch.stack([build_hints(trace_ids, gen_length, ratio=float(r), min_chunk=igpo.min_chunk,
-                                              max_chunk=igpo.max_chunk, generator=self.noise) for r in ratios])
+            stats["inpaint/candidates"] += samples
+            trace_ids = tok(task.hint_text(igpo.hint_text), add_special_tokens=False).input_ids
+            ratios = (igpo.ratio_low + (high - igpo.ratio_low) * torch.rand(samples, generator=self.noise)).sort()[0]
+            pinned = torch.stack([self._hints(trace_ids, float(r)) for r in ratios])
             first = rows[0].item()
             new = self._generate(batch["prompt_ids"][first:first + 1].expand(samples, -1),
                                  batch["prompt_mask"][first:first + 1].expand(samples, -1),
                                  pinned.to(batch["prompt_ids"].device))
             new_rewards, new_correct, _ = score_texts(self.reward, self.model.decode(new), [task] * samples,
                                                       cfg.correctness)
-            good = new_correct.nonzero().flatten()[:igpo.max_replacements]
+            good = new_correct.nonzero().flatten()
             if good.numel() == 0:
                 continue
+            if good.numel() > igpo.max_replacements:
+                good = good[torch.randperm(good.numel(), generator=self.noise)[:igpo.max_replacements]]
             stats["inpaint/rescued"] += 1
             stats["inpaint/replaced"] += good.numel()
             targets = rows[:good.numel()]  # every completion of the group is wrong: replace the first ones
@@ -254,8 +294,10 @@ class IGPOTrainer:
         for seed in batch["mask_seeds"]:
             old, entropy = self._log_probs(batch, seed)
             batch["old_log_probs"].append(old)
-            batch["loss_masks"].append(hint_entropy_mask(entropy, batch["hint_mask"].to(entropy.device),
-                                                         cfg.igpo.entropy_keep_ratio))
+            mask = hint_entropy_mask(entropy, batch["hint_mask"].to(entropy.device), cfg.igpo.entropy_keep_ratio)
+            if cfg.loss_mask == "until_eos":
+                mask = mask & until_first(batch["completions"], self.model.tokenizer.eos_token_id).to(mask.device)
+            batch["loss_masks"].append(mask)
             if cfg.beta > 0:
                 with self.model.reference():
                     batch["ref_log_probs"].append(self._log_probs(batch, seed)[0])
@@ -306,10 +348,13 @@ class IGPOTrainer:
             kl = kl_penalty(log_probs, batch["ref_log_probs"][iteration][rows], "k3")
             per_token = per_token + cfg.beta * kl
             parts["kl"] = float((kl.detach() * mask).sum() / mask.sum().clamp_min(1))
+        if cfg.loss_norm == "micro_batch":  # IGPO: this micro-batch's own token mean (0 if it has no token)
+            return aggregate(per_token, mask, "token-mean"), parts
         return aggregate(per_token, mask, "token-mean", global_tokens=total_tokens), parts
 
     def update(self, batch: dict) -> dict:
-        """``num_iterations`` optimizer steps over the batch, each a token-mean over the whole batch."""
+        """``num_iterations`` optimizer steps over the batch, each a token mean over the whole batch
+        (``loss_norm: batch``) or the mean of the micro-batches' token means (``micro_batch``)."""
         cfg = self.config
         self.model.denoiser.train()
         count = batch["completions"].shape[0]
@@ -320,7 +365,8 @@ class IGPOTrainer:
             totals = common.accumulate(
                 self.accelerator, self.model.denoiser, len(starts),
                 lambda i, it=iteration, tokens=total_tokens: self._loss(
-                    batch, it, slice(starts[i], starts[i] + cfg.train_batch_size), tokens), average=False)
+                    batch, it, slice(starts[i], starts[i] + cfg.train_batch_size), tokens),
+                average=cfg.loss_norm == "micro_batch")
             for key, value in common.optimizer_step(self, totals).items():
                 logged[key] = logged.get(key, 0.0) + value / cfg.num_iterations
         logged["lr"] = self.scheduler.get_last_lr()[0]

@@ -56,17 +56,19 @@ def unconditional(model, guidance_scale: float):
 
 def load_batch(data, items: list[int], data_config, *, generator: torch.Generator, with_loser: bool):
     """Decoded samples of ``items`` with the training augmentations: ``(train_captions, captions, winners,
-    losers)``. A pair shares its flip (as Diffusion-DPO transforms the channel-stacked pair); dropped captions
-    (``proportion_empty_prompts``) become '' in ``train_captions`` only."""
+    losers)``. With ``random_flip`` winner and loser are flipped independently, each with probability 0.5 (as
+    Diffusion-DPO's train.py, whose RandomHorizontalFlip runs per image before the pair is stacked); dropped
+    captions (``proportion_empty_prompts``) become '' in ``train_captions`` only."""
     captions, winners, losers = data.batch(items, size=data_config.resolution, num_frames=data_config.num_frames,
                                            frame_stride=data_config.frame_stride, with_loser=with_loser)
     n = len(captions)
-    flip = torch.rand(n, generator=generator) < 0.5
+    flip_winner = torch.rand(n, generator=generator) < 0.5
+    flip_loser = torch.rand(n, generator=generator) < 0.5
     drop = torch.rand(n, generator=generator) < data_config.proportion_empty_prompts
-    if data_config.random_flip and flip.any():
-        winners[flip] = winners[flip].flip(-1)
+    if data_config.random_flip:
+        winners[flip_winner] = winners[flip_winner].flip(-1)
         if losers is not None:
-            losers[flip] = losers[flip].flip(-1)
+            losers[flip_loser] = losers[flip_loser].flip(-1)
     train_captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
     return train_captions, captions, winners, losers
 

@@ -20,7 +20,8 @@ def load_task_split(data, seed: int):
     if "{question}" not in data.prompt_template:
         raise ConfigError("data.prompt_template must contain {question}")
     tasks = load_tasks(data.path, size=data.size, seed=seed, split=data.split, config_name=data.config_name,
-                       question_field=data.question_field, answer_field=data.answer_field)
+                       question_field=data.question_field, answer_field=data.answer_field,
+                       keep_types=data.keep_types, dedupe_questions=data.dedupe_questions)
     if data.prompt_template != "{question}":
         tasks = [dataclasses.replace(t, question=data.prompt_template.replace("{question}", t.question))
                  for t in tasks]
@@ -110,3 +111,15 @@ def evaluate_reasoning(model, tasks, reward, generation, *, correctness: str, ch
         sampled, _ = run(generation.temperature, k)
         metrics[f"eval/pass@{k}"] = sum(pass_at_k(k, int(c), k) for c in sampled.sum(1)) / len(tasks)
     return metrics
+
+
+def until_first(completions: torch.Tensor, token_id: int | None) -> torch.Tensor:
+    """``[B, T]`` bool: positions up to and including the first ``token_id`` of each row (all of a row without
+    one), d1's completion mask for EOS."""
+    if token_id is None:
+        return torch.ones_like(completions, dtype=torch.bool)
+    hit = completions == token_id
+    first = torch.where(hit.any(1), hit.int().argmax(1), torch.full_like(hit[:, 0], completions.shape[1],
+                                                                          dtype=torch.long))
+    return torch.arange(completions.shape[1], device=completions.device)[None] <= first[:, None]
+

@@ -119,7 +119,8 @@ def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, genera
         trajectories.append(sample_trajectory(
             model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
             num_frames=sampling.num_frames, noise_level=sampling.noise_level, sde_type=sampling.sde_type,
-            sde_window=window(start // batch_size) if callable(window) else window, guidance_scale=sampling.guidance_scale, uncond=uncond, generator=generator))
+            sde_window=window(start // batch_size) if callable(window) else window,
+            guidance_scale=sampling.guidance_scale, uncond=uncond, generator=generator))
     return trajectories
 
 

@@ -158,3 +158,24 @@ def test_fast_window_per_sampling_batch(tiny_dir, tmp_path):
         assert set(stochastic) <= {a, b}
     trainer.score(batch)
     assert math.isfinite(trainer.update(batch)["loss"])
+
+
+def test_weight_ema_is_called_after_every_micro_batch_and_saved(tiny_dir, tmp_path):
+    """flow_grpo steps its EMA after each training micro-batch with the optimizer steps done so far: with 2
+    updates of 2 micro-batches each at step 0 the calls are n = 0, 1 (after the first optimizer step), 1, 2."""
+    trainer = FlowGRPOTrainer(make_config(tiny_dir, tmp_path, weight_ema_decay=0.9, weight_ema_every=1,
+                                          updates_per_rollout=2, train_batch_size=1, max_steps=1))
+    trainer.setup()
+    calls = []
+    step = trainer.weight_ema.step
+    trainer.weight_ema.step = lambda n: (calls.append(n), step(n))
+    batch = trainer.rollout()
+    trainer.score(batch)
+    batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])   # every sample kept: 2 per update
+    trainer.update(batch)
+    assert calls == [0, 1, 1, 2]
+    trainer.step = 1
+    trainer.save()
+    model = tmp_path / "run/checkpoints/step-000001/model"
+    assert (model / "ema/pytorch_lora_weights.safetensors").is_file()
+    assert "eval/reward_ema" in trainer.evaluate()

@@ -26,7 +26,7 @@ def make_config(tiny_dir, tmp_path, **overrides):
             "reward": {"weights": {"math": 1.0}}, "group_size": 4, "prompts_per_step": 2, "num_iterations": 2,
             "train_batch_size": 4,
             "igpo": {"min_chunk": 2, "max_chunk": 3, "ratio_low": 0.7, "ratio_high": 0.9, "max_replacements": 2,
-                     "inpaint_samples": 4},
+                     "inpaint_samples": 4, "free_tail": 0, "hint_text": "target"},
             "logging": {"trackers": [], "progress_bar": False}, "checkpoint": {"every": 1}}
     return from_dict(IGPOConfig, with_overrides(data, overrides))
 
