@@ -9,7 +9,7 @@ estimator may use (``lengths``, ``components``, ...). Stateful estimators (``per
     estimator = get_estimator("grpo", scale="group")
     advantages = estimator(rewards, group_ids)
 
-Edge-case policy, shared by every estimator (spec: ``papers/advantages.md`` section 12):
+Edge-case policy, shared by every estimator (docs/algorithms/advantages.md):
 
 - a singleton group gets advantage 0 (verl's GRPO returns r, its loop RLOO r: both rejected);
 - a zero-variance group gets exactly 0 (statistics are taken in float64, so the mean of equal float32

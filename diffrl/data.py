@@ -10,6 +10,7 @@ Every failure is a :class:`DataError` whose message names the file and the fix.
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 import re
@@ -287,18 +288,58 @@ def sudoku_tasks(n: int, *, seed: int = 0, num_blanks: int = 6) -> list[Reasonin
     return examples
 
 
-GENERATORS = {"arithmetic": arithmetic_tasks, "countdown": countdown_tasks, "sudoku": sudoku_tasks}
+def addition_tasks(n: int, *, seed: int = 0, digits: list[int] | tuple[int, ...] = (2, 3),
+                   unique: bool = True) -> list[ReasoningExample]:
+    """Addition of two numbers of d digits (d drawn uniformly from ``digits`` per task; the level), with a
+    column-by-column trace from the least significant digit, the carry written out: "876+530" -> trace
+    "6+0+0=6\n7+3+0=10\n8+5+1=14", answer "1406". A procedure a small model learns as an algorithm, so
+    held-out questions are new inputs to the same steps; more digits are harder. ``unique``: no question
+    twice (held-out questions are then unseen in training). ``metadata["level"]``: "2-digit", ...
+    """
+    if not digits or min(digits) < 1:
+        raise DataError(f"addition: digits must be a non-empty list of positive counts, got {list(digits)}")
+    rng = random.Random(seed)
+    examples, seen = [], set()
+    capacity = sum((9 * 10 ** (d - 1)) ** 2 for d in set(digits))
+    if unique and n > capacity:
+        raise DataError(f"addition: {n} distinct questions asked, only {capacity} exist for digits "
+                        f"{sorted(set(digits))}; lower data.size or add digits")
+    while len(examples) < n:
+        d = rng.choice(list(digits))
+        a, b = (rng.randint(10 ** (d - 1), 10 ** d - 1) for _ in range(2))
+        question = f"{a}+{b}"
+        if unique and question in seen:
+            continue
+        seen.add(question)
+        steps, carry = [], 0
+        for x, y in zip(reversed(str(a)), reversed(str(b))):
+            total = int(x) + int(y) + carry
+            steps.append(f"{x}+{y}+{carry}={total}")
+            carry = total // 10
+        examples.append(ReasoningExample(question, "\n".join(steps), str(a + b), "addition",
+                                         metadata={"level": f"{d}-digit"}))
+    return examples
+
+
+GENERATORS = {"arithmetic": arithmetic_tasks, "addition": addition_tasks, "countdown": countdown_tasks,
+              "sudoku": sudoku_tasks}
 
 
 def load_tasks(path: str, *, size: int, seed: int, split: str = "train", config_name: str | None = None,
                question_field: str = "question", answer_field: str = "answer", keep_types: list[str] | None = None,
-               dedupe_questions: bool = False) -> list[ReasoningExample]:
-    """``generator:NAME`` (e.g. ``generator:arithmetic``) builds ``size`` tasks; anything else is loaded."""
+               dedupe_questions: bool = False, generator_options: dict | None = None) -> list[ReasoningExample]:
+    """``generator:NAME`` (e.g. ``generator:arithmetic``) builds ``size`` tasks with ``generator_options`` as
+    its knobs (``{digits: [2, 3, 4]}``); anything else is loaded."""
     if path.startswith("generator:"):
         name = path.split(":", 1)[1]
         if name not in GENERATORS:
             raise DataError(f"unknown task generator {name!r}; known: {', '.join(GENERATORS)}")
-        return GENERATORS[name](size, seed=seed)
+        generator = GENERATORS[name]
+        knobs = [p for p in inspect.signature(generator).parameters if p not in ("n", "seed")]
+        unknown = sorted(set(generator_options or {}) - set(knobs))
+        if unknown:
+            raise DataError(f"generator {name!r} has no option {unknown[0]!r}; its options: {', '.join(knobs)}")
+        return generator(size, seed=seed, **(generator_options or {}))
     return load_reasoning(path, split=split, config_name=config_name, question_field=question_field,
                           answer_field=answer_field, keep_types=keep_types, dedupe_questions=dedupe_questions)
 

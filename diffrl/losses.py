@@ -235,7 +235,7 @@ def diffusion_dpo_loss(model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torc
                        beta: float, loss_type: str = "sigmoid",
                        sign: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Diffusion-DPO (Wallace et al., arXiv 2311.12908) on per-sample denoising errors ``[B]``, and SePPO's
-    form of it (arXiv 2410.05255, papers/seppo.md A5) through ``sign``.
+    form of it (arXiv 2410.05255, docs/algorithms/seppo.md) through ``sign``.
 
     With ``Delta(x) = e_theta(x) - e_ref(x)`` (each error an MSE over every non-batch axis, one shared
     (noise, t) per pair)::
@@ -259,7 +259,7 @@ def diffusion_dpo_loss(model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torc
 
 
 def seppo_sign(policy_error_w: torch.Tensor, ref_error_w: torch.Tensor, mode: str = "flip") -> torch.Tensor:
-    """SePPO's Anchor-based Adaptive Flipper (papers/seppo.md A4; a reconstruction [R]): per sample, whether
+    """SePPO's Anchor-based Adaptive Flipper (docs/algorithms/seppo.md; a reconstruction [R]): per sample, whether
     the reference model's own sample x_ref is treated as a loser (+1) or not, judged on the winner (anchor).
 
     If the policy fits the anchor better than the reference, ``e_theta(x_w) < e_ref(x_w)``, the policy is the

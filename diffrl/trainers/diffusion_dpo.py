@@ -1,5 +1,5 @@
 """Diffusion-DPO (Wallace et al., arXiv 2311.12908): direct preference optimization on human preference
-pairs, with a frozen reference (papers/seppo.md, section B). The baseline SePPO is compared with.
+pairs, with a frozen reference (docs/algorithms/diffusion_dpo.md). The baseline SePPO is compared with.
 
 One step (= one optimizer update):
 1. ``gradient_accumulation_steps`` micro-batches of ``train_batch_size`` pairs per process (the original:

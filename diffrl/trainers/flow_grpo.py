@@ -1,4 +1,4 @@
-"""Flow-GRPO (arXiv 2505.05470), as the public code computes it (papers/flow_grpo.md), and Flow-GRPO-Fast.
+"""Flow-GRPO (arXiv 2505.05470), as the public code computes it (docs/algorithms/flow_grpo.md), and Flow-GRPO-Fast.
 
 One step:
 1. rollout: ``group_size`` SDE trajectories per prompt (Flow-GRPO's SDE step, log-prob of every transition

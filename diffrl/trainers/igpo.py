@@ -1,5 +1,5 @@
 """IGPO: Inpainting-Guided Policy Optimization for masked diffusion LLMs (Zhao et al., arXiv 2509.10396),
-on d1's diffu-GRPO (arXiv 2504.12216); ``igpo.enabled: false`` is plain diffu-GRPO (papers/igpo.md).
+on d1's diffu-GRPO (arXiv 2504.12216); ``igpo.enabled: false`` is plain diffu-GRPO (docs/algorithms/igpo.md).
 
 One step:
 1. rollout: ``group_size`` completions for each of this process's questions (whole groups stay on one

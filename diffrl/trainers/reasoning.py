@@ -21,7 +21,8 @@ def load_task_split(data, seed: int):
         raise ConfigError("data.prompt_template must contain {question}")
     tasks = load_tasks(data.path, size=data.size, seed=seed, split=data.split, config_name=data.config_name,
                        question_field=data.question_field, answer_field=data.answer_field,
-                       keep_types=data.keep_types, dedupe_questions=data.dedupe_questions)
+                       keep_types=data.keep_types, dedupe_questions=data.dedupe_questions,
+                       generator_options=data.generator_options)
     if data.prompt_template != "{question}":
         tasks = [dataclasses.replace(t, question=data.prompt_template.replace("{question}", t.question))
                  for t in tasks]
@@ -84,7 +85,9 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
 def evaluate_reasoning(model, tasks, reward, generation, *, correctness: str, chat_template: bool, k: int = 1,
                        batch_size: int = 32, seed: int = 0) -> dict:
     """Accuracy of one completion per task at ``generation.eval_temperature`` (0: greedy, the papers'
-    setting) and, with ``k > 1``, pass@k from k completions per task at ``generation.temperature``."""
+    setting) and, with ``k > 1``, pass@k and the all-wrong fraction (no correct one of k) from k completions
+    per task at ``generation.temperature``; each also per difficulty level (``metadata["level"]``) when the
+    tasks have levels: ``eval/accuracy/3-digit``."""
     from diffrl.samplers.masked import generate
 
     if not tasks:
@@ -105,11 +108,19 @@ def evaluate_reasoning(model, tasks, reward, generation, *, correctness: str, ch
             texts += decoded
         return torch.cat(correct), texts
 
+    levels = [t.metadata.get("level") for t in tasks]
+    groups = {"": list(range(len(tasks)))}
+    for level in sorted({lv for lv in levels if lv is not None}):
+        groups[f"/{level}"] = [i for i, lv in enumerate(levels) if lv == level]
     greedy, texts = run(generation.eval_temperature, 1)
-    metrics = {"eval/accuracy": float(greedy.float().mean()), "eval/example": texts[0][:120]}
+    metrics = {f"eval/accuracy{suffix}": float(greedy[rows].float().mean()) for suffix, rows in groups.items()}
+    metrics["eval/example"] = texts[0][:120]
     if k > 1:
         sampled, _ = run(generation.temperature, k)
-        metrics[f"eval/pass@{k}"] = sum(pass_at_k(k, int(c), k) for c in sampled.sum(1)) / len(tasks)
+        counts = sampled.sum(1)
+        for suffix, rows in groups.items():
+            metrics[f"eval/pass@{k}{suffix}"] = sum(pass_at_k(k, int(counts[i]), k) for i in rows) / len(rows)
+            metrics[f"eval/all_wrong@{k}{suffix}"] = float((counts[rows] == 0).float().mean())
     return metrics
 
 

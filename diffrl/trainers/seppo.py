@@ -1,9 +1,9 @@
 """SePPO: Semi-Policy Preference Optimization (Zhang et al., arXiv 2410.05255; v2 "SSPO"), the first public
-training code for it (papers/seppo.md). The authors released none, so the items the spec marks [R] are
+training code for it (docs/algorithms/seppo.md). The authors released none, so the items the spec marks [R] are
 reconstructions; each is a config field here.
 
 Only winners are needed (Pick-a-Pic v2's preferred images). One step (= one optimizer update):
-1. reference: a checkpoint drawn from the bank of past policies (papers/seppo.md A2: theta_0 plus one
+1. reference: a checkpoint drawn from the bank of past policies (theta_0 plus one
    LoRA state every ``bank_every`` = 30 updates, ``bank_size`` = 7 kept), uniformly by default
    (``reference``: uniform | initial | latest); redrawn every step or once per block of ``bank_every``
    updates (``redraw``, [R]). theta_0 is the LoRA-free model; other entries are loaded into a second

@@ -1,5 +1,7 @@
 """FlowModel on the tiny SD3, FLUX and Wan pipelines, loaded from folders like a hub id."""
 
+import warnings
+
 import pytest
 import torch
 from diffusers import DiffusionPipeline
@@ -83,7 +85,9 @@ def test_prompt_cache_encodes_each_prompt_once(tiny_dir):
 
 @pytest.mark.parametrize("kind", ["sd3", "flux", "wan"])
 def test_lora_saves_in_diffusers_format(tiny_dir, tmp_path, kind):
-    """Our saved LoRA, loaded by diffusers' own `pipe.load_lora_weights`, gives our velocities."""
+    """Our saved LoRA, loaded by diffusers' own `pipe.load_lora_weights` with Python warnings turned into errors
+    (SD3's last block has no LoRA on its unused add_q_proj: peft must not warn about it), gives our velocities
+    and keeps alpha / r."""
     model = FlowModel.from_pretrained(tiny_dir(kind))
     model.add_lora(rank=4, alpha=8)
     with torch.no_grad():
@@ -100,7 +104,11 @@ def test_lora_saves_in_diffusers_format(tiny_dir, tmp_path, kind):
     model.save_lora(tmp_path)
 
     pipe = stock_pipeline(tiny_dir(kind))
-    pipe.load_lora_weights(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.load_lora_weights(tmp_path)
+    config = next(iter(pipe.transformer.peft_config.values()))
+    assert (config.r, config.lora_alpha) == (4, 8)
     reloaded = FlowModel(pipe, kind)
     torch.testing.assert_close(reloaded.velocity(latents, t, cond), v_lora, atol=1e-5, rtol=0)
 

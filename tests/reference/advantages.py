@@ -1,5 +1,5 @@
 """Plain-Python loop implementations of the advantage estimators, written straight from the spec
-(papers/advantages.md) with no vectorization. Tests compare them with diffrl.advantages; the benchmark
+(docs/algorithms/advantages.md) with no vectorization. Tests compare them with diffrl.advantages; the benchmark
 scripts/bench/advantages.py times them as the baseline."""
 
 from __future__ import annotations
