@@ -176,6 +176,8 @@ class ReasoningDataConfig:
     question_field: str = param("question", help="field holding the question")
     answer_field: str = param("answer", help="field holding the reasoning trace and final answer")
     size: int = param(2000, help="number of tasks a generator makes", ge=1)
+    seed: int | None = param(None, help="seed of a generator:NAME (null: the run's seed); fix it to keep the same "
+                                       "tasks, and held-out split, across run seeds", ge=0)
     generator_options: dict[str, Any] = param({}, help="knobs of a generator:NAME (addition: {digits: [2, 3, 4]}; "
                                                        "arithmetic: {min_terms, max_terms, max_value}; ...)")
     keep_types: list[str] | None = param(None, help="keep only rows whose 'type' is listed (IGPO on MetaMathQA: "

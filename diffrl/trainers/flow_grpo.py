@@ -178,11 +178,10 @@ class FlowGRPOTrainer:
         cond = self.model.encode_prompts(prompts)
         sigmas = sigmas.to(x.device)
         sigma, sigma_next = sigmas[j], sigmas[j + 1]
-        t = sigma
         guidance = s.guidance_scale if cfg.train_cfg else 1.0
         kwargs = dict(noise_level=s.noise_level, sigma_max=float(sigmas[1]), prev_sample=x_next, sde_type=s.sde_type)
         with self.accelerator.autocast():
-            v = self.model.velocity(x, t, cond, guidance_scale=guidance, uncond=self.uncond,
+            v = self.model.velocity(x, sigma, cond, guidance_scale=guidance, uncond=self.uncond,
                                     grad_uncond=cfg.cfg_grad == "both")
         _, log_prob, mean, std = sde_step(x, v, sigma, sigma_next, **kwargs)
         per_sample, clip_stats = clipped_surrogate(log_prob[:, None], old_log_probs[:, None], advantages,
@@ -193,7 +192,7 @@ class FlowGRPOTrainer:
         # CPS's last transition (sigma_next = 0) is deterministic: no Gaussian, no KL there.
         if cfg.beta > 0 and float(std.min()) > 0:
             with torch.no_grad(), self.model.reference():
-                v_ref = self.model.velocity(x, t, cond, guidance_scale=guidance, uncond=self.uncond)
+                v_ref = self.model.velocity(x, sigma, cond, guidance_scale=guidance, uncond=self.uncond)
                 _, _, mean_ref, _ = sde_step(x, v_ref, sigma, sigma_next, **kwargs)
             std_dev_t = sde_noise_scale(sigma, noise_level=s.noise_level, sigma_max=float(sigmas[1]),
                                         sde_type=s.sde_type, sigma_next=sigma_next)

@@ -5,10 +5,11 @@ One step:
 1. rollout: ``group_size`` completions for each of this process's questions (whole groups stay on one
    process), LLaDA-style generation (``samplers.masked.generate``);
 2. score with the task reward (its ``correct`` flag decides right / wrong) plus format rewards;
-3. inpainting (IGPO): for each group whose completions are all wrong, ``inpaint_samples`` completions are
-   regenerated with hints pinned (chunks of 5-10 tokens of the ground-truth trace covering a fraction drawn
-   uniformly in [ratio_low, ratio_high]); up to ``max_replacements`` wrong completions are replaced by correct
-   inpainted ones, which gives the group reward variance;
+3. inpainting (IGPO): for each group whose completions are all wrong, ``inpaint_samples`` (default G)
+   candidates are generated with hints pinned: IGPO's spacing-scaled layout of chunks of the reference
+   ("<reasoning>\n" + the dataset's solution), hint ratios drawn uniformly in [ratio_low, ratio_high] and
+   sorted; up to ``max_replacements`` correct candidates, chosen at random, replace wrong completions, which
+   gives the group reward variance;
 4. advantages from ``diffrl.advantages`` (``dr_grpo``: r - group mean, as IGPO's trainer);
 5. ``num_iterations`` (mu) optimizer steps on the batch: per-token log-probs by d1's estimator (completion
    fully masked, prompt masked at ``prompt_mask_prob`` with one seed per iteration), the clipped surrogate
@@ -16,8 +17,9 @@ One step:
    reference, token-mean over the loss mask. The mask keeps every self-generated token and, among hint tokens,
    only the top ``entropy_keep_ratio`` by entropy (at least one per completion).
 
-Where the spec is silent the public code (facebookresearch/igpo) is followed: every completion position counts
-in the loss (EOS padding included, as LLaDA learns to stop); hints are placed at the trace's own positions.
+The published configs select the public code's forms (facebookresearch/igpo, dllm-reasoning/d1): every
+completion position in the loss (IGPO) or up to the first EOS (d1, ``loss_mask``), a token mean per micro-batch
+(``loss_norm``), IGPO's hint layout; docs/algorithms/igpo.md lists each difference and its reason.
 """
 
 from __future__ import annotations

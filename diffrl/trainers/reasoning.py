@@ -12,14 +12,15 @@ from diffrl.errors import ConfigError, RewardError
 
 def load_task_split(data, seed: int):
     """``(train, eval)`` tasks of a ReasoningDataConfig, questions put through ``prompt_template``; the last
-    ``eval_size`` tasks are held out."""
+    ``eval_size`` tasks are held out. A generator draws with ``data.seed``, else the run's ``seed``."""
     import dataclasses
 
     from diffrl.data import load_tasks
 
     if "{question}" not in data.prompt_template:
         raise ConfigError("data.prompt_template must contain {question}")
-    tasks = load_tasks(data.path, size=data.size, seed=seed, split=data.split, config_name=data.config_name,
+    tasks = load_tasks(data.path, size=data.size, seed=seed if data.seed is None else data.seed, split=data.split,
+                       config_name=data.config_name,
                        question_field=data.question_field, answer_field=data.answer_field,
                        keep_types=data.keep_types, dedupe_questions=data.dedupe_questions,
                        generator_options=data.generator_options)

@@ -105,8 +105,9 @@ def normalize_igpo(text: str) -> str:
     if len(parts) == 2 and len(parts[0]) <= 2:
         s = parts[1]
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s).replace(" ", "")
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\frac\{(\d+)\}(\d)", r"\\frac{\1}{\2}", s)
+    # \\frac12 -> \\frac{1}{2}, \\frac1{2} -> \\frac{1}{2}; a numerator already in braces is left as it is
+    s = re.sub(r"\\frac([^{\\])([^{\\])", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac([^{\\])\{", r"\\frac{\1}{", s)
     if s == "0.5":
         s = "\\frac{1}{2}"
     fraction = re.fullmatch(r"(\d+)/(\d+)", s)
