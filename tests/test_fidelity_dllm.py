@@ -113,6 +113,20 @@ def test_igpo_and_d1_strictness_against_diffrl_default():
     assert extract_answer("no tags at all", "xml_d1") == "no tags at all"   # d1's split returns the text
 
 
+def test_igpo_normalisation_by_hand():
+    from rewards.text.math import normalize_igpo
+
+    # the MATH clean-up IGPO compares with: units, spaces, tfrac / dfrac, "x=" prefixes, bare fractions
+    assert normalize_igpo("\\frac12") == "\\frac{1}{2}"
+    assert normalize_igpo("\\frac1{2}") == "\\frac{1}{2}"
+    assert normalize_igpo("\\frac{12}3") == "\\frac{12}3"        # a braced numerator is left as it is
+    assert normalize_igpo("\\dfrac{3}{4}") == "\\frac{3}{4}"
+    assert normalize_igpo("x = 5") == "5" and normalize_igpo("3/4") == "\\frac{3}{4}"
+    assert normalize_igpo("0.5") == "\\frac{1}{2}" and normalize_igpo(".5") == "\\frac{1}{2}"
+    assert normalize_igpo("10\\text{ cm}") == "10" and normalize_igpo("50\\%") == "50"
+    assert normalize_igpo("18.0") == "18.0" and normalize_igpo("1,000") == "1,000"
+
+
 def test_d1_format_regexes_have_no_dotall():
     """Without DOTALL '.' stops at newlines: d1's strict pattern spans its own fixed newlines but not a
     reasoning of two lines, and its soft pattern ('<reasoning>.*?</reasoning>') not even the newline after

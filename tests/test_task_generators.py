@@ -34,7 +34,7 @@ def test_addition_levels_and_unique_questions():
 
 def test_generator_options_come_from_the_config():
     config = from_dict(DllmSFTConfig, {"trainer": "dllm_sft", "model": {"path": "x"},
-                                       "data": {"path": "generator:addition", "size": 30,
+                                       "data": {"path": "generator:addition", "size": 30, "eval_size": 2,
                                                 "generator_options": {"digits": [4]}}})
     tasks = load_tasks(config.data.path, size=config.data.size, seed=0,
                        generator_options=config.data.generator_options)
