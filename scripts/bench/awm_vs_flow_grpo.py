@@ -1,6 +1,6 @@
 """The race: AWM against Flow-GRPO (and IGPO against diffu-GRPO) on the quickstart tasks, several seeds.
 
-    python scripts/bench/awm_vs_flow_grpo.py [--race image text] [--seeds 0 1 2] [--steps 60]
+    python scripts/bench/awm_vs_flow_grpo.py [--race image text] [--seeds 0 1 2] [--steps 60] [--eval-every 5]
 
 image: the quickstart task (assets/sd3-shapes, JPEG compressibility, the same prompts, group size, rollout
        steps, LoRA and learning rate for both) with each method's published relative settings: AWM as
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--race", nargs="+", choices=list(RACES), default=list(RACES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "awm_vs_flow_grpo")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
