@@ -334,12 +334,12 @@ def load_tasks(path: str, *, size: int, seed: int, split: str = "train", config_
         name = path.split(":", 1)[1]
         if name not in GENERATORS:
             raise DataError(f"unknown task generator {name!r}; known: {', '.join(GENERATORS)}")
-        generator = GENERATORS[name]
+        generator, options = GENERATORS[name], generator_options or {}
         knobs = [p for p in inspect.signature(generator).parameters if p not in ("n", "seed")]
-        unknown = sorted(set(generator_options or {}) - set(knobs))
+        unknown = sorted(set(options) - set(knobs))
         if unknown:
             raise DataError(f"generator {name!r} has no option {unknown[0]!r}; its options: {', '.join(knobs)}")
-        return generator(size, seed=seed, **(generator_options or {}))
+        return generator(size, seed=seed, **options)
     return load_reasoning(path, split=split, config_name=config_name, question_field=question_field,
                           answer_field=answer_field, keep_types=keep_types, dedupe_questions=dedupe_questions)
 

@@ -701,7 +701,7 @@ def load_trainable(model, folder: Path, *, lora_enabled: bool) -> None:
 def save_weight_ema(trainer, folder: Path) -> None:
     """The weight EMA as a second model, in the same format as the raw one, in ``folder/ema`` (a user loads it
     with ``pipe.load_lora_weights(folder / "ema")``); nothing without an EMA."""
-    if getattr(trainer, "weight_ema", None) is None:
+    if trainer.weight_ema is None:
         return
     with trainer.weight_ema.applied():
         save_trainable(trainer.model, folder / "ema", lora_enabled=trainer.config.lora.enabled)

@@ -138,6 +138,11 @@ CASES: dict[str, Case] = {
         lambda t, tiny: awm("group_size=3", "prompts_per_step=3")(t, tiny) + ["--num-processes", "2"],
         ("9 samples", "multiple of 2")),
     "image size the model cannot make": Case(awm("sampling.height=30"), ("multiples of 4", "30")),
+    "unknown rollout sampler": Case(awm("sampling.sampler=dpm"), ("sampling.sampler", "sa_solver", "dpm")),
+    "unknown task generator option": Case(
+        _yaml("trainer: dllm_sft\nmodel: {path: nowhere}\n"
+              "data: {path: 'generator:addition', generator_options: {digit: [2]}}\n"),
+        ("digit", "its options: digits")),
     "unknown accelerate config": Case(lambda t, tiny: awm()(t, tiny) + ["--accelerate-config", "zero9"],
                                       ("zero9", "shipped")),
     "unknown ls section": Case(lambda t, _: ["ls", "trainerz"], ("trainerz", "trainers"), None),
