@@ -229,7 +229,7 @@ def cmd_eval(args) -> int:
 
     from diffrl.config import load_config
     from diffrl.errors import CheckpointError
-    from diffrl.trainers import common
+    from diffrl.trainers import trainable
     from diffrl.trainers.reasoning import check_correctness_reward, evaluate_reasoning, load_dllm, load_task_split
     from rewards import load_reward
 
@@ -251,7 +251,7 @@ def cmd_eval(args) -> int:
         folder = folder / "model" if (folder / "model").is_dir() else folder
         if not folder.is_dir():
             raise CheckpointError(f"--checkpoint {args.checkpoint}: folder not found")
-        common.load_trainable(model, folder, lora_enabled=config.lora.enabled)
+        trainable.load_trainable(model, folder, lora_enabled=config.lora.enabled)
     model.module.eval()
     metrics = evaluate_reasoning(model, tasks, reward, config.generation, correctness=correctness,
                                  chat_template=config.chat_template, k=args.k, batch_size=args.batch_size,

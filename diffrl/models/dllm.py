@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from diffrl.errors import ConfigError
-from diffrl.models import loading_errors
 from diffrl.models import lora as lora_utils
+from diffrl.models.loading import loading_errors
 
 # Mask ids of families whose tokenizer does not declare a mask token.
 _KNOWN_MASK_IDS = {"llada": 126336}
@@ -83,28 +83,44 @@ class MaskedDiffusionLM:
         return logits.float()
 
     def completion_log_probs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-                             *, mask_seed: int, prompt_mask_prob: float = 0.15
+                             *, mask_seed: int, prompt_mask_prob: float = 0.15, estimator: str = "d1"
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """d1's one-pass estimate of per-token log-probs (diffu-GRPO, arXiv 2504.12216; IGPO's ``d1_masking``).
+        """Per-token log-prob estimates of a completion; every random choice comes from ``mask_seed`` (one seed
+        per inner iteration, so the policy, the old policy and the reference see the same masking). Each real
+        prompt token is masked with probability ``prompt_mask_prob`` (d1: 0.15; IGPO's and DiffuCoder's
+        code: 0).
 
-        The completion is fully masked and each real prompt token is masked with probability
-        ``prompt_mask_prob`` (d1: 0.15; IGPO's public code: 0) using ``mask_seed`` (one seed per inner
-        iteration, so the policy, the old policy and the reference see the same masking). The log-prob of each
-        completion token is read at its (masked) position.
+        ``estimator="d1"``: d1's one pass (diffu-GRPO, arXiv 2504.12216; IGPO's ``d1_masking``): the completion
+        fully masked, each token's log-prob read at its masked position.
+        ``estimator="coupled"``: DiffuCoder's coupled sampling (arXiv 2506.20639, its public code): a mask
+        ratio t ~ U(0.2, 0.8), a random mask M of the completion at rate t and its complement; per token
+        ``(log p_full + [M] log p_M / t + [not M] log p_notM / (1 - t)) / 2``, three passes in one forward,
+        so every token is scored once with part of the answer visible, as the model sees it while decoding.
 
         prompt_ids / prompt_mask: ``[B, P]`` (left-padded); completion_ids: ``[B, T]``.
-        Returns ``(log_probs, entropy)``, both ``[B, T]`` fp32; entropy is of the predicted distribution.
+        Returns ``(log_probs, entropy)``, both ``[B, T]`` fp32; entropy is of the fully masked prediction.
         """
         generator = torch.Generator().manual_seed(int(mask_seed))
         drop = torch.rand(prompt_ids.shape, generator=generator).to(prompt_ids.device) < prompt_mask_prob
         noisy_prompt = torch.where(drop & prompt_mask.bool(), self.mask_id, prompt_ids)
-        masked_completion = torch.full_like(completion_ids, self.mask_id)
-        ids = torch.cat([noisy_prompt, masked_completion], dim=1)
-        attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)
-        logits = self.logits(ids, attention)[:, prompt_ids.shape[1]:]
-        log_softmax = torch.log_softmax(logits, dim=-1)
-        log_probs = log_softmax.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-        entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+        masked = torch.full_like(completion_ids, self.mask_id)
+        completions = [masked]
+        if estimator == "coupled":
+            t = 0.2 + 0.6 * float(torch.rand((), generator=generator))
+            hidden = (torch.rand(completion_ids.shape, generator=generator) < t).to(completion_ids.device)
+            completions += [torch.where(hidden, masked, completion_ids), torch.where(hidden, completion_ids, masked)]
+        elif estimator != "d1":
+            raise ValueError(f"unknown log-prob estimator {estimator!r}; use 'd1' or 'coupled'")
+        n = len(completions)
+        ids = torch.cat([noisy_prompt.repeat(n, 1), torch.cat(completions)], dim=1)
+        attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1).repeat(n, 1)
+        log_softmax = torch.log_softmax(self.logits(ids, attention)[:, prompt_ids.shape[1]:], dim=-1)
+        log_probs = log_softmax.gather(-1, completion_ids.repeat(n, 1).unsqueeze(-1)).squeeze(-1)
+        full = log_softmax[:completion_ids.shape[0]]
+        entropy = -(full.exp() * full).sum(-1)
+        if estimator == "coupled":
+            p_full, p_hidden, p_shown = log_probs.chunk(3)
+            log_probs = (p_full + torch.where(hidden, p_hidden / t, p_shown / (1 - t))) / 2
         return log_probs, entropy
 
     def chat_prompt_ids(self, prompts: list[str], *, chat_template: bool = True) -> list[list[int]]:

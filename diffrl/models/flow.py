@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from diffrl.errors import ConfigError
-from diffrl.models import loading_errors, pipeline_class_name
 from diffrl.models import lora as lora_utils
+from diffrl.models.loading import loading_errors, pipeline_class_name
+from diffrl.samplers.flow import sample_ode
 
 _PIPELINE_FAMILY = {
     "StableDiffusion3Pipeline": "sd3",
@@ -288,8 +289,6 @@ class FlowModel:
                guidance_scale: float = 1.0, uncond: Cond | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Euler ODE sampling to clean latents (the same call as :meth:`EpsilonModel.sample`)."""
-        from diffrl.samplers.flow import sample_ode
-
         return sample_ode(self, cond, num_steps=num_steps, height=height, width=width, num_frames=num_frames,
                           guidance_scale=guidance_scale, uncond=uncond, generator=generator)
 

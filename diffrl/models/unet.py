@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from diffrl.errors import ConfigError
-from diffrl.models import loading_errors, pipeline_class_name
 from diffrl.models import lora as lora_utils
 from diffrl.models.flow import Cond, PromptCache
+from diffrl.models.loading import loading_errors, pipeline_class_name
 
 _PIPELINE_FAMILY = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
                     "AnimateDiffPipeline": "animatediff"}

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from diffrl.models.flow import Cond, FlowModel
+if TYPE_CHECKING:  # annotations only: models.flow imports this module for FlowModel.sample
+    from diffrl.models.flow import Cond, FlowModel
 
 
 def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,

@@ -21,10 +21,12 @@ only for t in ``tau_range`` ([0.3, 0.9]) and 0 (a deterministic step) elsewhere.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from diffrl.models.flow import Cond, FlowModel
+if TYPE_CHECKING:  # annotations only: models.flow imports this module for FlowModel.sample
+    from diffrl.models.flow import Cond, FlowModel
 
 
 def half_log_snr(t: float) -> float:

@@ -38,7 +38,7 @@ from diffrl.errors import ConfigError
 from diffrl.losses import FLOW_WEIGHTINGS, clipped_surrogate, flow_matching_log_prob, velocity_kl
 from diffrl.models import lora as lora_utils
 from diffrl.samplers.flow import initial_noise, stratified_timestep_indices
-from diffrl.trainers import common, register_trainer
+from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
 from diffrl.trainers.evaluation import check_reward_fits, evaluate_flow_trainer
 from diffrl.trainers.rollout import (
     check_group_split,
@@ -109,22 +109,22 @@ class AWMTrainer:
     # ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
-        self.accelerator = acc = common.create_accelerator(cfg)
-        self.output_dir = common.prepare_output_dir(acc, cfg)
-        common.seed_everything(cfg.seed, acc)
+        self.accelerator = acc = run_setup.create_accelerator(cfg)
+        self.output_dir = run_setup.prepare_output_dir(acc, cfg)
+        run_setup.seed_everything(cfg.seed, acc)
         # Prompts and rewards before the model: a bad file fails in a second, not after minutes of loading.
         self.prompts, self.eval_prompts = prompt_sets(cfg.data)
         check_group_split(cfg.prompts_per_step, cfg.group_size, acc.num_processes)
-        self.reward = common.load_configured_reward(cfg.reward, acc.device)
+        self.reward = run_setup.load_configured_reward(cfg.reward, acc.device)
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_flow_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
         self.has_ema = cfg.ema_beta > 0 or cfg.off_policy
         if self.has_ema:
             # The "ema" adapter starts equal to the policy adapter and trails it (TRPO-like anchor).
-            common.add_frozen_adapter(self.model, cfg.lora, "ema")
+            trainable.add_frozen_adapter(self.model, cfg.lora, "ema")
             lora_utils.copy_adapter(self.model.transformer, "default", "ema")
-        common.prepare_optimization(self, cfg.max_steps)
+        run_setup.prepare_optimization(self, cfg.max_steps)
         self.weight_ema = (WeightEMA(self.params, decay=cfg.weight_ema_decay, every=cfg.weight_ema_every)
                            if cfg.weight_ema_decay else None)
         self.uncond = self.model.null_condition() if cfg.sampling.guidance_scale != 1.0 else None
@@ -132,8 +132,8 @@ class AWMTrainer:
         # Every rank draws the same prompts (world_size=1 here); samples are split by local_group_slots.
         self.prompt_sampler = UniformSampler(len(self.prompts), cfg.prompts_per_step, seed=cfg.seed)
         self.noise = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
-        common.resume_and_open_logs(self, "awm", load_model=self._load_model,
-                                    states=self._states(), generators={"noise": self.noise})
+        run_loop.resume_and_open_logs(self, "awm", load_model=self._load_model,
+                                      states=self._states(), generators={"noise": self.noise})
 
     def _states(self) -> dict:
         states = {"prompt_sampler": self.prompt_sampler}
@@ -240,8 +240,8 @@ class AWMTrainer:
             return self._loss(batch["x0"][part], batch["advantages"][part], batch["prompts"][part], batch["sigmas"])
 
         # Gradients are averaged over micro-batches and synced across processes once, on the last.
-        totals = common.accumulate(acc, self.model.denoiser, len(starts), micro_batch_loss)
-        metrics = common.optimizer_step(self, totals)
+        totals = step_guard.accumulate(acc, self.model.denoiser, len(starts), micro_batch_loss)
+        metrics = step_guard.optimizer_step(self, totals)
         if self.weight_ema is not None and metrics["skipped"] == 0:
             self.weight_ema.step(self.step + 1)  # the public code steps it once per epoch, after global_step += 1
         return metrics
@@ -267,24 +267,24 @@ class AWMTrainer:
     def train(self) -> dict:
         cfg = self.config
         self.setup()
-        bar = common.start_training(self, desc="awm")
+        bar = run_loop.start_training(self, desc="awm")
         last: dict = {}
         while self.step < cfg.max_steps:
             start = time.time()
-            last = common.rollout_score_update(self)
+            last = run_loop.rollout_score_update(self)
             self.step += 1
             self._update_ema_adapter()
             last["step_time"] = time.time() - start
-            common.after_step(self, last, bar, **common.postfix(last, "reward", "loss"))
-        return common.finish_training(self, bar, last)
+            run_loop.after_step(self, last, bar, **run_loop.postfix(last, "reward", "loss"))
+        return run_loop.finish_training(self, bar, last)
 
     def save(self) -> None:
-        common.save(self, "awm", save_model=self._save_model, states=self._states(),
-                    generators={"noise": self.noise})
+        run_loop.save(self, "awm", save_model=self._save_model, states=self._states(),
+                      generators={"noise": self.noise})
 
     def _save_model(self, folder) -> None:
-        common.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
-        common.save_weight_ema(self, folder)
+        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        trainable.save_weight_ema(self, folder)
         if self.has_ema:
             from safetensors.torch import save_file
 
@@ -292,7 +292,7 @@ class AWMTrainer:
             save_file(ema, str(folder / "ema_adapter.safetensors"))
 
     def _load_model(self, folder) -> None:
-        common.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        trainable.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
         if self.has_ema:
             from safetensors.torch import load_file
 

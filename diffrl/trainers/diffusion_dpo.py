@@ -25,7 +25,7 @@ from diffrl.config import GenerationConfig, PreferenceDataConfig, RewardConfig, 
 from diffrl.curriculum import UniformSampler
 from diffrl.errors import ConfigError
 from diffrl.losses import DPO_LOSS_TYPES, diffusion_dpo_loss
-from diffrl.trainers import common, register_trainer
+from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
 from diffrl.trainers.evaluation import check_reward_fits, evaluate_generation
 from diffrl.trainers.preference import (
     load_batch,
@@ -67,21 +67,21 @@ class DiffusionDPOTrainer:
     # ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
-        self.accelerator = acc = common.create_accelerator(cfg)
-        self.output_dir = common.prepare_output_dir(acc, cfg)
-        common.seed_everything(cfg.seed, acc)
+        self.accelerator = acc = run_setup.create_accelerator(cfg)
+        self.output_dir = run_setup.prepare_output_dir(acc, cfg)
+        run_setup.seed_everything(cfg.seed, acc)
         self.data, self.eval_prompts = load_preference_data(cfg.data, need_loser=True)
-        self.reward = common.load_configured_reward(cfg.reward, acc.device)
+        self.reward = run_setup.load_configured_reward(cfg.reward, acc.device)
         self.model = load_preference_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
-        common.prepare_optimization(self, cfg.max_steps)
+        run_setup.prepare_optimization(self, cfg.max_steps)
         self.uncond = unconditional(self.model, cfg.generation.guidance_scale)
         self.sampler = UniformSampler(len(self.data), cfg.train_batch_size * cfg.optim.gradient_accumulation_steps,
                                       seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
         # Training noise, timesteps, VAE draws and augmentations; distinct per process, checkpointed.
         self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
-        common.resume_and_open_logs(self, "diffusion_dpo", load_model=self._load_model,
-                                    states={"sampler": self.sampler}, generators={"noise": self.noise})
+        run_loop.resume_and_open_logs(self, "diffusion_dpo", load_model=self._load_model,
+                                      states={"sampler": self.sampler}, generators={"noise": self.noise})
 
     # ------------------------------------------------------------------------------------------------------
     def rollout(self) -> list[list[int]]:
@@ -108,9 +108,9 @@ class DiffusionDPOTrainer:
 
     def update(self, micro_batches: list[list[int]]) -> dict:
         self.model.denoiser.train()
-        totals = common.accumulate(self.accelerator, self.model.denoiser, len(micro_batches),
-                                   lambda i: self._loss(micro_batches[i]))
-        return common.optimizer_step(self, totals)
+        totals = step_guard.accumulate(self.accelerator, self.model.denoiser, len(micro_batches),
+                                       lambda i: self._loss(micro_batches[i]))
+        return step_guard.optimizer_step(self, totals)
 
     def evaluate(self) -> dict:
         cfg = self.config
@@ -125,22 +125,22 @@ class DiffusionDPOTrainer:
     def train(self) -> dict:
         cfg = self.config
         self.setup()
-        bar = common.start_training(self, desc="diffusion_dpo")
+        bar = run_loop.start_training(self, desc="diffusion_dpo")
         last: dict = {}
         while self.step < cfg.max_steps:
             start = time.time()
             last = self.update(self.rollout())
             self.step += 1
             last["step_time"] = time.time() - start
-            common.after_step(self, last, bar, **common.postfix(last, "loss", "implicit_acc"))
-        return common.finish_training(self, bar, last)
+            run_loop.after_step(self, last, bar, **run_loop.postfix(last, "loss", "implicit_acc"))
+        return run_loop.finish_training(self, bar, last)
 
     def save(self) -> None:
-        common.save(self, "diffusion_dpo", save_model=self._save_model, states={"sampler": self.sampler},
-                    generators={"noise": self.noise})
+        run_loop.save(self, "diffusion_dpo", save_model=self._save_model, states={"sampler": self.sampler},
+                      generators={"noise": self.noise})
 
     def _save_model(self, folder) -> None:
-        common.save_trainable(self.model, folder, lora_enabled=True)
+        trainable.save_trainable(self.model, folder, lora_enabled=True)
 
     def _load_model(self, folder) -> None:
-        common.load_trainable(self.model, folder, lora_enabled=True)
+        trainable.load_trainable(self.model, folder, lora_enabled=True)

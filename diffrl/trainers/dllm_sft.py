@@ -23,7 +23,7 @@ from diffrl.curriculum import UniformSampler
 from diffrl.data import ReasoningExample, last_boxed
 from diffrl.errors import ConfigError
 from diffrl.samplers.masked import generate
-from diffrl.trainers import common, register_trainer
+from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
 from diffrl.trainers.reasoning import load_dllm, load_task_split
 
 
@@ -62,19 +62,19 @@ class DllmSFTTrainer:
 
     def setup(self) -> None:
         cfg = self.config
-        self.accelerator = common.create_accelerator(cfg)
-        self.output_dir = common.prepare_output_dir(self.accelerator, cfg)
-        common.seed_everything(cfg.seed, self.accelerator)
+        self.accelerator = run_setup.create_accelerator(cfg)
+        self.output_dir = run_setup.prepare_output_dir(self.accelerator, cfg)
+        run_setup.seed_everything(cfg.seed, self.accelerator)
         # Data first: a bad path should fail before minutes of model loading.
         self.train_tasks, self.eval_tasks = load_task_split(cfg.data, cfg.seed)
         self.model = load_dllm(cfg, self.accelerator.device)
-        common.prepare_optimization(self, cfg.max_steps)
+        run_setup.prepare_optimization(self, cfg.max_steps)
         self.sampler = UniformSampler(len(self.train_tasks), cfg.batch_size, seed=cfg.seed,
                                       rank=self.accelerator.process_index,
                                       world_size=self.accelerator.num_processes)
         self.noise = torch.Generator().manual_seed(cfg.seed + 1000 * self.accelerator.process_index)
-        common.resume_and_open_logs(self, "dllm_sft", load_model=self._load_model,
-                                    states={"sampler": self.sampler}, generators={"noise": self.noise})
+        run_loop.resume_and_open_logs(self, "dllm_sft", load_model=self._load_model,
+                                      states={"sampler": self.sampler}, generators={"noise": self.noise})
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -113,7 +113,7 @@ class DllmSFTTrainer:
                 logits = self.model.logits(noisy, batch["attention"])
                 loss = masked_diffusion_loss(logits, ids, masked, p_mask, batch["lengths"])
                 acc.backward(loss)
-                grad_norm = common.clip_and_check_grads(acc, self.params, cfg.optim.max_grad_norm) \
+                grad_norm = step_guard.clip_and_check_grads(acc, self.params, cfg.optim.max_grad_norm) \
                     if acc.sync_gradients else float("nan")
                 self.optimizer.step()
                 self.scheduler.step()
@@ -143,22 +143,22 @@ class DllmSFTTrainer:
     def train(self) -> dict[str, float]:
         cfg = self.config
         self.setup()
-        bar = common.start_training(self, desc="dllm_sft")
+        bar = run_loop.start_training(self, desc="dllm_sft")
         last = {}
         while self.step < cfg.max_steps:
             start = time.time()
             last = self.update()
             self.step += 1
             last["step_time"] = time.time() - start
-            common.after_step(self, last, bar, **common.postfix(last, "loss"))
-        return common.finish_training(self, bar, last)
+            run_loop.after_step(self, last, bar, **run_loop.postfix(last, "loss"))
+        return run_loop.finish_training(self, bar, last)
 
     def save(self) -> None:
-        common.save(self, "dllm_sft", save_model=self._save_model, states={"sampler": self.sampler},
-                    generators={"noise": self.noise})
+        run_loop.save(self, "dllm_sft", save_model=self._save_model, states={"sampler": self.sampler},
+                      generators={"noise": self.noise})
 
     def _save_model(self, folder) -> None:
-        common.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
 
     def _load_model(self, folder) -> None:
-        common.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        trainable.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

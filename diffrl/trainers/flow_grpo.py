@@ -29,7 +29,7 @@ from diffrl.curriculum import UniformSampler
 from diffrl.errors import ConfigError
 from diffrl.losses import clipped_surrogate
 from diffrl.samplers.flow import sde_noise_scale, sde_step, transition_kl
-from diffrl.trainers import common, register_trainer
+from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
 from diffrl.trainers.evaluation import check_reward_fits, evaluate_flow_trainer
 from diffrl.trainers.rollout import (
     check_group_split,
@@ -97,26 +97,26 @@ class FlowGRPOTrainer:
 
     def setup(self) -> None:
         cfg = self.config
-        self.accelerator = acc = common.create_accelerator(cfg)
-        self.output_dir = common.prepare_output_dir(acc, cfg)
-        common.seed_everything(cfg.seed, acc)
+        self.accelerator = acc = run_setup.create_accelerator(cfg)
+        self.output_dir = run_setup.prepare_output_dir(acc, cfg)
+        run_setup.seed_everything(cfg.seed, acc)
         if cfg.beta > 0 and not cfg.lora.enabled:
             raise ConfigError("beta > 0 uses the LoRA-disabled model as the reference: enable lora or set beta: 0")
         # Prompts and rewards before the model: a bad file fails in a second, not after minutes of loading.
         self.prompts, self.eval_prompts = prompt_sets(cfg.data)
         check_group_split(cfg.prompts_per_step, cfg.group_size, acc.num_processes)
-        self.reward = common.load_configured_reward(cfg.reward, acc.device)
+        self.reward = run_setup.load_configured_reward(cfg.reward, acc.device)
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_flow_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
-        common.prepare_optimization(self, cfg.max_steps * cfg.updates_per_rollout)
+        run_setup.prepare_optimization(self, cfg.max_steps * cfg.updates_per_rollout)
         self.weight_ema = (WeightEMA(self.params, decay=cfg.weight_ema_decay, every=cfg.weight_ema_every)
                            if cfg.weight_ema_decay else None)
         self.uncond = self.model.null_condition() if cfg.sampling.guidance_scale != 1.0 else None
         self.prompt_sampler = UniformSampler(len(self.prompts), cfg.prompts_per_step, seed=cfg.seed)
         self.noise = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
-        common.resume_and_open_logs(self, "flow_grpo", load_model=self._load_model,
-                                    states=self._states(), generators={"noise": self.noise})
+        run_loop.resume_and_open_logs(self, "flow_grpo", load_model=self._load_model,
+                                      states=self._states(), generators={"noise": self.noise})
 
     def _states(self) -> dict:
         states = {"prompt_sampler": self.prompt_sampler}
@@ -233,7 +233,7 @@ class FlowGRPOTrainer:
                 # last micro-batch's after the optimizer step below).
                 if self.weight_ema is not None and i < len(micro) - 1:
                     self.weight_ema.step(done + c)
-            step = common.optimizer_step(self, totals)
+            step = step_guard.optimizer_step(self, totals)
             if self.weight_ema is not None:
                 self.weight_ema.step(done + c + 1)
             for key, value in step.items():
@@ -248,23 +248,23 @@ class FlowGRPOTrainer:
     def train(self) -> dict:
         cfg = self.config
         self.setup()
-        bar = common.start_training(self, desc="flow_grpo")
+        bar = run_loop.start_training(self, desc="flow_grpo")
         last: dict = {}
         while self.step < cfg.max_steps:
             start = time.time()
-            last = common.rollout_score_update(self)
+            last = run_loop.rollout_score_update(self)
             self.step += 1
             last["step_time"] = time.time() - start
-            common.after_step(self, last, bar, **common.postfix(last, "reward", "loss"))
-        return common.finish_training(self, bar, last)
+            run_loop.after_step(self, last, bar, **run_loop.postfix(last, "reward", "loss"))
+        return run_loop.finish_training(self, bar, last)
 
     def save(self) -> None:
-        common.save(self, "flow_grpo", save_model=self._save_model, states=self._states(),
-                    generators={"noise": self.noise})
+        run_loop.save(self, "flow_grpo", save_model=self._save_model, states=self._states(),
+                      generators={"noise": self.noise})
 
     def _save_model(self, folder) -> None:
-        common.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
-        common.save_weight_ema(self, folder)
+        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        trainable.save_weight_ema(self, folder)
 
     def _load_model(self, folder) -> None:
-        common.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        trainable.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

@@ -12,7 +12,8 @@ One step:
    gives the group reward variance;
 4. advantages from ``diffrl.advantages`` (``dr_grpo``: r - group mean, as IGPO's trainer);
 5. ``num_iterations`` (mu) optimizer steps on the batch: per-token log-probs by d1's estimator (completion
-   fully masked, prompt masked at ``prompt_mask_prob`` with one seed per iteration), the clipped surrogate
+   fully masked, prompt masked at ``prompt_mask_prob`` with one seed per iteration; or DiffuCoder's coupled
+   estimator, ``log_prob_estimator: coupled``), the clipped surrogate
    with sequence-level GSPO ratios (IGPO's published run) or token-level ones, k3 KL to the LoRA-free
    reference, token-mean over the loss mask. The mask keeps every self-generated token and, among hint tokens,
    only the top ``entropy_keep_ratio`` by entropy (at least one per completion).
@@ -38,7 +39,7 @@ from diffrl.curriculum import UniformSampler
 from diffrl.errors import ConfigError
 from diffrl.losses import aggregate, clipped_surrogate, hint_entropy_mask, kl_penalty, sequence_log_ratio
 from diffrl.samplers.masked import FREE, build_hints, build_spacing_scaled_hints, generate
-from diffrl.trainers import common, register_trainer
+from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
 from diffrl.trainers.reasoning import (
     check_correctness_reward,
     evaluate_reasoning,
@@ -101,6 +102,9 @@ class IGPOConfig(TrainerConfig):
     loss_mask: Literal["all", "until_eos"] = param(
         "all", help="completion positions in the loss: 'all' (IGPO's code) or 'until_eos' (d1: up to and "
                     "including the first EOS)")
+    log_prob_estimator: Literal["d1", "coupled"] = param(
+        "d1", help="'d1': one pass with the completion fully masked (d1, IGPO); 'coupled': DiffuCoder's "
+                   "coupled sampling, a random mask at t ~ U(0.2, 0.8) and its complement (3 passes)")
     prompt_mask_prob: float = param(0.15, help="prompt tokens masked in the log-prob estimate (d1: 0.15; IGPO's "
                                                "code: 0)", ge=0, lt=1)
     estimator: str = param("dr_grpo", help="advantage estimator (diffrl ls estimators)")
@@ -136,23 +140,23 @@ class IGPOTrainer:
     # ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
-        self.accelerator = acc = common.create_accelerator(cfg)
-        self.output_dir = common.prepare_output_dir(acc, cfg)
-        common.seed_everything(cfg.seed, acc)
+        self.accelerator = acc = run_setup.create_accelerator(cfg)
+        self.output_dir = run_setup.prepare_output_dir(acc, cfg)
+        run_setup.seed_everything(cfg.seed, acc)
         if cfg.prompts_per_step % acc.num_processes:
             raise ConfigError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the "
                               f"{acc.num_processes} processes: each process keeps whole groups")
         self.train_tasks, self.eval_tasks = load_task_split(cfg.data, cfg.seed)
-        self.reward = common.load_configured_reward(cfg.reward, acc.device)
+        self.reward = run_setup.load_configured_reward(cfg.reward, acc.device)
         check_correctness_reward(self.reward, cfg.correctness)
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_dllm(cfg, acc.device)
-        common.prepare_optimization(self, cfg.max_steps * cfg.num_iterations)
+        run_setup.prepare_optimization(self, cfg.max_steps * cfg.num_iterations)
         self.sampler = UniformSampler(len(self.train_tasks), cfg.prompts_per_step // acc.num_processes,
                                       seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
         self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
-        common.resume_and_open_logs(self, "igpo", load_model=self._load_model,
-                                    states=self._states(), generators={"noise": self.noise})
+        run_loop.resume_and_open_logs(self, "igpo", load_model=self._load_model,
+                                      states=self._states(), generators={"noise": self.noise})
 
     def _states(self) -> dict:
         states = {"sampler": self.sampler}
@@ -276,9 +280,9 @@ class IGPOTrainer:
         if cfg.igpo.enabled:
             stats.update(self._inpaint(batch, rewards, correct))
         # Decided on values every process sees, so that all of them skip the step together.
-        common.check_rewards(acc.gather(rewards.to(acc.device)).cpu(), self.reward.names)
+        step_guard.check_rewards(acc.gather(rewards.to(acc.device)).cpu(), self.reward.names)
         advantages = self.estimator(rewards, batch["group_ids"])
-        common.check_advantages(acc.gather(advantages.to(acc.device)).cpu())
+        step_guard.check_advantages(acc.gather(advantages.to(acc.device)).cpu())
         batch["advantages"] = advantages
         stats.update(reward=float(rewards.mean()), accuracy=float(correct.float().mean()),
                      **group_summary(rewards, batch["group_ids"]))
@@ -323,7 +327,8 @@ class IGPOTrainer:
         for start in range(0, ids.shape[0], cfg.train_batch_size):
             part = slice(start, start + cfg.train_batch_size)
             lp, ent = self.model.completion_log_probs(ids[part], mask[part], completions[part], mask_seed=seed,
-                                                      prompt_mask_prob=cfg.prompt_mask_prob)
+                                                      prompt_mask_prob=cfg.prompt_mask_prob,
+                                                      estimator=cfg.log_prob_estimator)
             log_probs.append(lp)
             entropy.append(ent)
         return torch.cat(log_probs), torch.cat(entropy)
@@ -333,7 +338,8 @@ class IGPOTrainer:
         seed = batch["mask_seeds"][iteration]
         log_probs, _ = self.model.completion_log_probs(batch["prompt_ids"][rows], batch["prompt_mask"][rows],
                                                        batch["completions"][rows], mask_seed=seed,
-                                                       prompt_mask_prob=cfg.prompt_mask_prob)
+                                                       prompt_mask_prob=cfg.prompt_mask_prob,
+                                                       estimator=cfg.log_prob_estimator)
         old = batch["old_log_probs"][iteration][rows] if cfg.num_iterations > 1 else log_probs.detach()
         mask = batch["loss_masks"][iteration][rows]
         advantages = batch["advantages"][rows].to(log_probs.device)
@@ -364,12 +370,12 @@ class IGPOTrainer:
         logged: dict[str, float] = {}
         for iteration in range(cfg.num_iterations):
             total_tokens = float(batch["loss_masks"][iteration].sum().clamp_min(1))
-            totals = common.accumulate(
+            totals = step_guard.accumulate(
                 self.accelerator, self.model.denoiser, len(starts),
                 lambda i, it=iteration, tokens=total_tokens: self._loss(
                     batch, it, slice(starts[i], starts[i] + cfg.train_batch_size), tokens),
                 average=cfg.loss_norm == "micro_batch")
-            for key, value in common.optimizer_step(self, totals).items():
+            for key, value in step_guard.optimizer_step(self, totals).items():
                 logged[key] = logged.get(key, 0.0) + value / cfg.num_iterations
         logged["lr"] = self.scheduler.get_last_lr()[0]
         logged["skipped_total"] = float(self.guard.total)
@@ -385,22 +391,22 @@ class IGPOTrainer:
     def train(self) -> dict:
         cfg = self.config
         self.setup()
-        bar = common.start_training(self, desc="igpo" if cfg.igpo.enabled else "diffu-grpo")
+        bar = run_loop.start_training(self, desc="igpo" if cfg.igpo.enabled else "diffu-grpo")
         last: dict = {}
         while self.step < cfg.max_steps:
             start = time.time()
-            last = common.rollout_score_update(self)
+            last = run_loop.rollout_score_update(self)
             self.step += 1
             last["step_time"] = time.time() - start
-            common.after_step(self, last, bar, **common.postfix(last, "reward", "loss"))
-        return common.finish_training(self, bar, last)
+            run_loop.after_step(self, last, bar, **run_loop.postfix(last, "reward", "loss"))
+        return run_loop.finish_training(self, bar, last)
 
     def save(self) -> None:
-        common.save(self, "igpo", save_model=self._save_model, states=self._states(),
-                    generators={"noise": self.noise})
+        run_loop.save(self, "igpo", save_model=self._save_model, states=self._states(),
+                      generators={"noise": self.noise})
 
     def _save_model(self, folder) -> None:
-        common.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
 
     def _load_model(self, folder) -> None:
-        common.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        trainable.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

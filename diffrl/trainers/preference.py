@@ -16,10 +16,10 @@ def load_preference_model(config, device):
     """The config's FlowModel (SD3, FLUX, Wan) or EpsilonModel (SD1.5, SDXL, AnimateDiff), with LoRA (or full
     fine-tuning) and gradient checkpointing, checked against the data's resolution and frame count."""
     from diffrl.models import load_diffusion_model
-    from diffrl.trainers import common
+    from diffrl.trainers import run_setup, trainable
 
     model = load_diffusion_model(config.model.path, revision=config.model.revision,
-                                 dtype=common.torch_dtype(config.model.dtype), device=device,
+                                 dtype=run_setup.torch_dtype(config.model.dtype), device=device,
                                  max_sequence_length=config.generation.max_sequence_length,
                                  motion_adapter=config.model.motion_adapter)
     data = config.data
@@ -27,7 +27,7 @@ def load_preference_model(config, device):
         raise ConfigError(f"model.path {config.model.path} is {'a video' if model.is_video else 'an image'} model: "
                           f"set data.num_frames for video models and leave it null for image models")
     model.latent_shape(data.resolution, data.resolution, data.num_frames or 1)  # a bad size fails here
-    common.apply_lora(model, config.lora)
+    trainable.apply_lora(model, config.lora)
     if config.model.gradient_checkpointing:
         model.trainable.enable_gradient_checkpointing()
     return model

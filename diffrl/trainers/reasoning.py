@@ -36,12 +36,12 @@ def load_task_split(data, seed: int):
 def load_dllm(config, device):
     """The config's MaskedDiffusionLM with LoRA (or full fine-tuning) and gradient checkpointing."""
     from diffrl.models.dllm import MaskedDiffusionLM
-    from diffrl.trainers import common
+    from diffrl.trainers import run_setup, trainable
 
     model = MaskedDiffusionLM.from_pretrained(config.model.path, revision=config.model.revision,
-                                              dtype=common.torch_dtype(config.model.dtype), device=device,
+                                              dtype=run_setup.torch_dtype(config.model.dtype), device=device,
                                               trust_remote_code=config.model.trust_remote_code)
-    common.apply_lora(model, config.lora)
+    trainable.apply_lora(model, config.lora)
     if config.model.gradient_checkpointing:
         model.module.gradient_checkpointing_enable()
     return model

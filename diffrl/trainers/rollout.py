@@ -26,17 +26,17 @@ def check_group_split(prompts_per_step: int, group_size: int, num_processes: int
 def load_flow_model(config, device):
     """The config's FlowModel with its LoRA (or full fine-tuning) and gradient checkpointing set up."""
     from diffrl.models.flow import FlowModel
-    from diffrl.trainers import common
+    from diffrl.trainers import run_setup, trainable
 
     if config.model.motion_adapter is not None:
         raise ConfigError("model.motion_adapter (AnimateDiff) is for the UNet trainers (seppo, diffusion_dpo); "
                           "flow trainers take SD3, FLUX and Wan pipelines")
     model = FlowModel.from_pretrained(config.model.path, revision=config.model.revision,
-                                      dtype=common.torch_dtype(config.model.dtype), device=device,
+                                      dtype=run_setup.torch_dtype(config.model.dtype), device=device,
                                       max_sequence_length=config.sampling.max_sequence_length)
     s = config.sampling
     model.latent_shape(s.height, s.width, s.num_frames)  # a bad size fails here, not mid-rollout
-    common.apply_lora(model, config.lora)
+    trainable.apply_lora(model, config.lora)
     if config.model.gradient_checkpointing:
         model.transformer.enable_gradient_checkpointing()
     return model
@@ -65,15 +65,15 @@ def gather_advantages(accelerator, estimator, rewards: torch.Tensor, group_ids: 
                       names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gather every process's rewards and group ids, estimate advantages over whole groups, and return
     ``(local advantages, all rewards, all group ids)``. Every process must hold the same number of samples.
-    An inf reward, an all-NaN batch or a non-finite advantage raises ``common.SkipStep`` on every process."""
-    from diffrl.trainers import common
+    An inf reward, an all-NaN batch or a non-finite advantage raises ``step_guard.SkipStep`` on every process."""
+    from diffrl.trainers import step_guard
 
     device = accelerator.device
     all_rewards = accelerator.gather(rewards.to(device)).cpu()
     all_groups = accelerator.gather(group_ids.to(device)).cpu()
-    common.check_rewards(all_rewards, names)
+    step_guard.check_rewards(all_rewards, names)
     advantages = estimator(all_rewards, all_groups)
-    common.check_advantages(advantages)
+    step_guard.check_advantages(advantages)
     n = rewards.shape[0]
     start = accelerator.process_index * n
     return advantages[start:start + n], all_rewards, all_groups

@@ -34,7 +34,7 @@ from diffrl.curriculum import UniformSampler
 from diffrl.errors import CheckpointError, ConfigError
 from diffrl.losses import AAF_MODES, DPO_LOSS_TYPES, diffusion_dpo_loss, seppo_sign
 from diffrl.models import lora as lora_utils
-from diffrl.trainers import common, register_trainer
+from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
 from diffrl.trainers.evaluation import check_reward_fits, evaluate_generation
 from diffrl.trainers.preference import (
     load_batch,
@@ -137,16 +137,16 @@ class SePPOTrainer:
     # ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
-        self.accelerator = acc = common.create_accelerator(cfg)
-        self.output_dir = common.prepare_output_dir(acc, cfg)
-        common.seed_everything(cfg.seed, acc)
+        self.accelerator = acc = run_setup.create_accelerator(cfg)
+        self.output_dir = run_setup.prepare_output_dir(acc, cfg)
+        run_setup.seed_everything(cfg.seed, acc)
         self.data, self.eval_prompts = load_preference_data(cfg.data, need_loser=False)
-        self.reward = common.load_configured_reward(cfg.reward, acc.device)
+        self.reward = run_setup.load_configured_reward(cfg.reward, acc.device)
         self.model = load_preference_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
         # The bank's later entries are loaded into this second, frozen adapter.
-        common.add_frozen_adapter(self.model, cfg.lora, "reference")
-        common.prepare_optimization(self, cfg.max_steps)
+        trainable.add_frozen_adapter(self.model, cfg.lora, "reference")
+        run_setup.prepare_optimization(self, cfg.max_steps)
         self.uncond = unconditional(self.model, cfg.generation.guidance_scale)
         self.sampler = UniformSampler(len(self.data), cfg.train_batch_size * cfg.optim.gradient_accumulation_steps,
                                       seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
@@ -154,9 +154,9 @@ class SePPOTrainer:
         # Reference draws are the same on every process; noise, timesteps and VAE draws differ per process.
         self.draws = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
         self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
-        common.resume_and_open_logs(self, "seppo", load_model=self._load_model,
-                                    states={"sampler": self.sampler, "bank": self.bank},
-                                    generators={"noise": self.noise, "draws": self.draws})
+        run_loop.resume_and_open_logs(self, "seppo", load_model=self._load_model,
+                                      states={"sampler": self.sampler, "bank": self.bank},
+                                      generators={"noise": self.noise, "draws": self.draws})
         self._load_reference()
 
     # ------------------------------------------------------------------------------------------------------
@@ -225,9 +225,9 @@ class SePPOTrainer:
 
     def update(self, micro_batches: list[dict]) -> dict:
         self.model.denoiser.train()
-        totals = common.accumulate(self.accelerator, self.model.denoiser, len(micro_batches),
-                                   lambda i: self._loss(micro_batches[i]))
-        metrics = common.optimizer_step(self, totals)
+        totals = step_guard.accumulate(self.accelerator, self.model.denoiser, len(micro_batches),
+                                       lambda i: self._loss(micro_batches[i]))
+        metrics = step_guard.optimizer_step(self, totals)
         metrics.update(reference_step=self.bank.steps[self.bank.current], bank_size=len(self.bank))
         return metrics
 
@@ -244,7 +244,7 @@ class SePPOTrainer:
     def train(self) -> dict:
         cfg = self.config
         self.setup()
-        bar = common.start_training(self, desc="seppo")
+        bar = run_loop.start_training(self, desc="seppo")
         last: dict = {}
         while self.step < cfg.max_steps:
             start = time.time()
@@ -255,15 +255,15 @@ class SePPOTrainer:
             if self.step % cfg.bank_every == 0:
                 self.bank.add(self.step, lora_utils.lora_state_dict(self.model.trainable, "default"))
             last.update(step_time=time.time() - start, rollout_time=rollout_time)
-            common.after_step(self, last, bar, **common.postfix(last, "loss", "aaf/ref_as_winner"))
-        return common.finish_training(self, bar, last)
+            run_loop.after_step(self, last, bar, **run_loop.postfix(last, "loss", "aaf/ref_as_winner"))
+        return run_loop.finish_training(self, bar, last)
 
     def save(self) -> None:
-        common.save(self, "seppo", save_model=self._save_model, states={"sampler": self.sampler, "bank": self.bank},
-                    generators={"noise": self.noise, "draws": self.draws})
+        run_loop.save(self, "seppo", save_model=self._save_model, states={"sampler": self.sampler, "bank": self.bank},
+                      generators={"noise": self.noise, "draws": self.draws})
 
     def _save_model(self, folder) -> None:
-        common.save_trainable(self.model, folder, lora_enabled=True)
+        trainable.save_trainable(self.model, folder, lora_enabled=True)
 
     def _load_model(self, folder) -> None:
-        common.load_trainable(self.model, folder, lora_enabled=True)
+        trainable.load_trainable(self.model, folder, lora_enabled=True)

@@ -85,7 +85,7 @@ class ClipEmbedder:
         from transformers import AutoProcessor, CLIPModel
         from transformers.utils import logging as hf_logging
 
-        from diffrl.models import loading_errors
+        from diffrl.models.loading import loading_errors
 
         hf_logging.disable_progress_bar()
 

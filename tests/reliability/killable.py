@@ -46,24 +46,24 @@ def _after_nth(owner, name: str, n: int, before_kill=None) -> None:
 
 
 def install(phase: str, n: int, trainer_class) -> None:
-    from diffrl.trainers import common
+    from diffrl.trainers import checkpoints, run_loop, step_guard
 
     if phase == "rollout":
         _after_nth(trainer_class, "rollout", n)
     elif phase == "update":
-        _after_nth(common, "accumulate", n)
+        _after_nth(step_guard, "accumulate", n)
     elif phase == "step":
-        _after_nth(common, "optimizer_step", n)
+        _after_nth(step_guard, "optimizer_step", n)
     elif phase == "checkpoint":
-        _after_nth(common.torch, "save", n)
+        _after_nth(checkpoints.torch, "save", n)
     elif phase == "publish":
-        _after_nth(common, "_fsync_tree", n)
+        _after_nth(checkpoints, "_fsync_tree", n)
     elif phase == "log":
         def half_row(self, metrics, step):
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(f'{{"step": {step}, "loss": 0.12')  # no closing brace, no newline
                 f.flush()
-        _after_nth(common.MetricsLogger, "log", n, before_kill=half_row)
+        _after_nth(run_loop.MetricsLogger, "log", n, before_kill=half_row)
     else:
         raise SystemExit(f"unknown kill phase {phase!r}")
 

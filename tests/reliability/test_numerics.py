@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from diffrl.errors import TrainingError
 from diffrl.samplers.flow import sde_step
-from diffrl.trainers import common
+from diffrl.trainers import step_guard
 from diffrl.trainers.awm import AWMTrainer
 from rewards import RewardOutput, register_reward
 from tests.trainers.test_awm import make_config
@@ -96,25 +96,25 @@ def test_a_diverged_loss_is_skipped_and_then_stops_the_run(tiny_dir, tmp_path):
 
 
 def test_reward_and_advantage_checks_by_hand():
-    common.check_rewards(torch.tensor([1.0, math.nan, 0.5]), ["r"])  # one NaN = "not applicable": fine
-    with pytest.raises(common.SkipStep, match=r"the reward \(a, b\) returned inf"):
-        common.check_rewards(torch.tensor([1.0, -math.inf]), ["a", "b"])
-    with pytest.raises(common.SkipStep, match="NaN for every sample"):
-        common.check_rewards(torch.tensor([math.nan, math.nan]), ["r"])
-    common.check_advantages(torch.tensor([0.0, -1.0]))
-    with pytest.raises(common.SkipStep, match="an advantage is NaN or inf"):
-        common.check_advantages(torch.tensor([0.0, math.nan]))
+    step_guard.check_rewards(torch.tensor([1.0, math.nan, 0.5]), ["r"])  # one NaN = "not applicable": fine
+    with pytest.raises(step_guard.SkipStep, match=r"the reward \(a, b\) returned inf"):
+        step_guard.check_rewards(torch.tensor([1.0, -math.inf]), ["a", "b"])
+    with pytest.raises(step_guard.SkipStep, match="NaN for every sample"):
+        step_guard.check_rewards(torch.tensor([math.nan, math.nan]), ["r"])
+    step_guard.check_advantages(torch.tensor([0.0, -1.0]))
+    with pytest.raises(step_guard.SkipStep, match="an advantage is NaN or inf"):
+        step_guard.check_advantages(torch.tensor([0.0, math.nan]))
 
 
 def test_step_guard_counts_resets_and_round_trips():
-    guard = common.StepGuard(3)
+    guard = step_guard.StepGuard(3)
     with pytest.warns(UserWarning):
         assert guard.skip("x") == {"skipped": 1.0, "skipped_total": 1.0}
         guard.skip("x")
     guard.passed()
     with pytest.warns(UserWarning):
         guard.skip("y")
-    copy = common.StepGuard(3)
+    copy = step_guard.StepGuard(3)
     copy.load_state_dict(guard.state_dict())
     assert (copy.consecutive, copy.total) == (1, 3)
     with pytest.warns(UserWarning):

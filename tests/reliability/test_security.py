@@ -18,7 +18,7 @@ import torch
 import rewards
 from diffrl.errors import CheckpointError, ConfigError, RewardError
 from diffrl.models.dllm import MaskedDiffusionLM
-from diffrl.trainers import common
+from diffrl.trainers import checkpoints
 from rewards._files import load_weights
 from tests.conftest import REPO_ROOT
 
@@ -40,7 +40,7 @@ def test_planted_pickles_are_refused_and_their_code_never_runs(tmp_path):
     with pytest.raises(RewardError, match="cannot be loaded safely"):
         load_weights(str(evil), "aesthetic.head")              # a reward head's .pt / .pth
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
-        common._load(evil)                                     # every checkpoint .pt file goes through this
+        checkpoints._load(evil)                                     # every checkpoint .pt file goes through this
     assert not marker.exists()
     torch.save({"weight": torch.ones(2)}, tmp_path / "good.pt")  # plain tensors still load
     assert torch.equal(load_weights(str(tmp_path / "good.pt"), "head")["weight"], torch.ones(2))

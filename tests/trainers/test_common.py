@@ -9,7 +9,7 @@ from accelerate import Accelerator
 
 from diffrl.curriculum import UniformSampler
 from diffrl.errors import CheckpointError
-from diffrl.trainers import common
+from diffrl.trainers import checkpoints, run_loop, run_setup
 
 
 @pytest.fixture
@@ -42,8 +42,8 @@ def test_checkpoint_round_trip_restores_everything(tmp_path, parts):
     sampler.next_indices()
     noise = torch.Generator().manual_seed(5)
     torch.rand(3, generator=noise)
-    common.save_checkpoint(acc, tmp_path, 7, trainer="t", save_model=save_model(model), optimizer=optimizer,
-                           scheduler=scheduler, states={"sampler": sampler}, generators={"noise": noise})
+    checkpoints.save_checkpoint(acc, tmp_path, 7, trainer="t", save_model=save_model(model), optimizer=optimizer,
+                                scheduler=scheduler, states={"sampler": sampler}, generators={"noise": noise})
     expected = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=noise).item(),
                 sampler.next_indices())
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -54,10 +54,10 @@ def test_checkpoint_round_trip_restores_everything(tmp_path, parts):
     opt2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
     sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=1, gamma=0.5)
     sampler2, noise2 = UniformSampler(10, 3, seed=1), torch.Generator().manual_seed(0)
-    folder = common.resolve_resume(tmp_path, "latest")
+    folder = checkpoints.resolve_resume(tmp_path, "latest")
     assert folder == tmp_path / "checkpoints" / "step-000007"
-    info = common.load_checkpoint(folder, acc, trainer="t", load_model=load_model(model2), optimizer=opt2,
-                                  scheduler=sched2, states={"sampler": sampler2}, generators={"noise": noise2})
+    info = checkpoints.load_checkpoint(folder, acc, trainer="t", load_model=load_model(model2), optimizer=opt2,
+                                       scheduler=sched2, states={"sampler": sampler2}, generators={"noise": noise2})
     assert info["step"] == 7
     for k, v in model2.state_dict().items():
         torch.testing.assert_close(v, weights[k])
@@ -72,26 +72,26 @@ def test_half_written_checkpoints_are_ignored_and_old_ones_pruned(tmp_path, part
     model, optimizer, scheduler = parts
     acc = Accelerator(cpu=True)
     for step in (1, 2, 3):
-        common.save_checkpoint(acc, tmp_path, step, trainer="t", save_model=save_model(model), optimizer=optimizer,
-                               scheduler=scheduler, keep_last=2)
+        checkpoints.save_checkpoint(acc, tmp_path, step, trainer="t", save_model=save_model(model), optimizer=optimizer,
+                                    scheduler=scheduler, keep_last=2)
     # A kill during a write leaves a .tmp folder, and a folder without trainer_state.json is never "latest".
     (tmp_path / "checkpoints" / ".tmp-step-000004").mkdir()
     (tmp_path / "checkpoints" / "step-000005").mkdir()
-    names = [p.name for p in common.list_checkpoints(tmp_path)]
+    names = [p.name for p in checkpoints.list_checkpoints(tmp_path)]
     assert names == ["step-000002", "step-000003"]
-    assert common.resolve_resume(tmp_path, "latest").name == "step-000003"
+    assert checkpoints.resolve_resume(tmp_path, "latest").name == "step-000003"
     # Writing step 4 again replaces the stale temp folder.
-    common.save_checkpoint(acc, tmp_path, 4, trainer="t", save_model=save_model(model), optimizer=optimizer,
-                           scheduler=scheduler)
+    checkpoints.save_checkpoint(acc, tmp_path, 4, trainer="t", save_model=save_model(model), optimizer=optimizer,
+                                scheduler=scheduler)
     assert not (tmp_path / "checkpoints" / ".tmp-step-000004").exists()
-    assert common.resolve_resume(tmp_path, "latest").name == "step-000004"
+    assert checkpoints.resolve_resume(tmp_path, "latest").name == "step-000004"
 
 
 def test_resume_of_a_fresh_run_starts_from_scratch(tmp_path):
-    assert common.resolve_resume(tmp_path, "latest") is None
-    assert common.resolve_resume(tmp_path, None) is None
+    assert checkpoints.resolve_resume(tmp_path, "latest") is None
+    assert checkpoints.resolve_resume(tmp_path, None) is None
     with pytest.raises(CheckpointError, match="does not exist"):
-        common.resolve_resume(tmp_path, str(tmp_path / "nope"))
+        checkpoints.resolve_resume(tmp_path, str(tmp_path / "nope"))
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -105,8 +105,8 @@ def test_resume_of_a_fresh_run_starts_from_scratch(tmp_path):
 def test_bad_checkpoints_are_refused_with_the_reason(tmp_path, parts, damage, message):
     model, optimizer, scheduler = parts
     acc = Accelerator(cpu=True)
-    folder = common.save_checkpoint(acc, tmp_path, 1, trainer="t", save_model=save_model(model),
-                                    optimizer=optimizer, scheduler=scheduler)
+    folder = checkpoints.save_checkpoint(acc, tmp_path, 1, trainer="t", save_model=save_model(model),
+                                         optimizer=optimizer, scheduler=scheduler)
     state = json.loads((folder / "trainer_state.json").read_text())
     if damage == "trainer":
         state["trainer"] = "other"
@@ -126,18 +126,18 @@ def test_bad_checkpoints_are_refused_with_the_reason(tmp_path, parts, damage, me
                 return (print, ("pwned",))
         (folder / "optimizer.pt").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(CheckpointError, match=message):
-        common.load_checkpoint(folder, acc, trainer="t", load_model=load_model(model), optimizer=optimizer,
-                               scheduler=scheduler)
+        checkpoints.load_checkpoint(folder, acc, trainer="t", load_model=load_model(model), optimizer=optimizer,
+                                    scheduler=scheduler)
 
 
 def test_metrics_log_truncates_rows_after_the_resumed_step(tmp_path):
     acc = Accelerator(cpu=True)
-    log = common.MetricsLogger(acc, tmp_path, trackers=False)
+    log = run_loop.MetricsLogger(acc, tmp_path, trackers=False)
     for step in (1, 2, 3):
         log.log({"loss": torch.tensor(step * 1.0), "bad": float("nan")}, step=step)
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "lo')  # a row cut by a kill
-    common.MetricsLogger(acc, tmp_path, resume_step=2, trackers=False)
+    run_loop.MetricsLogger(acc, tmp_path, resume_step=2, trackers=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 1, "loss": 1.0, "bad": "nan"}, {"step": 2, "loss": 2.0, "bad": "nan"}]
 
@@ -151,4 +151,4 @@ def test_unwritable_output_dir_is_one_line(tmp_path):
     blocker.write_text("x")
     cfg = from_dict(DllmSFTConfig, {"trainer": "dllm_sft", "model": {"path": "x"}, "output_dir": str(blocker / "run")})
     with pytest.raises(ConfigError, match="is not writable"):
-        common.prepare_output_dir(Accelerator(cpu=True), cfg)
+        run_setup.prepare_output_dir(Accelerator(cpu=True), cfg)

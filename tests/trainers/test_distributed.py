@@ -10,12 +10,12 @@ SCRIPT = r'''
 import json, sys, torch
 from accelerate import Accelerator
 from diffrl.models.dllm import MaskedDiffusionLM
-from diffrl.trainers import common
+from diffrl.trainers import run_setup
 
 acc = Accelerator(cpu=True)
 model = MaskedDiffusionLM.from_pretrained(sys.argv[1])
 model.add_lora(rank=4, alpha=8)
-params = common.trainable_parameters(model.module)
+params = run_setup.trainable_parameters(model.module)
 optimizer = torch.optim.SGD(params, lr=0.1)
 ddp, optimizer = acc.prepare(model.module, optimizer)
 model.denoiser = ddp
@@ -41,7 +41,7 @@ out = {"rank": acc.process_index, "world": acc.num_processes, "avg_err": max_dif
        "weights_equal": bool(torch.equal(gathered[0], gathered[1]))}
 with open(sys.argv[2] + f"/rank{acc.process_index}.json", "w") as f:
     json.dump(out, f)
-from diffrl.trainers.common import end_training
+from diffrl.trainers.run_setup import end_training
 end_training(acc)
 '''
 
@@ -64,7 +64,7 @@ AWM_SCRIPT = r'''
 import json, sys, torch
 from diffrl.config import load_config
 from diffrl.trainers.awm import AWMTrainer
-from diffrl.trainers import common
+from diffrl.trainers import run_setup
 
 config = load_config("configs/awm/tiny_sd3_jpeg.yaml", [f"model.path={sys.argv[1]}", f"output_dir={sys.argv[2]}/run",
                      "max_steps=2", "logging.progress_bar=false", "prompts_per_step=3", "group_size=2",
@@ -85,7 +85,7 @@ out = {"world": acc.num_processes, "weights_equal": bool(torch.equal(gathered[0]
        "moved": float(flat.abs().sum()), "prompts": local_prompts}
 with open(sys.argv[2] + f"/awm_rank{acc.process_index}.json", "w") as f:
     json.dump(out, f)
-common.end_training(acc)
+run_setup.end_training(acc)
 '''
 
 
@@ -108,7 +108,7 @@ import json, sys, torch
 from diffrl.config import load_config
 from diffrl.models.lora import lora_state_dict
 from diffrl.trainers.seppo import SePPOTrainer
-from diffrl.trainers import common
+from diffrl.trainers import run_setup
 
 config = load_config("configs/seppo/tiny_sd15.yaml", [f"model.path={sys.argv[1]}", f"data.path={sys.argv[3]}",
                      f"output_dir={sys.argv[2]}/run", "logging.progress_bar=false", "data.eval_size=0",
@@ -130,7 +130,7 @@ out = {"world": acc.num_processes, "weights_equal": bool(torch.equal(gathered[0]
        "captions": captions, "references": references}
 with open(sys.argv[2] + f"/seppo_rank{acc.process_index}.json", "w") as f:
     json.dump(out, f)
-common.end_training(acc)
+run_setup.end_training(acc)
 '''
 
 
@@ -154,7 +154,7 @@ IGPO_SCRIPT = r'''
 import json, sys, torch
 from diffrl.config import load_config
 from diffrl.trainers.igpo import IGPOTrainer
-from diffrl.trainers import common
+from diffrl.trainers import run_setup
 
 config = load_config("configs/igpo/tiny_arithmetic.yaml", [f"model.path={sys.argv[1]}", f"output_dir={sys.argv[2]}/run",
                      "logging.progress_bar=false", "data.eval_size=2", "prompts_per_step=2", "train_batch_size=4"])
@@ -178,7 +178,7 @@ gathered = acc.gather(flat[None])
 out = {"world": acc.num_processes, "weights_equal": bool(torch.equal(gathered[0], gathered[1])), "fired": fired}
 with open(sys.argv[2] + f"/igpo_rank{acc.process_index}.json", "w") as f:
     json.dump(out, f)
-common.end_training(acc)
+run_setup.end_training(acc)
 '''
 
 

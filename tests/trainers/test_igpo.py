@@ -262,3 +262,37 @@ def test_tiny_config_trains_and_evaluates_from_the_cli(tiny_dir, tmp_path):
     assert metrics["tasks"] == 16 and 0 <= metrics["eval/accuracy"] <= metrics["eval/pass@2"] <= 1
     result = run_cli("eval", "configs/awm/tiny_sd3_jpeg.yaml")
     assert result.returncode == 1 and "diffrl eval scores diffusion-LLM runs" in result.stderr
+
+
+def test_coupled_log_prob_estimator_by_hand(tiny_dir):
+    """DiffuCoder's coupled estimate: t ~ U(0.2, 0.8), mask M at rate t and its complement; per token
+    (log p_full + [M] log p_M / t + [not M] log p_notM / (1 - t)) / 2, each pass computed on its own here."""
+    model = MaskedDiffusionLM.from_pretrained(tiny_dir("dllm"))
+    prompt_ids, prompt_mask = model.left_pad(model.chat_prompt_ids(["1+2", "3*4-5"]))
+    completion = torch.randint(10, 60, (2, 8), generator=torch.Generator().manual_seed(0))
+    log_probs, entropy = model.completion_log_probs(prompt_ids, prompt_mask, completion, mask_seed=3,
+                                                    prompt_mask_prob=0.0, estimator="coupled")
+    draws = torch.Generator().manual_seed(3)
+    torch.rand(prompt_ids.shape, generator=draws)             # the prompt draw comes first (rate 0 here)
+    t = 0.2 + 0.6 * float(torch.rand((), generator=draws))
+    hidden = torch.rand(completion.shape, generator=draws) < t
+    assert 0.2 <= t <= 0.8 and hidden.any() and (~hidden).any()
+
+    def log_p(shown: torch.Tensor) -> torch.Tensor:
+        ids = torch.cat([prompt_ids, torch.where(shown, completion, model.mask_id)], 1)
+        attention = torch.cat([prompt_mask, torch.ones_like(completion)], 1)
+        with torch.no_grad():
+            logits = model.module(input_ids=ids, attention_mask=attention).logits[:, -8:].double()
+        return torch.log_softmax(logits, -1).gather(-1, completion[..., None])[..., 0]
+
+    full, masked_part, complement = log_p(torch.zeros_like(hidden)), log_p(~hidden), log_p(hidden)
+    for b in range(2):
+        for i in range(8):
+            part = masked_part[b, i] / t if hidden[b, i] else complement[b, i] / (1 - t)
+            assert log_probs[b, i].item() == pytest.approx(((full[b, i] + part) / 2).item(), abs=1e-4)
+    d1, d1_entropy = model.completion_log_probs(prompt_ids, prompt_mask, completion, mask_seed=3,
+                                                prompt_mask_prob=0.0)
+    assert torch.allclose(d1, full.float(), atol=1e-4) and torch.allclose(entropy, d1_entropy, atol=1e-5)
+    again, _ = model.completion_log_probs(prompt_ids, prompt_mask, completion, mask_seed=3, prompt_mask_prob=0.0,
+                                          estimator="coupled")
+    assert torch.equal(again, log_probs)                      # old and new policy see the same masks

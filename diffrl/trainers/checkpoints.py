@@ -1,0 +1,197 @@
+"""Checkpoints and random state. Layout (``output_dir/checkpoints/step-000100/``)::
+
+    model/                  LoRA in diffusers (or peft) format, or full weights as safetensors
+    optimizer.pt            optimizer state (loaded with weights_only=True)
+    scheduler.pt            LR scheduler state
+    state_<name>.pt         estimator, curriculum, EMA, ... (anything with state_dict / load_state_dict)
+    rng_state_<rank>.pt     python, numpy, torch (CPU and CUDA) and named generator states, per process
+    trainer_state.json      trainer name, step, extras; written last: its presence marks a whole checkpoint
+
+The folder is written as ``.tmp-step-000100`` and renamed when complete, so a kill at any point leaves either
+the previous checkpoints or the new one, never half of one.
+"""
+
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffrl.errors import CheckpointError
+
+CHECKPOINT_PREFIX = "step-"
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Every random state of this process, in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for key, generator in (generators or {}).items():
+        if key not in state["generators"]:
+            raise CheckpointError(f"checkpoint has no state for the random generator {key!r}; it was written by "
+                                  f"a different trainer version")
+        generator.set_state(state["generators"][key])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (with trainer_state.json), oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, trainer: str,
+                    save_model: Callable[[Path], None], optimizer: torch.optim.Optimizer, scheduler,
+                    states: dict[str, Any] | None = None, generators: dict[str, torch.Generator] | None = None,
+                    extra: dict | None = None, keep_last: int | None = None) -> Path:
+    """Write a whole checkpoint atomically (see the module docstring). Every process must call it."""
+    final = checkpoint_dir(output_dir, step)
+    tmp = final.parent / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a kill during an earlier write
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(generators), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_model(tmp / "model")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        for name, obj in (states or {}).items():
+            torch.save(obj.state_dict(), tmp / f"state_{name}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        info = {"trainer": trainer, "step": step, "num_processes": accelerator.num_processes,
+                "states": sorted(states or {}), **(extra or {})}
+        (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2))
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step after a resume: swap, then drop the old copy
+            old = final.parent / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        if keep_last is not None:
+            for stale in list_checkpoints(output_dir)[:-keep_last]:
+                shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush file contents to disk before the rename publishes them (a power cut must not expose zeros)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """``None`` -> start fresh; ``'latest'`` -> newest complete checkpoint or None; a path -> that folder."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint.resume: {folder} does not exist; use 'latest' or a folder under "
+                              f"{Path(output_dir) / 'checkpoints'}")
+    return folder
+
+
+def load_checkpoint(folder: Path, accelerator, *, trainer: str, load_model: Callable[[Path], None],
+                    optimizer: torch.optim.Optimizer, scheduler, states: dict[str, Any] | None = None,
+                    generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns trainer_state.json. Errors name the missing piece."""
+    info_path = folder / "trainer_state.json"
+    if not info_path.is_file():
+        raise CheckpointError(f"{folder} is not a complete checkpoint (no trainer_state.json); resume from "
+                              f"another one or set checkpoint.resume: null to start over")
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{info_path} is corrupt; resume from an earlier checkpoint") from None
+    if info.get("trainer") != trainer:
+        raise CheckpointError(f"{folder} was written by the {info.get('trainer')!r} trainer, not {trainer!r}; "
+                              f"use a checkpoint of this run or a new output_dir")
+    expected = ["optimizer.pt", "scheduler.pt", "model", *[f"state_{n}.pt" for n in states or {}]]
+    rng_file = folder / f"rng_state_{accelerator.process_index}.pt"
+    missing = [name for name in expected if not (folder / name).exists()]
+    if missing:
+        raise CheckpointError(f"{folder} is missing {', '.join(missing)}; resume from an earlier checkpoint")
+    if info.get("num_processes") != accelerator.num_processes:
+        raise CheckpointError(f"{folder} was written by {info.get('num_processes')} processes, this run has "
+                              f"{accelerator.num_processes}; resume with the same number of processes")
+    try:
+        load_model(folder / "model")
+    except CheckpointError:
+        raise
+    except Exception as e:  # a truncated or foreign weights file (safetensors / peft errors)
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"{folder / 'model'} cannot be loaded ({reason}); resume from an earlier "
+                              f"checkpoint") from None
+    optimizer.load_state_dict(_load(folder / "optimizer.pt"))
+    scheduler.load_state_dict(_load(folder / "scheduler.pt"))
+    for name, obj in (states or {}).items():
+        obj.load_state_dict(_load(folder / f"state_{name}.pt"))
+    set_rng_state(_load(rng_file), generators)
+    return info
+
+
+def _load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; resume from an earlier checkpoint") from None
+    except Exception as e:  # unpickling refused or truncated file
+        raise CheckpointError(f"{path} cannot be loaded safely ({type(e).__name__}); it is corrupt or not a "
+                              f"diffrl checkpoint file") from None

@@ -1,0 +1,215 @@
+"""The bookkeeping around every trainer's written-out loop: evaluation, metrics rows, progress, checkpoints
+on schedule and on SIGTERM, resuming, and the end of a run. Functions, not a base class: each trainer calls
+what it needs, in its own order."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffrl.errors import TrainingInterrupted
+from diffrl.trainers.checkpoints import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
+from diffrl.trainers.progress import progress_bar
+from diffrl.trainers.run_setup import end_training, init_trackers
+from diffrl.trainers.step_guard import SkipStep, StepGuard
+
+
+class MetricsLogger:
+    """Appends one JSON row per logged step to ``metrics.jsonl`` (main process) and forwards to trackers.
+
+    On resume the file is cut back to the rows it had when the checkpoint was written (``keep_rows``; older
+    checkpoints: the rows up to the resumed step), so it reads as one uninterrupted run.
+    """
+
+    def __init__(self, accelerator, output_dir: Path, *, resume_step: int = 0, keep_rows: int | None = None,
+                 trackers: bool = True):
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.trackers = trackers
+        self.rows = 0  # rows in the file (counted on every process; only the main one's is saved)
+        if accelerator.is_main_process:
+            self._truncate(resume_step, keep_rows)
+
+    def _truncate(self, step: int, keep_rows: int | None) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            if keep_rows is not None and len(kept) == keep_rows:
+                break
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill mid-write
+            if keep_rows is not None or row.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        tmp.replace(self.path)
+        self.rows = len(kept)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        row = {"step": step, **{k: _to_python(v) for k, v in metrics.items()}}
+        if self.accelerator.is_main_process:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        self.rows += 1
+        if self.trackers:
+            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+
+def _to_python(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf literal
+    return value
+
+
+# The bookkeeping around every trainer's written-out loop (rollout / score / update stay in the trainer):
+#
+#     bar = run_loop.start_training(self, desc="awm")
+#     while self.step < cfg.max_steps:
+#         ... one optimizer step, self.step += 1 ...
+#         run_loop.after_step(self, last, bar, loss=f"{last['loss']:.4f}")
+#     return run_loop.finish_training(self, bar, last)
+#
+# ``trainer`` has config, accelerator, step, metrics, evaluate() and save().
+
+
+def start_training(trainer, *, desc: str):
+    """Evaluate before the first step of a fresh run, catch SIGTERM (see :func:`after_step`), then return the
+    progress bar (starting at a resumed step)."""
+    cfg = trainer.config
+    _catch_sigterm(trainer)
+    if trainer.step == 0:
+        trainer.metrics.log(trainer.evaluate(), step=0)
+    return progress_bar(trainer.accelerator, total=cfg.max_steps, initial=trainer.step,
+                        enabled=cfg.logging.progress_bar, desc=desc)
+
+
+def after_step(trainer, metrics: dict, bar, **postfix: str) -> None:
+    """After optimizer step ``trainer.step``: evaluation every ``eval_every`` steps (the last step is evaluated
+    by :func:`finish_training`), a metrics row every ``log_every``, the progress bar, and a checkpoint every
+    ``checkpoint.every`` steps and at the last one. After a SIGTERM (preemption) the step is checkpointed
+    and the run stops with :class:`TrainingInterrupted`."""
+    cfg = trainer.config
+    if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.max_steps:
+        metrics.update(trainer.evaluate())
+    if trainer.step % cfg.logging.log_every == 0:
+        trainer.metrics.log(metrics, step=trainer.step)
+    bar.update(1)
+    bar.set_postfix(**postfix)
+    saved = trainer.step % cfg.checkpoint.every == 0 or trainer.step == cfg.max_steps
+    if saved:
+        trainer.save()
+    if _stop_requested(trainer):
+        if not saved:
+            trainer.save()
+        bar.close()
+        _release_sigterm(trainer)
+        raise TrainingInterrupted(f"stopped by SIGTERM after step {trainer.step}: checkpoint "
+                                  f"{checkpoint_dir(cfg.output_dir, trainer.step)} written; run the same command "
+                                  f"with checkpoint.resume=latest to continue")
+
+
+def _catch_sigterm(trainer) -> None:
+    """A SIGTERM (scheduler preemption, ``kill``) only sets a flag; the step in progress finishes and is saved."""
+    import signal
+    import threading
+
+    trainer.sigterm = False
+    trainer.previous_sigterm_handler = None
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        trainer.sigterm = True
+
+    trainer.previous_sigterm_handler = signal.signal(signal.SIGTERM, handler)
+
+
+def _release_sigterm(trainer) -> None:
+    """Give SIGTERM back to whatever handled it before the run (the caller may be a longer-lived process)."""
+    import signal
+
+    previous = getattr(trainer, "previous_sigterm_handler", None)
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+        trainer.previous_sigterm_handler = None
+
+
+def _stop_requested(trainer) -> bool:
+    """Whether any process got SIGTERM (all processes must stop at the same step to write the checkpoint)."""
+    acc = trainer.accelerator
+    flag = bool(getattr(trainer, "sigterm", False))
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0)
+
+
+def postfix(metrics: dict, *keys: str) -> dict[str, str]:
+    """Progress-bar fields of ``metrics`` (absent on a skipped step: shown as '-')."""
+    return {k: f"{metrics[k]:.4f}" if k in metrics else "-" for k in keys}
+
+
+def rollout_score_update(trainer) -> dict:
+    """rollout -> score -> update, the middle of an online trainer's step (AWM, Flow-GRPO, IGPO). A
+    :class:`SkipStep` (non-finite reward or advantage) drops the update and is counted. Returns the step's
+    metrics with ``rollout_time`` (rollout and scoring, seconds)."""
+    start = time.time()
+    try:
+        batch = trainer.rollout()
+        stats = trainer.score(batch)
+        rollout_time = time.time() - start
+        metrics = {**stats, **trainer.update(batch)}
+    except SkipStep as skip:
+        rollout_time, metrics = time.time() - start, trainer.guard.skip(str(skip))
+    return {**metrics, "rollout_time": rollout_time}
+
+
+def finish_training(trainer, bar, last: dict) -> dict:
+    """Close the bar, evaluate the final weights, log, shut down; returns the last step's and final metrics."""
+    bar.close()
+    _release_sigterm(trainer)
+    final = trainer.evaluate()
+    trainer.metrics.log(final, step=trainer.step)
+    end_training(trainer.accelerator)
+    return {**last, **final}
+
+
+def save(trainer, name: str, *, save_model: Callable[[Path], None], states: dict[str, Any],
+         generators: dict[str, torch.Generator]) -> Path:
+    """Checkpoint ``trainer`` at its step: :func:`save_checkpoint` plus the metrics row count and the skip
+    counters, so a resumed run continues both exactly."""
+    cfg = trainer.config
+    extra = {"metrics_rows": trainer.metrics.rows, "step_guard": trainer.guard.state_dict()}
+    return save_checkpoint(trainer.accelerator, cfg.output_dir, trainer.step, trainer=name, save_model=save_model,
+                           optimizer=trainer.optimizer, scheduler=trainer.scheduler, states=states,
+                           generators=generators, extra=extra, keep_last=cfg.checkpoint.keep_last)
+
+
+def resume_and_open_logs(trainer, name: str, *, load_model: Callable[[Path], None], states: dict[str, Any],
+                         generators: dict[str, torch.Generator]) -> None:
+    """Continue from ``checkpoint.resume`` when set (``trainer.step`` = the checkpoint's step, else 0), then
+    open the trackers and ``metrics.jsonl`` (cut back to the checkpoint's rows). Creates ``trainer.guard``."""
+    cfg, acc = trainer.config, trainer.accelerator
+    trainer.step = 0
+    trainer.guard = StepGuard(getattr(cfg, "max_bad_steps", 5))
+    info: dict = {"metrics_rows": 0}
+    folder = resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
+    if folder is not None:
+        info = load_checkpoint(folder, acc, trainer=name, load_model=load_model,
+                               optimizer=trainer.optimizer, scheduler=trainer.scheduler, states=states,
+                               generators=generators)
+        trainer.step = info["step"]
+        trainer.guard.load_state_dict(info.get("step_guard", {}))
+    init_trackers(acc, cfg)
+    trainer.metrics = MetricsLogger(acc, trainer.output_dir, resume_step=trainer.step,
+                                    keep_rows=info.get("metrics_rows"), trackers=bool(cfg.logging.trackers))

@@ -1,0 +1,141 @@
+"""Setting a run up: the Accelerator, seeding, the output folder and trackers, the optimizer and its
+schedule, the configured reward; and shutting it down."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from diffrl.config import TrainerConfig, save_config, to_dict
+from diffrl.errors import ConfigError
+from diffrl.trainers.checkpoints import list_checkpoints
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def create_accelerator(config: TrainerConfig):
+    """An Accelerator for this config: CPU when asked or when no GPU is present; trackers from config.logging."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    cpu = config.cpu or not torch.cuda.is_available()
+    if cpu and config.mixed_precision == "fp16":
+        raise ConfigError("mixed_precision: fp16 needs a GPU; use 'no' or 'bf16' on CPU")
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
+        log_with=list(config.logging.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
+    )
+    return accelerator
+
+
+def prepare_output_dir(accelerator, config: TrainerConfig) -> Path:
+    """Create ``output_dir`` (failing early if it is not writable, or if it holds another run's checkpoints and
+    this run does not resume: they would be overwritten) and write the resolved config there."""
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            probe = output_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"output_dir {output_dir} is not writable ({e.strerror}); choose another "
+                              f"output_dir=...") from None
+        if config.checkpoint.resume is None and list_checkpoints(output_dir):
+            raise ConfigError(f"output_dir {output_dir} already holds checkpoints of a run; continue it with "
+                              f"checkpoint.resume=latest or choose a new output_dir=...")
+        save_config(config, output_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    return output_dir
+
+
+def init_trackers(accelerator, config: TrainerConfig) -> None:
+    if config.logging.trackers:
+        flat = _flatten(to_dict(config))
+        accelerator.init_trackers(config.logging.project, config={k: v for k, v in flat.items()
+                                                                  if isinstance(v, (int, float, str, bool))})
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def seed_everything(seed: int, accelerator=None) -> None:
+    """Seed python, numpy and torch; each process gets ``seed + rank`` so ranks sample different data."""
+    rank = accelerator.process_index if accelerator is not None else 0
+    from accelerate.utils import set_seed
+
+    set_seed(seed + rank)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ----------------------------------------------------------------------------------------------------------
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters; enable lora or check lora.target_modules")
+    return params
+
+
+def create_optimizer(params, optim) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
+                             eps=optim.eps)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, optim, max_steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(optim.scheduler, optimizer, num_warmup_steps=optim.warmup_steps,
+                         num_training_steps=max_steps)
+
+
+def prepare_optimization(trainer, scheduler_steps: int) -> None:
+    """AdamW over ``trainer.model.trainable``'s trainable weights and the config's schedule over
+    ``scheduler_steps`` optimizer steps, then ``accelerator.prepare``: sets ``trainer.params``, ``optimizer``,
+    ``scheduler`` and ``model.denoiser`` (the DDP / FSDP wrapper; adapters stay managed on the raw module)."""
+    cfg, model = trainer.config, trainer.model
+    trainer.params = trainable_parameters(model.trainable)
+    optimizer = create_optimizer(trainer.params, cfg.optim)
+    scheduler = create_scheduler(optimizer, cfg.optim, scheduler_steps)
+    model.denoiser, trainer.optimizer, trainer.scheduler = trainer.accelerator.prepare(model.trainable, optimizer,
+                                                                                       scheduler)
+
+
+def load_configured_reward(reward, device):
+    """The reward of a config's ``reward`` section on its device (default: ``device``); None without one."""
+    from rewards import load_reward
+
+    if reward is None:
+        return None
+    return load_reward(reward.weights, device=reward.device or device, kwargs=reward.kwargs)
+
+
+def unwrap(accelerator, module: torch.nn.Module) -> torch.nn.Module:
+    return accelerator.unwrap_model(module)
+
+
+def end_training(accelerator) -> None:
+    """Close trackers and the process group. Rank 0 hosts the c10d TCPStore: it leaves last, because another
+    rank still tearing down its gloo group when the store disappears aborts ("terminate called...")."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if accelerator.num_processes > 1 and accelerator.is_main_process:
+        time.sleep(1.0)

@@ -1,0 +1,60 @@
+"""The trained weights of a model: LoRA adapters or the whole module, saved and loaded in the library's own
+format (diffusers / peft, safetensors), and the weight EMA saved beside them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffrl.errors import CheckpointError
+
+
+def apply_lora(model, lora) -> None:
+    """Add the config's LoRA adapter, or make the whole trainable module trainable when LoRA is off."""
+    if lora.enabled:
+        model.add_lora(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, init=lora.init,
+                       target_modules=lora.target_modules)
+    else:
+        model.trainable.requires_grad_(True)
+
+
+def add_frozen_adapter(model, lora, adapter_name: str) -> None:
+    """A second LoRA adapter shaped like the config's (no dropout), frozen: "default" stays the trained one.
+    AWM's EMA adapter and SePPO's bank reference live in one."""
+    model.add_lora(rank=lora.rank, alpha=lora.alpha, init=lora.init, target_modules=lora.target_modules,
+                   adapter_name=adapter_name)
+
+
+def save_trainable(model, folder: Path, *, lora_enabled: bool) -> None:
+    """LoRA in the library's own format (diffusers / peft), or the full module as safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if lora_enabled:
+        model.save_lora(folder)
+    else:
+        model.trainable.save_pretrained(str(folder), safe_serialization=True)
+
+
+def load_trainable(model, folder: Path, *, lora_enabled: bool) -> None:
+    from safetensors.torch import load_file
+
+    if lora_enabled:
+        model.load_lora(folder)
+        return
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no .safetensors weights; resume from an earlier checkpoint")
+    state = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    missing, unexpected = model.trainable.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder} does not fit the model ({len(missing)} missing, {len(unexpected)} "
+                              f"unexpected weights); it belongs to another model")
+
+
+def save_weight_ema(trainer, folder: Path) -> None:
+    """The weight EMA as a second model, in the same format as the raw one, in ``folder/ema`` (a user loads it
+    with ``pipe.load_lora_weights(folder / "ema")``); nothing without an EMA."""
+    if trainer.weight_ema is None:
+        return
+    with trainer.weight_ema.applied():
+        save_trainable(trainer.model, folder / "ema", lora_enabled=trainer.config.lora.enabled)
