@@ -94,6 +94,7 @@ def summarize_run(rows: list[dict], *, wall_seconds: float | None = None) -> dic
         tenth = max(1, len(values) // 10)
         start, end = sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
         summary.update(train_start=start, train_end=end, train_gain=end - start)
+    summary.update(_group_summary(rows))
     summary["steps"] = max((r["step"] for r in rows), default=0)
     summary["skipped_steps"] = int(max((r.get("skipped_total", 0) for r in rows if isinstance(
         r.get("skipped_total"), (int, float))), default=0))
@@ -102,6 +103,24 @@ def summarize_run(rows: list[dict], *, wall_seconds: float | None = None) -> dic
     if wall_seconds is not None:
         summary["wall_seconds"] = round(wall_seconds, 1)
     return summary
+
+
+def _group_summary(rows: list[dict]) -> dict:
+    """The reasoning trainers' group outcome: the evaluation's all-wrong fraction (``eval/all_wrong@k``,
+    start -> end), the training groups' (first vs. last tenth) and IGPO's inpainting totals over the run."""
+    out: dict = {}
+    key = next((k for r in rows for k in r if k.startswith("eval/all_wrong@") and k.count("/") == 1), None)
+    if key:
+        _, values = _series(rows, key)
+        out.update(all_wrong_metric=key, all_wrong_start=values[0], all_wrong_end=values[-1])
+    _, values = _series(rows, "all_wrong_ratio")
+    if values:
+        tenth = max(1, len(values) // 10)
+        out.update(train_all_wrong_start=sum(values[:tenth]) / tenth, train_all_wrong_end=sum(values[-tenth:]) / tenth)
+    _, groups = _series(rows, "inpaint/groups")
+    if groups:
+        out.update(inpaint_groups=sum(groups), inpaint_rescued=sum(_series(rows, "inpaint/rescued")[1]))
+    return out
 
 
 def format_summary(summary: dict) -> str:
@@ -113,6 +132,16 @@ def format_summary(summary: dict) -> str:
     if "train_start" in summary:
         lines.append(f"{name} (training samples, first vs. last tenth of the steps): {summary['train_start']:.4g} "
                      f"-> {summary['train_end']:.4g} ({summary['train_gain']:+.4g})")
+    if "all_wrong_start" in summary:
+        lines.append(f"{summary['all_wrong_metric']} (questions with no correct sample): "
+                     f"{summary['all_wrong_start']:.4g} at step 0 -> {summary['all_wrong_end']:.4g} at the end")
+    if "train_all_wrong_start" in summary:
+        lines.append(f"all-wrong training groups (first vs. last tenth of the steps): "
+                     f"{summary['train_all_wrong_start']:.3g} -> {summary['train_all_wrong_end']:.3g}")
+    if "inpaint_groups" in summary:
+        groups, rescued = summary["inpaint_groups"], summary["inpaint_rescued"]
+        lines.append(f"inpainting: fired on {groups:.0f} all-wrong groups, rescued {rescued:.0f} "
+                     f"({rescued / groups if groups else 0:.0%}) with a correct hinted completion")
     lines.append(f"steps: {summary['steps']}, skipped: {summary['skipped_steps']}, time in steps: "
                  f"{summary['step_seconds']:.0f} s" + (f", wall clock: {summary['wall_seconds']:.0f} s"
                                                         if "wall_seconds" in summary else ""))

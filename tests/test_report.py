@@ -33,6 +33,21 @@ def test_accuracy_runs_are_summarized_by_accuracy():
     assert (summary["metric"], summary["eval_gain"]) == ("accuracy", 0.25)
 
 
+def test_reasoning_runs_report_all_wrong_groups_and_inpainting_by_hand():
+    rows = [{"step": 0, "eval/accuracy": 0.2, "eval/all_wrong@8": 0.5, "eval/all_wrong@8/4-digit": 0.9}]
+    rows += [{"step": s, "accuracy": 0.3, "all_wrong_ratio": w, "inpaint/groups": g, "inpaint/rescued": r}
+             for s, w, g, r in [(1, 0.5, 4.0, 1.0), (2, 0.25, 2.0, 2.0), (3, 0.125, 1.0, 0.0)]]
+    rows += [{"step": 3, "eval/accuracy": 0.4, "eval/all_wrong@8": 0.25, "eval/all_wrong@8/4-digit": 0.8}]
+    summary = summarize_run(rows)
+    assert summary["all_wrong_metric"] == "eval/all_wrong@8"  # the overall fraction, not a level's
+    assert (summary["all_wrong_start"], summary["all_wrong_end"]) == (0.5, 0.25)
+    assert (summary["train_all_wrong_start"], summary["train_all_wrong_end"]) == (0.5, 0.125)
+    assert (summary["inpaint_groups"], summary["inpaint_rescued"]) == (7.0, 3.0)
+    text = format_summary(summary)
+    assert "eval/all_wrong@8 (questions with no correct sample): 0.5 at step 0 -> 0.25 at the end" in text
+    assert "inpainting: fired on 7 all-wrong groups, rescued 3 (43%)" in text
+
+
 def test_write_run_report_and_cli(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

@@ -7,8 +7,9 @@ image: the quickstart task (assets/sd3-shapes, JPEG compressibility, the same pr
        configs/quickstart.yaml (ODE rollouts, 4 training timesteps), Flow-GRPO as
        configs/flow_grpo/quickstart.yaml (SDE rollouts at noise level 0.7, clip range 1e-4, beta 0.01,
        2 updates per rollout, as its published SD3.5 configs).
-text:  IGPO against diffu-GRPO (``igpo.enabled=false``, everything else equal) on generated arithmetic from
-       the shipped assets/dllm-arithmetic model (configs/quickstart_text.yaml).
+text:  IGPO against diffu-GRPO (``igpo.enabled=false``, everything else equal) on 2- to 4-digit addition from
+       the shipped assets/dllm-addition model (configs/quickstart_text.yaml); also the fraction of training
+       groups (G = 8, temperature 1) with no correct completion, per step, before IGPO's inpainting.
 
 Per seed, both run ``--steps`` optimizer steps and are evaluated every ``--eval-every`` steps with the same
 evaluation (fixed prompts and noise, ODE sampling for images, greedy decoding for text): training rewards are
@@ -66,6 +67,16 @@ def curve(rows: list[dict], metric: str, samples_per_step: int) -> dict:
     return points
 
 
+def all_wrong_curve(rows: list[dict]) -> dict:
+    """Per training step: the fraction of groups with no correct completion (before any inpainting)."""
+    points = {"step": [], "value": []}
+    for row in rows:
+        if isinstance(row.get("all_wrong_ratio"), (int, float)):
+            points["step"].append(row["step"])
+            points["value"].append(row["all_wrong_ratio"])
+    return points
+
+
 def time_to(c: dict, target: float) -> tuple[float | None, int | None, int | None]:
     for i, v in enumerate(c["value"]):
         if v >= target - 1e-12:
@@ -93,6 +104,8 @@ def race(name: str, seeds: list[int], steps: int, eval_every: int, out_dir: Path
             start = time.time()
             data = run(config, overrides, out_dir / name / f"{label}-seed{seed}", seed, steps, eval_every)
             curves[role] = curve(data, metric, samples_per_step(config))
+            if name == "text":
+                curves[role]["all_wrong"] = all_wrong_curve(data)
             entry[f"{role}_process_seconds"] = round(time.time() - start, 1)
         start_value = curves["baseline"]["value"][0]
         target = max(curves["baseline"]["value"][1:])
@@ -106,6 +119,12 @@ def race(name: str, seeds: list[int], steps: int, eval_every: int, out_dir: Path
                      new_best=max(curves["new"]["value"]),
                      speedup=(base_s / new_s) if improved and new_s else None,
                      call_ratio=(base_calls / new_calls) if improved and new_calls else None, curves=curves)
+        if name == "text":
+            for role in ("baseline", "new"):
+                values = curves[role]["all_wrong"]["value"]
+                tenth = max(1, len(values) // 10)
+                entry[f"{role}_all_wrong_first"] = statistics.fmean(values[:tenth])
+                entry[f"{role}_all_wrong_last"] = statistics.fmean(values[-tenth:])
         rows.append(entry)
         shown = (f"{entry['speedup']:.2f}x" if entry["speedup"] else
                  "baseline did not improve" if not improved else "target not reached")
@@ -119,6 +138,21 @@ def race(name: str, seeds: list[int], steps: int, eval_every: int, out_dir: Path
                "speedup_median": statistics.median(speedups) if speedups else None,
                "speedup_min": min(speedups) if speedups else None,
                "speedup_max": max(speedups) if speedups else None, "runs": rows}
+    for role in ("baseline", "new"):
+        ends = [r[f"{role}_end"] for r in rows]
+        summary[f"{role}_end_median"] = statistics.median(ends)
+        summary[f"{role}_end_spread"] = [min(ends), max(ends)]
+        summary[f"{role}_gain_median"] = statistics.median(r[f"{role}_end"] - r["start"] for r in rows)
+        line = (f"[{name}] {spec[role][0]}: {metric} at the end median {summary[f'{role}_end_median']:.4g} "
+                f"(min {min(ends):.4g}, max {max(ends):.4g}), gain over the start median "
+                f"{summary[f'{role}_gain_median']:+.4g}")
+        if f"{role}_all_wrong_first" in rows[0]:
+            for part in ("first", "last"):
+                summary[f"{role}_all_wrong_{part}_median"] = statistics.median(
+                    r[f"{role}_all_wrong_{part}"] for r in rows)
+            first, last = summary[f"{role}_all_wrong_first_median"], summary[f"{role}_all_wrong_last_median"]
+            line += f"; all-wrong training groups, first -> last tenth of the steps, median {first:.3f} -> {last:.3f}"
+        print(line, flush=True)
     if speedups:
         print(f"[{name}] {spec['new'][0]} vs {spec['baseline'][0]}: wall-clock speed-up to the baseline's best "
               f"{metric}: median {summary['speedup_median']:.2f}x (min {summary['speedup_min']:.2f}x, max "
@@ -133,7 +167,9 @@ def plot(summary: dict, path: Path, metric: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    groups = "all_wrong" in summary["runs"][0]["curves"]["new"]
+    fig, axes = plt.subplots(1, 2 if groups else 1, figsize=(12 if groups else 7, 4), squeeze=False)
+    ax = axes[0, 0]
     for run_ in summary["runs"]:
         for role, color in (("baseline", "tab:gray"), ("new", "tab:blue")):
             c = run_["curves"][role]
@@ -145,9 +181,25 @@ def plot(summary: dict, path: Path, metric: str) -> None:
     ax.set_title(f"{summary['new']} vs {summary['baseline']}, {len(summary['runs'])} seeds; dotted: target")
     ax.legend()
     ax.grid(alpha=0.3)
+    if groups:
+        right = axes[0, 1]
+        for run_ in summary["runs"]:
+            for role, color in (("baseline", "tab:gray"), ("new", "tab:blue")):
+                c = run_["curves"][role]["all_wrong"]
+                right.plot(c["step"], smooth(c["value"]), color=color, alpha=0.8, lw=1.5,
+                           label=summary[role] if run_ is summary["runs"][0] else None)
+        right.set_xlabel("training step")
+        right.set_ylabel("all-wrong groups (G=8), moving mean of 5 steps")
+        right.set_title("training groups with no correct completion")
+        right.legend()
+        right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def smooth(values: list[float], width: int = 5) -> list[float]:
+    return [statistics.fmean(values[max(0, i - width + 1):i + 1]) for i in range(len(values))]
 
 
 def main() -> None:
