@@ -91,8 +91,7 @@ def summarize_run(rows: list[dict], *, wall_seconds: float | None = None) -> dic
         summary.update(eval_start=values[0], eval_end=values[-1], eval_gain=values[-1] - values[0])
     steps, values = _series(rows, train_key)
     if values:
-        tenth = max(1, len(values) // 10)
-        start, end = sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
+        start, end = _first_and_last_tenth(values)
         summary.update(train_start=start, train_end=end, train_gain=end - start)
     summary.update(_group_summary(rows))
     summary["steps"] = max((r["step"] for r in rows), default=0)
@@ -105,6 +104,12 @@ def summarize_run(rows: list[dict], *, wall_seconds: float | None = None) -> dic
     return summary
 
 
+def _first_and_last_tenth(values: list[float]) -> tuple[float, float]:
+    """Means of the first and the last tenth of a training curve (at least one value each)."""
+    tenth = max(1, len(values) // 10)
+    return sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
+
+
 def _group_summary(rows: list[dict]) -> dict:
     """The reasoning trainers' group outcome: the evaluation's all-wrong fraction (``eval/all_wrong@k``,
     start -> end), the training groups' (first vs. last tenth) and IGPO's inpainting totals over the run."""
@@ -115,8 +120,7 @@ def _group_summary(rows: list[dict]) -> dict:
         out.update(all_wrong_metric=key, all_wrong_start=values[0], all_wrong_end=values[-1])
     _, values = _series(rows, "all_wrong_ratio")
     if values:
-        tenth = max(1, len(values) // 10)
-        out.update(train_all_wrong_start=sum(values[:tenth]) / tenth, train_all_wrong_end=sum(values[-tenth:]) / tenth)
+        out["train_all_wrong_start"], out["train_all_wrong_end"] = _first_and_last_tenth(values)
     _, groups = _series(rows, "inpaint/groups")
     if groups:
         out.update(inpaint_groups=sum(groups), inpaint_rescued=sum(_series(rows, "inpaint/rescued")[1]))
