@@ -73,7 +73,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return rows
 
 
-def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """The steps and finite values of ``key`` in metrics rows (rows without it are left out)."""
     points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     return [p[0] for p in points], [p[1] for p in points]
 
@@ -82,16 +83,16 @@ def summarize_run(rows: list[dict], *, wall_seconds: float | None = None) -> dic
     """Start / end of the headline metric (evaluation at step 0 vs. the final one, and the training curve's
     first vs. last tenth), steps, skipped steps and time."""
     # The first pair whose evaluation metric was logged; else the first whose training metric was.
-    train_key, eval_key = next((pair for pair in HEADLINE_METRICS if _series(rows, pair[1])[0]),
-                               next((pair for pair in HEADLINE_METRICS if _series(rows, pair[0])[0]),
+    train_key, eval_key = next((pair for pair in HEADLINE_METRICS if series(rows, pair[1])[0]),
+                               next((pair for pair in HEADLINE_METRICS if series(rows, pair[0])[0]),
                                     HEADLINE_METRICS[0]))
     summary: dict = {"metric": train_key, "eval_metric": eval_key}
-    steps, values = _series(rows, eval_key)
+    steps, values = series(rows, eval_key)
     if steps:
         summary.update(eval_start=values[0], eval_end=values[-1], eval_gain=values[-1] - values[0])
-    steps, values = _series(rows, train_key)
+    steps, values = series(rows, train_key)
     if values:
-        start, end = _first_and_last_tenth(values)
+        start, end = first_and_last_tenth(values)
         summary.update(train_start=start, train_end=end, train_gain=end - start)
     summary.update(_group_summary(rows))
     summary["steps"] = max((r["step"] for r in rows), default=0)
@@ -104,7 +105,13 @@ def summarize_run(rows: list[dict], *, wall_seconds: float | None = None) -> dic
     return summary
 
 
-def _first_and_last_tenth(values: list[float]) -> tuple[float, float]:
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
+def first_and_last_tenth(values: list[float]) -> tuple[float, float]:
     """Means of the first and the last tenth of a training curve (at least one value each)."""
     tenth = max(1, len(values) // 10)
     return sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
@@ -116,14 +123,14 @@ def _group_summary(rows: list[dict]) -> dict:
     out: dict = {}
     key = next((k for r in rows for k in r if k.startswith("eval/all_wrong@") and k.count("/") == 1), None)
     if key:
-        _, values = _series(rows, key)
+        _, values = series(rows, key)
         out.update(all_wrong_metric=key, all_wrong_start=values[0], all_wrong_end=values[-1])
-    _, values = _series(rows, "all_wrong_ratio")
+    _, values = series(rows, "all_wrong_ratio")
     if values:
-        out["train_all_wrong_start"], out["train_all_wrong_end"] = _first_and_last_tenth(values)
-    _, groups = _series(rows, "inpaint/groups")
+        out["train_all_wrong_start"], out["train_all_wrong_end"] = first_and_last_tenth(values)
+    _, groups = series(rows, "inpaint/groups")
     if groups:
-        out.update(inpaint_groups=sum(groups), inpaint_rescued=sum(_series(rows, "inpaint/rescued")[1]))
+        out.update(inpaint_groups=sum(groups), inpaint_rescued=sum(series(rows, "inpaint/rescued")[1]))
     return out
 
 
@@ -162,14 +169,13 @@ def plot_run(rows: list[dict], summary: dict, path: str | Path, *, title: str = 
 
     name, eval_name = summary["metric"], summary["eval_metric"]  # from summarize_run(rows)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(2, 1))
-    steps, values = _series(rows, name)
+    steps, values = series(rows, name)
     if values:
         top.plot(steps, values, color="tab:blue", alpha=0.3, lw=1, label=f"{name} (training samples)")
         window = max(1, len(values) // 15)
-        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
-                  for i in range(len(values))]
-        top.plot(steps, smooth, color="tab:blue", lw=2, label=f"{name}, moving average of {window}")
-    e_steps, e_values = _series(rows, eval_name)
+        top.plot(steps, moving_average(values, window), color="tab:blue", lw=2,
+                 label=f"{name}, moving average of {window}")
+    e_steps, e_values = series(rows, eval_name)
     if e_values:
         top.plot(e_steps, e_values, "o-", color="tab:orange", lw=1.5, label=f"{eval_name} (fixed prompts and noise)")
         top.axhline(e_values[0], color="gray", ls="--", lw=1, label="baseline: the model before training")
@@ -178,7 +184,7 @@ def plot_run(rows: list[dict], summary: dict, path: str | Path, *, title: str = 
     top.grid(alpha=0.3)
     if title:
         top.set_title(title, fontsize=10)
-    l_steps, losses = _series(rows, "loss")
+    l_steps, losses = series(rows, "loss")
     bottom.plot(l_steps, losses, color="tab:red", lw=1)
     bottom.set_ylabel("loss")
     bottom.set_xlabel("optimizer step")

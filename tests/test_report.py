@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffrl import cli
-from diffrl.report import format_summary, save_grid, summarize_run, write_run_report
+from diffrl.report import format_summary, moving_average, save_grid, summarize_run, write_run_report
 
 ROWS = [{"step": 0, "eval/reward": -1.0}] + [
     {"step": s, "reward": r, "loss": 0.5, "step_time": 2.0, "skipped": 0.0, "skipped_total": float(s >= 7)}
@@ -46,6 +46,11 @@ def test_reasoning_runs_report_all_wrong_groups_and_inpainting_by_hand():
     text = format_summary(summary)
     assert "eval/all_wrong@8 (questions with no correct sample): 0.5 at step 0 -> 0.25 at the end" in text
     assert "inpainting: fired on 7 all-wrong groups, rescued 3 (43%)" in text
+
+
+def test_moving_average_by_hand():
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([2.0, 4.0], 5) == [2.0, 3.0]   # fewer values at the start
 
 
 def test_write_run_report_and_cli(tmp_path, capsys):

@@ -33,6 +33,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from diffrl.config import load_config  # noqa: E402  (after the path: runs from a checkout too)
+from diffrl.report import first_and_last_tenth, moving_average, series  # noqa: E402
 
 RACES = {
     "image": {"new": ("awm", "configs/quickstart.yaml", []),
@@ -67,16 +71,6 @@ def curve(rows: list[dict], metric: str, samples_per_step: int) -> dict:
     return points
 
 
-def all_wrong_curve(rows: list[dict]) -> dict:
-    """Per training step: the fraction of groups with no correct completion (before any inpainting)."""
-    points = {"step": [], "value": []}
-    for row in rows:
-        if isinstance(row.get("all_wrong_ratio"), (int, float)):
-            points["step"].append(row["step"])
-            points["value"].append(row["all_wrong_ratio"])
-    return points
-
-
 def time_to(c: dict, target: float) -> tuple[float | None, int | None, int | None]:
     for i, v in enumerate(c["value"]):
         if v >= target - 1e-12:
@@ -85,9 +79,6 @@ def time_to(c: dict, target: float) -> tuple[float | None, int | None, int | Non
 
 
 def samples_per_step(config: str) -> int:
-    sys.path.insert(0, str(ROOT))
-    from diffrl.config import load_config
-
     cfg = load_config(ROOT / config)
     return cfg.prompts_per_step * cfg.group_size
 
@@ -105,7 +96,9 @@ def race(name: str, seeds: list[int], steps: int, eval_every: int, out_dir: Path
             data = run(config, overrides, out_dir / name / f"{label}-seed{seed}", seed, steps, eval_every)
             curves[role] = curve(data, metric, samples_per_step(config))
             if name == "text":
-                curves[role]["all_wrong"] = all_wrong_curve(data)
+                # per training step: groups with no correct completion, before any inpainting
+                steps_, values = series(data, "all_wrong_ratio")
+                curves[role]["all_wrong"] = {"step": steps_, "value": values}
             entry[f"{role}_process_seconds"] = round(time.time() - start, 1)
         start_value = curves["baseline"]["value"][0]
         target = max(curves["baseline"]["value"][1:])
@@ -121,10 +114,8 @@ def race(name: str, seeds: list[int], steps: int, eval_every: int, out_dir: Path
                      call_ratio=(base_calls / new_calls) if improved and new_calls else None, curves=curves)
         if name == "text":
             for role in ("baseline", "new"):
-                values = curves[role]["all_wrong"]["value"]
-                tenth = max(1, len(values) // 10)
-                entry[f"{role}_all_wrong_first"] = statistics.fmean(values[:tenth])
-                entry[f"{role}_all_wrong_last"] = statistics.fmean(values[-tenth:])
+                entry[f"{role}_all_wrong_first"], entry[f"{role}_all_wrong_last"] = first_and_last_tenth(
+                    curves[role]["all_wrong"]["value"])
         rows.append(entry)
         shown = (f"{entry['speedup']:.2f}x" if entry["speedup"] else
                  "baseline did not improve" if not improved else "target not reached")
@@ -186,7 +177,7 @@ def plot(summary: dict, path: Path, metric: str) -> None:
         for run_ in summary["runs"]:
             for role, color in (("baseline", "tab:gray"), ("new", "tab:blue")):
                 c = run_["curves"][role]["all_wrong"]
-                right.plot(c["step"], smooth(c["value"]), color=color, alpha=0.8, lw=1.5,
+                right.plot(c["step"], moving_average(c["value"], 5), color=color, alpha=0.8, lw=1.5,
                            label=summary[role] if run_ is summary["runs"][0] else None)
         right.set_xlabel("training step")
         right.set_ylabel("all-wrong groups (G=8), moving mean of 5 steps")
@@ -196,10 +187,6 @@ def plot(summary: dict, path: Path, metric: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def smooth(values: list[float], width: int = 5) -> list[float]:
-    return [statistics.fmean(values[max(0, i - width + 1):i + 1]) for i in range(len(values))]
 
 
 def main() -> None:
