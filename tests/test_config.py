@@ -57,6 +57,8 @@ def test_overrides_do_not_mutate_input():
     ({**BASE, "mixed_precision": "bf17"}, [], "c.yaml: mixed_precision must be one of 'no', 'bf16', 'fp16', "
                                               "got 'bf17'; did you mean 'bf16'?"),
     ({**BASE, "optim": 3}, [], "c.yaml: optim must be a mapping of OptimConfig fields, got 3"),
+    ({"trainer": "igpo", "model": {"path": "x"}, "log_prob_estimator": "coupld"}, [],
+     "c.yaml: log_prob_estimator must be one of 'd1', 'coupled', got 'coupld'"),
     ({"trainer": "dllm_sft"}, [], "c.yaml: missing required key 'model'"),
     ({**BASE, "trainer": "dlm_sft"}, [], "c.yaml: unknown trainer 'dlm_sft'; did you mean 'dllm_sft'?"),
     ({"model": {"path": "x"}}, [], "c.yaml: missing 'trainer:' key"),
