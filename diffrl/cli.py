@@ -23,15 +23,27 @@ def _shipped_configs() -> list[Path]:
 
 
 def _accelerate_config(name: str) -> Path:
-    """A shipped accelerate config by name (ddp, fsdp, zero2) or a path to the user's own."""
-    shipped = ACCELERATE_CONFIGS / f"{name}.yaml"
-    if shipped.is_file():
-        return shipped
-    path = Path(name)
-    if path.is_file():
-        return path
-    names = ", ".join(p.stem for p in sorted(ACCELERATE_CONFIGS.glob("*.yaml")))
-    raise DiffrlError(f"--accelerate-config {name}: no such file or shipped config (shipped: {names})")
+    """A shipped accelerate config by name (ddp, fsdp, zero2) or a path to the user's own, whose engine is
+    installed (DeepSpeed is an optional package)."""
+    import importlib.util
+
+    import yaml
+
+    path = ACCELERATE_CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        path = Path(name)
+    if not path.is_file():
+        names = ", ".join(p.stem for p in sorted(ACCELERATE_CONFIGS.glob("*.yaml")))
+        raise DiffrlError(f"--accelerate-config {name}: no such file or shipped config (shipped: {names})")
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise DiffrlError(f"--accelerate-config {name}: {path} is not a YAML accelerate config") from None
+    engine = str(settings.get("distributed_type", "")).upper() if isinstance(settings, dict) else ""
+    if engine == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise DiffrlError(f"--accelerate-config {name} runs DeepSpeed, which is not installed; "
+                          f"`pip install deepspeed` or use --accelerate-config ddp or fsdp")
+    return path
 
 
 def _inside_launcher() -> bool:
@@ -45,6 +57,8 @@ def cmd_train(args) -> int:
     from diffrl.config import load_config
     from diffrl.trainers import get_trainer
 
+    if args.num_processes < 1:
+        raise DiffrlError(f"--num-processes {args.num_processes}: must be at least 1 (1 runs in this process)")
     config = load_config(args.config, args.overrides)  # validate before spawning anything
     if (args.num_processes > 1 or args.accelerate_config) and not _inside_launcher():
         if hasattr(config, "group_size") and hasattr(config, "prompts_per_step"):
@@ -95,17 +109,30 @@ def _relaunch(args) -> int:
 def cmd_validate(args) -> int:
     from diffrl.config import load_config
 
-    for path in args.configs:
+    # `diffrl validate CONFIG key=value` as `diffrl train` takes it: a key=value that is not a file is an override
+    overrides = [a for a in args.configs if "=" in a and not Path(a).exists()]
+    configs = [a for a in args.configs if a not in overrides]
+    if not configs:
+        raise DiffrlError("diffrl validate: no config given, only overrides; name a YAML config first")
+    args.overrides = [*overrides, *args.overrides]
+    for path in configs:
         config = load_config(path, args.overrides)
         print(f"ok: {path} ({config.trainer})")
     return 0
 
 
 def cmd_ls(args) -> int:
-    unknown = [w for w in args.what if w not in _LISTERS]
+    from diffrl.trainers import available_trainers
+
+    trainers = available_trainers()
+    unknown = [w for w in args.what if w not in _LISTERS and w not in trainers]
     if unknown:
-        raise DiffrlError(f"diffrl ls: unknown section {unknown[0]!r}; choose from {', '.join(_LISTERS)}")
+        raise DiffrlError(f"diffrl ls: unknown section {unknown[0]!r}; choose from {', '.join(_LISTERS)}, or a "
+                          f"trainer's name for its config fields ({', '.join(trainers)})")
     for section in args.what or list(_LISTERS):
+        if section in trainers:
+            _print_fields(section, trainers[section].config_class)
+            continue
         rows = _LISTERS[section]()
         print(f"{section}:")
         if not rows:
@@ -114,6 +141,17 @@ def cmd_ls(args) -> int:
         for name, *rest in rows:
             print(f"  {name.ljust(width)}  {'  '.join(str(x) for x in rest if x)}")
     return 0
+
+
+def _print_fields(name: str, config_class: type) -> None:
+    """Every config field of a trainer: key, type and valid range, default, help."""
+    from diffrl.config import describe
+
+    rows = describe(config_class)
+    print(f"{name} config fields (key  type  default  help):")
+    width = max(len(key) for key, *_ in rows)
+    for key, kind, default, text in rows:
+        print(f"  {key.ljust(width)}  {kind}  default {default}\n  {'':{width}}  {text}")
 
 
 def _list_trainers():
@@ -179,6 +217,25 @@ def _reward_spec(text: str) -> dict[str, float]:
     return spec
 
 
+def _check_device(name: str) -> None:
+    """--device is a torch device this machine has: cpu, cuda, cuda:N, mps."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DiffrlError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DiffrlError(f"--device {name}: this machine has no CUDA GPU visible to torch; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DiffrlError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible; use cuda:0 .. "
+                          f"cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DiffrlError(f"--device {name}: MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DiffrlError(f"--device {name}: rewards run on cpu, cuda or mps")
+
+
 def cmd_score(args) -> int:
     import json
     import warnings
@@ -191,6 +248,7 @@ def cmd_score(args) -> int:
     except json.JSONDecodeError as e:
         raise DiffrlError(f"--reward-kwargs is not valid JSON ({e.msg}); example: "
                           f"'{{\"pickscore\": {{\"divide_by\": 26}}}}'") from None
+    _check_device(args.device)
     reward = load_reward(_reward_spec(args.reward), device=args.device, kwargs=kwargs)
     modality = "text" if args.texts else "video" if args.videos else "image"
     if reward.modality != modality:
@@ -260,10 +318,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _not_yet(name: str):
-    def command(args) -> int:
-        raise DiffrlError(f"`diffrl {name}` is not available in this version yet; see the README for what is")
-    return command
+def cmd_sample(args) -> int:
+    from diffrl import inference
+
+    if args.device:
+        _check_device(args.device)
+    if args.num < 1:
+        raise DiffrlError(f"--num {args.num}: must be at least 1")
+    prompts = inference.read_prompts(args.prompt, args.prompts)
+    run = inference.load(args.run, weights=args.weights, device=args.device, overrides=args.overrides)
+    rows = inference.sample(run, prompts, num=args.num, seed=args.seed, batch_size=args.batch_size,
+                            temperature=args.temperature)
+    out = Path(args.out) if args.out else run.run_dir / "samples-cli"
+    written = inference.write_samples(rows, out)
+    source = run.checkpoint or f"{run.run_dir} (base model: no checkpoint yet)"
+    extra = "" if run.is_text else f" and {out / 'grid.png'}"
+    print(f"wrote {len(rows)} samples of {source} ({run.weights} weights): {written}{extra}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -272,6 +343,9 @@ def _not_yet(name: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffrl", description="RL alignment of diffusion models: AWM, Flow-GRPO, "
                                      "SePPO, IGPO. Run `diffrl COMMAND --help` for a command's options.")
+    from diffrl import __version__
+
+    parser.add_argument("--version", action="version", version=f"diffrl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train from a YAML config", description="Train from a YAML config. "
@@ -289,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="override applied to every config (repeatable)")
     validate.set_defaults(func=cmd_validate)
 
-    ls = sub.add_parser("ls", help="list trainers, estimators, losses, curricula, rewards and shipped configs")
-    ls.add_argument("what", nargs="*", help=f"sections to list: {', '.join(_LISTERS)} (default: all)")
+    ls = sub.add_parser("ls", help="list trainers, estimators, losses, curricula, rewards and shipped configs; "
+                        "`diffrl ls awm`: a trainer's config fields")
+    ls.add_argument("what", nargs="*", help=f"sections to list: {', '.join(_LISTERS)} (default: all), or a "
+                    f"trainer's name for every field of its config with type, range, default and help")
     ls.set_defaults(func=cmd_ls)
 
     score = sub.add_parser("score", help="score images, videos or texts with reward models",
@@ -328,20 +404,70 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a run")
     report.set_defaults(func=cmd_report)
 
-    for name, text in (("sample", "generate samples from a model or checkpoint"),):
-        stub = sub.add_parser(name, help=text + " (coming in a later version)")
-        stub.add_argument("rest", nargs=argparse.REMAINDER)
-        stub.set_defaults(func=_not_yet(name))
+    sample = sub.add_parser("sample", help="generate with a trained run or checkpoint",
+                            description="Generate with the run's model and trained weights, using its own sampling "
+                            "settings (overridable). Example: diffrl sample outputs/quickstart --prompt 'a red "
+                            "circle' --num 4 --out gen/ ; then diffrl score --images gen/samples --reward ... (its "
+                            "metadata.jsonl holds the prompts)")
+    sample.add_argument("run", help="a run's output_dir (its newest checkpoint) or a checkpoints/step-N folder")
+    sample.add_argument("overrides", nargs="*", help="key.sub=value overrides of the run's config "
+                        "(e.g. sampling.eval_num_steps=20)")
+    sample.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    sample.add_argument("--prompts", help="prompt file: .txt one per line, or .jsonl / .parquet with 'prompt'")
+    sample.add_argument("--num", type=int, default=1, help="samples per prompt")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the noise (the same seed, the same samples)")
+    sample.add_argument("--weights", choices=["raw", "ema"], default="raw", help="trained weights or their EMA")
+    sample.add_argument("--temperature", type=float, default=None,
+                        help="diffusion LLMs: sampling temperature (default: the run's evaluation temperature)")
+    sample.add_argument("--batch-size", type=int, default=8, help="samples per forward")
+    sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: a GPU when present)")
+    sample.add_argument("--out", default=None, help="output folder (default: RUN/samples-cli)")
+    sample.set_defaults(func=cmd_sample)
     return parser
 
 
+def _extra_overrides(extra: list[str]) -> list[str]:
+    """Overrides found after options: ``key=value`` anywhere, and ``--key value`` / ``--key=value`` (the
+    TRL / Hugging Face style; dashes in the key read as underscores)."""
+    overrides, i = [], 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--"):
+            if "=" not in item:
+                raise DiffrlError(f"unexpected argument {item!r}; overrides look like key.sub=value")
+            overrides.append(item)
+        elif "=" in item:
+            key, value = item[2:].split("=", 1)
+            overrides.append(f"{key.replace('-', '_')}={value}")
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            overrides.append(f"{item[2:].replace('-', '_')}={extra[i + 1]}")
+            i += 1
+        else:
+            raise DiffrlError(f"{item} has no value; write {item} VALUE or {item[2:]}=VALUE")
+        i += 1
+    return overrides
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or args.command == "validate":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *_extra_overrides(extra)]
+    for name in ("batch_size", "k"):
+        if getattr(args, name, 1) < 1:
+            raise DiffrlError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_args(argv)
         return args.func(args)
     except TrainingInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
-        return 143  # 128 + SIGTERM, as a process killed by it
+        return e.exit_code  # 128 + the signal's number (SIGTERM 143, SIGINT 130), as a process killed by it
     except DiffrlError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -87,8 +87,33 @@ class OptimConfig:
 class LoggingConfig:
     trackers: list[str] = param(["tensorboard"], help="accelerate trackers: tensorboard, wandb, ... ([] for none)")
     project: str = param("diffrl", help="tracker project name (wandb project)")
+    run_name: str | None = param(None, help="run name shown by the tracker (wandb: name; default: the tracker's)")
+    entity: str | None = param(None, help="wandb entity (team or user)")
+    tags: list[str] = param([], help="wandb tags")
     log_every: int = param(1, help="write metrics every N optimizer steps", ge=1)
     progress_bar: bool = param(True, help="show a progress bar on the main process")
+
+    def __post_init__(self):
+        check_trackers(self.trackers)
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every tracker is one accelerate knows and whose package is installed (accelerate itself would drop
+    a missing one with a warning, and the run would log nowhere)."""
+    if not names:
+        return
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from accelerate.utils import imports
+
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            close = difflib.get_close_matches(str(name), LOGGER_TYPE_TO_CLASS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"logging.trackers: unknown tracker {name!r}; {hint}choose from "
+                              f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}, or [] for none")
+        if not getattr(imports, f"is_{name}_available", lambda: True)():
+            raise ConfigError(f"logging.trackers: {name} is not installed; `pip install {name.replace('_', '-')}` "
+                              f"or remove it (logging.trackers=[] logs to metrics.jsonl only)")
 
 
 @dataclasses.dataclass
@@ -96,6 +121,30 @@ class CheckpointConfig:
     every: int = param(100, help="save a checkpoint every N optimizer steps (and at the end)", ge=1)
     keep_last: int | None = param(3, help="keep only the newest N checkpoints; null keeps all", ge=1)
     resume: str | None = param(None, help="'latest' or a checkpoint folder to continue from")
+    allow_changes: bool = param(False, help="resume even though the config differs from the run's config.yaml "
+                                            "in keys that change the training maths")
+
+
+# Keys a resumed run may change freely: how long, how often, where logs go; not what is computed.
+RESUME_FREE_KEYS = ("max_steps", "output_dir", "cpu", "checkpoint.", "logging.", "eval_every", "eval_k",
+                    "data.eval_size", "sampling.eval_")
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (missing on one side counts), except
+    :data:`RESUME_FREE_KEYS`."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        name = prefix + str(key)
+        if any(name == free or (free.endswith(".") and name.startswith(free)) or
+               (free.endswith("_") and name.startswith(free)) for free in RESUME_FREE_KEYS):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += changed_keys(a, b, name + ".")
+        elif a != b:
+            changed.append(name)
+    return changed
 
 
 @dataclasses.dataclass
@@ -393,8 +442,25 @@ def to_dict(config: Any) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, except that a key written twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice in one section (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        hint = f" (this run's is {path / 'config.yaml'})" if (path / "config.yaml").is_file() else ""
+        raise ConfigError(f"{path}: a folder, not a config file; pass a YAML config{hint}")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; check the path (shipped configs: `diffrl ls`)")
     try:
@@ -402,7 +468,9 @@ def read_yaml(path: str | Path) -> dict:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -463,7 +531,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Trainer
         entry = get_trainer(str(name))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return from_dict(entry.config_class, data, source=str(path))
+    config = from_dict(entry.config_class, data, source=str(path))
+    if not str(config.output_dir).strip():
+        raise ConfigError(f"{path}: output_dir is empty (the run would write into the current folder); "
+                          f"set output_dir=outputs/NAME")
+    return config
 
 
 def save_config(config: Any, path: str | Path) -> None:
@@ -475,8 +547,13 @@ def save_config(config: Any, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def _valid_range(metadata) -> str:
+    bounds = [(">", "gt"), (">=", "ge"), ("<", "lt"), ("<=", "le")]
+    return ", ".join(f"{sign} {metadata[k]:g}" for sign, k in bounds if metadata.get(k) is not None)
+
+
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key, type, default, help) rows for every field, nested sections flattened."""
+    """(key, type and valid range, default, help) rows for every field, nested sections flattened."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -484,7 +561,9 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
         if dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, prefix + f.name + "."))
             continue
-        default = f.default if f.default is not _MISSING else (
-            f.default_factory() if f.default_factory is not _MISSING else "(required)")
-        rows.append((prefix + f.name, _type_name(tp), repr(default), f.metadata.get("help", "")))
+        default = repr(f.default) if f.default is not _MISSING else (
+            repr(f.default_factory()) if f.default_factory is not _MISSING else "(required)")
+        bounds = _valid_range(f.metadata)
+        rows.append((prefix + f.name, _type_name(tp) + (f" ({bounds})" if bounds else ""), default,
+                     f.metadata.get("help", "")))
     return rows

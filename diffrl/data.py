@@ -289,16 +289,20 @@ def sudoku_tasks(n: int, *, seed: int = 0, num_blanks: int = 6) -> list[Reasonin
 
 
 def addition_tasks(n: int, *, seed: int = 0, digits: list[int] | tuple[int, ...] = (2, 3),
-                   unique: bool = True) -> list[ReasoningExample]:
+                   unique: bool = True, direct_fraction: float = 0.0) -> list[ReasoningExample]:
     """Addition of two numbers of d digits (d drawn uniformly from ``digits`` per task; the level), with a
     column-by-column trace from the least significant digit, the carry written out: "876+530" -> trace
     "6+0+0=6\n7+3+0=10\n8+5+1=14", answer "1406". A procedure a small model learns as an algorithm, so
     held-out questions are new inputs to the same steps; more digits are harder. ``unique``: no question
     twice (held-out questions are then unseen in training). ``metadata["level"]``: "2-digit", ...
+    ``direct_fraction``: the share of tasks whose target skips the trace (the answer alone), drawn from a
+    separate stream so the questions do not change: SFT on such a mix learns two ways to answer.
     """
     if not digits or min(digits) < 1:
         raise DataError(f"addition: digits must be a non-empty list of positive counts, got {list(digits)}")
-    rng = random.Random(seed)
+    if not 0.0 <= direct_fraction <= 1.0:
+        raise DataError(f"addition: direct_fraction must be between 0 and 1, got {direct_fraction}")
+    rng, direct = random.Random(seed), random.Random(f"{seed}-direct")
     examples, seen = [], set()
     capacity = sum((9 * 10 ** (d - 1)) ** 2 for d in set(digits))
     if unique and n > capacity:
@@ -316,8 +320,8 @@ def addition_tasks(n: int, *, seed: int = 0, digits: list[int] | tuple[int, ...]
             total = int(x) + int(y) + carry
             steps.append(f"{x}+{y}+{carry}={total}")
             carry = total // 10
-        examples.append(ReasoningExample(question, "\n".join(steps), str(a + b), "addition",
-                                         metadata={"level": f"{d}-digit"}))
+        trace = "" if direct.random() < direct_fraction else "\n".join(steps)
+        examples.append(ReasoningExample(question, trace, str(a + b), "addition", metadata={"level": f"{d}-digit"}))
     return examples
 
 

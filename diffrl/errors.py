@@ -26,4 +26,8 @@ class TrainingError(DiffrlError):
 
 
 class TrainingInterrupted(DiffrlError):
-    """The run stopped on SIGTERM after checkpointing its last finished step (exit status 143)."""
+    """The run stopped on SIGTERM (exit status 143) or Ctrl-C (130) after checkpointing its last finished step."""
+
+    def __init__(self, message: str, exit_code: int = 143):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -36,6 +36,9 @@ def _open_image(source, name: str) -> torch.Tensor:
         with Image.open(source) as image:
             image.load()
             return _pil_to_tensor(image)
+    except Image.DecompressionBombError:
+        raise DataError(f"{name}: larger than PIL's limit of {2 * Image.MAX_IMAGE_PIXELS} pixels (its guard "
+                        f"against decompression bombs); downscale the image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{name}: cannot read the image ({reason})") from None

@@ -214,12 +214,16 @@ def write_run_report(run_dir: str | Path, *, wall_seconds: float | None = None) 
     table = "".join(f"<tr><td>{r['step']}</td>" + "".join(
         f"<td>{r[k]:.4g}</td>" if isinstance(r.get(k), (int, float)) else "<td></td>" for k in keys) + "</tr>"
         for r in evals)
+    texts = [(r["step"], r["eval/example"]) for r in evals if isinstance(r.get("eval/example"), str)]
+    completions = ("<h2>Sample completions (the first evaluation question)</h2><table>" + "".join(
+        f"<tr><td>{step}</td><td style='text-align:left'><pre>{html.escape(text)}</pre></td></tr>"
+        for step, text in texts) + "</table>") if texts else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}} td,th{{padding:2px 8px;text-align:right}}
 img{{max-width:100%;image-rendering:pixelated}} figure{{margin:1em 0}}</style></head><body>
 <h1>{html.escape(str(run_dir))}</h1><pre>{html.escape(text)}</pre><img src="report.png" alt="curves">
 <h2>Evaluations</h2><table><tr><th>step</th>{"".join(f"<th>{html.escape(k)}</th>" for k in keys)}</tr>{table}</table>
-<h2>Samples (fixed prompts and noise; caption: score and prompt)</h2>
+{completions}<h2>Samples (fixed prompts and noise; caption: score and prompt)</h2>
 {"".join(f'<figure><figcaption>{html.escape(g.stem)}</figcaption><img src="samples/{html.escape(g.name)}"></figure>'
          for g in grids)}
 </body></html>

@@ -105,19 +105,19 @@ def score_files(files: list[Path], reward, prompts: list[str], *, loader, batch_
     from tqdm.auto import tqdm
 
     rows = [{"file": str(f), "prompt": p} for f, p in zip(files, prompts)]
-    bar = tqdm(total=len(files), desc="scoring", disable=not progress, unit="file")
-    for batch in _batches(list(range(len(files))), batch_size):
-        loaded = []
-        for index in batch:
-            try:
-                loaded.append((index, loader(files[index])))
-            except DataError as e:
-                rows[index]["error"] = str(e)
-                warnings.warn(str(e), stacklevel=2)
-        if loaded:
-            _score_loaded(reward, loaded, prompts, rows)
-        bar.update(len(batch))
-    bar.close()
+    # closed on an error too, so that the error line starts a line of its own
+    with tqdm(total=len(files), desc="scoring", disable=not progress, unit="file") as bar:
+        for batch in _batches(list(range(len(files))), batch_size):
+            loaded = []
+            for index in batch:
+                try:
+                    loaded.append((index, loader(files[index])))
+                except DataError as e:
+                    rows[index]["error"] = str(e)
+                    warnings.warn(str(e), stacklevel=2)
+            if loaded:
+                _score_loaded(reward, loaded, prompts, rows)
+            bar.update(len(batch))
     return rows
 
 

@@ -21,6 +21,7 @@ Third-party rewards register through the entry-point group ``diffrl.rewards`` or
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -210,6 +211,12 @@ def load_reward(spec, *, device: str | torch.device = "cpu", kwargs: dict[str, d
         raise RewardError(f"reward spec must be a name, a mapping or a list, got {type(spec).__name__}")
     if not items:
         raise RewardError("the reward spec is empty; name at least one reward")
+    for name, weight, _ in items:
+        if not math.isfinite(weight):
+            raise RewardError(f"reward {name!r} has weight {weight}; weights must be finite numbers")
+    if all(weight == 0 for _, weight, _ in items):
+        raise RewardError(f"every reward weight is 0 ({', '.join(name for name, _, _ in items)}); give at least "
+                          f"one a non-zero weight (a reward of weight 0 is only logged)")
     components = []
     for name, weight, extra in items:
         factory, modality = _factory(name)

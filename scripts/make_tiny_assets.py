@@ -182,7 +182,8 @@ def build_shapes(out: Path, *, vae_steps: int, steps: int, seed: int = 0) -> Non
     log(f"saved {out}")
 
 
-def build_addition(out: Path, *, steps: int, seed: int = 0, hidden: int = 128, layers: int = 4) -> dict:
+def build_addition(out: Path, *, steps: int, seed: int = 0, hidden: int = 128, layers: int = 4,
+                   overrides: tuple[str, ...] = ()) -> dict:
     """The text demo's base model: the same small LM trained by diffrl's masked-diffusion SFT
     (configs/dllm_sft/tiny_addition.yaml) on 2-, 3- and 4-digit addition with carry traces, stopped where it
     solves part of the held-out questions and fails whole groups at the hardest level, which is where IGPO's
@@ -203,7 +204,7 @@ def build_addition(out: Path, *, steps: int, seed: int = 0, hidden: int = 128, l
         tokenizer.save_pretrained(Path(tmp) / "init")
         config = load_config(ROOT / "configs/dllm_sft/tiny_addition.yaml", [
             f"model.path={Path(tmp) / 'init'}", f"output_dir={Path(tmp) / 'run'}", f"max_steps={steps}",
-            f"seed={seed}", f"checkpoint.every={steps}", "logging.progress_bar=false"])
+            f"seed={seed}", f"checkpoint.every={steps}", "logging.progress_bar=false", *overrides])
         trainer = DllmSFTTrainer(config)
         result = trainer.train()
         train_seconds = round(time.time() - start)
@@ -236,12 +237,15 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=None,
                         help="masked-diffusion SFT steps of the LM (default 4000)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override of the LM's SFT config (configs/dllm_sft/tiny_addition.yaml); repeatable")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     if args.what in ("shapes", "all"):
         build_shapes(args.out or ROOT / "assets" / "sd3-shapes", vae_steps=args.vae_steps, steps=args.steps)
     if args.what in ("addition", "all"):
-        build_addition(args.out or ROOT / "assets" / "dllm-addition", steps=args.sft_steps or 4000)
+        build_addition(args.out or ROOT / "assets" / "dllm-addition", steps=args.sft_steps or 4000,
+                       overrides=tuple(args.set))
 
 
 if __name__ == "__main__":

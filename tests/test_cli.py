@@ -1,4 +1,5 @@
 import json
+import re
 
 from tests.conftest import REPO_ROOT, run_cli
 
@@ -8,6 +9,14 @@ def test_help_lists_commands():
     assert result.returncode == 0
     for command in ("train", "validate", "ls", "sample", "score", "eval"):
         assert command in result.stdout
+
+
+def test_version():
+    import diffrl
+
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"diffrl {diffrl.__version__}"
+    assert diffrl.__version__.count(".") >= 2
 
 
 def test_ls_lists_trainers_and_configs():
@@ -52,6 +61,9 @@ def test_train_tiny_config_two_steps(tmp_path, tiny_dir):
                      "max_steps=2", "data.eval_size=2", "logging.progress_bar=false")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("done: loss=")
+    start = re.search(r"dllm_sft: ([\d,]+) trainable parameters, 1 process\(es\) on cpu, batch (\d+) per step, "
+                      r"output (.+), fresh start", result.stderr)
+    assert start and int(start[1].replace(",", "")) > 0 and start[3] == str(out), result.stderr[:2000]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
@@ -71,7 +83,103 @@ def test_train_missing_model_folder_is_one_line(tmp_path):
     assert result.stderr.startswith("error: model.path") and "Traceback" not in result.stderr
 
 
-def test_stub_commands_say_so():
-    result = run_cli("sample")
-    assert result.returncode == 1
-    assert "not available in this version yet" in result.stderr
+def test_sample_a_tiny_image_run_then_score_its_output(tmp_path, tiny_dir, capsys):
+    from diffrl import cli
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "configs/awm/tiny_sd3_jpeg.yaml", f"model.path={tiny_dir('sd3')}", f"output_dir={run}",
+                     "max_steps=1", "data.eval_size=1", "logging.trackers=[]", "logging.progress_bar=false"]) == 0
+    argv = ["sample", str(run), "--prompt", "a red circle", "--prompt", "a blue square", "--num", "2",
+            "sampling.eval_num_steps=3"]
+    assert cli.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert "checkpoints/step-000001" in capsys.readouterr().out
+    images = sorted((tmp_path / "a" / "samples").glob("*.png"))
+    assert [p.name for p in images] == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    rows = [json.loads(line) for line in (tmp_path / "a" / "samples" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a red circle"] * 2 + ["a blue square"] * 2
+    assert (tmp_path / "a" / "grid.png").is_file()
+    assert images[0].read_bytes() != images[1].read_bytes()  # two samples of one prompt differ
+    assert cli.main([*argv, "--out", str(tmp_path / "b")]) == 0  # the same seed: the same pictures
+    assert images[3].read_bytes() == (tmp_path / "b" / "samples" / "00003.png").read_bytes()
+    assert cli.main(["score", "--images", str(tmp_path / "a" / "samples"), "--reward", "jpeg_compressibility",
+                     "--out", str(tmp_path / "scores.jsonl"), "--quiet"]) == 0
+    scored = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert len(scored) == 4 and all("reward" in r for r in scored) and scored[2]["prompt"] == "a blue square"
+
+
+def test_sample_a_text_checkpoint_writes_jsonl(tmp_path, tiny_dir, capsys):
+    from diffrl import cli
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "configs/dllm_sft/tiny_arithmetic.yaml", f"model.path={tiny_dir('dllm')}",
+                     f"output_dir={run}", "max_steps=1", "data.eval_size=1", "logging.progress_bar=false"]) == 0
+    checkpoint = run / "checkpoints" / "step-000001"
+    assert cli.main(["sample", str(checkpoint), "--prompt", "2+3", "--num", "3", "--temperature", "1.0",
+                     "--out", str(tmp_path / "t")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "t" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["2+3"] * 3 and all(isinstance(r["text"], str) for r in rows)
+    capsys.readouterr()
+    assert cli.main(["sample", str(tmp_path), "--prompt", "x"]) == 1
+    assert "not a run folder" in capsys.readouterr().err
+    assert cli.main(["sample", str(checkpoint), "--prompt", "x", "--weights", "ema"]) == 1
+    assert "no weight EMA" in capsys.readouterr().err
+
+
+def test_overrides_are_accepted_after_options_and_in_hf_style():
+    from diffrl.cli import parse_args
+
+    args = parse_args(["train", "c.yaml", "a=1", "--num-processes", "2", "b.c=2", "--max_steps", "10",
+                       "--optim.lr=3e-4", "--max-grad-norm", "-1"])
+    assert args.num_processes == 2
+    assert args.overrides == ["a=1", "b.c=2", "max_steps=10", "optim.lr=3e-4", "max_grad_norm=-1"]
+    args = parse_args(["eval", "c.yaml", "--k", "8", "generation.temperature=1.0"])
+    assert (args.k, args.overrides) == (8, ["generation.temperature=1.0"])
+
+
+def test_validate_takes_overrides_as_train_does(capsys):
+    from diffrl import cli
+
+    config = str(REPO_ROOT / "configs/dllm_sft/tiny_arithmetic.yaml")
+    assert cli.main(["validate", config, "max_steps=3"]) == 0
+    assert capsys.readouterr().out.startswith("ok: ")
+    assert cli.main(["validate", config, "max_steps=ten"]) == 1  # the override is read, not taken for a file
+    err = capsys.readouterr().err
+    assert "max_steps" in err and "ten" in err and "not found" not in err
+
+
+def test_ls_a_trainer_prints_every_field_with_type_range_default_and_help(capsys):
+    from diffrl import cli
+    from diffrl.config import describe
+    from diffrl.trainers.igpo import IGPOConfig
+
+    assert cli.main(["ls", "igpo"]) == 0
+    out = capsys.readouterr().out
+    assert "model.path" in out and "default (required)" in out
+    assert "  max_bad_steps" in out and "int (>= 1)  default 5" in out
+    assert "prompt_mask_prob" in out and "float (>= 0, < 1)  default 0.15" in out
+    assert all(f"  {key} " in out and text in out for key, _, _, text in describe(IGPOConfig))
+
+
+def test_a_hub_id_without_network_fails_at_once_not_after_retries(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    # HF_ENDPOINT on a closed local port stands for a machine with no route to the hub.
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), PYTHONWARNINGS="ignore")
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "a.png")
+    (tmp_path / "prompts.txt").write_text("a red square\n")
+    start = time.time()
+    result = subprocess.run([sys.executable, "-m", "diffrl.cli", "score", "--reward", "pickscore", "--images",
+                             str(tmp_path / "a.png"), "--prompts", str(tmp_path / "prompts.txt"), "--reward-kwargs",
+                             '{"pickscore": {"model": "nobody/no-clip"}}'], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert time.time() - start < 60, result.stderr[-2000:]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "127.0.0.1 cannot be reached" in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "nobody/no-clip" in error[0] and "offline" in error[0], result.stderr[-2000:]

@@ -87,3 +87,15 @@ def test_report_of_a_folder_that_is_no_run(tmp_path, capsys):
 def test_non_finite_values_are_left_out_of_curves(bad):
     rows = [{"step": 1, "reward": bad}, {"step": 2, "reward": 1.0}]
     assert summarize_run(rows)["train_start"] == 1.0
+
+
+def test_text_runs_show_their_sample_completions(tmp_path):
+    rows = [{"step": 0, "eval/accuracy": 0.25, "eval/example": "3+4+0=7\n\\boxed{<7>}"},
+            {"step": 1, "loss": 0.5, "reward": 0.1},
+            {"step": 2, "eval/accuracy": 0.5, "eval/example": "3+4+0=7\n\\boxed{77}"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_run_report(tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    assert "Sample completions" in page
+    assert "<td>0</td><td style='text-align:left'><pre>3+4+0=7\n\\boxed{&lt;7&gt;}</pre>" in page
+    assert page.index("boxed{&lt;7&gt;}") < page.index("boxed{77}")

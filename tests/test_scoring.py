@@ -103,6 +103,32 @@ def test_truncated_png_is_a_data_error(folder, tmp_path):
     assert load_image(folder / "c_other_size.jpg").shape == (3, 40, 48)
 
 
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG whose header claims ``width`` x ``height`` (1-bit grey): PIL checks the size when it opens it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+def test_an_image_over_pils_size_limit_is_an_error_row_not_an_abort(folder, tmp_path, capsys):
+    from diffrl import cli
+
+    _png_header_only(folder / "e_huge.png", 20000, 10000)  # 200M pixels > 2 x Image.MAX_IMAGE_PIXELS
+    with pytest.raises(DataError, match="e_huge.png: larger than PIL's limit .* downscale"):
+        load_image(folder / "e_huge.png")
+    out = tmp_path / "scores.jsonl"
+    assert cli.main(["score", "--reward", "jpeg_compressibility", "--images", str(folder), "--out", str(out),
+                     "--quiet"]) == 0
+    rows = {r["file"].rsplit("/", 1)[1]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert "decompression bombs" in rows["e_huge.png"]["error"] and "reward" in rows["b_noise.png"]
+    assert "2 file(s) could not be read" in capsys.readouterr().out
+
+
 def test_score_videos_from_frame_folders_and_empty_file(tmp_path):
     clips = tmp_path / "clips"
     for name, shade in (("a", 128), ("b", None)):

@@ -32,6 +32,18 @@ def test_addition_levels_and_unique_questions():
         addition_tasks(100, digits=[1])
 
 
+def test_addition_direct_fraction_drops_traces_without_changing_questions():
+    full = addition_tasks(2000, seed=3, digits=[2, 3])
+    mixed = addition_tasks(2000, seed=3, digits=[2, 3], direct_fraction=0.3)
+    assert [t.question for t in full] == [t.question for t in mixed]
+    direct = [m for m in mixed if not m.trace]
+    assert 0.27 < len(direct) / 2000 < 0.33
+    assert all(m.target == "\\boxed{" + m.answer + "}" for m in direct)
+    assert all(m.trace == f.trace for f, m in zip(full, mixed) if m.trace)
+    with pytest.raises(DataError, match="direct_fraction must be between 0 and 1"):
+        addition_tasks(3, direct_fraction=1.5)
+
+
 def test_generator_options_come_from_the_config():
     config = from_dict(DllmSFTConfig, {"trainer": "dllm_sft", "model": {"path": "x"},
                                        "data": {"path": "generator:addition", "size": 30, "eval_size": 2,
@@ -39,7 +51,7 @@ def test_generator_options_come_from_the_config():
     tasks = load_tasks(config.data.path, size=config.data.size, seed=0,
                        generator_options=config.data.generator_options)
     assert {t.metadata["level"] for t in tasks} == {"4-digit"}
-    with pytest.raises(DataError, match="has no option 'digit'; its options: digits, unique"):
+    with pytest.raises(DataError, match="has no option 'digit'; its options: digits, unique, direct_fraction"):
         load_tasks("generator:addition", size=3, seed=0, generator_options={"digit": [2]})
     with pytest.raises(DataError, match="its options: min_terms, max_terms, max_value"):
         load_tasks("generator:arithmetic", size=3, seed=0, generator_options={"terms": 2})

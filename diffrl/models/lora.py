@@ -16,6 +16,8 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from diffrl.errors import ConfigError
+
 # Attention projections per family (flow_grpo / AWM `lora_type="attn"` for SD3; the diffusers training
 # scripts' defaults for FLUX, Wan and the UNets).
 DEFAULT_TARGETS = {
@@ -41,9 +43,11 @@ def add_lora(module: torch.nn.Module, family: str, *, rank: int, alpha: float, d
     targets = list(target_modules or DEFAULT_TARGETS[family])
     present = {name for name, _ in module.named_modules()}
     matched = [t for t in targets if any(n == t or n.endswith("." + t) for n in present)]
-    if not matched:
-        raise ValueError(f"none of the LoRA target modules {targets} exist in {type(module).__name__}; "
-                         f"set lora.target_modules to names from the model")
+    missing = [t for t in targets if t not in matched]
+    if not matched or (target_modules and missing):  # the user's own list: every name must exist
+        linear = sorted({n.split(".")[-1] for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"lora.target_modules: {', '.join(map(repr, missing))} not found in "
+                          f"{type(module).__name__}; its linear layers are named {', '.join(linear[:12])}")
     config = PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=matched,
                             exclude_modules=exclude or None, init_lora_weights=True if init == "default" else init)
     module.requires_grad_(False)

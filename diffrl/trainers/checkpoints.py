@@ -177,6 +177,10 @@ def load_checkpoint(folder: Path, accelerator, *, trainer: str, load_model: Call
         raise
     except Exception as e:  # a truncated or foreign weights file (safetensors / peft errors)
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if any(word in str(e) for word in ("size mismatch", "shape", "Missing key", "Unexpected key")):
+            raise CheckpointError(f"{folder / 'model'} does not fit this model ({reason}): it was written for "
+                                  f"another model or LoRA setting; resume with the config that wrote it (model.path, "
+                                  f"lora.rank, lora.target_modules) or start a new output_dir") from None
         raise CheckpointError(f"{folder / 'model'} cannot be loaded ({reason}); resume from an earlier "
                               f"checkpoint") from None
     optimizer.load_state_dict(_load(folder / "optimizer.pt"))

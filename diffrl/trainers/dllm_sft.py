@@ -119,6 +119,7 @@ class DllmSFTTrainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
+        step_guard.check_weights(acc, self.params)
         loss = acc.reduce(torch.stack(losses).mean(), reduction="mean")
         return {"loss": float(loss), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
 

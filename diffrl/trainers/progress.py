@@ -45,3 +45,21 @@ def progress_bar(accelerator, *, total: int, initial: int, enabled: bool, desc: 
     if show and not sys.stderr.isatty() and not notebook:
         return LineProgress(total=total, initial=initial, desc=desc, every_seconds=every_seconds)
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=not show)
+
+
+def startup_line(trainer, name: str, resumed_from=None) -> str:
+    """What a run is about to do, printed once at its start: trainable weights, processes and device, samples
+    per optimizer step, where it writes, and whether it continues a checkpoint."""
+    cfg, acc = trainer.config, trainer.accelerator
+    params = {id(p): p for group in trainer.optimizer.param_groups for p in group["params"]}
+    trainable = sum(p.numel() for p in params.values())
+    if hasattr(cfg, "prompts_per_step") and hasattr(cfg, "group_size"):
+        batch = f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples per step"
+    elif hasattr(cfg, "batch_size"):
+        batch = f"batch {cfg.batch_size * acc.num_processes * cfg.optim.gradient_accumulation_steps} per step"
+    else:
+        batch = ""
+    where = f"resumed from step {trainer.step} ({resumed_from})" if resumed_from is not None else "fresh start"
+    parts = [f"{trainable:,} trainable parameters", f"{acc.num_processes} process(es) on {acc.device.type}",
+             batch, f"output {cfg.output_dir}", where]
+    return f"{name}: " + ", ".join(p for p in parts if p)

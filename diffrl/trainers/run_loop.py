@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from diffrl.errors import TrainingInterrupted
 from diffrl.trainers.checkpoints import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
-from diffrl.trainers.progress import progress_bar
+from diffrl.trainers.progress import progress_bar, startup_line
 from diffrl.trainers.run_setup import end_training, init_trackers
 from diffrl.trainers.step_guard import SkipStep, StepGuard
 
@@ -62,6 +63,22 @@ class MetricsLogger:
         self.rows += 1
         if self.trackers:
             self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+            if self.accelerator.is_main_process and any(k.startswith("eval/") for k in row):
+                self._log_grids(step)
+
+    def _log_grids(self, step: int) -> None:
+        """This step's evaluation grids (``samples/step-N*.png``) as images in every tracker that takes them."""
+        import numpy as np
+        from PIL import Image
+
+        for grid in sorted((self.path.parent / "samples").glob(f"step-{step:06d}*.png")):
+            with Image.open(grid) as image:
+                pixels = np.asarray(image.convert("RGB"))[None]
+            for tracker in self.accelerator.trackers:
+                if hasattr(tracker, "log_images"):
+                    options = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+                    tracker.log_images({f"samples/{grid.stem.removeprefix(f'step-{step:06d}') or 'eval'}":
+                                        pixels}, step=step, **options)
 
 
 def _to_python(value: Any) -> Any:
@@ -114,35 +131,48 @@ def after_step(trainer, metrics: dict, bar, **postfix: str) -> None:
             trainer.save()
         bar.close()
         _release_sigterm(trainer)
-        raise TrainingInterrupted(f"stopped by SIGTERM after step {trainer.step}: checkpoint "
+        how = trainer.sigterm if isinstance(trainer.sigterm, str) else "SIGTERM"  # another process's signal
+        raise TrainingInterrupted(f"stopped by {how} after step {trainer.step}: checkpoint "
                                   f"{checkpoint_dir(cfg.output_dir, trainer.step)} written; run the same command "
-                                  f"with checkpoint.resume=latest to continue")
+                                  f"with checkpoint.resume=latest to continue",
+                                  exit_code=130 if how == "Ctrl-C" else 143)
 
 
 def _catch_sigterm(trainer) -> None:
-    """A SIGTERM (scheduler preemption, ``kill``) only sets a flag; the step in progress finishes and is saved."""
+    """A SIGTERM (scheduler preemption, ``kill``) or a first Ctrl-C (SIGINT) only sets a flag; the step in
+    progress finishes and is saved. A second Ctrl-C stops at once (KeyboardInterrupt), as Python's default."""
     import signal
+    import sys
     import threading
 
     trainer.sigterm = False
-    trainer.previous_sigterm_handler = None
+    trainer.previous_signal_handlers = {}
     if threading.current_thread() is not threading.main_thread():
         return
 
-    def handler(signum, frame):
-        trainer.sigterm = True
+    def on_term(signum, frame):
+        trainer.sigterm = signal.Signals(signum).name
 
-    trainer.previous_sigterm_handler = signal.signal(signal.SIGTERM, handler)
+    def on_int(signum, frame):
+        if trainer.sigterm:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        trainer.sigterm = "Ctrl-C"
+        print(f"\nCtrl-C: finishing step {trainer.step + 1} and writing its checkpoint; Ctrl-C again stops at "
+              f"once (losing that step)", file=sys.stderr, flush=True)
+
+    for number, handler in ((signal.SIGTERM, on_term), (signal.SIGINT, on_int)):
+        trainer.previous_signal_handlers[number] = signal.signal(number, handler)
 
 
 def _release_sigterm(trainer) -> None:
-    """Give SIGTERM back to whatever handled it before the run (the caller may be a longer-lived process)."""
+    """Give SIGTERM and SIGINT back to whatever handled them before the run (the caller may live longer)."""
     import signal
 
-    previous = getattr(trainer, "previous_sigterm_handler", None)
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
-        trainer.previous_sigterm_handler = None
+    for number, previous in getattr(trainer, "previous_signal_handlers", {}).items():
+        if previous is not None:
+            signal.signal(number, previous)
+    trainer.previous_signal_handlers = {}
 
 
 def _stop_requested(trainer) -> bool:
@@ -210,6 +240,8 @@ def resume_and_open_logs(trainer, name: str, *, load_model: Callable[[Path], Non
                                generators=generators)
         trainer.step = info["step"]
         trainer.guard.load_state_dict(info.get("step_guard", {}))
+    if acc.is_main_process:
+        print(startup_line(trainer, name, folder), file=sys.stderr, flush=True)
     init_trackers(acc, cfg)
     trainer.metrics = MetricsLogger(acc, trainer.output_dir, resume_step=trainer.step,
                                     keep_rows=info.get("metrics_rows"), trackers=bool(cfg.logging.trackers))

@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
-from diffrl.config import TrainerConfig, save_config, to_dict
+from diffrl.config import TrainerConfig, changed_keys, save_config, to_dict
 from diffrl.errors import ConfigError
 from diffrl.trainers.checkpoints import list_checkpoints
 
@@ -27,6 +28,9 @@ def create_accelerator(config: TrainerConfig):
     cpu = config.cpu or not torch.cuda.is_available()
     if cpu and config.mixed_precision == "fp16":
         raise ConfigError("mixed_precision: fp16 needs a GPU; use 'no' or 'bf16' on CPU")
+    if cpu and config.model.dtype == "float16":
+        raise ConfigError("model.dtype float16 cannot train on CPU (the weights turn NaN within a step); use "
+                          "model.dtype=float32 or bfloat16 on CPU")
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=config.mixed_precision,
@@ -35,6 +39,22 @@ def create_accelerator(config: TrainerConfig):
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
     )
     return accelerator
+
+
+def _check_same_config(saved: Path, config: TrainerConfig) -> None:
+    """A resumed run computes what the interrupted one would have: refuse changed keys that alter the maths."""
+    if not saved.is_file():
+        return
+    try:
+        old = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return  # a damaged copy of the resolved config; the checkpoint's own checks still run
+    new = yaml.safe_load(yaml.safe_dump(to_dict(config)))  # as written to config.yaml (tuples become lists)
+    changed = changed_keys(old, new) if isinstance(old, dict) else []
+    if changed:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise ConfigError(f"resuming with a config that differs from the run's {saved} in {shown}; restore them, "
+                          f"or add checkpoint.allow_changes=true to continue with the new values")
 
 
 def prepare_output_dir(accelerator, config: TrainerConfig) -> Path:
@@ -53,16 +73,26 @@ def prepare_output_dir(accelerator, config: TrainerConfig) -> Path:
         if config.checkpoint.resume is None and list_checkpoints(output_dir):
             raise ConfigError(f"output_dir {output_dir} already holds checkpoints of a run; continue it with "
                               f"checkpoint.resume=latest or choose a new output_dir=...")
+        if config.checkpoint.resume is not None and not config.checkpoint.allow_changes:
+            _check_same_config(output_dir / "config.yaml", config)
         save_config(config, output_dir / "config.yaml")
     accelerator.wait_for_everyone()
     return output_dir
+
+
+def tracker_init_kwargs(logging) -> dict:
+    """Per-tracker start options from the config's logging section (wandb: name, entity, tags)."""
+    wandb = {"name": logging.run_name, "entity": logging.entity, "tags": list(logging.tags) or None}
+    wandb = {k: v for k, v in wandb.items() if v is not None}
+    return {"wandb": wandb} if wandb and "wandb" in logging.trackers else {}
 
 
 def init_trackers(accelerator, config: TrainerConfig) -> None:
     if config.logging.trackers:
         flat = _flatten(to_dict(config))
         accelerator.init_trackers(config.logging.project, config={k: v for k, v in flat.items()
-                                                                  if isinstance(v, (int, float, str, bool))})
+                                                                  if isinstance(v, (int, float, str, bool))},
+                                  init_kwargs=tracker_init_kwargs(config.logging))
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:

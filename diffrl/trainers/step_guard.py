@@ -94,6 +94,20 @@ def accumulate(accelerator, module, num_micro_batches: int, micro_batch_loss, *,
     return totals
 
 
+def check_weights(accelerator, params) -> None:
+    """After an update: every trained weight is finite, on every process, or the run stops before anything is
+    saved or evaluated (a finite loss and gradient can still step half-precision weights to inf / NaN)."""
+    finite = torch.stack([torch.isfinite(p.detach()).all() for p in params]).all() if params else torch.tensor(True)
+    broken = torch.tensor([0.0 if bool(finite) else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        broken = accelerator.reduce(broken, reduction="sum")
+    if float(broken.sum()) > 0:
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+        raise TrainingError(f"the update made trained weights NaN or inf (weights in {', '.join(dtypes)}); nothing "
+                            f"of this step was saved: lower optim.lr, or train in float32 (model.dtype, "
+                            f"mixed_precision), then resume from the last checkpoint")
+
+
 def optimizer_step(trainer, totals: dict[str, float]) -> dict[str, float]:
     """Clip, then step the optimizer and scheduler, or skip a non-finite update (counted by ``trainer.guard``,
     which stops the run after ``max_bad_steps`` in a row); ``trainer`` holds accelerator, params, optimizer,
@@ -103,6 +117,7 @@ def optimizer_step(trainer, totals: dict[str, float]) -> dict[str, float]:
     finite = math.isfinite(grad_norm) and math.isfinite(totals["loss"])
     if finite:
         trainer.optimizer.step()
+        check_weights(trainer.accelerator, trainer.params)
         trainer.scheduler.step()
         trainer.guard.passed()
         skipped = {"skipped": 0.0, "skipped_total": float(trainer.guard.total)}

@@ -69,7 +69,8 @@ class ClipEmbedder:
     """
 
     def __init__(self, model: str, processor: str | None = None, *, device="cpu", dtype: str = "float32",
-                 batch_size: int = 32, quantize: bool = True):
+                 batch_size: int = 32, quantize: bool = True, reward: str = "clip"):
+        self.reward = reward  # the reward's registered name, for error messages
         self.model_path = model
         self.processor_path = processor or model
         self.device = torch.device(device)
@@ -85,13 +86,13 @@ class ClipEmbedder:
         from transformers import AutoProcessor, CLIPModel
         from transformers.utils import logging as hf_logging
 
-        from diffrl.models.loading import loading_errors
+        from diffrl.models.loading import loading_errors, reward_setting
 
         hf_logging.disable_progress_bar()
 
-        with loading_errors(self.model_path):
+        with loading_errors(self.model_path, reward_setting(self.reward, "model")):
             self.model = CLIPModel.from_pretrained(self.model_path, dtype=self.dtype).to(self.device).eval()
-        with loading_errors(self.processor_path):
+        with loading_errors(self.processor_path, reward_setting(self.reward, "processor")):
             processor = AutoProcessor.from_pretrained(self.processor_path)
         self.model.requires_grad_(False)
         self.tokenizer = processor.tokenizer

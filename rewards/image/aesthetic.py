@@ -26,7 +26,8 @@ class Aesthetic:
 
     def __init__(self, device="cpu", model: str = "openai/clip-vit-large-patch14", head: str = DEFAULT_HEAD,
                  dtype: str = "float32", batch_size: int = 32, quantize: bool = True):
-        self.clip = ClipEmbedder(model, None, device=device, dtype=dtype, batch_size=batch_size, quantize=quantize)
+        self.clip = ClipEmbedder(model, None, device=device, dtype=dtype, batch_size=batch_size, quantize=quantize,
+                                 reward="aesthetic")
         self.head_spec = head
         self.head: nn.Sequential | None = None
 

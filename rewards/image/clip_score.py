@@ -14,7 +14,7 @@ class ClipScore:
     def __init__(self, device="cpu", model: str = "openai/clip-vit-large-patch14", processor: str | None = None,
                  dtype: str = "float32", batch_size: int = 32, quantize: bool = True):
         self.clip = ClipEmbedder(model, processor, device=device, dtype=dtype, batch_size=batch_size,
-                                 quantize=quantize)
+                                 quantize=quantize, reward="clip_score")
 
     def __call__(self, samples, prompts, **metadata) -> RewardOutput:
         cos = (self.clip.image_embeds(samples) * self.clip.text_embeds(list(prompts))).sum(-1)

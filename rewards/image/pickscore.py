@@ -20,7 +20,7 @@ class PickScore:
                  processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", divide_by: float = 1.0,
                  dtype: str = "float32", batch_size: int = 32, quantize: bool = True):
         self.clip = ClipEmbedder(model, processor, device=device, dtype=dtype, batch_size=batch_size,
-                                 quantize=quantize)
+                                 quantize=quantize, reward="pickscore")
         self.divide_by = divide_by
 
     def __call__(self, samples, prompts, **metadata) -> RewardOutput:

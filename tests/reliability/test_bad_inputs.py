@@ -131,6 +131,8 @@ CASES: dict[str, Case] = {
     "wrong type": Case(awm("max_steps=ten"), ("max_steps", "ten")),
     "negative batch size": Case(awm("train_batch_size=-2"), ("train_batch_size", ">= 1")),
     "value out of choices": Case(awm("model.dtype=float64"), ("model.dtype", "float16")),
+    "half-precision weights trained on CPU": Case(awm("model.dtype=float16"),
+                                                  ("model.dtype float16", "CPU", "float32")),
     "override without '='": Case(awm("max_steps"), ("max_steps", "key.sub=value")),
     "unknown estimator": Case(awm("estimator=grpoo"), ("grpoo", "grpo")),
     "unknown estimator option": Case(awm("estimator_kwargs.scale=2"), ("scale", "options")),
@@ -145,7 +147,24 @@ CASES: dict[str, Case] = {
         ("digit", "its options: digits")),
     "unknown accelerate config": Case(lambda t, tiny: awm()(t, tiny) + ["--accelerate-config", "zero9"],
                                       ("zero9", "shipped")),
+    "DeepSpeed config without DeepSpeed": Case(lambda t, tiny: awm()(t, tiny) + ["--accelerate-config", "zero2"],
+                                               ("zero2", "pip install deepspeed", "fsdp")),
     "unknown ls section": Case(lambda t, _: ["ls", "trainerz"], ("trainerz", "trainers"), None),
+    "a folder given as the config": Case(lambda t, _: ["train", str(t)], ("a folder", "YAML config"), None),
+    "same key twice in a config": Case(_yaml("trainer: awm\nseed: 1\nseed: 2\n"), ("'seed'", "twice", "keep one")),
+    "empty output_dir": Case(awm("output_dir="), ("output_dir is empty", "output_dir=outputs/")),
+    "no processes": Case(lambda t, tiny: awm()(t, tiny) + ["--num-processes", "0"], ("--num-processes", "at least 1")),
+    "option given no value": Case(lambda t, tiny: awm()(t, tiny) + ["--max_steps"], ("--max_steps", "VALUE")),
+    "unknown tracker": Case(awm("logging.trackers=[wandbb]"), ("wandbb", "did you mean 'wandb'")),
+    "tracker not installed": Case(awm("logging.trackers=[mlflow]"), ("mlflow is not installed", "pip install mlflow")),
+    "unknown LoRA target module": Case(awm("lora.target_modules=[to_q, to_qq]"), ("'to_qq' not found", "named")),
+    "score on a device name torch does not know": Case(
+        lambda t, _: ["score", "--images", str(_png(t)), "--reward", "jpeg_compressibility", "--device", "gpu"],
+        ("--device gpu", "cpu, cuda"), None),
+    "score on a GPU this machine lacks": Case(  # no GPU here: "no CUDA GPU"; with GPUs: "only N GPU(s)"
+        lambda t, _: ["score", "--images", str(_png(t)), "--reward", "jpeg_compressibility", "--device", "cuda:99"],
+        ("--device cuda:99", "use"), None),
+    "eval batch size 0": Case(lambda t, _: ["eval", IGPO, "--batch-size", "0"], ("--batch-size", "at least 1"), None),
     # --- models and output folders
     "model folder missing": Case(lambda t, tiny: awm()(t, tiny) + [f"model.path={t / 'no-model'}"],
                                  ("no-model", "hub id")),
@@ -177,6 +196,12 @@ CASES: dict[str, Case] = {
     "reward options not JSON": Case(lambda t, _: ["score", "--images", str(_png(t)), "--reward",
                                                   "jpeg_compressibility", "--reward-kwargs", "{bad"],
                                     ("--reward-kwargs", "JSON"), None),
+    "every reward weight zero": Case(awm("reward.weights={{jpeg_compressibility: 0}}"),
+                                     ("every reward weight is 0", "non-zero weight")),
+    "reward model folder missing": Case(
+        lambda t, _: ["score", "--images", str(_png(t)), "--prompts", str(write(t / "p.txt", "a cat\n")),
+                      "--reward", "pickscore", "--reward-kwargs", json.dumps({"pickscore": {"model": str(t / "no-clip")}})],
+        ("no-clip", "folder not found", "--reward-kwargs", "reward.kwargs.pickscore.model"), None),
     "unknown reward": Case(awm("reward.weights.pickscor=1.0"), ("pickscor", "pickscore")),
     "reward returning the wrong shape": Case(awm("reward.weights={{test_catalogue_wrong_shape: 1.0}}"),
                                              ("test_catalogue_wrong_shape", "one score per sample")),
@@ -245,3 +270,23 @@ def test_a_new_run_refuses_to_overwrite_another_runs_checkpoints(tmp_path, tiny_
 
 def test_the_catalogue_has_at_least_25_cases():
     assert len(CASES) + len(CHECKPOINT_CASES) + 1 >= 25
+
+
+def test_resuming_with_changed_maths_names_the_keys_and_needs_a_flag(tmp_path, tiny_dir, finished_run, capsys):
+    _copy_run(finished_run, tmp_path)
+    resume = awm("checkpoint.resume=latest", "max_steps=2", "optim.lr=0.5", "seed=7")
+    line = _one_line_error(capsys, cli.main(resume(tmp_path, tiny_dir)))
+    assert "optim.lr, seed" in line and "checkpoint.allow_changes=true" in line
+    _looks_unfinished(tmp_path / "run", checkpoints_before=1)
+    # a longer run (max_steps) is not a change of the maths; with the flag the changed run goes on
+    assert cli.main(awm("checkpoint.resume=latest", "max_steps=2", "optim.lr=0.5",
+                        "checkpoint.allow_changes=true")(tmp_path, tiny_dir)) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
+
+
+def test_a_checkpoint_of_another_lora_rank_is_named_as_such(tmp_path, tiny_dir, finished_run, capsys):
+    _copy_run(finished_run, tmp_path)
+    resume = awm("checkpoint.resume=latest", "max_steps=2", "lora.rank=3", "checkpoint.allow_changes=true")
+    line = _one_line_error(capsys, cli.main(resume(tmp_path, tiny_dir)))
+    assert "another model or LoRA setting" in line and "lora.rank" in line and "earlier" not in line
+    _looks_unfinished(tmp_path / "run", checkpoints_before=1)

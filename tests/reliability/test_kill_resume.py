@@ -35,7 +35,7 @@ class Family:
     config: str
     tiny: dict[str, str]         # override key -> tiny model kind
     overrides: list[str]
-    kills: list[str]             # "phase:n" (killable.py), "sigterm", or "random"
+    kills: list[str]             # "phase:n" (killable.py), "sigterm", "sigint" (Ctrl-C), or "random"
     max_steps: int
 
 
@@ -46,7 +46,7 @@ FAMILIES = {
                          "random"]),
     "flow_grpo": Family("configs/flow_grpo/tiny_sd3_jpeg.yaml", {"model.path": "sd3"},
                         ["data.eval_size=2", "estimator=per_prompt"], max_steps=12,
-                        kills=["step:3", "checkpoint:4", "rollout:1", "log:2", "publish:1", "random"]),
+                        kills=["step:3", "checkpoint:4", "rollout:1", "sigint", "publish:1", "random"]),
     "seppo": Family("configs/seppo/tiny_sd15.yaml", {"model.path": "sd15", "data.path": "preferences"},
                     ["data.eval_size=2", "bank_every=2", "bank_size=2"], max_steps=12,
                     kills=["update:3", "checkpoint:3", "rollout:2", "publish:2", "step:1", "random"]),
@@ -158,10 +158,12 @@ def test_killed_runs_resume_to_the_uninterrupted_result(name, tiny_dir, tmp_path
     cmd = _command(family, tiny_dir, out)
     delays = random.Random(name)
     for kill in family.kills:
-        if kill == "sigterm":
-            code, err = _signal_when_training(cmd, out, signal.SIGTERM)
-            assert code == 143, err[-3000:]
-            assert "stopped: stopped by SIGTERM after step" in err and "checkpoint.resume=latest" in err
+        if kill in ("sigterm", "sigint"):
+            signum, code_expected, name = ((signal.SIGTERM, 143, "SIGTERM") if kill == "sigterm"
+                                           else (signal.SIGINT, 130, "Ctrl-C"))
+            code, err = _signal_when_training(cmd, out, signum)
+            assert code == code_expected, err[-3000:]
+            assert f"stopped: stopped by {name} after step" in err and "checkpoint.resume=latest" in err
             step = int(err.split("after step ")[1].split(":")[0])
             assert (out / "checkpoints" / f"step-{step:06d}" / "trainer_state.json").is_file()
         elif kill == "random":  # SIGKILL from outside at a random moment (setup, rollout, update, saving...)
@@ -178,4 +180,4 @@ def test_killed_runs_resume_to_the_uninterrupted_result(name, tiny_dir, tmp_path
 def test_there_are_at_least_twenty_kill_points():
     planned = [k for f in FAMILIES.values() for k in f.kills if k != "random"]
     assert len(planned) >= 20 and {k.split(":")[0] for k in planned} >= {
-        "rollout", "update", "step", "checkpoint", "publish", "log", "sigterm"}
+        "rollout", "update", "step", "checkpoint", "publish", "log", "sigterm", "sigint"}

@@ -138,3 +138,25 @@ def test_sde_log_prob_is_float32_where_half_precision_overflows():
                                   sigma_max=0.98, prev_sample=prev.float())
     assert log_prob.dtype == torch.float32 and torch.isfinite(log_prob).all()
     torch.testing.assert_close(log_prob, reference)
+
+
+def test_an_update_that_breaks_the_weights_stops_the_run():
+    """A finite loss and gradient whose step overflows a weight: the guard stops before anything is saved."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from diffrl.trainers.step_guard import StepGuard, optimizer_step
+
+    weight = torch.nn.Parameter(torch.tensor([3.0e38]))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer = SimpleNamespace(accelerator=Accelerator(cpu=True), params=[weight], optimizer=optimizer,
+                              scheduler=scheduler, guard=StepGuard(5),
+                              config=SimpleNamespace(optim=SimpleNamespace(max_grad_norm=None)))
+    weight.grad = torch.tensor([-3.0e38])  # finite; the step gives 6e38, past float32's largest value
+    with pytest.raises(TrainingError, match="made trained weights NaN or inf .*float32"):
+        optimizer_step(trainer, {"loss": 1.0})
+    weight.data.fill_(1.0)
+    weight.grad = torch.tensor([0.5])
+    assert optimizer_step(trainer, {"loss": 1.0})["skipped"] == 0.0 and float(weight.detach()) == 0.5

@@ -176,3 +176,16 @@ def test_weight_ema_evaluation_and_resume(tiny_dir, tmp_path):
     raw = load_file(model / "pytorch_lora_weights.safetensors")
     ema = load_file(model / "ema/pytorch_lora_weights.safetensors")
     assert raw.keys() == ema.keys() and any(not torch.equal(raw[k], ema[k]) for k in raw)
+
+
+def test_evaluation_grids_reach_tensorboard_as_images(tiny_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = AWMTrainer(make_config(tiny_dir, tmp_path, max_steps=1, logging__trackers=["tensorboard"]))
+    trainer.train()
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent),
+                              size_guidance={"images": 0})
+    events.Reload()
+    images = events.Images("samples/eval")
+    assert [i.step for i in images] == [0, 1]
+    assert images[0].width > 0 and images[0].encoded_image_string.startswith(b"\x89PNG")
