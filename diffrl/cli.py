@@ -291,10 +291,13 @@ def cmd_eval(args) -> int:
     from diffrl.trainers.reasoning import check_correctness_reward, evaluate_reasoning, load_dllm, load_task_split
     from rewards import load_reward
 
+    if Path(args.config).is_dir() and (Path(args.config) / "config.yaml").is_file():
+        args.config = str(Path(args.config) / "config.yaml")
     config = load_config(args.config, args.overrides)
+    if args.device:
+        _check_device(args.device)
     if config.trainer not in ("igpo", "dllm_sft"):
-        raise DiffrlError(f"diffrl eval scores diffusion-LLM runs (igpo, dllm_sft); {args.config} is a "
-                          f"{config.trainer} config: image and video runs are evaluated during training")
+        return _eval_images(args, config)
     _, tasks = load_task_split(config.data, config.seed)
     if not tasks:
         raise DiffrlError(f"{args.config}: data.eval_size is 0; set data.eval_size=N to hold out N tasks")
@@ -312,9 +315,29 @@ def cmd_eval(args) -> int:
         trainable.load_trainable(model, folder, lora_enabled=config.lora.enabled)
     model.module.eval()
     metrics = evaluate_reasoning(model, tasks, reward, config.generation, correctness=correctness,
-                                 chat_template=config.chat_template, k=args.k, batch_size=args.batch_size,
+                                 chat_template=config.chat_template, k=args.k, batch_size=args.batch_size or 32,
                                  seed=config.seed)
     print(json.dumps({"config": args.config, "checkpoint": args.checkpoint, "tasks": len(tasks), **metrics}))
+    return 0
+
+
+def _eval_images(args, config) -> int:
+    import json
+
+    from diffrl.image_eval import evaluate_images
+
+    try:
+        kwargs = json.loads(args.reward_kwargs) if args.reward_kwargs else None
+    except json.JSONDecodeError as e:
+        raise DiffrlError(f"--reward-kwargs is not valid JSON ({e.msg})") from None
+    out = Path(args.out) if args.out else Path(args.config).parent / "eval-cli"
+    table = evaluate_images(config, checkpoint=args.checkpoint, prompts_file=args.prompts,
+                            reward_spec=_reward_spec(args.reward) if args.reward else None, reward_kwargs=kwargs,
+                            seed=args.seed, batch_size=args.batch_size or 4, out=out, weights=args.weights,
+                            device=args.device)
+    print(json.dumps(table))
+    print(f"wrote {out / 'eval.json'}, {out / 'base.png'}" + (f", {out / 'checkpoint.png'}" if args.checkpoint
+                                                                 else ""), file=sys.stderr)
     return 0
 
 
@@ -387,15 +410,28 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=cmd_score)
 
-    evaluate = sub.add_parser("eval", help="accuracy and pass@k of a diffusion-LLM model or checkpoint",
-                              description="Evaluate on the config's held-out tasks (data.eval_size) with its "
-                              "generation settings. Example: diffrl eval configs/igpo/tiny_arithmetic.yaml "
-                              "--checkpoint outputs/igpo_tiny/checkpoints/step-000040 --k 4")
-    evaluate.add_argument("config", help="the run's YAML config (igpo or dllm_sft)")
+    evaluate = sub.add_parser("eval", help="evaluate a model or checkpoint: accuracy and pass@k of diffusion-LLM "
+                              "runs; rewards of image / video runs, base and checkpoint side by side",
+                              description="Diffusion LLMs (igpo, dllm_sft): accuracy, pass@k and both per level on "
+                              "the config's held-out tasks. Image / video runs: the base model and --checkpoint on "
+                              "the same prompts and noise, scored by the run's reward (or --reward), a JSON table "
+                              "and a grid each. Examples: diffrl eval configs/igpo/tiny_arithmetic.yaml --checkpoint "
+                              "outputs/igpo_tiny/checkpoints/step-000040 --k 4 ; diffrl eval outputs/quickstart "
+                              "--checkpoint outputs/quickstart/checkpoints/step-000080 --reward pickscore")
+    evaluate.add_argument("config", help="the run's YAML config, or a run folder (its config.yaml)")
     evaluate.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     evaluate.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the base model)")
     evaluate.add_argument("--k", type=int, default=1, help="also report pass@k from k samples per task")
-    evaluate.add_argument("--batch-size", type=int, default=32, help="sequences per generation forward")
+    evaluate.add_argument("--batch-size", type=int, default=None,
+                          help="sequences (32) or images (4) per generation forward")
+    evaluate.add_argument("--prompts", help="images: prompt file (default: the run's evaluation prompts)")
+    evaluate.add_argument("--reward", help="images: rewards, as in diffrl score (default: the run's reward)")
+    evaluate.add_argument("--reward-kwargs", help="images: JSON options per reward")
+    evaluate.add_argument("--seed", type=int, default=None, help="images: noise seed (default: the run's eval_seed)")
+    evaluate.add_argument("--weights", choices=["raw", "ema"], default="raw", help="images: the checkpoint's "
+                          "trained weights or their EMA")
+    evaluate.add_argument("--out", help="images: folder for eval.json and the grids (default: RUN/eval-cli)")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: a GPU when present)")
     evaluate.set_defaults(func=cmd_eval)
 
     report = sub.add_parser("report", help="rebuild report.png, summary.txt and index.html of runs",
@@ -456,7 +492,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *_extra_overrides(extra)]
     for name in ("batch_size", "k"):
-        if getattr(args, name, 1) < 1:
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise DiffrlError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     return args
 

@@ -58,37 +58,49 @@ def load(path: str | Path, *, weights: str = "raw", device: str | None = None,
     trained weights (``weights="ema"``: the weight EMA the run kept) and the run's config (``overrides``
     applied, e.g. ``sampling.eval_num_steps=20``)."""
     from diffrl.config import load_config
-    from diffrl.trainers import trainable
 
     if weights not in ("raw", "ema"):
         raise ConfigError(f"weights {weights!r}: use 'raw' or 'ema'")
     run_dir, checkpoint = resolve_run(path)
     config = load_config(run_dir / "config.yaml", list(overrides or []))
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() and not config.cpu else "cpu"))
-    if config.trainer in TEXT_TRAINERS:
-        from diffrl.trainers.reasoning import load_dllm
-
-        model = load_dllm(config, target)
-    elif config.trainer in FLOW_TRAINERS:
-        from diffrl.trainers.rollout import load_flow_model
-
-        model = load_flow_model(config, target)
-    elif config.trainer in PREFERENCE_TRAINERS:
-        from diffrl.trainers.preference import load_preference_model
-
-        model = load_preference_model(config, target)
-    else:
-        raise ConfigError(f"runs of the {config.trainer!r} trainer cannot be sampled yet")
+    model = build_model(config, device)
     if checkpoint is not None:
-        folder = checkpoint / "model" / ("ema" if weights == "ema" else "")
-        if not folder.is_dir():
-            raise ConfigError(f"{checkpoint} holds no weight EMA (the run had no weight_ema_decay); use the raw "
-                              f"weights (--weights raw)")
-        trainable.load_trainable(model, folder, lora_enabled=config.lora.enabled)
+        load_weights(model, config, checkpoint, weights)
     elif weights == "ema":
         raise ConfigError(f"{run_dir} has no checkpoint yet, so no weight EMA; sample the base model with raw")
     model.denoiser.eval()
     return LoadedRun(model, config, run_dir, checkpoint, weights)
+
+
+def build_model(config, device: str | torch.device | None = None):
+    """The config's model as its trainer builds it (base weights, LoRA added but untrained), on ``device``."""
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() and not config.cpu else "cpu"))
+    if config.trainer in TEXT_TRAINERS:
+        from diffrl.trainers.reasoning import load_dllm
+
+        return load_dllm(config, target)
+    if config.trainer in FLOW_TRAINERS:
+        from diffrl.trainers.rollout import load_flow_model
+
+        return load_flow_model(config, target)
+    if config.trainer in PREFERENCE_TRAINERS:
+        from diffrl.trainers.preference import load_preference_model
+
+        return load_preference_model(config, target)
+    raise ConfigError(f"runs of the {config.trainer!r} trainer cannot be loaded yet")
+
+
+def load_weights(model, config, checkpoint: Path, weights: str = "raw") -> None:
+    """A checkpoint's trained weights (``raw``, or ``ema``: the weight EMA) into ``model``."""
+    from diffrl.trainers import trainable
+
+    folder = Path(checkpoint)
+    folder = folder / "model" if (folder / "model").is_dir() else folder
+    folder = folder / "ema" if weights == "ema" else folder
+    if not folder.is_dir():
+        raise ConfigError(f"{checkpoint} holds no weight EMA (the run had no weight_ema_decay); use the raw "
+                          f"weights (--weights raw)" if weights == "ema" else f"{checkpoint}: folder not found")
+    trainable.load_trainable(model, folder, lora_enabled=config.lora.enabled)
 
 
 def image_settings(config) -> dict:

@@ -105,6 +105,18 @@ def test_sample_a_tiny_image_run_then_score_its_output(tmp_path, tiny_dir, capsy
                      "--out", str(tmp_path / "scores.jsonl"), "--quiet"]) == 0
     scored = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert len(scored) == 4 and all("reward" in r for r in scored) and scored[2]["prompt"] == "a blue square"
+    # image evaluation: base and checkpoint on the same prompts and noise, the run's reward plus another
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\na green star\n")
+    capsys.readouterr()
+    assert cli.main(["eval", str(run), "sampling.eval_num_steps=2", "--checkpoint", str(run / "checkpoints" /
+                     "step-000001"), "--prompts", str(tmp_path / "p.txt"), "--reward",
+                     "jpeg_compressibility,jpeg_incompressibility=0", "--out", str(tmp_path / "ev")]) == 0
+    table = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert table == json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert table["prompts"] == 3 and set(table["base"]) == {"eval/reward", "eval/reward/jpeg_compressibility",
+                                                            "eval/reward/jpeg_incompressibility"}
+    assert table["gain"] == table["checkpoint"]["eval/reward"] - table["base"]["eval/reward"]
+    assert (tmp_path / "ev" / "base.png").is_file() and (tmp_path / "ev" / "checkpoint.png").is_file()
 
 
 def test_sample_a_text_checkpoint_writes_jsonl(tmp_path, tiny_dir, capsys):
