@@ -341,6 +341,19 @@ def _eval_images(args, config) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from diffrl import model_card
+
+    if args.folder:
+        folder = model_card.prepare(args.run, args.folder, repo_id=args.repo_id, weights=args.weights)
+        print(f"wrote {folder} (README.md model card, weights, config.yaml); upload it with `diffrl push "
+              f"{args.run} {args.repo_id}`")
+        return 0
+    url = model_card.push(args.run, args.repo_id, weights=args.weights, private=args.private)
+    print(f"pushed {args.run} to {args.repo_id}: {url}")
+    return 0
+
+
 def cmd_sample(args) -> int:
     from diffrl import inference
 
@@ -439,6 +452,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "(written at the end of every `diffrl train`; rebuild any time, also mid-run).")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a run")
     report.set_defaults(func=cmd_report)
+
+    push = sub.add_parser("push", help="share a run: its weights, config, results and a model card, on the hub",
+                          description="Upload a run's newest checkpoint (or a checkpoints/step-N folder) to the "
+                          "Hugging Face hub with a model card; --folder DIR writes the folder only, offline.")
+    push.add_argument("run", help="a run's output_dir or one of its checkpoints/step-N folders")
+    push.add_argument("repo_id", help="hub repository, e.g. me/sd35-ocr-lora")
+    push.add_argument("--weights", choices=["raw", "ema"], default="raw", help="trained weights or their EMA")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--folder", help="write what would be pushed into this folder and stop (no network)")
+    push.set_defaults(func=cmd_push)
 
     sample = sub.add_parser("sample", help="generate with a trained run or checkpoint",
                             description="Generate with the run's model and trained weights, using its own sampling "

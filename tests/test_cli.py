@@ -130,7 +130,18 @@ def test_sample_a_text_checkpoint_writes_jsonl(tmp_path, tiny_dir, capsys):
                      "--out", str(tmp_path / "t")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "t" / "samples.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["2+3"] * 3 and all(isinstance(r["text"], str) for r in rows)
+    # sharing, offline: the folder `diffrl push` would upload
+    assert cli.main(["push", str(run), "me/tiny-addition", "--folder", str(tmp_path / "share")]) == 0
+    card = (tmp_path / "share" / "README.md").read_text()
+    front = card.split("---")[1]
+    assert f"base_model: {tiny_dir('dllm')}" in front and "- dllm_sft" in front and "library_name: transformers" in front
+    assert "of step 1" in card and "| step | eval/accuracy |" in card and "| 0 |" in card and "| 1 |" in card
+    assert "AutoModelForMaskedLM.from_pretrained(\"me/tiny-addition\")" in card
+    assert (tmp_path / "share" / "model.safetensors").is_file() and (tmp_path / "share" / "config.yaml").is_file()
+    assert (tmp_path / "share" / "tokenizer_config.json").is_file()  # a full fine-tune carries its tokenizer
     capsys.readouterr()
+    assert cli.main(["push", str(run), "me/x", "--folder", str(tmp_path / "share")]) == 1
+    assert "not empty" in capsys.readouterr().err
     assert cli.main(["sample", str(tmp_path), "--prompt", "x"]) == 1
     assert "not a run folder" in capsys.readouterr().err
     assert cli.main(["sample", str(checkpoint), "--prompt", "x", "--weights", "ema"]) == 1

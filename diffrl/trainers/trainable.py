@@ -25,12 +25,15 @@ def add_frozen_adapter(model, lora, adapter_name: str) -> None:
 
 
 def save_trainable(model, folder: Path, *, lora_enabled: bool) -> None:
-    """LoRA in the library's own format (diffusers / peft), or the full module as safetensors."""
+    """LoRA in the library's own format (diffusers / peft), or the full module as safetensors; a language
+    model's full weights with its tokenizer, so that the folder loads on its own with from_pretrained."""
     folder.mkdir(parents=True, exist_ok=True)
     if lora_enabled:
         model.save_lora(folder)
     else:
         model.trainable.save_pretrained(str(folder), safe_serialization=True)
+        if getattr(model, "tokenizer", None) is not None:
+            model.tokenizer.save_pretrained(str(folder))
 
 
 def load_trainable(model, folder: Path, *, lora_enabled: bool) -> None:
