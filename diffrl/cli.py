@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from diffrl.errors import DiffrlError, TrainingInterrupted
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
 
 
 def _shipped_configs() -> list[Path]:
@@ -22,50 +20,29 @@ def _shipped_configs() -> list[Path]:
     return sorted(root.rglob("*.yaml")) if root.is_dir() else []
 
 
-def _accelerate_config(name: str) -> Path:
-    """A shipped accelerate config by name (ddp, fsdp, zero2) or a path to the user's own, whose engine is
-    installed (DeepSpeed is an optional package)."""
-    import importlib.util
-
-    import yaml
-
-    path = ACCELERATE_CONFIGS / f"{name}.yaml"
-    if not path.is_file():
-        path = Path(name)
-    if not path.is_file():
-        names = ", ".join(p.stem for p in sorted(ACCELERATE_CONFIGS.glob("*.yaml")))
-        raise DiffrlError(f"--accelerate-config {name}: no such file or shipped config (shipped: {names})")
-    try:
-        settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise DiffrlError(f"--accelerate-config {name}: {path} is not a YAML accelerate config") from None
-    engine = str(settings.get("distributed_type", "")).upper() if isinstance(settings, dict) else ""
-    if engine == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
-        raise DiffrlError(f"--accelerate-config {name} runs DeepSpeed, which is not installed; "
-                          f"`pip install deepspeed` or use --accelerate-config ddp or fsdp")
-    return path
-
-
-def _inside_launcher() -> bool:
-    return "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCHED" in os.environ
-
-
 # ----------------------------------------------------------------------------------------------------------
 
 
 def cmd_train(args) -> int:
+    from diffrl import launch
     from diffrl.config import load_config
     from diffrl.trainers import get_trainer
 
-    if args.num_processes < 1:
-        raise DiffrlError(f"--num-processes {args.num_processes}: must be at least 1 (1 runs in this process)")
+    launch.check_launch_args(args)
     config = load_config(args.config, args.overrides)  # validate before spawning anything
-    if (args.num_processes > 1 or args.accelerate_config) and not _inside_launcher():
+    if launch.needs_launcher(args) and not launch.inside_launcher():
         if hasattr(config, "group_size") and hasattr(config, "prompts_per_step"):
             from diffrl.trainers.rollout import check_group_split
 
             check_group_split(config.prompts_per_step, config.group_size, args.num_processes)
-        return _relaunch(args)
+        cmd = launch.launch_command(args)
+        if args.print_launch:
+            print(" ".join(cmd))
+            return 0
+        return launch.relaunch(cmd)
+    if args.print_launch:
+        print("(one process: no launcher)")
+        return 0
     import time
 
     start = time.time()
@@ -91,19 +68,6 @@ def cmd_report(args) -> int:
         print(f"{run_dir}:\n{format_summary(summary)}\nwrote {Path(run_dir) / 'index.html'}, report.png, "
               f"summary.txt")
     return 0
-
-
-def _relaunch(args) -> int:
-    """Re-run this command under ``accelerate launch`` with the asked process count / config."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes)]
-    if args.accelerate_config:
-        cmd += ["--config_file", str(_accelerate_config(args.accelerate_config))]
-    else:
-        # On a machine without GPUs the trainer's Accelerator(cpu=True) turns this into a gloo DDP run.
-        cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += ["-m", "diffrl.cli", "train", args.config, *args.overrides]
-    env = {**os.environ, "ACCELERATE_LAUNCHED": "1"}
-    return subprocess.call(cmd, env=env)
 
 
 def cmd_validate(args) -> int:
@@ -388,9 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "Overrides look like optim.lr=1e-4 max_steps=10.")
     train.add_argument("config", help="path to a YAML config (see `diffrl ls configs`)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    train.add_argument("--num-processes", type=int, default=1, help="processes to launch (re-launches under "
-                       "`accelerate launch`)")
+    train.add_argument("--num-processes", type=int, default=1, help="processes to launch, over all machines "
+                       "(accelerate's meaning; re-launches under `accelerate launch`)")
     train.add_argument("--accelerate-config", help="a shipped accelerate config (ddp, fsdp, zero2) or a path")
+    train.add_argument("--num-machines", type=int, default=1, help="machines (nodes) of a multi-node run")
+    train.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0 .. num-machines - 1")
+    train.add_argument("--main-process-ip", help="address of the rank-0 machine (multi-node)")
+    train.add_argument("--main-process-port", type=int, default=29500, help="its port (multi-node)")
+    train.add_argument("--print-launch", action="store_true", help="print the launch command and stop")
     train.set_defaults(func=cmd_train)
 
     validate = sub.add_parser("validate", help="check configs without running them")

@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 from tests.conftest import REPO_ROOT, run_cli
 
@@ -134,7 +135,8 @@ def test_sample_a_text_checkpoint_writes_jsonl(tmp_path, tiny_dir, capsys):
     assert cli.main(["push", str(run), "me/tiny-addition", "--folder", str(tmp_path / "share")]) == 0
     card = (tmp_path / "share" / "README.md").read_text()
     front = card.split("---")[1]
-    assert f"base_model: {tiny_dir('dllm')}" in front and "- dllm_sft" in front and "library_name: transformers" in front
+    assert f"base_model: {tiny_dir('dllm')}" in front and "- dllm_sft" in front
+    assert "library_name: transformers" in front
     assert "of step 1" in card and "| step | eval/accuracy |" in card and "| 0 |" in card and "| 1 |" in card
     assert "AutoModelForMaskedLM.from_pretrained(\"me/tiny-addition\")" in card
     assert (tmp_path / "share" / "model.safetensors").is_file() and (tmp_path / "share" / "config.yaml").is_file()
@@ -206,3 +208,38 @@ def test_a_hub_id_without_network_fails_at_once_not_after_retries(tmp_path):
     assert "127.0.0.1 cannot be reached" in result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "nobody/no-clip" in error[0] and "offline" in error[0], result.stderr[-2000:]
+
+
+def test_multi_node_launch_command(capsys):
+    from diffrl import cli
+
+    argv = ["train", "configs/quickstart.yaml", "max_steps=5", "--num-processes", "16", "--num-machines", "2",
+            "--machine-rank", "1", "--main-process-ip", "10.0.0.1", "--accelerate-config", "fsdp",
+            "--print-launch", "seed=3"]
+    assert cli.main(argv) == 0
+    cmd = capsys.readouterr().out.split()
+    after = {flag: cmd[cmd.index(flag) + 1] for flag in ("--num_processes", "--num_machines", "--machine_rank",
+                                                         "--main_process_ip", "--main_process_port", "--config_file")}
+    assert after == {"--num_processes": "16", "--num_machines": "2", "--machine_rank": "1",
+                     "--main_process_ip": "10.0.0.1", "--main_process_port": "29500",
+                     "--config_file": str(REPO_ROOT / "diffrl" / "accelerate_configs" / "fsdp.yaml")}
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert cmd[-6:] == ["-m", "diffrl.cli", "train", "configs/quickstart.yaml", "max_steps=5", "seed=3"]
+
+
+def test_the_slurm_script_launches_every_node_with_its_rank(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "SLURM_NNODES": "2",
+           "SLURM_NODEID": "1", "MAIN_ADDR": "10.1.2.3", "GPUS_PER_NODE": "4", "ACCELERATE_CONFIG": "ddp",
+           "CONFIG": "configs/quickstart.yaml", "EXTRA": "max_steps=7 optim.lr=1e-4"}
+    result = subprocess.run(["bash", "scripts/slurm/train.sbatch", "--on-node", "--print-launch"], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cmd = result.stdout.split()
+    assert cmd[cmd.index("--num_processes") + 1] == "8" and cmd[cmd.index("--machine_rank") + 1] == "1"
+    assert cmd[cmd.index("--num_machines") + 1] == "2" and cmd[cmd.index("--main_process_ip") + 1] == "10.1.2.3"
+    assert cmd[cmd.index("train"):] == ["train", "configs/quickstart.yaml", "checkpoint.resume=latest", "max_steps=7",
+                                        "optim.lr=1e-4"]

@@ -154,6 +154,11 @@ CASES: dict[str, Case] = {
     "same key twice in a config": Case(_yaml("trainer: awm\nseed: 1\nseed: 2\n"), ("'seed'", "twice", "keep one")),
     "empty output_dir": Case(awm("output_dir="), ("output_dir is empty", "output_dir=outputs/")),
     "no processes": Case(lambda t, tiny: awm()(t, tiny) + ["--num-processes", "0"], ("--num-processes", "at least 1")),
+    "multi-node without the main address": Case(
+        lambda t, tiny: awm()(t, tiny) + ["--num-processes", "4", "--num-machines", "2"], ("--main-process-ip",)),
+    "machine rank out of range": Case(
+        lambda t, tiny: awm()(t, tiny) + ["--num-machines", "2", "--machine-rank", "2", "--main-process-ip", "h"],
+        ("--machine-rank 2", "0 .. 1")),
     "option given no value": Case(lambda t, tiny: awm()(t, tiny) + ["--max_steps"], ("--max_steps", "VALUE")),
     "unknown tracker": Case(awm("logging.trackers=[wandbb]"), ("wandbb", "did you mean 'wandb'")),
     "tracker not installed": Case(awm("logging.trackers=[mlflow]"), ("mlflow is not installed", "pip install mlflow")),
@@ -200,7 +205,8 @@ CASES: dict[str, Case] = {
                                      ("every reward weight is 0", "non-zero weight")),
     "reward model folder missing": Case(
         lambda t, _: ["score", "--images", str(_png(t)), "--prompts", str(write(t / "p.txt", "a cat\n")),
-                      "--reward", "pickscore", "--reward-kwargs", json.dumps({"pickscore": {"model": str(t / "no-clip")}})],
+                      "--reward", "pickscore", "--reward-kwargs",
+                      json.dumps({"pickscore": {"model": str(t / "no-clip")}})],
         ("no-clip", "folder not found", "--reward-kwargs", "reward.kwargs.pickscore.model"), None),
     "unknown reward": Case(awm("reward.weights.pickscor=1.0"), ("pickscor", "pickscore")),
     "reward returning the wrong shape": Case(awm("reward.weights={{test_catalogue_wrong_shape: 1.0}}"),

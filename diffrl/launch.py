@@ -1,0 +1,85 @@
+"""Launching a run on several processes or machines: diffrl re-runs its own command under Hugging Face
+Accelerate's launcher (torch's elastic agent underneath), with a shipped accelerate config (ddp, fsdp, zero2)
+or the user's; nothing home-made. ``--num-processes`` counts processes over all machines, as accelerate does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from diffrl.errors import DiffrlError
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
+
+
+def accelerate_config(name: str) -> Path:
+    """A shipped accelerate config by name (ddp, fsdp, zero2) or a path to the user's own, whose engine is
+    installed (DeepSpeed is an optional package)."""
+    import importlib.util
+
+    import yaml
+
+    path = ACCELERATE_CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        path = Path(name)
+    if not path.is_file():
+        names = ", ".join(p.stem for p in sorted(ACCELERATE_CONFIGS.glob("*.yaml")))
+        raise DiffrlError(f"--accelerate-config {name}: no such file or shipped config (shipped: {names})")
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise DiffrlError(f"--accelerate-config {name}: {path} is not a YAML accelerate config") from None
+    engine = str(settings.get("distributed_type", "")).upper() if isinstance(settings, dict) else ""
+    if engine == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise DiffrlError(f"--accelerate-config {name} runs DeepSpeed, which is not installed; "
+                          f"`pip install deepspeed` or use --accelerate-config ddp or fsdp")
+    return path
+
+
+def inside_launcher() -> bool:
+    """Whether this process was started by the launcher (then it trains instead of launching again)."""
+    return "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCHED" in os.environ
+
+
+def check_launch_args(args) -> None:
+    """One-line errors for process and machine counts that cannot work."""
+    if args.num_processes < 1:
+        raise DiffrlError(f"--num-processes {args.num_processes}: must be at least 1 (1 runs in this process)")
+    if args.num_machines < 1:
+        raise DiffrlError(f"--num-machines {args.num_machines}: must be at least 1")
+    if not 0 <= args.machine_rank < args.num_machines:
+        raise DiffrlError(f"--machine-rank {args.machine_rank}: must be 0 .. {args.num_machines - 1} "
+                          f"(--num-machines {args.num_machines})")
+    if args.num_machines > 1:
+        if not args.main_process_ip:
+            raise DiffrlError("a multi-node run needs --main-process-ip, the address of the machine with rank 0")
+        if args.num_processes % args.num_machines:
+            raise DiffrlError(f"--num-processes {args.num_processes} (all machines) is not a multiple of "
+                              f"--num-machines {args.num_machines}; give the total, e.g. "
+                              f"{args.num_machines * max(1, args.num_processes // args.num_machines)}")
+
+
+def needs_launcher(args) -> bool:
+    return args.num_processes > 1 or args.num_machines > 1 or bool(args.accelerate_config)
+
+
+def launch_command(args) -> list[str]:
+    """The ``accelerate launch`` command that re-runs this ``diffrl train`` on every process of this machine."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes),
+           "--num_machines", str(args.num_machines)]
+    if args.num_machines > 1:
+        cmd += ["--machine_rank", str(args.machine_rank), "--main_process_ip", args.main_process_ip,
+                "--main_process_port", str(args.main_process_port), "--rdzv_backend", "static",
+                "--same_network"]
+    if args.accelerate_config:
+        cmd += ["--config_file", str(accelerate_config(args.accelerate_config))]
+    else:
+        # On a machine without GPUs the trainer's Accelerator(cpu=True) turns this into a gloo DDP run.
+        cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return cmd + ["-m", "diffrl.cli", "train", args.config, *args.overrides]
+
+
+def relaunch(cmd: list[str]) -> int:
+    return subprocess.call(cmd, env={**os.environ, "ACCELERATE_LAUNCHED": "1"})
