@@ -305,6 +305,25 @@ def _eval_images(args, config) -> int:
     return 0
 
 
+def cmd_serve_reward(args) -> int:
+    import json
+
+    from diffrl.reward_server import serve
+    from rewards import load_reward
+
+    try:
+        kwargs = json.loads(args.reward_kwargs) if args.reward_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise DiffrlError(f"--reward-kwargs is not valid JSON ({e.msg})") from None
+    _check_device(args.device)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
+        print(f"warning: serving on {args.host} without --token: anyone who reaches this port can use it",
+              file=sys.stderr)
+    serve(load_reward(_reward_spec(args.reward), device=args.device, kwargs=kwargs), args.host, args.port,
+          token=args.token)
+    return 0
+
+
 def cmd_push(args) -> int:
     from diffrl import model_card
 
@@ -421,6 +440,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "(written at the end of every `diffrl train`; rebuild any time, also mid-run).")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a run")
     report.set_defaults(func=cmd_report)
+
+    serve = sub.add_parser("serve-reward", help="serve reward plug-ins over HTTP (for the `remote` reward)",
+                           description="Serve rewards over HTTP: GET /health, POST /score. Binds to 127.0.0.1; "
+                           "no authentication unless --token is set. Example: diffrl serve-reward --reward "
+                           "pickscore,ocr=0.5 --port 8000 --device cuda")
+    serve.add_argument("--reward", required=True, help="rewards, as in diffrl score")
+    serve.add_argument("--reward-kwargs", help="JSON options per reward")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (another than 127.0.0.1 exposes the "
+                       "server to the network: set --token)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN on every request")
+    serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    serve.set_defaults(func=cmd_serve_reward)
 
     push = sub.add_parser("push", help="share a run: its weights, config, results and a model card, on the hub",
                           description="Upload a run's newest checkpoint (or a checkpoints/step-N folder) to the "

@@ -62,7 +62,7 @@ class RewardEntry:
 _REGISTRY: dict[str, RewardEntry] = {}
 _BUILTIN_MODULES = (
     "rewards.image.pickscore", "rewards.image.clip_score", "rewards.image.aesthetic", "rewards.image.hps",
-    "rewards.image.ocr", "rewards.image.jpeg", "rewards.video",
+    "rewards.image.ocr", "rewards.image.jpeg", "rewards.video", "rewards.remote",
     "rewards.text.math", "rewards.text.format", "rewards.text.countdown", "rewards.text.sudoku",
 )
 _discovered = False
@@ -224,7 +224,8 @@ def load_reward(spec, *, device: str | torch.device = "cpu", kwargs: dict[str, d
             reward = factory(device=device, **extra)
         except TypeError as e:
             raise RewardError(f"reward {name!r} does not accept these arguments: {e}") from None
-        components.append(_Component(name, weight, reward, modality))
+        # an instance may know its modality only once built (the remote reward asks its server)
+        components.append(_Component(name, weight, reward, getattr(reward, "modality", modality)))
     return CombinedReward(components)
 
 

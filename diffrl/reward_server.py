@@ -1,0 +1,138 @@
+"""`diffrl serve-reward`: any reward plug-in over HTTP, for reward models that need their own environment or
+GPUs. The standard library's threading HTTP server: no new dependency, and the reward model, not the
+server, bounds the throughput (one lock runs one batch at a time on the device; concurrent requests queue).
+
+    GET  /health  -> {"status": "ok", "rewards": [...], "modality": "image"}
+    POST /score   <- {"pixels": {shape, data} | "texts": [...], "prompts": [...], "metadata": {key: [...]}}
+                  -> {"scores": [...], "extras": {name: [...]}}      (NaN travels as null)
+
+Bad requests get a 4xx with {"error": "..."} and the server stays up. It binds to 127.0.0.1 unless told
+otherwise, and has no authentication unless a token is set (then every request needs
+``Authorization: Bearer TOKEN``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from diffrl.errors import DiffrlError, RewardError
+
+MAX_BODY_BYTES = 256 * 1024 * 1024
+
+
+class RewardServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, reward, host: str = "127.0.0.1", port: int = 8000, *, token: str | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES):
+        self.reward, self.token, self.max_body_bytes = reward, token, max_body_bytes
+        self.lock = threading.Lock()
+        self.requests_served = 0
+        super().__init__((host, port), _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: RewardServer
+
+    def log_message(self, format, *args):  # noqa: A002 (the base class's name): quiet, errors are answered
+        pass
+
+    def _send(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _authorized(self) -> bool:
+        if self.server.token and self.headers.get("Authorization") != f"Bearer {self.server.token}":
+            self._send(401, {"error": "missing or wrong token: send Authorization: Bearer TOKEN"})
+            return False
+        return True
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        if not self._authorized():
+            return
+        if self.path != "/health":
+            self._send(404, {"error": f"no such endpoint {self.path}; use GET /health or POST /score"})
+            return
+        reward = self.server.reward
+        self._send(200, {"status": "ok", "rewards": reward.names, "modality": reward.modality,
+                         "needs_prompts": reward.needs_prompts})
+
+    def do_POST(self):  # noqa: N802
+        if not self._authorized():
+            return
+        if self.path != "/score":
+            self._send(404, {"error": f"no such endpoint {self.path}; use POST /score"})
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > self.server.max_body_bytes:
+            # read what was sent (up to a bound) so that the client gets the answer, not a reset connection
+            remaining = min(length, 4 * self.server.max_body_bytes)
+            while remaining > 0:
+                chunk = self.rfile.read(min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+            self._send(413, {"error": f"request of {length} bytes is over the limit of "
+                                      f"{self.server.max_body_bytes}; send smaller batches"})
+            self.close_connection = True
+            return
+        try:
+            body = json.loads(self.rfile.read(length) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self._send(400, {"error": "the body is not JSON"})
+            return
+        try:
+            self._send(200, self._score(body))
+        except (RewardError, DiffrlError, ValueError, TypeError) as e:
+            self._send(400, {"error": str(e).splitlines()[0] if str(e) else type(e).__name__})
+        except Exception as e:  # the reward itself broke: the server answers and stays up
+            self._send(500, {"error": f"the reward failed: {type(e).__name__}: {str(e)[:200]}"})
+
+    def _score(self, body) -> dict:
+        from rewards.wire import decode_samples, to_json_list
+
+        if not isinstance(body, dict):
+            raise RewardError("the body must be a JSON object")
+        reward = self.server.reward
+        samples = decode_samples(body, reward.modality, max_pixels=self.server.max_body_bytes)
+        prompts = body.get("prompts", [""] * len(samples))
+        if not isinstance(prompts, list) or len(prompts) != len(samples):
+            raise RewardError(f"'prompts' must be a list of {len(samples)} strings, one per sample")
+        metadata = body.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise RewardError("'metadata' must map names to per-sample lists")
+        with self.server.lock:
+            out = reward(samples, [str(p) for p in prompts], **metadata)
+            self.server.requests_served += 1
+        extras = {k: v for k, v in ((k, to_json_list(v)) for k, v in out.extras.items()) if v is not None}
+        return {"scores": to_json_list(out.scores), "extras": extras}
+
+
+def serve(reward, host: str, port: int, *, token: str | None) -> None:
+    """Serve until Ctrl-C / SIGTERM."""
+    import signal
+
+    try:
+        server = RewardServer(reward, host, port, token=token)
+    except OSError as e:
+        raise DiffrlError(f"cannot serve on {host}:{port} ({e.strerror or e}); choose another --port") from None
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    print(f"serving {', '.join(reward.names)} ({reward.modality}) at {server.url} "
+          f"({'token required' if token else 'no authentication'}); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,155 @@
+"""`diffrl serve-reward` and the `remote` reward, against the real server on 127.0.0.1: equal scores,
+failures retried then skipped, malformed requests answered with a 4xx while the server stays up."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from diffrl.errors import RewardError
+from diffrl.reward_server import RewardServer
+from rewards import load_reward
+
+SPEC = {"jpeg_compressibility": 1.0, "jpeg_incompressibility": 0.25}
+
+
+@pytest.fixture
+def server():
+    server = RewardServer(load_reward(SPEC), "127.0.0.1", 0, max_body_bytes=2_000_000)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _post(url: str, data: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=data, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _health(url: str) -> dict:
+    with urllib.request.urlopen(url + "/health", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_remote_scores_equal_in_process_scores(server):
+    images = torch.rand(5, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    images[0] = 0.5  # a flat one: a very different JPEG size
+    local = load_reward(SPEC)(images, [""] * 5)
+    remote = load_reward({"remote": 1.0}, kwargs={"remote": {"url": server.url}})
+    assert remote.modality == "image"
+    out = remote(images, [""] * 5)
+    assert torch.equal(out.scores, local.scores)
+    assert torch.equal(out.extras["remote/jpeg_compressibility"], local.extras["jpeg_compressibility"])
+    assert server.requests_served == 1
+
+
+def test_malformed_requests_get_a_4xx_and_the_server_stays_up(server):
+    url = server.url + "/score"
+    cases = [
+        (b"{not json", 400, "not JSON"),
+        (json.dumps({"texts": ["a"]}).encode(), 400, "'pixels' must be"),
+        (json.dumps({"pixels": {"shape": [1, 4, 8, 8], "data": ""}}).encode(), 400, "expected [B, 3, H, W]"),
+        (json.dumps({"pixels": {"shape": [1, 3, 2, 2], "data": "AAAA"}}).encode(), 400, "needs 12"),
+        (json.dumps({"pixels": {"shape": [1, 3, 2, 2], "data": "A" * 16}, "prompts": ["a", "b"]}).encode(), 400,
+         "one per sample"),
+        (b"x" * 2_000_001, 413, "over the limit"),
+    ]
+    for body, status, words in cases:
+        code, answer = _post(url, body)
+        assert code == status and words in answer["error"], (code, answer)
+        assert _health(server.url)["status"] == "ok"
+    code, answer = _post(server.url + "/nope", b"{}")
+    assert code == 404 and "POST /score" in answer["error"]
+
+
+def test_a_token_is_required_when_set():
+    server = RewardServer(load_reward(SPEC), "127.0.0.1", 0, token="s3cret")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code, answer = _post(server.url + "/score", b"{}")
+        assert code == 401 and "Bearer" in answer["error"]
+        with pytest.raises(RewardError, match="refused the request .401"):
+            load_reward({"remote": 1.0}, kwargs={"remote": {"url": server.url}})
+        remote = load_reward({"remote": 1.0}, kwargs={"remote": {"url": server.url, "token": "s3cret"}})
+        assert remote(torch.rand(2, 3, 8, 8), ["", ""]).scores.shape == (2,)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_server_down_at_start_is_one_error_and_mid_run_is_retried_then_nan(server):
+    url = server.url
+    remote = load_reward({"remote": 1.0}, kwargs={"remote": {"url": url, "retries": 2, "backoff": 0.01,
+                                                             "timeout": 5}})
+    server.shutdown()
+    server.server_close()
+    with pytest.warns(UserWarning, match="failed 3 times .* scores NaN"):
+        out = remote(torch.rand(3, 3, 8, 8), ["", "", ""])
+    assert all(math.isnan(v) for v in out.scores.tolist())  # never a silent zero: the trainer skips the step
+    with pytest.raises(RewardError, match="not reachable .*diffrl serve-reward"):
+        load_reward({"remote": 1.0}, kwargs={"remote": {"url": url}})
+
+
+def test_a_tiny_awm_run_scored_remotely_equals_the_in_process_run(server, tiny_dir, tmp_path):
+    from diffrl.trainers.awm import AWMTrainer
+    from tests.trainers.test_awm import make_config
+
+    rewards = {}
+    for name, reward in (("local", {"weights": SPEC}),
+                         ("remote", {"weights": {"remote": 1.0}, "kwargs": {"remote": {"url": server.url}}})):
+        trainer = AWMTrainer(make_config(tiny_dir, tmp_path / name, reward=reward))
+        trainer.train()
+        rows = [json.loads(line) for line in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()]
+        rewards[name] = [r["reward"] for r in rows if "reward" in r]
+    assert len(rewards["local"]) == 2 and rewards["remote"] == rewards["local"]
+
+
+def test_the_serve_reward_command(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "diffrl.cli", "serve-reward", "--reward", "jpeg_compressibility",
+                             "--port", str(port)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                assert _health(url)["rewards"] == ["jpeg_compressibility"]
+                break
+            except OSError:
+                time.sleep(0.2)
+        images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        remote = load_reward({"remote": 1.0}, kwargs={"remote": {"url": url}})
+        local = load_reward("jpeg_compressibility")(images, ["", ""])
+        assert torch.equal(remote(images, ["", ""]).scores, local.scores)
+        busy = subprocess.run([sys.executable, "-m", "diffrl.cli", "serve-reward", "--reward",
+                               "jpeg_compressibility", "--port", str(port)], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert busy.returncode == 1 and "choose another --port" in busy.stderr and "Traceback" not in busy.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and f"at http://127.0.0.1:{port}" in out and "no authentication" in out, err
