@@ -1,0 +1,102 @@
+"""A vision-language model as the judge, over an OpenAI-compatible chat endpoint (what vLLM, sglang and
+most served VLMs speak): each image goes as a PNG data URL with a question built from its prompt; the first
+number of the answer on the ``low``-``high`` scale becomes the score, divided by ``high`` (so 0-1 by
+default). An answer with no number on the scale scores NaN ("not applicable": left out, and counted in
+``extras["unparsed"]``); a server that keeps failing is retried with doubling waits, then the sample is NaN
+with a warning, never a silent zero.
+
+    reward: {weights: {vlm_judge: 1.0},
+             kwargs: {vlm_judge: {url: "http://127.0.0.1:30000/v1", model: "Qwen/Qwen2.5-VL-7B-Instruct"}}}
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from diffrl.errors import RewardError
+from rewards import RewardOutput, register_reward
+from rewards.image._clip import check_images
+
+DEFAULT_QUESTION = ("How well does this image match the description \"{prompt}\" (content, text, composition, "
+                    "quality)? Answer with a single integer from {low} (not at all) to {high} (perfectly), then "
+                    "nothing else.")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def parse_score(text: str, low: float, high: float) -> float:
+    """The first number of ``text`` inside [low, high] (a "7/10" reads as 7); NaN when there is none."""
+    for match in _NUMBER.finditer(text or ""):
+        value = float(match.group())
+        if low <= value <= high:
+            return value
+    return float("nan")
+
+
+@register_reward("vlm_judge", modality="image", source="OpenAI-compatible chat endpoint (vLLM, sglang)",
+                 summary="a served VLM scores each image against its prompt (url, model, question, low, high)")
+class VLMJudge:
+    def __init__(self, device="cpu", url: str = "http://127.0.0.1:30000/v1", model: str = "default",
+                 question: str = DEFAULT_QUESTION, low: float = 0.0, high: float = 10.0, api_key: str | None = None,
+                 timeout: float = 120.0, retries: int = 3, backoff: float = 1.0, max_tokens: int = 16,
+                 concurrency: int = 8):
+        if not low < high:
+            raise RewardError(f"vlm_judge: low ({low}) must be below high ({high})")
+        self.url, self.model, self.question = url.rstrip("/"), model, question
+        self.low, self.high, self.api_key = low, high, api_key
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.max_tokens, self.concurrency = max_tokens, concurrency
+
+    def _ask(self, image: torch.Tensor, prompt: str) -> str | None:
+        from PIL import Image
+
+        pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        text = self.question.format(prompt=prompt, low=int(self.low), high=int(self.high))
+        body = {"model": self.model, "max_tokens": self.max_tokens, "temperature": 0.0,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
+                                                          {"type": "text", "text": text}]}]}
+        headers = {"Content-Type": "application/json",
+                   **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
+        wait = self.backoff
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(self.url + "/chat/completions", data=json.dumps(body).encode(),
+                                             headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())["choices"][0]["message"]["content"] or ""
+            except urllib.error.HTTPError as e:
+                if e.code < 500:
+                    detail = e.read().decode(errors="replace")[:200]
+                    raise RewardError(f"vlm_judge: {self.url} refused the request ({e.code}: {detail}); check "
+                                      f"model ({self.model!r}) and api_key") from None
+            except (urllib.error.URLError, OSError, KeyError, IndexError, json.JSONDecodeError):
+                pass
+            if attempt < self.retries:
+                time.sleep(wait)
+                wait *= 2
+        return None
+
+    def __call__(self, samples, prompts, **metadata) -> RewardOutput:
+        images = check_images(samples).detach().float().cpu()
+        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+            answers = list(pool.map(self._ask, images, prompts))
+        failed = sum(a is None for a in answers)
+        if failed:
+            warnings.warn(f"vlm_judge: {self.url} did not answer for {failed} of {len(answers)} images after "
+                          f"{self.retries + 1} tries; they score NaN", stacklevel=2)
+        values = [parse_score(a, self.low, self.high) if a is not None else float("nan") for a in answers]
+        scores = torch.tensor(values, dtype=torch.float32) / self.high
+        unparsed = torch.tensor([a is not None and v != v for a, v in zip(answers, values)])
+        return RewardOutput(scores, {"unparsed": unparsed, "answers": [a or "" for a in answers]})
