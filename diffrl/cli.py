@@ -425,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--k", type=int, default=1, help="also report pass@k from k samples per task")
     evaluate.add_argument("--batch-size", type=int, default=None,
                           help="sequences (32) or images (4) per generation forward")
-    evaluate.add_argument("--prompts", help="images: prompt file (default: the run's evaluation prompts)")
+    evaluate.add_argument("--prompts", help="images: prompt file, or a shipped set by name (ocr_simple, shapes); "
+                          "default: the run's evaluation prompts")
     evaluate.add_argument("--reward", help="images: rewards, as in diffrl score (default: the run's reward)")
     evaluate.add_argument("--reward-kwargs", help="images: JSON options per reward")
     evaluate.add_argument("--seed", type=int, default=None, help="images: noise seed (default: the run's eval_seed)")

@@ -10,11 +10,20 @@ from pathlib import Path
 
 from diffrl.errors import ConfigError
 
+PROMPT_SETS = Path(__file__).resolve().parents[1] / "assets" / "prompts"
+
+
+def named_prompt_sets() -> list[str]:
+    return sorted(p.stem for p in PROMPT_SETS.glob("*.txt"))
+
 
 def eval_prompts(config, prompts_file: str | None) -> list[str]:
-    """``prompts_file`` (.txt, .jsonl, .parquet), else the run's own evaluation prompts."""
+    """``prompts_file`` (.txt, .jsonl, .parquet) or the name of a shipped set (``ocr_simple``, ``shapes``),
+    else the run's own evaluation prompts."""
     from diffrl.data import load_prompts
 
+    if prompts_file and not Path(prompts_file).exists() and prompts_file in named_prompt_sets():
+        return load_prompts(PROMPT_SETS / f"{prompts_file}.txt")
     if prompts_file:
         return load_prompts(prompts_file)
     if config.trainer in ("seppo", "diffusion_dpo"):

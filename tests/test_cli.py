@@ -118,6 +118,10 @@ def test_sample_a_tiny_image_run_then_score_its_output(tmp_path, tiny_dir, capsy
                                                             "eval/reward/jpeg_incompressibility"}
     assert table["gain"] == table["checkpoint"]["eval/reward"] - table["base"]["eval/reward"]
     assert (tmp_path / "ev" / "base.png").is_file() and (tmp_path / "ev" / "checkpoint.png").is_file()
+    from diffrl.image_eval import eval_prompts
+
+    shapes = (REPO_ROOT / "assets" / "prompts" / "shapes.txt").read_text().split("\n")
+    assert eval_prompts(None, "shapes") == [p for p in shapes if p.strip()]  # a shipped set by name
 
 
 def test_sample_a_text_checkpoint_writes_jsonl(tmp_path, tiny_dir, capsys):
