@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo demo-text bench race assets lint clean tiny-assets
+.PHONY: test demo demo-text bench race assets lint clean tiny-assets browser
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,8 +13,18 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,ocr,clip,video]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Headless Chromium for the report's browser test (Debian's chromium + chromium-driver): apt when the
+# machine can fetch, else the packages already in apt's local cache; nothing fatal (the test then says why).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && { \
+	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
+	    (cd /var/cache/apt/archives && apt-get install -y -qq --no-download --no-install-recommends \
+	      ./chromium-common_*.deb ./chromium_*.deb ./chromium-driver_*.deb >/dev/null 2>&1); } ; \
+	  command -v chromedriver >/dev/null || echo "note: chromium / chromedriver could not be installed; the browser test will be skipped"; }
 
 # Tiny offline models for the quickstart and the tiny configs: built from code (seeded), saved with
 # save_pretrained, opened like a hub id.
