@@ -19,19 +19,25 @@ from diffrl.inference import LoadedRun, load, write_samples
 from diffrl.inference import sample as _sample
 
 
-def train(config: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train from a YAML config in this process (one process; for several, use ``diffrl train
-    --num-processes N``). Returns the last step's metrics plus ``summary`` (the run summary's fields),
-    ``report`` (its text, as summary.txt) and ``output_dir``; writes the run's report as ``diffrl train``."""
+def train(config: str | Path | Any, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train from a YAML config (or a loaded config object) in this process (one process; for several, use
+    ``diffrl train --num-processes N``). Returns the last step's metrics plus ``output_dir`` and, on the main
+    process, ``summary`` (the run summary's fields) and ``report`` (its text, as summary.txt), after writing
+    the run's report; ``diffrl train`` runs this."""
+    import os
+
     from diffrl.config import load_config
     from diffrl.report import format_summary, write_run_report
     from diffrl.trainers import get_trainer
 
-    cfg = load_config(config, list(overrides or []))
+    cfg = load_config(config, list(overrides or [])) if isinstance(config, (str, Path)) else config
     start = time.time()
     result = get_trainer(cfg.trainer).trainer_class(cfg).train()
-    summary = write_run_report(cfg.output_dir, wall_seconds=time.time() - start)
-    return {**result, "summary": summary, "report": format_summary(summary), "output_dir": cfg.output_dir}
+    out = {**result, "output_dir": cfg.output_dir}
+    if int(os.environ.get("RANK", "0")) == 0:  # one process writes the report
+        summary = write_run_report(cfg.output_dir, wall_seconds=time.time() - start)
+        out.update(summary=summary, report=format_summary(summary))
+    return out
 
 
 def sample(run: LoadedRun | str | Path, prompts: list[str] | str, *, num: int = 1, seed: int = 0,

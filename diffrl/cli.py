@@ -6,7 +6,6 @@ Errors in user input print one line (``error: ...``) and exit 1; a traceback mea
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,6 @@ def _shipped_configs() -> list[Path]:
 def cmd_train(args) -> int:
     from diffrl import launch
     from diffrl.config import load_config
-    from diffrl.trainers import get_trainer
 
     launch.check_launch_args(args)
     config = load_config(args.config, args.overrides)  # validate before spawning anything
@@ -43,18 +41,13 @@ def cmd_train(args) -> int:
     if args.print_launch:
         print("(one process: no launcher)")
         return 0
-    import time
+    from diffrl.api import train
 
-    start = time.time()
-    trainer = get_trainer(config.trainer).trainer_class(config)
-    result = trainer.train()
-    if int(os.environ.get("RANK", "0")) == 0:
-        from diffrl.report import format_summary, write_run_report
-
+    result = train(config)
+    if "report" in result:  # the main process
         shown = {k: v for k, v in result.items() if isinstance(v, float)}
         print("done: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
-        summary = write_run_report(config.output_dir, wall_seconds=time.time() - start)
-        print(format_summary(summary))
+        print(result["report"])
         extra = "report.png, summary.txt" + (", samples/" if (Path(config.output_dir) / "samples").is_dir() else "")
         print(f"report: {Path(config.output_dir) / 'index.html'} ({extra})")
     return 0
@@ -200,18 +193,24 @@ def _check_device(name: str) -> None:
         raise DiffrlError(f"--device {name}: rewards run on cpu, cuda or mps")
 
 
-def cmd_score(args) -> int:
+def _reward_kwargs(text: str | None) -> dict:
+    """--reward-kwargs: JSON options per reward ({} when not given)."""
     import json
+
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise DiffrlError(f"--reward-kwargs is not valid JSON ({e.msg}); example: "
+                          f"'{{\"pickscore\": {{\"divide_by\": 26}}}}'") from None
+
+
+def cmd_score(args) -> int:
     import warnings
 
     from diffrl import media, scoring
     from rewards import load_reward
 
-    try:
-        kwargs = json.loads(args.reward_kwargs) if args.reward_kwargs else {}
-    except json.JSONDecodeError as e:
-        raise DiffrlError(f"--reward-kwargs is not valid JSON ({e.msg}); example: "
-                          f"'{{\"pickscore\": {{\"divide_by\": 26}}}}'") from None
+    kwargs = _reward_kwargs(args.reward_kwargs)
     _check_device(args.device)
     reward = load_reward(_reward_spec(args.reward), device=args.device, kwargs=kwargs)
     modality = "text" if args.texts else "video" if args.videos else "image"
@@ -247,12 +246,9 @@ def cmd_eval(args) -> int:
     """Accuracy (and pass@k) of a diffusion-LLM config's model, or of a checkpoint of it, on the held-out tasks."""
     import json
 
-    import torch
-
     from diffrl.config import load_config
-    from diffrl.errors import CheckpointError
-    from diffrl.trainers import trainable
-    from diffrl.trainers.reasoning import check_correctness_reward, evaluate_reasoning, load_dllm, load_task_split
+    from diffrl.inference import build_model, load_weights
+    from diffrl.trainers.reasoning import check_correctness_reward, evaluate_reasoning, load_task_split
     from rewards import load_reward
 
     if Path(args.config).is_dir() and (Path(args.config) / "config.yaml").is_file():
@@ -270,13 +266,9 @@ def cmd_eval(args) -> int:
                          kwargs=reward_config.kwargs if reward_config else None)
     correctness = getattr(config, "correctness", "math")
     check_correctness_reward(reward, correctness)
-    model = load_dllm(config, "cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
+    model = build_model(config, args.device)
     if args.checkpoint:
-        folder = Path(args.checkpoint)
-        folder = folder / "model" if (folder / "model").is_dir() else folder
-        if not folder.is_dir():
-            raise CheckpointError(f"--checkpoint {args.checkpoint}: folder not found")
-        trainable.load_trainable(model, folder, lora_enabled=config.lora.enabled)
+        load_weights(model, config, Path(args.checkpoint))
     model.module.eval()
     metrics = evaluate_reasoning(model, tasks, reward, config.generation, correctness=correctness,
                                  chat_template=config.chat_template, k=args.k, batch_size=args.batch_size or 32,
@@ -290,10 +282,7 @@ def _eval_images(args, config) -> int:
 
     from diffrl.image_eval import evaluate_images
 
-    try:
-        kwargs = json.loads(args.reward_kwargs) if args.reward_kwargs else None
-    except json.JSONDecodeError as e:
-        raise DiffrlError(f"--reward-kwargs is not valid JSON ({e.msg})") from None
+    kwargs = _reward_kwargs(args.reward_kwargs) or None
     out = Path(args.out) if args.out else Path(args.config).parent / "eval-cli"
     table = evaluate_images(config, checkpoint=args.checkpoint, prompts_file=args.prompts,
                             reward_spec=_reward_spec(args.reward) if args.reward else None, reward_kwargs=kwargs,
@@ -306,15 +295,10 @@ def _eval_images(args, config) -> int:
 
 
 def cmd_serve_reward(args) -> int:
-    import json
-
     from diffrl.reward_server import serve
     from rewards import load_reward
 
-    try:
-        kwargs = json.loads(args.reward_kwargs) if args.reward_kwargs else {}
-    except json.JSONDecodeError as e:
-        raise DiffrlError(f"--reward-kwargs is not valid JSON ({e.msg})") from None
+    kwargs = _reward_kwargs(args.reward_kwargs)
     _check_device(args.device)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         print(f"warning: serving on {args.host} without --token: anyone who reaches this port can use it",

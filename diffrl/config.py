@@ -136,8 +136,8 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     changed = []
     for key in sorted(set(old) | set(new)):
         name = prefix + str(key)
-        if any(name == free or (free.endswith(".") and name.startswith(free)) or
-               (free.endswith("_") and name.startswith(free)) for free in RESUME_FREE_KEYS):
+        # "checkpoint." and "sampling.eval_" are prefixes; the others whole keys
+        if any(name == free or (free[-1] in "._" and name.startswith(free)) for free in RESUME_FREE_KEYS):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

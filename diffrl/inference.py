@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from diffrl.errors import ConfigError, DiffrlError
+from diffrl.errors import CheckpointError, ConfigError, DiffrlError
 
 TEXT_TRAINERS = ("igpo", "dllm_sft")
 FLOW_TRAINERS = ("awm", "flow_grpo")
@@ -97,9 +97,11 @@ def load_weights(model, config, checkpoint: Path, weights: str = "raw") -> None:
     folder = Path(checkpoint)
     folder = folder / "model" if (folder / "model").is_dir() else folder
     folder = folder / "ema" if weights == "ema" else folder
-    if not folder.is_dir():
+    if not folder.is_dir() and weights == "ema":
         raise ConfigError(f"{checkpoint} holds no weight EMA (the run had no weight_ema_decay); use the raw "
-                          f"weights (--weights raw)" if weights == "ema" else f"{checkpoint}: folder not found")
+                          f"weights (--weights raw)")
+    if not folder.is_dir():
+        raise CheckpointError(f"--checkpoint {checkpoint}: folder not found")
     trainable.load_trainable(model, folder, lora_enabled=config.lora.enabled)
 
 
@@ -155,9 +157,7 @@ def write_samples(rows: list[dict], out: str | Path) -> Path:
     """Files for ``rows`` under ``out``: ``samples.jsonl`` for texts; for images ``samples/00000.png``...
     (videos: a folder of frames each) with ``samples/metadata.jsonl``, and ``grid.png``. Returns the texts'
     file or the images' folder."""
-    from PIL import Image
-
-    from diffrl.report import save_grid
+    from diffrl.report import save_grid, to_pil
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,9 +166,6 @@ def write_samples(rows: list[dict], out: str | Path) -> Path:
         path.write_text("".join(json.dumps({"index": i, "prompt": r["prompt"], "text": r["text"]}) + "\n"
                                 for i, r in enumerate(rows)), encoding="utf-8")
         return path
-
-    def to_pil(image: torch.Tensor) -> Image.Image:
-        return Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
 
     folder = out / "samples"
     folder.mkdir(exist_ok=True)

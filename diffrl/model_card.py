@@ -5,6 +5,7 @@ trained on what, with which reward, and how it went; pushed with huggingface_hub
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -12,30 +13,27 @@ import yaml
 
 from diffrl.errors import ConfigError, DiffrlError
 
-PAPERS = {"awm": "https://arxiv.org/abs/2509.25050", "flow_grpo": "https://arxiv.org/abs/2505.05470",
-          "seppo": "https://arxiv.org/abs/2410.05255", "diffusion_dpo": "https://arxiv.org/abs/2311.12908",
-          "igpo": "https://arxiv.org/abs/2509.10396", "dllm_sft": "https://arxiv.org/abs/2502.09992"}
-TEXT_TRAINERS = ("igpo", "dllm_sft")
-
 
 def _evaluations(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    """The logged evaluations: step and the finite ``eval/`` numbers of each row that has some."""
+    from diffrl.report import read_metrics
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        return []
     rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            numbers = {k: v for k, v in row.items() if k.startswith("eval/") and isinstance(v, (int, float))}
-            if numbers:
-                rows.append({"step": row["step"], **numbers})
+    for row in read_metrics(run_dir):
+        numbers = {k: v for k, v in row.items()
+                   if k.startswith("eval/") and isinstance(v, (int, float)) and math.isfinite(v)}
+        if numbers:
+            rows.append({"step": row["step"], **numbers})
     return rows
 
 
 def model_card(config: dict, run_dir: Path, *, repo_id: str, weights: str, step: int | None) -> str:
     """README.md of the shared folder: front matter for the hub, then what, how, results and usage."""
     from diffrl import __version__
+    from diffrl.inference import TEXT_TRAINERS
+    from diffrl.trainers import available_trainers
 
     trainer, base = config["trainer"], config["model"]["path"]
     lora = bool(config.get("lora", {}).get("enabled"))
@@ -71,7 +69,7 @@ def model_card(config: dict, run_dir: Path, *, repo_id: str, weights: str, step:
 # {repo_id}
 
 {'LoRA adapter' if lora else 'Weights'} trained from [`{base}`](https://huggingface.co/{base}) with diffrl
-{__version__}'s `{trainer}` trainer ([paper]({PAPERS.get(trainer, '')})), {weights} weights
+{__version__}'s `{trainer}` trainer ([paper]({available_trainers()[trainer].paper})), {weights} weights
 {f'of step {step}' if step is not None else ''}; reward: {json.dumps(reward) if reward else 'none (supervised)'}.
 The full resolved config is `config.yaml`: `diffrl train config.yaml` reruns it.
 

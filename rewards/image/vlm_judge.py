@@ -57,11 +57,10 @@ class VLMJudge:
         self.max_tokens, self.concurrency = max_tokens, concurrency
 
     def _ask(self, image: torch.Tensor, prompt: str) -> str | None:
-        from PIL import Image
+        from diffrl.report import to_pil
 
-        pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
         buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
+        to_pil(image).save(buffer, format="PNG")
         data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
         text = self.question.format(prompt=prompt, low=int(self.low), high=int(self.high))
         body = {"model": self.model, "max_tokens": self.max_tokens, "temperature": 0.0,
