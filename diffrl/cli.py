@@ -223,12 +223,12 @@ def cmd_score(args) -> int:
         files = scoring.collect_files(args.videos if video else args.images,
                                       media.VIDEO_SUFFIXES if video else media.IMAGE_SUFFIXES,
                                       directories_are_items=video)
-        prompts = scoring.match_prompts(files, args.prompts, required=reward.needs_prompts)
+        prompts, metadata = scoring.match_records(files, args.prompts, required=reward.needs_prompts)
         loader = (lambda p: media.load_video(p, args.max_frames)) if video else media.load_image
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unreadable files are reported once below, as rows and a count
             rows = scoring.score_files(files, reward, prompts, loader=loader, batch_size=args.batch_size,
-                                       progress=not args.quiet)
+                                       progress=not args.quiet, metadata=metadata)
     failed = [r for r in rows if "error" in r]
     for row in failed:
         print(f"warning: {row['error']}", file=sys.stderr)
@@ -237,6 +237,9 @@ def cmd_score(args) -> int:
     if args.out:
         scoring.write_rows(rows, args.out)
     print(scoring.format_summary(scoring.summarize(rows, reward.names), len(failed)))
+    for component in reward.components:   # a benchmark's own summary (geneval: its per-tag table)
+        if hasattr(component.reward, "table"):
+            print(component.reward.table(rows, component.name))
     if args.out:
         print(f"wrote {len(rows)} rows to {args.out}")
     return 0

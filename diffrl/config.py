@@ -14,6 +14,7 @@ Errors are one line and name the file, the key and the fix::
 from __future__ import annotations
 
 import contextvars
+import copy
 import dataclasses
 import difflib
 import types
@@ -29,9 +30,10 @@ _MISSING = dataclasses.MISSING
 
 
 def param(default: Any = _MISSING, *, help: str, gt: float | None = None, ge: float | None = None,
-          le: float | None = None, lt: float | None = None) -> Any:
-    """A documented config field. Mutable defaults (lists, dicts, dataclasses) are copied per instance."""
-    metadata = {"help": help, "gt": gt, "ge": ge, "le": le, "lt": lt}
+          le: float | None = None, lt: float | None = None, key: str | None = None) -> Any:
+    """A documented config field. Mutable defaults (lists, dicts, dataclasses) are copied per instance.
+    ``key``: its name in YAML when that is a Python keyword (``reward.async`` is the field ``async_``)."""
+    metadata = {"help": help, "gt": gt, "ge": ge, "le": le, "lt": lt, "key": key}
     if default is _MISSING:
         return dataclasses.field(metadata=metadata)
     if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
@@ -161,6 +163,8 @@ class RewardConfig:
     weights: dict[str, float] = param(help="reward name -> weight, e.g. {pickscore: 1.0, ocr: 0.5} (diffrl ls rewards)")
     kwargs: dict[str, dict] = param({}, help="per-reward options, e.g. {pickscore: {divide_by: 26}}")
     device: str | None = param(None, help="device of the reward models (default: the training device)")
+    async_: bool = param(False, key="async", help="flow trainers: score each sampling batch in a background thread "
+                                                 "while the next is sampled (a served or GPU reward overlaps)")
 
 
 @dataclasses.dataclass
@@ -371,8 +375,12 @@ def _check_range(value: Any, meta: dict, key: str) -> None:
             raise ConfigError(f"{key} must be {word} {limit:g}, got {value!r}")
 
 
+def _yaml_key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key") or f.name
+
+
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {_yaml_key(f): f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for name in data:
         if name not in fields:
@@ -384,9 +392,9 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
             if f.default is _MISSING and f.default_factory is _MISSING:
                 raise ConfigError(f"missing required key '{key}' ({f.metadata.get('help', '')})")
             continue
-        value = _convert(data[name], hints[name], key)
+        value = _convert(data[name], hints[f.name], key)
         _check_range(value, f.metadata, key)
-        kwargs[name] = value
+        kwargs[f.name] = value
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -397,7 +405,7 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        keys.append(prefix + f.name)
+        keys.append(prefix + _yaml_key(f))
         if dataclasses.is_dataclass(hints[f.name]):
             keys.extend(_all_keys(hints[f.name], prefix + f.name + "."))
     return keys
@@ -411,7 +419,7 @@ def _unknown_key_message(key: str, cls: type, prefix: str) -> str:
         leaf = key.rsplit(".", 1)[-1]
         same_section = [c for c in candidates if c.startswith(prefix) and "." not in c[len(prefix):]]
         close = [prefix + m for m in difflib.get_close_matches(leaf, [c[len(prefix):] for c in same_section], n=1)]
-    valid = ", ".join(f.name for f in dataclasses.fields(cls))
+    valid = ", ".join(_yaml_key(f) for f in dataclasses.fields(cls))
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {valid}"
     return f"unknown key '{key}'{hint}"
 
@@ -434,7 +442,12 @@ def from_dict(cls: type, data: dict, source: str = "config") -> Any:
 
 
 def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
+    """The config as YAML writes it (fields named by their YAML key)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[_yaml_key(f)] = to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -564,6 +577,6 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
         default = repr(f.default) if f.default is not _MISSING else (
             repr(f.default_factory()) if f.default_factory is not _MISSING else "(required)")
         bounds = _valid_range(f.metadata)
-        rows.append((prefix + f.name, _type_name(tp) + (f" ({bounds})" if bounds else ""), default,
+        rows.append((prefix + _yaml_key(f), _type_name(tp) + (f" ({bounds})" if bounds else ""), default,
                      f.metadata.get("help", "")))
     return rows

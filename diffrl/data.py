@@ -129,19 +129,32 @@ def _column(rows: list[dict], column: str, source: str) -> list:
 def load_prompts(path: str | Path, *, column: str = "prompt", split: str = "train",
                  config_name: str | None = None) -> list[str]:
     """Prompts from a .txt file (one per line, blank lines skipped), a table file or a hub dataset."""
+    return load_prompt_records(path, column=column, split=split, config_name=config_name)[0]
+
+
+def load_prompt_records(path: str | Path, *, column: str = "prompt", split: str = "train",
+                        config_name: str | None = None) -> tuple[list[str], list[dict]]:
+    """Prompts and, per prompt, the row's other fields (empty for a .txt file): the metadata a reward such
+    as ``geneval`` reads (``tag``, ``include``, ``exclude`` of a GenEval-style jsonl line)."""
     path_str = str(path)
     if Path(path_str).suffix.lower() == ".txt":
         file = Path(path_str)
         if not file.is_file():
             raise DataError(f"{file}: prompt file not found; check the data path")
-        prompts = [line.strip() for line in _read_text(file).splitlines() if line.strip()]
+        rows = [{column: line.strip()} for line in _read_text(file).splitlines() if line.strip()]
     else:
-        prompts = [str(p).strip() for p in _column(read_records(path_str, split=split, config_name=config_name),
-                                                    column, path_str)]
-        prompts = [p for p in prompts if p]
-    if not prompts:
+        rows = read_records(path_str, split=split, config_name=config_name)
+        _column(rows, column, path_str)
+        rows = [r for r in rows if str(r[column]).strip()]
+    if not rows:
         raise DataError(f"{path_str}: no prompts found; the file must hold at least one non-empty prompt")
-    return prompts
+    return [str(r[column]).strip() for r in rows], [{k: v for k, v in r.items() if k != column} for r in rows]
+
+
+def metadata_columns(rows: list[dict]) -> dict[str, list]:
+    """Per-prompt metadata dicts as the keyword lists a reward takes (``None`` where a row lacks a key)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return {k: [row.get(k) for row in rows] for k in keys}
 
 
 # Answers: GSM8K writes "#### 72" after the reasoning; MATH ends its solution with \boxed{...}.

@@ -14,24 +14,24 @@ PROMPT_SETS = Path(__file__).resolve().parents[1] / "assets" / "prompts"
 
 
 def named_prompt_sets() -> list[str]:
-    return sorted(p.stem for p in PROMPT_SETS.glob("*.txt"))
+    return sorted(p.stem for p in [*PROMPT_SETS.glob("*.txt"), *PROMPT_SETS.glob("*.jsonl")])
 
 
-def eval_prompts(config, prompts_file: str | None) -> list[str]:
-    """``prompts_file`` (.txt, .jsonl, .parquet) or the name of a shipped set (``ocr_simple``, ``shapes``),
-    else the run's own evaluation prompts."""
-    from diffrl.data import load_prompts
+def eval_prompts(config, prompts_file: str | None):
+    """A :class:`PromptSet`: ``prompts_file`` (.txt, .jsonl with metadata, .parquet) or the name of a shipped
+    set (``ocr_simple``, ``shapes``, ``geneval_tiny``), else the run's own evaluation prompts."""
+    from diffrl.data import load_prompt_records
+    from diffrl.trainers.rollout import PromptSet, prompt_sets
 
     if prompts_file and not Path(prompts_file).exists() and prompts_file in named_prompt_sets():
-        return load_prompts(PROMPT_SETS / f"{prompts_file}.txt")
+        prompts_file = str(next(PROMPT_SETS.glob(f"{prompts_file}.*")))
     if prompts_file:
-        return load_prompts(prompts_file)
+        return PromptSet(*load_prompt_records(prompts_file))
     if config.trainer in ("seppo", "diffusion_dpo"):
         from diffrl.trainers.preference import load_preference_data
 
-        return load_preference_data(config.data, need_loser=False)[1]
-    from diffrl.trainers.rollout import prompt_sets
-
+        prompts = load_preference_data(config.data, need_loser=False)[1]
+        return PromptSet(prompts, [{} for _ in prompts])
     return prompt_sets(config.data)[1]
 
 
@@ -48,7 +48,7 @@ def evaluate_images(config, *, checkpoint: str | None, prompts_file: str | None,
     from rewards import load_reward
 
     prompts = eval_prompts(config, prompts_file)
-    if not prompts:
+    if not len(prompts):
         raise ConfigError("no evaluation prompts: pass --prompts FILE or set data.eval_size above 0")
     if reward_spec is None:
         reward_spec, reward_kwargs = config.reward.weights, {**config.reward.kwargs, **(reward_kwargs or {})}
@@ -62,8 +62,9 @@ def evaluate_images(config, *, checkpoint: str | None, prompts_file: str | None,
     out.mkdir(parents=True, exist_ok=True)
 
     def run(name: str) -> dict:
-        return evaluate_generation(accelerator, model, reward, prompts, uncond=uncond, batch_size=batch_size,
-                                   seed=noise_seed, grid_path=out / f"{name}.png", **settings)
+        return evaluate_generation(accelerator, model, reward, prompts.prompts, metadata=prompts.metadata,
+                                   uncond=uncond, batch_size=batch_size, seed=noise_seed,
+                                   grid_path=out / f"{name}.png", **settings)
 
     table = {"prompts": len(prompts), "seed": noise_seed, "rewards": list(reward.names), "base": run("base")}
     if checkpoint:

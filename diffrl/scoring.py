@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from diffrl.data import load_prompts, read_records
+from diffrl.data import load_prompts, metadata_columns, read_records
 from diffrl.errors import DataError
 
 
@@ -47,6 +47,12 @@ def collect_files(specs: list[str], suffixes: tuple[str, ...], *, directories_ar
 
 def match_prompts(files: list[Path], prompts: str | None, *, required: bool) -> list[str]:
     """One prompt per file: metadata.jsonl by file name, or a .txt in sorted file order."""
+    return match_records(files, prompts, required=required)[0]
+
+
+def match_records(files: list[Path], prompts: str | None, *, required: bool) -> tuple[list[str], list[dict]]:
+    """One prompt per file and its metadata row's other fields (what rewards such as ``geneval`` read):
+    metadata.jsonl by file name, or a .txt in sorted file order (no metadata)."""
     if prompts is None:
         beside = files[0].parent / "metadata.jsonl"
         if beside.is_file():
@@ -55,24 +61,26 @@ def match_prompts(files: list[Path], prompts: str | None, *, required: bool) -> 
             raise DataError("these rewards need prompts: pass --prompts prompts.txt or metadata.jsonl "
                             "(or put a metadata.jsonl with file_name and prompt beside the files)")
         else:
-            return [""] * len(files)
+            return [""] * len(files), [{} for _ in files]
     if Path(prompts).suffix.lower() == ".txt":
         lines = load_prompts(prompts)
         if len(lines) != len(files):
             raise DataError(f"{prompts} has {len(lines)} prompts for {len(files)} files; they are matched in "
                             f"sorted file order, so the counts must be equal (or use a metadata.jsonl)")
-        return lines
+        return lines, [{} for _ in files]
     rows = read_records(prompts)
     by_name = {}
     for number, row in enumerate(rows, 1):
         if "file_name" not in row or "prompt" not in row:
             raise DataError(f"{prompts}: row {number} needs 'file_name' and 'prompt' fields")
-        by_name[Path(str(row["file_name"])).name] = str(row["prompt"])
+        by_name[Path(str(row["file_name"])).name] = row
     missing = [f.name for f in files if f.name not in by_name]
     if missing:
         raise DataError(f"{prompts} has no prompt for {missing[0]}" + (f" and {len(missing) - 1} more files"
                                                                       if len(missing) > 1 else ""))
-    return [by_name[f.name] for f in files]
+    matched = [by_name[f.name] for f in files]
+    return ([str(r["prompt"]) for r in matched],
+            [{k: v for k, v in r.items() if k not in ("file_name", "prompt")} for r in matched])
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -80,18 +88,32 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
-def _score_loaded(reward, loaded: list[tuple[int, torch.Tensor]], prompts: list[str], rows: list[dict]) -> None:
+def _score_loaded(reward, loaded: list[tuple[int, torch.Tensor]], prompts: list[str], rows: list[dict],
+                  metadata: list[dict]) -> None:
     """Score already-decoded samples, grouped by shape (tensors of different sizes cannot be stacked)."""
     by_shape: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
     for index, sample in loaded:
         by_shape.setdefault(tuple(sample.shape), []).append((index, sample))
     for group in by_shape.values():
         indices = [i for i, _ in group]
-        out = reward(torch.stack([s for _, s in group]), [prompts[i] for i in indices])
-        for position, index in enumerate(indices):
-            rows[index]["reward"] = _number(out.scores[position])
-            for name in reward.names:
-                rows[index][name] = _number(out.extras[name][position])
+        out = reward(torch.stack([s for _, s in group]), [prompts[i] for i in indices],
+                     **metadata_columns([metadata[i] for i in indices]))
+        _fill_rows(rows, indices, reward, out)
+
+
+def _fill_rows(rows: list[dict], indices: list[int], reward, out) -> None:
+    """The total, each component, and the components' own per-sample numbers and labels (``name/key``)."""
+    for position, index in enumerate(indices):
+        rows[index]["reward"] = _number(out.scores[position])
+        for name in reward.names:
+            rows[index][name] = _number(out.extras[name][position])
+        for key, values in out.extras.items():
+            if "/" in key and len(values) == len(indices):
+                value = values[position]
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    rows[index][key] = _number(value)
+                elif isinstance(value, (str, int, float, bool)):
+                    rows[index][key] = value
 
 
 def _number(value) -> float | None:
@@ -100,8 +122,10 @@ def _number(value) -> float | None:
 
 
 def score_files(files: list[Path], reward, prompts: list[str], *, loader, batch_size: int = 16,
-                progress: bool = True) -> list[dict]:
-    """One row per file (``file``, ``prompt``, ``reward``, each component; or ``error``)."""
+                progress: bool = True, metadata: list[dict] | None = None) -> list[dict]:
+    """One row per file (``file``, ``prompt``, ``reward``, each component; or ``error``); ``metadata``: each
+    file's other fields, handed to the reward."""
+    metadata = metadata or [{} for _ in files]
     from tqdm.auto import tqdm
 
     rows = [{"file": str(f), "prompt": p} for f, p in zip(files, prompts)]
@@ -116,7 +140,7 @@ def score_files(files: list[Path], reward, prompts: list[str], *, loader, batch_
                     rows[index]["error"] = str(e)
                     warnings.warn(str(e), stacklevel=2)
             if loaded:
-                _score_loaded(reward, loaded, prompts, rows)
+                _score_loaded(reward, loaded, prompts, rows, metadata)
             bar.update(len(batch))
     return rows
 
@@ -135,10 +159,7 @@ def score_texts(path: str, reward, *, batch_size: int = 64) -> list[dict]:
         keys = {k for i in batch for k in records[i]} - {"text", "completion", "prompt"}
         metadata = {k: [records[i].get(k) for i in batch] for k in keys}
         out = reward([rows[i]["text"] for i in batch], [rows[i]["prompt"] for i in batch], **metadata)
-        for position, index in enumerate(batch):
-            rows[index]["reward"] = _number(out.scores[position])
-            for name in reward.names:
-                rows[index][name] = _number(out.extras[name][position])
+        _fill_rows(rows, batch, reward, out)
     return rows
 
 

@@ -5,6 +5,7 @@ strings, metadata as JSON lists, scores as numbers (NaN as null)."""
 from __future__ import annotations
 
 import base64
+import json
 import math
 from typing import Any
 
@@ -50,7 +51,8 @@ def decode_samples(body: dict, modality: str, max_pixels: int):
 
 
 def to_json_list(values: Any) -> list | None:
-    """Per-sample extras as JSON (tensors, numbers, strings); None for what does not travel."""
+    """Per-sample extras or metadata as JSON (tensors, numbers, strings, JSON lists / dicts); None for what
+    does not travel."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().tolist()
     if not isinstance(values, (list, tuple)):
@@ -61,9 +63,19 @@ def to_json_list(values: Any) -> list | None:
             out.append(None if math.isnan(v) else str(v))
         elif v is None or isinstance(v, (int, float, str, bool)):
             out.append(v)
+        elif isinstance(v, (list, dict)) and _is_json(v):   # e.g. a GenEval prompt's include clauses
+            out.append(v)
         else:
             return None
     return out
+
+
+def _is_json(value) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def scores_from_json(values: list) -> torch.Tensor:

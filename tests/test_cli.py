@@ -121,7 +121,7 @@ def test_sample_a_tiny_image_run_then_score_its_output(tmp_path, tiny_dir, capsy
     from diffrl.image_eval import eval_prompts
 
     shapes = (REPO_ROOT / "assets" / "prompts" / "shapes.txt").read_text().split("\n")
-    assert eval_prompts(None, "shapes") == [p for p in shapes if p.strip()]  # a shipped set by name
+    assert eval_prompts(None, "shapes").prompts == [p for p in shapes if p.strip()]  # a shipped set by name
 
 
 def test_sample_a_text_checkpoint_writes_jsonl(tmp_path, tiny_dir, capsys):

@@ -112,3 +112,22 @@ def test_from_dict_defaults_are_not_shared():
     b = from_dict(DllmSFTConfig, dict(BASE))
     a.optim.betas.append(1.0)
     assert b.optim.betas == [0.9, 0.999]
+
+
+def test_a_field_named_by_a_python_keyword_is_written_and_read_by_its_yaml_key(tmp_path):
+    from diffrl.trainers.awm import AWMConfig
+
+    data = {"trainer": "awm", "model": {"path": "m"}, "data": {"path": "p.txt"},
+            "reward": {"weights": {"jpeg_compressibility": 1.0}, "async": True}}
+    cfg = load_config(write(tmp_path, data))
+    assert isinstance(cfg, AWMConfig) and cfg.reward.async_ is True
+    assert load_config(write(tmp_path, data), ["reward.async=false"]).reward.async_ is False
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    written = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert written["reward"]["async"] is True and "async_" not in written["reward"]
+    assert load_config(tmp_path / "out" / "config.yaml").reward.async_ is True
+    assert "reward.async" in [row[0] for row in describe(AWMConfig)]
+    with pytest.raises(ConfigError, match="unknown key 'reward.asynch'; did you mean 'reward.async'"):
+        load_config(write(tmp_path, data), ["reward.asynch=true"])
+    with pytest.raises(ConfigError, match="unknown key 'reward.async_'"):   # the Python name is not a YAML key
+        load_config(write(tmp_path, data), ["reward.async_=true"])

@@ -74,3 +74,19 @@ def test_arithmetic_traces_are_correct_and_seeded():
 def test_unknown_generator():
     with pytest.raises(DataError, match="unknown task generator 'sudokku'"):
         load_tasks("generator:sudokku", size=3, seed=0)
+
+
+def test_jsonl_prompt_rows_keep_their_other_fields_as_metadata(tmp_path):
+    from diffrl.data import load_prompt_records, metadata_columns
+
+    path = tmp_path / "g.jsonl"
+    path.write_text('{"prompt": "a dog", "tag": "single_object", "include": [{"class": "dog", "count": 1}]}\n'
+                    '{"prompt": "  "}\n{"prompt": "a cat", "tag": "colors"}\n')
+    prompts, metadata = load_prompt_records(path)
+    assert prompts == ["a dog", "a cat"]                      # the blank row is dropped with its metadata
+    assert metadata == [{"tag": "single_object", "include": [{"class": "dog", "count": 1}]}, {"tag": "colors"}]
+    assert metadata_columns(metadata) == {"tag": ["single_object", "colors"],
+                                          "include": [[{"class": "dog", "count": 1}], None]}
+    txt = tmp_path / "p.txt"
+    txt.write_text("a\nb\n")
+    assert load_prompt_records(txt) == (["a", "b"], [{}, {}])

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("sd3", "flux", "wan", "sd15", "sdxl", "animatediff", "dllm", "clip", "preferences", "video_preferences")
+TINY_KINDS = ("sd3", "flux", "wan", "sd15", "sdxl", "animatediff", "dllm", "clip", "mask2former", "preferences",
+              "video_preferences")
 
 # The shared character-level vocabulary of the tiny text encoders: every prompt tokenizes to characters.
 _T5_CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,:;!?'\"-+*/=()<>#%$&@_"
@@ -269,9 +270,25 @@ def build_clip(seed: int = 0, image_size: int = 32):
     return model, processor
 
 
+def build_mask2former(seed: int = 0):
+    """A Mask2Former for COCO instance segmentation (80 classes, GenEval's names; 8 queries, a tiny Swin)."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    from rewards.image.geneval_rules import CLASSES
+
+    torch.manual_seed(seed)
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                          window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, num_queries=8, hidden_dim=32, feature_size=32,
+                               mask_feature_size=32, encoder_layers=1, decoder_layers=2, encoder_feedforward_dim=64,
+                               dim_feedforward=64, num_attention_heads=2, num_labels=len(CLASSES),
+                               id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)})
+    return Mask2FormerForUniversalSegmentation(config)
+
+
 _BUILDERS = {"sd3": build_sd3, "flux": build_flux, "wan": build_wan, "sd15": build_sd15,
              "sdxl": build_sdxl, "animatediff": build_animatediff,
-             "dllm": build_dllm, "clip": build_clip}
+             "dllm": build_dllm, "clip": build_clip, "mask2former": build_mask2former}
 
 
 def save_preferences(folder: str | Path, *, num_rows: int = 8, num_frames: int | None = None, seed: int = 0) -> Path:

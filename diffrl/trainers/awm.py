@@ -40,13 +40,16 @@ from diffrl.models import lora as lora_utils
 from diffrl.samplers.flow import initial_noise, stratified_timestep_indices
 from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
 from diffrl.trainers.evaluation import check_reward_fits, evaluate_flow_trainer
+from diffrl.trainers.reward_pipeline import RolloutScorer
 from diffrl.trainers.rollout import (
     check_group_split,
-    decode_and_score,
+    check_prompts_fit,
     flow_rollout,
     load_flow_model,
     local_group_slots,
     prompt_sets,
+    rollout_advantages,
+    scoring_hook,
     sde_window,
 )
 from diffrl.trainers.weight_ema import WeightEMA
@@ -115,7 +118,8 @@ class AWMTrainer:
         # Prompts and rewards before the model: a bad file fails in a second, not after minutes of loading.
         self.prompts, self.eval_prompts = prompt_sets(cfg.data)
         check_group_split(cfg.prompts_per_step, cfg.group_size, acc.num_processes)
-        self.reward = run_setup.load_configured_reward(cfg.reward, acc.device)
+        self.reward = run_setup.load_configured_reward(cfg.reward, acc.device, overlap=True)
+        check_prompts_fit(self.reward, self.prompts, self.eval_prompts)
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_flow_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
@@ -164,19 +168,21 @@ class AWMTrainer:
         slots = local_group_slots(cfg.prompts_per_step, cfg.group_size, rank=acc.process_index,
                                   world_size=acc.num_processes, seed=cfg.seed, step=self.step)
         group_ids = prompt_ids[slots]
-        prompts = [self.prompts[i] for i in group_ids.tolist()]
+        prompts, metadata = self.prompts.take(group_ids.tolist())
+        scorer = RolloutScorer(self.reward, overlap=cfg.reward.async_)
+        on_batch = scoring_hook(self.model, scorer, prompts, metadata, cfg.sample_batch_size)
         self.model.denoiser.eval()
         with self._sampling_policy():
             trajectories = flow_rollout(self.model, prompts, cfg.sampling, batch_size=cfg.sample_batch_size,
-                                        generator=self.noise, uncond=self.uncond,
+                                        generator=self.noise, uncond=self.uncond, on_batch=on_batch,
                                         window=sde_window(cfg.sampling, seed=cfg.seed, step=self.step))
         return {"x0": torch.cat([t.final for t in trajectories]), "prompts": prompts, "group_ids": group_ids,
-                "sigmas": trajectories[0].sigmas}
+                "sigmas": trajectories[0].sigmas, "scorer": scorer}
 
     def score(self, batch: dict) -> dict:
         cfg = self.config
-        advantages, stats = decode_and_score(self.accelerator, self.model, self.reward, self.estimator, batch["x0"],
-                                             batch["prompts"], batch["group_ids"], batch_size=cfg.sample_batch_size)
+        advantages, stats = rollout_advantages(self.accelerator, self.reward, self.estimator, batch.pop("scorer"),
+                                               batch["group_ids"])
         batch["advantages"] = clip_advantages(advantages, max_abs=cfg.adv_clip_max,
                                               scale=cfg.advantage_max / cfg.adv_clip_max)
         return stats

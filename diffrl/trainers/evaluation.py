@@ -10,11 +10,11 @@ from diffrl.errors import ConfigError, RewardError
 @torch.no_grad()
 def evaluate_generation(accelerator, model, reward, prompts: list[str], *, num_steps: int, height: int, width: int,
                         num_frames: int = 1, guidance_scale: float = 1.0, uncond=None, batch_size: int, seed: int,
-                        grid_path) -> dict:
+                        grid_path, metadata: list[dict] | None = None) -> dict:
     """Sample ``prompts`` with ``model.sample`` (Euler ODE for flow models, the scheduler for UNets) from
     noise seeded by ``seed`` (the same noise every evaluation), save a captioned grid, and return
     ``eval/reward`` plus ``eval/reward/<name>`` per component when there are several (``reward`` may be None:
-    only the grid)."""
+    only the grid). ``metadata``: each prompt's other fields, for rewards that read them (geneval)."""
     from diffrl.report import save_grid
     from diffrl.trainers.rollout import score_samples
 
@@ -32,7 +32,7 @@ def evaluate_generation(accelerator, model, reward, prompts: list[str], *, num_s
         if accelerator.is_main_process:
             save_grid(samples, prompts, grid_path)
         return {}
-    rewards, extras = score_samples(reward, samples, prompts)
+    rewards, extras = score_samples(reward, samples, prompts, metadata)
     if rewards.numel() and rewards.isnan().all():
         raise RewardError(f"the reward ({', '.join(reward.names)}) is NaN ('not applicable') for every evaluation "
                           f"prompt; use prompts that fit it (the ocr reward needs text in double quotes)")
@@ -58,7 +58,8 @@ def evaluate_flow_trainer(trainer) -> dict:
     trainer.model.denoiser.eval()
 
     def run(suffix: str) -> dict:
-        return evaluate_generation(trainer.accelerator, trainer.model, trainer.reward, trainer.eval_prompts,
+        return evaluate_generation(trainer.accelerator, trainer.model, trainer.reward, trainer.eval_prompts.prompts,
+                                   metadata=trainer.eval_prompts.metadata,
                                    **flow_eval_kwargs(cfg.sampling), batch_size=cfg.sample_batch_size,
                                    seed=cfg.eval_seed, uncond=trainer.uncond,
                                    grid_path=trainer.output_dir / "samples" / f"step-{trainer.step:06d}{suffix}.png")

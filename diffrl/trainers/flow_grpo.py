@@ -31,13 +31,16 @@ from diffrl.losses import clipped_surrogate
 from diffrl.samplers.flow import sde_noise_scale, sde_step, transition_kl
 from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
 from diffrl.trainers.evaluation import check_reward_fits, evaluate_flow_trainer
+from diffrl.trainers.reward_pipeline import RolloutScorer
 from diffrl.trainers.rollout import (
     check_group_split,
-    decode_and_score,
+    check_prompts_fit,
     flow_rollout,
     load_flow_model,
     local_group_slots,
     prompt_sets,
+    rollout_advantages,
+    scoring_hook,
     sde_window,
 )
 from diffrl.trainers.weight_ema import WeightEMA
@@ -105,7 +108,8 @@ class FlowGRPOTrainer:
         # Prompts and rewards before the model: a bad file fails in a second, not after minutes of loading.
         self.prompts, self.eval_prompts = prompt_sets(cfg.data)
         check_group_split(cfg.prompts_per_step, cfg.group_size, acc.num_processes)
-        self.reward = run_setup.load_configured_reward(cfg.reward, acc.device)
+        self.reward = run_setup.load_configured_reward(cfg.reward, acc.device, overlap=True)
+        check_prompts_fit(self.reward, self.prompts, self.eval_prompts)
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_flow_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
@@ -135,7 +139,9 @@ class FlowGRPOTrainer:
         slots = local_group_slots(cfg.prompts_per_step, cfg.group_size, rank=acc.process_index,
                                   world_size=acc.num_processes, seed=cfg.seed, step=self.step)
         group_ids = prompt_ids[slots]
-        prompts = [self.prompts[i] for i in group_ids.tolist()]
+        prompts, metadata = self.prompts.take(group_ids.tolist())
+        scorer = RolloutScorer(self.reward, overlap=cfg.reward.async_)
+        on_batch = scoring_hook(self.model, scorer, prompts, metadata, cfg.sample_batch_size)
         self.model.denoiser.eval()
         s = cfg.sampling
         if s.sde_window_size is not None and s.sde_window_per == "batch":
@@ -144,7 +150,7 @@ class FlowGRPOTrainer:
         else:
             window = sde_window(s, seed=cfg.seed, step=self.step)
         trajectories = flow_rollout(self.model, prompts, s, batch_size=cfg.sample_batch_size,
-                                    generator=self.noise, uncond=self.uncond, window=window)
+                                    generator=self.noise, uncond=self.uncond, window=window, on_batch=on_batch)
         trained = []
         for trajectory in trajectories:
             sde_steps = trajectory.sde_steps.nonzero().flatten()
@@ -154,13 +160,13 @@ class FlowGRPOTrainer:
             trained.append(sde_steps.expand(trajectory.latents.shape[0], -1))
         return {"latents": torch.cat([t.latents for t in trajectories]),
                 "log_probs": torch.cat([t.log_probs for t in trajectories]), "prompts": prompts,
-                "group_ids": group_ids, "sigmas": trajectories[0].sigmas, "train_steps": torch.cat(trained)}
+                "group_ids": group_ids, "sigmas": trajectories[0].sigmas, "train_steps": torch.cat(trained),
+                "scorer": scorer}
 
     def score(self, batch: dict) -> dict:
         cfg = self.config
-        advantages, stats = decode_and_score(self.accelerator, self.model, self.reward, self.estimator,
-                                             batch["latents"][:, -1], batch["prompts"], batch["group_ids"],
-                                             batch_size=cfg.sample_batch_size)
+        advantages, stats = rollout_advantages(self.accelerator, self.reward, self.estimator, batch.pop("scorer"),
+                                               batch["group_ids"])
         batch["advantages"] = clip_advantages(advantages, max_abs=cfg.adv_clip_max)
         return stats
 

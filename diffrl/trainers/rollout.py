@@ -3,18 +3,45 @@ them, scoring them, and advantages over groups that span processes. Functions, n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from diffrl.errors import ConfigError
 
 
-def prompt_sets(data) -> tuple[list[str], list[str]]:
-    """Training prompts and the first ``eval_size`` evaluation prompts of a PromptDataConfig."""
-    from diffrl.data import load_prompts
+@dataclass
+class PromptSet:
+    """Prompts with each row's other fields (what a reward such as ``geneval`` reads; empty for .txt)."""
 
-    train = load_prompts(data.path, column=data.column, split=data.split)
-    evaluation = load_prompts(data.eval_path, column=data.column) if data.eval_path else train
-    return train, evaluation[:data.eval_size]
+    prompts: list[str]
+    metadata: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, indices) -> tuple[list[str], list[dict]]:
+        return [self.prompts[i] for i in indices], [self.metadata[i] for i in indices]
+
+
+def prompt_sets(data) -> tuple[PromptSet, PromptSet]:
+    """Training prompts and the first ``eval_size`` evaluation prompts of a PromptDataConfig."""
+    from diffrl.data import load_prompt_records
+
+    train = PromptSet(*load_prompt_records(data.path, column=data.column, split=data.split))
+    evaluation = PromptSet(*load_prompt_records(data.eval_path, column=data.column)) if data.eval_path else train
+    return train, PromptSet(evaluation.prompts[:data.eval_size], evaluation.metadata[:data.eval_size])
+
+
+def check_prompts_fit(reward, *prompt_sets: PromptSet) -> None:
+    """Fail at set-up, not after the first rollout, when a reward cannot read the prompts' metadata
+    (rewards that can tell define ``check_prompts(prompts, **metadata)``: geneval without GenEval lines)."""
+    from diffrl.data import metadata_columns
+
+    for component in reward.components:
+        check = getattr(component.reward, "check_prompts", None)
+        for prompt_set in prompt_sets if check else ():
+            check(prompt_set.prompts, **metadata_columns(prompt_set.metadata))
 
 
 def check_group_split(prompts_per_step: int, group_size: int, num_processes: int) -> None:
@@ -55,9 +82,13 @@ def local_group_slots(num_prompts: int, group_size: int, *, rank: int, world_siz
 
 
 @torch.no_grad()
-def score_samples(reward, samples: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict]:
-    """Rewards [n] (float32, CPU) and the per-component extras (NaN: "not applicable", advantage 0)."""
-    out = reward(samples, prompts)
+def score_samples(reward, samples: torch.Tensor, prompts: list[str],
+                  metadata: list[dict] | None = None) -> tuple[torch.Tensor, dict]:
+    """Rewards [n] (float32, CPU) and the per-component extras (NaN: "not applicable", advantage 0).
+    ``metadata``: each prompt's other fields, handed to the reward as keyword lists."""
+    from diffrl.data import metadata_columns
+
+    out = reward(samples, prompts, **metadata_columns(metadata or []))
     return out.scores.float().cpu(), out.extras
 
 
@@ -99,10 +130,10 @@ def sde_window(sampling, *, seed: int, step: int, rank: int = 0, batch: int = 0)
 
 @torch.no_grad()
 def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, generator: torch.Generator,
-                 uncond=None, window=None) -> list:
+                 uncond=None, window=None, on_batch=None) -> list:
     """Sample ``prompts`` (one sample each) in batches with ``sampling.sampler``: Euler with SDE steps on
     ``window`` (None: every step; a callable gives batch k's window), or SA-Solver; returns one
-    :class:`Trajectory` per batch."""
+    :class:`Trajectory` per batch. ``on_batch(trajectory, start)`` is called as each batch is done."""
     from diffrl.samplers.flow import sample_trajectory
     from diffrl.samplers.sa_solver import sample_sa_solver
 
@@ -115,24 +146,33 @@ def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, genera
                 num_frames=sampling.num_frames, noise_level=sampling.noise_level,
                 tau_range=tuple(sampling.sa_tau_range), guidance_scale=sampling.guidance_scale, uncond=uncond,
                 generator=generator))
-            continue
-        trajectories.append(sample_trajectory(
-            model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
-            num_frames=sampling.num_frames, noise_level=sampling.noise_level, sde_type=sampling.sde_type,
-            sde_window=window(start // batch_size) if callable(window) else window,
-            guidance_scale=sampling.guidance_scale, uncond=uncond, generator=generator))
+        else:
+            trajectories.append(sample_trajectory(
+                model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
+                num_frames=sampling.num_frames, noise_level=sampling.noise_level, sde_type=sampling.sde_type,
+                sde_window=window(start // batch_size) if callable(window) else window,
+                guidance_scale=sampling.guidance_scale, uncond=uncond, generator=generator))
+        if on_batch is not None:
+            on_batch(trajectories[-1], start)
     return trajectories
 
 
+def scoring_hook(model, scorer, prompts: list[str], metadata: list[dict], batch_size: int):
+    """The ``on_batch`` of :func:`flow_rollout` that decodes each batch's final latents into ``scorer``."""
+    def on_batch(trajectory, start: int) -> None:
+        part = slice(start, start + batch_size)
+        scorer.add(model.decode(trajectory.final), prompts[part], metadata[part])
+
+    return on_batch
+
+
 @torch.no_grad()
-def decode_and_score(accelerator, model, reward, estimator, final_latents: torch.Tensor, prompts: list[str],
-                     group_ids: torch.Tensor, *, batch_size: int) -> tuple[torch.Tensor, dict]:
-    """Decode this process's samples, score them, and estimate advantages over the gathered groups.
-    Returns the local advantages (unclipped) and logging stats computed over every process."""
+def rollout_advantages(accelerator, reward, estimator, scorer, group_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """This process's scores (from the rollout's :class:`RolloutScorer`) and advantages over the gathered
+    groups. Returns the local advantages (unclipped) and logging stats computed over every process."""
     from diffrl.advantages import group_summary
 
-    samples = torch.cat([model.decode(final_latents[i:i + batch_size]) for i in range(0, len(prompts), batch_size)])
-    rewards, extras = score_samples(reward, samples, prompts)
+    rewards, extras = scorer.result()
     advantages, all_rewards, all_groups = gather_advantages(accelerator, estimator, rewards, group_ids, reward.names)
     valid = all_rewards[~all_rewards.isnan()]
     stats = {"reward": float(valid.mean()), "reward_std": float(valid.std()) if valid.numel() > 1 else 0.0,

@@ -149,12 +149,16 @@ def prepare_optimization(trainer, scheduler_steps: int) -> None:
                                                                                        scheduler)
 
 
-def load_configured_reward(reward, device):
-    """The reward of a config's ``reward`` section on its device (default: ``device``); None without one."""
+def load_configured_reward(reward, device, *, overlap: bool = False):
+    """The reward of a config's ``reward`` section on its device (default: ``device``); None without one.
+    ``overlap``: the trainer scores in the background with ``reward.async: true`` (the flow trainers)."""
     from rewards import load_reward
 
     if reward is None:
         return None
+    if reward.async_ and not overlap:
+        raise ConfigError("reward.async overlaps scoring with the rollouts of the flow trainers (awm, flow_grpo); "
+                          "remove it for this trainer")
     return load_reward(reward.weights, device=reward.device or device, kwargs=reward.kwargs)
 
 

@@ -69,8 +69,10 @@ class ClipEmbedder:
     """
 
     def __init__(self, model: str, processor: str | None = None, *, device="cpu", dtype: str = "float32",
-                 batch_size: int = 32, quantize: bool = True, reward: str = "clip"):
-        self.reward = reward  # the reward's registered name, for error messages
+                 batch_size: int = 32, quantize: bool = True, reward: str = "clip",
+                 options: tuple[str, str] = ("model", "processor")):
+        self.reward = reward  # the reward's registered name and its kwargs naming the model, for error messages
+        self.options = options
         self.model_path = model
         self.processor_path = processor or model
         self.device = torch.device(device)
@@ -90,9 +92,9 @@ class ClipEmbedder:
 
         hf_logging.disable_progress_bar()
 
-        with loading_errors(self.model_path, reward_setting(self.reward, "model")):
+        with loading_errors(self.model_path, reward_setting(self.reward, self.options[0])):
             self.model = CLIPModel.from_pretrained(self.model_path, dtype=self.dtype).to(self.device).eval()
-        with loading_errors(self.processor_path, reward_setting(self.reward, "processor")):
+        with loading_errors(self.processor_path, reward_setting(self.reward, self.options[1])):
             processor = AutoProcessor.from_pretrained(self.processor_path)
         self.model.requires_grad_(False)
         self.tokenizer = processor.tokenizer

@@ -211,6 +211,16 @@ CASES: dict[str, Case] = {
     "reward server down": Case(awm("reward.weights={{remote: 1.0}}",
                                    "reward.kwargs={{remote: {{url: 'http://127.0.0.1:9'}}}}"),
                                ("http://127.0.0.1:9 is not reachable", "diffrl serve-reward")),
+    "geneval on prompts without GenEval metadata": Case(awm("reward.weights={{geneval: 1.0}}"),
+                                                        ("geneval needs each prompt's GenEval metadata", ".jsonl")),
+    "GenEval metadata naming a class the detector lacks": Case(
+        lambda t, tiny: awm("reward.weights={{geneval: 1.0}}", "data.path=" + str(write(
+            t / "g.jsonl", json.dumps({"prompt": "a unicorn", "tag": "single_object",
+                                       "include": [{"class": "unicorn", "count": 1}]}) + "\n")))(t, tiny),
+        ("'unicorn' is not one of the 80 COCO classes",)),
+    "reward.async on a trainer that cannot overlap": Case(
+        lambda t, tiny: ["train", IGPO, f"model.path={tiny('dllm')}", f"output_dir={t / 'run'}", "reward.async=true"],
+        ("reward.async", "flow trainers", "remove it")),
     "unknown reward": Case(awm("reward.weights.pickscor=1.0"), ("pickscor", "pickscore")),
     "reward returning the wrong shape": Case(awm("reward.weights={{test_catalogue_wrong_shape: 1.0}}"),
                                              ("test_catalogue_wrong_shape", "one score per sample")),

@@ -103,18 +103,24 @@ def test_server_down_at_start_is_one_error_and_mid_run_is_retried_then_nan(serve
         load_reward({"remote": 1.0}, kwargs={"remote": {"url": url}})
 
 
-def test_a_tiny_awm_run_scored_remotely_equals_the_in_process_run(server, tiny_dir, tmp_path):
+def test_a_tiny_awm_run_scored_remotely_and_async_equals_the_in_process_run(server, tiny_dir, tmp_path):
+    """Two sampling batches per step, so that with async the first is scored while the second is sampled."""
     from diffrl.trainers.awm import AWMTrainer
     from tests.trainers.test_awm import make_config
 
-    rewards = {}
-    for name, reward in (("local", {"weights": SPEC}),
-                         ("remote", {"weights": {"remote": 1.0}, "kwargs": {"remote": {"url": server.url}}})):
-        trainer = AWMTrainer(make_config(tiny_dir, tmp_path / name, reward=reward))
+    remote = {"weights": {"remote": 1.0}, "kwargs": {"remote": {"url": server.url}}}
+    runs = {}
+    for name, reward in (("local", {"weights": SPEC}), ("remote", remote), ("remote_async", {**remote, "async": True}),
+                         ("local_async", {"weights": SPEC, "async": True})):
+        trainer = AWMTrainer(make_config(tiny_dir, tmp_path / name, reward=reward, sample_batch_size=2))
         trainer.train()
         rows = [json.loads(line) for line in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()]
-        rewards[name] = [r["reward"] for r in rows if "reward" in r]
-    assert len(rewards["local"]) == 2 and rewards["remote"] == rewards["local"]
+        runs[name] = [(r["reward"], r["reward_std"], r["loss"]) for r in rows if "reward" in r]
+    assert len(runs["local"]) == 2
+    assert runs["remote"] == runs["local"] and runs["remote_async"] == runs["local"]
+    assert runs["local_async"] == runs["local"]
+    # per run 2 evaluations; sync 1 request per step, async 1 per sampling batch (2 per step)
+    assert server.requests_served == (2 + 2 * 1) + (2 + 2 * 2)
 
 
 def test_the_serve_reward_command(tmp_path):

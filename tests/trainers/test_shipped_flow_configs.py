@@ -25,16 +25,21 @@ def test_published_config_starts_on_tiny_model(path, tiny_dir, tmp_path):
     kind = family(path)
     clip = str(tiny_dir("clip"))
     overrides = [f"model.path={tiny_dir(kind)}", "model.dtype=float32", "mixed_precision=no",
-                 f"output_dir={tmp_path / 'run'}", "max_steps=1", f"data.path={prompts}", "data.eval_path=null",
-                 "data.eval_size=1", "sampling.height=32", "sampling.width=32", "sampling.num_steps=4",
-                 "sampling.eval_num_steps=2", "group_size=2", "prompts_per_step=2", "sample_batch_size=4",
+                 f"output_dir={tmp_path / 'run'}", "max_steps=1", "data.eval_size=1", "sampling.height=32",
+                 "sampling.width=32", "sampling.num_steps=4", "sampling.eval_num_steps=2", "group_size=2",
+                 "prompts_per_step=2", "sample_batch_size=4",
                  "train_batch_size=2", "logging.trackers=[]", "logging.progress_bar=false", "checkpoint.every=1",
                  "lora.rank=4", "lora.alpha=8", "sampling.max_sequence_length=null"]
     if kind == "wan":
         overrides += ["sampling.num_frames=5", f"reward.kwargs.video.image_kwargs.model={clip}",
                       f"reward.kwargs.video.image_kwargs.processor={clip}"]
+    elif "geneval" in path:   # its own GenEval-style prompts: the reward reads their metadata
+        overrides += [f"reward.kwargs.geneval.detector={tiny_dir('mask2former')}",
+                      f"reward.kwargs.geneval.clip={clip}"]
     else:
         overrides += [f"reward.kwargs.pickscore.model={clip}", f"reward.kwargs.pickscore.processor={clip}"]
+    if "geneval" not in path:
+        overrides += [f"data.path={prompts}", "data.eval_path=null"]
     config = load_config(REPO_ROOT / path, overrides)
     if config.trainer == "awm":
         config.train_timesteps = 2
