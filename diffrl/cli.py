@@ -306,8 +306,10 @@ def cmd_serve_reward(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         print(f"warning: serving on {args.host} without --token: anyone who reaches this port can use it",
               file=sys.stderr)
+    if args.max_batch < 1 or args.batch_wait_ms < 0:
+        raise DiffrlError("--max-batch must be at least 1 and --batch-wait-ms at least 0")
     serve(load_reward(_reward_spec(args.reward), device=args.device, kwargs=kwargs), args.host, args.port,
-          token=args.token)
+          token=args.token, max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000)
     return 0
 
 
@@ -440,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN on every request")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    serve.add_argument("--max-batch", type=int, default=64, help="most samples scored in one call when "
+                                                                 "concurrent requests are merged")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others "
+                                                                        "to merge with (milliseconds)")
     serve.set_defaults(func=cmd_serve_reward)
 
     push = sub.add_parser("push", help="share a run: its weights, config, results and a model card, on the hub",

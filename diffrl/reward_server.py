@@ -1,6 +1,8 @@
 """`diffrl serve-reward`: any reward plug-in over HTTP, for reward models that need their own environment or
 GPUs. The standard library's threading HTTP server: no new dependency, and the reward model, not the
-server, bounds the throughput (one lock runs one batch at a time on the device; concurrent requests queue).
+server, bounds the throughput. Concurrent requests are batched: one worker runs the reward, and requests
+that arrive while it is busy (or within ``batch_wait`` seconds) are scored together in one call when their
+samples stack (same shape, same metadata keys), up to ``max_batch`` samples; each gets its own slice back.
 
     GET  /health  -> {"status": "ok", "rewards": [...], "modality": "image"}
     POST /score   <- {"pixels": {shape, data} | "texts": [...], "prompts": [...], "metadata": {key: [...]}}
@@ -14,7 +16,11 @@ otherwise, and has no authentication unless a token is set (then every request n
 from __future__ import annotations
 
 import json
+import queue
 import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from diffrl.errors import DiffrlError, RewardError
@@ -22,15 +28,107 @@ from diffrl.errors import DiffrlError, RewardError
 MAX_BODY_BYTES = 256 * 1024 * 1024
 
 
+@dataclass
+class _Request:
+    samples: object                       # a tensor [B, ...] or a list of texts
+    prompts: list[str]
+    metadata: dict
+    result: Future = field(default_factory=Future)
+
+    def key(self) -> tuple:
+        """Requests with equal keys can be scored in one call."""
+        shape = tuple(self.samples.shape[1:]) if hasattr(self.samples, "shape") else ("text",)
+        return shape, tuple(sorted(self.metadata))
+
+
+def _cat(values: list):
+    import torch
+
+    return torch.cat(values) if isinstance(values[0], torch.Tensor) else [v for part in values for v in part]
+
+
+class _Batcher:
+    """One worker thread that runs the reward on merged requests."""
+
+    def __init__(self, reward, *, max_batch: int, wait: float):
+        self.reward, self.max_batch, self.wait = reward, max_batch, wait
+        self.queue: queue.Queue[_Request] = queue.Queue()
+        self.batches_run = 0
+        threading.Thread(target=self._work, daemon=True, name="diffrl-reward-batcher").start()
+
+    def score(self, request: _Request):
+        self.queue.put(request)
+        return request.result.result()
+
+    def _take(self) -> list[_Request]:
+        """The next request and those waiting that stack with it (the rest keep their place)."""
+        first = self.queue.get()
+        group, held, size = [first], [], len(first.samples)
+        deadline = time.monotonic() + self.wait
+        while size < self.max_batch:
+            try:
+                nxt = self.queue.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                break
+            if nxt.key() == first.key() and size + len(nxt.samples) <= self.max_batch:
+                group.append(nxt)
+                size += len(nxt.samples)
+            else:
+                held.append(nxt)
+        for request in held:
+            self.queue.put(request)
+        return group
+
+    def _run(self, group: list[_Request]):
+        samples = _cat([r.samples for r in group])
+        metadata = {k: _cat([r.metadata[k] for r in group]) for k in group[0].metadata}
+        self.batches_run += 1
+        return self.reward(samples, [p for r in group for p in r.prompts], **metadata)
+
+    def _work(self) -> None:
+        while True:
+            group = self._take()
+            try:
+                out = self._run(group)
+            except Exception as error:  # handed to the request's handler, which answers 4xx / 5xx
+                if len(group) == 1:
+                    group[0].result.set_exception(error)
+                    continue
+                # one request may be the bad one: score each alone so that only it gets the error
+                for request in group:
+                    try:
+                        request.result.set_result(self._run([request]))
+                    except Exception as e:
+                        request.result.set_exception(e)
+                continue
+            start = 0
+            for request in group:
+                part = slice(start, start + len(request.samples))
+                start += len(request.samples)
+                request.result.set_result(_slice(out, part, len(out.scores)))
+
+
+def _slice(out, part: slice, total: int):
+    from rewards import RewardOutput
+
+    extras = {k: v[part] for k, v in out.extras.items() if hasattr(v, "__len__") and len(v) == total}
+    return RewardOutput(out.scores[part], extras)
+
+
 class RewardServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, reward, host: str = "127.0.0.1", port: int = 8000, *, token: str | None = None,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 max_body_bytes: int = MAX_BODY_BYTES, max_batch: int = 64, batch_wait: float = 0.005):
         self.reward, self.token, self.max_body_bytes = reward, token, max_body_bytes
-        self.lock = threading.Lock()
+        self.batcher = _Batcher(reward, max_batch=max_batch, wait=batch_wait)
         self.requests_served = 0
+        self._count = threading.Lock()
         super().__init__((host, port), _Handler)
+
+    @property
+    def batches_run(self) -> int:
+        return self.batcher.batches_run
 
     @property
     def url(self) -> str:
@@ -110,21 +208,23 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(prompts, list) or len(prompts) != len(samples):
             raise RewardError(f"'prompts' must be a list of {len(samples)} strings, one per sample")
         metadata = body.get("metadata") or {}
-        if not isinstance(metadata, dict):
-            raise RewardError("'metadata' must map names to per-sample lists")
-        with self.server.lock:
-            out = reward(samples, [str(p) for p in prompts], **metadata)
+        if not isinstance(metadata, dict) or any(not isinstance(v, list) or len(v) != len(samples)
+                                                 for v in metadata.values()):
+            raise RewardError(f"'metadata' must map names to lists of {len(samples)} values, one per sample")
+        out = self.server.batcher.score(_Request(samples, [str(p) for p in prompts], metadata))
+        with self.server._count:
             self.server.requests_served += 1
         extras = {k: v for k, v in ((k, to_json_list(v)) for k, v in out.extras.items()) if v is not None}
         return {"scores": to_json_list(out.scores), "extras": extras}
 
 
-def serve(reward, host: str, port: int, *, token: str | None) -> None:
+def serve(reward, host: str, port: int, *, token: str | None, max_batch: int = 64,
+          batch_wait: float = 0.005) -> None:
     """Serve until Ctrl-C / SIGTERM."""
     import signal
 
     try:
-        server = RewardServer(reward, host, port, token=token)
+        server = RewardServer(reward, host, port, token=token, max_batch=max_batch, batch_wait=batch_wait)
     except OSError as e:
         raise DiffrlError(f"cannot serve on {host}:{port} ({e.strerror or e}); choose another --port") from None
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())

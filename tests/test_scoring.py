@@ -47,7 +47,10 @@ def test_score_csv_with_prompts_txt_and_weights(folder, tmp_path):
                      "--quiet")
     assert result.returncode == 0, result.stderr
     header, *lines = out.read_text().splitlines()
-    assert header == "file,prompt,reward,jpeg_compressibility,jpeg_incompressibility" and len(lines) == 3
+    # the components' own per-sample numbers follow the scores (name/key)
+    assert header == ("file,prompt,reward,jpeg_compressibility,jpeg_incompressibility,"
+                      "jpeg_compressibility/kilobytes,jpeg_incompressibility/kilobytes") and len(lines) == 3
+    assert all(float(line.rsplit(",", 1)[1]) > 0 for line in lines)
     assert 'flat ""gray""' in lines[0]
 
 

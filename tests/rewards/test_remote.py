@@ -159,3 +159,31 @@ def test_the_serve_reward_command(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and f"at http://127.0.0.1:{port}" in out and "no authentication" in out, err
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_scores():
+    server = RewardServer(load_reward(SPEC), "127.0.0.1", 0, batch_wait=0.5)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        remote = load_reward({"remote": 1.0}, kwargs={"remote": {"url": server.url}})
+        shapes = [(2, 3, 24, 24), (3, 3, 24, 24), (1, 3, 24, 24), (2, 3, 16, 16)]   # the last cannot stack
+        batches = [torch.rand(*s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+        results = [None] * len(batches)
+
+        def ask(i):
+            results[i] = remote(batches[i], [""] * len(batches[i]))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(batches))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        local = load_reward(SPEC)
+        for images, out in zip(batches, results):
+            expected = local(images, [""] * len(images))
+            assert torch.equal(out.scores, expected.scores)
+            assert torch.equal(out.extras["remote/jpeg_incompressibility"], expected.extras["jpeg_incompressibility"])
+        assert server.requests_served == 4 and 2 <= server.batches_run < 4
+    finally:
+        server.shutdown()
+        server.server_close()
