@@ -223,6 +223,25 @@ def velocity_kl(velocity: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
     return ((velocity.float() - reference.float()) ** 2).mean(dim=tuple(range(1, velocity.ndim)))
 
 
+def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+             r: torch.Tensor, *, beta: float) -> torch.Tensor:
+    """DiffusionNFT's policy loss, ``mean_B[(r L(v+) + (1 - r) L(v-)) / beta]`` (the trainer multiplies by
+    adv_clip_max), with the implicit policies v+ = beta v + (1 - beta) v_old and v- = (1 + beta) v_old - beta v,
+    x0' = x_t - t v' and L(v') = mean (x0' - x0)^2 / sg(max(mean |x0' - x0|, 1e-5)): the public code's
+    self-normalised weight, computed in float64 and floored."""
+    t_b = t.view(-1, *([1] * (x0.ndim - 1))).to(v.dtype)
+    dims = tuple(range(1, x0.ndim))
+
+    def term(mixed: torch.Tensor) -> torch.Tensor:
+        error = (x_t - t_b * mixed).float() - x0.float()
+        weight = error.double().abs().mean(dim=dims).clamp_min(1e-5).detach()
+        return (error ** 2).mean(dim=dims) / weight.to(error.dtype)
+
+    positive = term(beta * v + (1 - beta) * v_old)
+    negative = term((1 + beta) * v_old - beta * v)
+    return ((r * positive + (1 - r) * negative) / beta).mean()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Preference losses on denoising errors (Diffusion-DPO, SePPO)
 # ----------------------------------------------------------------------------------------------------------

@@ -110,6 +110,16 @@ def copy_adapter(module: torch.nn.Module, source: str, target: str) -> None:
     load_lora_state_dict(module, lora_state_dict(module, source), adapter_name=target)
 
 
+@torch.no_grad()
+def blend_adapter(module: torch.nn.Module, source: str, *, into: str, decay: float) -> None:
+    """``into <- decay * into + (1 - decay) * source``: an adapter trailing another (AWM's EMA adapter, NFT's
+    old policy). The active adapter is ``source`` afterwards."""
+    current, trailing = lora_state_dict(module, source), lora_state_dict(module, into)
+    load_lora_state_dict(module, {k: decay * trailing[k] + (1 - decay) * current[k] for k in current},
+                         adapter_name=into)
+    set_active_adapter(module, source)
+
+
 def save_peft_lora(module: torch.nn.Module, folder: str | Path, adapter_name: str = "default") -> None:
     """peft's on-disk format (``adapter_model.safetensors`` + ``adapter_config.json``)."""
     from safetensors.torch import save_file

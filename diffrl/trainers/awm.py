@@ -259,12 +259,7 @@ class AWMTrainer:
         if not self.has_ema:
             return
         decay = min(cfg.ema_decay_max, cfg.ema_decay_rate * self.step)
-        module = self.model.transformer
-        current = lora_utils.lora_state_dict(module, "default")
-        ema = lora_utils.lora_state_dict(module, "ema")
-        mixed = {k: decay * ema[k] + (1 - decay) * current[k] for k in current}
-        lora_utils.load_lora_state_dict(module, mixed, adapter_name="ema")
-        lora_utils.set_active_adapter(module, "default")
+        lora_utils.blend_adapter(self.model.transformer, "default", into="ema", decay=decay)
 
     def evaluate(self) -> dict:
         """Raw weights, and the weight EMA when enabled (as the public code evaluates both)."""

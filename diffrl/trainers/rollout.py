@@ -132,8 +132,9 @@ def sde_window(sampling, *, seed: int, step: int, rank: int = 0, batch: int = 0)
 def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, generator: torch.Generator,
                  uncond=None, window=None, on_batch=None) -> list:
     """Sample ``prompts`` (one sample each) in batches with ``sampling.sampler``: Euler with SDE steps on
-    ``window`` (None: every step; a callable gives batch k's window), or SA-Solver; returns one
+    ``window`` (None: every step; a callable gives batch k's window), SA-Solver or DPM-Solver++(2M); returns one
     :class:`Trajectory` per batch. ``on_batch(trajectory, start)`` is called as each batch is done."""
+    from diffrl.samplers.dpm_solver import sample_dpm2
     from diffrl.samplers.flow import sample_trajectory
     from diffrl.samplers.sa_solver import sample_sa_solver
 
@@ -145,6 +146,11 @@ def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, genera
                 model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
                 num_frames=sampling.num_frames, noise_level=sampling.noise_level,
                 tau_range=tuple(sampling.sa_tau_range), guidance_scale=sampling.guidance_scale, uncond=uncond,
+                generator=generator))
+        elif sampling.sampler == "dpm2":
+            trajectories.append(sample_dpm2(
+                model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
+                num_frames=sampling.num_frames, guidance_scale=sampling.guidance_scale, uncond=uncond,
                 generator=generator))
         else:
             trajectories.append(sample_trajectory(

@@ -221,6 +221,9 @@ CASES: dict[str, Case] = {
     "reward.async on a trainer that cannot overlap": Case(
         lambda t, tiny: ["train", IGPO, f"model.path={tiny('dllm')}", f"output_dir={t / 'run'}", "reward.async=true"],
         ("reward.async", "flow trainers", "remove it")),
+    "NFT without LoRA": Case(lambda t, tiny: ["train", str(REPO_ROOT / "configs/nft/tiny_sd3_jpeg.yaml"),
+                                              f"model.path={tiny('sd3')}", f"output_dir={t / 'run'}", *QUICK,
+                                              "lora.enabled=false"], ("second LoRA adapter", "lora.enabled: true")),
     "unknown reward": Case(awm("reward.weights.pickscor=1.0"), ("pickscor", "pickscore")),
     "reward returning the wrong shape": Case(awm("reward.weights={{test_catalogue_wrong_shape: 1.0}}"),
                                              ("test_catalogue_wrong_shape", "one score per sample")),

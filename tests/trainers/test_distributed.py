@@ -60,16 +60,17 @@ def test_two_process_ddp_averages_gradients(tiny_dir, tmp_path):
         assert row["weights_equal"]           # so both ranks hold the same weights after the step
 
 
-AWM_SCRIPT = r'''
+# AWM and NFT (the same rollout glue): @NAME@ / @CONFIG@ / @MODULE@ / @CLASS@ are filled in by the test.
+FLOW_SCRIPT = r'''
 import json, sys, torch
 from diffrl.config import load_config
-from diffrl.trainers.awm import AWMTrainer
+from @MODULE@ import @CLASS@ as Trainer
 from diffrl.trainers import run_setup
 
-config = load_config("configs/awm/tiny_sd3_jpeg.yaml", [f"model.path={sys.argv[1]}", f"output_dir={sys.argv[2]}/run",
+config = load_config("@CONFIG@", [f"model.path={sys.argv[1]}", f"output_dir={sys.argv[2]}/run",
                      "max_steps=2", "logging.progress_bar=false", "prompts_per_step=3", "group_size=2",
                      "sample_batch_size=3", "train_batch_size=3", "data.eval_size=0"])
-trainer = AWMTrainer(config)
+trainer = Trainer(config)
 trainer.setup()
 acc = trainer.accelerator
 local_prompts = []
@@ -79,23 +80,27 @@ for _ in range(2):
     trainer.score(batch)
     trainer.update(batch)
     trainer.step += 1
+    if hasattr(trainer, "_update_old_adapter"):
+        trainer._update_old_adapter()
 flat = torch.cat([p.detach().flatten() for p in trainer.params])
 gathered = acc.gather(flat[None])
 out = {"world": acc.num_processes, "weights_equal": bool(torch.equal(gathered[0], gathered[1])),
        "moved": float(flat.abs().sum()), "prompts": local_prompts}
-with open(sys.argv[2] + f"/awm_rank{acc.process_index}.json", "w") as f:
+with open(sys.argv[2] + f"/@NAME@_rank{acc.process_index}.json", "w") as f:
     json.dump(out, f)
 run_setup.end_training(acc)
 '''
 
 
 @pytest.mark.slow
-def test_two_process_awm_keeps_ranks_identical(tiny_dir, tmp_path):
-    script = tmp_path / "awm_ddp.py"
-    script.write_text(AWM_SCRIPT)
-    result = accelerate_launch(script, tiny_dir("sd3"), tmp_path, port=29519)
+@pytest.mark.parametrize("name, trainer_class, port", [("awm", "AWMTrainer", 29519), ("nft", "NFTTrainer", 29529)])
+def test_two_process_flow_trainers_keep_ranks_identical(tiny_dir, tmp_path, name, trainer_class, port):
+    script = tmp_path / f"{name}_ddp.py"
+    script.write_text(FLOW_SCRIPT.replace("@NAME@", name).replace("@CONFIG@", f"configs/{name}/tiny_sd3_jpeg.yaml")
+                      .replace("@MODULE@", f"diffrl.trainers.{name}").replace("@CLASS@", trainer_class))
+    result = accelerate_launch(script, tiny_dir("sd3"), tmp_path, port=port)
     assert result.returncode == 0, result.stderr[-6000:]
-    rows = [json.loads((tmp_path / f"awm_rank{r}.json").read_text()) for r in (0, 1)]
+    rows = [json.loads((tmp_path / f"{name}_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(row["world"] == 2 and row["weights_equal"] and row["moved"] > 0 for row in rows)
     # 3 prompts x 2 samples = 6 per step, 3 per rank: a prompt's group spans both processes
     for step in range(2):

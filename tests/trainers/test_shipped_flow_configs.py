@@ -1,4 +1,4 @@
-"""Every published AWM / Flow-GRPO config starts and takes a step on the tiny stand-in of its model:
+"""Every published AWM / Flow-GRPO / NFT config starts and takes a step on the tiny stand-in of its model:
 only paths, sizes and batch counts are overridden, the algorithm settings are the shipped ones."""
 
 import math
@@ -9,7 +9,7 @@ from diffrl.config import load_config
 from diffrl.trainers import get_trainer
 from tests.conftest import REPO_ROOT
 
-CONFIGS = sorted(str(p.relative_to(REPO_ROOT)) for folder in ("awm", "flow_grpo")
+CONFIGS = sorted(str(p.relative_to(REPO_ROOT)) for folder in ("awm", "flow_grpo", "nft")
                  for p in (REPO_ROOT / "configs" / folder).glob("*.yaml") if not p.name.startswith("tiny"))
 
 
@@ -43,6 +43,8 @@ def test_published_config_starts_on_tiny_model(path, tiny_dir, tmp_path):
     config = load_config(REPO_ROOT / path, overrides)
     if config.trainer == "awm":
         config.train_timesteps = 2
+    elif config.trainer == "nft":
+        config.train_batch_size = 1 if config.optimizer_steps_per_rollout > 1 else 2
     elif config.sampling.sde_window_size is not None:
         config.sampling.sde_window, config.sampling.sde_window_size = [0, 3], 2
     trainer = get_trainer(config.trainer).trainer_class(config)
