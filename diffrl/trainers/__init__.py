@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from diffrl.errors import ConfigError
 
-_NOT_TRAINERS = {"checkpoints", "evaluation", "preference", "progress", "reasoning", "reward_pipeline", "rollout", "run_loop",
-                 "run_setup", "step_guard", "trainable", "weight_ema"}  # shared helpers
+_NOT_TRAINERS = {"checkpoints", "evaluation", "preference", "progress", "reasoning", "reward_pipeline", "rollout",
+                 "run_loop", "run_setup", "step_guard", "trainable", "weight_ema"}  # shared helpers
 
 
 @dataclass(frozen=True)
