@@ -1,4 +1,5 @@
-"""The race: AWM against Flow-GRPO (and IGPO against diffu-GRPO) on the quickstart tasks, several seeds.
+"""The race: AWM and DiffusionNFT against Flow-GRPO (and IGPO against diffu-GRPO) on the quickstart tasks,
+several seeds.
 
     python scripts/bench/awm_vs_flow_grpo.py [--race image text] [--seeds 0 1 2] [--steps 60] [--eval-every 5]
 
@@ -6,12 +7,13 @@ image: the quickstart task (assets/sd3-shapes, JPEG compressibility, the same pr
        steps, LoRA and learning rate for both) with each method's published relative settings: AWM as
        configs/quickstart.yaml (ODE rollouts, 4 training timesteps), Flow-GRPO as
        configs/flow_grpo/quickstart.yaml (SDE rollouts at noise level 0.7, clip range 1e-4, beta 0.01,
-       2 updates per rollout, as its published SD3.5 configs).
+       2 updates per rollout, as its published SD3.5 configs), NFT as configs/nft/quickstart.yaml (CFG-free
+       DPM-Solver++(2M) rollouts by the old adapter, 9 of 10 timesteps, nft_beta 1, beta 1e-4).
 text:  IGPO against diffu-GRPO (``igpo.enabled=false``, everything else equal) on 2- to 4-digit addition from
        the shipped assets/dllm-addition model (configs/quickstart_text.yaml); also the fraction of training
        groups (G = 8, temperature 1) with no correct completion, per step, before IGPO's inpainting.
 
-Per seed, both run ``--steps`` optimizer steps and are evaluated every ``--eval-every`` steps with the same
+Per seed, every runner runs ``--steps`` optimizer steps and are evaluated every ``--eval-every`` steps with the same
 evaluation (fixed prompts and noise, ODE sampling for images, greedy decoding for text): training rewards are
 not comparable across the two (SDE rollouts score lower than ODE ones on JPEG size; IGPO's include inpainted
 samples). The target is the best evaluation score the baseline (Flow-GRPO, diffu-GRPO) reaches within its
@@ -39,10 +41,10 @@ from diffrl.config import load_config  # noqa: E402  (after the path: runs from 
 from diffrl.report import first_and_last_tenth, moving_average, series  # noqa: E402
 
 RACES = {
-    "image": {"new": ("awm", "configs/quickstart.yaml", []),
+    "image": {"new": [("awm", "configs/quickstart.yaml", []), ("nft", "configs/nft/quickstart.yaml", [])],
               "baseline": ("flow_grpo", "configs/flow_grpo/quickstart.yaml", []),
               "metric": "eval/reward"},
-    "text": {"new": ("igpo", "configs/quickstart_text.yaml", []),
+    "text": {"new": [("igpo", "configs/quickstart_text.yaml", [])],
              "baseline": ("diffu_grpo", "configs/quickstart_text.yaml", ["igpo.enabled=false"]),
              "metric": "eval/accuracy"},
 }
@@ -85,69 +87,76 @@ def samples_per_step(config: str) -> int:
 
 def race(name: str, seeds: list[int], steps: int, eval_every: int, out_dir: Path) -> dict:
     spec = RACES[name]
-    metric = spec["metric"]
+    metric, baseline = spec["metric"], spec["baseline"][0]
+    runners = [spec["baseline"], *spec["new"]]
+    contenders = [label for label, _, _ in spec["new"]]
     rows = []
     for seed in seeds:
-        entry = {"seed": seed}
+        entry: dict = {"seed": seed}
         curves = {}
-        for role in ("baseline", "new"):
-            label, config, overrides = spec[role]
+        for label, config, overrides in runners:
             start = time.time()
             data = run(config, overrides, out_dir / name / f"{label}-seed{seed}", seed, steps, eval_every)
-            curves[role] = curve(data, metric, samples_per_step(config))
+            curves[label] = curve(data, metric, samples_per_step(config))
             if name == "text":
                 # per training step: groups with no correct completion, before any inpainting
                 steps_, values = series(data, "all_wrong_ratio")
-                curves[role]["all_wrong"] = {"step": steps_, "value": values}
-            entry[f"{role}_process_seconds"] = round(time.time() - start, 1)
-        start_value = curves["baseline"]["value"][0]
-        target = max(curves["baseline"]["value"][1:])
-        base_s, base_calls, base_step = time_to(curves["baseline"], target)
-        new_s, new_calls, new_step = time_to(curves["new"], target)
+                curves[label]["all_wrong"] = {"step": steps_, "value": values}
+            entry[f"{label}_process_seconds"] = round(time.time() - start, 1)
+        start_value = curves[baseline]["value"][0]
+        target = max(curves[baseline]["value"][1:])
         improved = target > start_value
-        entry.update(start=start_value, target=target, baseline_improved=improved,
-                     baseline_seconds=base_s, baseline_calls=base_calls, baseline_step=base_step,
-                     new_seconds=new_s, new_calls=new_calls, new_step=new_step,
-                     baseline_end=curves["baseline"]["value"][-1], new_end=curves["new"]["value"][-1],
-                     new_best=max(curves["new"]["value"]),
-                     speedup=(base_s / new_s) if improved and new_s else None,
-                     call_ratio=(base_calls / new_calls) if improved and new_calls else None, curves=curves)
-        if name == "text":
-            for role in ("baseline", "new"):
-                entry[f"{role}_all_wrong_first"], entry[f"{role}_all_wrong_last"] = first_and_last_tenth(
-                    curves[role]["all_wrong"]["value"])
+        base_s, base_calls, base_step = time_to(curves[baseline], target)
+        entry.update(start=start_value, target=target, baseline_improved=improved, baseline_seconds=base_s,
+                     baseline_calls=base_calls, baseline_step=base_step, curves=curves)
+        for label, _, _ in runners:
+            entry[f"{label}_start"] = curves[label]["value"][0]
+            entry[f"{label}_end"] = curves[label]["value"][-1]
+            entry[f"{label}_best"] = max(curves[label]["value"])
+            if name == "text":
+                entry[f"{label}_all_wrong_first"], entry[f"{label}_all_wrong_last"] = first_and_last_tenth(
+                    curves[label]["all_wrong"]["value"])
+        line = (f"[{name}] seed {seed}: {metric} at start {start_value:.4g}; {baseline} best {target:.4g} after "
+                f"{base_s} s / {base_calls} calls (step {base_step}), end {entry[f'{baseline}_end']:.4g}")
+        for label in contenders:
+            seconds, calls, step = time_to(curves[label], target)
+            entry.update({f"{label}_seconds": seconds, f"{label}_calls": calls, f"{label}_step": step,
+                          f"{label}_speedup": (base_s / seconds) if improved and seconds else None,
+                          f"{label}_call_ratio": (base_calls / calls) if improved and calls else None})
+            shown = (f"{entry[f'{label}_speedup']:.2f}x" if entry[f"{label}_speedup"] else
+                     "baseline did not improve" if not improved else "target not reached")
+            line += (f"; {label} reaches it after {seconds} s / {calls} calls (step {step}), end "
+                     f"{entry[f'{label}_end']:.4g}, speed-up {shown}")
         rows.append(entry)
-        shown = (f"{entry['speedup']:.2f}x" if entry["speedup"] else
-                 "baseline did not improve" if not improved else "target not reached")
-        print(f"[{name}] seed {seed}: {metric} at start {start_value:.4g}; {spec['baseline'][0]} best {target:.4g} "
-              f"after {base_s} s / {base_calls} calls (step {base_step}), end {entry['baseline_end']:.4g}; "
-              f"{spec['new'][0]} reaches it after {new_s} s / {new_calls} calls (step {new_step}), end "
-              f"{entry['new_end']:.4g}; speed-up {shown}", flush=True)
-    speedups = [r["speedup"] for r in rows if r["speedup"]]
-    summary = {"race": name, "new": spec["new"][0], "baseline": spec["baseline"][0], "metric": metric,
-               "steps": steps, "eval_every": eval_every, "seeds": seeds, "reached": f"{len(speedups)}/{len(rows)}",
-               "speedup_median": statistics.median(speedups) if speedups else None,
-               "speedup_min": min(speedups) if speedups else None,
-               "speedup_max": max(speedups) if speedups else None, "runs": rows}
-    for role in ("baseline", "new"):
-        ends = [r[f"{role}_end"] for r in rows]
-        summary[f"{role}_end_median"] = statistics.median(ends)
-        summary[f"{role}_end_spread"] = [min(ends), max(ends)]
-        summary[f"{role}_gain_median"] = statistics.median(r[f"{role}_end"] - r["start"] for r in rows)
-        line = (f"[{name}] {spec[role][0]}: {metric} at the end median {summary[f'{role}_end_median']:.4g} "
-                f"(min {min(ends):.4g}, max {max(ends):.4g}), gain over the start median "
-                f"{summary[f'{role}_gain_median']:+.4g}")
-        if f"{role}_all_wrong_first" in rows[0]:
+        print(line, flush=True)
+    summary = {"race": name, "baseline": baseline, "contenders": contenders, "metric": metric, "steps": steps,
+               "eval_every": eval_every, "seeds": seeds, "runs": rows}
+    for label, _, _ in runners:
+        ends = [r[f"{label}_end"] for r in rows]
+        summary[f"{label}_end_median"] = statistics.median(ends)
+        summary[f"{label}_end_spread"] = [min(ends), max(ends)]
+        summary[f"{label}_gain_median"] = statistics.median(r[f"{label}_end"] - r[f"{label}_start"] for r in rows)
+        line = (f"[{name}] {label}: {metric} at the end median {summary[f'{label}_end_median']:.4g} "
+                f"(min {min(ends):.4g}, max {max(ends):.4g}), gain over its start median "
+                f"{summary[f'{label}_gain_median']:+.4g}")
+        if name == "text":
             for part in ("first", "last"):
-                summary[f"{role}_all_wrong_{part}_median"] = statistics.median(
-                    r[f"{role}_all_wrong_{part}"] for r in rows)
-            first, last = summary[f"{role}_all_wrong_first_median"], summary[f"{role}_all_wrong_last_median"]
+                summary[f"{label}_all_wrong_{part}_median"] = statistics.median(
+                    r[f"{label}_all_wrong_{part}"] for r in rows)
+            first, last = summary[f"{label}_all_wrong_first_median"], summary[f"{label}_all_wrong_last_median"]
             line += f"; all-wrong training groups, first -> last tenth of the steps, median {first:.3f} -> {last:.3f}"
         print(line, flush=True)
-    if speedups:
-        print(f"[{name}] {spec['new'][0]} vs {spec['baseline'][0]}: wall-clock speed-up to the baseline's best "
-              f"{metric}: median {summary['speedup_median']:.2f}x (min {summary['speedup_min']:.2f}x, max "
-              f"{summary['speedup_max']:.2f}x), reached in {summary['reached']} seeds")
+    for label in contenders:
+        speedups = [r[f"{label}_speedup"] for r in rows if r[f"{label}_speedup"]]
+        calls = [r[f"{label}_call_ratio"] for r in rows if r[f"{label}_call_ratio"]]
+        summary[label] = {"reached": f"{len(speedups)}/{len(rows)}",
+                          "speedup_median": statistics.median(speedups) if speedups else None,
+                          "speedup_spread": [min(speedups), max(speedups)] if speedups else None,
+                          "call_ratio_median": statistics.median(calls) if calls else None}
+        if speedups:
+            print(f"[{name}] {label} vs {baseline}: wall-clock speed-up to the baseline's best {metric}: median "
+                  f"{summary[label]['speedup_median']:.2f}x (min {min(speedups):.2f}x, max {max(speedups):.2f}x), "
+                  f"reached in {summary[label]['reached']} seeds", flush=True)
     plot(summary, out_dir / f"{name}.png", metric)
     return summary
 
@@ -158,27 +167,30 @@ def plot(summary: dict, path: Path, metric: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = "all_wrong" in summary["runs"][0]["curves"]["new"]
+    labels = [summary["baseline"], *summary["contenders"]]
+    colors = dict(zip(labels, ["tab:gray", "tab:blue", "tab:orange", "tab:green"]))
+    groups = "all_wrong" in summary["runs"][0]["curves"][labels[0]]
     fig, axes = plt.subplots(1, 2 if groups else 1, figsize=(12 if groups else 7, 4), squeeze=False)
     ax = axes[0, 0]
     for run_ in summary["runs"]:
-        for role, color in (("baseline", "tab:gray"), ("new", "tab:blue")):
-            c = run_["curves"][role]
-            label = summary[role] if run_ is summary["runs"][0] else None
-            ax.plot(c["seconds"], c["value"], "o-", ms=3, color=color, alpha=0.8, lw=1.5, label=label)
+        for label in labels:
+            c = run_["curves"][label]
+            ax.plot(c["seconds"], c["value"], "o-", ms=3, color=colors[label], alpha=0.8, lw=1.5,
+                    label=label if run_ is summary["runs"][0] else None)
         ax.axhline(run_["target"], color="tab:gray", ls=":", lw=0.8)
     ax.set_xlabel("wall-clock seconds in training steps")
     ax.set_ylabel(f"{metric} (fixed prompts and noise)")
-    ax.set_title(f"{summary['new']} vs {summary['baseline']}, {len(summary['runs'])} seeds; dotted: target")
+    ax.set_title(f"{' / '.join(summary['contenders'])} vs {summary['baseline']}, {len(summary['runs'])} seeds; "
+                 f"dotted: target")
     ax.legend()
     ax.grid(alpha=0.3)
     if groups:
         right = axes[0, 1]
         for run_ in summary["runs"]:
-            for role, color in (("baseline", "tab:gray"), ("new", "tab:blue")):
-                c = run_["curves"][role]["all_wrong"]
-                right.plot(c["step"], moving_average(c["value"], 5), color=color, alpha=0.8, lw=1.5,
-                           label=summary[role] if run_ is summary["runs"][0] else None)
+            for label in labels:
+                c = run_["curves"][label]["all_wrong"]
+                right.plot(c["step"], moving_average(c["value"], 5), color=colors[label], alpha=0.8, lw=1.5,
+                           label=label if run_ is summary["runs"][0] else None)
         right.set_xlabel("training step")
         right.set_ylabel("all-wrong groups (G=8), moving mean of 5 steps")
         right.set_title("training groups with no correct completion")
