@@ -18,7 +18,7 @@ import torch
 from diffrl.errors import CheckpointError, ConfigError, DiffrlError
 
 TEXT_TRAINERS = ("igpo", "dllm_sft")
-FLOW_TRAINERS = ("awm", "flow_grpo")
+FLOW_TRAINERS = ("awm", "flow_grpo", "nft")
 PREFERENCE_TRAINERS = ("seppo", "diffusion_dpo")
 
 

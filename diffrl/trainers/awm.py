@@ -287,16 +287,9 @@ class AWMTrainer:
         trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
         trainable.save_weight_ema(self, folder)
         if self.has_ema:
-            from safetensors.torch import save_file
-
-            ema = lora_utils.lora_state_dict(self.model.transformer, "ema")
-            save_file(ema, str(folder / "ema_adapter.safetensors"))
+            trainable.save_adapter(self.model, folder, "ema")
 
     def _load_model(self, folder) -> None:
         trainable.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
         if self.has_ema:
-            from safetensors.torch import load_file
-
-            ema = load_file(str(folder / "ema_adapter.safetensors"))
-            lora_utils.load_lora_state_dict(self.model.transformer, ema, adapter_name="ema")
-            lora_utils.set_active_adapter(self.model.transformer, "default")
+            trainable.load_adapter(self.model, folder, "ema")

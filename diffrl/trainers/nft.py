@@ -260,16 +260,10 @@ class NFTTrainer:
                       generators={"noise": self.noise})
 
     def _save_model(self, folder) -> None:
-        from safetensors.torch import save_file
-
         trainable.save_trainable(self.model, folder, lora_enabled=True)
         trainable.save_weight_ema(self, folder)
-        save_file(lora_utils.lora_state_dict(self.model.transformer, "old"), str(folder / "old_adapter.safetensors"))
+        trainable.save_adapter(self.model, folder, "old")
 
     def _load_model(self, folder) -> None:
-        from safetensors.torch import load_file
-
         trainable.load_trainable(self.model, folder, lora_enabled=True)
-        old = load_file(str(folder / "old_adapter.safetensors"))
-        lora_utils.load_lora_state_dict(self.model.transformer, old, adapter_name="old")
-        lora_utils.set_active_adapter(self.model.transformer, "default")
+        trainable.load_adapter(self.model, folder, "old")

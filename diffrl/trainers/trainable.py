@@ -24,6 +24,28 @@ def add_frozen_adapter(model, lora, adapter_name: str) -> None:
                    adapter_name=adapter_name)
 
 
+def save_adapter(model, folder: Path, adapter_name: str) -> None:
+    """A frozen second adapter (AWM's EMA adapter, NFT's old policy) as ``<adapter_name>_adapter.safetensors``,
+    for exact resume."""
+    from safetensors.torch import save_file
+
+    from diffrl.models import lora as lora_utils
+
+    save_file(lora_utils.lora_state_dict(model.transformer, adapter_name),
+              str(folder / f"{adapter_name}_adapter.safetensors"))
+
+
+def load_adapter(model, folder: Path, adapter_name: str) -> None:
+    """The adapter :func:`save_adapter` wrote; the trained "default" adapter stays the active one."""
+    from safetensors.torch import load_file
+
+    from diffrl.models import lora as lora_utils
+
+    state = load_file(str(folder / f"{adapter_name}_adapter.safetensors"))
+    lora_utils.load_lora_state_dict(model.transformer, state, adapter_name=adapter_name)
+    lora_utils.set_active_adapter(model.transformer, "default")
+
+
 def save_trainable(model, folder: Path, *, lora_enabled: bool) -> None:
     """LoRA in the library's own format (diffusers / peft), or the full module as safetensors; a language
     model's full weights with its tokenizer, so that the folder loads on its own with from_pretrained."""

@@ -9,6 +9,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
+import diffrl
 from diffrl.config import from_dict
 from diffrl.errors import ConfigError
 from diffrl.losses import nft_loss
@@ -166,6 +167,10 @@ def test_ocr_style_two_optimizer_steps_per_rollout_and_the_lora_loads_in_diffuse
     got = pipe.transformer(hidden_states=x, timestep=t * 1000, encoder_hidden_states=cond.embeds,
                            pooled_projections=cond.pooled, return_dict=False)[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # the run opens for sampling like any flow run, raw weights and the EMA
+    for weights in ("raw", "ema"):
+        rows = diffrl.sample(str(tmp_path / "run"), ["a red circle"], weights=weights)
+        assert rows[0]["image"].shape[0] == 3 and torch.isfinite(rows[0]["image"]).all()
 
 
 @pytest.mark.parametrize("overrides, message", [
