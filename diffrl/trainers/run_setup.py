@@ -157,7 +157,7 @@ def load_configured_reward(reward, device, *, overlap: bool = False):
     if reward is None:
         return None
     if reward.async_ and not overlap:
-        raise ConfigError("reward.async overlaps scoring with the rollouts of the flow trainers (awm, flow_grpo); "
+        raise ConfigError("reward.async overlaps scoring with the rollouts of the flow trainers (awm, nft, flow_grpo); "
                           "remove it for this trainer")
     return load_reward(reward.weights, device=reward.device or device, kwargs=reward.kwargs)
 
