@@ -104,6 +104,9 @@ class NFTConfig(TrainerConfig):
         if self.optim.gradient_accumulation_steps != 1:
             raise ConfigError("nft sets its accumulation from the batch: leave optim.gradient_accumulation_steps "
                               "at 1 and use optimizer_steps_per_rollout")
+        if int(self.sampling.num_steps * self.timestep_fraction) < 1:   # the grid has num_steps timesteps
+            raise ConfigError(f"timestep_fraction {self.timestep_fraction} trains no timestep of "
+                              f"{self.sampling.num_steps}; raise it or sampling.num_steps")
 
 
 @register_trainer("nft", config_class=NFTConfig, paper="https://arxiv.org/abs/2509.16117",
@@ -206,9 +209,6 @@ class NFTTrainer:
         self.model.denoiser.train()
         n, grid = len(batch["prompts"]), batch["sigmas"][:-1]          # the rollout's timesteps, without 0
         trained = int(len(grid) * cfg.timestep_fraction)
-        if trained < 1:
-            raise ConfigError(f"timestep_fraction {cfg.timestep_fraction} trains no timestep of "
-                              f"{len(grid)}; raise it or sampling.num_steps")
         # The public code: samples shuffled over micro-batches, and a random permutation of the grid per sample
         # whose first int(N x fraction) entries are trained.
         order = torch.randperm(n, generator=self.noise)
