@@ -23,18 +23,93 @@ from diffrl.models.loading import loading_errors
 _KNOWN_MASK_IDS = {"llada": 126336}
 
 
-class MaskedDiffusionLM:
-    """A bidirectional masked LM; ``module`` trains (possibly with LoRA), ``denoiser`` runs forwards."""
+class DiffusionLM:
+    """What every diffusion LM wrapper shares: the tokenizer side (chat prompts, left padding, decoding) and
+    the LoRA side (add, disable for the reference, save, load). ``module`` trains, ``denoiser`` runs forwards
+    (the DDP-wrapped module once Accelerate has prepared it). ``noise`` names the corruption the model was
+    trained with: "mask" (:class:`MaskedDiffusionLM`) or "uniform" (``diffusion_gemma.DiffusionGemmaLM``)."""
 
-    def __init__(self, module: torch.nn.Module, tokenizer, *, mask_id: int | None = None,
-                 device: torch.device | str = "cpu"):
+    noise = "mask"
+    lora_family = "dllm"
+    mask_id: int | None = None
+
+    def __init__(self, module: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu"):
         self.module = module
         self.denoiser = module
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.mask_id = mask_id if mask_id is not None else self._find_mask_id()
         if tokenizer.pad_token_id is None:
             raise ConfigError("the tokenizer has no pad token; set one (e.g. the eos token) before training")
+
+    def chat_prompt_ids(self, prompts: list[str], *, chat_template: bool = True) -> list[list[int]]:
+        """Token ids of each prompt as a user turn followed by the assistant header (or raw text)."""
+        if chat_template and self.tokenizer.chat_template:
+            out = []
+            for prompt in prompts:
+                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                         add_generation_prompt=True, tokenize=True)
+                out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+            return out
+        return [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+
+    def left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad token lists to ``[B, L]`` ids and a ``[B, L]`` attention mask (so answers line up)."""
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Token ids -> text, stopping at the first end-of-sequence token."""
+        eos = self.tokenizer.eos_token_id
+        texts = []
+        for row in ids.tolist():
+            if eos is not None and eos in row:
+                row = row[:row.index(eos)]
+            texts.append(self.tokenizer.decode([t for t in row if t != self.mask_id], skip_special_tokens=True))
+        return texts
+
+    # ------------------------------------------------------------------------------------------------------
+
+    @property
+    def trainable(self) -> torch.nn.Module:
+        return self.module
+
+    def lora_exclude(self) -> list[str] | None:
+        """Full names of matching modules the adapter leaves out (none here)."""
+        return None
+
+    def add_lora(self, *, rank: int, alpha: float, dropout: float = 0.0, init: str = "gaussian",
+                 target_modules: list[str] | None = None, adapter_name: str = "default") -> None:
+        lora_utils.add_lora(self.module, self.lora_family, rank=rank, alpha=alpha, dropout=dropout, init=init,
+                            target_modules=target_modules, exclude=self.lora_exclude(), adapter_name=adapter_name)
+
+    @contextlib.contextmanager
+    def reference(self):
+        with lora_utils.adapters_disabled(self.module):
+            yield self
+
+    def save_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
+        """peft format (``adapter_model.safetensors`` + ``adapter_config.json``), loadable by ``load_adapter``."""
+        lora_utils.save_peft_lora(self.module, folder, adapter_name)
+
+    def load_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(folder) / "adapter_model.safetensors"))
+        lora_utils.load_lora_state_dict(self.module, _strip_peft_prefix(state), adapter_name)
+
+
+class MaskedDiffusionLM(DiffusionLM):
+    """A bidirectional masked LM; ``module`` trains (possibly with LoRA), ``denoiser`` runs forwards."""
+
+    def __init__(self, module: torch.nn.Module, tokenizer, *, mask_id: int | None = None,
+                 device: torch.device | str = "cpu"):
+        super().__init__(module, tokenizer, device=device)
+        self.mask_id = mask_id if mask_id is not None else self._find_mask_id()
 
     def _find_mask_id(self) -> int:
         if self.tokenizer.mask_token_id is not None:
@@ -122,63 +197,6 @@ class MaskedDiffusionLM:
             p_full, p_hidden, p_shown = log_probs.chunk(3)
             log_probs = (p_full + torch.where(hidden, p_hidden / t, p_shown / (1 - t))) / 2
         return log_probs, entropy
-
-    def chat_prompt_ids(self, prompts: list[str], *, chat_template: bool = True) -> list[list[int]]:
-        """Token ids of each prompt as a user turn followed by the assistant header (or raw text)."""
-        if chat_template and self.tokenizer.chat_template:
-            out = []
-            for prompt in prompts:
-                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                         add_generation_prompt=True, tokenize=True)
-                out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
-            return out
-        return [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-
-    def left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-pad token lists to ``[B, L]`` ids and a ``[B, L]`` attention mask (so answers line up)."""
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, seq in enumerate(sequences):
-            ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[i, width - len(seq):] = 1
-        return ids.to(self.device), mask.to(self.device)
-
-    def decode(self, ids: torch.Tensor) -> list[str]:
-        """Token ids -> text, stopping at the first end-of-sequence token."""
-        eos = self.tokenizer.eos_token_id
-        texts = []
-        for row in ids.tolist():
-            if eos is not None and eos in row:
-                row = row[:row.index(eos)]
-            texts.append(self.tokenizer.decode([t for t in row if t != self.mask_id], skip_special_tokens=True))
-        return texts
-
-    # ------------------------------------------------------------------------------------------------------
-
-    @property
-    def trainable(self) -> torch.nn.Module:
-        return self.module
-
-    def add_lora(self, *, rank: int, alpha: float, dropout: float = 0.0, init: str = "gaussian",
-                 target_modules: list[str] | None = None, adapter_name: str = "default") -> None:
-        lora_utils.add_lora(self.module, "dllm", rank=rank, alpha=alpha, dropout=dropout, init=init,
-                            target_modules=target_modules, adapter_name=adapter_name)
-
-    @contextlib.contextmanager
-    def reference(self):
-        with lora_utils.adapters_disabled(self.module):
-            yield self
-
-    def save_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
-        """peft format (``adapter_model.safetensors`` + ``adapter_config.json``), loadable by ``load_adapter``."""
-        lora_utils.save_peft_lora(self.module, folder, adapter_name)
-
-    def load_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
-        from safetensors.torch import load_file
-
-        state = load_file(str(Path(folder) / "adapter_model.safetensors"))
-        lora_utils.load_lora_state_dict(self.module, _strip_peft_prefix(state), adapter_name)
 
 
 def _strip_peft_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

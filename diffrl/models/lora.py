@@ -30,6 +30,8 @@ DEFAULT_TARGETS = {
     "unet": ["to_q", "to_k", "to_v", "to_out.0"],
     # ModernBERT names its projections Wqkv/Wo; LLaMA-style (LLaDA, Dream) q/k/v/o_proj.
     "dllm": ["Wqkv", "Wo", "q_proj", "k_proj", "v_proj", "o_proj", "attn_out"],
+    # DiffusionGemma: the decoder pass's attention (models/diffusion_gemma.py says why not the encoder's).
+    "diffusion_gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
 

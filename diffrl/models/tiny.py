@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("sd3", "flux", "wan", "sd15", "sdxl", "animatediff", "dllm", "clip", "mask2former", "preferences",
-              "video_preferences")
+TINY_KINDS = ("sd3", "flux", "wan", "sd15", "sdxl", "animatediff", "dllm", "diffusion_gemma", "clip", "mask2former",
+              "preferences", "video_preferences")
 
 # The shared character-level vocabulary of the tiny text encoders: every prompt tokenizes to characters.
 _T5_CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,:;!?'\"-+*/=()<>#%$&@_"
@@ -220,19 +220,22 @@ DLLM_CHAT_TEMPLATE = (
     "{% if m['role'] != 'user' %}<|eos|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def tiny_dllm_tokenizer():
-    """A character-level fast tokenizer with a mask token and a chat template."""
+def tiny_dllm_tokenizer(*, mask_token: bool = True):
+    """A character-level fast tokenizer with a chat template (and a mask token unless ``mask_token=False``:
+    uniform-noise models such as DiffusionGemma have none)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(DLLM_SPECIAL)}
+    special = DLLM_SPECIAL if mask_token else [t for t in DLLM_SPECIAL if t != "<|mdm_mask|>"]
+    vocab = {tok: i for i, tok in enumerate(special)}
     for ch in DLLM_CHARS:
         vocab.setdefault(ch, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|pad|>", unk_token="<|unk|>",
-                                        bos_token="<|bos|>", eos_token="<|eos|>", mask_token="<|mdm_mask|>",
+                                        bos_token="<|bos|>", eos_token="<|eos|>",
+                                        mask_token="<|mdm_mask|>" if mask_token else None,
                                         additional_special_tokens=["<|user|>", "<|assistant|>"])
     tokenizer.chat_template = DLLM_CHAT_TEMPLATE
     return tokenizer
@@ -253,6 +256,38 @@ def build_dllm(seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
                               tie_word_embeddings=False)
     model = ModernBertForMaskedLM(config)
     return model, tokenizer
+
+
+def build_diffusion_gemma(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, canvas_length: int = 16,
+                          num_experts: int = 4):
+    """A DiffusionGemmaForBlockDiffusion (no mask token: uniform noise) and its tokenizer: sliding attention
+    layers and a final full-attention one, each with the dense MLP beside a top-2 mixture of ``num_experts``
+    experts, as in the 26B-A4B checkpoint; a 16-token canvas; a one-layer vision tower (the class always
+    builds one; the tiny trainers never show it a picture)."""
+    from transformers import (
+        DiffusionGemmaConfig,
+        DiffusionGemmaForBlockDiffusion,
+        DiffusionGemmaTextConfig,
+        Gemma4VisionConfig,
+    )
+
+    tokenizer = tiny_dllm_tokenizer(mask_token=False)
+    torch.manual_seed(seed)
+    text = DiffusionGemmaTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        global_head_dim=16, sliding_window=64, max_position_embeddings=1024,
+        layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"],
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, num_experts=num_experts, top_k_experts=2,
+        moe_intermediate_size=hidden_size)
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64,
+                                pooling_kernel_size=2)
+    config = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas_length,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  bos_token_id=tokenizer.bos_token_id)
+    return DiffusionGemmaForBlockDiffusion(config), tokenizer
 
 
 def build_clip(seed: int = 0, image_size: int = 32):
@@ -288,7 +323,8 @@ def build_mask2former(seed: int = 0):
 
 _BUILDERS = {"sd3": build_sd3, "flux": build_flux, "wan": build_wan, "sd15": build_sd15,
              "sdxl": build_sdxl, "animatediff": build_animatediff,
-             "dllm": build_dllm, "clip": build_clip, "mask2former": build_mask2former}
+             "dllm": build_dllm, "diffusion_gemma": build_diffusion_gemma, "clip": build_clip,
+             "mask2former": build_mask2former}
 
 
 def save_preferences(folder: str | Path, *, num_rows: int = 8, num_frames: int | None = None, seed: int = 0) -> Path:
