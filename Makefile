@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,ocr,clip,video]'
 	touch $(STAMP)
 
+# Two pytest workers (pytest-xdist), one torch thread each: most tests wait on a subprocess or run tiny
+# single-threaded kernels, so two workers on two cores take about half the time of one.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2
 
 # Headless Chromium for the report's browser test (Debian's chromium + chromium-driver): apt when the
 # machine can fetch, else the packages already in apt's local cache; nothing fatal (the test then says why).
@@ -31,7 +33,7 @@ browser:
 assets/tiny/%: | $(STAMP)
 	$(BIN)/python -m diffrl.models.tiny $* $@
 
-tiny-assets: assets/tiny/dllm assets/tiny/sd3 assets/tiny/sd15 assets/tiny/preferences
+tiny-assets: assets/tiny/dllm assets/tiny/diffusion_gemma assets/tiny/sd3 assets/tiny/sd15 assets/tiny/preferences
 
 # The quickstart: AWM on the shipped assets/sd3-shapes model, offline, a few minutes on 2 CPU cores.
 demo: $(STAMP)

@@ -66,7 +66,7 @@ def _command(family: Family, tiny_dir, output_dir: Path) -> list[str]:
 
 
 def _env(kill_at: str | None = None) -> dict[str, str]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     env.pop("DIFFRL_KILL_AT", None)
     if kill_at:
         env["DIFFRL_KILL_AT"] = kill_at
