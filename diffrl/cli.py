@@ -117,6 +117,12 @@ def _list_trainers():
     return [(name, e.summary, e.paper) for name, e in available_trainers().items()]
 
 
+def _list_models():
+    from diffrl.models import describe_models
+
+    return describe_models()
+
+
 def _list_configs():
     rows = []
     for path in _shipped_configs():
@@ -152,6 +158,7 @@ def _list_rewards():
 
 _LISTERS = {
     "trainers": _list_trainers,
+    "models": _list_models,
     "estimators": _list_estimators,
     "losses": _list_losses,
     "curricula": _list_curricula,

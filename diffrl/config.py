@@ -250,6 +250,16 @@ class MaskedGenerationConfig:
     eval_temperature: float = param(0.0, help="temperature at evaluation (0 = greedy, the papers' accuracy)", ge=0)
     remasking: Literal["low_confidence", "random"] = param("low_confidence", help="which predictions are kept "
                                                            "each step: the most confident or random ones")
+    # DiffusionGemma (uniform noise, transformers' generate): steps are per canvas (max_denoising_steps),
+    # block_length is the model's canvas_length, temperature multiplies the schedule (0 at evaluation: greedy).
+    t_min: float = param(0.4, help="DiffusionGemma: temperature at the last denoising step", ge=0)
+    t_max: float = param(0.8, help="DiffusionGemma: temperature at the first denoising step", gt=0)
+    entropy_bound: float = param(0.1, help="DiffusionGemma: accept the lowest-entropy tokens while their summed "
+                                           "entropy minus the largest stays within this", gt=0)
+    stability_threshold: int = param(1, help="DiffusionGemma: steps the argmax must stay unchanged to stop early",
+                                     ge=0)
+    confidence_threshold: float | None = param(0.005, help="DiffusionGemma: stop early when the mean entropy is "
+                                                           "below this (null: always run every step)", gt=0)
 
 
 @dataclasses.dataclass

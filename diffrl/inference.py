@@ -130,16 +130,14 @@ def sample(run: LoadedRun, prompts: list[str], *, num: int = 1, seed: int = 0, b
     generator = torch.Generator().manual_seed(seed)
     rows: list[dict] = []
     if run.is_text:
-        from diffrl.samplers.masked import generate
+        from diffrl.trainers.reasoning import generate_answers
 
         cfg, gen = run.config, run.config.generation
         for start in range(0, len(wanted), batch_size):
             part = wanted[start:start + batch_size]
             ids, mask = run.model.left_pad(run.model.chat_prompt_ids(part, chat_template=cfg.chat_template))
-            out = generate(run.model, ids, prompt_mask=mask, gen_length=gen.gen_length,
-                           block_length=gen.block_length, steps=gen.steps,
-                           temperature=gen.eval_temperature if temperature is None else temperature,
-                           remasking=gen.remasking, generator=generator)
+            out = generate_answers(run.model, ids, mask, gen, generator=generator,
+                                   temperature=gen.eval_temperature if temperature is None else temperature)
             rows += [{"prompt": p, "text": t} for p, t in zip(part, run.model.decode(out))]
         return rows
     from diffrl.trainers.preference import unconditional

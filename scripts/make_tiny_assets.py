@@ -2,6 +2,7 @@
 
     python scripts/make_tiny_assets.py shapes       # assets/sd3-shapes: SD3-architecture text-to-image, 32x32
     python scripts/make_tiny_assets.py addition     # assets/dllm-addition: masked diffusion LM, 2-4 digit sums
+    python scripts/make_tiny_assets.py gemma-addition   # assets/diffusiongemma-addition: the same task, DiffusionGemma
     python scripts/make_tiny_assets.py all
 
 ``shapes``: procedurally rendered images (a coloured circle / square / triangle / cross / diamond of some
@@ -19,6 +20,10 @@ diffrl's masked-diffusion SFT on 2-, 3- and 4-digit sums with a column-by-column
 held-out questions, at 6000 steps 81%; at 4000 it solves about a third, the 4-digit level almost never, and
 about half of the groups of 8 samples are all wrong, which is the regime IGPO is for (numbers measured on the
 project's 2-core VM; the script prints its own).
+
+``gemma-addition``: the same task and SFT config for a small DiffusionGemma (``diffrl.models.tiny``'s
+architecture at 128 wide, 4 layers, 4 experts, one 64-token canvas), trained on the uniform-noise objective
+(docs/models/diffusion_gemma.md); evaluated with its own entropy-bound sampler.
 """
 
 from __future__ import annotations
@@ -182,8 +187,11 @@ def build_shapes(out: Path, *, vae_steps: int, steps: int, seed: int = 0) -> Non
     log(f"saved {out}")
 
 
+GEMMA_CANVAS = 64  # the longest addition answer (49 characters) and its EOS fit one canvas
+
+
 def build_addition(out: Path, *, steps: int, seed: int = 0, hidden: int = 128, layers: int = 4,
-                   overrides: tuple[str, ...] = ()) -> dict:
+                   overrides: tuple[str, ...] = (), gemma: bool = False) -> dict:
     """The text demo's base model: the same small LM trained by diffrl's masked-diffusion SFT
     (configs/dllm_sft/tiny_addition.yaml) on 2-, 3- and 4-digit addition with carry traces, stopped where it
     solves part of the held-out questions and fails whole groups at the hardest level, which is where IGPO's
@@ -192,14 +200,20 @@ def build_addition(out: Path, *, steps: int, seed: int = 0, hidden: int = 128, l
     import tempfile
 
     from diffrl.config import load_config
-    from diffrl.models.tiny import build_dllm
+    from diffrl.models.tiny import build_diffusion_gemma, build_dllm
     from diffrl.trainers.dllm_sft import DllmSFTTrainer
     from diffrl.trainers.reasoning import evaluate_reasoning
     from rewards import load_reward
 
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = build_dllm(seed=seed, hidden_size=hidden, num_layers=layers)
+        if gemma:
+            model, tokenizer = build_diffusion_gemma(seed=seed, hidden_size=hidden, num_layers=layers,
+                                                     canvas_length=GEMMA_CANVAS)
+            overrides = (f"max_answer_length={GEMMA_CANVAS}", f"generation.gen_length={GEMMA_CANVAS}",
+                         f"generation.block_length={GEMMA_CANVAS}", "generation.steps=24", *overrides)
+        else:
+            model, tokenizer = build_dllm(seed=seed, hidden_size=hidden, num_layers=layers)
         model.save_pretrained(Path(tmp) / "init")
         tokenizer.save_pretrained(Path(tmp) / "init")
         config = load_config(ROOT / "configs/dllm_sft/tiny_addition.yaml", [
@@ -215,7 +229,8 @@ def build_addition(out: Path, *, steps: int, seed: int = 0, hidden: int = 128, l
         generation = dataclasses.replace(config.generation, temperature=1.0)
         metrics = evaluate_reasoning(trainer.model, trainer.eval_tasks, load_reward("math"), generation,
                                      correctness="math", chat_template=True, k=8, batch_size=64, seed=seed)
-    info = {"built_by": "scripts/make_tiny_assets.py addition", "seed": seed, "sft_steps": steps,
+    info = {"built_by": f"scripts/make_tiny_assets.py {'gemma-addition' if gemma else 'addition'}", "seed": seed,
+            "sft_steps": steps,
             "train_seconds": train_seconds, "seconds": round(time.time() - start), "final_loss": result.get("loss"),
             "parameters": sum(p.numel() for p in model.parameters()), "held_out_questions": len(trainer.eval_tasks),
             **{k.removeprefix("eval/"): round(v, 3) for k, v in metrics.items() if isinstance(v, float)}}
@@ -231,7 +246,7 @@ def build_addition(out: Path, *, steps: int, seed: int = 0, hidden: int = 128, l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["shapes", "addition", "all"])
+    parser.add_argument("what", choices=["shapes", "addition", "gemma-addition", "all"])
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--steps", type=int, default=2500, help="MMDiT training steps")
     parser.add_argument("--sft-steps", type=int, default=None,
@@ -246,6 +261,9 @@ def main() -> None:
     if args.what in ("addition", "all"):
         build_addition(args.out or ROOT / "assets" / "dllm-addition", steps=args.sft_steps or 4000,
                        overrides=tuple(args.set))
+    if args.what in ("gemma-addition", "all"):
+        build_addition(args.out or ROOT / "assets" / "diffusiongemma-addition", steps=args.sft_steps or 4000,
+                       overrides=tuple(args.set), gemma=True)
 
 
 if __name__ == "__main__":

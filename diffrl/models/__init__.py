@@ -1,5 +1,6 @@
 """Model adapters: FlowModel (SD3, FLUX, Wan), EpsilonModel (SD1.5, SDXL, AnimateDiff), MaskedDiffusionLM
-(LLaDA, Dream...). ``load_diffusion_model`` opens either image/video kind from its ``model_index.json``."""
+(LLaDA, Dream...), DiffusionGemmaLM. ``load_diffusion_model`` opens either image/video kind from its
+``model_index.json``; ``trainers.reasoning.load_dllm`` opens either language-model kind from its config."""
 
 from __future__ import annotations
 
@@ -29,3 +30,17 @@ def load_diffusion_model(path: str | Path, *, revision: str | None = None, dtype
                                                  motion_adapter=motion_adapter)
     known = ", ".join([*flow._PIPELINE_FAMILY, *unet._PIPELINE_FAMILY])
     raise ConfigError(f"model.path {path}: {name} is not a pipeline diffrl trains ({known})")
+
+
+def describe_models() -> list[tuple[str, str, str]]:
+    """(model, what it is, trainers) for ``diffrl ls models``."""
+    from diffrl.models import flow, unet
+
+    rows = [(name, f"flow matching ({family})", "awm, flow_grpo, nft, seppo, diffusion_dpo")
+            for name, family in flow._PIPELINE_FAMILY.items()]
+    rows += [(name, f"epsilon prediction ({family})", "seppo, diffusion_dpo")
+             for name, family in unet._PIPELINE_FAMILY.items()]
+    rows += [("masked diffusion LM", "LLaDA, Dream, any bidirectional masked LM (mask-token noise)", "igpo, dllm_sft"),
+             ("DiffusionGemmaForBlockDiffusion", "DiffusionGemma (uniform noise, block diffusion, no mask token)",
+              "igpo, dllm_sft")]
+    return rows

@@ -8,6 +8,13 @@ its GUIDELINES.md):
 
 The answer is padded with end-of-sequence tokens up to ``max_answer_length`` and those are trained too, which
 is how LLaDA learns to stop.
+
+DiffusionGemma (uniform noise, no mask token) trains on its own objective (``uniform_diffusion_loss``): the
+answer, its end-of-sequence token and padding (what ``generate`` leaves after it) are cut into canvases; each
+canvas draws t ~ U(eps, 1) and replaces each token by a uniform random one with probability t; the decoder,
+reading the prompt and the earlier canvases through the encoder, is trained with the cross-entropy of every
+canvas position; with probability ``self_conditioning_prob`` (0.5) a canvas first gets a gradient-free pass
+whose logits it then self-conditions on, as at generation time.
 """
 
 from __future__ import annotations
@@ -22,9 +29,8 @@ from diffrl.config import MaskedGenerationConfig, ReasoningDataConfig, TrainerCo
 from diffrl.curriculum import UniformSampler
 from diffrl.data import ReasoningExample, last_boxed
 from diffrl.errors import ConfigError
-from diffrl.samplers.masked import generate
 from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
-from diffrl.trainers.reasoning import load_dllm, load_task_split
+from diffrl.trainers.reasoning import generate_answers, load_dllm, load_task_split
 
 
 @dataclasses.dataclass
@@ -33,7 +39,10 @@ class DllmSFTConfig(TrainerConfig):
     generation: MaskedGenerationConfig = param(MaskedGenerationConfig(), help="decoding used by evaluation")
     batch_size: int = param(8, help="sequences per process per micro-batch", ge=1)
     max_answer_length: int = param(32, help="answer tokens (trace + answer + EOS padding)", ge=1)
-    mask_eps: float = param(1e-3, help="minimum masking probability eps (LLaDA)", gt=0, lt=1)
+    mask_eps: float = param(1e-3, help="minimum masking probability eps (LLaDA; DiffusionGemma: the smallest "
+                                       "uniform-noise level)", gt=0, lt=1)
+    self_conditioning_prob: float = param(0.5, help="DiffusionGemma: canvases trained with self-conditioning on "
+                                                    "a first, gradient-free pass", ge=0, le=1)
     chat_template: bool = param(True, help="wrap questions in the tokenizer's chat template")
     eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
 
@@ -54,6 +63,27 @@ def masked_diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, masked: t
     return (token_ce * weights).sum() / targets.shape[0]
 
 
+def uniform_diffusion_loss(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, answers: torch.Tensor, *,
+                           eps: float, self_conditioning_prob: float, generator: torch.Generator) -> torch.Tensor:
+    """DiffusionGemma's SFT objective (module docstring): the mean cross-entropy over every canvas position.
+    Random draws, in order: t per canvas, the noise tokens, which positions are noised, which canvases
+    self-condition."""
+    contexts, masks, clean = model.block_inputs(prompt_ids, prompt_mask, answers)
+    rows, device = clean.shape[0], clean.device
+    t = eps + (1 - eps) * torch.rand(rows, generator=generator)
+    noise = torch.randint(0, model.vocab_size, clean.shape, generator=generator)
+    noised = torch.rand(clean.shape, generator=generator) < t[:, None]
+    canvas = torch.where(noised.to(device), noise.to(device), clean)
+    conditioned = (torch.rand(rows, generator=generator) < self_conditioning_prob).to(device)
+    first = None
+    if conditioned.any():
+        with torch.no_grad():
+            first = model.canvas_logits(contexts, masks, canvas)
+    logits = model.canvas_logits(contexts, masks, canvas, self_conditioning_logits=first,
+                                 self_conditioning_mask=conditioned if first is not None else None)
+    return F.cross_entropy(logits.transpose(1, 2), clean)
+
+
 @register_trainer("dllm_sft", config_class=DllmSFTConfig, summary="masked-diffusion SFT for diffusion LLMs",
                   paper="https://arxiv.org/abs/2502.09992")
 class DllmSFTTrainer:
@@ -68,6 +98,9 @@ class DllmSFTTrainer:
         # Data first: a bad path should fail before minutes of model loading.
         self.train_tasks, self.eval_tasks = load_task_split(cfg.data, cfg.seed)
         self.model = load_dllm(cfg, self.accelerator.device)
+        if self.model.noise == "uniform" and cfg.max_answer_length % self.model.canvas_length:
+            raise ConfigError(f"max_answer_length ({cfg.max_answer_length}) must be a multiple of the model's "
+                              f"canvas_length ({self.model.canvas_length}): DiffusionGemma trains whole canvases")
         run_setup.prepare_optimization(self, cfg.max_steps)
         self.sampler = UniformSampler(len(self.train_tasks), cfg.batch_size, seed=cfg.seed,
                                       rank=self.accelerator.process_index,
@@ -83,18 +116,36 @@ class DllmSFTTrainer:
         cfg, tok = self.config, self.model.tokenizer
         prompts = self.model.chat_prompt_ids([e.question for e in examples], chat_template=cfg.chat_template)
         prompt_ids, prompt_mask = self.model.left_pad(prompts)
-        answers = torch.full((len(examples), cfg.max_answer_length), tok.eos_token_id, dtype=torch.long)
+        uniform = self.model.noise == "uniform"  # DiffusionGemma: one EOS, then padding (as generate leaves it)
+        fill = tok.pad_token_id if uniform else tok.eos_token_id
+        answers = torch.full((len(examples), cfg.max_answer_length), fill, dtype=torch.long)
         lengths = []
         for i, example in enumerate(examples):
             ids = tok(example.target, add_special_tokens=False).input_ids[:cfg.max_answer_length - 1]
             answers[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            answers[i, len(ids)] = tok.eos_token_id
             lengths.append(cfg.max_answer_length)  # EOS padding counts as answer (LLaDA)
         ids = torch.cat([prompt_ids, answers.to(prompt_ids.device)], dim=1)
         answer_mask = torch.zeros_like(ids, dtype=torch.bool)
         answer_mask[:, prompt_ids.shape[1]:] = True
         attention = torch.cat([prompt_mask, torch.ones_like(answers, device=prompt_mask.device)], dim=1)
-        return {"ids": ids, "answer_mask": answer_mask, "attention": attention,
+        return {"ids": ids, "answer_mask": answer_mask, "attention": attention, "prompt_ids": prompt_ids,
+                "prompt_mask": prompt_mask, "answers": answers.to(prompt_ids.device),
                 "lengths": torch.tensor(lengths, device=ids.device)}
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg, ids = self.config, batch["ids"]
+        if self.model.noise == "uniform":
+            return uniform_diffusion_loss(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["answers"],
+                                          eps=cfg.mask_eps, self_conditioning_prob=cfg.self_conditioning_prob,
+                                          generator=self.noise)
+        t = torch.rand(ids.shape[0], generator=self.noise).to(ids.device)
+        p_mask = (1 - cfg.mask_eps) * t + cfg.mask_eps
+        draws = torch.rand(ids.shape, generator=self.noise).to(ids.device)
+        masked = (draws < p_mask[:, None]) & batch["answer_mask"]
+        noisy = torch.where(masked, torch.full_like(ids, self.model.mask_id), ids)
+        logits = self.model.logits(noisy, batch["attention"])
+        return masked_diffusion_loss(logits, ids, masked, p_mask, batch["lengths"])
 
     def update(self) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
@@ -103,15 +154,8 @@ class DllmSFTTrainer:
         losses = []
         for _ in range(cfg.optim.gradient_accumulation_steps):
             batch = self._batch([self.train_tasks[i] for i in self.sampler.next_indices()])
-            ids = batch["ids"]
-            t = torch.rand(ids.shape[0], generator=self.noise).to(ids.device)
-            p_mask = (1 - cfg.mask_eps) * t + cfg.mask_eps
-            draws = torch.rand(ids.shape, generator=self.noise).to(ids.device)
-            masked = (draws < p_mask[:, None]) & batch["answer_mask"]
-            noisy = torch.where(masked, torch.full_like(ids, self.model.mask_id), ids)
             with acc.accumulate(self.model.denoiser), acc.autocast():
-                logits = self.model.logits(noisy, batch["attention"])
-                loss = masked_diffusion_loss(logits, ids, masked, p_mask, batch["lengths"])
+                loss = self._loss(batch)
                 acc.backward(loss)
                 grad_norm = step_guard.clip_and_check_grads(acc, self.params, cfg.optim.max_grad_norm) \
                     if acc.sync_gradients else float("nan")
@@ -133,10 +177,8 @@ class DllmSFTTrainer:
         prompts = self.model.chat_prompt_ids([e.question for e in self.eval_tasks], chat_template=cfg.chat_template)
         ids, mask = self.model.left_pad(prompts)
         gen = cfg.generation
-        out = generate(self.model, ids, prompt_mask=mask, gen_length=gen.gen_length, block_length=gen.block_length,
-                       steps=gen.steps, temperature=gen.eval_temperature,
-                       remasking=gen.remasking,
-                       generator=torch.Generator().manual_seed(cfg.seed))
+        out = generate_answers(self.model, ids, mask, gen, temperature=gen.eval_temperature,
+                               generator=torch.Generator().manual_seed(cfg.seed))
         texts = self.model.decode(out)
         correct = [last_boxed(text) == e.answer for text, e in zip(texts, self.eval_tasks)]
         return {"eval/accuracy": sum(correct) / len(correct), "eval/example": texts[0][:80]}

@@ -38,11 +38,12 @@ from diffrl.config import MaskedGenerationConfig, ReasoningDataConfig, RewardCon
 from diffrl.curriculum import UniformSampler
 from diffrl.errors import ConfigError
 from diffrl.losses import aggregate, clipped_surrogate, hint_entropy_mask, kl_penalty, sequence_log_ratio
-from diffrl.samplers.masked import FREE, build_hints, build_spacing_scaled_hints, generate
+from diffrl.samplers.masked import FREE, build_hints, build_spacing_scaled_hints
 from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
 from diffrl.trainers.reasoning import (
     check_correctness_reward,
     evaluate_reasoning,
+    generate_answers,
     load_dllm,
     load_task_split,
     prompt_tensors,
@@ -170,10 +171,9 @@ class IGPOTrainer:
         outputs = []
         for start in range(0, prompt_ids.shape[0], cfg.generation_batch_size):
             end = start + cfg.generation_batch_size
-            outputs.append(generate(self.model, prompt_ids[start:end], prompt_mask=prompt_mask[start:end],
-                                    gen_length=gen.gen_length, block_length=gen.block_length, steps=gen.steps,
-                                    temperature=gen.temperature, remasking=gen.remasking,
-                                    pinned=None if pinned is None else pinned[start:end], generator=self.noise))
+            outputs.append(generate_answers(self.model, prompt_ids[start:end], prompt_mask[start:end], gen,
+                                            temperature=gen.temperature, generator=self.noise,
+                                            pinned=None if pinned is None else pinned[start:end]))
         return torch.cat(outputs)
 
     def _hint_ratio_high(self) -> float:

@@ -34,17 +34,63 @@ def load_task_split(data, seed: int):
 
 
 def load_dllm(config, device):
-    """The config's MaskedDiffusionLM with LoRA (or full fine-tuning) and gradient checkpointing."""
+    """The config's diffusion LM (a masked LM, or DiffusionGemma when its config says so) with LoRA (or full
+    fine-tuning) and gradient checkpointing; settings that do not fit its kind of noise fail here."""
+    from diffrl.models.diffusion_gemma import DiffusionGemmaLM, is_diffusion_gemma
     from diffrl.models.dllm import MaskedDiffusionLM
     from diffrl.trainers import run_setup, trainable
 
-    model = MaskedDiffusionLM.from_pretrained(config.model.path, revision=config.model.revision,
-                                              dtype=run_setup.torch_dtype(config.model.dtype), device=device,
-                                              trust_remote_code=config.model.trust_remote_code)
+    m = config.model
+    kind = DiffusionGemmaLM if is_diffusion_gemma(m.path, revision=m.revision) else MaskedDiffusionLM
+    model = kind.from_pretrained(m.path, revision=m.revision, dtype=run_setup.torch_dtype(m.dtype), device=device,
+                                 trust_remote_code=m.trust_remote_code)
+    check_model_fits(model, config)
     trainable.apply_lora(model, config.lora)
-    if config.model.gradient_checkpointing:
+    if m.gradient_checkpointing:
         model.module.gradient_checkpointing_enable()
     return model
+
+
+def check_model_fits(model, config) -> None:
+    """One-line errors for settings of the other kind of diffusion LM."""
+    gen = config.generation
+    if model.noise == "uniform":
+        name = f"model.path {config.model.path} is a DiffusionGemma (uniform noise, canvas of {model.canvas_length})"
+        if gen.block_length != model.canvas_length:
+            raise ConfigError(f"{name}: its blocks are its canvases; set generation.block_length: "
+                              f"{model.canvas_length}")
+        if gen.gen_length % model.canvas_length:
+            raise ConfigError(f"{name}: set generation.gen_length to a multiple of {model.canvas_length}")
+        if getattr(config, "prompt_mask_prob", 0):
+            raise ConfigError(f"{name}: it has no mask token to hide prompt tokens with; set prompt_mask_prob: 0")
+        if gen.remasking != "low_confidence":
+            raise ConfigError(f"{name}: it accepts tokens by entropy, not by remasking; remove "
+                              f"generation.remasking")
+    elif (gen.t_min, gen.t_max, gen.entropy_bound) != (0.4, 0.8, 0.1):
+        raise ConfigError(f"generation.t_min / t_max / entropy_bound are DiffusionGemma's settings, and model.path "
+                          f"{config.model.path} is a masked diffusion LM; remove them (its sampling temperature is "
+                          f"generation.temperature)")
+
+
+def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation, *, temperature: float,
+                     pinned: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[B, gen_length]`` answers by the model's own sampler: LLaDA-style unmasking for masked LMs
+    (``temperature``: Gumbel), ``generate``'s entropy-bound decoding for DiffusionGemma (``temperature``
+    multiplies its schedule; 0: greedy proposals)."""
+    if model.noise == "uniform":
+        from diffrl.samplers.entropy_bound import generate as entropy_bound_generate
+
+        return entropy_bound_generate(
+            model, prompt_ids, prompt_mask=prompt_mask, gen_length=generation.gen_length, steps=generation.steps,
+            t_min=generation.t_min, t_max=generation.t_max, entropy_bound=generation.entropy_bound,
+            stability_threshold=generation.stability_threshold,
+            confidence_threshold=generation.confidence_threshold, pinned=pinned, generator=generator,
+            temperature_scale=temperature or 1.0, greedy=temperature == 0)
+    from diffrl.samplers.masked import generate as masked_generate
+
+    return masked_generate(model, prompt_ids, prompt_mask=prompt_mask, gen_length=generation.gen_length,
+                           block_length=generation.block_length, steps=generation.steps, temperature=temperature,
+                           remasking=generation.remasking, pinned=pinned, generator=generator)
 
 
 def prompt_tensors(model, tasks, *, chat_template: bool, repeat: int = 1):
@@ -89,8 +135,6 @@ def evaluate_reasoning(model, tasks, reward, generation, *, correctness: str, ch
     setting) and, with ``k > 1``, pass@k and the all-wrong fraction (no correct one of k) from k completions
     per task at ``generation.temperature``; each also per difficulty level (``metadata["level"]``) when the
     tasks have levels: ``eval/accuracy/3-digit``."""
-    from diffrl.samplers.masked import generate
-
     if not tasks:
         return {}
 
@@ -100,9 +144,7 @@ def evaluate_reasoning(model, tasks, reward, generation, *, correctness: str, ch
         for start in range(0, len(tasks), max(1, batch_size // repeat)):
             chunk = tasks[start:start + max(1, batch_size // repeat)]
             ids, mask = prompt_tensors(model, chunk, chat_template=chat_template, repeat=repeat)
-            out = generate(model, ids, prompt_mask=mask, gen_length=generation.gen_length,
-                           block_length=generation.block_length, steps=generation.steps, temperature=temperature,
-                           remasking=generation.remasking, generator=generator)
+            out = generate_answers(model, ids, mask, generation, temperature=temperature, generator=generator)
             decoded = model.decode(out)
             _, flags, _ = score_texts(reward, decoded, [t for t in chunk for _ in range(repeat)], correctness)
             correct.append(flags.view(len(chunk), repeat))

@@ -12,6 +12,8 @@ image: the quickstart task (assets/sd3-shapes, JPEG compressibility, the same pr
 text:  IGPO against diffu-GRPO (``igpo.enabled=false``, everything else equal) on 2- to 4-digit addition from
        the shipped assets/dllm-addition model (configs/quickstart_text.yaml); also the fraction of training
        groups (G = 8, temperature 1) with no correct completion, per step, before IGPO's inpainting.
+gemma_text: the same on assets/diffusiongemma-addition, a small DiffusionGemma taught the same task
+       (configs/igpo/diffusiongemma_addition.yaml).
 
 Per seed, every runner runs ``--steps`` optimizer steps and are evaluated every ``--eval-every`` steps with the same
 evaluation (fixed prompts and noise, ODE sampling for images, greedy decoding for text): training rewards are
@@ -46,7 +48,10 @@ RACES = {
               "metric": "eval/reward"},
     "text": {"new": [("igpo", "configs/quickstart_text.yaml", [])],
              "baseline": ("diffu_grpo", "configs/quickstart_text.yaml", ["igpo.enabled=false"]),
-             "metric": "eval/accuracy"},
+             "metric": "eval/accuracy", "groups": True},
+    "gemma_text": {"new": [("igpo", "configs/igpo/diffusiongemma_addition.yaml", [])],
+                   "baseline": ("diffu_grpo", "configs/igpo/diffusiongemma_addition.yaml", ["igpo.enabled=false"]),
+                   "metric": "eval/accuracy", "groups": True},
 }
 
 
@@ -98,7 +103,7 @@ def race(name: str, seeds: list[int], steps: int, eval_every: int, out_dir: Path
             start = time.time()
             data = run(config, overrides, out_dir / name / f"{label}-seed{seed}", seed, steps, eval_every)
             curves[label] = curve(data, metric, samples_per_step(config))
-            if name == "text":
+            if spec.get("groups"):
                 # per training step: groups with no correct completion, before any inpainting
                 steps_, values = series(data, "all_wrong_ratio")
                 curves[label]["all_wrong"] = {"step": steps_, "value": values}
@@ -113,7 +118,7 @@ def race(name: str, seeds: list[int], steps: int, eval_every: int, out_dir: Path
             entry[f"{label}_start"] = curves[label]["value"][0]
             entry[f"{label}_end"] = curves[label]["value"][-1]
             entry[f"{label}_best"] = max(curves[label]["value"])
-            if name == "text":
+            if spec.get("groups"):
                 entry[f"{label}_all_wrong_first"], entry[f"{label}_all_wrong_last"] = first_and_last_tenth(
                     curves[label]["all_wrong"]["value"])
         line = (f"[{name}] seed {seed}: {metric} at start {start_value:.4g}; {baseline} best {target:.4g} after "
@@ -139,7 +144,7 @@ def race(name: str, seeds: list[int], steps: int, eval_every: int, out_dir: Path
         line = (f"[{name}] {label}: {metric} at the end median {summary[f'{label}_end_median']:.4g} "
                 f"(min {min(ends):.4g}, max {max(ends):.4g}), gain over its start median "
                 f"{summary[f'{label}_gain_median']:+.4g}")
-        if name == "text":
+        if spec.get("groups"):
             for part in ("first", "last"):
                 summary[f"{label}_all_wrong_{part}_median"] = statistics.median(
                     r[f"{label}_all_wrong_{part}"] for r in rows)

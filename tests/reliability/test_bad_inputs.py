@@ -221,6 +221,17 @@ CASES: dict[str, Case] = {
     "reward.async on a trainer that cannot overlap": Case(
         lambda t, tiny: ["train", IGPO, f"model.path={tiny('dllm')}", f"output_dir={t / 'run'}", "reward.async=true"],
         ("reward.async", "flow trainers", "remove it")),
+    "DiffusionGemma with a masked LM's block length": Case(
+        lambda t, tiny: ["train", IGPO, f"model.path={tiny('diffusion_gemma')}", f"output_dir={t / 'run'}",
+                         "prompt_mask_prob=0", "generation.block_length=8"],
+        ("is a DiffusionGemma", "generation.block_length: 16")),
+    "DiffusionGemma with prompt masking": Case(
+        lambda t, tiny: ["train", IGPO, f"model.path={tiny('diffusion_gemma')}", f"output_dir={t / 'run'}",
+                         "generation.block_length=16", "prompt_mask_prob=0.15"],
+        ("no mask token", "prompt_mask_prob: 0")),
+    "DiffusionGemma sampling settings on a masked LM": Case(
+        lambda t, tiny: ["train", IGPO, f"model.path={tiny('dllm')}", f"output_dir={t / 'run'}",
+                         "generation.t_max=1.0"], ("DiffusionGemma's settings", "masked diffusion LM")),
     "NFT without LoRA": Case(lambda t, tiny: ["train", str(REPO_ROOT / "configs/nft/tiny_sd3_jpeg.yaml"),
                                               f"model.path={tiny('sd3')}", f"output_dir={t / 'run'}", *QUICK,
                                               "lora.enabled=false"], ("second LoRA adapter", "lora.enabled: true")),

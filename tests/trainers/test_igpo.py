@@ -235,11 +235,14 @@ PUBLISHED = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "configs"
 @pytest.mark.parametrize("path", PUBLISHED)
 def test_published_config_starts_on_the_tiny_model(tiny_dir, tmp_path, path):
     """The algorithm settings are the shipped ones; model, data, sizes and batch counts are overridden."""
+    gemma = "diffusiongemma" in path  # the tiny model of its kind, whose canvas is 16 tokens
     config = load_config(REPO_ROOT / path, [
-        f"model.path={tiny_dir('dllm')}", "model.dtype=float32", "model.trust_remote_code=false",
+        f"model.path={tiny_dir('diffusion_gemma' if gemma else 'dllm')}", "model.dtype=float32",
+        "model.trust_remote_code=false",
         "model.gradient_checkpointing=false", "mixed_precision=no", f"output_dir={tmp_path / 'run'}", "max_steps=1",
         "data.path=generator:arithmetic", "data.size=20", "data.eval_size=2", "data.prompt_template='{question}'",
-        "generation.gen_length=16", "generation.block_length=8", "generation.steps=4", "prompts_per_step=1",
+        "generation.gen_length=16", f"generation.block_length={16 if gemma else 8}", "generation.steps=4",
+        "prompts_per_step=1",
         "group_size=4", "generation_batch_size=16", "train_batch_size=4", "num_iterations=1", "lora.rank=4",
         "lora.alpha=8", "lora.target_modules=null", "reward.weights={math: 1.0}", "reward.kwargs={}", "eval_k=1",
         "logging.trackers=[]", "logging.progress_bar=false", "checkpoint.every=1", "igpo.max_replacements=2",

@@ -1,0 +1,132 @@
+"""IGPO, diffu-GRPO and SFT on the tiny DiffusionGemma (uniform noise, no mask token)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffrl.config import from_dict, load_config
+from diffrl.trainers.dllm_sft import DllmSFTConfig, DllmSFTTrainer, uniform_diffusion_loss
+from diffrl.trainers.igpo import IGPOConfig, IGPOTrainer
+from rewards import RewardOutput, register_reward
+from tests.conftest import REPO_ROOT, with_overrides
+
+
+@register_reward("test_digit_share", modality="text")
+class DigitShare:
+    """A graded text reward for an untrained model: the share of digits in the answer (so groups differ)."""
+
+    def __init__(self, device="cpu"):
+        pass
+
+    def __call__(self, texts, prompts, **_):
+        return RewardOutput(torch.tensor([sum(c.isdigit() for c in t) / max(1, len(t)) for t in texts]))
+
+
+def igpo_config(tiny_dir, out, **overrides):
+    data = {"trainer": "igpo", "model": {"path": str(tiny_dir("diffusion_gemma"))}, "output_dir": str(out),
+            "max_steps": 2, "seed": 0, "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2},
+            "data": {"path": "generator:arithmetic", "size": 40, "eval_size": 4},
+            "generation": {"gen_length": 32, "block_length": 16, "steps": 4, "temperature": 1.0},
+            "reward": {"weights": {"math": 1.0}}, "group_size": 4, "prompts_per_step": 2, "num_iterations": 2,
+            "train_batch_size": 4, "prompt_mask_prob": 0.0,
+            "igpo": {"min_chunk": 2, "max_chunk": 3, "ratio_low": 0.7, "ratio_high": 0.9, "max_replacements": 2,
+                     "inpaint_samples": 4, "free_tail": 0, "hint_text": "target"},
+            "logging": {"trackers": [], "progress_bar": False}, "checkpoint": {"every": 1}}
+    return from_dict(IGPOConfig, with_overrides(data, overrides))
+
+
+@pytest.mark.parametrize("inpainting", [True, False], ids=["igpo", "diffu_grpo"])
+def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, inpainting):
+    """The untrained model gets every group wrong: IGPO's inpainting gives the groups variance; diffu-GRPO
+    gets it from a graded second reward (with the task reward alone its advantages are all 0)."""
+    weights = {"math": 1.0} if inpainting else {"math": 1.0, "test_digit_share": 1.0}
+    trainer = IGPOTrainer(igpo_config(tiny_dir, tmp_path, igpo__enabled=inpainting, reward__weights=weights))
+    trainer.setup()
+    params = {n: p for n, p in trainer.model.module.named_parameters() if p.requires_grad}
+    assert params and all("lora" in n and ".decoder." in n for n in params)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    fired = 0
+    for _ in range(2):
+        batch = trainer.rollout()
+        assert batch["completions"].shape[1] == 32
+        metrics = trainer.score(batch)
+        fired += metrics.get("inpaint/groups", 0)
+        out = trainer.update(batch)
+        trainer.step += 1
+        assert math.isfinite(out["loss"]) and out["skipped"] == 0
+    assert [n for n, p in params.items() if torch.equal(p, before[n])] == []
+    assert (fired > 0) == inpainting
+
+
+def test_resume_continues_exactly(tiny_dir, tmp_path):
+    IGPOTrainer(igpo_config(tiny_dir, tmp_path / "a", max_steps=3)).train()
+    IGPOTrainer(igpo_config(tiny_dir, tmp_path / "b", max_steps=1)).train()
+    IGPOTrainer(igpo_config(tiny_dir, tmp_path / "b", max_steps=3, checkpoint__resume="latest")).train()
+
+    def rows(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in r.items() if k not in ("step_time", "rollout_time")}
+                for r in map(json.loads, lines) if "loss" in r]
+
+    assert rows("a") == rows("b") and len(rows("a")) == 3
+
+
+def test_the_tiny_config_loads_and_names_the_model(tiny_dir):
+    config = load_config(REPO_ROOT / "configs/igpo/tiny_diffusion_gemma.yaml",
+                         [f"model.path={tiny_dir('diffusion_gemma')}"])
+    assert config.generation.block_length == 16 and config.prompt_mask_prob == 0
+
+
+def test_uniform_diffusion_loss_by_hand(tiny_dir, tmp_path):
+    trainer = DllmSFTTrainer(sft_config(tiny_dir, tmp_path))
+    trainer.setup()
+    model = trainer.model
+    ids, mask = model.left_pad(model.chat_prompt_ids(["1+2", "30+4"]))
+    answers = torch.randint(4, model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loss = uniform_diffusion_loss(model, ids, mask, answers, eps=1e-3, self_conditioning_prob=0.5,
+                                      generator=torch.Generator().manual_seed(4))
+        g = torch.Generator().manual_seed(4)
+        t = 1e-3 + (1 - 1e-3) * torch.rand(4, generator=g)                  # rows: (block, example)
+        noise = torch.randint(0, model.vocab_size, (4, 16), generator=g)
+        noised = torch.rand((4, 16), generator=g) < t[:, None]
+        conditioned = torch.rand(4, generator=g) < 0.5
+        contexts, masks, clean = model.block_inputs(ids, mask, answers)
+        canvas = torch.where(noised, noise, clean)
+        first = model.canvas_logits(contexts, masks, canvas)
+        logits = model.canvas_logits(contexts, masks, canvas, self_conditioning_logits=first,
+                                     self_conditioning_mask=conditioned)
+        by_hand = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1))
+    assert 0 < int(conditioned.sum()) < 4 and 0 < int(noised.sum()) < 64  # both branches exercised
+    torch.testing.assert_close(loss, by_hand)
+
+
+def sft_config(tiny_dir, out, **overrides):
+    data = {"trainer": "dllm_sft", "model": {"path": str(tiny_dir("diffusion_gemma"))}, "output_dir": str(out),
+            "max_steps": 2, "batch_size": 4, "max_answer_length": 32, "lora": {"rank": 4, "alpha": 8},
+            "optim": {"lr": 1e-2}, "data": {"size": 64, "eval_size": 2},
+            "generation": {"gen_length": 16, "block_length": 16, "steps": 4},
+            "logging": {"trackers": [], "progress_bar": False}, "checkpoint": {"every": 1}}
+    return from_dict(DllmSFTConfig, with_overrides(data, overrides))
+
+
+def test_sft_trains_every_lora_parameter_and_answers_end_in_eos_then_padding(tiny_dir, tmp_path):
+    trainer = DllmSFTTrainer(sft_config(tiny_dir, tmp_path))
+    trainer.setup()
+    tok = trainer.model.tokenizer
+    batch = trainer._batch(trainer.train_tasks[:2])
+    for row, example in zip(batch["answers"].tolist(), trainer.train_tasks[:2]):
+        target = tok(example.target, add_special_tokens=False).input_ids
+        assert row[:len(target) + 1] == target + [tok.eos_token_id]
+        assert set(row[len(target) + 1:]) == {tok.pad_token_id}
+    before = {n: p.detach().clone() for n, p in trainer.model.module.named_parameters() if p.requires_grad}
+    for _ in range(2):
+        assert math.isfinite(trainer.update()["loss"])
+    params = {n: p for n, p in trainer.model.module.named_parameters() if p.requires_grad}
+    assert [n for n, p in params.items() if torch.equal(p, before[n])] == []
+    assert "eval/accuracy" in trainer.evaluate()
