@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from diffrl.errors import ConfigError
-from diffrl.models.dllm import DiffusionLM
+from diffrl.models.dllm import DiffusionLM, combine_passes
 from diffrl.models.loading import loading_errors
 
 
@@ -151,13 +151,8 @@ class DiffusionGemmaLM(DiffusionLM):
             canvases += [torch.where(noised, noise, clean), torch.where(noised, clean, noise)]
         n = len(canvases)
         logits = self.canvas_logits(contexts.repeat(n, 1), masks.repeat(n, 1), torch.cat(canvases))
-        log_softmax = torch.log_softmax(logits, dim=-1)
-        log_probs = log_softmax.gather(-1, clean.repeat(n, 1).unsqueeze(-1)).squeeze(-1)
-        full = log_softmax[:clean.shape[0]]
-        entropy = -(full.exp() * full).sum(-1)
-        if estimator == "coupled":
-            p_full, p_noised, p_kept = log_probs.chunk(3)
-            log_probs = (p_full + torch.where(noised, p_noised / t, p_kept / (1 - t))) / 2
+        log_probs, entropy = combine_passes(torch.log_softmax(logits, dim=-1), clean,
+                                            *((noised, t) if estimator == "coupled" else ()))
         return _unblock(log_probs, completion_ids.shape[0]), _unblock(entropy, completion_ids.shape[0])
 
 

@@ -190,13 +190,23 @@ class MaskedDiffusionLM(DiffusionLM):
         ids = torch.cat([noisy_prompt.repeat(n, 1), torch.cat(completions)], dim=1)
         attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1).repeat(n, 1)
         log_softmax = torch.log_softmax(self.logits(ids, attention)[:, prompt_ids.shape[1]:], dim=-1)
-        log_probs = log_softmax.gather(-1, completion_ids.repeat(n, 1).unsqueeze(-1)).squeeze(-1)
-        full = log_softmax[:completion_ids.shape[0]]
-        entropy = -(full.exp() * full).sum(-1)
-        if estimator == "coupled":
-            p_full, p_hidden, p_shown = log_probs.chunk(3)
-            log_probs = (p_full + torch.where(hidden, p_hidden / t, p_shown / (1 - t))) / 2
-        return log_probs, entropy
+        return combine_passes(log_softmax, completion_ids, *((hidden, t) if estimator == "coupled" else ()))
+
+
+def combine_passes(log_softmax: torch.Tensor, targets: torch.Tensor, corrupted: torch.Tensor | None = None,
+                   t: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-prob estimates from stacked passes: ``log_softmax [n B, T, V]`` holds the fully corrupted
+    pass and, for the coupled estimator (``corrupted`` given), the pass with ``corrupted`` positions corrupted
+    and the one with the others. Each token counts once where it is corrupted, weighted 1/t or 1/(1-t), and is
+    averaged with the full pass. Returns ``(log_probs, entropy)`` ``[B, T]``; entropy of the full pass."""
+    n = log_softmax.shape[0] // targets.shape[0]
+    log_probs = log_softmax.gather(-1, targets.repeat(n, 1).unsqueeze(-1)).squeeze(-1)
+    full = log_softmax[:targets.shape[0]]
+    entropy = -(full.exp() * full).sum(-1)
+    if corrupted is not None:
+        p_full, p_in, p_out = log_probs.chunk(3)
+        log_probs = (p_full + torch.where(corrupted, p_in / t, p_out / (1 - t))) / 2
+    return log_probs, entropy
 
 
 def _strip_peft_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -51,6 +51,9 @@ def load_dllm(config, device):
     return model
 
 
+_UNIFORM_ONLY = ("t_min", "t_max", "entropy_bound", "stability_threshold", "confidence_threshold")
+
+
 def check_model_fits(model, config) -> None:
     """One-line errors for settings of the other kind of diffusion LM."""
     gen = config.generation
@@ -66,10 +69,13 @@ def check_model_fits(model, config) -> None:
         if gen.remasking != "low_confidence":
             raise ConfigError(f"{name}: it accepts tokens by entropy, not by remasking; remove "
                               f"generation.remasking")
-    elif (gen.t_min, gen.t_max, gen.entropy_bound) != (0.4, 0.8, 0.1):
-        raise ConfigError(f"generation.t_min / t_max / entropy_bound are DiffusionGemma's settings, and model.path "
-                          f"{config.model.path} is a masked diffusion LM; remove them (its sampling temperature is "
-                          f"generation.temperature)")
+    else:
+        defaults = type(gen)()
+        changed = [k for k in _UNIFORM_ONLY if getattr(gen, k) != getattr(defaults, k)]
+        if changed:
+            raise ConfigError(f"generation.{changed[0]} is one of DiffusionGemma's settings, and model.path "
+                              f"{config.model.path} is a masked diffusion LM; remove it (its sampling temperature "
+                              f"is generation.temperature)")
 
 
 def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation, *, temperature: float,

@@ -231,7 +231,8 @@ CASES: dict[str, Case] = {
         ("no mask token", "prompt_mask_prob: 0")),
     "DiffusionGemma sampling settings on a masked LM": Case(
         lambda t, tiny: ["train", IGPO, f"model.path={tiny('dllm')}", f"output_dir={t / 'run'}",
-                         "generation.t_max=1.0"], ("DiffusionGemma's settings", "masked diffusion LM")),
+                         "generation.t_max=1.0"],
+        ("generation.t_max is one of DiffusionGemma's settings", "masked diffusion LM")),
     "NFT without LoRA": Case(lambda t, tiny: ["train", str(REPO_ROOT / "configs/nft/tiny_sd3_jpeg.yaml"),
                                               f"model.path={tiny('sd3')}", f"output_dir={t / 'run'}", *QUICK,
                                               "lora.enabled=false"], ("second LoRA adapter", "lora.enabled: true")),

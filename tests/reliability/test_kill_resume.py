@@ -55,6 +55,9 @@ FAMILIES = {
     "igpo": Family("configs/igpo/tiny_arithmetic.yaml", {"model.path": "dllm"},
                    ["data.size=64", "data.eval_size=4", "eval_k=2"], max_steps=12,
                    kills=["update:3", "rollout:2", "checkpoint:5", "log:4", "step:2"]),
+    "igpo_diffusion_gemma": Family("configs/igpo/tiny_diffusion_gemma.yaml", {"model.path": "diffusion_gemma"},
+                                   ["data.size=64", "data.eval_size=4", "eval_k=2", "generation.steps=4"],
+                                   max_steps=6, kills=["rollout:5"]),
 }
 
 

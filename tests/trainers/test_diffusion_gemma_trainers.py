@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from diffrl.config import from_dict, load_config
-from diffrl.trainers.dllm_sft import DllmSFTConfig, DllmSFTTrainer, uniform_diffusion_loss
+from diffrl.trainers.dllm_sft import DllmSFTTrainer, uniform_diffusion_loss
 from diffrl.trainers.igpo import IGPOConfig, IGPOTrainer
 from rewards import RewardOutput, register_reward
 from tests.conftest import REPO_ROOT, with_overrides
+from tests.trainers.test_dllm_sft import config
 
 
 @register_reward("test_digit_share", modality="text")
@@ -107,12 +108,9 @@ def test_uniform_diffusion_loss_by_hand(tiny_dir, tmp_path):
 
 
 def sft_config(tiny_dir, out, **overrides):
-    data = {"trainer": "dllm_sft", "model": {"path": str(tiny_dir("diffusion_gemma"))}, "output_dir": str(out),
-            "max_steps": 2, "batch_size": 4, "max_answer_length": 32, "lora": {"rank": 4, "alpha": 8},
-            "optim": {"lr": 1e-2}, "data": {"size": 64, "eval_size": 2},
-            "generation": {"gen_length": 16, "block_length": 16, "steps": 4},
-            "logging": {"trackers": [], "progress_bar": False}, "checkpoint": {"every": 1}}
-    return from_dict(DllmSFTConfig, with_overrides(data, overrides))
+    """test_dllm_sft's config on the tiny DiffusionGemma: two 16-token canvases of answer."""
+    return config(tiny_dir, out, model__path=str(tiny_dir("diffusion_gemma")), max_answer_length=32,
+                  generation__gen_length=16, generation__block_length=16, **overrides)
 
 
 def test_sft_trains_every_lora_parameter_and_answers_end_in_eos_then_padding(tiny_dir, tmp_path):
