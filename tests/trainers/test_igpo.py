@@ -242,10 +242,10 @@ def test_published_config_starts_on_the_tiny_model(tiny_dir, tmp_path, path):
         f"output_dir={tmp_path / 'run'}", "max_steps=1", "data.path=generator:arithmetic", "data.size=20",
         "data.eval_size=2", "data.prompt_template='{question}'", "data.generator_options={}",
         "generation.gen_length=16", f"generation.block_length={16 if gemma else 8}", "generation.steps=4",
-        "prompts_per_step=1", "group_size=4", "generation_batch_size=16", "train_batch_size=4", "num_iterations=1", "lora.rank=4",
-        "lora.alpha=8", "lora.target_modules=null", "reward.weights={math: 1.0}", "reward.kwargs={}", "eval_k=1",
-        "logging.trackers=[]", "logging.progress_bar=false", "checkpoint.every=1", "igpo.max_replacements=2",
-        "igpo.min_chunk=2", "igpo.max_chunk=3"])
+        "prompts_per_step=1", "group_size=4", "generation_batch_size=16", "train_batch_size=4", "num_iterations=1",
+        "lora.rank=4", "lora.alpha=8", "lora.target_modules=null", "reward.weights={math: 1.0}", "reward.kwargs={}",
+        "eval_k=1", "logging.trackers=[]", "logging.progress_bar=false", "checkpoint.every=1",
+        "igpo.max_replacements=2", "igpo.min_chunk=2", "igpo.max_chunk=3"])
     result = IGPOTrainer(config).train()
     assert math.isfinite(result["loss"]) and "eval/accuracy" in result
 
