@@ -413,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "the config's held-out tasks. Image / video runs: the base model and --checkpoint on "
                               "the same prompts and noise, scored by the run's reward (or --reward), a JSON table "
                               "and a grid each. Examples: diffrl eval configs/igpo/tiny_arithmetic.yaml --checkpoint "
-                              "outputs/igpo_tiny/checkpoints/step-000040 --k 4 ; diffrl eval outputs/quickstart "
-                              "--checkpoint outputs/quickstart/checkpoints/step-000080 --reward pickscore")
+                              "outputs/igpo_tiny/checkpoints/step-000040 --k 4 ; diffrl eval outputs/quickstart/latest "
+                              "--checkpoint outputs/quickstart/latest/checkpoints/step-000080 --reward pickscore")
     evaluate.add_argument("config", help="the run's YAML config, or a run folder (its config.yaml)")
     evaluate.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     evaluate.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the base model)")
@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="generate with a trained run or checkpoint",
                             description="Generate with the run's model and trained weights, using its own sampling "
-                            "settings (overridable). Example: diffrl sample outputs/quickstart --prompt 'a red "
+                            "settings (overridable). Example: diffrl sample outputs/quickstart/latest --prompt 'a red "
                             "circle' --num 4 --out gen/ ; then diffrl score --images gen/samples --reward ... (its "
                             "metadata.jsonl holds the prompts)")
     sample.add_argument("run", help="a run's output_dir (its newest checkpoint) or a checkpoints/step-N folder")

@@ -134,7 +134,7 @@ def after_step(trainer, metrics: dict, bar, **postfix: str) -> None:
         how = trainer.sigterm if isinstance(trainer.sigterm, str) else "SIGTERM"  # another process's signal
         raise TrainingInterrupted(f"stopped by {how} after step {trainer.step}: checkpoint "
                                   f"{checkpoint_dir(cfg.output_dir, trainer.step)} written; run the same command "
-                                  f"with checkpoint.resume=latest to continue",
+                                  f"with output_dir={cfg.output_dir} checkpoint.resume=latest to continue",
                                   exit_code=130 if how == "Ctrl-C" else 143)
 
 

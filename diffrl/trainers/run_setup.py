@@ -57,9 +57,52 @@ def _check_same_config(saved: Path, config: TrainerConfig) -> None:
                           f"or add checkpoint.allow_changes=true to continue with the new values")
 
 
+TIME_FIELD = "{time}"
+
+
+def _fresh_output_dir(accelerator, template: str) -> str:
+    """``template`` with ``{time}`` replaced by the start time (``20261201-093000``, ``-2`` added if taken),
+    chosen by the main process and shared with the others."""
+    from accelerate.utils import broadcast_object_list
+
+    chosen = [None]
+    if accelerator.is_main_process:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        chosen[0] = template.replace(TIME_FIELD, stamp)
+        suffix = 2
+        while Path(chosen[0]).exists():
+            chosen[0] = template.replace(TIME_FIELD, f"{stamp}-{suffix}")
+            suffix += 1
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen)
+    return chosen[0]
+
+
+def _point_latest_at(output_dir: Path) -> None:
+    """``<parent>/latest`` -> this run's folder (a relative symlink, replaced atomically)."""
+    import os
+
+    link, temporary = output_dir.parent / "latest", output_dir.parent / f".latest-{os.getpid()}"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(output_dir.name)
+    os.replace(temporary, link)
+
+
 def prepare_output_dir(accelerator, config: TrainerConfig) -> Path:
     """Create ``output_dir`` (failing early if it is not writable, or if it holds another run's checkpoints and
-    this run does not resume: they would be overwritten) and write the resolved config there."""
+    this run does not resume: they would be overwritten) and write the resolved config there.
+
+    An ``output_dir`` ending in ``{time}`` (the quickstarts: ``outputs/quickstart/{time}``) gives every run a
+    fresh folder named by its start time, and ``outputs/quickstart/latest`` points at the newest; the config's
+    ``output_dir`` becomes that folder."""
+    fresh = Path(config.output_dir).name == TIME_FIELD
+    if fresh:
+        config.output_dir = _fresh_output_dir(accelerator, config.output_dir)
+        accelerator.project_configuration.project_dir = config.output_dir  # trackers write there
+        accelerator.project_configuration.logging_dir = config.output_dir
+    elif TIME_FIELD in config.output_dir:
+        raise ConfigError(f"output_dir {config.output_dir}: {TIME_FIELD} may only be the last part of the path "
+                          f"(outputs/my_run/{TIME_FIELD})")
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         try:
@@ -72,10 +115,13 @@ def prepare_output_dir(accelerator, config: TrainerConfig) -> Path:
                               f"output_dir=...") from None
         if config.checkpoint.resume is None and list_checkpoints(output_dir):
             raise ConfigError(f"output_dir {output_dir} already holds checkpoints of a run; continue it with "
-                              f"checkpoint.resume=latest or choose a new output_dir=...")
+                              f"checkpoint.resume=latest or choose a new output_dir=... (one ending in "
+                              f"{TIME_FIELD} makes a fresh folder per run)")
         if config.checkpoint.resume is not None and not config.checkpoint.allow_changes:
             _check_same_config(output_dir / "config.yaml", config)
         save_config(config, output_dir / "config.yaml")
+        if fresh:
+            _point_latest_at(output_dir)
     accelerator.wait_for_everyone()
     return output_dir
 

@@ -1,6 +1,7 @@
 import json
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,4 +152,29 @@ def test_unwritable_output_dir_is_one_line(tmp_path):
     blocker.write_text("x")
     cfg = from_dict(DllmSFTConfig, {"trainer": "dllm_sft", "model": {"path": "x"}, "output_dir": str(blocker / "run")})
     with pytest.raises(ConfigError, match="is not writable"):
+        run_setup.prepare_output_dir(Accelerator(cpu=True), cfg)
+
+
+def test_a_time_stamped_output_dir_gives_each_run_its_own_folder(tmp_path, tiny_dir):
+    """The quickstarts' ``output_dir: outputs/quickstart/{time}``: ``make demo`` twice in a row runs twice."""
+    from diffrl.api import train
+
+    results = [train("configs/dllm_sft/tiny_arithmetic.yaml", [
+        f"model.path={tiny_dir('dllm')}", f"output_dir={tmp_path / 'demo' / '{time}'}", "max_steps=1",
+        "data.size=24", "data.eval_size=2", "logging.progress_bar=false", "logging.trackers=[]"]) for _ in range(2)]
+    first, second = (Path(r["output_dir"]) for r in results)
+    assert first != second and first.parent == second.parent == tmp_path / "demo"
+    assert all((folder / "checkpoints" / "step-000001").is_dir() for folder in (first, second))
+    assert (tmp_path / "demo" / "latest").resolve() == second.resolve()
+    assert f"output_dir: {second}" in (second / "config.yaml").read_text()
+
+
+def test_time_must_be_the_last_part_of_output_dir(tmp_path):
+    from diffrl.config import from_dict
+    from diffrl.errors import ConfigError
+    from diffrl.trainers.dllm_sft import DllmSFTConfig
+
+    cfg = from_dict(DllmSFTConfig, {"trainer": "dllm_sft", "model": {"path": "x"},
+                                    "output_dir": str(tmp_path / "{time}" / "run")})
+    with pytest.raises(ConfigError, match="may only be the last part"):
         run_setup.prepare_output_dir(Accelerator(cpu=True), cfg)
