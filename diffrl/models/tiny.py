@@ -290,13 +290,16 @@ def build_diffusion_gemma(seed: int = 0, hidden_size: int = 64, num_layers: int 
     return DiffusionGemmaForBlockDiffusion(config), tokenizer
 
 
-def build_clip(seed: int = 0, image_size: int = 32):
-    """A CLIPModel with a CLIPProcessor (resize 32, center crop 32, CLIP normalization)."""
+def build_clip(seed: int = 0, image_size: int = 32, vision_sizes: dict | None = None):
+    """A CLIPModel with a CLIPProcessor (resize, center crop to ``image_size``, CLIP normalization); the tiny
+    text tower, and a vision tower of ``vision_sizes`` (hidden_size, intermediate_size, num_attention_heads,
+    num_hidden_layers, patch_size; default: a tiny one; the benchmarks use real ViT sizes)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
 
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                              image_size=image_size, patch_size=8, projection_dim=32)
+    sizes = vision_sizes or dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                 patch_size=8)
+    vision = CLIPVisionConfig(image_size=image_size, projection_dim=32, **sizes)
     config = CLIPConfig(text_config=_clip_text_config().to_dict(), vision_config=vision.to_dict(), projection_dim=32)
     model = CLIPModel(config)
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},

@@ -33,18 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 def vit_b32_clip(folder: Path) -> None:
     """A CLIP with ViT-B/32's vision tower (224 px, patch 32, 12 x 768) and the tiny text tower."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+    from diffrl.models.tiny import build_clip
 
-    from diffrl.models.tiny import _clip_text_config, tiny_clip_tokenizer
-
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                              image_size=224, patch_size=32, projection_dim=32)
-    model = CLIPModel(CLIPConfig(text_config=_clip_text_config().to_dict(), vision_config=vision.to_dict(),
-                                 projection_dim=32))
-    model.save_pretrained(folder)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tiny_clip_tokenizer(max_length=77))
-    processor.save_pretrained(folder)
+    for part in build_clip(image_size=224, vision_sizes=dict(hidden_size=768, intermediate_size=3072,
+                                                             num_attention_heads=12, num_hidden_layers=12,
+                                                             patch_size=32)):
+        part.save_pretrained(folder)
 
 
 def start_server(clip: Path, threads: int) -> tuple[subprocess.Popen, str]:

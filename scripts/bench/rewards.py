@@ -27,18 +27,13 @@ from rewards import load_reward  # noqa: E402
 
 
 def small_clip(folder: Path) -> None:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+    """A small CLIP at the real input size (224 px, patch 32): 2 x 64 vision layers, the tiny text tower."""
+    from diffrl.models.tiny import build_clip
 
-    from diffrl.models.tiny import _clip_text_config, tiny_clip_tokenizer
-
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
-                              image_size=224, patch_size=32, projection_dim=32)
-    model = CLIPModel(CLIPConfig(text_config=_clip_text_config().to_dict(), vision_config=vision.to_dict(),
-                                 projection_dim=32))
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tiny_clip_tokenizer(max_length=77))
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    for part in build_clip(image_size=224, vision_sizes=dict(hidden_size=64, intermediate_size=128,
+                                                             num_attention_heads=4, num_hidden_layers=2,
+                                                             patch_size=32)):
+        part.save_pretrained(folder)
 
 
 def reference_scores(model, processor, images, prompts, device):
