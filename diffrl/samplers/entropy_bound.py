@@ -63,6 +63,14 @@ class _StableAndConfident:
         return stable & (entropy.mean(dim=-1) < self.confidence)
 
 
+def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One categorical draw per row of ``probs [N, V]`` from one uniform per row, drawn on the CPU by the
+    caller's generator (so a seeded run gives the same tokens on any device, and only N numbers cross to it)."""
+    u = torch.rand(probs.shape[0], 1, generator=generator).to(probs.device)
+    cdf = probs.cumsum(dim=-1)  # fp32, as the probabilities: one more [N, V] tensor, not two
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(probs.shape[1] - 1)
+
+
 def _uniform(shape, vocab: int, device, generator: torch.Generator | None) -> torch.Tensor:
     if generator is None:
         return torch.randint(low=0, high=vocab, size=shape, device=device)
@@ -141,7 +149,7 @@ def generate(model: DiffusionGemmaLM, prompt_ids: torch.Tensor, *, gen_length: i
                 if generator is None:
                     sampled = torch.multinomial(probs, num_samples=1)
                 else:
-                    sampled = torch.multinomial(probs.cpu(), num_samples=1, generator=generator).to(device)
+                    sampled = _inverse_cdf_sample(probs, generator)
                 sampled = sampled.view(batch, length)
             entropy = torch.distributions.Categorical(logits=logits).entropy()
             if fixed is not None:

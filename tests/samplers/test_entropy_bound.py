@@ -88,3 +88,14 @@ def test_bad_lengths_fail_clearly(model):
         generate(model, ids, gen_length=20, steps=2)
     with pytest.raises(ValueError, match="t_max > t_min"):
         generate(model, ids, gen_length=16, steps=2, t_min=0.8, t_max=0.4)
+
+
+def test_seeded_draws_follow_the_probabilities():
+    from diffrl.samplers.entropy_bound import _inverse_cdf_sample
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).repeat(20000, 1)
+    draws = _inverse_cdf_sample(probs, torch.Generator().manual_seed(0)).flatten()
+    counts = torch.bincount(draws, minlength=4).float() / draws.numel()
+    assert counts[1] == 0 and torch.allclose(counts, probs[0], atol=0.01)
+    again = _inverse_cdf_sample(probs, torch.Generator().manual_seed(0)).flatten()
+    assert torch.equal(draws, again)
