@@ -84,3 +84,27 @@ def test_text_quickstart_runs(tmp_path):
     assert summary["eval_metric"] == "eval/accuracy" and summary["steps"] == 1
     assert "inpaint_groups" in summary and "train_all_wrong_start" in summary
     assert "igpo: step 1/1 (" in result.stderr  # stderr is a pipe: plain progress lines, no bar
+
+
+def test_shipped_diffusion_gemma_loads_in_transformers_and_diffrl():
+    """assets/diffusiongemma-addition: opens with transformers' own class and generate, and as diffrl's
+    DiffusionGemmaLM, and solves one sum with diffrl's sampler."""
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+    from diffrl.models.diffusion_gemma import DiffusionGemmaLM
+    from diffrl.samplers.entropy_bound import generate
+
+    folder = REPO_ROOT / "assets" / "diffusiongemma-addition"
+    info = json.loads((folder / "diffrl_asset.json").read_text())
+    assert info["parameters"] < 2e6 and info["accuracy"] > info["accuracy/4-digit"]
+    module = DiffusionGemmaForBlockDiffusion.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.mask_token_id is None and module.config.canvas_length == 64
+    model = DiffusionGemmaLM.from_pretrained(folder)
+    ids, mask = model.left_pad(model.chat_prompt_ids(["21+34"]))
+    out = generate(model, ids, prompt_mask=mask, gen_length=64, steps=24, greedy=True,
+                   generator=torch.Generator().manual_seed(0))
+    assert "\\boxed{55}" in model.decode(out)[0]
+    torch.manual_seed(0)
+    theirs = module.generate(ids, max_new_tokens=64, max_denoising_steps=8).sequences
+    assert theirs.shape[1] >= ids.shape[1] + 64
