@@ -213,7 +213,9 @@ def build_addition(out: Path, *, steps: int, seed: int = 0, hidden: int = 128, l
             model, tokenizer = build_diffusion_gemma(seed=seed, hidden_size=hidden, num_layers=layers,
                                                      canvas_length=GEMMA_CANVAS)
             overrides = (f"max_answer_length={GEMMA_CANVAS}", f"generation.gen_length={GEMMA_CANVAS}",
-                         f"generation.block_length={GEMMA_CANVAS}", "generation.steps=24", *overrides)
+                         f"generation.block_length={GEMMA_CANVAS}", "generation.steps=24",
+                         "encoder_loss_weight=0",  # the shipped asset was built before this loss existed
+                         *overrides)
         else:
             model, tokenizer = build_dllm(seed=seed, hidden_size=hidden, num_layers=layers)
         model.save_pretrained(Path(tmp) / "init")

@@ -117,6 +117,35 @@ class DiffusionGemmaLM(DiffusionLM):
             canvases.append(answer_ids[:, b * length:(b + 1) * length])
         return torch.cat(contexts), torch.cat(masks), torch.cat(canvases)
 
+    def teacher_forced(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, answers: torch.Tensor,
+                       canvases: torch.Tensor, *, self_conditioning_logits: torch.Tensor | None = None,
+                       self_conditioning_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """SFT's forward, one call for every canvas of ``answers [B, T]``: the encoder reads [prompt ; whole
+        answer] once per canvas row (causal: its states up to a position are those of that prefix), and each
+        row's decoder sees only the prompt and the answer's earlier canvases (the rest of the cache masked), at
+        the canvas's own positions, so it never sees its target. ``canvases [nB, C]``: rows (block, example),
+        as :meth:`block_inputs` orders them.
+
+        Returns (canvas logits ``[nB, C, V]``, the encoder pass's next-token logits ``[B, P + T, V]``, both
+        soft-capped as the model's own head does)."""
+        batch, width = prompt_ids.shape[0], prompt_ids.shape[1] + answers.shape[1]
+        blocks, device = answers.shape[1] // self.canvas_length, answers.device
+        ids = torch.cat([prompt_ids, answers], dim=1).repeat(blocks, 1)
+        mask = torch.cat([prompt_mask, torch.ones_like(answers)], dim=1).bool().repeat(blocks, 1)
+        starts = prompt_ids.shape[1] + torch.arange(blocks, device=device).repeat_interleave(batch) * self.canvas_length
+        visible = mask & (torch.arange(width, device=device)[None] < starts[:, None])
+        visible = torch.nn.functional.pad(visible, (0, self.canvas_length), value=True)
+        out = self.denoiser(input_ids=ids, attention_mask=mask,
+                            position_ids=torch.arange(width, device=device)[None].expand(len(ids), -1),
+                            decoder_input_ids=canvases,
+                            decoder_position_ids=starts[:, None] + torch.arange(self.canvas_length, device=device),
+                            decoder_attention_mask=visible,
+                            self_conditioning_logits=self_conditioning_logits,
+                            self_conditioning_mask=self_conditioning_mask)
+        cap = self.module.config.text_config.final_logit_softcapping
+        encoder = self.module.lm_head(out.encoder_last_hidden_state[:batch]).float()
+        return out.logits.float(), torch.tanh(encoder / cap) * cap
+
     def completion_log_probs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
                              *, mask_seed: int, prompt_mask_prob: float = 0.0, estimator: str = "d1"
                              ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,9 @@ answer, its end-of-sequence token and padding (what ``generate`` leaves after it
 canvas draws t ~ U(eps, 1) and replaces each token by a uniform random one with probability t; the decoder,
 reading the prompt and the earlier canvases through the encoder, is trained with the cross-entropy of every
 canvas position; with probability ``self_conditioning_prob`` (0.5) a canvas first gets a gradient-free pass
-whose logits it then self-conditions on, as at generation time.
+whose logits it then self-conditions on, as at generation time; the encoder pass, which reads the clean
+answer in the same forward (hidden from the decoder by the attention mask), adds its next-token loss with
+``encoder_loss_weight`` (1.0, NeMo's recipe).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from diffrl.curriculum import UniformSampler
 from diffrl.data import ReasoningExample, last_boxed
 from diffrl.errors import ConfigError
 from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
-from diffrl.trainers.reasoning import generate_answers, load_dllm, load_task_split
+from diffrl.trainers.reasoning import generate_answers, load_dllm, load_task_split, until_first
 
 
 @dataclasses.dataclass
@@ -43,6 +45,8 @@ class DllmSFTConfig(TrainerConfig):
                                        "uniform-noise level)", gt=0, lt=1)
     self_conditioning_prob: float = param(0.5, help="DiffusionGemma: canvases trained with self-conditioning on "
                                                     "a first, gradient-free pass", ge=0, le=1)
+    encoder_loss_weight: float = param(1.0, help="DiffusionGemma: weight of the encoder pass's next-token loss on "
+                                                 "the clean answer (NeMo's recipe: 1.0; 0 turns it off)", ge=0)
     chat_template: bool = param(True, help="wrap questions in the tokenizer's chat template")
     eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
 
@@ -64,11 +68,13 @@ def masked_diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, masked: t
 
 
 def uniform_diffusion_loss(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, answers: torch.Tensor, *,
-                           eps: float, self_conditioning_prob: float, generator: torch.Generator) -> torch.Tensor:
-    """DiffusionGemma's SFT objective (module docstring): the mean cross-entropy over every canvas position.
-    Random draws, in order: t per canvas, the noise tokens, which positions are noised, which canvases
-    self-condition."""
-    contexts, masks, clean = model.block_inputs(prompt_ids, prompt_mask, answers)
+                           eps: float, self_conditioning_prob: float, generator: torch.Generator,
+                           encoder_loss_weight: float = 0.0) -> torch.Tensor:
+    """DiffusionGemma's SFT objective (module docstring): the mean cross-entropy over every canvas position,
+    plus ``encoder_loss_weight`` x the encoder pass's next-token cross-entropy on the answer up to its
+    end-of-sequence token. Random draws, in order: t per canvas, the noise tokens, which positions are noised,
+    which canvases self-condition."""
+    clean = torch.cat(answers.split(model.canvas_length, dim=1))  # rows (block, example)
     rows, device = clean.shape[0], clean.device
     t = eps + (1 - eps) * torch.rand(rows, generator=generator)
     noise = torch.randint(0, model.vocab_size, clean.shape, generator=generator)
@@ -78,10 +84,17 @@ def uniform_diffusion_loss(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     first = None
     if conditioned.any():
         with torch.no_grad():
-            first = model.canvas_logits(contexts, masks, canvas)
-    logits = model.canvas_logits(contexts, masks, canvas, self_conditioning_logits=first,
-                                 self_conditioning_mask=conditioned if first is not None else None)
-    return F.cross_entropy(logits.transpose(1, 2), clean)
+            first, _ = model.teacher_forced(prompt_ids, prompt_mask, answers, canvas)
+    logits, encoder_logits = model.teacher_forced(prompt_ids, prompt_mask, answers, canvas,
+                                                  self_conditioning_logits=first,
+                                                  self_conditioning_mask=conditioned if first is not None else None)
+    loss = F.cross_entropy(logits.transpose(1, 2), clean)
+    if encoder_loss_weight:
+        # position P - 1 + j predicts answer token j; tokens after the first EOS (padding) are not targets
+        predicted = encoder_logits[:, prompt_ids.shape[1] - 1:-1]
+        targets = answers.masked_fill(~until_first(answers, model.tokenizer.eos_token_id), -100)
+        loss = loss + encoder_loss_weight * F.cross_entropy(predicted.transpose(1, 2), targets, ignore_index=-100)
+    return loss
 
 
 @register_trainer("dllm_sft", config_class=DllmSFTConfig, summary="masked-diffusion SFT for diffusion LLMs",
@@ -138,7 +151,7 @@ class DllmSFTTrainer:
         if self.model.noise == "uniform":
             return uniform_diffusion_loss(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["answers"],
                                           eps=cfg.mask_eps, self_conditioning_prob=cfg.self_conditioning_prob,
-                                          generator=self.noise)
+                                          generator=self.noise, encoder_loss_weight=cfg.encoder_loss_weight)
         t = torch.rand(ids.shape[0], generator=self.noise).to(ids.device)
         p_mask = (1 - cfg.mask_eps) * t + cfg.mask_eps
         draws = torch.rand(ids.shape, generator=self.noise).to(ids.device)

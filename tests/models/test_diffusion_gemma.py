@@ -61,6 +61,19 @@ def test_one_forward_per_block_equals_the_cached_path_of_generate(model):
     torch.testing.assert_close(one_pass, cached, atol=1e-4, rtol=1e-4)
 
 
+def test_teacher_forced_canvases_do_not_see_their_targets(model):
+    """SFT's one forward (the whole answer in the encoder, masked from each canvas) gives each canvas the
+    logits it gets with only its own context in the cache."""
+    ids, mask, answers = _batch(model)
+    canvases = torch.randint(0, model.vocab_size, (4, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits, encoder = model.teacher_forced(ids, mask, answers, canvases)
+        contexts, masks, _ = model.block_inputs(ids, mask, answers)
+        separate = model.canvas_logits(contexts, masks, canvases)
+    torch.testing.assert_close(logits, separate, atol=1e-4, rtol=1e-4)
+    assert encoder.shape == (2, ids.shape[1] + 32, model.vocab_size)
+
+
 def test_d1_estimator_by_hand(model):
     """Every position re-noised with uniform tokens drawn from the seed, rows (block, example); the log-prob
     of each answer token at its position."""

@@ -84,14 +84,17 @@ def test_the_tiny_config_loads_and_names_the_model(tiny_dir):
 
 
 def test_uniform_diffusion_loss_by_hand(tiny_dir, tmp_path):
+    """The SFT loss against an independent recomputation: each canvas read after its own context (prompt and
+    earlier canvases, block_inputs), and the encoder's next-token loss from a separate encoder pass."""
     trainer = DllmSFTTrainer(sft_config(tiny_dir, tmp_path))
     trainer.setup()
-    model = trainer.model
+    model, tok = trainer.model, trainer.model.tokenizer
     ids, mask = model.left_pad(model.chat_prompt_ids(["1+2", "30+4"]))
-    answers = torch.randint(4, model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    answers = torch.randint(5, model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    answers[0, 20], answers[0, 21:] = tok.eos_token_id, tok.pad_token_id     # row 0 ends inside block 2
     with torch.no_grad():
         loss = uniform_diffusion_loss(model, ids, mask, answers, eps=1e-3, self_conditioning_prob=0.5,
-                                      generator=torch.Generator().manual_seed(4))
+                                      generator=torch.Generator().manual_seed(4), encoder_loss_weight=0.5)
         g = torch.Generator().manual_seed(4)
         t = 1e-3 + (1 - 1e-3) * torch.rand(4, generator=g)                  # rows: (block, example)
         noise = torch.randint(0, model.vocab_size, (4, 16), generator=g)
@@ -102,9 +105,17 @@ def test_uniform_diffusion_loss_by_hand(tiny_dir, tmp_path):
         first = model.canvas_logits(contexts, masks, canvas)
         logits = model.canvas_logits(contexts, masks, canvas, self_conditioning_logits=first,
                                      self_conditioning_mask=conditioned)
-        by_hand = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1))
+        canvas_ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1))
+        full = torch.cat([ids, answers], 1)
+        hidden = model.module.model.encoder(input_ids=full, attention_mask=torch.cat(
+            [mask, torch.ones_like(answers)], 1).bool()).last_hidden_state
+        cap = model.module.config.text_config.final_logit_softcapping
+        next_token = torch.tanh(model.module.lm_head(hidden) / cap) * cap
+        ce = [F.cross_entropy(next_token[i, ids.shape[1] - 1 + j], answers[i, j])
+              for i in range(2) for j in range(32) if i == 1 or j <= 20]         # row 0: up to its EOS
+        by_hand = canvas_ce + 0.5 * torch.stack(ce).mean()
     assert 0 < int(conditioned.sum()) < 4 and 0 < int(noised.sum()) < 64  # both branches exercised
-    torch.testing.assert_close(loss, by_hand)
+    torch.testing.assert_close(loss, by_hand, atol=1e-4, rtol=1e-4)
 
 
 def sft_config(tiny_dir, out, **overrides):
