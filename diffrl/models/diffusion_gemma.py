@@ -66,9 +66,10 @@ class DiffusionGemmaLM(DiffusionLM):
             module = DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), revision=revision, dtype=dtype)
         return cls(module.to(device), tokenizer, device=device)
 
-    def lora_exclude(self) -> list[str]:
-        """The encoder pass's projections: see the module docstring."""
-        return [name for name, _ in self.module.named_modules() if ".encoder." in f".{name}."]
+    def lora_exclude(self) -> str:
+        """The encoder pass's modules (see the module docstring), as one pattern peft matches whole names with
+        (a short, stable entry in adapter_config.json)."""
+        return r"(.*\.)?encoder\..*"
 
     # ------------------------------------------------------------------------------------------------------
 

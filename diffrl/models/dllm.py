@@ -78,8 +78,8 @@ class DiffusionLM:
     def trainable(self) -> torch.nn.Module:
         return self.module
 
-    def lora_exclude(self) -> list[str] | None:
-        """Full names of matching modules the adapter leaves out (none here)."""
+    def lora_exclude(self) -> list[str] | str | None:
+        """Modules the adapter leaves out: full names, or one pattern of whole names (none here)."""
         return None
 
     def add_lora(self, *, rank: int, alpha: float, dropout: float = 0.0, init: str = "gaussian",

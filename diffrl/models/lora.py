@@ -36,11 +36,12 @@ DEFAULT_TARGETS = {
 
 
 def add_lora(module: torch.nn.Module, family: str, *, rank: int, alpha: float, dropout: float = 0.0,
-             init: str = "gaussian", target_modules: list[str] | None = None, exclude: list[str] | None = None,
+             init: str = "gaussian", target_modules: list[str] | None = None, exclude: list[str] | str | None = None,
              adapter_name: str = "default") -> None:
     """Inject a LoRA adapter into ``module`` in place; only the adapter's weights stay trainable.
 
-    ``exclude``: full module names to leave out (projections whose output the model discards).
+    ``exclude``: full module names to leave out (projections whose output the model discards), or one regular
+    expression that whole names must match (peft's ``exclude_modules`` as a string).
     """
     targets = list(target_modules or DEFAULT_TARGETS[family])
     present = {name for name, _ in module.named_modules()}

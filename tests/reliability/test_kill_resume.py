@@ -129,8 +129,9 @@ def _same(a, b, where: str) -> None:
 
 def _json(path: Path) -> dict:
     data = json.loads(path.read_text())
-    if isinstance(data.get("target_modules"), list):  # peft writes a set: its order changes per process
-        data["target_modules"] = sorted(data["target_modules"])
+    for key in ("target_modules", "exclude_modules"):  # peft writes sets: their order changes per process
+        if isinstance(data.get(key), list):
+            data[key] = sorted(data[key])
     return data
 
 
