@@ -3,7 +3,8 @@ on d1's diffu-GRPO (arXiv 2504.12216); ``igpo.enabled: false`` is plain diffu-GR
 
 One step:
 1. rollout: ``group_size`` completions for each of this process's questions (whole groups stay on one
-   process), LLaDA-style generation (``samplers.masked.generate``);
+   process), LLaDA-style generation (``samplers.masked.generate``; DiffusionGemma: its own entropy-bound
+   sampler, ``samplers.entropy_bound.generate``);
 2. score with the task reward (its ``correct`` flag decides right / wrong) plus format rewards;
 3. inpainting (IGPO): for each group whose completions are all wrong, ``inpaint_samples`` (default G)
    candidates are generated with hints pinned: IGPO's spacing-scaled layout of chunks of the reference

@@ -66,6 +66,9 @@ def check_model_fits(model, config) -> None:
             raise ConfigError(f"{name}: set generation.gen_length to a multiple of {model.canvas_length}")
         if getattr(config, "prompt_mask_prob", 0):
             raise ConfigError(f"{name}: it has no mask token to hide prompt tokens with; set prompt_mask_prob: 0")
+        if not gen.t_max > gen.t_min:
+            raise ConfigError(f"generation.t_max ({gen.t_max}) must be above generation.t_min ({gen.t_min}): the "
+                              f"temperature falls from t_max at the first step to t_min at the last")
         if gen.remasking != "low_confidence":
             raise ConfigError(f"{name}: it accepts tokens by entropy, not by remasking; remove "
                               f"generation.remasking")

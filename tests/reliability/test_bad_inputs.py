@@ -229,6 +229,9 @@ CASES: dict[str, Case] = {
         lambda t, tiny: ["train", IGPO, f"model.path={tiny('diffusion_gemma')}", f"output_dir={t / 'run'}",
                          "generation.block_length=16", "prompt_mask_prob=0.15"],
         ("no mask token", "prompt_mask_prob: 0")),
+    "DiffusionGemma temperatures the wrong way round": Case(
+        lambda t, tiny: ["train", IGPO, f"model.path={tiny('diffusion_gemma')}", f"output_dir={t / 'run'}",
+                         "prompt_mask_prob=0", "generation.t_min=0.9"], ("t_max (0.8) must be above", "t_min (0.9)")),
     "DiffusionGemma sampling settings on a masked LM": Case(
         lambda t, tiny: ["train", IGPO, f"model.path={tiny('dllm')}", f"output_dir={t / 'run'}",
                          "generation.t_max=1.0"],
