@@ -49,11 +49,14 @@ def model_card(config: dict, run_dir: Path, *, repo_id: str, weights: str, step:
     summary = (run_dir / "summary.txt").read_text(encoding="utf-8").strip() if (run_dir / "summary.txt").is_file() \
         else "(no summary: run `diffrl report` on the run folder)"
     if text:
-        usage = (f"```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForMaskedLM\n"
-                 f"model = PeftModel.from_pretrained(AutoModelForMaskedLM.from_pretrained(\"{base}\"), "
+        from diffrl.models.diffusion_gemma import is_diffusion_gemma
+
+        cls = "DiffusionGemmaForBlockDiffusion" if is_diffusion_gemma(base) else "AutoModelForMaskedLM"
+        usage = (f"```python\nfrom peft import PeftModel\nfrom transformers import {cls}\n"
+                 f"model = PeftModel.from_pretrained({cls}.from_pretrained(\"{base}\"), "
                  f"\"{repo_id}\")\n```" if lora else
-                 f"```python\nfrom transformers import AutoModelForMaskedLM, AutoTokenizer\n"
-                 f"model = AutoModelForMaskedLM.from_pretrained(\"{repo_id}\")\n```")
+                 f"```python\nfrom transformers import {cls}, AutoTokenizer\n"
+                 f"model = {cls}.from_pretrained(\"{repo_id}\")\n```")
     else:
         usage = (f"```python\nfrom diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained("
                  f"\"{base}\")\n" + (f"pipe.load_lora_weights(\"{repo_id}\")\n" if lora else "") + "```")

@@ -139,3 +139,19 @@ def test_sft_trains_every_lora_parameter_and_answers_end_in_eos_then_padding(tin
     params = {n: p for n, p in trainer.model.module.named_parameters() if p.requires_grad}
     assert [n for n, p in params.items() if torch.equal(p, before[n])] == []
     assert "eval/accuracy" in trainer.evaluate()
+
+
+def test_a_trained_diffusion_gemma_samples_and_its_card_names_its_class(tiny_dir, tmp_path):
+    from diffrl import cli
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "configs/igpo/tiny_diffusion_gemma.yaml", f"model.path={tiny_dir('diffusion_gemma')}",
+                     f"output_dir={run}", "max_steps=1", "data.size=24", "data.eval_size=2", "eval_k=1",
+                     "generation.steps=2", "logging.progress_bar=false"]) == 0
+    assert cli.main(["sample", str(run / "checkpoints" / "step-000001"), "--prompt", "2+3", "--num", "2",
+                     "--out", str(tmp_path / "t")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "t" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["2+3"] * 2 and all(isinstance(r["text"], str) for r in rows)
+    assert cli.main(["push", str(run), "me/tiny-gemma", "--folder", str(tmp_path / "share")]) == 0
+    card = (tmp_path / "share" / "README.md").read_text()
+    assert "PeftModel.from_pretrained(DiffusionGemmaForBlockDiffusion.from_pretrained(" in card
