@@ -24,8 +24,7 @@ from __future__ import annotations
 import torch
 
 from diffrl.models.diffusion_gemma import DiffusionGemmaLM
-
-FREE = -1  # value of a position of ``pinned`` that the model fills in
+from diffrl.samplers.masked import FREE  # the same pinned layout as the masked sampler: -1 = the model fills it
 
 
 def temperature(step_remaining: int, steps: int, t_min: float, t_max: float) -> torch.Tensor:
@@ -110,7 +109,6 @@ def generate(model: DiffusionGemmaLM, prompt_ids: torch.Tensor, *, gen_length: i
     decoder_positions = torch.arange(prompt_len, prompt_len + length, dtype=torch.int32, device=device)[None]
     text_config = module.config.get_text_config(decoder=True)
     cache = DynamicCache(config=text_config)
-    stop = None if confidence_threshold is None else _StableAndConfident(stability_threshold, confidence_threshold)
     embed_dtype = module.model.decoder.embed_tokens.weight.dtype
     sequence, finished = prompt_ids, torch.zeros(batch, dtype=torch.bool, device=device)
     answers = []
@@ -131,8 +129,8 @@ def generate(model: DiffusionGemmaLM, prompt_ids: torch.Tensor, *, gen_length: i
         decoder_mask = module.model.decoder.create_diffusion_decoder_attention_mask(
             config=module.config, inputs_embeds=canvas.unsqueeze(-1), cache=cache,
             decoder_attention_mask=decoder_attention_mask)
-        if stop is not None:
-            stop.history = None
+        stop = None if confidence_threshold is None else _StableAndConfident(stability_threshold,
+                                                                             confidence_threshold)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         argmax, self_conditioning = canvas, None
         for remaining in reversed(range(1, steps + 1)):

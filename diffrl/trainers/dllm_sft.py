@@ -111,9 +111,6 @@ class DllmSFTTrainer:
         # Data first: a bad path should fail before minutes of model loading.
         self.train_tasks, self.eval_tasks = load_task_split(cfg.data, cfg.seed)
         self.model = load_dllm(cfg, self.accelerator.device)
-        if self.model.noise == "uniform" and cfg.max_answer_length % self.model.canvas_length:
-            raise ConfigError(f"max_answer_length ({cfg.max_answer_length}) must be a multiple of the model's "
-                              f"canvas_length ({self.model.canvas_length}): DiffusionGemma trains whole canvases")
         run_setup.prepare_optimization(self, cfg.max_steps)
         self.sampler = UniformSampler(len(self.train_tasks), cfg.batch_size, seed=cfg.seed,
                                       rank=self.accelerator.process_index,

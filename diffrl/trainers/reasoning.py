@@ -64,6 +64,9 @@ def check_model_fits(model, config) -> None:
                               f"{model.canvas_length}")
         if gen.gen_length % model.canvas_length:
             raise ConfigError(f"{name}: set generation.gen_length to a multiple of {model.canvas_length}")
+        if getattr(config, "max_answer_length", 0) % model.canvas_length:  # dllm_sft trains whole canvases
+            raise ConfigError(f"{name}: set max_answer_length to a multiple of {model.canvas_length} (it is "
+                              f"{config.max_answer_length})")
         if getattr(config, "prompt_mask_prob", 0):
             raise ConfigError(f"{name}: it has no mask token to hide prompt tokens with; set prompt_mask_prob: 0")
         if not gen.t_max > gen.t_min:

@@ -232,6 +232,11 @@ CASES: dict[str, Case] = {
     "DiffusionGemma temperatures the wrong way round": Case(
         lambda t, tiny: ["train", IGPO, f"model.path={tiny('diffusion_gemma')}", f"output_dir={t / 'run'}",
                          "prompt_mask_prob=0", "generation.t_min=0.9"], ("t_max (0.8) must be above", "t_min (0.9)")),
+    "DiffusionGemma SFT answers that are not whole canvases": Case(
+        lambda t, tiny: ["train", str(REPO_ROOT / "configs/dllm_sft/tiny_arithmetic.yaml"),
+                         f"model.path={tiny('diffusion_gemma')}", f"output_dir={t / 'run'}", "generation.gen_length=16",
+                         "generation.block_length=16", "max_answer_length=20"],
+        ("set max_answer_length to a multiple of 16", "it is 20")),
     "DiffusionGemma sampling settings on a masked LM": Case(
         lambda t, tiny: ["train", IGPO, f"model.path={tiny('dllm')}", f"output_dir={t / 'run'}",
                          "generation.t_max=1.0"],
