@@ -35,7 +35,7 @@ assets/tiny/%: | $(STAMP)
 
 tiny-assets: assets/tiny/dllm assets/tiny/diffusion_gemma assets/tiny/sd3 assets/tiny/sd15 assets/tiny/preferences
 
-# The quickstart: AWM on the shipped assets/sd3-shapes model, offline, a few minutes on 2 CPU cores.
+# The quickstart: AWM on the shipped assets/sd3-text model against a real OCR reward, offline, CPU, ~6 minutes.
 demo: $(STAMP)
 	$(BIN)/diffrl train configs/quickstart.yaml
 

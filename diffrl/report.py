@@ -95,6 +95,13 @@ def summarize_run(rows: list[dict], *, wall_seconds: float | None = None) -> dic
         start, end = first_and_last_tenth(values)
         summary.update(train_start=start, train_end=end, train_gain=end - start)
     summary.update(_group_summary(rows))
+    side = {}
+    for key in sorted({k for r in rows for k in r if k.endswith("/exact_match") or k == "eval/drift"}):
+        _, values = series(rows, key)
+        if values:
+            side[key] = [values[0], values[-1]]
+    if side:
+        summary["side_metrics"] = side
     summary["steps"] = max((r["step"] for r in rows), default=0)
     summary["skipped_steps"] = int(max((r.get("skipped_total", 0) for r in rows if isinstance(
         r.get("skipped_total"), (int, float))), default=0))
@@ -140,6 +147,10 @@ def format_summary(summary: dict) -> str:
     if "eval_start" in summary:
         lines.append(f"{eval_name}: {summary['eval_start']:.4g} at step 0 -> {summary['eval_end']:.4g} at the end "
                      f"({summary['eval_gain']:+.4g}; fixed evaluation prompts and noise)")
+    for key, (start, end) in summary.get("side_metrics", {}).items():
+        what = ("mean pixel distance of the fixed-noise samples from the first evaluation's"
+                if key == "eval/drift" else "exact match: the whole text read equals the prompt's")
+        lines.append(f"{key}: {start:.4g} at step 0 -> {end:.4g} at the end ({what})")
     if "train_start" in summary:
         lines.append(f"{name} (training samples, first vs. last tenth of the steps): {summary['train_start']:.4g} "
                      f"-> {summary['train_end']:.4g} ({summary['train_gain']:+.4g})")

@@ -51,6 +51,44 @@ def test_shipped_image_model_loads_in_diffusers_and_diffrl():
     assert len(prompts) == 280 and prompts[0].startswith("a red circle on a ")
 
 
+def test_sign_renders_are_seeded_and_read_by_the_ocr_reward():
+    """The text asset's training pictures: the same seed draws the same picture, the held-out strings never
+    appear among the training ones, and the demo's OCR setting reads the renders (the calibration the asset
+    script prints, here on 12 renders)."""
+    from rewards import load_reward
+
+    assets = _assets_script()
+    fonts = assets.text_fonts(18)
+    a, b = (assets.render_text(np.random.default_rng(3), "47", fonts) for _ in range(2))
+    assert np.array_equal(a, b) and a.shape == (3, 32, 32) and a.min() >= -1 and a.max() <= 1
+    train, held_out = assets.text_strings(2, 0)
+    assert len(train) == 80 and len(held_out) == 20 and not set(train) & set(held_out)
+    rng = np.random.default_rng(0)
+    strings = held_out[:12]
+    images = torch.from_numpy(np.stack([assets.render_text(rng, s, fonts) for s in strings]))
+    ocr = load_reward({"ocr": 1.0}, kwargs={"ocr": {"mode": "recognize", "upscale": 4}})
+    out = ocr((images + 1) / 2, [assets.TEXT_CAPTION.format(s) for s in strings])
+    assert out.extras["ocr/exact_match"].mean() >= 11 / 12
+
+
+def test_shipped_sign_model_loads_in_diffusers_and_diffrl():
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffrl.models.flow import FlowModel
+
+    folder = REPO_ROOT / "assets" / "sd3-text"
+    info = json.loads((folder / "diffrl_asset.json").read_text())
+    assert info["transformer_parameters"] < 5_000_000 and info["ocr_calibration_clean_renders"] >= 0.95
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    image = pipe('a sign that says "47"', num_inference_steps=4, height=32, width=32, guidance_scale=4.5,
+                 generator=torch.Generator().manual_seed(0), output_type="pt", max_sequence_length=26).images
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+    assert FlowModel.from_pretrained(folder).family == "sd3"
+    held_out = (folder / "prompts_held_out.txt").read_text().splitlines()
+    seen = set((folder / "prompts.txt").read_text().splitlines())
+    assert held_out and not seen & set(held_out) and held_out[0].startswith('a sign that says "')
+
+
 def test_shipped_text_model_loads():
     from diffrl.models.dllm import MaskedDiffusionLM
 
@@ -72,7 +110,11 @@ def test_quickstart_runs_and_writes_its_report(tmp_path):
                  "samples/step-000002.png"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["eval_start"] < 0 and "wall_seconds" in summary
+    assert summary["steps"] == 2 and 0 <= summary["eval_start"] <= 1 and "wall_seconds" in summary
+    # the OCR demo's side measures: exact-match accuracy and the drift from the first evaluation's pictures
+    assert set(summary["side_metrics"]) == {"eval/ocr/exact_match", "eval/drift"}
+    assert summary["side_metrics"]["eval/drift"][0] == 0.0 and summary["side_metrics"]["eval/drift"][1] > 0
+    assert "eval/ocr/exact_match:" in result.stdout and (out / "samples/first_eval.safetensors").is_file()
 
 
 def test_text_quickstart_runs(tmp_path):

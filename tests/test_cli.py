@@ -2,6 +2,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO_ROOT, run_cli
 
 
@@ -117,8 +119,13 @@ def test_sample_a_tiny_image_run_then_score_its_output(tmp_path, tiny_dir, capsy
                      "jpeg_compressibility,jpeg_incompressibility=0", "--out", str(tmp_path / "ev")]) == 0
     table = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert table == json.loads((tmp_path / "ev" / "eval.json").read_text())
+    # the rewards' per-sample measures come beside their scores (the JPEG size each reward is computed from)
     assert table["prompts"] == 3 and set(table["base"]) == {"eval/reward", "eval/reward/jpeg_compressibility",
-                                                            "eval/reward/jpeg_incompressibility"}
+                                                            "eval/reward/jpeg_incompressibility",
+                                                            "eval/jpeg_compressibility/kilobytes",
+                                                            "eval/jpeg_incompressibility/kilobytes"}
+    assert table["base"]["eval/jpeg_compressibility/kilobytes"] == pytest.approx(
+        -500 * table["base"]["eval/reward/jpeg_compressibility"])   # reward = -kB / 500 (DDPO's scale)
     assert table["gain"] == table["checkpoint"]["eval/reward"] - table["base"]["eval/reward"]
     assert (tmp_path / "ev" / "base.png").is_file() and (tmp_path / "ev" / "checkpoint.png").is_file()
     from diffrl.image_eval import eval_prompts

@@ -48,6 +48,17 @@ def test_reasoning_runs_report_all_wrong_groups_and_inpainting_by_hand():
     assert "inpainting: fired on 7 all-wrong groups, rescued 3 (43%)" in text
 
 
+def test_ocr_runs_report_exact_match_and_drift_by_hand():
+    rows = [{"step": 0, "eval/reward": 0.5, "eval/ocr/exact_match": 0.25, "eval/ocr/found_text": 1.0,
+             "eval/drift": 0.0},
+            {"step": 5, "eval/reward": 0.75, "eval/ocr/exact_match": 0.5, "eval/drift": 0.125}]
+    summary = summarize_run(rows)
+    assert summary["side_metrics"] == {"eval/drift": [0.0, 0.125], "eval/ocr/exact_match": [0.25, 0.5]}
+    text = format_summary(summary)
+    assert "eval/ocr/exact_match: 0.25 at step 0 -> 0.5 at the end" in text
+    assert "eval/drift: 0 at step 0 -> 0.125 at the end" in text
+
+
 def test_moving_average_by_hand():
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert moving_average([2.0, 4.0], 5) == [2.0, 3.0]   # fewer values at the start

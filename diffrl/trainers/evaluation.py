@@ -10,11 +10,15 @@ from diffrl.errors import ConfigError, RewardError
 @torch.no_grad()
 def evaluate_generation(accelerator, model, reward, prompts: list[str], *, num_steps: int, height: int, width: int,
                         num_frames: int = 1, guidance_scale: float = 1.0, uncond=None, batch_size: int, seed: int,
-                        grid_path, metadata: list[dict] | None = None) -> dict:
+                        grid_path, metadata: list[dict] | None = None, reference_path=None) -> dict:
     """Sample ``prompts`` with ``model.sample`` (Euler ODE for flow models, the scheduler for UNets) from
     noise seeded by ``seed`` (the same noise every evaluation), save a captioned grid, and return
     ``eval/reward`` plus ``eval/reward/<name>`` per component when there are several (``reward`` may be None:
-    only the grid). ``metadata``: each prompt's other fields, for rewards that read them (geneval)."""
+    only the grid), and ``eval/<name>/<measure>`` for each per-sample measure a reward reports beside its
+    score (the ocr reward's ``exact_match`` and ``found_text``). ``metadata``: each prompt's other fields, for
+    rewards that read them (geneval). ``reference_path``: where the first evaluation's samples are kept
+    (safetensors); every evaluation then reports ``eval/drift``, the mean absolute pixel difference (0-1
+    scale) of its samples from those, which shows whether the pictures changed a little or collapsed."""
     from diffrl.report import save_grid
     from diffrl.trainers.rollout import score_samples
 
@@ -28,6 +32,7 @@ def evaluate_generation(accelerator, model, reward, prompts: list[str], *, num_s
                                guidance_scale=guidance_scale, uncond=uncond, generator=generator)
         samples.append(model.decode(latents))
     samples = torch.cat(samples)
+    drift = _drift(accelerator, samples, reference_path) if reference_path is not None else {}
     if reward is None:
         if accelerator.is_main_process:
             save_grid(samples, prompts, grid_path)
@@ -41,7 +46,29 @@ def evaluate_generation(accelerator, model, reward, prompts: list[str], *, num_s
     metrics = {"eval/reward": float(rewards.nanmean())}
     if len(reward.names) > 1:
         metrics.update({f"eval/reward/{name}": float(extras[name].float().nanmean()) for name in reward.names})
-    return metrics
+    metrics.update({f"eval/{key}": float(value.float().nanmean()) for key, value in extras.items()
+                    if "/" in key and isinstance(value, torch.Tensor) and value.shape == rewards.shape
+                    and value.is_floating_point() and not value.isnan().all()})
+    return {**metrics, **drift}
+
+
+def _drift(accelerator, samples: torch.Tensor, reference_path) -> dict:
+    """``eval/drift`` against the first evaluation's samples, which the first call saves."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    reference_path = Path(reference_path)
+    pixels = samples.detach().float().clamp(0, 1).cpu()
+    if not reference_path.exists():
+        if accelerator.is_main_process:
+            reference_path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"samples": pixels.contiguous()}, str(reference_path))
+        return {"eval/drift": 0.0}
+    reference = load_file(str(reference_path))["samples"]
+    if reference.shape != pixels.shape:
+        return {}  # the evaluation prompts or size changed since: no like-for-like reference
+    return {"eval/drift": float((pixels - reference).abs().mean())}
 
 
 def flow_eval_kwargs(sampling) -> dict:
@@ -62,7 +89,8 @@ def evaluate_flow_trainer(trainer) -> dict:
                                    metadata=trainer.eval_prompts.metadata,
                                    **flow_eval_kwargs(cfg.sampling), batch_size=cfg.sample_batch_size,
                                    seed=cfg.eval_seed, uncond=trainer.uncond,
-                                   grid_path=trainer.output_dir / "samples" / f"step-{trainer.step:06d}{suffix}.png")
+                                   grid_path=trainer.output_dir / "samples" / f"step-{trainer.step:06d}{suffix}.png",
+                                   reference_path=trainer.output_dir / "samples" / "first_eval.safetensors")
 
     metrics = run("")
     if trainer.weight_ema is not None and metrics:

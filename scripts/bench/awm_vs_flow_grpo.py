@@ -5,10 +5,14 @@ several seeds.
 
 image: the quickstart task (assets/sd3-shapes, JPEG compressibility, the same prompts, group size, rollout
        steps, LoRA and learning rate for both) with each method's published relative settings: AWM as
-       configs/quickstart.yaml (ODE rollouts, 4 training timesteps), Flow-GRPO as
+       configs/quickstart_jpeg.yaml (ODE rollouts, 4 training timesteps), Flow-GRPO as
        configs/flow_grpo/quickstart.yaml (SDE rollouts at noise level 0.7, clip range 1e-4, beta 0.01,
        2 updates per rollout, as its published SD3.5 configs), NFT as configs/nft/quickstart.yaml (CFG-free
        DPM-Solver++(2M) rollouts by the old adapter, 9 of 10 timesteps, nft_beta 1, beta 1e-4).
+ocr:   the quickstart's task (assets/sd3-text, held-out strings, the OCR reward): AWM as
+       configs/quickstart.yaml against Flow-GRPO as configs/flow_grpo/quickstart_ocr.yaml (its published OCR
+       settings: SDE at noise level 0.7, clip range 1e-4, beta 0.04, 2 updates per rollout); the race is on
+       exact-match accuracy (eval/ocr/exact_match).
 text:  IGPO against diffu-GRPO (``igpo.enabled=false``, everything else equal) on 2- to 4-digit addition from
        the shipped assets/dllm-addition model (configs/quickstart_text.yaml); also the fraction of training
        groups (G = 8, temperature 1) with no correct completion, per step, before IGPO's inpainting.
@@ -43,9 +47,12 @@ from diffrl.config import load_config  # noqa: E402  (after the path: runs from 
 from diffrl.report import first_and_last_tenth, moving_average, series  # noqa: E402
 
 RACES = {
-    "image": {"new": [("awm", "configs/quickstart.yaml", []), ("nft", "configs/nft/quickstart.yaml", [])],
+    "image": {"new": [("awm", "configs/quickstart_jpeg.yaml", []), ("nft", "configs/nft/quickstart.yaml", [])],
               "baseline": ("flow_grpo", "configs/flow_grpo/quickstart.yaml", []),
               "metric": "eval/reward"},
+    "ocr": {"new": [("awm", "configs/quickstart.yaml", [])],
+            "baseline": ("flow_grpo", "configs/flow_grpo/quickstart_ocr.yaml", []),
+            "metric": "eval/ocr/exact_match"},
     "text": {"new": [("igpo", "configs/quickstart_text.yaml", [])],
              "baseline": ("diffu_grpo", "configs/quickstart_text.yaml", ["igpo.enabled=false"]),
              "metric": "eval/accuracy", "groups": True},

@@ -71,7 +71,7 @@ def run(mode: str, url: str, args, out: Path) -> dict:
                  "reward.weights={remote: 1.0}", f"reward.kwargs={{remote: {{url: '{url}'}}}}",
                  f"reward.async={'true' if mode == 'async' else 'false'}",
                  f"sample_batch_size={args.sample_batch_size}", "logging.progress_bar=false"]
-    config = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
+    config = load_config(ROOT / "configs" / "quickstart_jpeg.yaml", overrides)
     get_trainer(config.trainer).trainer_class(config).train()
     rows = [json.loads(line) for line in (out / mode / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "rollout_time" in r]

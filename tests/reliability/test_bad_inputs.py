@@ -250,6 +250,8 @@ CASES: dict[str, Case] = {
     "image reward on a video model": Case(lambda t, tiny: awm()(t, tiny) + [f"model.path={tiny('wan')}"],
                                           ("videos", "image_reward")),
     "prompts that do not fit the reward": Case(awm("reward.weights={{ocr: 1.0}}"), ("ocr", "double quotes")),
+    "ocr reward mode misspelled": Case(awm("reward.weights={{ocr: 1.0}}", "reward.kwargs={{ocr: {{mode: recognise}}}}"),
+                                       ("mode must be 'detect' or 'recognize'", "recognise")),
     # --- checkpoints
     "resume folder missing": Case(awm("checkpoint.resume={tmp}/checkpoints/step-000007"), ("does not exist", "latest")),
 }

@@ -35,6 +35,28 @@ def test_ocr_reads_rendered_text_offline():
     assert out.extras["ocr/text"][0].lower() == "hello"
 
 
+def test_ocr_recognize_mode_reads_small_renders_once_upscaled():
+    """The demo's setting: a 32-px sign read whole (no detection) after a x4 upscale. Exact match and
+    found_text are reported beside the partial-credit score."""
+    def small(text: str) -> torch.Tensor:
+        image = Image.new("RGB", (32, 32), (245, 225, 90))
+        ImageDraw.Draw(image).text((16, 16), text, fill=(15, 15, 15), font=ImageFont.load_default(size=12),
+                                   anchor="mm")
+        return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(32, 32, 3).permute(2, 0, 1) / 255
+
+    reward = load_reward({"ocr": 1.0}, kwargs={"ocr": {"mode": "recognize", "upscale": 4}})
+    images = torch.stack([small("472"), small("472"), torch.ones(3, 32, 32)])
+    out = reward(images, ['a sign that says "472"', 'a sign that says "479"', 'a sign that says "472"'])
+    assert out.extras["ocr/text"][:2] == ["472", "472"]
+    assert out.scores[0] == 1.0 and out.scores[1] == pytest.approx(1 - 1 / 3) and out.scores[2] == 0.0
+    assert out.extras["ocr/exact_match"].tolist() == [1.0, 0.0, 0.0]
+    assert out.extras["ocr/found_text"].tolist() == [1.0, 1.0, 0.0]   # a blank picture reads nothing
+    with pytest.raises(RewardError, match="upscale"):
+        load_reward({"ocr": 1.0}, kwargs={"ocr": {"upscale": 0}})
+    with pytest.raises(RewardError, match="mode"):
+        load_reward({"ocr": 1.0}, kwargs={"ocr": {"mode": "detection"}})
+
+
 def test_jpeg_rewards_rank_flat_above_noise():
     flat = torch.full((3, 64, 64), 0.5)
     noise = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
