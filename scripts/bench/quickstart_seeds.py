@@ -1,6 +1,7 @@
 """The quickstart over several seeds: what `make demo` reports, with its median and spread.
 
     python scripts/bench/quickstart_seeds.py [--config configs/quickstart.yaml] [--seeds 0 1 2] [--set KEY=VALUE ...]
+    python scripts/bench/quickstart_seeds.py --runs RUN_DIR [RUN_DIR ...]   # summarise finished runs instead
 
 Runs ``diffrl train <config> seed=S`` once per seed (each run's own output folder under --out) and reads each
 run's evaluations (fixed prompts and noise): the OCR exact-match accuracy, the OCR reward and the drift of the
@@ -36,14 +37,14 @@ def main() -> None:
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--runs", nargs="+", type=Path, default=[], metavar="RUN_DIR",
+                        help="finished run folders (each with config.yaml and metrics.jsonl) to summarise, no training")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "quickstart_seeds")
     args = parser.parse_args()
     config = load_config(ROOT / args.config, args.set)
     runs = []
-    for seed in args.seeds:
-        start = time.time()
-        rows = run(args.config, args.set, args.out / f"seed{seed}", seed, config.max_steps, config.eval_every)
-        entry = {"seed": seed, "process_seconds": round(time.time() - start, 1),
+    for seed, rows, seconds in finished_runs(args.runs) if args.runs else trained_runs(args, config):
+        entry = {"seed": seed, "process_seconds": None if seconds is None else round(seconds, 1),
                  "step_seconds": round(sum(r.get("step_time", 0.0) for r in rows), 1)}
         for key in METRICS:
             steps, values = series(rows, key)
@@ -51,8 +52,9 @@ def main() -> None:
         runs.append(entry)
         shown = ", ".join(f"{k} {e['value'][0]:.3f} -> {e['value'][-1]:.3f}"
                           for k, e in entry.items() if k in METRICS and e["value"])
-        print(f"seed {seed}: {shown} ({entry['process_seconds']:.0f} s)", flush=True)
-    summary = {"config": args.config, "overrides": args.set, "seeds": args.seeds, "max_steps": config.max_steps,
+        print(f"seed {seed}: {shown} ({entry['step_seconds']:.0f} s of steps)", flush=True)
+    summary = {"config": args.config, "overrides": args.set, "seeds": [r["seed"] for r in runs],
+               "max_steps": config.max_steps,
                "machine": platform.processor() or platform.machine(), "runs": runs}
     for key in METRICS:
         gains = [r[key]["value"][-1] - r[key]["value"][0] for r in runs if r[key]["value"]]
@@ -66,6 +68,20 @@ def main() -> None:
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, args.out / "curves.png")
     print(f"wrote {args.out}/summary.json and curves.png")
+
+
+def trained_runs(args, config):
+    for seed in args.seeds:
+        start = time.time()
+        rows = run(args.config, args.set, args.out / f"seed{seed}", seed, config.max_steps, config.eval_every)
+        yield seed, rows, time.time() - start
+
+
+def finished_runs(folders: list[Path]):
+    for folder in folders:
+        seed = load_config(folder / "config.yaml").seed
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        yield seed, rows, None  # not timed here: step_seconds still sums the run's own step times
 
 
 def plot(summary: dict, path: Path) -> None:
