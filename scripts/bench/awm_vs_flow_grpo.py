@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from diffrl.config import load_config  # noqa: E402  (after the path: runs from a checkout too)
-from diffrl.report import first_and_last_tenth, moving_average, series  # noqa: E402
+from diffrl.report import first_and_last_tenth, moving_average, read_metrics, series  # noqa: E402
 
 RACES = {
     "image": {"new": [("awm", "configs/quickstart_jpeg.yaml", []), ("nft", "configs/nft/quickstart.yaml", [])],
@@ -69,7 +69,7 @@ def run(config: str, overrides: list[str], out: Path, seed: int, steps: int, eva
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(out)
 
 
 def curve(rows: list[dict], metric: str, samples_per_step: int) -> dict:

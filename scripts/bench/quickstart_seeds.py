@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from awm_vs_flow_grpo import run  # noqa: E402  (the race's runner: one training subprocess, its metrics rows)
 
 from diffrl.config import load_config  # noqa: E402
-from diffrl.report import series  # noqa: E402
+from diffrl.errors import DiffrlError  # noqa: E402
+from diffrl.report import read_metrics, series  # noqa: E402
 
 METRICS = ("eval/ocr/exact_match", "eval/reward", "eval/drift")
 
@@ -79,8 +80,10 @@ def trained_runs(args, config):
 
 def finished_runs(folders: list[Path]):
     for folder in folders:
-        seed = load_config(folder / "config.yaml").seed
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        try:
+            seed, rows = load_config(folder / "config.yaml").seed, read_metrics(folder)
+        except DiffrlError as e:
+            raise SystemExit(f"error: --runs {folder} is not a finished diffrl run: {e}") from None
         yield seed, rows, None  # not timed here: step_seconds still sums the run's own step times
 
 

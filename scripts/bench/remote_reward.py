@@ -30,6 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from diffrl.report import read_metrics  # noqa: E402  (after the path: runs from a checkout too)
+
 
 def vit_b32_clip(folder: Path) -> None:
     """A CLIP with ViT-B/32's vision tower (224 px, patch 32, 12 x 768) and the tiny text tower."""
@@ -73,7 +75,7 @@ def run(mode: str, url: str, args, out: Path) -> dict:
                  f"sample_batch_size={args.sample_batch_size}", "logging.progress_bar=false"]
     config = load_config(ROOT / "configs" / "quickstart_jpeg.yaml", overrides)
     get_trainer(config.trainer).trainer_class(config).train()
-    rows = [json.loads(line) for line in (out / mode / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / mode)
     steps = [r for r in rows if "rollout_time" in r]
     return {"rollout_time": [r["rollout_time"] for r in steps], "reward": [r["reward"] for r in steps]}
 
