@@ -1,7 +1,7 @@
 """The race: AWM and DiffusionNFT against Flow-GRPO (and IGPO against diffu-GRPO) on the quickstart tasks,
 several seeds.
 
-    python scripts/bench/awm_vs_flow_grpo.py [--race image text] [--seeds 0 1 2] [--steps 60] [--eval-every 5]
+    python scripts/bench/awm_vs_flow_grpo.py [--race image ocr text] [--seeds 0 1 2] [--steps N] [--eval-every 5]
 
 image: the quickstart task (assets/sd3-shapes, JPEG compressibility, the same prompts, group size, rollout
        steps, LoRA and learning rate for both) with each method's published relative settings: AWM as
@@ -19,14 +19,15 @@ text:  IGPO against diffu-GRPO (``igpo.enabled=false``, everything else equal) o
 gemma_text: the same on assets/diffusiongemma-addition, a small DiffusionGemma taught the same task
        (configs/igpo/diffusiongemma_addition.yaml).
 
-Per seed, every runner runs ``--steps`` optimizer steps and are evaluated every ``--eval-every`` steps with the same
-evaluation (fixed prompts and noise, ODE sampling for images, greedy decoding for text): training rewards are
-not comparable across the two (SDE rollouts score lower than ODE ones on JPEG size; IGPO's include inpainted
-samples). The target is the best evaluation score the baseline (Flow-GRPO, diffu-GRPO) reaches within its
-budget; for each method we record the wall-clock seconds (sum of its training step times: rollout, reward,
-update; start-up and evaluation excluded) and the reward-model calls (training samples scored) until its
-evaluation first reaches that target. speed-up = baseline seconds / new-method seconds. The script prints
-per-seed rows, the median and the spread, and writes JSON and a plot of every curve. Nothing is asserted.
+Per seed, every runner runs ``--steps`` optimizer steps (default: the race's own) and is evaluated every
+``--eval-every`` steps with the same evaluation (fixed prompts and noise, ODE sampling for images, greedy
+decoding for text): training rewards are not comparable across the two (SDE rollouts score lower than ODE ones
+on JPEG size; IGPO's include inpainted samples). The target is the best evaluation score the baseline
+(Flow-GRPO, diffu-GRPO) reaches within its budget; for each method we record the wall-clock seconds (sum of
+its training step times: rollout, reward, update; start-up and evaluation excluded) and the reward-model calls
+(training samples scored) until its evaluation first reaches that target. speed-up = baseline seconds /
+new-method seconds. The script prints per-seed rows, the median and the spread, and writes JSON and a plot of
+every curve. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -49,16 +50,16 @@ from diffrl.report import first_and_last_tenth, moving_average, read_metrics, se
 RACES = {
     "image": {"new": [("awm", "configs/quickstart_jpeg.yaml", []), ("nft", "configs/nft/quickstart.yaml", [])],
               "baseline": ("flow_grpo", "configs/flow_grpo/quickstart.yaml", []),
-              "metric": "eval/reward"},
+              "metric": "eval/reward", "steps": 60},
     "ocr": {"new": [("awm", "configs/quickstart.yaml", [])],
             "baseline": ("flow_grpo", "configs/flow_grpo/quickstart_ocr.yaml", []),
-            "metric": "eval/ocr/exact_match"},
+            "metric": "eval/ocr/exact_match", "steps": 240},
     "text": {"new": [("igpo", "configs/quickstart_text.yaml", [])],
              "baseline": ("diffu_grpo", "configs/quickstart_text.yaml", ["igpo.enabled=false"]),
-             "metric": "eval/accuracy", "groups": True},
+             "metric": "eval/accuracy", "groups": True, "steps": 40},
     "gemma_text": {"new": [("igpo", "configs/igpo/diffusiongemma_addition.yaml", [])],
                    "baseline": ("diffu_grpo", "configs/igpo/diffusiongemma_addition.yaml", ["igpo.enabled=false"]),
-                   "metric": "eval/accuracy", "groups": True},
+                   "metric": "eval/accuracy", "groups": True, "steps": 40},
 }
 
 
@@ -217,13 +218,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--race", nargs="+", choices=list(RACES), default=list(RACES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per run (default: the race's own: image 60, ocr 240, text 40)")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "awm_vs_flow_grpo")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-               "races": [race(name, args.seeds, args.steps, args.eval_every, args.out) for name in args.race]}
+               "races": [race(name, args.seeds, args.steps or RACES[name]["steps"], args.eval_every, args.out)
+                         for name in args.race]}
     path = args.out.with_suffix(".json")
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {path} and {args.out}/*.png")
