@@ -51,12 +51,16 @@ def model_card(config: dict, run_dir: Path, *, repo_id: str, weights: str, step:
     if text:
         from diffrl.models.diffusion_gemma import is_diffusion_gemma
 
-        cls = "DiffusionGemmaForBlockDiffusion" if is_diffusion_gemma(base) else "AutoModelForMaskedLM"
+        # LLaDA and Dream ship their own modelling code and register it under AutoModel, not AutoModelForMaskedLM
+        remote = bool(config["model"].get("trust_remote_code"))
+        cls = ("DiffusionGemmaForBlockDiffusion" if is_diffusion_gemma(base) else "AutoModel" if remote
+               else "AutoModelForMaskedLM")
+        code = ", trust_remote_code=True" if remote else ""
         usage = (f"```python\nfrom peft import PeftModel\nfrom transformers import {cls}\n"
-                 f"model = PeftModel.from_pretrained({cls}.from_pretrained(\"{base}\"), "
+                 f"model = PeftModel.from_pretrained({cls}.from_pretrained(\"{base}\"{code}), "
                  f"\"{repo_id}\")\n```" if lora else
                  f"```python\nfrom transformers import {cls}, AutoTokenizer\n"
-                 f"model = {cls}.from_pretrained(\"{repo_id}\")\n```")
+                 f"model = {cls}.from_pretrained(\"{repo_id}\"{code})\n```")
     else:
         usage = (f"```python\nfrom diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained("
                  f"\"{base}\")\n" + (f"pipe.load_lora_weights(\"{repo_id}\")\n" if lora else "") + "```")
