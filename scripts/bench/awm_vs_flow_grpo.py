@@ -219,7 +219,8 @@ def main() -> None:
     parser.add_argument("--race", nargs="+", choices=list(RACES), default=list(RACES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per run (default: the race's own: image 60, ocr 240, text 40)")
+                        help="optimizer steps per run (default: the race's own: "
+                             + ", ".join(f"{name} {spec['steps']}" for name, spec in RACES.items()) + ")")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "awm_vs_flow_grpo")
     args = parser.parse_args()
