@@ -33,6 +33,8 @@ def cmd_train(args) -> int:
             from diffrl.trainers.rollout import check_group_split
 
             check_group_split(config.prompts_per_step, config.group_size, args.num_processes)
+        if args.accelerate_config:
+            launch.check_engine(args.accelerate_config, config)
         cmd = launch.launch_command(args)
         if args.print_launch:
             print(" ".join(cmd))
@@ -530,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code  # 128 + the signal's number (SIGTERM 143, SIGINT 130), as a process killed by it
     except DiffrlError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one write: the processes of a launched run print the same line into one pipe, whole lines only
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -38,6 +38,17 @@ def accelerate_config(name: str) -> Path:
     return path
 
 
+def check_engine(name: str, config) -> None:
+    """Before launching: an FSDP accelerate config gets the trainer config's FSDP checks (one line, at once)."""
+    import yaml
+
+    from diffrl.trainers import sharding
+
+    settings = yaml.safe_load(accelerate_config(name).read_text(encoding="utf-8")) or {}
+    if str(settings.get("distributed_type", "")).upper() == "FSDP":
+        sharding.check_config(config, int((settings.get("fsdp_config") or {}).get("fsdp_version", 1)))
+
+
 def inside_launcher() -> bool:
     """Whether this process was started by the launcher (then it trains instead of launching again)."""
     return "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCHED" in os.environ
@@ -82,4 +93,31 @@ def launch_command(args) -> list[str]:
 
 
 def relaunch(cmd: list[str]) -> int:
-    return subprocess.call(cmd, env={**os.environ, "ACCELERATE_LAUNCHED": "1"})
+    """Run ``cmd``, passing its standard error through as it comes (progress bars included), except that once a
+    process has stopped with an ``error:`` line (every process meets the same bad input) the other processes'
+    copies of it and the launcher's report of the failed processes (a traceback) are dropped: the user reads
+    one line."""
+    proc = subprocess.Popen(cmd, env={**os.environ, "ACCELERATE_LAUNCHED": "1"}, stderr=subprocess.PIPE)
+    out = sys.stderr.buffer
+    errors: set[bytes] = set()
+    pending, shown = b"", 0  # the unfinished line, and how much of it is already on the screen
+    for chunk in iter(lambda: proc.stderr.read1(65536), b""):
+        pending += chunk
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            if line.startswith(b"error: "):
+                if line not in errors:
+                    out.write(line[shown:] + b"\n")
+                errors.add(line)
+            elif not errors:
+                out.write(line[shown:] + b"\n")
+            shown = 0
+        if not errors and len(pending) > shown and not pending.startswith(b"error: "):
+            # a progress bar redraws its line without ending it: show it now
+            out.write(pending[shown:])
+            shown = len(pending)
+        out.flush()
+    if pending[shown:] and not errors:
+        out.write(pending[shown:])
+        out.flush()
+    return proc.wait()

@@ -56,10 +56,12 @@ def with_overrides(data: dict, overrides: dict) -> dict:
     return data
 
 
-def accelerate_launch(script, *args, port: int, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``script`` as a real two-process gloo DDP job on CPU (accelerate launch --multi_gpu)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+def accelerate_launch(script, *args, port: int, timeout: int = 300,
+                      engine_flags: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``script`` as a real two-process gloo job on CPU: DDP (accelerate launch --multi_gpu), or the
+    engine of ``engine_flags`` (``["--config_file", fsdp.yaml]``)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *(engine_flags or ["--multi_gpu"]),
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(port), str(script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
                           env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})

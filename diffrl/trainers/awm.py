@@ -96,6 +96,8 @@ class AWMConfig(TrainerConfig):
             raise ConfigError(f"time_type must be 'discrete' or 'discrete_wo_init', got {self.time_type!r}")
         if self.weighting not in FLOW_WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {', '.join(FLOW_WEIGHTINGS)}, got {self.weighting!r}")
+        if self.beta > 0 and not self.lora.enabled:  # the reference would be the trained model itself: KL 0
+            raise ConfigError("beta > 0 uses the LoRA-disabled model as the reference: enable lora or set beta: 0")
         if (self.ema_beta > 0 or self.off_policy) and not self.lora.enabled:
             raise ConfigError("ema_beta > 0 and off_policy need the EMA LoRA adapter: enable lora or set ema_beta: 0")
         if self.optim.gradient_accumulation_steps != 1:
@@ -283,8 +285,8 @@ class AWMTrainer:
         run_loop.save(self, "awm", save_model=self._save_model, states=self._states(),
                       generators={"noise": self.noise})
 
-    def _save_model(self, folder) -> None:
-        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+    def _save_model(self, folder, full_state=None) -> None:
+        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled, full_state=full_state)
         trainable.save_weight_ema(self, folder)
         if self.has_ema:
             trainable.save_adapter(self.model, folder, "ema")

@@ -1,14 +1,15 @@
 """Checkpoints and random state. Layout (``output_dir/checkpoints/step-000100/``)::
 
     model/                  LoRA in diffusers (or peft) format, or full weights as safetensors
-    optimizer.pt            optimizer state (loaded with weights_only=True)
+    optimizer.pt            optimizer state keyed by parameter name (loaded with weights_only=True)
     scheduler.pt            LR scheduler state
     state_<name>.pt         estimator, curriculum, EMA, ... (anything with state_dict / load_state_dict)
     rng_state_<rank>.pt     python, numpy, torch (CPU and CUDA) and named generator states, per process
     trainer_state.json      trainer name, step, extras; written last: its presence marks a whole checkpoint
 
-The folder is written as ``.tmp-step-000100`` and renamed when complete, so a kill at any point leaves either
-the previous checkpoints or the new one, never half of one.
+Model and optimizer state are whole (gathered from the shards under FSDP), so a checkpoint loads under any
+engine (:mod:`diffrl.trainers.sharding`). The folder is written as ``.tmp-step-000100`` and renamed when
+complete, so a kill at any point leaves either the previous checkpoints or the new one, never half of one.
 """
 
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from diffrl.errors import CheckpointError
+from diffrl.trainers import sharding
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -83,11 +85,14 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, trainer: str,
-                    save_model: Callable[[Path], None], optimizer: torch.optim.Optimizer, scheduler,
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, trainer: str, module: torch.nn.Module,
+                    save_model: Callable[[Path, dict | None], None], optimizer: torch.optim.Optimizer, scheduler,
                     states: dict[str, Any] | None = None, generators: dict[str, torch.Generator] | None = None,
                     extra: dict | None = None, keep_last: int | None = None) -> Path:
-    """Write a whole checkpoint atomically (see the module docstring). Every process must call it."""
+    """Write a whole checkpoint atomically (see the module docstring). Every process must call it.
+
+    ``module`` is the trained module (the optimizer's parameters are its parameters); ``save_model(folder,
+    full_state)`` writes the model, given the whole state dict of a sharded ``module`` (None otherwise)."""
     final = checkpoint_dir(output_dir, step)
     tmp = final.parent / f".tmp-{final.name}"
     if accelerator.is_main_process:
@@ -96,9 +101,11 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, trainer: 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(generators), tmp / f"rng_state_{accelerator.process_index}.pt")
+    full_state = sharding.full_model_state(module)  # collectives under FSDP: on every process
+    optimizer_state = sharding.optimizer_state(module, optimizer)
     if accelerator.is_main_process:
-        save_model(tmp / "model")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_model(tmp / "model", full_state)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for name, obj in (states or {}).items():
             torch.save(obj.state_dict(), tmp / f"state_{name}.pt")
@@ -148,7 +155,8 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     return folder
 
 
-def load_checkpoint(folder: Path, accelerator, *, trainer: str, load_model: Callable[[Path], None],
+def load_checkpoint(folder: Path, accelerator, *, trainer: str, module: torch.nn.Module,
+                    load_model: Callable[[Path], None],
                     optimizer: torch.optim.Optimizer, scheduler, states: dict[str, Any] | None = None,
                     generators: dict[str, torch.Generator] | None = None) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns trainer_state.json. Errors name the missing piece."""
@@ -183,7 +191,11 @@ def load_checkpoint(folder: Path, accelerator, *, trainer: str, load_model: Call
                                   f"lora.rank, lora.target_modules) or start a new output_dir") from None
         raise CheckpointError(f"{folder / 'model'} cannot be loaded ({reason}); resume from an earlier "
                               f"checkpoint") from None
-    optimizer.load_state_dict(_load(folder / "optimizer.pt"))
+    try:
+        sharding.load_optimizer_state(module, optimizer, _load(folder / "optimizer.pt"))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'optimizer.pt'} does not fit this run's trained weights ({e}); resume "
+                              f"with the config that wrote it") from None
     scheduler.load_state_dict(_load(folder / "scheduler.pt"))
     for name, obj in (states or {}).items():
         obj.load_state_dict(_load(folder / f"state_{name}.pt"))

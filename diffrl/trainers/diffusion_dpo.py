@@ -139,8 +139,8 @@ class DiffusionDPOTrainer:
         run_loop.save(self, "diffusion_dpo", save_model=self._save_model, states={"sampler": self.sampler},
                       generators={"noise": self.noise})
 
-    def _save_model(self, folder) -> None:
-        trainable.save_trainable(self.model, folder, lora_enabled=True)
+    def _save_model(self, folder, full_state=None) -> None:
+        trainable.save_trainable(self.model, folder, lora_enabled=True, full_state=full_state)
 
     def _load_model(self, folder) -> None:
         trainable.load_trainable(self.model, folder, lora_enabled=True)

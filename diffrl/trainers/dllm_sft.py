@@ -210,8 +210,8 @@ class DllmSFTTrainer:
         run_loop.save(self, "dllm_sft", save_model=self._save_model, states={"sampler": self.sampler},
                       generators={"noise": self.noise})
 
-    def _save_model(self, folder) -> None:
-        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+    def _save_model(self, folder, full_state=None) -> None:
+        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled, full_state=full_state)
 
     def _load_model(self, folder) -> None:
         trainable.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

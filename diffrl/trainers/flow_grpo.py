@@ -268,8 +268,8 @@ class FlowGRPOTrainer:
         run_loop.save(self, "flow_grpo", save_model=self._save_model, states=self._states(),
                       generators={"noise": self.noise})
 
-    def _save_model(self, folder) -> None:
-        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+    def _save_model(self, folder, full_state=None) -> None:
+        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled, full_state=full_state)
         trainable.save_weight_ema(self, folder)
 
     def _load_model(self, folder) -> None:

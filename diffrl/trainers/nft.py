@@ -259,8 +259,8 @@ class NFTTrainer:
         run_loop.save(self, "nft", save_model=self._save_model, states=self._states(),
                       generators={"noise": self.noise})
 
-    def _save_model(self, folder) -> None:
-        trainable.save_trainable(self.model, folder, lora_enabled=True)
+    def _save_model(self, folder, full_state=None) -> None:
+        trainable.save_trainable(self.model, folder, lora_enabled=True, full_state=full_state)
         trainable.save_weight_ema(self, folder)
         trainable.save_adapter(self.model, folder, "old")
 

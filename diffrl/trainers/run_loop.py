@@ -214,13 +214,14 @@ def finish_training(trainer, bar, last: dict) -> dict:
     return {**last, **final}
 
 
-def save(trainer, name: str, *, save_model: Callable[[Path], None], states: dict[str, Any],
+def save(trainer, name: str, *, save_model: Callable[[Path, dict | None], None], states: dict[str, Any],
          generators: dict[str, torch.Generator]) -> Path:
     """Checkpoint ``trainer`` at its step: :func:`save_checkpoint` plus the metrics row count and the skip
     counters, so a resumed run continues both exactly."""
     cfg = trainer.config
     extra = {"metrics_rows": trainer.metrics.rows, "step_guard": trainer.guard.state_dict()}
-    return save_checkpoint(trainer.accelerator, cfg.output_dir, trainer.step, trainer=name, save_model=save_model,
+    return save_checkpoint(trainer.accelerator, cfg.output_dir, trainer.step, trainer=name,
+                           module=trainer.model.trainable, save_model=save_model,
                            optimizer=trainer.optimizer, scheduler=trainer.scheduler, states=states,
                            generators=generators, extra=extra, keep_last=cfg.checkpoint.keep_last)
 
@@ -235,7 +236,7 @@ def resume_and_open_logs(trainer, name: str, *, load_model: Callable[[Path], Non
     info: dict = {"metrics_rows": 0}
     folder = resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
     if folder is not None:
-        info = load_checkpoint(folder, acc, trainer=name, load_model=load_model,
+        info = load_checkpoint(folder, acc, trainer=name, module=trainer.model.trainable, load_model=load_model,
                                optimizer=trainer.optimizer, scheduler=trainer.scheduler, states=states,
                                generators=generators)
         trainer.step = info["step"]

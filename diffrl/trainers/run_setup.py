@@ -11,6 +11,7 @@ import yaml
 
 from diffrl.config import TrainerConfig, changed_keys, save_config, to_dict
 from diffrl.errors import ConfigError
+from diffrl.trainers import sharding
 from diffrl.trainers.checkpoints import list_checkpoints
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,6 +39,9 @@ def create_accelerator(config: TrainerConfig):
         log_with=list(config.logging.trackers) or None,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
     )
+    if cpu:
+        sharding.enable_on_cpu(accelerator)
+    sharding.check_supported(accelerator, config)
     return accelerator
 
 
@@ -191,8 +195,11 @@ def prepare_optimization(trainer, scheduler_steps: int) -> None:
     trainer.params = trainable_parameters(model.trainable)
     optimizer = create_optimizer(trainer.params, cfg.optim)
     scheduler = create_scheduler(optimizer, cfg.optim, scheduler_steps)
+    sharding.choose_wrapped_layers(trainer.accelerator, model.trainable)
     model.denoiser, trainer.optimizer, trainer.scheduler = trainer.accelerator.prepare(model.trainable, optimizer,
                                                                                        scheduler)
+    # FSDP replaces every trained parameter by its shard (the optimizer's too): hold the new ones.
+    trainer.params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
 
 
 def load_configured_reward(reward, device, *, overlap: bool = False):

@@ -262,8 +262,8 @@ class SePPOTrainer:
         run_loop.save(self, "seppo", save_model=self._save_model, states={"sampler": self.sampler, "bank": self.bank},
                       generators={"noise": self.noise, "draws": self.draws})
 
-    def _save_model(self, folder) -> None:
-        trainable.save_trainable(self.model, folder, lora_enabled=True)
+    def _save_model(self, folder, full_state=None) -> None:
+        trainable.save_trainable(self.model, folder, lora_enabled=True, full_state=full_state)
 
     def _load_model(self, folder) -> None:
         trainable.load_trainable(self.model, folder, lora_enabled=True)

@@ -46,20 +46,40 @@ def load_adapter(model, folder: Path, adapter_name: str) -> None:
     lora_utils.set_active_adapter(model.transformer, "default")
 
 
-def save_trainable(model, folder: Path, *, lora_enabled: bool) -> None:
+def save_trainable(model, folder: Path, *, lora_enabled: bool, full_state: dict | None = None) -> None:
     """LoRA in the library's own format (diffusers / peft), or the full module as safetensors; a language
-    model's full weights with its tokenizer, so that the folder loads on its own with from_pretrained."""
+    model's full weights with its tokenizer, so that the folder loads on its own with from_pretrained.
+    ``full_state``: the gathered weights of a sharded (FSDP) module, written in the same layout."""
     folder.mkdir(parents=True, exist_ok=True)
     if lora_enabled:
         model.save_lora(folder)
     else:
-        model.trainable.save_pretrained(str(folder), safe_serialization=True)
+        if full_state is None:
+            model.trainable.save_pretrained(str(folder), safe_serialization=True)
+        else:
+            _save_full_state(model.trainable, folder, full_state)
         if getattr(model, "tokenizer", None) is not None:
             model.tokenizer.save_pretrained(str(folder))
 
 
+def _save_full_state(module, folder: Path, state: dict) -> None:
+    """``module.save_pretrained``'s layout (config + one safetensors file) for weights gathered from shards:
+    a sharded module's own state dict holds only this process's shards."""
+    from safetensors.torch import save_file
+
+    if hasattr(module, "save_config"):  # diffusers
+        module.save_config(str(folder))
+        name = "diffusion_pytorch_model.safetensors"
+    else:  # transformers
+        module.config.save_pretrained(str(folder))
+        name = "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / name), metadata={"format": "pt"})
+
+
 def load_trainable(model, folder: Path, *, lora_enabled: bool) -> None:
     from safetensors.torch import load_file
+
+    from diffrl.trainers import sharding
 
     if lora_enabled:
         model.load_lora(folder)
@@ -70,7 +90,10 @@ def load_trainable(model, folder: Path, *, lora_enabled: bool) -> None:
     state = {}
     for file in files:
         state.update(load_file(str(file)))
-    missing, unexpected = model.trainable.load_state_dict(state, strict=False)
+    if sharding.is_sharded(model.trainable):  # each process keeps its shard of the whole weights
+        missing, unexpected = sharding.load_full_model_state(model.trainable, state)
+    else:
+        missing, unexpected = model.trainable.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{folder} does not fit the model ({len(missing)} missing, {len(unexpected)} "
                               f"unexpected weights); it belongs to another model")

@@ -149,6 +149,12 @@ CASES: dict[str, Case] = {
                                       ("zero9", "shipped")),
     "DeepSpeed config without DeepSpeed": Case(lambda t, tiny: awm()(t, tiny) + ["--accelerate-config", "zero2"],
                                                ("zero2", "pip install deepspeed", "fsdp")),
+    "LoRA under FSDP": Case(lambda t, tiny: awm()(t, tiny) + ["--accelerate-config", "fsdp", "--num-processes", "2"],
+                            ("FSDP runs full fine-tuning only", "lora.enabled=false", "--accelerate-config ddp")),
+    "weight EMA under FSDP": Case(
+        lambda t, tiny: awm("lora.enabled=false", "beta=0", "ema_beta=0", "weight_ema_decay=0.9")(t, tiny)
+        + ["--accelerate-config", "fsdp", "--num-processes", "2"], ("weight EMA is not sharded", "ddp")),
+    "AWM's KL to the base model without LoRA": Case(awm("lora.enabled=false"), ("beta > 0", "set beta: 0")),
     "unknown ls section": Case(lambda t, _: ["ls", "trainerz"], ("trainerz", "trainers"), None),
     "a folder given as the config": Case(lambda t, _: ["train", str(t)], ("a folder", "YAML config"), None),
     "same key twice in a config": Case(_yaml("trainer: awm\nseed: 1\nseed: 2\n"), ("'seed'", "twice", "keep one")),

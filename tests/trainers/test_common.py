@@ -26,7 +26,8 @@ def parts():
 
 
 def save_model(model):
-    def save(folder):
+    def save(folder, full_state):
+        assert full_state is None  # only a sharded module is gathered
         folder.mkdir()
         torch.save(model.state_dict(), folder / "weights.pt")
     return save
@@ -43,7 +44,8 @@ def test_checkpoint_round_trip_restores_everything(tmp_path, parts):
     sampler.next_indices()
     noise = torch.Generator().manual_seed(5)
     torch.rand(3, generator=noise)
-    checkpoints.save_checkpoint(acc, tmp_path, 7, trainer="t", save_model=save_model(model), optimizer=optimizer,
+    checkpoints.save_checkpoint(acc, tmp_path, 7, trainer="t", module=model, save_model=save_model(model),
+                                optimizer=optimizer,
                                 scheduler=scheduler, states={"sampler": sampler}, generators={"noise": noise})
     expected = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=noise).item(),
                 sampler.next_indices())
@@ -57,7 +59,8 @@ def test_checkpoint_round_trip_restores_everything(tmp_path, parts):
     sampler2, noise2 = UniformSampler(10, 3, seed=1), torch.Generator().manual_seed(0)
     folder = checkpoints.resolve_resume(tmp_path, "latest")
     assert folder == tmp_path / "checkpoints" / "step-000007"
-    info = checkpoints.load_checkpoint(folder, acc, trainer="t", load_model=load_model(model2), optimizer=opt2,
+    info = checkpoints.load_checkpoint(folder, acc, trainer="t", module=model2, load_model=load_model(model2),
+                                       optimizer=opt2,
                                        scheduler=sched2, states={"sampler": sampler2}, generators={"noise": noise2})
     assert info["step"] == 7
     for k, v in model2.state_dict().items():
@@ -69,11 +72,35 @@ def test_checkpoint_round_trip_restores_everything(tmp_path, parts):
     assert got == expected
 
 
+def test_optimizer_state_is_keyed_by_parameter_name_and_old_index_keyed_files_still_load(tmp_path, parts):
+    model, optimizer, scheduler = parts
+    acc = Accelerator(cpu=True)
+    folder = checkpoints.save_checkpoint(acc, tmp_path, 1, trainer="t", module=model, save_model=save_model(model),
+                                         optimizer=optimizer, scheduler=scheduler)
+    saved = torch.load(folder / "optimizer.pt", weights_only=True)
+    assert sorted(saved["state"]) == ["bias", "weight"] and saved["param_groups"][0]["params"] == ["weight", "bias"]
+    torch.testing.assert_close(saved["state"]["bias"]["exp_avg"], optimizer.state[model.bias]["exp_avg"])
+    # a checkpoint from before the name-keyed format (optimizer.state_dict() as is) loads unchanged
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    model2 = torch.nn.Linear(4, 3)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
+    checkpoints.load_checkpoint(folder, acc, trainer="t", module=model2, load_model=load_model(model2),
+                                optimizer=opt2, scheduler=torch.optim.lr_scheduler.StepLR(opt2, step_size=1))
+    torch.testing.assert_close(opt2.state[model2.weight]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
+    # and one written for other weights is refused in one line
+    saved["param_groups"][0]["params"] = ["weight", "other.bias"]
+    torch.save(saved, folder / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="optimizer.pt does not fit this run's trained weights"):
+        checkpoints.load_checkpoint(folder, acc, trainer="t", module=model2, load_model=load_model(model2),
+                                    optimizer=opt2, scheduler=torch.optim.lr_scheduler.StepLR(opt2, step_size=1))
+
+
 def test_half_written_checkpoints_are_ignored_and_old_ones_pruned(tmp_path, parts):
     model, optimizer, scheduler = parts
     acc = Accelerator(cpu=True)
     for step in (1, 2, 3):
-        checkpoints.save_checkpoint(acc, tmp_path, step, trainer="t", save_model=save_model(model), optimizer=optimizer,
+        checkpoints.save_checkpoint(acc, tmp_path, step, trainer="t", module=model, save_model=save_model(model),
+                                optimizer=optimizer,
                                     scheduler=scheduler, keep_last=2)
     # A kill during a write leaves a .tmp folder, and a folder without trainer_state.json is never "latest".
     (tmp_path / "checkpoints" / ".tmp-step-000004").mkdir()
@@ -82,7 +109,8 @@ def test_half_written_checkpoints_are_ignored_and_old_ones_pruned(tmp_path, part
     assert names == ["step-000002", "step-000003"]
     assert checkpoints.resolve_resume(tmp_path, "latest").name == "step-000003"
     # Writing step 4 again replaces the stale temp folder.
-    checkpoints.save_checkpoint(acc, tmp_path, 4, trainer="t", save_model=save_model(model), optimizer=optimizer,
+    checkpoints.save_checkpoint(acc, tmp_path, 4, trainer="t", module=model, save_model=save_model(model),
+                                optimizer=optimizer,
                                 scheduler=scheduler)
     assert not (tmp_path / "checkpoints" / ".tmp-step-000004").exists()
     assert checkpoints.resolve_resume(tmp_path, "latest").name == "step-000004"
@@ -106,7 +134,7 @@ def test_resume_of_a_fresh_run_starts_from_scratch(tmp_path):
 def test_bad_checkpoints_are_refused_with_the_reason(tmp_path, parts, damage, message):
     model, optimizer, scheduler = parts
     acc = Accelerator(cpu=True)
-    folder = checkpoints.save_checkpoint(acc, tmp_path, 1, trainer="t", save_model=save_model(model),
+    folder = checkpoints.save_checkpoint(acc, tmp_path, 1, trainer="t", module=model, save_model=save_model(model),
                                          optimizer=optimizer, scheduler=scheduler)
     state = json.loads((folder / "trainer_state.json").read_text())
     if damage == "trainer":
@@ -127,7 +155,8 @@ def test_bad_checkpoints_are_refused_with_the_reason(tmp_path, parts, damage, me
                 return (print, ("pwned",))
         (folder / "optimizer.pt").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(CheckpointError, match=message):
-        checkpoints.load_checkpoint(folder, acc, trainer="t", load_model=load_model(model), optimizer=optimizer,
+        checkpoints.load_checkpoint(folder, acc, trainer="t", module=model, load_model=load_model(model),
+                                    optimizer=optimizer,
                                     scheduler=scheduler)
 
 

@@ -1,0 +1,167 @@
+"""Fully sharded training (FSDP2) through accelerate, and the one checkpoint format every engine shares.
+
+``--accelerate-config fsdp`` shards the trained module with torch's ``fully_shard`` through accelerate's own
+FSDP2 path. Checkpoints always hold *full* (unsharded) state, keyed by parameter name:
+
+- the model folder holds the whole module in its library's format (``save_pretrained``), whatever the engine;
+- ``optimizer.pt`` holds the optimizer state keyed by parameter name (torch.distributed.checkpoint's "full
+  optimizer state dict"), not by the optimizer's internal parameter index,
+
+so a checkpoint written by a sharded run loads in a single process and the other way round; only the
+number of processes must match when resuming (each process keeps its own random state).
+
+FSDP here means full fine-tuning: LoRA adapters are switched and loaded as plain tensors while sampling
+(EMA adapters, reference policies), which sharded parameters do not allow; LoRA runs use DDP.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from diffrl.errors import ConfigError
+
+
+def enable_on_cpu(accelerator) -> None:
+    """Turn on accelerate's FSDP2 path for a CPU run launched with an FSDP config.
+
+    accelerate (1.16) sets up FSDP only on accelerator devices and falls back to plain DDP (``MULTI_CPU``)
+    on CPU, although torch's ``fully_shard`` runs on CPU with gloo. diffrl's tests, and CPU-only clusters,
+    shard on CPU by switching accelerate's shared state to FSDP with the plugin accelerate reads from the
+    launcher's environment; ``prepare`` then runs accelerate's unchanged FSDP2 code."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wanted or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # fills itself from the launcher's FSDP_* variables
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState re-reads it
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module`` was sharded by ``fully_shard`` (FSDP2 shards in place: no wrapper to unwrap)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def check_supported(accelerator, config) -> None:
+    """In each process: one line for the combinations FSDP does not run (see :func:`check_config`)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        check_config(config, getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1))
+
+
+def check_config(config, fsdp_version: int) -> None:
+    """One line for what FSDP does not run: FSDP1, LoRA and the weight EMA (see the module docstring).
+    ``diffrl train --accelerate-config`` checks before launching; each process checks again."""
+    if fsdp_version != 2:
+        raise ConfigError(f"the accelerate config asks for FSDP version {fsdp_version}; diffrl shards with FSDP2: "
+                          f"set fsdp_version: 2 (as the shipped --accelerate-config fsdp does)")
+    if config.lora.enabled:
+        raise ConfigError("FSDP runs full fine-tuning only: set lora.enabled=false, or train LoRA with "
+                          "--accelerate-config ddp (LoRA adapters are small enough to replicate)")
+    if getattr(config, "weight_ema_decay", None):
+        raise ConfigError("the weight EMA is not sharded: set weight_ema_decay=null under FSDP, or train with "
+                          "--accelerate-config ddp")
+
+
+def choose_wrapped_layers(accelerator, module: torch.nn.Module) -> None:
+    """Before ``prepare``: the layer classes FSDP shards one by one, when the accelerate config names none.
+
+    accelerate takes the model's ``_no_split_modules`` and then shards the input embedding on its own; where a
+    no-split class holds the embedding (ModernBERT's ``ModernBertEmbeddings``) the embedding would be sharded
+    twice, which fails. Such classes are left to the model's root unit."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.transformer_cls_names_to_wrap:
+        return
+    classes = set(getattr(module, "_no_split_modules", None) or [])
+    embedding = getattr(module, "get_input_embeddings", lambda: None)()
+    if embedding is None or not classes:
+        return
+    holders = {type(m).__name__ for m in module.modules()
+               if type(m).__name__ in classes and any(sub is embedding for sub in m.modules())}
+    if holders:
+        plugin.transformer_cls_names_to_wrap = sorted(classes - holders)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Full state for checkpoints. Under FSDP every function here is a collective: call it on every process.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kwargs)
+
+
+def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A sharded module's whole state dict, on CPU, in process 0 (empty elsewhere); None when not sharded."""
+    if not is_sharded(module):
+        return None
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_options())
+
+
+def load_full_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor]):
+    """Load a whole state dict (read by every process) into a sharded module: each keeps its shard.
+    Returns the missing and unexpected keys."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    return set_model_state_dict(module, state, options=_options(strict=False))
+
+
+def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's whole state keyed by parameter name (``module``'s names), on CPU in process 0."""
+    if is_sharded(module):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(module, optimizer, options=_options())
+    names = _names_in_order(module, optimizer)
+    state = optimizer.state_dict()
+    return {"state": {names[index]: value for index, value in state["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load :func:`optimizer_state`'s dict (or an older checkpoint's index-keyed one) into ``optimizer``."""
+    keyed_by_name = any(isinstance(p, str) for group in state["param_groups"] for p in group["params"])
+    if not keyed_by_name:
+        optimizer.load_state_dict(state)
+        return
+    if is_sharded(module):
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, optimizer, state, options=_options())
+        return
+    names = _names_in_order(module, optimizer)
+    index = {name: i for i, name in names.items()}
+    unknown = [n for group in state["param_groups"] for n in group["params"] if n not in index]
+    if unknown:
+        raise KeyError(f"Unexpected key(s) in optimizer state: {', '.join(unknown[:3])}")
+    optimizer.load_state_dict({
+        "state": {index[name]: value for name, value in state["state"].items()},
+        "param_groups": [{**group, "params": [index[n] for n in group["params"]]}
+                         for group in state["param_groups"]]})
+
+
+def _names_in_order(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    """The optimizer's parameter index -> the parameter's name in ``module`` (the order of its groups)."""
+    name_of = {id(p): n for n, p in module.named_parameters()}
+    flat = [p for group in optimizer.param_groups for p in group["params"]]
+    missing = [i for i, p in enumerate(flat) if id(p) not in name_of]
+    if missing:
+        raise ValueError(f"{len(missing)} optimizer parameters are not parameters of the trained module")
+    return {i: name_of[id(p)] for i, p in enumerate(flat)}
