@@ -187,3 +187,29 @@ def test_there_are_at_least_twenty_kill_points():
     planned = [k for f in FAMILIES.values() for k in f.kills if k != "random"]
     assert len(planned) >= 20 and {k.split(":")[0] for k in planned} >= {
         "rollout", "update", "step", "checkpoint", "publish", "log", "sigterm", "sigint"}
+
+
+@pytest.mark.slow
+def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path):
+    """AWM full fine-tuning under two-process FSDP2 (CPU, gloo), SIGKILLed after its 4th optimizer step (weights
+    changed in memory only, checkpoint at step 3): the resumed run equals the uninterrupted one bit for bit."""
+    family = Family("configs/awm/tiny_sd3_jpeg.yaml", {"model.path": "sd3"},
+                    ["data.eval_size=2", "lora.enabled=false", "beta=0", "ema_beta=0"], kills=["step:4"], max_steps=5)
+    fsdp = REPO_ROOT / "diffrl" / "accelerate_configs" / "fsdp.yaml"
+
+    def launched(output_dir: Path, port: int) -> list[str]:
+        _, _, *train = _command(family, tiny_dir, output_dir)  # [python, -m, killable, config, ...]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(fsdp), "--num_processes",
+                "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port), "-m", *train]
+
+    reference = _run(launched(tmp_path / "reference", 29551))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out = tmp_path / "killed"
+    killed = _run(launched(out, 29553), "step:4")
+    assert killed.returncode != 0 and not (out / "checkpoints" / "step-000004").exists(), killed.stderr[-3000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000003"]
+    final = _run(launched(out, 29555))
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "resumed from step 3" in final.stderr, final.stderr[-2000:]
+    _assert_same_run(tmp_path / "reference", out)
