@@ -56,6 +56,13 @@ class ModelConfig:
         "float32", help="dtype of the frozen weights (text encoders, VAE, reference); trainable weights stay fp32")
     trust_remote_code: bool = param(False, help="allow code from the model repository to run (LLaDA, Dream)")
     gradient_checkpointing: bool = param(False, help="recompute activations in backward to save memory")
+    attention: str | None = param(None, help="attention kernel: a diffusers backend (native, flash, sage, ...) or a "
+                                             "transformers attn_implementation (sdpa, eager, flash_attention_2); "
+                                             "null keeps the library default (PyTorch SDPA)")
+    compile: bool = param(False, help="torch.compile the trained transformer / LM (slow first steps)")
+    compile_backend: str = param("inductor", help="torch.compile backend")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = param(
+        "default", help="torch.compile mode")
     motion_adapter: str | None = param(None, help="AnimateDiff: a MotionAdapter hub id or folder; path is then the "
                                                   "SD1.5 pipeline it animates")
 
@@ -272,6 +279,8 @@ class TrainerConfig:
     seed: int = param(0, help="seed for every random number generator", ge=0)
     max_steps: int = param(100, help="number of optimizer steps", ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = param("no", help="autocast precision for forward passes")
+    tf32: bool = param(True, help="TF32 float32 matmuls on NVIDIA GPUs, as flow_grpo / AWM (allow_tf32); no effect "
+                                  "on CPU")
     cpu: bool = param(False, help="force CPU even when a GPU is present")
     lora: LoraConfig = param(LoraConfig(), help="LoRA adapter settings")
     optim: OptimConfig = param(OptimConfig(), help="optimizer and schedule")

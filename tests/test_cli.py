@@ -228,7 +228,7 @@ def test_multi_node_launch_command(capsys):
     from diffrl import cli
 
     argv = ["train", "configs/quickstart.yaml", "max_steps=5", "--num-processes", "16", "--num-machines", "2",
-            "--machine-rank", "1", "--main-process-ip", "10.0.0.1", "--accelerate-config", "fsdp",
+            "--machine-rank", "1", "--main-process-ip", "10.0.0.1", "--accelerate-config", "ddp",
             "--print-launch", "seed=3"]
     assert cli.main(argv) == 0
     cmd = capsys.readouterr().out.split()
@@ -236,7 +236,7 @@ def test_multi_node_launch_command(capsys):
                                                          "--main_process_ip", "--main_process_port", "--config_file")}
     assert after == {"--num_processes": "16", "--num_machines": "2", "--machine_rank": "1",
                      "--main_process_ip": "10.0.0.1", "--main_process_port": "29500",
-                     "--config_file": str(REPO_ROOT / "diffrl" / "accelerate_configs" / "fsdp.yaml")}
+                     "--config_file": str(REPO_ROOT / "diffrl" / "accelerate_configs" / "ddp.yaml")}
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
     assert cmd[-6:] == ["-m", "diffrl.cli", "train", "configs/quickstart.yaml", "max_steps=5", "seed=3"]
 

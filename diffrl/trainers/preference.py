@@ -15,7 +15,7 @@ from diffrl.samplers.flow import initial_noise
 def load_preference_model(config, device):
     """The config's FlowModel (SD3, FLUX, Wan) or EpsilonModel (SD1.5, SDXL, AnimateDiff), with LoRA (or full
     fine-tuning) and gradient checkpointing, checked against the data's resolution and frame count."""
-    from diffrl.models import load_diffusion_model
+    from diffrl.models import load_diffusion_model, performance
     from diffrl.trainers import run_setup, trainable
 
     model = load_diffusion_model(config.model.path, revision=config.model.revision,
@@ -28,8 +28,7 @@ def load_preference_model(config, device):
                           f"set data.num_frames for video models and leave it null for image models")
     model.latent_shape(data.resolution, data.resolution, data.num_frames or 1)  # a bad size fails here
     trainable.apply_lora(model, config.lora)
-    if config.model.gradient_checkpointing:
-        model.trainable.enable_gradient_checkpointing()
+    performance.apply_model_options(model.trainable, config.model)
     return model
 
 

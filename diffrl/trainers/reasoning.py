@@ -36,6 +36,7 @@ def load_task_split(data, seed: int):
 def load_dllm(config, device):
     """The config's diffusion LM (a masked LM, or DiffusionGemma when its config says so) with LoRA (or full
     fine-tuning) and gradient checkpointing; settings that do not fit its kind of noise fail here."""
+    from diffrl.models import performance
     from diffrl.models.diffusion_gemma import DiffusionGemmaLM, is_diffusion_gemma
     from diffrl.models.dllm import MaskedDiffusionLM
     from diffrl.trainers import run_setup, trainable
@@ -46,8 +47,7 @@ def load_dllm(config, device):
                                  trust_remote_code=m.trust_remote_code)
     check_model_fits(model, config)
     trainable.apply_lora(model, config.lora)
-    if m.gradient_checkpointing:
-        model.module.gradient_checkpointing_enable()
+    performance.apply_model_options(model.module, m)
     return model
 
 

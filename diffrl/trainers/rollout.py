@@ -52,6 +52,7 @@ def check_group_split(prompts_per_step: int, group_size: int, num_processes: int
 
 def load_flow_model(config, device):
     """The config's FlowModel with its LoRA (or full fine-tuning) and gradient checkpointing set up."""
+    from diffrl.models import performance
     from diffrl.models.flow import FlowModel
     from diffrl.trainers import run_setup, trainable
 
@@ -64,8 +65,7 @@ def load_flow_model(config, device):
     s = config.sampling
     model.latent_shape(s.height, s.width, s.num_frames)  # a bad size fails here, not mid-rollout
     trainable.apply_lora(model, config.lora)
-    if config.model.gradient_checkpointing:
-        model.transformer.enable_gradient_checkpointing()
+    performance.apply_model_options(model.transformer, config.model)
     return model
 
 

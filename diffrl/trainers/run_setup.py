@@ -11,6 +11,7 @@ import yaml
 
 from diffrl.config import TrainerConfig, changed_keys, save_config, to_dict
 from diffrl.errors import ConfigError
+from diffrl.models import performance
 from diffrl.trainers import sharding
 from diffrl.trainers.checkpoints import list_checkpoints
 
@@ -39,6 +40,7 @@ def create_accelerator(config: TrainerConfig):
         log_with=list(config.logging.trackers) or None,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
     )
+    performance.set_tf32(config.tf32)
     if cpu:
         sharding.enable_on_cpu(accelerator)
     sharding.check_supported(accelerator, config)
@@ -200,6 +202,7 @@ def prepare_optimization(trainer, scheduler_steps: int) -> None:
                                                                                        scheduler)
     # FSDP replaces every trained parameter by its shard (the optimizer's too): hold the new ones.
     trainer.params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    performance.compile_trained(model.trainable, cfg.model)
 
 
 def load_configured_reward(reward, device, *, overlap: bool = False):
