@@ -5,6 +5,11 @@ blocks; each block gets ``steps / num_blocks`` denoising steps. At every step th
 positions of the current block and the ``k`` most confident predictions are committed, where ``k`` spreads the
 block's masked count evenly over its steps (LLaDA, arXiv 2502.09992, ``generate.py``). Pinned positions start
 as their given tokens and are never masked, so the model writes around them (IGPO's hints).
+
+Parallel decoding (``threshold``, Fast-dLLM, arXiv 2505.22618): each step also commits every masked token of
+the block whose confidence exceeds the threshold, and a block ends as soon as it is filled. Each step still
+commits at least the ``k`` tokens of the exact schedule (Fast-dLLM: at least one; the same when ``steps ==
+gen_length``), so it never takes more steps than the exact sampler. Off (None), the output is the exact one.
 """
 
 from __future__ import annotations
@@ -47,13 +52,14 @@ def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.
 def generate(model: MaskedDiffusionLM, prompt_ids: torch.Tensor, *, gen_length: int, block_length: int,
              steps: int, temperature: float = 0.0, remasking: str = "low_confidence", cfg_scale: float = 0.0,
              prompt_mask: torch.Tensor | None = None, pinned: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, threshold: float | None = None) -> torch.Tensor:
     """Fill a ``gen_length`` answer after each (left-padded) prompt; returns the answers ``[B, gen_length]``.
 
     prompt_ids: ``[B, P]``; prompt_mask: ``[B, P]`` (1 = real token) for left-padded prompts;
     pinned: ``[B, gen_length]`` token ids to fix, ``FREE`` (-1) elsewhere; remasking: "low_confidence" keeps
     the most probable predictions, "random" keeps random ones; cfg_scale > 0 applies LLaDA's unsupervised
-    classifier-free guidance (prompt masked out in the unconditional branch).
+    classifier-free guidance (prompt masked out in the unconditional branch); threshold: parallel decoding
+    (module docstring; with low-confidence remasking only).
     """
     if gen_length % block_length:
         raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
@@ -62,6 +68,8 @@ def generate(model: MaskedDiffusionLM, prompt_ids: torch.Tensor, *, gen_length: 
         raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks ({num_blocks})")
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+    if threshold is not None and remasking != "low_confidence":
+        raise ValueError("parallel decoding (threshold) ranks tokens by confidence: use remasking='low_confidence'")
     steps_per_block = steps // num_blocks
     batch, prompt_len = prompt_ids.shape
     device = prompt_ids.device
@@ -85,6 +93,8 @@ def generate(model: MaskedDiffusionLM, prompt_ids: torch.Tensor, *, gen_length: 
         schedule = num_transfer_tokens((x[:, start:end] == mask_id).sum(1), steps_per_block)
         for step in range(steps_per_block):
             masked = x == mask_id
+            if threshold is not None and not masked[:, start:end].any():
+                break  # every sample's block is filled: the remaining steps of the block are skipped
             if cfg_scale > 0:
                 unconditional = torch.where(prompt_positions, torch.full_like(x, mask_id), x)
                 both = model.logits(torch.cat([x, unconditional]), torch.cat([attention_mask, attention_mask]))
@@ -104,6 +114,8 @@ def generate(model: MaskedDiffusionLM, prompt_ids: torch.Tensor, *, gen_length: 
             order = confidence.argsort(dim=1, descending=True, stable=True)
             rank = torch.empty_like(order).scatter_(1, order, positions.expand(batch, -1).contiguous())
             transfer = (rank < schedule[:, step:step + 1]) & eligible
+            if threshold is not None:
+                transfer |= eligible & (confidence > threshold)
             x = torch.where(transfer, predicted, x)
     return x[:, prompt_len:]
 

@@ -75,7 +75,13 @@ def check_model_fits(model, config) -> None:
         if gen.remasking != "low_confidence":
             raise ConfigError(f"{name}: it accepts tokens by entropy, not by remasking; remove "
                               f"generation.remasking")
+        if gen.parallel_threshold is not None:
+            raise ConfigError(f"{name}: it accepts several tokens a step by entropy already (generation."
+                              f"entropy_bound); remove generation.parallel_threshold")
     else:
+        if gen.parallel_threshold is not None and gen.remasking != "low_confidence":
+            raise ConfigError("generation.parallel_threshold ranks tokens by confidence: use generation.remasking: "
+                              "low_confidence")
         defaults = type(gen)()
         changed = [k for k in _UNIFORM_ONLY if getattr(gen, k) != getattr(defaults, k)]
         if changed:
@@ -102,7 +108,8 @@ def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
 
     return masked_generate(model, prompt_ids, prompt_mask=prompt_mask, gen_length=generation.gen_length,
                            block_length=generation.block_length, steps=generation.steps, temperature=temperature,
-                           remasking=generation.remasking, pinned=pinned, generator=generator)
+                           remasking=generation.remasking, pinned=pinned, generator=generator,
+                           threshold=generation.parallel_threshold)
 
 
 def prompt_tensors(model, tasks, *, chat_template: bool, repeat: int = 1):

@@ -1,7 +1,7 @@
 """The race: AWM and DiffusionNFT against Flow-GRPO (and IGPO against diffu-GRPO) on the quickstart tasks,
 several seeds.
 
-    python scripts/bench/awm_vs_flow_grpo.py [--race image ocr text] [--seeds 0 1 2] [--steps N] [--eval-every 5]
+    python scripts/bench/awm_vs_flow_grpo.py [--race image ocr solver text] [--seeds 0 1 2] [--steps N] [--eval-every 5]
 
 image: the quickstart task (assets/sd3-shapes, JPEG compressibility, the same prompts, group size, rollout
        steps, LoRA and learning rate for both) with each method's published relative settings: AWM as
@@ -13,6 +13,8 @@ ocr:   the quickstart's task (assets/sd3-text, held-out strings, the OCR reward)
        configs/quickstart.yaml against Flow-GRPO as configs/flow_grpo/quickstart_ocr.yaml (its published OCR
        settings: SDE at noise level 0.7, clip range 1e-4, beta 0.04, 2 updates per rollout); the race is on
        exact-match accuracy (eval/ocr/exact_match).
+solver: few-step rollouts: AWM with 6 DPM-Solver++(2M) steps against AWM's default 10 Euler ODE steps,
+       both configs/quickstart.yaml (evaluation the same for both: 10 Euler steps, fixed noise).
 text:  IGPO against diffu-GRPO (``igpo.enabled=false``, everything else equal) on 2- to 4-digit addition from
        the shipped assets/dllm-addition model (configs/quickstart_text.yaml); also the fraction of training
        groups (G = 8, temperature 1) with no correct completion, per step, before IGPO's inpainting.
@@ -54,6 +56,9 @@ RACES = {
     "ocr": {"new": [("awm", "configs/quickstart.yaml", [])],
             "baseline": ("flow_grpo", "configs/flow_grpo/quickstart_ocr.yaml", []),
             "metric": "eval/ocr/exact_match", "steps": 240},
+    "solver": {"new": [("awm_dpm2_6", "configs/quickstart.yaml", ["sampling.sampler=dpm2", "sampling.num_steps=6"])],
+               "baseline": ("awm_euler_10", "configs/quickstart.yaml", []),
+               "metric": "eval/ocr/exact_match", "steps": 240},
     "text": {"new": [("igpo", "configs/quickstart_text.yaml", [])],
              "baseline": ("diffu_grpo", "configs/quickstart_text.yaml", ["igpo.enabled=false"]),
              "metric": "eval/accuracy", "groups": True, "steps": 40},

@@ -151,7 +151,8 @@ def test_checkpoint_lora_loads_in_diffusers(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"weighting": "Uniform"}, "weighting must be one of uniform"),
-    ({"lora__enabled": False}, "need the EMA LoRA adapter"),
+    ({"lora__enabled": False, "beta": 0.0}, "need the EMA LoRA adapter"),
+    ({"lora__enabled": False}, "beta > 0 uses the LoRA-disabled model as the reference"),
     ({"optim__gradient_accumulation_steps": 2}, "one optimizer step per rollout"),
     ({"time_type": "uniform"}, "time_type must be"),
 ])
