@@ -257,10 +257,12 @@ class MaskedGenerationConfig:
     eval_temperature: float = param(0.0, help="temperature at evaluation (0 = greedy, the papers' accuracy)", ge=0)
     remasking: Literal["low_confidence", "random"] = param("low_confidence", help="which predictions are kept "
                                                            "each step: the most confident or random ones")
-    parallel_threshold: float | None = param(None, help="masked LMs: each step also unmask every token of the block "
-                                                        "whose confidence exceeds this; a block ends when filled "
-                                                        "(Fast-dLLM's parallel decoding; null: the exact schedule)",
-                                             gt=0, lt=1)
+    parallel_threshold: float | None = param(None, help="masked LMs, training rollouts: each step also unmask every "
+                                                        "token of the block whose confidence exceeds this; a block "
+                                                        "ends when filled (Fast-dLLM's parallel decoding; null: the "
+                                                        "exact schedule)", gt=0, lt=1)
+    eval_parallel_threshold: float | None = param(None, help="the same at evaluation, `diffrl eval` and `diffrl "
+                                                             "sample` (null: the exact schedule)", gt=0, lt=1)
     # DiffusionGemma (uniform noise, transformers' generate): steps are per canvas (max_denoising_steps),
     # block_length is the model's canvas_length, temperature multiplies the schedule (0 at evaluation: greedy).
     t_min: float = param(0.4, help="DiffusionGemma: temperature at the last denoising step", ge=0)

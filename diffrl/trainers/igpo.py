@@ -173,7 +173,8 @@ class IGPOTrainer:
         for start in range(0, prompt_ids.shape[0], cfg.generation_batch_size):
             end = start + cfg.generation_batch_size
             outputs.append(generate_answers(self.model, prompt_ids[start:end], prompt_mask[start:end], gen,
-                                            temperature=gen.temperature, generator=self.noise,
+                                            temperature=gen.temperature, threshold=gen.parallel_threshold,
+                                            generator=self.noise,
                                             pinned=None if pinned is None else pinned[start:end]))
         return torch.cat(outputs)
 

@@ -75,13 +75,15 @@ def check_model_fits(model, config) -> None:
         if gen.remasking != "low_confidence":
             raise ConfigError(f"{name}: it accepts tokens by entropy, not by remasking; remove "
                               f"generation.remasking")
-        if gen.parallel_threshold is not None:
-            raise ConfigError(f"{name}: it accepts several tokens a step by entropy already (generation."
-                              f"entropy_bound); remove generation.parallel_threshold")
+        for key in ("parallel_threshold", "eval_parallel_threshold"):
+            if getattr(gen, key) is not None:
+                raise ConfigError(f"{name}: it accepts several tokens a step by entropy already (generation."
+                                  f"entropy_bound); remove generation.{key}")
     else:
-        if gen.parallel_threshold is not None and gen.remasking != "low_confidence":
-            raise ConfigError("generation.parallel_threshold ranks tokens by confidence: use generation.remasking: "
-                              "low_confidence")
+        for key in ("parallel_threshold", "eval_parallel_threshold"):
+            if getattr(gen, key) is not None and gen.remasking != "low_confidence":
+                raise ConfigError(f"generation.{key} ranks tokens by confidence: use generation.remasking: "
+                                  f"low_confidence")
         defaults = type(gen)()
         changed = [k for k in _UNIFORM_ONLY if getattr(gen, k) != getattr(defaults, k)]
         if changed:
@@ -91,10 +93,11 @@ def check_model_fits(model, config) -> None:
 
 
 def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation, *, temperature: float,
-                     pinned: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                     threshold: float | None = None, pinned: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     """``[B, gen_length]`` answers by the model's own sampler: LLaDA-style unmasking for masked LMs
-    (``temperature``: Gumbel), ``generate``'s entropy-bound decoding for DiffusionGemma (``temperature``
-    multiplies its schedule; 0: greedy proposals)."""
+    (``temperature``: Gumbel; ``threshold``: parallel decoding, None the exact schedule), ``generate``'s
+    entropy-bound decoding for DiffusionGemma (``temperature`` multiplies its schedule; 0: greedy proposals)."""
     if model.noise == "uniform":
         from diffrl.samplers.entropy_bound import generate as entropy_bound_generate
 
@@ -109,7 +112,7 @@ def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     return masked_generate(model, prompt_ids, prompt_mask=prompt_mask, gen_length=generation.gen_length,
                            block_length=generation.block_length, steps=generation.steps, temperature=temperature,
                            remasking=generation.remasking, pinned=pinned, generator=generator,
-                           threshold=generation.parallel_threshold)
+                           threshold=threshold)
 
 
 def prompt_tensors(model, tasks, *, chat_template: bool, repeat: int = 1):
@@ -163,7 +166,8 @@ def evaluate_reasoning(model, tasks, reward, generation, *, correctness: str, ch
         for start in range(0, len(tasks), max(1, batch_size // repeat)):
             chunk = tasks[start:start + max(1, batch_size // repeat)]
             ids, mask = prompt_tensors(model, chunk, chat_template=chat_template, repeat=repeat)
-            out = generate_answers(model, ids, mask, generation, temperature=temperature, generator=generator)
+            out = generate_answers(model, ids, mask, generation, temperature=temperature, generator=generator,
+                                   threshold=generation.eval_parallel_threshold)
             decoded = model.decode(out)
             _, flags, _ = score_texts(reward, decoded, [t for t in chunk for _ in range(repeat)], correctness)
             correct.append(flags.view(len(chunk), repeat))

@@ -71,7 +71,7 @@ def main() -> None:
     for threshold in [None, *args.thresholds]:
         row = {"threshold": threshold}
         for mode, temperature, seeds in (("greedy", 0.0, [0]), ("sampled", 1.0, args.seeds)):
-            generation = dataclasses.replace(config.generation, parallel_threshold=threshold,
+            generation = dataclasses.replace(config.generation, eval_parallel_threshold=threshold,
                                              eval_temperature=temperature)
             runs = [timed_accuracy(model, tasks, reward, generation, config, seed=s) for s in seeds]
             row[mode] = {"accuracy": [r[0] for r in runs], "seconds": [r[1] for r in runs],
