@@ -142,6 +142,31 @@ def test_inpainting_fires_only_for_all_wrong_groups_and_replaces_the_configured_
     assert batch["advantages"][4:6].gt(0).all() and batch["advantages"][6:].lt(0).all()
 
 
+@pytest.mark.parametrize("rollout_threshold, eval_threshold, rollout_calls, eval_calls", [
+    (None, None, 8, 8),        # exact: 8 steps for each of the rollout's and the evaluation's batches
+    (0.001, None, 2, 8),       # every token beats 0.001 (a random model's confidence is ~1/80): 1 call a block
+    (None, 0.001, 8, 2),
+])
+def test_parallel_decoding_is_switched_separately_for_rollouts_and_evaluation(tiny_dir, tmp_path, rollout_threshold,
+                                                                            eval_threshold, rollout_calls, eval_calls):
+    # greedy rollouts: a sampled token can be the mask token itself, which leaves its position masked
+    trainer = IGPOTrainer(make_config(tiny_dir, tmp_path, generation__parallel_threshold=rollout_threshold,
+                                      generation__eval_parallel_threshold=eval_threshold, generation__temperature=0.0))
+    trainer.setup()
+    calls, original = [], trainer.model.logits
+
+    def counted(x, attention_mask=None):
+        calls.append(x.shape[0])
+        return original(x, attention_mask)
+
+    trainer.model.logits = counted
+    trainer.rollout()                                  # 2 prompts x 4 samples: one generation batch
+    assert len(calls) == rollout_calls
+    calls.clear()
+    trainer.evaluate()                                 # 4 held-out questions, greedy: one batch
+    assert len(calls) == eval_calls
+
+
 def test_loss_mask_and_gradients_reach_generated_tokens_and_only_top_entropy_hints(tiny_dir, tmp_path):
     trainer = IGPOTrainer(make_config(tiny_dir, tmp_path, num_iterations=1, beta=0.0))
     trainer.setup()
