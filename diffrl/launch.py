@@ -96,12 +96,24 @@ def relaunch(cmd: list[str]) -> int:
     """Run ``cmd``, passing its standard error through as it comes (progress bars included), except that once a
     process has stopped with an ``error:`` line (every process meets the same bad input) the other processes'
     copies of it and the launcher's report of the failed processes (a traceback) are dropped: the user reads
-    one line."""
+    one line. Ctrl-C reaches the training processes from the terminal; this process ignores it and keeps
+    relaying until they have saved and stopped (leaving early would break the pipe they report into)."""
+    import signal
+
     proc = subprocess.Popen(cmd, env={**os.environ, "ACCELERATE_LAUNCHED": "1"}, stderr=subprocess.PIPE)
-    out = sys.stderr.buffer
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _relay(proc.stderr, sys.stderr.buffer)
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _relay(source, out) -> None:
+    """Copy ``source`` to ``out`` as it comes; after the first ``error: `` line, only new ``error: `` lines."""
     errors: set[bytes] = set()
     pending, shown = b"", 0  # the unfinished line, and how much of it is already on the screen
-    for chunk in iter(lambda: proc.stderr.read1(65536), b""):
+    for chunk in iter(lambda: source.read1(65536), b""):
         pending += chunk
         while b"\n" in pending:
             line, pending = pending.split(b"\n", 1)
@@ -120,4 +132,3 @@ def relaunch(cmd: list[str]) -> int:
     if pending[shown:] and not errors:
         out.write(pending[shown:])
         out.flush()
-    return proc.wait()

@@ -257,3 +257,22 @@ def test_the_slurm_script_launches_every_node_with_its_rank(tmp_path):
     assert cmd[cmd.index("--num_machines") + 1] == "2" and cmd[cmd.index("--main_process_ip") + 1] == "10.1.2.3"
     assert cmd[cmd.index("train"):] == ["train", "configs/quickstart.yaml", "checkpoint.resume=latest", "max_steps=7",
                                         "optim.lr=1e-4"]
+
+
+def test_relay_keeps_progress_bars_and_one_copy_of_an_error_line():
+    """What `diffrl train --num-processes N` shows of its processes' standard error: everything as it comes,
+    until one process stops with an error line; then no second copy of it and no launcher traceback."""
+    import io
+
+    from diffrl.launch import _relay
+
+    children = (b"step 1\rstep 2\rstep 3\n"                      # a progress bar redrawing its line
+                b"W1202 starting\n"
+                b"error: prompt file none.txt does not exist\n"
+                b"error: prompt file none.txt does not exist\n"    # the other process's copy
+                b"Traceback (most recent call last):\n  ...\nChildFailedError:\n"
+                b"error: another problem\n")
+    out = io.BytesIO()
+    _relay(io.BufferedReader(io.BytesIO(children)), out)
+    assert out.getvalue() == (b"step 1\rstep 2\rstep 3\nW1202 starting\n"
+                              b"error: prompt file none.txt does not exist\nerror: another problem\n")

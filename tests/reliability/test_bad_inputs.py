@@ -183,6 +183,9 @@ CASES: dict[str, Case] = {
                                     ("not writable", "output_dir="), None),
     # --- prompt files and data sets
     "prompt file missing": Case(awm("data.path={tmp}/none.txt"), ("none.txt",)),
+    # found by each of two launched processes: the launcher's traceback and the second copy are dropped
+    "prompt file missing, two processes": Case(
+        lambda t, tiny: awm("data.path={tmp}/none.txt")(t, tiny) + ["--num-processes", "2"], ("none.txt",)),
     "prompt file empty": Case(lambda t, tiny: awm(f"data.path={write(t / 'p.txt', chr(10) * 3)}")(t, tiny),
                               ("p.txt", "no prompts")),
     "prompt file not UTF-8": Case(lambda t, tiny: awm(f"data.path={write(t / 'p.txt', LATIN1)}")(t, tiny),
