@@ -10,11 +10,13 @@ image: the quickstart task (assets/sd3-shapes, JPEG compressibility, the same pr
        2 updates per rollout, as its published SD3.5 configs), NFT as configs/nft/quickstart.yaml (CFG-free
        DPM-Solver++(2M) rollouts by the old adapter, 9 of 10 timesteps, nft_beta 1, beta 1e-4).
 ocr:   the quickstart's task (assets/sd3-text, held-out strings, the OCR reward): AWM as
-       configs/quickstart.yaml against Flow-GRPO as configs/flow_grpo/quickstart_ocr.yaml (its published OCR
+       configs/quickstart.yaml with 10 Euler rollout steps (its rollouts when the race was run) against
+       Flow-GRPO as configs/flow_grpo/quickstart_ocr.yaml (its published OCR
        settings: SDE at noise level 0.7, clip range 1e-4, beta 0.04, 2 updates per rollout); the race is on
        exact-match accuracy (eval/ocr/exact_match).
-solver: few-step rollouts: AWM with 6 DPM-Solver++(2M) steps against AWM's default 10 Euler ODE steps,
-       both configs/quickstart.yaml (evaluation the same for both: 10 Euler steps, fixed noise).
+solver: few-step rollouts: AWM with 6 DPM-Solver++(2M) steps (the quickstart's rollouts since 2026-12-02)
+       against 10 Euler ODE steps (before), both configs/quickstart.yaml otherwise (evaluation the same for
+       both: 10 Euler steps, fixed noise).
 text:  IGPO against diffu-GRPO (``igpo.enabled=false``, everything else equal) on 2- to 4-digit addition from
        the shipped assets/dllm-addition model (configs/quickstart_text.yaml); also the fraction of training
        groups (G = 8, temperature 1) with no correct completion, per step, before IGPO's inpainting.
@@ -51,15 +53,18 @@ sys.path.insert(0, str(ROOT))
 from diffrl.config import load_config  # noqa: E402  (after the path: runs from a checkout too)
 from diffrl.report import first_and_last_tenth, moving_average, read_metrics, series  # noqa: E402
 
+# The quickstart's rollouts until 2026-12-02, with which the published OCR race was run.
+EULER_10 = ["sampling.sampler=euler", "sampling.num_steps=10"]
+
 RACES = {
     "image": {"new": [("awm", "configs/quickstart_jpeg.yaml", []), ("nft", "configs/nft/quickstart.yaml", [])],
               "baseline": ("flow_grpo", "configs/flow_grpo/quickstart.yaml", []),
               "metric": "eval/reward", "steps": 60},
-    "ocr": {"new": [("awm", "configs/quickstart.yaml", [])],
+    "ocr": {"new": [("awm", "configs/quickstart.yaml", EULER_10)],
             "baseline": ("flow_grpo", "configs/flow_grpo/quickstart_ocr.yaml", []),
             "metric": "eval/ocr/exact_match", "steps": 240},
     "solver": {"new": [("awm_dpm2_6", "configs/quickstart.yaml", ["sampling.sampler=dpm2", "sampling.num_steps=6"])],
-               "baseline": ("awm_euler_10", "configs/quickstart.yaml", []),
+               "baseline": ("awm_euler_10", "configs/quickstart.yaml", EULER_10),
                "metric": "eval/ocr/exact_match", "steps": 240},
     "text": {"new": [("igpo", "configs/quickstart_text.yaml", [])],
              "baseline": ("diffu_grpo", "configs/quickstart_text.yaml", ["igpo.enabled=false"]),
