@@ -17,6 +17,11 @@ ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
 def accelerate_config(name: str) -> Path:
     """A shipped accelerate config by name (ddp, fsdp, zero2) or a path to the user's own, whose engine is
     installed (DeepSpeed is an optional package)."""
+    return accelerate_settings(name)[0]
+
+
+def accelerate_settings(name: str) -> tuple[Path, dict]:
+    """:func:`accelerate_config`'s path and its settings (an empty dict for a YAML file that is not a mapping)."""
     import importlib.util
 
     import yaml
@@ -31,22 +36,29 @@ def accelerate_config(name: str) -> Path:
         settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError):
         raise DiffrlError(f"--accelerate-config {name}: {path} is not a YAML accelerate config") from None
-    engine = str(settings.get("distributed_type", "")).upper() if isinstance(settings, dict) else ""
+    settings = settings if isinstance(settings, dict) else {}
+    engine = str(settings.get("distributed_type", "")).upper()
     if engine == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         raise DiffrlError(f"--accelerate-config {name} runs DeepSpeed, which is not installed; "
                           f"`pip install deepspeed` or use --accelerate-config ddp or fsdp")
-    return path
+    return path, settings
 
 
 def check_engine(name: str, config) -> None:
     """Before launching: an FSDP accelerate config gets the trainer config's FSDP checks (one line, at once)."""
-    import yaml
-
     from diffrl.trainers import sharding
 
-    settings = yaml.safe_load(accelerate_config(name).read_text(encoding="utf-8")) or {}
-    if str(settings.get("distributed_type", "")).upper() == "FSDP":
-        sharding.check_config(config, int((settings.get("fsdp_config") or {}).get("fsdp_version", 1)))
+    path, settings = accelerate_settings(name)
+    if str(settings.get("distributed_type", "")).upper() != "FSDP":
+        return
+    fsdp = settings.get("fsdp_config")
+    version = (fsdp if isinstance(fsdp, dict) else {}).get("fsdp_version", 1)
+    try:
+        version = int(version)
+    except (TypeError, ValueError):
+        raise DiffrlError(f"--accelerate-config {name}: fsdp_config.fsdp_version in {path} is {version!r}; "
+                          f"set it to 2") from None
+    sharding.check_config(config, version)
 
 
 def inside_launcher() -> bool:

@@ -151,6 +151,10 @@ CASES: dict[str, Case] = {
                                                ("zero2", "pip install deepspeed", "fsdp")),
     "LoRA under FSDP": Case(lambda t, tiny: awm()(t, tiny) + ["--accelerate-config", "fsdp", "--num-processes", "2"],
                             ("FSDP runs full fine-tuning only", "lora.enabled=false", "--accelerate-config ddp")),
+    "FSDP version that is not a number": Case(
+        lambda t, tiny: awm()(t, tiny) + ["--num-processes", "2", "--accelerate-config", str(write(
+            t / "acc.yaml", "distributed_type: FSDP\nfsdp_config: {fsdp_version: two}\n"))],
+        ("fsdp_config.fsdp_version", "'two'", "set it to 2")),
     "weight EMA under FSDP": Case(
         lambda t, tiny: awm("lora.enabled=false", "beta=0", "ema_beta=0", "weight_ema_decay=0.9")(t, tiny)
         + ["--accelerate-config", "fsdp", "--num-processes", "2"], ("weight EMA is not sharded", "ddp")),
