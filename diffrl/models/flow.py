@@ -1,12 +1,12 @@
-"""FlowModel: SD3 / SD3.5, FLUX.1 and Wan 2.1 behind one interface.
+"""FlowModel: SD3 / SD3.5, FLUX.1, Qwen-Image and Wan 2.1 behind one interface.
 
     cond = model.encode_prompts(["a cat"])         # cached per unique prompt
     v = model.velocity(x_t, t, cond)               # t = sigma in [0, 1]; x_t = (1 - t) x0 + t eps
     images = model.decode(latents)                 # [B, 3, H, W] (or [B, T, 3, H, W]) in [0, 1]
 
-Latents are always kept unpacked: ``[B, C, h, w]`` for images and ``[B, C, f, h, w]`` for video; FLUX's
-2x2 packing and its ``img_ids``/``txt_ids`` are handled inside :meth:`FlowModel.velocity`, so samplers and
-losses never see a family's layout.
+Latents are always kept unpacked: ``[B, C, h, w]`` for images and ``[B, C, f, h, w]`` for video; FLUX's and
+Qwen-Image's 2x2 packing (and FLUX's ``img_ids``/``txt_ids``, Qwen-Image's one-frame video latents) are handled
+inside :meth:`FlowModel.velocity`, ``decode`` and ``encode``, so samplers and losses never see a family's layout.
 """
 
 from __future__ import annotations
@@ -27,32 +27,47 @@ _PIPELINE_FAMILY = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
     "WanPipeline": "wan",
+    "QwenImagePipeline": "qwenimage",
 }
 # Text lengths of the published set-ups: flow_grpo encodes SD3 prompts with 128 T5 tokens.
-_DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 128, "flux": 512, "wan": 226}
+_DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 128, "flux": 512, "wan": 226, "qwenimage": 512}
+# Families whose VAE is Wan's causal video VAE (per-channel latent mean / std; Qwen-Image: one frame).
+_VIDEO_VAE = ("wan", "qwenimage")
+# Families that pack 2x2 latent patches into tokens and shift their sigmas by resolution (FLUX's grid).
+_PACKED = ("flux", "qwenimage")
 
 
 @dataclass
 class Cond:
-    """Text conditioning for a batch: ``embeds [B, L, D]`` and, for SD3 / FLUX, ``pooled [B, P]``."""
+    """Text conditioning for a batch: ``embeds [B, L, D]``, for SD3 / FLUX ``pooled [B, P]``, and for models
+    whose prompts keep their own lengths (Qwen-Image) ``mask [B, L]`` (1 = a real token, 0 = padding)."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
+    def _map(self, fn) -> Cond:
+        return Cond(fn(self.embeds), *(None if t is None else fn(t) for t in (self.pooled, self.mask)))
+
     def __getitem__(self, index) -> Cond:
-        return Cond(self.embeds[index], None if self.pooled is None else self.pooled[index])
+        return self._map(lambda t: t[index])
 
     def repeat_interleave(self, repeats: int) -> Cond:
-        return Cond(self.embeds.repeat_interleave(repeats, 0),
-                    None if self.pooled is None else self.pooled.repeat_interleave(repeats, 0))
+        return self._map(lambda t: t.repeat_interleave(repeats, 0))
 
     @staticmethod
     def cat(conds: list[Cond]) -> Cond:
         pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
-        return Cond(torch.cat([c.embeds for c in conds]), pooled)
+        if conds[0].mask is None:
+            return Cond(torch.cat([c.embeds for c in conds]), pooled)
+        # Masked prompts of different lengths: pad each to the longest with masked zeros.
+        width = max(c.embeds.shape[1] for c in conds)
+        embeds = torch.cat([torch.nn.functional.pad(c.embeds, (0, 0, 0, width - c.embeds.shape[1])) for c in conds])
+        mask = torch.cat([torch.nn.functional.pad(c.mask, (0, width - c.mask.shape[1])) for c in conds])
+        return Cond(embeds, pooled, mask)
 
 
 class PromptCache:
@@ -77,7 +92,11 @@ class PromptCache:
             chunk = missing[start:start + self.chunk_size]
             fresh = self.encode(chunk + [chunk[-1]] * (self.chunk_size - len(chunk)))
             for i, prompt in enumerate(chunk):
-                self.entries[prompt] = fresh[i:i + 1]
+                entry = fresh[i:i + 1]
+                if entry.mask is not None and entry.mask.any():  # keep a masked prompt at its own length
+                    length = int(entry.mask[0].nonzero().max()) + 1
+                    entry = Cond(entry.embeds[:, :length], entry.pooled, entry.mask[:, :length])
+                self.entries[prompt] = entry
         for prompt in prompts:
             self.entries.move_to_end(prompt)
         out = Cond.cat([self.entries[p] for p in prompts])
@@ -152,7 +171,7 @@ class FlowModel:
 
     @property
     def latent_channels(self) -> int:
-        return self.vae.config.z_dim if self.family == "wan" else self.vae.config.latent_channels
+        return self.vae.config.z_dim if self.family in _VIDEO_VAE else self.vae.config.latent_channels
 
     @property
     def vae_scale_factor(self) -> int:
@@ -161,8 +180,8 @@ class FlowModel:
     def latent_shape(self, height: int, width: int, num_frames: int = 1) -> tuple[int, ...]:
         """Per-sample latent shape ``(C, h, w)`` or ``(C, f, h, w)`` for a ``height x width`` output."""
         f = self.vae_scale_factor
-        # FLUX packs 2x2 latent patches, so its latent sides must be even.
-        multiple = f * 2 if self.family == "flux" else f * self.transformer.config.patch_size \
+        # FLUX and Qwen-Image pack 2x2 latent patches, so their latent sides must be even.
+        multiple = f * 2 if self.family in _PACKED else f * self.transformer.config.patch_size \
             if self.family == "sd3" else f * self.transformer.config.patch_size[-1]
         if height % multiple or width % multiple:
             raise ConfigError(f"height and width must be multiples of {multiple} for {self.family}, "
@@ -178,8 +197,8 @@ class FlowModel:
         """The scheduler's ``num_steps + 1`` sigmas from ~1 down to 0 (FLUX: resolution-dependent shift)."""
         scheduler = self.pipeline.scheduler
         kwargs = {}
-        if self.family == "flux":
-            # FluxPipeline passes its own grid (linspace(1, 1/N, N)) before the shift, not the scheduler's.
+        if self.family in _PACKED:
+            # FluxPipeline and QwenImagePipeline pass their own grid (linspace(1, 1/N, N)) before the shift.
             kwargs["sigmas"] = [1.0 - i * (1.0 - 1.0 / num_steps) / max(num_steps - 1, 1) for i in range(num_steps)]
         if scheduler.config.get("use_dynamic_shifting", False):
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -208,6 +227,10 @@ class FlowModel:
             embeds, pooled, _ = p.encode_prompt(prompts, prompts, device=self.device,
                                                 max_sequence_length=self.max_sequence_length)
             return Cond(embeds, pooled)
+        if self.family == "qwenimage":
+            embeds, mask = p.encode_prompt(prompts, device=self.device, max_sequence_length=self.max_sequence_length)
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask
+            return Cond(embeds, mask=mask.long())
         embeds, _ = p.encode_prompt(prompts, do_classifier_free_guidance=False, device=self.device,
                                     max_sequence_length=self.max_sequence_length, dtype=self.dtype)
         return Cond(embeds)
@@ -241,9 +264,15 @@ class FlowModel:
         if self.family == "wan":
             return self.denoiser(hidden_states=x, timestep=t * 1000, encoder_hidden_states=embeds,
                                  return_dict=False)[0]
-        # FLUX: pack 2x2 patches into tokens; the transformer takes t in [0, 1] and a guidance embedding.
+        # FLUX and Qwen-Image: pack 2x2 patches into tokens; the transformer takes t in [0, 1].
         b, c, h, w = x.shape
         packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        if self.family == "qwenimage":
+            out = self.denoiser(hidden_states=packed, timestep=t.to(dtype), encoder_hidden_states=embeds,
+                                encoder_hidden_states_mask=cond.mask.to(self.device),
+                                img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+            return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        # FLUX: image / text position ids and the guidance embedding.
         img_ids = torch.zeros(h // 2, w // 2, 3, device=self.device, dtype=dtype)
         img_ids[..., 1] += torch.arange(h // 2, device=self.device)[:, None]
         img_ids[..., 2] += torch.arange(w // 2, device=self.device)[None, :]
@@ -261,8 +290,9 @@ class FlowModel:
         """Predicted velocity ``v = eps - x0`` at ``x_t`` (fp32 output).
 
         latents: ``[B, C, h, w]`` or ``[B, C, f, h, w]``; t: ``[B]`` sigmas in [0, 1]; cond: B prompts.
-        For SD3 and Wan, ``guidance_scale > 1`` with ``uncond`` applies classifier-free guidance in one
-        batched forward. FLUX.1-dev is guidance-distilled: ``guidance_scale`` feeds its guidance embedding.
+        For SD3, Wan and Qwen-Image, ``guidance_scale > 1`` with ``uncond`` applies classifier-free guidance in
+        one batched forward (Qwen-Image: its pipeline's "true CFG", rescaled to the conditional prediction's norm
+        per token). FLUX.1-dev is guidance-distilled: ``guidance_scale`` feeds its guidance embedding.
         ``grad_uncond=False`` computes the unconditional branch without gradient (Flow-GRPO's training).
         """
         if t.ndim == 0:
@@ -277,12 +307,25 @@ class FlowModel:
                 v_cond = self._forward(latents, t, cond, guidance_scale).float()
                 with torch.no_grad():
                     v_uncond = self._forward(latents, t, uncond, guidance_scale).float()
-                return v_uncond + guidance_scale * (v_cond - v_uncond)
+                return self._guide(v_cond, v_uncond, guidance_scale)
             both = self._forward(torch.cat([latents, latents]), torch.cat([t, t]), Cond.cat([cond, uncond]),
                                  guidance_scale).float()
             v_cond, v_uncond = both.chunk(2)
-            return v_uncond + guidance_scale * (v_cond - v_uncond)
+            return self._guide(v_cond, v_uncond, guidance_scale)
         return self._forward(latents, t, cond, guidance_scale).float()
+
+    def _guide(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        guided = v_uncond + scale * (v_cond - v_uncond)
+        if self.family != "qwenimage":
+            return guided
+        # QwenImagePipeline rescales each packed token (a 2x2 patch, all channels) to the conditional norm.
+        b, c, h, w = guided.shape
+
+        def patch_norm(v):
+            return torch.linalg.vector_norm(v.view(b, c, h // 2, 2, w // 2, 2), dim=(1, 3, 5), keepdim=True)
+
+        scaled = guided.view(b, c, h // 2, 2, w // 2, 2) * (patch_norm(v_cond) / patch_norm(guided))
+        return scaled.view(b, c, h, w)
 
     @torch.no_grad()
     def sample(self, cond: Cond, *, num_steps: int, height: int, width: int, num_frames: int = 1,
@@ -320,7 +363,7 @@ class FlowModel:
     # Pixels <-> latents
     # ------------------------------------------------------------------------------------------------------
 
-    def _wan_stats(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _latent_stats(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(self.vae.config.latents_mean, device=latents.device).view(shape)
         std = torch.tensor(self.vae.config.latents_std, device=latents.device).view(shape)
@@ -330,10 +373,12 @@ class FlowModel:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> samples in [0, 1]: ``[B, 3, H, W]`` or, for video, ``[B, T, 3, H, W]`` (fp32)."""
         vae_dtype = self.vae.dtype
-        if self.family == "wan":
-            mean, std = self._wan_stats(latents)
-            video = self.vae.decode((latents.float() * std + mean).to(vae_dtype), return_dict=False)[0]
-            return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
+        if self.family in _VIDEO_VAE:
+            z = latents if self.is_video else latents.unsqueeze(2)  # Qwen-Image: a one-frame video
+            mean, std = self._latent_stats(z)
+            video = self.vae.decode((z.float() * std + mean).to(vae_dtype), return_dict=False)[0]
+            video = (video.float() / 2 + 0.5).clamp(0, 1)
+            return video.permute(0, 2, 1, 3, 4).contiguous() if self.is_video else video[:, :, 0]
         cfg = self.vae.config
         x = latents.float() / cfg.scaling_factor + (cfg.shift_factor or 0.0)
         image = self.vae.decode(x.to(vae_dtype), return_dict=False)[0]
@@ -343,11 +388,12 @@ class FlowModel:
     def encode(self, samples: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Samples in [0, 1] (``[B, 3, H, W]`` or ``[B, T, 3, H, W]``) -> normalized latents (fp32)."""
         vae_dtype = self.vae.dtype
-        if self.family == "wan":
-            x = samples.permute(0, 2, 1, 3, 4) * 2 - 1
+        if self.family in _VIDEO_VAE:
+            x = (samples.permute(0, 2, 1, 3, 4) if self.is_video else samples.unsqueeze(2)) * 2 - 1
             z = self.vae.encode(x.to(self.device, vae_dtype)).latent_dist.sample(generator)
-            mean, std = self._wan_stats(z)
-            return ((z.float() - mean) / std)
+            mean, std = self._latent_stats(z)
+            z = (z.float() - mean) / std
+            return z if self.is_video else z[:, :, 0]
         cfg = self.vae.config
         z = self.vae.encode((samples * 2 - 1).to(self.device, vae_dtype)).latent_dist.sample(generator)
         return (z.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
@@ -370,7 +416,12 @@ class FlowModel:
         """Projections whose output the model throws away: an adapter there would never get a gradient.
 
         SD3's last block is ``context_pre_only``: its text-stream queries (``attn.add_q_proj``) feed nothing.
+        Qwen-Image's blocks are all two-stream and the last one's text output is dropped: its text queries and
+        text output projection (``attn.add_q_proj``, ``attn.to_add_out``) feed nothing.
         """
+        if self.family == "qwenimage":
+            last = len(self.transformer.transformer_blocks) - 1
+            return [f"transformer_blocks.{last}.attn.add_q_proj", f"transformer_blocks.{last}.attn.to_add_out"]
         if self.family != "sd3":
             return []
         return [f"transformer_blocks.{i}.attn.add_q_proj" for i, block in enumerate(self.transformer.transformer_blocks)

@@ -19,12 +19,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from diffrl.errors import ConfigError
 
 # Attention projections per family (flow_grpo / AWM `lora_type="attn"` for SD3; the diffusers training
-# scripts' defaults for FLUX, Wan and the UNets).
+# scripts' defaults for FLUX, Wan and the UNets; Qwen-Image: FLUX's set, its blocks being alike).
 DEFAULT_TARGETS = {
     "sd3": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
     "flux": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
              "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
+    "qwenimage": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
     "wan": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
             "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
     "unet": ["to_q", "to_k", "to_v", "to_out.0"],

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("sd3", "flux", "wan", "sd15", "sdxl", "animatediff", "dllm", "diffusion_gemma", "clip", "mask2former",
-              "preferences", "video_preferences")
+TINY_KINDS = ("sd3", "flux", "qwenimage", "wan", "sd15", "sdxl", "animatediff", "dllm", "diffusion_gemma", "clip",
+              "mask2former", "preferences", "video_preferences")
 
 # The shared character-level vocabulary of the tiny text encoders: every prompt tokenizes to characters.
 _T5_CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,:;!?'\"-+*/=()<>#%$&@_"
@@ -130,6 +130,52 @@ def build_flux(seed: int = 0):
     return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae,
                         text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(),
                         text_encoder_2=text_encoder_2, tokenizer_2=tiny_t5_tokenizer())
+
+
+def tiny_qwen_tokenizer():
+    """A Qwen2Tokenizer with a byte-level vocabulary, no merges and Qwen's chat markers (259 tokens)."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    for ch in _bytes_to_unicode().values():
+        vocab.setdefault(ch, len(vocab))
+    return Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+def build_qwenimage(seed: int = 0):
+    """A QwenImagePipeline: 2-block two-stream transformer, a tiny Qwen2.5-VL text encoder (its vision tower
+    unused by text-to-image), Qwen-Image's causal VAE (2x here, one frame), packed 2x2 latents."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = tiny_qwen_tokenizer()
+    torch.manual_seed(seed)
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1200,
+                       rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+                       **ids)
+    vision_config = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                         patch_size=4, temporal_patch_size=2, spatial_merge_size=2)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=text_config, vision_config=vision_config, vocab_size=len(tokenizer), **ids))
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0])
+    # in_channels = 4 latent channels x (2x2 packing); axes_dims_rope must add up to attention_head_dim.
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                              axes_dims_rope=(4, 6, 6))
+    # Qwen-Image's scheduler: resolution-dependent exponential shift and a terminal sigma of 0.02.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=16, max_image_seq_len=256, shift_terminal=0.02,
+                                                time_shift_type="exponential")
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
 
 
 def build_wan(seed: int = 0):
@@ -324,7 +370,7 @@ def build_mask2former(seed: int = 0):
     return Mask2FormerForUniversalSegmentation(config)
 
 
-_BUILDERS = {"sd3": build_sd3, "flux": build_flux, "wan": build_wan, "sd15": build_sd15,
+_BUILDERS = {"sd3": build_sd3, "flux": build_flux, "qwenimage": build_qwenimage, "wan": build_wan, "sd15": build_sd15,
              "sdxl": build_sdxl, "animatediff": build_animatediff,
              "dllm": build_dllm, "diffusion_gemma": build_diffusion_gemma, "clip": build_clip,
              "mask2former": build_mask2former}

@@ -1,4 +1,4 @@
-"""FlowModel on the tiny SD3, FLUX and Wan pipelines, loaded from folders like a hub id."""
+"""FlowModel on the tiny SD3, FLUX, Qwen-Image and Wan pipelines, loaded from folders like a hub id."""
 
 import warnings
 
@@ -19,7 +19,8 @@ def stock_pipeline(folder):
     return pipe
 
 
-@pytest.mark.parametrize("kind, family", [("sd3", "sd3"), ("flux", "flux"), ("wan", "wan")])
+@pytest.mark.parametrize("kind, family", [("sd3", "sd3"), ("flux", "flux"), ("qwenimage", "qwenimage"),
+                                          ("wan", "wan")])
 def test_family_detected_from_model_index(tiny_dir, kind, family):
     assert detect_family(tiny_dir(kind)) == family
 
@@ -57,6 +58,42 @@ def test_flux_packed_sampling_equals_stock_pipeline(tiny_dir):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
+def pack(noise):
+    """Latents as FluxPipeline / QwenImagePipeline take them: 2x2 patches packed into tokens."""
+    b, c, h, w = noise.shape
+    return noise.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_qwenimage_sampling_equals_stock_pipeline(tiny_dir, guidance):
+    """Prompts of different lengths (the text mask), the exponential resolution shift with a terminal sigma,
+    the one-frame VAE with per-channel statistics, and with guidance the pipeline's norm-rescaled true CFG."""
+    model = FlowModel.from_pretrained(tiny_dir("qwenimage"))
+    noise = initial_noise(2, model.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
+    assert noise.shape == (2, 4, 16, 16)
+    uncond = model.encode_prompts([""]) if guidance > 1 else None
+    ours = model.decode(sample_ode(model, model.encode_prompts(PROMPTS), num_steps=3, height=32, width=32,
+                                   guidance_scale=guidance, uncond=uncond, latents=noise.clone()))
+    kwargs = dict(negative_prompt=["", ""]) if guidance > 1 else {}
+    ref = stock_pipeline(tiny_dir("qwenimage"))(PROMPTS, latents=pack(noise), num_inference_steps=3, height=32,
+                                                width=32, true_cfg_scale=guidance, output_type="pt", **kwargs).images
+    assert ours.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_qwenimage_prompts_keep_their_own_length_in_the_cache(tiny_dir):
+    """A cached prompt is stored at its own length and padded (masked) only when batched with longer ones: its
+    velocity does not depend on the other prompts of the batch."""
+    model = FlowModel.from_pretrained(tiny_dir("qwenimage"))
+    short, both = model.encode_prompts(["a dog"]), model.encode_prompts(["a dog", "a much longer red cat prompt"])
+    assert short.mask.all() and short.embeds.shape[1] < both.embeds.shape[1]
+    assert not both.mask[0].all() and both.mask[1].all()
+    latents = torch.randn((2, *model.latent_shape(32, 32)), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.7, 0.7])
+    alone = model.velocity(latents[:1], t[:1], short)
+    torch.testing.assert_close(model.velocity(latents, t, both)[:1], alone, atol=1e-5, rtol=0)
+
+
 def test_wan_video_equals_stock_pipeline(tiny_dir):
     model = FlowModel.from_pretrained(tiny_dir("wan"))
     shape = model.latent_shape(32, 32, num_frames=5)
@@ -83,10 +120,11 @@ def test_prompt_cache_encodes_each_prompt_once(tiny_dir):
     torch.testing.assert_close(first.embeds[0], first.embeds[2])
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux", "wan"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "qwenimage", "wan"])
 def test_lora_saves_in_diffusers_format(tiny_dir, tmp_path, kind):
     """Our saved LoRA, loaded by diffusers' own `pipe.load_lora_weights` with Python warnings turned into errors
-    (SD3's last block has no LoRA on its unused add_q_proj: peft must not warn about it), gives our velocities
+    (SD3's and Qwen-Image's last blocks have no LoRA on their unused text projections: peft must not warn
+    about them), gives our velocities
     and keeps alpha / r."""
     model = FlowModel.from_pretrained(tiny_dir(kind))
     model.add_lora(rank=4, alpha=8)

@@ -149,8 +149,8 @@ def test_seppo_loss_equals_a_plain_recomputation(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("trainer_name, kind", [("seppo", "sd15"), ("seppo", "sd3"), ("seppo", "wan"),
-                                                ("seppo", "animatediff"), ("diffusion_dpo", "sd15"),
-                                                ("diffusion_dpo", "sd3")])
+                                                ("seppo", "animatediff"), ("seppo", "qwenimage"),
+                                                ("diffusion_dpo", "sd15"), ("diffusion_dpo", "sd3")])
 def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, trainer_name, kind):
     trainer = trainer_for(make_config(tiny_dir, tmp_path, kind, trainer_name))
     trainer.setup()

@@ -14,7 +14,7 @@ CONFIGS = sorted(str(p.relative_to(REPO_ROOT)) for folder in ("awm", "flow_grpo"
 
 
 def family(path: str) -> str:
-    return "flux" if "flux" in path else "wan" if "wan" in path else "sd3"
+    return "flux" if "flux" in path else "wan" if "wan" in path else "qwenimage" if "qwen" in path else "sd3"
 
 
 @pytest.mark.slow
