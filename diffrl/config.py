@@ -263,6 +263,16 @@ class MaskedGenerationConfig:
                                                         "exact schedule)", gt=0, lt=1)
     eval_parallel_threshold: float | None = param(None, help="the same at evaluation, `diffrl eval` and `diffrl "
                                                              "sample` (null: the exact schedule)", gt=0, lt=1)
+    kv_cache: Literal["prefix", "dual"] | None = param(None, help="masked LMs, training rollouts: keep the keys and "
+                                                                  "values of a block's first step and run later steps "
+                                                                  "on the block only (dual) or the block and what "
+                                                                  "follows (prefix); Fast-dLLM's caches, approximate "
+                                                                  "(null: no cache)")
+    eval_kv_cache: Literal["prefix", "dual"] | None = param(None, help="the same at evaluation, `diffrl eval` and "
+                                                                       "`diffrl sample` (null: no cache)")
+    kv_cache_refresh: int = param(0, help="with a kv_cache, also run the whole sequence every N steps within a "
+                                          "block (0: once per block, Fast-dLLM; 1: every step, the exact output)",
+                                  ge=0)
     # DiffusionGemma (uniform noise, transformers' generate): steps are per canvas (max_denoising_steps),
     # block_length is the model's canvas_length, temperature multiplies the schedule (0 at evaluation: greedy).
     t_min: float = param(0.4, help="DiffusionGemma: temperature at the last denoising step", ge=0)

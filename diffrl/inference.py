@@ -137,7 +137,7 @@ def sample(run: LoadedRun, prompts: list[str], *, num: int = 1, seed: int = 0, b
             part = wanted[start:start + batch_size]
             ids, mask = run.model.left_pad(run.model.chat_prompt_ids(part, chat_template=cfg.chat_template))
             out = generate_answers(run.model, ids, mask, gen, generator=generator,
-                                   threshold=gen.eval_parallel_threshold,
+                                   threshold=gen.eval_parallel_threshold, kv_cache=gen.eval_kv_cache,
                                    temperature=gen.eval_temperature if temperature is None else temperature)
             rows += [{"prompt": p, "text": t} for p, t in zip(part, run.model.decode(out))]
         return rows

@@ -151,9 +151,11 @@ class MaskedDiffusionLM(DiffusionLM):
 
     # ------------------------------------------------------------------------------------------------------
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``input_ids [B, L]`` -> ``[B, L, V]`` logits (fp32)."""
-        out = self.denoiser(input_ids=input_ids, attention_mask=attention_mask)
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               **forward_kwargs) -> torch.Tensor:
+        """``input_ids [B, L]`` -> ``[B, L, V]`` logits (fp32); ``forward_kwargs`` go to the model's forward
+        (the sampler's key/value cache and positions)."""
+        out = self.denoiser(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits.float()
 

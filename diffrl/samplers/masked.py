@@ -10,15 +10,21 @@ Parallel decoding (``threshold``, Fast-dLLM, arXiv 2505.22618): each step also c
 the block whose confidence exceeds the threshold, and a block ends as soon as it is filled. Each step still
 commits at least the ``k`` tokens of the exact schedule (Fast-dLLM: at least one; the same when ``steps ==
 gen_length``), so it never takes more steps than the exact sampler. Off (None), the output is the exact one.
+
+Key/value cache (``kv_cache``: "prefix" or "dual", :mod:`diffrl.samplers.kv_cache`): the first step of each
+block runs the whole sequence and keeps every layer's keys and values; the block's other steps run only the
+block (dual) or the block and what follows it (prefix) through the model. Off (None), nothing changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import torch
 
 from diffrl.models.dllm import MaskedDiffusionLM
+from diffrl.samplers import kv_cache as kv
 
 FREE = -1  # value of a position of ``pinned`` that the model fills in
 
@@ -52,14 +58,16 @@ def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.
 def generate(model: MaskedDiffusionLM, prompt_ids: torch.Tensor, *, gen_length: int, block_length: int,
              steps: int, temperature: float = 0.0, remasking: str = "low_confidence", cfg_scale: float = 0.0,
              prompt_mask: torch.Tensor | None = None, pinned: torch.Tensor | None = None,
-             generator: torch.Generator | None = None, threshold: float | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, threshold: float | None = None,
+             kv_cache: str | None = None, kv_cache_refresh: int = 0) -> torch.Tensor:
     """Fill a ``gen_length`` answer after each (left-padded) prompt; returns the answers ``[B, gen_length]``.
 
     prompt_ids: ``[B, P]``; prompt_mask: ``[B, P]`` (1 = real token) for left-padded prompts;
     pinned: ``[B, gen_length]`` token ids to fix, ``FREE`` (-1) elsewhere; remasking: "low_confidence" keeps
     the most probable predictions, "random" keeps random ones; cfg_scale > 0 applies LLaDA's unsupervised
     classifier-free guidance (prompt masked out in the unconditional branch); threshold: parallel decoding
-    (module docstring; with low-confidence remasking only).
+    (module docstring; with low-confidence remasking only); kv_cache: "prefix" / "dual" key/value cache,
+    refreshed at each block's first step and, with ``kv_cache_refresh`` = n > 0, every n steps within a block.
     """
     if gen_length % block_length:
         raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
@@ -70,6 +78,10 @@ def generate(model: MaskedDiffusionLM, prompt_ids: torch.Tensor, *, gen_length: 
         raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
     if threshold is not None and remasking != "low_confidence":
         raise ValueError("parallel decoding (threshold) ranks tokens by confidence: use remasking='low_confidence'")
+    if kv_cache is not None and kv_cache not in kv.MODES:
+        raise ValueError(f"kv_cache must be one of {kv.MODES} or None, got {kv_cache!r}")
+    if kv_cache_refresh < 0:
+        raise ValueError(f"kv_cache_refresh must be >= 0, got {kv_cache_refresh}")
     steps_per_block = steps // num_blocks
     batch, prompt_len = prompt_ids.shape
     device = prompt_ids.device
@@ -88,35 +100,59 @@ def generate(model: MaskedDiffusionLM, prompt_ids: torch.Tensor, *, gen_length: 
     prompt_positions[:, :prompt_len] = True
     positions = torch.arange(x.shape[1], device=device)
 
-    for block in range(num_blocks):
-        start, end = prompt_len + block * block_length, prompt_len + (block + 1) * block_length
-        schedule = num_transfer_tokens((x[:, start:end] == mask_id).sum(1), steps_per_block)
-        for step in range(steps_per_block):
-            masked = x == mask_id
-            if threshold is not None and not masked[:, start:end].any():
-                break  # every sample's block is filled: the remaining steps of the block are skipped
-            if cfg_scale > 0:
-                unconditional = torch.where(prompt_positions, torch.full_like(x, mask_id), x)
-                both = model.logits(torch.cat([x, unconditional]), torch.cat([attention_mask, attention_mask]))
-                cond_logits, uncond_logits = both.chunk(2)
-                logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
-            else:
-                logits = model.logits(x, attention_mask)
-            predicted = add_gumbel_noise(logits, temperature, generator).argmax(-1)
-            if remasking == "low_confidence":
-                probs = torch.softmax(logits.float(), dim=-1)
-                confidence = probs.gather(-1, predicted.unsqueeze(-1)).squeeze(-1)
-            else:
-                confidence = torch.rand(x.shape, generator=generator, device="cpu").to(device)
-            # Only masked positions of the current block compete for the k slots of this step.
-            eligible = masked & (positions[None, :] >= start) & (positions[None, :] < end)
-            confidence = torch.where(eligible, confidence, torch.full_like(confidence, -float("inf")))
-            order = confidence.argsort(dim=1, descending=True, stable=True)
-            rank = torch.empty_like(order).scatter_(1, order, positions.expand(batch, -1).contiguous())
-            transfer = (rank < schedule[:, step:step + 1]) & eligible
-            if threshold is not None:
-                transfer |= eligible & (confidence > threshold)
-            x = torch.where(transfer, predicted, x)
+    cache = kv.KVCache() if kv_cache is not None else None
+    width = x.shape[1]
+
+    def predict(lo: int, hi: int) -> torch.Tensor:
+        """Logits ``[B, hi - lo, V]`` of positions lo:hi; with the cache, a refresh runs the whole sequence."""
+        ids, mask = x, attention_mask
+        kwargs = {}
+        if cache is not None:
+            cache.recording, cache.span = (lo, hi) == (0, width), (lo, hi)
+            if not cache.recording:
+                ids, mask = x[:, lo:hi], attention_mask[:, lo:hi]
+            kwargs = kv.forward_kwargs(cache, ids.shape[0] * (2 if cfg_scale > 0 else 1), device)
+        if cfg_scale > 0:
+            unconditional = torch.where(prompt_positions[:, lo:hi], torch.full_like(ids, mask_id), ids)
+            both = model.logits(torch.cat([ids, unconditional]), torch.cat([mask, mask]), **kwargs)
+            cond_logits, uncond_logits = both.chunk(2)
+            logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
+        else:
+            logits = model.logits(ids, mask, **kwargs)
+        if cache is not None and cache.recording:
+            kv.check_recorded(cache, model.module)
+        return logits
+
+    with kv.cached_attention(model.module) if cache is not None else contextlib.nullcontext():
+        for block in range(num_blocks):
+            start, end = prompt_len + block * block_length, prompt_len + (block + 1) * block_length
+            schedule = num_transfer_tokens((x[:, start:end] == mask_id).sum(1), steps_per_block)
+            for step in range(steps_per_block):
+                masked = x == mask_id
+                if threshold is not None and not masked[:, start:end].any():
+                    break  # every sample's block is filled: the remaining steps of the block are skipped
+                # The positions the model runs on: all of them, or (cached steps) the block [and what follows].
+                lo, hi = 0, width
+                if cache is not None and step > 0 and not (kv_cache_refresh and step % kv_cache_refresh == 0):
+                    lo, hi = start, end if kv_cache == "dual" else width
+                logits = predict(lo, hi)
+                predicted = add_gumbel_noise(logits, temperature, generator).argmax(-1)
+                if remasking == "low_confidence":
+                    probs = torch.softmax(logits.float(), dim=-1)
+                    confidence = probs.gather(-1, predicted.unsqueeze(-1)).squeeze(-1)
+                else:
+                    confidence = torch.rand(predicted.shape, generator=generator, device="cpu").to(device)
+                # Only masked positions of the current block compete for the k slots of this step.
+                window = positions[lo:hi]
+                eligible = masked[:, lo:hi] & (window[None, :] >= start) & (window[None, :] < end)
+                confidence = torch.where(eligible, confidence, torch.full_like(confidence, -float("inf")))
+                order = confidence.argsort(dim=1, descending=True, stable=True)
+                ranks = torch.arange(hi - lo, device=device).expand(batch, -1).contiguous()
+                rank = torch.empty_like(order).scatter_(1, order, ranks)
+                transfer = (rank < schedule[:, step:step + 1]) & eligible
+                if threshold is not None:
+                    transfer |= eligible & (confidence > threshold)
+                x[:, lo:hi] = torch.where(transfer, predicted, x[:, lo:hi])
     return x[:, prompt_len:]
 
 

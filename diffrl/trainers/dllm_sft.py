@@ -188,7 +188,7 @@ class DllmSFTTrainer:
         ids, mask = self.model.left_pad(prompts)
         gen = cfg.generation
         out = generate_answers(self.model, ids, mask, gen, temperature=gen.eval_temperature,
-                               threshold=gen.eval_parallel_threshold,
+                               threshold=gen.eval_parallel_threshold, kv_cache=gen.eval_kv_cache,
                                generator=torch.Generator().manual_seed(cfg.seed))
         texts = self.model.decode(out)
         correct = [last_boxed(text) == e.answer for text, e in zip(texts, self.eval_tasks)]

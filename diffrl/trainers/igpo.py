@@ -174,6 +174,7 @@ class IGPOTrainer:
             end = start + cfg.generation_batch_size
             outputs.append(generate_answers(self.model, prompt_ids[start:end], prompt_mask[start:end], gen,
                                             temperature=gen.temperature, threshold=gen.parallel_threshold,
+                                            kv_cache=gen.kv_cache,
                                             generator=self.noise,
                                             pinned=None if pinned is None else pinned[start:end]))
         return torch.cat(outputs)

@@ -8,6 +8,7 @@ import math
 import torch
 
 from diffrl.errors import ConfigError, RewardError
+from diffrl.samplers import kv_cache
 
 
 def load_task_split(data, seed: int):
@@ -79,11 +80,18 @@ def check_model_fits(model, config) -> None:
             if getattr(gen, key) is not None:
                 raise ConfigError(f"{name}: it accepts several tokens a step by entropy already (generation."
                                   f"entropy_bound); remove generation.{key}")
+        for key in ("kv_cache", "eval_kv_cache"):
+            if getattr(gen, key) is not None:
+                raise ConfigError(f"{name}: its decoding (transformers' generate) keeps no diffrl key/value "
+                                  f"cache; remove generation.{key}")
     else:
         for key in ("parallel_threshold", "eval_parallel_threshold"):
             if getattr(gen, key) is not None and gen.remasking != "low_confidence":
                 raise ConfigError(f"generation.{key} ranks tokens by confidence: use generation.remasking: "
                                   f"low_confidence")
+        for key in ("kv_cache", "eval_kv_cache"):
+            if getattr(gen, key) is not None:
+                kv_cache.check_supported(model.module, f"generation.{key}")
         defaults = type(gen)()
         changed = [k for k in _UNIFORM_ONLY if getattr(gen, k) != getattr(defaults, k)]
         if changed:
@@ -93,10 +101,11 @@ def check_model_fits(model, config) -> None:
 
 
 def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation, *, temperature: float,
-                     threshold: float | None = None, pinned: torch.Tensor | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     threshold: float | None = None, kv_cache: str | None = None,
+                     pinned: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """``[B, gen_length]`` answers by the model's own sampler: LLaDA-style unmasking for masked LMs
-    (``temperature``: Gumbel; ``threshold``: parallel decoding, None the exact schedule), ``generate``'s
+    (``temperature``: Gumbel; ``threshold``: parallel decoding, None the exact schedule; ``kv_cache``: "prefix"
+    / "dual" key/value cache refreshed as ``generation.kv_cache_refresh`` says, None none), ``generate``'s
     entropy-bound decoding for DiffusionGemma (``temperature`` multiplies its schedule; 0: greedy proposals)."""
     if model.noise == "uniform":
         from diffrl.samplers.entropy_bound import generate as entropy_bound_generate
@@ -112,7 +121,7 @@ def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     return masked_generate(model, prompt_ids, prompt_mask=prompt_mask, gen_length=generation.gen_length,
                            block_length=generation.block_length, steps=generation.steps, temperature=temperature,
                            remasking=generation.remasking, pinned=pinned, generator=generator,
-                           threshold=threshold)
+                           threshold=threshold, kv_cache=kv_cache, kv_cache_refresh=generation.kv_cache_refresh)
 
 
 def prompt_tensors(model, tasks, *, chat_template: bool, repeat: int = 1):
@@ -167,7 +176,7 @@ def evaluate_reasoning(model, tasks, reward, generation, *, correctness: str, ch
             chunk = tasks[start:start + max(1, batch_size // repeat)]
             ids, mask = prompt_tensors(model, chunk, chat_template=chat_template, repeat=repeat)
             out = generate_answers(model, ids, mask, generation, temperature=temperature, generator=generator,
-                                   threshold=generation.eval_parallel_threshold)
+                                   threshold=generation.eval_parallel_threshold, kv_cache=generation.eval_kv_cache)
             decoded = model.decode(out)
             _, flags, _ = score_texts(reward, decoded, [t for t in chunk for _ in range(repeat)], correctness)
             correct.append(flags.view(len(chunk), repeat))

@@ -22,6 +22,8 @@ text:  IGPO against diffu-GRPO (``igpo.enabled=false``, everything else equal) o
        groups (G = 8, temperature 1) with no correct completion, per step, before IGPO's inpainting.
 text_parallel: IGPO with parallel-decoding rollouts (generation.parallel_threshold=0.9) against IGPO with the
        exact sampler, everything else equal (evaluation exact, greedy, for both): does training change?
+text_cache: IGPO whose rollouts use the dual key/value cache refreshed every 2 steps (generation.kv_cache=dual,
+       generation.kv_cache_refresh=2) against IGPO with the exact sampler, everything else equal.
 gemma_text: the same on assets/diffusiongemma-addition, a small DiffusionGemma taught the same task
        (configs/igpo/diffusiongemma_addition.yaml).
 
@@ -73,6 +75,10 @@ RACES = {
                                 ["generation.parallel_threshold=0.9"])],
                       "baseline": ("igpo_exact", "configs/quickstart_text.yaml", []),
                       "metric": "eval/accuracy", "groups": True, "steps": 40},
+    "text_cache": {"new": [("igpo_dual_cache", "configs/quickstart_text.yaml",
+                             ["generation.kv_cache=dual", "generation.kv_cache_refresh=2"])],
+                   "baseline": ("igpo_exact", "configs/quickstart_text.yaml", []),
+                   "metric": "eval/accuracy", "groups": True, "steps": 40},
     "gemma_text": {"new": [("igpo", "configs/igpo/diffusiongemma_addition.yaml", [])],
                    "baseline": ("diffu_grpo", "configs/igpo/diffusiongemma_addition.yaml", ["igpo.enabled=false"]),
                    "metric": "eval/accuracy", "groups": True, "steps": 40},

@@ -167,6 +167,28 @@ def test_parallel_decoding_is_switched_separately_for_rollouts_and_evaluation(ti
     assert len(calls) == eval_calls
 
 
+@pytest.mark.parametrize("rollout_cache, eval_cache", [("dual", None), (None, "prefix")])
+def test_the_kv_cache_is_switched_separately_for_rollouts_and_evaluation(tiny_dir, tmp_path, rollout_cache,
+                                                                         eval_cache):
+    """Cached steps run only part of the sequence: the model's input lengths show which phase used a cache."""
+    trainer = IGPOTrainer(make_config(tiny_dir, tmp_path, generation__kv_cache=rollout_cache,
+                                      generation__eval_kv_cache=eval_cache))
+    trainer.setup()
+    lengths, original = [], trainer.model.logits
+
+    def counted(x, attention_mask=None, **kwargs):
+        lengths.append(x.shape[1])
+        return original(x, attention_mask, **kwargs)
+
+    trainer.model.logits = counted
+    trainer.rollout()
+    rollout_lengths = set(lengths)
+    lengths.clear()
+    trainer.evaluate()
+    assert (len(rollout_lengths) > 1) == (rollout_cache is not None)      # full passes and shorter cached ones
+    assert (len(set(lengths)) > 1) == (eval_cache is not None)
+
+
 def test_loss_mask_and_gradients_reach_generated_tokens_and_only_top_entropy_hints(tiny_dir, tmp_path):
     trainer = IGPOTrainer(make_config(tiny_dir, tmp_path, num_iterations=1, beta=0.0))
     trainer.setup()
