@@ -1,6 +1,7 @@
-"""Model adapters: FlowModel (SD3, FLUX, Wan), EpsilonModel (SD1.5, SDXL, AnimateDiff), MaskedDiffusionLM
-(LLaDA, Dream...), DiffusionGemmaLM. ``load_diffusion_model`` opens either image/video kind from its
-``model_index.json``; ``trainers.reasoning.load_dllm`` opens either language-model kind from its config."""
+"""Model adapters: FlowModel (SD3, FLUX, Qwen-Image, Wan 2.1 / 2.2), EpsilonModel (SD1.5, SDXL, AnimateDiff),
+MaskedDiffusionLM (LLaDA, Dream...), DiffusionGemmaLM. ``load_diffusion_model`` opens either image/video kind
+from its ``model_index.json``; ``trainers.reasoning.load_dllm`` opens either language-model kind from its
+config."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from diffrl.models.loading import pipeline_class_name
 
 def load_diffusion_model(path: str | Path, *, revision: str | None = None, dtype=None, device="cpu",
                          max_sequence_length: int | None = None, motion_adapter: str | None = None):
-    """A :class:`FlowModel` (SD3, FLUX, Wan) or an :class:`EpsilonModel` (SD1.5, SDXL, AnimateDiff; an SD1.5
+    """A :class:`FlowModel` (SD3, FLUX, Qwen-Image, Wan) or an :class:`EpsilonModel` (SD1.5, SDXL, AnimateDiff; an SD1.5
     ``path`` plus ``motion_adapter`` is AnimateDiff too)."""
     import torch
 
@@ -36,7 +37,9 @@ def describe_models() -> list[tuple[str, str, str]]:
     """(model, what it is, trainers) for ``diffrl ls models``."""
     from diffrl.models import flow, unet
 
-    rows = [(name, f"flow matching ({family})", "awm, flow_grpo, nft, seppo, diffusion_dpo")
+    # Wan 2.2's two-expert checkpoints are WanPipelines too (boundary_ratio set): models/experts.py.
+    families = {"wan": "wan: Wan 2.1, and Wan 2.2 with its two experts"}
+    rows = [(name, f"flow matching ({families.get(family, family)})", "awm, flow_grpo, nft, seppo, diffusion_dpo")
             for name, family in flow._PIPELINE_FAMILY.items()]
     rows += [(name, f"epsilon prediction ({family})", "seppo, diffusion_dpo")
              for name, family in unet._PIPELINE_FAMILY.items()]

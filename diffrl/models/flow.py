@@ -1,4 +1,4 @@
-"""FlowModel: SD3 / SD3.5, FLUX.1, Qwen-Image and Wan 2.1 behind one interface.
+"""FlowModel: SD3 / SD3.5, FLUX.1, Qwen-Image and Wan 2.1 / 2.2 behind one interface.
 
     cond = model.encode_prompts(["a cat"])         # cached per unique prompt
     v = model.velocity(x_t, t, cond)               # t = sigma in [0, 1]; x_t = (1 - t) x0 + t eps
@@ -20,6 +20,7 @@ import torch
 
 from diffrl.errors import ConfigError
 from diffrl.models import lora as lora_utils
+from diffrl.models.experts import TwoExperts
 from diffrl.models.loading import loading_errors, pipeline_class_name
 from diffrl.samplers.flow import sample_ode
 
@@ -131,11 +132,16 @@ class FlowModel:
         self.dtype = dtype
         self.max_sequence_length = max_sequence_length or _DEFAULT_MAX_SEQUENCE_LENGTH[family]
         self.transformer = pipeline.transformer
+        boundary = pipeline.config.get("boundary_ratio") if family == "wan" else None
+        if boundary is not None and getattr(pipeline, "transformer_2", None) is not None:
+            # Wan 2.2: both experts train, each on the samples of its side of the boundary (models/experts.py).
+            self.transformer = TwoExperts(pipeline.transformer, pipeline.transformer_2,
+                                          boundary * pipeline.scheduler.config.num_train_timesteps)
         self.denoiser = self.transformer
         self.vae = pipeline.vae
         self._prompt_cache = PromptCache(lambda prompts: self._encode_uncached(prompts), prompt_cache_size)
         # Frozen parts in the requested dtype; the transformer's trainable weights are set up by the trainer.
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer"):
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer", "transformer_2"):
             module = getattr(pipeline, name, None)
             if module is not None:
                 module.requires_grad_(False)
@@ -164,6 +170,10 @@ class FlowModel:
     # ------------------------------------------------------------------------------------------------------
     # Shapes and schedules
     # ------------------------------------------------------------------------------------------------------
+
+    @property
+    def has_two_experts(self) -> bool:
+        return isinstance(self.transformer, TwoExperts)
 
     @property
     def is_video(self) -> bool:
@@ -411,6 +421,9 @@ class FlowModel:
         lora_utils.add_lora(self.transformer, self.family, rank=rank, alpha=alpha, dropout=dropout, init=init,
                             target_modules=target_modules, exclude=self._dead_projections(),
                             adapter_name=adapter_name)
+        if self.has_two_experts:  # each expert saves and loads its own adapters with the wrapper's configs
+            for expert in (self.transformer.high, self.transformer.low):
+                expert.peft_config = self.transformer.peft_config
 
     def _dead_projections(self) -> list[str]:
         """Projections whose output the model throws away: an adapter there would never get a gradient.
@@ -433,13 +446,22 @@ class FlowModel:
         with lora_utils.adapters_disabled(self.transformer):
             yield self
 
+    def _lora_parts(self, folder: str | Path) -> list[tuple[torch.nn.Module, Path]]:
+        """Each trained transformer and its LoRA folder (Wan 2.2's low-noise expert: ``folder/transformer_2``)."""
+        if self.has_two_experts:
+            return [(self.transformer.high, Path(folder)), (self.transformer.low, Path(folder) / "transformer_2")]
+        return [(self.transformer, Path(folder))]
+
     def save_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
-        """Diffusers LoRA format: ``type(pipe).load_lora_weights(folder)`` loads it on the user's side."""
-        lora_utils.save_diffusers_lora(type(self.pipeline), self.transformer, folder, "transformer", adapter_name)
+        """Diffusers LoRA format: ``type(pipe).load_lora_weights(folder)`` loads it on the user's side (Wan 2.2
+        also ``load_lora_weights(folder / "transformer_2", load_into_transformer_2=True)``)."""
+        for module, place in self._lora_parts(folder):
+            lora_utils.save_diffusers_lora(type(self.pipeline), module, place, "transformer", adapter_name)
 
     def load_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
         from safetensors.torch import load_file
 
-        state = load_file(str(Path(folder) / "pytorch_lora_weights.safetensors"))
-        state = {k.removeprefix("transformer."): v for k, v in state.items()}
-        lora_utils.load_lora_state_dict(self.transformer, state, adapter_name)
+        for module, place in self._lora_parts(folder):
+            state = load_file(str(place / "pytorch_lora_weights.safetensors"))
+            state = {k.removeprefix("transformer."): v for k, v in state.items()}
+            lora_utils.load_lora_state_dict(module, state, adapter_name)

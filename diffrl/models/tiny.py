@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("sd3", "flux", "qwenimage", "wan", "sd15", "sdxl", "animatediff", "dllm", "diffusion_gemma", "clip",
-              "mask2former", "preferences", "video_preferences")
+TINY_KINDS = ("sd3", "flux", "qwenimage", "wan", "wan22", "sd15", "sdxl", "animatediff", "dllm", "diffusion_gemma",
+              "clip", "mask2former", "preferences", "video_preferences")
 
 # The shared character-level vocabulary of the tiny text encoders: every prompt tokenizes to characters.
 _T5_CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,:;!?'\"-+*/=()<>#%$&@_"
@@ -195,6 +195,18 @@ def build_wan(seed: int = 0):
                        vae=vae, scheduler=scheduler)
 
 
+def build_wan22(seed: int = 0):
+    """A Wan 2.2-style WanPipeline: two experts (``transformer`` above ``boundary_ratio``, ``transformer_2``
+    below), otherwise the tiny Wan 2.1 (the boundary is 0.5 here so that few steps reach both)."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    pipe = build_wan(seed)
+    torch.manual_seed(seed + 1)
+    low = WanTransformer3DModel.from_config(pipe.transformer.config)
+    return WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, transformer=pipe.transformer,
+                       transformer_2=low, vae=pipe.vae, scheduler=pipe.scheduler, boundary_ratio=0.5)
+
+
 def _tiny_unet():
     from diffusers import UNet2DConditionModel
 
@@ -370,7 +382,8 @@ def build_mask2former(seed: int = 0):
     return Mask2FormerForUniversalSegmentation(config)
 
 
-_BUILDERS = {"sd3": build_sd3, "flux": build_flux, "qwenimage": build_qwenimage, "wan": build_wan, "sd15": build_sd15,
+_BUILDERS = {"sd3": build_sd3, "flux": build_flux, "qwenimage": build_qwenimage, "wan": build_wan,
+             "wan22": build_wan22, "sd15": build_sd15,
              "sdxl": build_sdxl, "animatediff": build_animatediff,
              "dllm": build_dllm, "diffusion_gemma": build_diffusion_gemma, "clip": build_clip,
              "mask2former": build_mask2former}

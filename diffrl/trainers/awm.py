@@ -106,7 +106,7 @@ class AWMConfig(TrainerConfig):
 
 
 @register_trainer("awm", config_class=AWMConfig, paper="https://arxiv.org/abs/2509.25050",
-                  summary="Advantage Weighted Matching for SD3.5 / FLUX / Wan (flow matching)")
+                  summary="Advantage Weighted Matching for SD3.5 / FLUX / Qwen-Image / Wan (flow matching)")
 class AWMTrainer:
     def __init__(self, config: AWMConfig):
         self.config = config

@@ -198,6 +198,11 @@ def prepare_optimization(trainer, scheduler_steps: int) -> None:
     optimizer = create_optimizer(trainer.params, cfg.optim)
     scheduler = create_scheduler(optimizer, cfg.optim, scheduler_steps)
     sharding.choose_wrapped_layers(trainer.accelerator, model.trainable)
+    if getattr(model, "has_two_experts", False) and trainer.accelerator.ddp_handler is None:
+        # Wan 2.2: a step whose samples all fall on one expert's side gives the other no gradient.
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        trainer.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     model.denoiser, trainer.optimizer, trainer.scheduler = trainer.accelerator.prepare(model.trainable, optimizer,
                                                                                        scheduler)
     # FSDP replaces every trained parameter by its shard (the optimizer's too): hold the new ones.

@@ -20,7 +20,7 @@ def stock_pipeline(folder):
 
 
 @pytest.mark.parametrize("kind, family", [("sd3", "sd3"), ("flux", "flux"), ("qwenimage", "qwenimage"),
-                                          ("wan", "wan")])
+                                          ("wan", "wan"), ("wan22", "wan")])
 def test_family_detected_from_model_index(tiny_dir, kind, family):
     assert detect_family(tiny_dir(kind)) == family
 
@@ -107,6 +107,36 @@ def test_wan_video_equals_stock_pipeline(tiny_dir):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)  # the pipeline's video post-processing reorders ops
 
 
+def test_wan22_two_experts_equal_stock_pipeline(tiny_dir):
+    """Wan 2.2: each step goes to the expert of its side of the boundary, as in WanPipeline; both are used."""
+    model = FlowModel.from_pretrained(tiny_dir("wan22"))
+    assert model.has_two_experts and model.transformer.boundary == 500.0
+    calls = {"high": 0, "low": 0}
+    for name in calls:
+        getattr(model.transformer, name).register_forward_pre_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    noise = initial_noise(1, model.latent_shape(32, 32, num_frames=5), generator=torch.Generator().manual_seed(0))
+    ours = model.decode(sample_ode(model, model.encode_prompts(["a red cat"]), num_steps=4, height=32, width=32,
+                                   num_frames=5, latents=noise.clone()))
+    assert calls["high"] > 0 and calls["low"] > 0
+    ref = stock_pipeline(tiny_dir("wan22"))(["a red cat"], latents=noise, num_inference_steps=4, height=32, width=32,
+                                            num_frames=5, guidance_scale=1.0, output_type="pt").frames
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_wan22_batch_mixing_both_sides_routes_each_sample(tiny_dir):
+    """A batch whose timesteps straddle the boundary gives each sample its own expert's velocity."""
+    model = FlowModel.from_pretrained(tiny_dir("wan22"))
+    latents = torch.randn((2, *model.latent_shape(32, 32, num_frames=5)), generator=torch.Generator().manual_seed(1))
+    cond = model.encode_prompts(["a red cat", "a dog"])
+    t = torch.tensor([0.8, 0.3])
+    both = model.velocity(latents, t, cond)
+    for i, expert in enumerate((model.transformer.high, model.transformer.low)):
+        alone = expert(hidden_states=latents[i:i + 1], timestep=t[i:i + 1] * 1000,
+                       encoder_hidden_states=cond.embeds[i:i + 1], return_dict=False)[0]
+        torch.testing.assert_close(both[i:i + 1], alone.float(), atol=1e-5, rtol=0)
+
+
 def test_prompt_cache_encodes_each_prompt_once(tiny_dir):
     model = FlowModel.from_pretrained(tiny_dir("sd3"))
     calls = []
@@ -120,7 +150,7 @@ def test_prompt_cache_encodes_each_prompt_once(tiny_dir):
     torch.testing.assert_close(first.embeds[0], first.embeds[2])
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux", "qwenimage", "wan"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "qwenimage", "wan", "wan22"])
 def test_lora_saves_in_diffusers_format(tiny_dir, tmp_path, kind):
     """Our saved LoRA, loaded by diffusers' own `pipe.load_lora_weights` with Python warnings turned into errors
     (SD3's and Qwen-Image's last blocks have no LoRA on their unused text projections: peft must not warn
@@ -132,9 +162,10 @@ def test_lora_saves_in_diffusers_format(tiny_dir, tmp_path, kind):
         for name, p in model.transformer.named_parameters():
             if "lora_B" in name:
                 p.normal_()
-    shape = model.latent_shape(32, 32, 5 if kind == "wan" else 1)
-    latents = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
-    cond, t = model.encode_prompts(["a cat"]), torch.tensor([0.6])
+    shape = model.latent_shape(32, 32, 5 if kind.startswith("wan") else 1)
+    latents = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
+    # two timesteps: on Wan 2.2 one falls on each expert's side
+    cond, t = model.encode_prompts(["a cat", "a cat"]), torch.tensor([0.6, 0.3])
     v_lora = model.velocity(latents, t, cond)
     with model.reference():
         v_base = model.velocity(latents, t, cond)
@@ -145,9 +176,11 @@ def test_lora_saves_in_diffusers_format(tiny_dir, tmp_path, kind):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe.load_lora_weights(tmp_path)
+        if kind == "wan22":  # the low-noise expert's adapter, in its own folder
+            pipe.load_lora_weights(tmp_path / "transformer_2", load_into_transformer_2=True)
     config = next(iter(pipe.transformer.peft_config.values()))
     assert (config.r, config.lora_alpha) == (4, 8)
-    reloaded = FlowModel(pipe, kind)
+    reloaded = FlowModel(pipe, "wan" if kind == "wan22" else kind)
     torch.testing.assert_close(reloaded.velocity(latents, t, cond), v_lora, atol=1e-5, rtol=0)
 
     fresh = FlowModel.from_pretrained(tiny_dir(kind))

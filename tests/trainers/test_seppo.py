@@ -15,7 +15,7 @@ from diffrl.trainers.diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTraine
 from diffrl.trainers.seppo import CheckpointBank, SePPOConfig, SePPOTrainer
 from tests.conftest import with_overrides
 
-VIDEO = {"wan", "animatediff"}
+VIDEO = {"wan", "wan22", "animatediff"}
 
 
 def make_config(tiny_dir, tmp_path, kind="sd15", trainer="seppo", **overrides):
@@ -149,7 +149,7 @@ def test_seppo_loss_equals_a_plain_recomputation(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("trainer_name, kind", [("seppo", "sd15"), ("seppo", "sd3"), ("seppo", "wan"),
-                                                ("seppo", "animatediff"), ("seppo", "qwenimage"),
+                                                ("seppo", "animatediff"), ("seppo", "qwenimage"), ("seppo", "wan22"),
                                                 ("diffusion_dpo", "sd15"), ("diffusion_dpo", "sd3")])
 def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, trainer_name, kind):
     trainer = trainer_for(make_config(tiny_dir, tmp_path, kind, trainer_name))
@@ -157,7 +157,8 @@ def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, trainer_name,
     params = {n: p for n, p in trainer.model.trainable.named_parameters() if p.requires_grad}
     assert params and all("lora" in n and ".default." in n for n in params)
     before = {n: p.detach().clone() for n, p in params.items()}
-    run_steps(trainer, 2)
+    # Wan 2.2's low-noise expert trains only on sigmas below the boundary (a fifth of the shifted draws here)
+    run_steps(trainer, 6 if kind == "wan22" else 2)
     assert [n for n, p in params.items() if torch.equal(p, before[n])] == []
 
 

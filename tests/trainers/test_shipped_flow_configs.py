@@ -1,9 +1,11 @@
 """Every published AWM / Flow-GRPO / NFT config starts and takes a step on the tiny stand-in of its model:
 only paths, sizes and batch counts are overridden, the algorithm settings are the shipped ones."""
 
+import json
 import math
 
 import pytest
+import torch
 
 from diffrl.config import load_config
 from diffrl.trainers import get_trainer
@@ -13,8 +15,24 @@ CONFIGS = sorted(str(p.relative_to(REPO_ROOT)) for folder in ("awm", "flow_grpo"
                  for p in (REPO_ROOT / "configs" / folder).glob("*.yaml") if not p.name.startswith("tiny"))
 
 
+TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                                  "patch_size": 8},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
+
+
+def tiny_hps(folder) -> str:
+    import open_clip
+
+    torch.manual_seed(0)
+    torch.save({"state_dict": open_clip.CLIP(**TINY_OPEN_CLIP).state_dict()}, folder / "hps.pt")
+    return str(folder / "hps.pt")
+
+
 def family(path: str) -> str:
-    return "flux" if "flux" in path else "wan" if "wan" in path else "qwenimage" if "qwen" in path else "sd3"
+    for key, kind in (("flux", "flux"), ("wan22", "wan22"), ("wan", "wan"), ("qwen", "qwenimage")):
+        if key in path:
+            return kind
+    return "sd3"
 
 
 @pytest.mark.slow
@@ -30,7 +48,7 @@ def test_published_config_starts_on_tiny_model(path, tiny_dir, tmp_path):
                  "prompts_per_step=2", "sample_batch_size=4",
                  "train_batch_size=2", "logging.trackers=[]", "logging.progress_bar=false", "checkpoint.every=1",
                  "lora.rank=4", "lora.alpha=8", "sampling.max_sequence_length=null"]
-    if kind == "wan":
+    if kind.startswith("wan"):
         overrides += ["sampling.num_frames=5", f"reward.kwargs.video.image_kwargs.model={clip}",
                       f"reward.kwargs.video.image_kwargs.processor={clip}"]
     elif "geneval" in path:   # its own GenEval-style prompts: the reward reads their metadata
@@ -38,6 +56,10 @@ def test_published_config_starts_on_tiny_model(path, tiny_dir, tmp_path):
                       f"reward.kwargs.geneval.clip={clip}"]
     else:
         overrides += [f"reward.kwargs.pickscore.model={clip}", f"reward.kwargs.pickscore.processor={clip}"]
+    if "multi_reward" in path:  # HPSv2.1 (an OpenCLIP checkpoint) and CLIPScore: tiny stand-ins
+        overrides += [f"reward.kwargs.hps.checkpoint={tiny_hps(tmp_path)}",
+                      f"reward.kwargs.hps.model_config={json.dumps(TINY_OPEN_CLIP)}",
+                      f"reward.kwargs.clip_score.model={clip}", f"reward.kwargs.clip_score.processor={clip}"]
     if "geneval" not in path:
         overrides += [f"data.path={prompts}", "data.eval_path=null"]
     config = load_config(REPO_ROOT / path, overrides)
