@@ -342,10 +342,10 @@ def cmd_sample(args) -> int:
         _check_device(args.device)
     if args.num < 1:
         raise DiffrlError(f"--num {args.num}: must be at least 1")
-    prompts = inference.read_prompts(args.prompt, args.prompts)
+    prompts, images = inference.read_prompts(args.prompt, args.prompts, args.image)
     run = inference.load(args.run, weights=args.weights, device=args.device, overrides=args.overrides)
     rows = inference.sample(run, prompts, num=args.num, seed=args.seed, batch_size=args.batch_size,
-                            temperature=args.temperature)
+                            temperature=args.temperature, images=images)
     out = Path(args.out) if args.out else run.run_dir / "samples-cli"
     written = inference.write_samples(rows, out)
     source = run.checkpoint or f"{run.run_dir} (base model: no checkpoint yet)"
@@ -476,7 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("overrides", nargs="*", help="key.sub=value overrides of the run's config "
                         "(e.g. sampling.eval_num_steps=20)")
     sample.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    sample.add_argument("--prompts", help="prompt file: .txt one per line, or .jsonl / .parquet with 'prompt'")
+    sample.add_argument("--prompts", help="prompt file: .txt one per line, .jsonl / .parquet with 'prompt', or a "
+                        "folder whose metadata.jsonl rows hold 'prompt' and 'image' (image editing)")
+    sample.add_argument("--image", action="append", help="the input image of each --prompt (image-editing models "
+                        "such as FLUX.1 Kontext; repeatable, in the same order)")
     sample.add_argument("--num", type=int, default=1, help="samples per prompt")
     sample.add_argument("--seed", type=int, default=0, help="seed of the noise (the same seed, the same samples)")
     sample.add_argument("--weights", choices=["raw", "ema"], default="raw", help="trained weights or their EMA")

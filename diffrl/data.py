@@ -135,9 +135,14 @@ def load_prompts(path: str | Path, *, column: str = "prompt", split: str = "trai
 def load_prompt_records(path: str | Path, *, column: str = "prompt", split: str = "train",
                         config_name: str | None = None) -> tuple[list[str], list[dict]]:
     """Prompts and, per prompt, the row's other fields (empty for a .txt file): the metadata a reward such
-    as ``geneval`` reads (``tag``, ``include``, ``exclude`` of a GenEval-style jsonl line)."""
+    as ``geneval`` reads (``tag``, ``include``, ``exclude`` of a GenEval-style jsonl line).
+
+    A folder holding ``metadata.jsonl`` is an image-editing prompt set: rows ``{"prompt": ..., "image":
+    "in/001.png"}`` whose image paths, relative to the folder, become absolute (each file must exist)."""
     path_str = str(path)
-    if Path(path_str).suffix.lower() == ".txt":
+    if Path(path_str).is_dir():
+        rows = _image_prompt_rows(Path(path_str), column)
+    elif Path(path_str).suffix.lower() == ".txt":
         file = Path(path_str)
         if not file.is_file():
             raise DataError(f"{file}: prompt file not found; check the data path")
@@ -149,6 +154,26 @@ def load_prompt_records(path: str | Path, *, column: str = "prompt", split: str 
     if not rows:
         raise DataError(f"{path_str}: no prompts found; the file must hold at least one non-empty prompt")
     return [str(r[column]).strip() for r in rows], [{k: v for k, v in r.items() if k != column} for r in rows]
+
+
+def _image_prompt_rows(folder: Path, column: str) -> list[dict]:
+    """The rows of ``folder/metadata.jsonl`` with each ``image`` resolved against the folder and checked."""
+    table = folder / "metadata.jsonl"
+    if not table.is_file():
+        raise DataError(f"{folder}: a prompt folder must hold metadata.jsonl, one {{\"{column}\": ..., "
+                        f"\"image\": ...}} object per line")
+    rows = read_records(table)
+    _column(rows, column, str(table))
+    for number, row in enumerate(rows, 1):
+        image = row.get("image")
+        if not isinstance(image, str) or not image.strip():
+            raise DataError(f"{table}:{number}: no 'image' path; every row of an image prompt folder names its "
+                            f"input image (relative to the folder)")
+        resolved = (folder / image).resolve()
+        if not resolved.is_file():
+            raise DataError(f"{table}:{number}: image {image!r} not found in {folder}")
+        row["image"] = str(resolved)
+    return rows
 
 
 def metadata_columns(rows: list[dict]) -> dict[str, list]:

@@ -118,15 +118,20 @@ def image_settings(config) -> dict:
 
 @torch.no_grad()
 def sample(run: LoadedRun, prompts: list[str], *, num: int = 1, seed: int = 0, batch_size: int = 8,
-           temperature: float | None = None) -> list[dict]:
+           temperature: float | None = None, images: list | None = None) -> list[dict]:
     """``num`` samples per prompt, seeded; returns rows with ``prompt`` and ``image`` (a ``[3, H, W]`` or
     ``[T, 3, H, W]`` tensor in [0, 1]) or ``text``. ``temperature``: diffusion LLMs only (default: the run's
-    evaluation temperature; with ``num > 1`` a greedy decode repeats itself)."""
+    evaluation temperature; with ``num > 1`` a greedy decode repeats itself). ``images``: one input image per
+    prompt (a path or a PIL image), for image-editing models (FLUX.1 Kontext)."""
     if not prompts:
         raise ConfigError("no prompts given; pass --prompt TEXT or --prompts FILE")
     if num < 1 or batch_size < 1:
         raise ConfigError(f"num ({num}) and batch_size ({batch_size}) must be at least 1")
     wanted = [p for p in prompts for _ in range(num)]
+    if images is not None and (run.is_text or not run.model.needs_input_image):
+        raise ConfigError(f"input images given, but {run.config.model.path} does not edit images; drop --image "
+                          f"(or pass a prompt file instead of an image prompt folder)")
+    wanted_images = None if images is None else [image for image in images for _ in range(num)]
     generator = torch.Generator().manual_seed(seed)
     rows: list[dict] = []
     if run.is_text:
@@ -147,7 +152,9 @@ def sample(run: LoadedRun, prompts: list[str], *, num: int = 1, seed: int = 0, b
     uncond = unconditional(run.model, settings["guidance_scale"])
     for start in range(0, len(wanted), batch_size):
         part = wanted[start:start + batch_size]
-        latents = run.model.sample(run.model.encode_prompts(part), uncond=uncond, generator=generator, **settings)
+        part_images = None if wanted_images is None else wanted_images[start:start + batch_size]
+        cond = run.model.encode_prompts(part, part_images)
+        latents = run.model.sample(cond, uncond=uncond, generator=generator, **settings)
         rows += [{"prompt": p, "image": x.float().cpu()} for p, x in zip(part, run.model.decode(latents))]
     return rows
 
@@ -185,12 +192,21 @@ def write_samples(rows: list[dict], out: str | Path) -> Path:
     return folder
 
 
-def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str]:
-    """``--prompt`` texts, or a prompt file (.txt one per line, .jsonl / .parquet with a prompt column)."""
+def read_prompts(prompt: list[str] | None, prompts_file: str | None,
+                 image: list[str] | None = None) -> tuple[list[str], list[str] | None]:
+    """``--prompt`` texts (with ``--image`` input images, one each, for image-editing models), or a prompt file
+    (.txt one per line, .jsonl / .parquet with a prompt column, a folder whose metadata.jsonl rows hold
+    ``prompt`` and ``image``). Returns the prompts and their input images (None when there are none)."""
     if prompt:
-        return list(prompt)
+        if image and len(image) != len(prompt):
+            raise ConfigError(f"{len(image)} --image for {len(prompt)} --prompt; give one input image per prompt")
+        return list(prompt), list(image) if image else None
+    if image:
+        raise ConfigError("--image goes with --prompt (one each); a --prompts folder names its images itself")
     if prompts_file:
-        from diffrl.data import load_prompts
+        from diffrl.data import load_prompt_records
 
-        return load_prompts(prompts_file)
+        prompts, metadata = load_prompt_records(prompts_file)
+        # only an image prompt folder carries input images (a jsonl's 'image' column may be anything)
+        return prompts, [row["image"] for row in metadata] if Path(prompts_file).is_dir() else None
     raise ConfigError("no prompts given; pass --prompt TEXT (repeatable) or --prompts FILE")

@@ -22,7 +22,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".gif")
 
 
-def _pil_to_tensor(image) -> torch.Tensor:
+def pil_to_tensor(image) -> torch.Tensor:
     image = image.convert("RGB")
     width, height = image.size
     array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
@@ -35,7 +35,7 @@ def _open_image(source, name: str) -> torch.Tensor:
     try:
         with Image.open(source) as image:
             image.load()
-            return _pil_to_tensor(image)
+            return pil_to_tensor(image)
     except Image.DecompressionBombError:
         raise DataError(f"{name}: larger than PIL's limit of {2 * Image.MAX_IMAGE_PIXELS} pixels (its guard "
                         f"against decompression bombs); downscale the image") from None
@@ -95,7 +95,7 @@ def decode_visual(source: Any, *, root: Path | None = None, name: str = "sample"
             raise DataError(f"{name}: the image is empty (0 bytes)")
         return _open_image(io.BytesIO(bytes(source)), name)
     if hasattr(source, "convert") and hasattr(source, "size"):  # a PIL image
-        return _pil_to_tensor(source)
+        return pil_to_tensor(source)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if root is not None and not path.is_absolute():

@@ -1,4 +1,4 @@
-"""Model adapters: FlowModel (SD3, FLUX, Qwen-Image, Wan 2.1 / 2.2), EpsilonModel (SD1.5, SDXL, AnimateDiff),
+"""Model adapters: FlowModel (SD3, FLUX.1 and Kontext, Qwen-Image, Wan 2.1 / 2.2), EpsilonModel (SD1.5, SDXL, AnimateDiff),
 MaskedDiffusionLM (LLaDA, Dream...), DiffusionGemmaLM. ``load_diffusion_model`` opens either image/video kind
 from its ``model_index.json``; ``trainers.reasoning.load_dllm`` opens either language-model kind from its
 config."""
@@ -38,8 +38,10 @@ def describe_models() -> list[tuple[str, str, str]]:
     from diffrl.models import flow, unet
 
     # Wan 2.2's two-expert checkpoints are WanPipelines too (boundary_ratio set): models/experts.py.
-    families = {"wan": "wan: Wan 2.1, and Wan 2.2 with its two experts"}
-    rows = [(name, f"flow matching ({families.get(family, family)})", "awm, flow_grpo, nft, seppo, diffusion_dpo")
+    families = {"wan": "wan: Wan 2.1, and Wan 2.2 with its two experts",
+                "flux_kontext": "flux_kontext: image editing, prompts with input images"}
+    rows = [(name, f"flow matching ({families.get(family, family)})",
+             "awm, flow_grpo, nft" if family in flow._IMAGE_INPUT else "awm, flow_grpo, nft, seppo, diffusion_dpo")
             for name, family in flow._PIPELINE_FAMILY.items()]
     rows += [(name, f"epsilon prediction ({family})", "seppo, diffusion_dpo")
              for name, family in unet._PIPELINE_FAMILY.items()]

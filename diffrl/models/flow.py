@@ -1,6 +1,7 @@
-"""FlowModel: SD3 / SD3.5, FLUX.1, Qwen-Image and Wan 2.1 / 2.2 behind one interface.
+"""FlowModel: SD3 / SD3.5, FLUX.1 (and Kontext), Qwen-Image and Wan 2.1 / 2.2 behind one interface.
 
     cond = model.encode_prompts(["a cat"])         # cached per unique prompt
+    cond = model.encode_prompts(["make it red"], images=["in.png"])   # FLUX.1 Kontext: an input image each
     v = model.velocity(x_t, t, cond)               # t = sigma in [0, 1]; x_t = (1 - t) x0 + t eps
     images = model.decode(latents)                 # [B, 3, H, W] (or [B, T, 3, H, W]) in [0, 1]
 
@@ -12,14 +13,13 @@ inside :meth:`FlowModel.velocity`, ``decode`` and ``encode``, so samplers and lo
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from diffrl.errors import ConfigError
+from diffrl.errors import ConfigError, DataError
 from diffrl.models import lora as lora_utils
+from diffrl.models.conditioning import Cond, InputImages, PromptCache
 from diffrl.models.experts import TwoExperts
 from diffrl.models.loading import loading_errors, pipeline_class_name
 from diffrl.samplers.flow import sample_ode
@@ -27,83 +27,20 @@ from diffrl.samplers.flow import sample_ode
 _PIPELINE_FAMILY = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "FluxKontextPipeline": "flux_kontext",
     "WanPipeline": "wan",
     "QwenImagePipeline": "qwenimage",
 }
 # Text lengths of the published set-ups: flow_grpo encodes SD3 prompts with 128 T5 tokens.
-_DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 128, "flux": 512, "wan": 226, "qwenimage": 512}
+_DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 128, "flux": 512, "flux_kontext": 512, "wan": 226, "qwenimage": 512}
 # Families whose VAE is Wan's causal video VAE (per-channel latent mean / std; Qwen-Image: one frame).
 _VIDEO_VAE = ("wan", "qwenimage")
 # Families that pack 2x2 latent patches into tokens and shift their sigmas by resolution (FLUX's grid).
-_PACKED = ("flux", "qwenimage")
-
-
-@dataclass
-class Cond:
-    """Text conditioning for a batch: ``embeds [B, L, D]``, for SD3 / FLUX ``pooled [B, P]``, and for models
-    whose prompts keep their own lengths (Qwen-Image) ``mask [B, L]`` (1 = a real token, 0 = padding)."""
-
-    embeds: torch.Tensor
-    pooled: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.embeds.shape[0]
-
-    def _map(self, fn) -> Cond:
-        return Cond(fn(self.embeds), *(None if t is None else fn(t) for t in (self.pooled, self.mask)))
-
-    def __getitem__(self, index) -> Cond:
-        return self._map(lambda t: t[index])
-
-    def repeat_interleave(self, repeats: int) -> Cond:
-        return self._map(lambda t: t.repeat_interleave(repeats, 0))
-
-    @staticmethod
-    def cat(conds: list[Cond]) -> Cond:
-        pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
-        if conds[0].mask is None:
-            return Cond(torch.cat([c.embeds for c in conds]), pooled)
-        # Masked prompts of different lengths: pad each to the longest with masked zeros.
-        width = max(c.embeds.shape[1] for c in conds)
-        embeds = torch.cat([torch.nn.functional.pad(c.embeds, (0, 0, 0, width - c.embeds.shape[1])) for c in conds])
-        mask = torch.cat([torch.nn.functional.pad(c.mask, (0, width - c.mask.shape[1])) for c in conds])
-        return Cond(embeds, pooled, mask)
-
-
-class PromptCache:
-    """LRU cache of per-prompt conditioning: each unique prompt is encoded once, then reused.
-
-    ``encode`` maps a list of unique prompts to a batched :class:`Cond`; ``max_size`` bounds memory
-    (an SD3 prompt with 128 T5 tokens is ~1 MB in bf16).
-    """
-
-    def __init__(self, encode, max_size: int = 4096, chunk_size: int = 8):
-        self.encode = encode
-        self.max_size = max_size
-        self.chunk_size = chunk_size
-        self.entries: OrderedDict[str, Cond] = OrderedDict()
-
-    def __call__(self, prompts: list[str]) -> Cond:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self.entries))
-        # Always encode chunks of exactly chunk_size (padded by repeating the last prompt): matrix products
-        # round differently for different batch sizes, and a prompt's embedding must not depend on which
-        # other prompts were new at the same time (exact resume, reproducible runs).
-        for start in range(0, len(missing), self.chunk_size):
-            chunk = missing[start:start + self.chunk_size]
-            fresh = self.encode(chunk + [chunk[-1]] * (self.chunk_size - len(chunk)))
-            for i, prompt in enumerate(chunk):
-                entry = fresh[i:i + 1]
-                if entry.mask is not None and entry.mask.any():  # keep a masked prompt at its own length
-                    length = int(entry.mask[0].nonzero().max()) + 1
-                    entry = Cond(entry.embeds[:, :length], entry.pooled, entry.mask[:, :length])
-                self.entries[prompt] = entry
-        for prompt in prompts:
-            self.entries.move_to_end(prompt)
-        out = Cond.cat([self.entries[p] for p in prompts])
-        while len(self.entries) > self.max_size:
-            self.entries.popitem(last=False)
-        return out
+_PACKED = ("flux", "flux_kontext", "qwenimage")
+# FLUX.1's transformer (guidance embedding, img_ids / txt_ids); Kontext appends its input image's tokens.
+_FLUX = ("flux", "flux_kontext")
+# Families that edit an input image: every prompt comes with one (data: metadata.jsonl with prompt, image).
+_IMAGE_INPUT = ("flux_kontext",)
 
 
 def detect_family(path: str | Path, revision: str | None = None) -> str:
@@ -140,6 +77,8 @@ class FlowModel:
         self.denoiser = self.transformer
         self.vae = pipeline.vae
         self._prompt_cache = PromptCache(lambda prompts: self._encode_uncached(prompts), prompt_cache_size)
+        self._input_images = InputImages(self._encode_input_image)
+        self.input_image_size: tuple[int, int] | None = None  # (height, width); set_input_image_size
         # Frozen parts in the requested dtype; the transformer's trainable weights are set up by the trainer.
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer", "transformer_2"):
             module = getattr(pipeline, name, None)
@@ -174,6 +113,11 @@ class FlowModel:
     @property
     def has_two_experts(self) -> bool:
         return isinstance(self.transformer, TwoExperts)
+
+    @property
+    def needs_input_image(self) -> bool:
+        """True for image-editing models: :meth:`encode_prompts` then needs one input image per prompt."""
+        return self.family in _IMAGE_INPUT
 
     @property
     def is_video(self) -> bool:
@@ -233,7 +177,7 @@ class FlowModel:
                                                    do_classifier_free_guidance=False,
                                                    max_sequence_length=self.max_sequence_length)
             return Cond(embeds, pooled)
-        if self.family == "flux":
+        if self.family in _FLUX:
             embeds, pooled, _ = p.encode_prompt(prompts, prompts, device=self.device,
                                                 max_sequence_length=self.max_sequence_length)
             return Cond(embeds, pooled)
@@ -245,13 +189,44 @@ class FlowModel:
                                     max_sequence_length=self.max_sequence_length, dtype=self.dtype)
         return Cond(embeds)
 
-    def encode_prompts(self, prompts: list[str]) -> Cond:
-        """Encode a batch of prompts; each unique prompt is encoded once and kept (LRU) for later steps."""
-        return self._prompt_cache(prompts)
+    def encode_prompts(self, prompts: list[str], images: list | None = None) -> Cond:
+        """Encode a batch of prompts; each unique prompt is encoded once and kept (LRU) for later steps.
+
+        ``images``: for image-editing models (:attr:`needs_input_image`), one input image per prompt (a file
+        path or a PIL image), resized to :attr:`input_image_size` and encoded once per file."""
+        cond = self._prompt_cache(prompts)
+        if not self.needs_input_image:
+            return cond
+        if images is None or len(images) != len(prompts) or any(image is None for image in images):
+            raise DataError(f"{type(self.pipeline).__name__} edits an input image: every prompt needs one "
+                            f"(data: a folder whose metadata.jsonl rows hold 'prompt' and 'image')")
+        return cond.with_image(self._input_images(images))
+
+    def set_input_image_size(self, height: int, width: int) -> None:
+        """The size input images are resized to before encoding (a trainer uses its output size)."""
+        multiple = self.vae_scale_factor * 2
+        if height % multiple or width % multiple:
+            raise ConfigError(f"input images must be resized to multiples of {multiple}, got {height}x{width}")
+        if (height, width) != self.input_image_size:
+            self._input_images.entries.clear()
+        self.input_image_size = (height, width)
+
+    @torch.no_grad()
+    def _encode_input_image(self, image) -> torch.Tensor:
+        """One PIL image -> normalized latents ``[1, C, h, w]``, as FluxKontextPipeline encodes it: its image
+        processor's resize and scaling, then the VAE posterior's mode (not a sample)."""
+        if self.input_image_size is None:
+            raise ConfigError("set_input_image_size(height, width) before encoding input images")
+        height, width = self.input_image_size
+        pixels = self.pipeline.image_processor.preprocess(image, height, width)
+        z = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
+        cfg = self.vae.config
+        return (z.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
     def null_condition(self) -> Cond:
-        """The unconditional input of classifier-free guidance: the encoded empty prompt (SD3, Wan)."""
-        return self.encode_prompts([""])
+        """The unconditional input of classifier-free guidance: the encoded empty prompt (SD3, Wan; FLUX's
+        guidance is an embedding, so Kontext never reads it and it needs no input image)."""
+        return self._prompt_cache([""])
 
     def offload_text_encoders(self) -> None:
         """Move the text encoders to CPU once every prompt is cached (saves GPU memory during training)."""
@@ -276,24 +251,42 @@ class FlowModel:
                                  return_dict=False)[0]
         # FLUX and Qwen-Image: pack 2x2 patches into tokens; the transformer takes t in [0, 1].
         b, c, h, w = x.shape
-        packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        packed = self._pack(x)
         if self.family == "qwenimage":
             out = self.denoiser(hidden_states=packed, timestep=t.to(dtype), encoder_hidden_states=embeds,
                                 encoder_hidden_states_mask=cond.mask.to(self.device),
                                 img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
             return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
         # FLUX: image / text position ids and the guidance embedding.
-        img_ids = torch.zeros(h // 2, w // 2, 3, device=self.device, dtype=dtype)
-        img_ids[..., 1] += torch.arange(h // 2, device=self.device)[:, None]
-        img_ids[..., 2] += torch.arange(w // 2, device=self.device)[None, :]
+        img_ids = self._flux_position_ids(h, w, 0, dtype)
+        if cond.image is not None:
+            # Kontext: the input image's tokens follow the target's, with position ids whose first axis is 1.
+            image = cond.image.to(self.device, dtype)
+            packed = torch.cat([packed, self._pack(image)], dim=1)
+            img_ids = torch.cat([img_ids, self._flux_position_ids(*image.shape[-2:], 1, dtype)])
         txt_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=dtype)
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((b,), guidance_scale, device=self.device, dtype=dtype)
         out = self.denoiser(hidden_states=packed, timestep=t.to(dtype), guidance=guidance,
                             pooled_projections=cond.pooled.to(self.device, dtype), encoder_hidden_states=embeds,
-                            txt_ids=txt_ids, img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]
-        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+                            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        out = out[:, :(h // 2) * (w // 2)]
+        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    @staticmethod
+    def _pack(x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` -> ``[B, h/2 * w/2, 4C]``: 2x2 latent patches as tokens (FLUX, Qwen-Image)."""
+        b, c, h, w = x.shape
+        return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+    def _flux_position_ids(self, h: int, w: int, first: int, dtype: torch.dtype) -> torch.Tensor:
+        """FLUX's ``[h/2 * w/2, 3]`` token positions (first axis, row, column) of an ``h x w`` latent."""
+        ids = torch.zeros(h // 2, w // 2, 3, device=self.device, dtype=dtype)
+        ids[..., 0] = first
+        ids[..., 1] += torch.arange(h // 2, device=self.device)[:, None]
+        ids[..., 2] += torch.arange(w // 2, device=self.device)[None, :]
+        return ids.reshape(-1, 3)
 
     def velocity(self, latents: torch.Tensor, t: torch.Tensor, cond: Cond, *, guidance_scale: float = 1.0,
                  uncond: Cond | None = None, grad_uncond: bool = True) -> torch.Tensor:
@@ -308,7 +301,7 @@ class FlowModel:
         if t.ndim == 0:
             t = t.expand(latents.shape[0])
         t = t.to(self.device)
-        if self.family != "flux" and guidance_scale != 1.0:
+        if self.family not in _FLUX and guidance_scale != 1.0:
             if uncond is None:
                 raise ValueError("classifier-free guidance needs `uncond` (encode_prompts(['']))")
             if len(uncond) == 1:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("sd3", "flux", "qwenimage", "wan", "wan22", "sd15", "sdxl", "animatediff", "dllm", "diffusion_gemma",
-              "clip", "mask2former", "preferences", "video_preferences")
+TINY_KINDS = ("sd3", "flux", "flux_kontext", "qwenimage", "wan", "wan22", "sd15", "sdxl", "animatediff", "dllm",
+              "diffusion_gemma", "clip", "mask2former", "preferences", "video_preferences",
+              "edit_prompts")
 
 # The shared character-level vocabulary of the tiny text encoders: every prompt tokenizes to characters.
 _T5_CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,:;!?'\"-+*/=()<>#%$&@_"
@@ -112,9 +113,10 @@ def build_sd3(seed: int = 0):
         text_encoder_3=text_encoder_3, tokenizer_3=tiny_t5_tokenizer())
 
 
-def build_flux(seed: int = 0):
+def build_flux(seed: int = 0, pipeline: str = "FluxPipeline"):
     """A FluxPipeline (FLUX.1-dev style: guidance embedding, packed 2x2 latents, img_ids/txt_ids)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
@@ -127,9 +129,14 @@ def build_flux(seed: int = 0):
     vae = _tiny_vae(latent_channels=4, downsample=2)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=16, max_image_seq_len=256)
-    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae,
-                        text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(),
-                        text_encoder_2=text_encoder_2, tokenizer_2=tiny_t5_tokenizer())
+    return getattr(diffusers, pipeline)(transformer=transformer, scheduler=scheduler, vae=vae,
+                                        text_encoder=text_encoder, tokenizer=tiny_clip_tokenizer(),
+                                        text_encoder_2=text_encoder_2, tokenizer_2=tiny_t5_tokenizer())
+
+
+def build_flux_kontext(seed: int = 0):
+    """A FluxKontextPipeline: FLUX.1's parts; the input image's latents join the target's as more tokens."""
+    return build_flux(seed, pipeline="FluxKontextPipeline")
 
 
 def tiny_qwen_tokenizer():
@@ -382,7 +389,8 @@ def build_mask2former(seed: int = 0):
     return Mask2FormerForUniversalSegmentation(config)
 
 
-_BUILDERS = {"sd3": build_sd3, "flux": build_flux, "qwenimage": build_qwenimage, "wan": build_wan,
+_BUILDERS = {"sd3": build_sd3, "flux": build_flux, "flux_kontext": build_flux_kontext, "qwenimage": build_qwenimage,
+             "wan": build_wan,
              "wan22": build_wan22, "sd15": build_sd15,
              "sdxl": build_sdxl, "animatediff": build_animatediff,
              "dllm": build_dllm, "diffusion_gemma": build_diffusion_gemma, "clip": build_clip,
@@ -422,6 +430,28 @@ def save_preferences(folder: str | Path, *, num_rows: int = 8, num_frames: int |
     return folder
 
 
+def save_edit_prompts(folder: str | Path, *, num_rows: int = 4, seed: int = 0) -> Path:
+    """An image-editing prompt folder: ``metadata.jsonl`` rows ``{prompt, image}`` with noisy colour PNGs of
+    different sizes (40x48 and 32x32: input images are resized to the output size)."""
+    import json
+
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "inputs").mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    colors = ["red", "green", "blue", "yellow"]
+    rows = []
+    for i in range(num_rows):
+        height, width = (40, 48) if i % 2 else (32, 32)
+        base = torch.rand(3, 1, 1, generator=generator)
+        pixels = (base + 0.2 * torch.randn(3, height, width, generator=generator)).clamp(0, 1)
+        Image.fromarray((pixels.permute(1, 2, 0) * 255).round().byte().numpy()).save(folder / "inputs" / f"{i:03d}.png")
+        rows.append({"prompt": f"make the background {colors[i % len(colors)]}", "image": f"inputs/{i:03d}.png"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
 def build_tiny(kind: str, seed: int = 0):
     if kind not in _BUILDERS:
         raise ValueError(f"unknown tiny model {kind!r}; choose one of {', '.join(TINY_KINDS)}")
@@ -433,6 +463,8 @@ def save_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     if kind in ("preferences", "video_preferences"):
         return save_preferences(folder, num_frames=5 if kind == "video_preferences" else None, seed=seed)
+    if kind == "edit_prompts":
+        return save_edit_prompts(folder, seed=seed)
     built = build_tiny(kind, seed=seed)
     if isinstance(built, tuple):
         for part in built:

@@ -43,8 +43,10 @@ from diffrl.trainers.evaluation import check_reward_fits, evaluate_flow_trainer
 from diffrl.trainers.reward_pipeline import RolloutScorer
 from diffrl.trainers.rollout import (
     check_group_split,
+    check_input_images,
     check_prompts_fit,
     flow_rollout,
+    input_images,
     load_flow_model,
     local_group_slots,
     prompt_sets,
@@ -125,6 +127,7 @@ class AWMTrainer:
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_flow_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
+        check_input_images(self.model, self.prompts, self.eval_prompts)
         self.has_ema = cfg.ema_beta > 0 or cfg.off_policy
         if self.has_ema:
             # The "ema" adapter starts equal to the policy adapter and trails it (TRPO-like anchor).
@@ -171,15 +174,16 @@ class AWMTrainer:
                                   world_size=acc.num_processes, seed=cfg.seed, step=self.step)
         group_ids = prompt_ids[slots]
         prompts, metadata = self.prompts.take(group_ids.tolist())
+        images = input_images(self.model, metadata)
         scorer = RolloutScorer(self.reward, overlap=cfg.reward.async_)
         on_batch = scoring_hook(self.model, scorer, prompts, metadata, cfg.sample_batch_size)
         self.model.denoiser.eval()
         with self._sampling_policy():
             trajectories = flow_rollout(self.model, prompts, cfg.sampling, batch_size=cfg.sample_batch_size,
-                                        generator=self.noise, uncond=self.uncond, on_batch=on_batch,
+                                        generator=self.noise, uncond=self.uncond, on_batch=on_batch, images=images,
                                         window=sde_window(cfg.sampling, seed=cfg.seed, step=self.step))
-        return {"x0": torch.cat([t.final for t in trajectories]), "prompts": prompts, "group_ids": group_ids,
-                "sigmas": trajectories[0].sigmas, "scorer": scorer}
+        return {"x0": torch.cat([t.final for t in trajectories]), "prompts": prompts, "images": images,
+                "group_ids": group_ids, "sigmas": trajectories[0].sigmas, "scorer": scorer}
 
     def score(self, batch: dict) -> dict:
         cfg = self.config
@@ -189,7 +193,8 @@ class AWMTrainer:
                                               scale=cfg.advantage_max / cfg.adv_clip_max)
         return stats
 
-    def _loss(self, x0: torch.Tensor, advantages: torch.Tensor, prompts: list[str], sigmas: torch.Tensor):
+    def _loss(self, x0: torch.Tensor, advantages: torch.Tensor, prompts: list[str], sigmas: torch.Tensor,
+              images: list | None = None):
         """AWM loss of one micro-batch; returns (loss, parts) with parts as floats for logging."""
         cfg = self.config
         count = cfg.train_timesteps
@@ -200,7 +205,7 @@ class AWMTrainer:
         t_b = t.view(-1, *([1] * (x0.ndim - 1)))
         x_t = (1 - t_b) * x0 + t_b * eps
         target = eps - x0
-        cond = self.model.encode_prompts(prompts).repeat_interleave(count)
+        cond = self.model.encode_prompts(prompts, images).repeat_interleave(count)
         adv = advantages.to(x0.device).repeat_interleave(count).double()
         with self.accelerator.autocast():
             v = self.model.velocity(x_t, t, cond)
@@ -245,7 +250,9 @@ class AWMTrainer:
 
         def micro_batch_loss(i: int):
             part = slice(starts[i], starts[i] + cfg.train_batch_size)
-            return self._loss(batch["x0"][part], batch["advantages"][part], batch["prompts"][part], batch["sigmas"])
+            images = None if batch["images"] is None else batch["images"][part]
+            return self._loss(batch["x0"][part], batch["advantages"][part], batch["prompts"][part], batch["sigmas"],
+                              images)
 
         # Gradients are averaged over micro-batches and synced across processes once, on the last.
         totals = step_guard.accumulate(acc, self.model.denoiser, len(starts), micro_batch_loss)

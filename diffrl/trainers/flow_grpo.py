@@ -34,8 +34,10 @@ from diffrl.trainers.evaluation import check_reward_fits, evaluate_flow_trainer
 from diffrl.trainers.reward_pipeline import RolloutScorer
 from diffrl.trainers.rollout import (
     check_group_split,
+    check_input_images,
     check_prompts_fit,
     flow_rollout,
+    input_images,
     load_flow_model,
     local_group_slots,
     prompt_sets,
@@ -113,6 +115,7 @@ class FlowGRPOTrainer:
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_flow_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
+        check_input_images(self.model, self.prompts, self.eval_prompts)
         run_setup.prepare_optimization(self, cfg.max_steps * cfg.updates_per_rollout)
         self.weight_ema = (WeightEMA(self.params, decay=cfg.weight_ema_decay, every=cfg.weight_ema_every)
                            if cfg.weight_ema_decay else None)
@@ -140,6 +143,7 @@ class FlowGRPOTrainer:
                                   world_size=acc.num_processes, seed=cfg.seed, step=self.step)
         group_ids = prompt_ids[slots]
         prompts, metadata = self.prompts.take(group_ids.tolist())
+        images = input_images(self.model, metadata)
         scorer = RolloutScorer(self.reward, overlap=cfg.reward.async_)
         on_batch = scoring_hook(self.model, scorer, prompts, metadata, cfg.sample_batch_size)
         self.model.denoiser.eval()
@@ -150,7 +154,8 @@ class FlowGRPOTrainer:
         else:
             window = sde_window(s, seed=cfg.seed, step=self.step)
         trajectories = flow_rollout(self.model, prompts, s, batch_size=cfg.sample_batch_size,
-                                    generator=self.noise, uncond=self.uncond, window=window, on_batch=on_batch)
+                                    generator=self.noise, uncond=self.uncond, window=window, on_batch=on_batch,
+                                    images=images)
         trained = []
         for trajectory in trajectories:
             sde_steps = trajectory.sde_steps.nonzero().flatten()
@@ -159,7 +164,7 @@ class FlowGRPOTrainer:
                 sde_steps = sde_steps[:max(1, int(len(sde_steps) * cfg.timestep_fraction))]
             trained.append(sde_steps.expand(trajectory.latents.shape[0], -1))
         return {"latents": torch.cat([t.latents for t in trajectories]),
-                "log_probs": torch.cat([t.log_probs for t in trajectories]), "prompts": prompts,
+                "log_probs": torch.cat([t.log_probs for t in trajectories]), "prompts": prompts, "images": images,
                 "group_ids": group_ids, "sigmas": trajectories[0].sigmas, "train_steps": torch.cat(trained),
                 "scorer": scorer}
 
@@ -171,7 +176,8 @@ class FlowGRPOTrainer:
         return stats
 
     def _step_loss(self, latents: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-                   prompts: list[str], sigmas: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, dict]:
+                   prompts: list[str], sigmas: torch.Tensor, j: torch.Tensor,
+                   images: list | None = None) -> tuple[torch.Tensor, dict]:
         """Clipped policy loss and KL of the transitions x_j -> x_{j+1} of one micro-batch (``j [b]``: each
         sample's own step, as Flow-GRPO-Fast windows may differ per sampling batch)."""
         cfg = self.config
@@ -179,7 +185,7 @@ class FlowGRPOTrainer:
         rows = torch.arange(latents.shape[0])
         x, x_next = latents[rows, j], latents[rows, j + 1]
         old_log_probs = old_log_probs[rows, j]
-        cond = self.model.encode_prompts(prompts)
+        cond = self.model.encode_prompts(prompts, images)
         sigmas = sigmas.to(x.device)
         sigma, sigma_next = sigmas[j], sigmas[j + 1]
         guidance = s.guidance_scale if cfg.train_cfg else 1.0
@@ -231,7 +237,8 @@ class FlowGRPOTrainer:
                             loss, parts = self._step_loss(
                                 batch["latents"][index], batch["log_probs"][index], batch["advantages"][index],
                                 [batch["prompts"][n] for n in index.tolist()], batch["sigmas"],
-                                batch["train_steps"][index, j])
+                                batch["train_steps"][index, j],
+                                None if batch["images"] is None else [batch["images"][n] for n in index.tolist()])
                         acc.backward(loss / count)
                     for key, value in {"loss": float(loss.detach()), **parts}.items():
                         totals[key] = totals.get(key, 0.0) + value / count

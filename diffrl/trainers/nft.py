@@ -41,8 +41,10 @@ from diffrl.trainers.evaluation import check_reward_fits, evaluate_flow_trainer
 from diffrl.trainers.reward_pipeline import RolloutScorer
 from diffrl.trainers.rollout import (
     check_group_split,
+    check_input_images,
     check_prompts_fit,
     flow_rollout,
+    input_images,
     load_flow_model,
     local_group_slots,
     prompt_sets,
@@ -127,6 +129,7 @@ class NFTTrainer:
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_flow_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
+        check_input_images(self.model, self.prompts, self.eval_prompts)
         # The public code: a second adapter "old", a copy of the trained one, samples and gives v_old.
         trainable.add_frozen_adapter(self.model, cfg.lora, "old")
         lora_utils.copy_adapter(self.model.transformer, "default", "old")
@@ -164,14 +167,15 @@ class NFTTrainer:
                                   world_size=acc.num_processes, seed=cfg.seed, step=self.step)
         group_ids = prompt_ids[slots]
         prompts, metadata = self.prompts.take(group_ids.tolist())
+        images = input_images(self.model, metadata)
         scorer = RolloutScorer(self.reward, overlap=cfg.reward.async_)
         on_batch = scoring_hook(self.model, scorer, prompts, metadata, cfg.sample_batch_size)
         self.model.denoiser.eval()
         with self._old_policy():
             trajectories = flow_rollout(self.model, prompts, cfg.sampling, batch_size=cfg.sample_batch_size,
-                                        generator=self.noise, uncond=self.uncond, on_batch=on_batch)
-        return {"x0": torch.cat([t.final for t in trajectories]), "prompts": prompts, "group_ids": group_ids,
-                "sigmas": trajectories[0].sigmas, "scorer": scorer}
+                                        generator=self.noise, uncond=self.uncond, on_batch=on_batch, images=images)
+        return {"x0": torch.cat([t.final for t in trajectories]), "prompts": prompts, "images": images,
+                "group_ids": group_ids, "sigmas": trajectories[0].sigmas, "scorer": scorer}
 
     def score(self, batch: dict) -> dict:
         cfg = self.config
@@ -181,14 +185,15 @@ class NFTTrainer:
         stats["r_mean"] = float(batch["r"].mean())
         return stats
 
-    def _loss(self, x0: torch.Tensor, r: torch.Tensor, prompts: list[str], t: torch.Tensor):
+    def _loss(self, x0: torch.Tensor, r: torch.Tensor, prompts: list[str], t: torch.Tensor,
+              images: list | None = None):
         """NFT loss of one micro-batch at per-sample timesteps ``t`` [b]; returns (loss, parts)."""
         cfg = self.config
         eps = initial_noise(x0.shape[0], tuple(x0.shape[1:]), generator=self.noise, device=x0.device)
         t = t.to(x0.device)
         t_b = t.view(-1, *([1] * (x0.ndim - 1)))
         x_t = (1 - t_b) * x0 + t_b * eps
-        cond = self.model.encode_prompts(prompts)
+        cond = self.model.encode_prompts(prompts, images)
         with torch.no_grad(), self._old_policy():
             v_old = self.model.velocity(x_t, t, cond)
         with self.accelerator.autocast():
@@ -221,8 +226,9 @@ class NFTTrainer:
             def unit_loss(i: int, share=share):
                 index = micro[share[i // trained]]
                 t = grid[chosen[index, i % trained]]
+                images = None if batch["images"] is None else [batch["images"][k] for k in index.tolist()]
                 return self._loss(batch["x0"][index], batch["r"][index], [batch["prompts"][k] for k in index.tolist()],
-                                  t)
+                                  t, images)
 
             totals = step_guard.accumulate(acc, self.model.denoiser, len(share) * trained, unit_loss)
             metrics = step_guard.optimizer_step(self, totals)

@@ -22,6 +22,9 @@ def load_preference_model(config, device):
                                  dtype=run_setup.torch_dtype(config.model.dtype), device=device,
                                  max_sequence_length=config.generation.max_sequence_length,
                                  motion_adapter=config.model.motion_adapter)
+    if model.needs_input_image:  # preference rows are (caption, winner, loser): no input image to edit
+        raise ConfigError(f"{config.trainer} trains text-to-image / video models from preference pairs; "
+                          f"{config.model.path} edits input images: train it with awm, nft or flow_grpo")
     data = config.data
     if model.is_video != (data.num_frames is not None):
         raise ConfigError(f"model.path {config.model.path} is {'a video' if model.is_video else 'an image'} model: "
@@ -48,7 +51,7 @@ def load_preference_data(data_config, *, need_loser: bool):
 def unconditional(model, guidance_scale: float):
     """The empty-prompt conditioning classifier-free guidance needs (None when CFG is off, or for FLUX,
     whose guidance is an embedding)."""
-    if guidance_scale == 1.0 or model.family == "flux":
+    if guidance_scale == 1.0 or model.family in ("flux", "flux_kontext"):
         return None
     return model.null_condition()
 

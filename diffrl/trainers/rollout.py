@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffrl.errors import ConfigError
+from diffrl.errors import ConfigError, DataError
 
 
 @dataclass
@@ -64,9 +64,26 @@ def load_flow_model(config, device):
                                       max_sequence_length=config.sampling.max_sequence_length)
     s = config.sampling
     model.latent_shape(s.height, s.width, s.num_frames)  # a bad size fails here, not mid-rollout
+    if model.needs_input_image:  # an edit keeps its input's size: input images are resized to the output's
+        model.set_input_image_size(s.height, s.width)
     trainable.apply_lora(model, config.lora)
     performance.apply_model_options(model.transformer, config.model)
     return model
+
+
+def input_images(model, metadata: list[dict]) -> list | None:
+    """Each row's input image (an absolute path) for image-editing models; None for the others."""
+    return [row.get("image") for row in metadata] if model.needs_input_image else None
+
+
+def check_input_images(model, *prompt_sets: PromptSet) -> None:
+    """Fail at set-up when an image-editing model gets prompts without input images (a .txt or plain jsonl)."""
+    if not model.needs_input_image:
+        return
+    for prompt_set in prompt_sets:
+        if not all(row.get("image") for row in prompt_set.metadata):
+            raise DataError(f"{type(model.pipeline).__name__} edits an input image: data.path (and eval_path) must "
+                            f"be a folder whose metadata.jsonl rows hold 'prompt' and 'image'")
 
 
 def local_group_slots(num_prompts: int, group_size: int, *, rank: int, world_size: int, seed: int,
@@ -130,17 +147,19 @@ def sde_window(sampling, *, seed: int, step: int, rank: int = 0, batch: int = 0)
 
 @torch.no_grad()
 def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, generator: torch.Generator,
-                 uncond=None, window=None, on_batch=None) -> list:
+                 uncond=None, window=None, on_batch=None, images: list | None = None) -> list:
     """Sample ``prompts`` (one sample each) in batches with ``sampling.sampler``: Euler with SDE steps on
     ``window`` (None: every step; a callable gives batch k's window), SA-Solver or DPM-Solver++(2M); returns one
-    :class:`Trajectory` per batch. ``on_batch(trajectory, start)`` is called as each batch is done."""
+    :class:`Trajectory` per batch. ``on_batch(trajectory, start)`` is called as each batch is done.
+    ``images``: one input image per prompt, for image-editing models (:func:`input_images`)."""
     from diffrl.samplers.dpm_solver import sample_dpm2
     from diffrl.samplers.flow import sample_trajectory
     from diffrl.samplers.sa_solver import sample_sa_solver
 
     trajectories = []
     for start in range(0, len(prompts), batch_size):
-        cond = model.encode_prompts(prompts[start:start + batch_size])
+        part = slice(start, start + batch_size)
+        cond = model.encode_prompts(prompts[part], None if images is None else images[part])
         if sampling.sampler == "sa_solver":
             trajectories.append(sample_sa_solver(
                 model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,

@@ -55,6 +55,28 @@ def test_clip_score_equals_reference(tiny_dir):
     torch.testing.assert_close(out.scores, (100 * (image * text).sum(-1)).clamp_min(0), atol=1e-4, rtol=0)
 
 
+def test_image_similarity_is_the_clip_image_cosine_to_each_input(tiny_dir, tmp_path):
+    from diffrl.errors import RewardError
+
+    images, pils = images_and_pils()
+    _, inputs = images_and_pils(40, 40, seed=1)  # input images of another size, read from files
+    paths = []
+    for i, pil in enumerate(inputs):
+        pil.save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    folder = str(tiny_dir("clip"))
+    reward = load_reward("image_similarity", kwargs={"image_similarity": {"model": folder}})
+    out = reward(images, PROMPTS, image=paths)
+    _, outputs, _ = reference_cosine(folder, pils, PROMPTS)
+    _, references, _ = reference_cosine(folder, inputs, PROMPTS)
+    torch.testing.assert_close(out.scores, (outputs * references).sum(-1), atol=1e-4, rtol=0)
+    same = reward(images, PROMPTS, image=pils).scores  # a sample compared with itself: cosine 1
+    torch.testing.assert_close(same, torch.ones(3), atol=1e-5, rtol=0)
+    component = reward.components[0].reward
+    with pytest.raises(RewardError, match="metadata.jsonl rows hold 'prompt' and 'image'"):
+        component.check_prompts(PROMPTS)
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_aesthetic_equals_reference(tiny_dir, tmp_path, suffix):
     images, pils = images_and_pils()

@@ -29,7 +29,8 @@ def tiny_hps(folder) -> str:
 
 
 def family(path: str) -> str:
-    for key, kind in (("flux", "flux"), ("wan22", "wan22"), ("wan", "wan"), ("qwen", "qwenimage")):
+    for key, kind in (("kontext", "flux_kontext"), ("flux", "flux"), ("wan22", "wan22"), ("wan", "wan"),
+                      ("qwen", "qwenimage")):
         if key in path:
             return kind
     return "sd3"
@@ -51,6 +52,11 @@ def test_published_config_starts_on_tiny_model(path, tiny_dir, tmp_path):
     if kind.startswith("wan"):
         overrides += ["sampling.num_frames=5", f"reward.kwargs.video.image_kwargs.model={clip}",
                       f"reward.kwargs.video.image_kwargs.processor={clip}"]
+    elif kind == "flux_kontext":  # an editing folder; the reward compares each output with its input
+        overrides += [f"reward.kwargs.image_similarity.model={clip}",
+                      f"reward.kwargs.image_similarity.processor={clip}",
+                      f"reward.kwargs.clip_score.model={clip}", f"reward.kwargs.clip_score.processor={clip}",
+                      f"data.path={tiny_dir('edit_prompts')}", "data.eval_path=null"]
     elif "geneval" in path:   # its own GenEval-style prompts: the reward reads their metadata
         overrides += [f"reward.kwargs.geneval.detector={tiny_dir('mask2former')}",
                       f"reward.kwargs.geneval.clip={clip}"]
@@ -60,7 +66,7 @@ def test_published_config_starts_on_tiny_model(path, tiny_dir, tmp_path):
         overrides += [f"reward.kwargs.hps.checkpoint={tiny_hps(tmp_path)}",
                       f"reward.kwargs.hps.model_config={json.dumps(TINY_OPEN_CLIP)}",
                       f"reward.kwargs.clip_score.model={clip}", f"reward.kwargs.clip_score.processor={clip}"]
-    if "geneval" not in path:
+    if "geneval" not in path and kind != "flux_kontext":
         overrides += [f"data.path={prompts}", "data.eval_path=null"]
     config = load_config(REPO_ROOT / path, overrides)
     if config.trainer == "awm":

@@ -1,0 +1,88 @@
+"""Image editing (FLUX.1 Kontext) through the flow trainers: prompts from an editing folder, each sample
+conditioned on its own input image, a reward that compares output and input (image_similarity, a tiny CLIP)."""
+
+import math
+
+import pytest
+import torch
+
+from diffrl import inference
+from diffrl.config import from_dict
+from diffrl.errors import DataError
+from diffrl.trainers import get_trainer
+from diffrl.trainers.awm import AWMConfig
+from diffrl.trainers.flow_grpo import FlowGRPOConfig
+from diffrl.trainers.nft import NFTConfig
+from tests.conftest import with_overrides
+
+ALGORITHM = {"awm": ({"train_timesteps": 2, "time_type": "discrete", "beta": 0.1}, AWMConfig),
+             "nft": ({"nft_beta": 0.5, "old_decay_type": 1}, NFTConfig),
+             "flow_grpo": ({"sampling__noise_level": 0.7, "updates_per_rollout": 1}, FlowGRPOConfig)}
+
+
+def make_config(tiny_dir, tmp_path, trainer="awm", **overrides):
+    clip = str(tiny_dir("clip"))
+    data = {"trainer": trainer, "model": {"path": str(tiny_dir("flux_kontext"))}, "output_dir": str(tmp_path / "run"),
+            "max_steps": 2, "seed": 0, "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2},
+            "data": {"path": str(tiny_dir("edit_prompts")), "eval_size": 2},
+            "reward": {"weights": {"image_similarity": 1.0},
+                       "kwargs": {"image_similarity": {"model": clip, "processor": clip}}},
+            "sampling": {"height": 32, "width": 32, "num_steps": 4, "eval_num_steps": 2, "guidance_scale": 2.5},
+            "group_size": 2, "prompts_per_step": 2, "sample_batch_size": 4, "train_batch_size": 2,
+            "logging": {"trackers": [], "progress_bar": False}, "checkpoint": {"every": 1}}
+    specific, config_class = ALGORITHM[trainer]
+    return from_dict(config_class, with_overrides(data, {**specific, **overrides}))
+
+
+@pytest.mark.parametrize("trainer_name", ["awm", "nft", "flow_grpo"])
+def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, trainer_name):
+    config = make_config(tiny_dir, tmp_path, trainer_name)
+    trainer = get_trainer(trainer_name).trainer_class(config)
+    trainer.setup()
+    params = {n: p for n, p in trainer.model.transformer.named_parameters() if p.requires_grad}
+    assert params and all("lora" in n and ".default." in n for n in params)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for _ in range(2):
+        batch = trainer.rollout()
+        # each sample carries its prompt's own input image, the one the reward compares it with
+        rows = dict(zip(*trainer.prompts.take(range(len(trainer.prompts)))))
+        assert [rows[p]["image"] for p in batch["prompts"]] == batch["images"]
+        stats = trainer.score(batch)
+        assert -1.0 <= stats["reward"] <= 1.0  # a cosine
+        out = trainer.update(batch)
+        trainer.step += 1
+        assert math.isfinite(out["loss"]) and out["skipped"] == 0
+    assert [n for n, p in params.items() if torch.equal(p, before[n])] == []
+
+
+def test_resume_is_exact_and_sampling_edits_the_given_images(tiny_dir, tmp_path):
+    straight = get_trainer("awm").trainer_class(make_config(tiny_dir, tmp_path / "a", max_steps=2))
+    straight.train()
+    get_trainer("awm").trainer_class(make_config(tiny_dir, tmp_path / "b", max_steps=1)).train()
+    resumed = get_trainer("awm").trainer_class(make_config(tiny_dir, tmp_path / "b", max_steps=2,
+                                                           checkpoint__resume="latest"))
+    resumed.train()
+    for (name, p), (_, q) in zip(straight.model.transformer.named_parameters(),
+                                 resumed.model.transformer.named_parameters()):
+        if p.requires_grad:
+            assert torch.equal(p, q), name
+
+    run = inference.load(str(tmp_path / "a" / "run"))
+    prompts, images = inference.read_prompts(None, str(tiny_dir("edit_prompts")))
+    first = inference.sample(run, prompts[:2], images=images[:2], seed=3)
+    again = inference.sample(run, prompts[:2], images=images[:2], seed=3)
+    swapped = inference.sample(run, prompts[:2], images=images[1::-1], seed=3)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again))
+    assert (first[0]["image"] - swapped[0]["image"]).abs().max() > 1e-3
+    with pytest.raises(DataError, match="every prompt needs one"):
+        inference.sample(run, prompts[:1])
+
+
+def test_text_prompts_for_an_editing_model_fail_at_setup(tiny_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("make it red\n")
+    trainer = get_trainer("awm").trainer_class(make_config(tiny_dir, tmp_path, data__path=str(prompts),
+                                                           reward__weights={"jpeg_compressibility": 1.0},
+                                                           reward__kwargs={}))
+    with pytest.raises(DataError, match="FluxKontextPipeline edits an input image: data.path"):
+        trainer.setup()
