@@ -65,6 +65,9 @@ class ModelConfig:
         "default", help="torch.compile mode")
     motion_adapter: str | None = param(None, help="AnimateDiff: a MotionAdapter hub id or folder; path is then the "
                                                   "SD1.5 pipeline it animates")
+    pipeline: str | None = param(None, help="open the checkpoint as this diffusers flow pipeline instead of the one "
+                                            "model_index.json names: WanImageToVideoPipeline makes Wan 2.2 TI2V-5B "
+                                            "(a WanPipeline checkpoint) an image-to-video model")
 
 
 @dataclasses.dataclass

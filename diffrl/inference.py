@@ -129,7 +129,7 @@ def sample(run: LoadedRun, prompts: list[str], *, num: int = 1, seed: int = 0, b
         raise ConfigError(f"num ({num}) and batch_size ({batch_size}) must be at least 1")
     wanted = [p for p in prompts for _ in range(num)]
     if images is not None and (run.is_text or not run.model.needs_input_image):
-        raise ConfigError(f"input images given, but {run.config.model.path} does not edit images; drop --image "
+        raise ConfigError(f"input images given, but {run.config.model.path} takes no input image; drop --image "
                           f"(or pass a prompt file instead of an image prompt folder)")
     wanted_images = None if images is None else [image for image in images for _ in range(num)]
     generator = torch.Generator().manual_seed(seed)

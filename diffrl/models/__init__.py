@@ -1,7 +1,7 @@
-"""Model adapters: FlowModel (SD3, FLUX.1 and Kontext, Qwen-Image, Wan 2.1 / 2.2), EpsilonModel (SD1.5, SDXL, AnimateDiff),
-MaskedDiffusionLM (LLaDA, Dream...), DiffusionGemmaLM. ``load_diffusion_model`` opens either image/video kind
-from its ``model_index.json``; ``trainers.reasoning.load_dllm`` opens either language-model kind from its
-config."""
+"""Model adapters: FlowModel (SD3, FLUX.1 and Kontext, Qwen-Image, Wan 2.1 / 2.2 text- and image-to-video),
+EpsilonModel (SD1.5, SDXL, AnimateDiff), MaskedDiffusionLM (LLaDA, Dream...), DiffusionGemmaLM.
+``load_diffusion_model`` opens either image/video kind from its ``model_index.json``;
+``trainers.reasoning.load_dllm`` opens either language-model kind from its config."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def describe_models() -> list[tuple[str, str, str]]:
 
     # Wan 2.2's two-expert checkpoints are WanPipelines too (boundary_ratio set): models/experts.py.
     families = {"wan": "wan: Wan 2.1, and Wan 2.2 with its two experts",
-                "flux_kontext": "flux_kontext: image editing, prompts with input images"}
+                "flux_kontext": "flux_kontext: image editing, prompts with input images",
+                "wan_i2v": "wan_i2v: Wan 2.1 / 2.2 image-to-video, prompts with first frames"}
     rows = [(name, f"flow matching ({families.get(family, family)})",
              "awm, flow_grpo, nft" if family in flow._IMAGE_INPUT else "awm, flow_grpo, nft, seppo, diffusion_dpo")
             for name, family in flow._PIPELINE_FAMILY.items()]

@@ -1,7 +1,7 @@
 """What a flow model is conditioned on, and the caches that encode it once.
 
     cond = model.encode_prompts(["a cat"])                          # Cond: text embeddings (+ pooled, mask)
-    cond = model.encode_prompts(["make it red"], images=["in.png"])  # + the input image's latents (editing)
+    cond = model.encode_prompts(["make it red"], images=["in.png"])  # + the input image (editing, image-to-video)
 
 :class:`Cond` carries a batch's text embeddings and, for image-editing and image-to-video models, the encoded
 input image. :class:`PromptCache` encodes each unique prompt once; :class:`InputImages` encodes each input
@@ -23,18 +23,22 @@ from diffrl.errors import DataError
 class Cond:
     """Conditioning for a batch: ``embeds [B, L, D]``, for SD3 / FLUX ``pooled [B, P]``, for models whose
     prompts keep their own lengths (Qwen-Image) ``mask [B, L]`` (1 = a real token, 0 = padding), and for
-    models that take an input image (FLUX.1 Kontext) its normalized latents ``image [B, C, h, w]``."""
+    models that take an input image its encoding ``image``: FLUX.1 Kontext's normalized latents
+    ``[B, C, h, w]``, Wan image-to-video's mask and first-frame video latents ``[B, 4 + C, f, h, w]`` and
+    (Wan 2.1) its CLIP vision features ``image_embeds [B, N, D]``."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     image: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
     def _map(self, fn) -> Cond:
-        return Cond(fn(self.embeds), *(None if t is None else fn(t) for t in (self.pooled, self.mask, self.image)))
+        return Cond(fn(self.embeds), *(None if t is None else fn(t)
+                                       for t in (self.pooled, self.mask, self.image, self.image_embeds)))
 
     def __getitem__(self, index) -> Cond:
         return self._map(lambda t: t[index])
@@ -42,20 +46,21 @@ class Cond:
     def repeat_interleave(self, repeats: int) -> Cond:
         return self._map(lambda t: t.repeat_interleave(repeats, 0))
 
-    def with_image(self, image: torch.Tensor | None) -> Cond:
-        return Cond(self.embeds, self.pooled, self.mask, image)
+    def with_image(self, image: torch.Tensor | None, image_embeds: torch.Tensor | None = None) -> Cond:
+        return Cond(self.embeds, self.pooled, self.mask, image, image_embeds)
 
     @staticmethod
     def cat(conds: list[Cond]) -> Cond:
-        pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
-        image = None if conds[0].image is None else torch.cat([c.image for c in conds])
+        pooled, image, image_embeds = (None if getattr(conds[0], name) is None
+                                       else torch.cat([getattr(c, name) for c in conds])
+                                       for name in ("pooled", "image", "image_embeds"))
         if conds[0].mask is None:
-            return Cond(torch.cat([c.embeds for c in conds]), pooled, image=image)
+            return Cond(torch.cat([c.embeds for c in conds]), pooled, image=image, image_embeds=image_embeds)
         # Masked prompts of different lengths: pad each to the longest with masked zeros.
         width = max(c.embeds.shape[1] for c in conds)
         embeds = torch.cat([torch.nn.functional.pad(c.embeds, (0, 0, 0, width - c.embeds.shape[1])) for c in conds])
         mask = torch.cat([torch.nn.functional.pad(c.mask, (0, width - c.mask.shape[1])) for c in conds])
-        return Cond(embeds, pooled, mask, image)
+        return Cond(embeds, pooled, mask, image, image_embeds)
 
 
 class PromptCache:
@@ -115,16 +120,17 @@ def open_input_image(source):
 class InputImages:
     """LRU cache of encoded input images, keyed by file path (PIL images are encoded each time).
 
-    ``encode(pil_image) -> [1, C, h, w]`` latents. Images are encoded one at a time, so an image's latents
-    never depend on which other images shared its batch (exact resume, as for prompts).
+    ``encode(pil_image) -> (latents [1, ...], features [1, ...] or None)``; a call returns both concatenated over
+    the batch. Images are encoded one at a time, so an image's encoding never depends on which other images
+    shared its batch (exact resume, as for prompts).
     """
 
     def __init__(self, encode, max_size: int = 1024):
         self.encode = encode
         self.max_size = max_size
-        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.entries: OrderedDict[str, tuple] = OrderedDict()
 
-    def __call__(self, images: list) -> torch.Tensor:
+    def __call__(self, images: list) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = []
         for source in images:
             key = str(source) if isinstance(source, (str, Path)) else None
@@ -137,4 +143,43 @@ class InputImages:
             out.append(self.entries[key])
         while len(self.entries) > self.max_size:
             self.entries.popitem(last=False)
-        return torch.cat(out)
+        latents, features = zip(*out)
+        return torch.cat(latents), None if features[0] is None else torch.cat(features)
+
+
+@torch.no_grad()
+def encode_kontext_image(pipeline, image, *, height: int, width: int, device) -> tuple[torch.Tensor, None]:
+    """FLUX.1 Kontext's input image -> normalized latents ``[1, C, h, w]``, as FluxKontextPipeline encodes it:
+    its image processor's resize and scaling, then the VAE posterior's mode (not a sample)."""
+    vae = pipeline.vae
+    pixels = pipeline.image_processor.preprocess(image, height, width)
+    z = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mode()
+    return (z.float() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor, None
+
+
+@torch.no_grad()
+def encode_wan_first_frame(pipeline, image, *, height: int, width: int, num_frames: int,
+                           device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Wan image-to-video's condition, as WanImageToVideoPipeline builds it: the image as the first frame of an
+    otherwise black ``num_frames`` video, VAE-encoded (posterior mode, per-channel normalized), behind a mask
+    that is 1 on the first latent frame (one channel per VAE temporal step): ``[1, 4 + C, f, h, w]``. Wan 2.1's
+    transformers also read CLIP vision features of the image (the penultimate layer): ``[1, N, D]``, else None.
+    Wan 2.2 TI2V-5B (``expand_timesteps``): the image's own latents ``[1, C, 1, h, w]``, its first latent frame."""
+    vae = pipeline.vae
+    pixels = pipeline.video_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
+    # Wan 2.2 TI2V-5B (expand_timesteps) encodes the image alone: its latents become the first latent frame
+    frames = 1 if pipeline.config.expand_timesteps else num_frames
+    video = torch.cat([pixels.unsqueeze(2), pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
+    z = vae.encode(video.to(vae.dtype)).latent_dist.mode().float()
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=z.device).view(shape)
+    z = (z - mean) * (1.0 / torch.tensor(vae.config.latents_std, device=z.device).view(shape))
+    if pipeline.config.expand_timesteps:
+        return z, None
+    mask = torch.zeros(1, pipeline.vae_scale_factor_temporal, *z.shape[2:], device=z.device)
+    mask[:, :, 0] = 1
+    features = None
+    if pipeline.transformer.config.image_dim is not None:
+        inputs = pipeline.image_processor(images=image, return_tensors="pt").to(device)
+        features = pipeline.image_encoder(**inputs, output_hidden_states=True).hidden_states[-2].float()
+    return torch.cat([mask, z], dim=1), features

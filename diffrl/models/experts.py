@@ -53,8 +53,9 @@ class TwoExperts(torch.nn.Module):
                           encoder_hidden_states=encoder_hidden_states, return_dict=False, **kwargs)
         out = None
         for expert, rows in ((self.high, high), (self.low, ~high)):
+            extra = {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
             part = expert(hidden_states=hidden_states[rows], timestep=timestep[rows],
-                          encoder_hidden_states=encoder_hidden_states[rows], return_dict=False, **kwargs)[0]
+                          encoder_hidden_states=encoder_hidden_states[rows], return_dict=False, **extra)[0]
             if out is None:
                 out = part.new_zeros((hidden_states.shape[0], *part.shape[1:]))
             out = out.index_put((rows.nonzero().squeeze(1),), part)

@@ -1,4 +1,4 @@
-"""FlowModel: SD3 / SD3.5, FLUX.1 (and Kontext), Qwen-Image and Wan 2.1 / 2.2 behind one interface.
+"""FlowModel: SD3 / SD3.5, FLUX.1 (and Kontext), FLUX.2, Qwen-Image and Wan 2.1 / 2.2 behind one interface.
 
     cond = model.encode_prompts(["a cat"])         # cached per unique prompt
     cond = model.encode_prompts(["make it red"], images=["in.png"])   # FLUX.1 Kontext: an input image each
@@ -8,6 +8,7 @@
 Latents are always kept unpacked: ``[B, C, h, w]`` for images and ``[B, C, f, h, w]`` for video; FLUX's and
 Qwen-Image's 2x2 packing (and FLUX's ``img_ids``/``txt_ids``, Qwen-Image's one-frame video latents) are handled
 inside :meth:`FlowModel.velocity`, ``decode`` and ``encode``, so samplers and losses never see a family's layout.
+FLUX.2's latents are its pipelines' normalized 2x2-patch latents ``[B, 128, H/16, W/16]`` (``flux2_layout``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ from pathlib import Path
 import torch
 
 from diffrl.errors import ConfigError, DataError
+from diffrl.models import flux2_layout
 from diffrl.models import lora as lora_utils
-from diffrl.models.conditioning import Cond, InputImages, PromptCache
+from diffrl.models.conditioning import (
+    Cond,
+    InputImages,
+    PromptCache,
+    encode_kontext_image,
+    encode_wan_first_frame,
+)
 from diffrl.models.experts import TwoExperts
 from diffrl.models.loading import loading_errors, pipeline_class_name
 from diffrl.samplers.flow import sample_ode
@@ -28,19 +36,26 @@ _PIPELINE_FAMILY = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
     "FluxKontextPipeline": "flux_kontext",
+    "Flux2Pipeline": "flux2",
+    "Flux2KleinPipeline": "flux2",
     "WanPipeline": "wan",
+    "WanImageToVideoPipeline": "wan_i2v",
     "QwenImagePipeline": "qwenimage",
 }
 # Text lengths of the published set-ups: flow_grpo encodes SD3 prompts with 128 T5 tokens.
-_DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 128, "flux": 512, "flux_kontext": 512, "wan": 226, "qwenimage": 512}
+_DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 128, "flux": 512, "flux_kontext": 512, "flux2": 512, "wan": 226, "wan_i2v": 512,
+                                "qwenimage": 512}
 # Families whose VAE is Wan's causal video VAE (per-channel latent mean / std; Qwen-Image: one frame).
-_VIDEO_VAE = ("wan", "qwenimage")
+_VIDEO_VAE = ("wan", "wan_i2v", "qwenimage")
+# Wan's transformers (2.1 and 2.2; text- and image-to-video): video latents [B, C, f, h, w].
+_WAN = ("wan", "wan_i2v")
 # Families that pack 2x2 latent patches into tokens and shift their sigmas by resolution (FLUX's grid).
 _PACKED = ("flux", "flux_kontext", "qwenimage")
 # FLUX.1's transformer (guidance embedding, img_ids / txt_ids); Kontext appends its input image's tokens.
 _FLUX = ("flux", "flux_kontext")
-# Families that edit an input image: every prompt comes with one (data: metadata.jsonl with prompt, image).
-_IMAGE_INPUT = ("flux_kontext",)
+# Families that take an input image with every prompt (data: metadata.jsonl with prompt, image): Kontext edits
+# it, Wan image-to-video starts the video from it.
+_IMAGE_INPUT = ("flux_kontext", "wan_i2v")
 
 
 def detect_family(path: str | Path, revision: str | None = None) -> str:
@@ -69,7 +84,7 @@ class FlowModel:
         self.dtype = dtype
         self.max_sequence_length = max_sequence_length or _DEFAULT_MAX_SEQUENCE_LENGTH[family]
         self.transformer = pipeline.transformer
-        boundary = pipeline.config.get("boundary_ratio") if family == "wan" else None
+        boundary = pipeline.config.get("boundary_ratio") if family in _WAN else None
         if boundary is not None and getattr(pipeline, "transformer_2", None) is not None:
             # Wan 2.2: both experts train, each on the samples of its side of the boundary (models/experts.py).
             self.transformer = TwoExperts(pipeline.transformer, pipeline.transformer_2,
@@ -78,31 +93,39 @@ class FlowModel:
         self.vae = pipeline.vae
         self._prompt_cache = PromptCache(lambda prompts: self._encode_uncached(prompts), prompt_cache_size)
         self._input_images = InputImages(self._encode_input_image)
-        self.input_image_size: tuple[int, int] | None = None  # (height, width); set_input_image_size
+        self.input_image_size: tuple[int, int, int] | None = None  # (height, width, frames): set_input_image_size
         # Frozen parts in the requested dtype; the transformer's trainable weights are set up by the trainer.
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer", "transformer_2"):
             module = getattr(pipeline, name, None)
             if module is not None:
                 module.requires_grad_(False)
                 module.to(self.device)
-        if family == "wan" and self.vae.dtype != torch.float32:
+        if family in _WAN and self.vae.dtype != torch.float32:
             # Wan's causal VAE is kept in fp32 by the reference pipeline: its temporal convs lose detail in bf16.
             self.vae.to(torch.float32)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, revision: str | None = None, family: str | None = None,
+    def from_pretrained(cls, path: str | Path, *, revision: str | None = None, pipeline_class: str | None = None,
                         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                         max_sequence_length: int | None = None) -> FlowModel:
-        """Open a hub id or a local folder written by ``save_pretrained``; both go through diffusers."""
-        from diffusers import DiffusionPipeline
+        """Open a hub id or a local folder written by ``save_pretrained``; both go through diffusers.
+
+        ``pipeline_class``: open the checkpoint as this pipeline instead of the one its ``model_index.json``
+        names (one of diffrl's flow pipelines), as diffusers' ``WanImageToVideoPipeline.from_pretrained`` opens
+        the Wan 2.2 TI2V-5B checkpoint, a ``WanPipeline``, for image-to-video."""
+        import diffusers
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
+        if pipeline_class is not None and pipeline_class not in _PIPELINE_FAMILY:
+            raise ConfigError(f"model.pipeline {pipeline_class!r} is not a flow pipeline diffrl knows; use one of "
+                              f"{', '.join(_PIPELINE_FAMILY)} (or null: the checkpoint's own)")
         with loading_errors(path):
-            family = family or detect_family(path, revision)
-            pipeline = DiffusionPipeline.from_pretrained(str(path), revision=revision, dtype=dtype)
+            family = _PIPELINE_FAMILY[pipeline_class] if pipeline_class else detect_family(path, revision)
+            opener = getattr(diffusers, pipeline_class or "DiffusionPipeline")
+            pipeline = opener.from_pretrained(str(path), revision=revision, dtype=dtype)
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline, family, device=device, dtype=dtype, max_sequence_length=max_sequence_length)
 
@@ -115,32 +138,44 @@ class FlowModel:
         return isinstance(self.transformer, TwoExperts)
 
     @property
+    def guidance_embedded(self) -> bool:
+        """True where ``guidance_scale`` is not classifier-free guidance: FLUX.1 and FLUX.2 [dev] feed it to a
+        guidance embedding, FLUX.2 [klein]'s step-distilled checkpoints ignore it (as their pipeline does)."""
+        if self.family == "flux2":
+            return bool(self.transformer.config.guidance_embeds or self.pipeline.config.get("is_distilled", False))
+        return self.family in _FLUX
+
+    @property
     def needs_input_image(self) -> bool:
         """True for image-editing models: :meth:`encode_prompts` then needs one input image per prompt."""
         return self.family in _IMAGE_INPUT
 
     @property
     def is_video(self) -> bool:
-        return self.family == "wan"
+        return self.family in _WAN
 
     @property
     def latent_channels(self) -> int:
+        if self.family == "flux2":  # 2x2 patches folded into the channels
+            return self.vae.config.latent_channels * 4
         return self.vae.config.z_dim if self.family in _VIDEO_VAE else self.vae.config.latent_channels
 
     @property
     def vae_scale_factor(self) -> int:
-        return self.pipeline.vae_scale_factor_spatial if self.family == "wan" else self.pipeline.vae_scale_factor
+        if self.family == "flux2":  # pixels per latent position: the VAE's factor times the 2x2 patch
+            return self.pipeline.vae_scale_factor * 2
+        return self.pipeline.vae_scale_factor_spatial if self.family in _WAN else self.pipeline.vae_scale_factor
 
     def latent_shape(self, height: int, width: int, num_frames: int = 1) -> tuple[int, ...]:
         """Per-sample latent shape ``(C, h, w)`` or ``(C, f, h, w)`` for a ``height x width`` output."""
         f = self.vae_scale_factor
         # FLUX and Qwen-Image pack 2x2 latent patches, so their latent sides must be even.
         multiple = f * 2 if self.family in _PACKED else f * self.transformer.config.patch_size \
-            if self.family == "sd3" else f * self.transformer.config.patch_size[-1]
+            if self.family in ("sd3", "flux2") else f * self.transformer.config.patch_size[-1]
         if height % multiple or width % multiple:
             raise ConfigError(f"height and width must be multiples of {multiple} for {self.family}, "
                               f"got {height}x{width}")
-        if self.family == "wan":
+        if self.family in _WAN:
             temporal = self.pipeline.vae_scale_factor_temporal
             if (num_frames - 1) % temporal:
                 raise ConfigError(f"num_frames must be 1 + a multiple of {temporal} for Wan, got {num_frames}")
@@ -151,10 +186,12 @@ class FlowModel:
         """The scheduler's ``num_steps + 1`` sigmas from ~1 down to 0 (FLUX: resolution-dependent shift)."""
         scheduler = self.pipeline.scheduler
         kwargs = {}
-        if self.family in _PACKED:
-            # FluxPipeline and QwenImagePipeline pass their own grid (linspace(1, 1/N, N)) before the shift.
+        if self.family in _PACKED or self.family == "flux2":
+            # FLUX's, FLUX.2's and Qwen-Image's pipelines pass their own grid (linspace(1, 1/N, N)) before the shift.
             kwargs["sigmas"] = [1.0 - i * (1.0 - 1.0 / num_steps) / max(num_steps - 1, 1) for i in range(num_steps)]
-        if scheduler.config.get("use_dynamic_shifting", False):
+        if self.family == "flux2":  # FLUX.2's shift depends on the token count and the number of steps
+            kwargs["mu"] = flux2_layout.schedule_shift(latent_shape[-2] * latent_shape[-1], num_steps)
+        elif scheduler.config.get("use_dynamic_shifting", False):
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
             seq_len = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
@@ -181,6 +218,8 @@ class FlowModel:
             embeds, pooled, _ = p.encode_prompt(prompts, prompts, device=self.device,
                                                 max_sequence_length=self.max_sequence_length)
             return Cond(embeds, pooled)
+        if self.family == "flux2":  # text ids are rebuilt per forward: (0, 0, 0, l)
+            return Cond(p.encode_prompt(prompts, device=self.device, max_sequence_length=self.max_sequence_length)[0])
         if self.family == "qwenimage":
             embeds, mask = p.encode_prompt(prompts, device=self.device, max_sequence_length=self.max_sequence_length)
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask
@@ -192,36 +231,34 @@ class FlowModel:
     def encode_prompts(self, prompts: list[str], images: list | None = None) -> Cond:
         """Encode a batch of prompts; each unique prompt is encoded once and kept (LRU) for later steps.
 
-        ``images``: for image-editing models (:attr:`needs_input_image`), one input image per prompt (a file
+        ``images``: for models that take an input image (:attr:`needs_input_image`), one per prompt (a file
         path or a PIL image), resized to :attr:`input_image_size` and encoded once per file."""
         cond = self._prompt_cache(prompts)
         if not self.needs_input_image:
             return cond
         if images is None or len(images) != len(prompts) or any(image is None for image in images):
-            raise DataError(f"{type(self.pipeline).__name__} edits an input image: every prompt needs one "
+            raise DataError(f"{type(self.pipeline).__name__} takes an input image: every prompt needs one "
                             f"(data: a folder whose metadata.jsonl rows hold 'prompt' and 'image')")
-        return cond.with_image(self._input_images(images))
+        return cond.with_image(*self._input_images(images))
 
-    def set_input_image_size(self, height: int, width: int) -> None:
-        """The size input images are resized to before encoding (a trainer uses its output size)."""
-        multiple = self.vae_scale_factor * 2
+    def set_input_image_size(self, height: int, width: int, num_frames: int = 1) -> None:
+        """The output size input images are encoded for (a trainer uses its sampling size): Kontext resizes
+        its input to ``height x width``; Wan image-to-video starts a ``num_frames`` video from it."""
+        multiple = self.vae_scale_factor * (1 if self.is_video else 2)
         if height % multiple or width % multiple:
             raise ConfigError(f"input images must be resized to multiples of {multiple}, got {height}x{width}")
-        if (height, width) != self.input_image_size:
+        if (height, width, num_frames) != self.input_image_size:
             self._input_images.entries.clear()
-        self.input_image_size = (height, width)
+        self.input_image_size = (height, width, num_frames)
 
-    @torch.no_grad()
-    def _encode_input_image(self, image) -> torch.Tensor:
-        """One PIL image -> normalized latents ``[1, C, h, w]``, as FluxKontextPipeline encodes it: its image
-        processor's resize and scaling, then the VAE posterior's mode (not a sample)."""
+    def _encode_input_image(self, image) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.input_image_size is None:
             raise ConfigError("set_input_image_size(height, width) before encoding input images")
-        height, width = self.input_image_size
-        pixels = self.pipeline.image_processor.preprocess(image, height, width)
-        z = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
-        cfg = self.vae.config
-        return (z.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+        height, width, num_frames = self.input_image_size
+        if self.family == "wan_i2v":
+            return encode_wan_first_frame(self.pipeline, image, height=height, width=width, num_frames=num_frames,
+                                          device=self.device)
+        return encode_kontext_image(self.pipeline, image, height=height, width=width, device=self.device)
 
     def null_condition(self) -> Cond:
         """The unconditional input of classifier-free guidance: the encoded empty prompt (SD3, Wan; FLUX's
@@ -246,9 +283,17 @@ class FlowModel:
         if self.family == "sd3":
             return self.denoiser(hidden_states=x, timestep=t * 1000, encoder_hidden_states=embeds,
                                  pooled_projections=cond.pooled.to(self.device, dtype), return_dict=False)[0]
-        if self.family == "wan":
+        if self.family in _WAN and self.pipeline.config.get("expand_timesteps", False):
+            return self._forward_per_token(latents, t, cond, embeds)
+        if self.family in _WAN:
+            image_embeds = None
+            if cond.image is not None:  # image-to-video: mask and first-frame latents join the channels
+                x = torch.cat([x, cond.image.to(self.device, dtype)], dim=1)
+                image_embeds = None if cond.image_embeds is None else cond.image_embeds.to(self.device, dtype)
             return self.denoiser(hidden_states=x, timestep=t * 1000, encoder_hidden_states=embeds,
-                                 return_dict=False)[0]
+                                 encoder_hidden_states_image=image_embeds, return_dict=False)[0]
+        if self.family == "flux2":
+            return self._forward_flux2(x, t, embeds, guidance_scale)
         # FLUX and Qwen-Image: pack 2x2 patches into tokens; the transformer takes t in [0, 1].
         b, c, h, w = x.shape
         packed = self._pack(x)
@@ -274,6 +319,45 @@ class FlowModel:
         out = out[:, :(h // 2) * (w // 2)]
         return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
+    def _forward_flux2(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+                       guidance_scale: float) -> torch.Tensor:
+        """FLUX.2: one token per latent position (the 2x2 patches are already channels), 4-D position ids, and
+        for [dev] the guidance embedding; the transformer takes t in [0, 1]."""
+        b, c, h, w = x.shape
+        dtype = x.dtype
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), guidance_scale, device=self.device, dtype=dtype)
+        out = self.denoiser(hidden_states=x.reshape(b, c, h * w).transpose(1, 2), timestep=t.to(dtype),
+                            guidance=guidance, encoder_hidden_states=embeds,
+                            txt_ids=flux2_layout.text_ids(embeds.shape[1], device=self.device, dtype=dtype),
+                            img_ids=flux2_layout.image_ids(h, w, device=self.device, dtype=dtype),
+                            return_dict=False)[0]
+        return out.transpose(1, 2).reshape(b, c, h, w)
+
+    def _forward_per_token(self, latents: torch.Tensor, t: torch.Tensor, cond: Cond,
+                           embeds: torch.Tensor) -> torch.Tensor:
+        """Wan 2.2 TI2V-5B: one timestep per token. For image-to-video the first latent frame is the input
+        image's: the model reads its latents there at timestep 0 (as the pipeline feeds them), and the velocity
+        returned for that frame is the straight path's to them, ``(x_t - image) / t``, so an ODE (or DPM-Solver)
+        rollout ends on the image as the pipeline's final replacement does, and the training loss there is 0
+        with no gradient. (Flow-GRPO's SDE steps add noise to that frame too: its final value then only
+        approaches the image.)"""
+        dtype = self.transformer.dtype
+        x = latents.to(dtype)
+        b, _, f, h, w = x.shape
+        frame_t = (t.to(self.device, torch.float32) * 1000)[:, None].repeat(1, f)
+        if cond.image is not None:
+            x = torch.cat([cond.image.to(self.device, dtype), x[:, :, 1:]], dim=2)
+            frame_t[:, 0] = 0
+        _, patch_h, patch_w = self.transformer.config.patch_size
+        timestep = frame_t[:, :, None].expand(b, f, (h // patch_h) * (w // patch_w)).reshape(b, -1)
+        out = self.denoiser(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+        if cond.image is None:
+            return out
+        pinned = (latents[:, :, :1].float() - cond.image.to(self.device).float()) / t.view(-1, 1, 1, 1, 1)
+        return torch.cat([pinned.to(out.dtype), out[:, :, 1:]], dim=2)
+
     @staticmethod
     def _pack(x: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]`` -> ``[B, h/2 * w/2, 4C]``: 2x2 latent patches as tokens (FLUX, Qwen-Image)."""
@@ -295,17 +379,20 @@ class FlowModel:
         latents: ``[B, C, h, w]`` or ``[B, C, f, h, w]``; t: ``[B]`` sigmas in [0, 1]; cond: B prompts.
         For SD3, Wan and Qwen-Image, ``guidance_scale > 1`` with ``uncond`` applies classifier-free guidance in
         one batched forward (Qwen-Image: its pipeline's "true CFG", rescaled to the conditional prediction's norm
-        per token). FLUX.1-dev is guidance-distilled: ``guidance_scale`` feeds its guidance embedding.
+        per token), and FLUX.2 [klein] base as its pipeline does. FLUX.1-dev and FLUX.2 [dev] are guidance-distilled:
+        ``guidance_scale`` feeds their guidance embedding (:attr:`guidance_embedded`).
         ``grad_uncond=False`` computes the unconditional branch without gradient (Flow-GRPO's training).
         """
         if t.ndim == 0:
             t = t.expand(latents.shape[0])
         t = t.to(self.device)
-        if self.family not in _FLUX and guidance_scale != 1.0:
+        if not self.guidance_embedded and guidance_scale != 1.0:
             if uncond is None:
                 raise ValueError("classifier-free guidance needs `uncond` (encode_prompts(['']))")
             if len(uncond) == 1:
                 uncond = uncond.repeat_interleave(latents.shape[0])
+            if uncond.image is None and cond.image is not None:  # the input image conditions both branches
+                uncond = uncond.with_image(cond.image, cond.image_embeds)
             if not grad_uncond:
                 v_cond = self._forward(latents, t, cond, guidance_scale).float()
                 with torch.no_grad():
@@ -376,6 +463,9 @@ class FlowModel:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> samples in [0, 1]: ``[B, 3, H, W]`` or, for video, ``[B, T, 3, H, W]`` (fp32)."""
         vae_dtype = self.vae.dtype
+        if self.family == "flux2":
+            image = self.vae.decode(flux2_layout.to_vae(self.vae, latents).to(vae_dtype), return_dict=False)[0]
+            return (image.float() / 2 + 0.5).clamp(0, 1)
         if self.family in _VIDEO_VAE:
             z = latents if self.is_video else latents.unsqueeze(2)  # Qwen-Image: a one-frame video
             mean, std = self._latent_stats(z)
@@ -391,6 +481,9 @@ class FlowModel:
     def encode(self, samples: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Samples in [0, 1] (``[B, 3, H, W]`` or ``[B, T, 3, H, W]``) -> normalized latents (fp32)."""
         vae_dtype = self.vae.dtype
+        if self.family == "flux2":
+            z = self.vae.encode((samples * 2 - 1).to(self.device, vae_dtype)).latent_dist.sample(generator)
+            return flux2_layout.from_vae(self.vae, z)
         if self.family in _VIDEO_VAE:
             x = (samples.permute(0, 2, 1, 3, 4) if self.is_video else samples.unsqueeze(2)) * 2 - 1
             z = self.vae.encode(x.to(self.device, vae_dtype)).latent_dist.sample(generator)

@@ -11,53 +11,24 @@ good pictures; ``scripts/make_tiny_assets.py`` trains the small models that do.
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("sd3", "flux", "flux_kontext", "qwenimage", "wan", "wan22", "sd15", "sdxl", "animatediff", "dllm",
-              "diffusion_gemma", "clip", "mask2former", "preferences", "video_preferences",
-              "edit_prompts")
+from diffrl.models.tiny_tokenizers import (  # noqa: F401  (re-exported: the tiny models' tokenizers)
+    DLLM_CHAT_TEMPLATE,
+    T5_CHARS,
+    tiny_clip_tokenizer,
+    tiny_dllm_tokenizer,
+    tiny_pixtral_processor,
+    tiny_qwen_tokenizer,
+    tiny_t5_tokenizer,
+)
 
-# The shared character-level vocabulary of the tiny text encoders: every prompt tokenizes to characters.
-_T5_CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,:;!?'\"-+*/=()<>#%$&@_"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte-level alphabet: 256 printable stand-ins for the 256 byte values."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, codes)))
-
-
-def tiny_clip_tokenizer(max_length: int = 77):
-    """A CLIPTokenizer with a byte-level vocabulary and no merges (514 tokens)."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    alphabet = list(_bytes_to_unicode().values())
-    for ch in alphabet:
-        vocab.setdefault(ch, len(vocab))
-    for ch in alphabet:
-        vocab.setdefault(ch + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
-
-
-def tiny_t5_tokenizer(max_length: int = 512):
-    """A character-level T5Tokenizer (Unigram model, pad=0, eos=1)."""
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
-    pieces += [(ch, -2.0) for ch in _T5_CHARS if ch != " "]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+TINY_KINDS = ("sd3", "flux", "flux_kontext", "flux2", "flux2_klein", "qwenimage", "wan", "wan22", "wan_i2v",
+              "wan22_i2v", "wan22_ti2v", "sd15",
+              "sdxl", "animatediff", "dllm", "diffusion_gemma", "clip", "mask2former", "preferences",
+              "video_preferences", "edit_prompts")
 
 
 def _clip_text_config(projection_dim: int = 32):
@@ -72,7 +43,7 @@ def _t5_encoder(d_model: int, umt5: bool = False):
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     cls, config_cls = (UMT5EncoderModel, UMT5Config) if umt5 else (T5EncoderModel, T5Config)
-    config = config_cls(vocab_size=4 + len(_T5_CHARS), d_model=d_model, d_kv=8, d_ff=37, num_layers=2,
+    config = config_cls(vocab_size=4 + len(T5_CHARS), d_model=d_model, d_kv=8, d_ff=37, num_layers=2,
                         num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0,
                         pad_token_id=0, eos_token_id=1)
     return cls(config)
@@ -139,14 +110,62 @@ def build_flux_kontext(seed: int = 0):
     return build_flux(seed, pipeline="FluxKontextPipeline")
 
 
-def tiny_qwen_tokenizer():
-    """A Qwen2Tokenizer with a byte-level vocabulary, no merges and Qwen's chat markers (259 tokens)."""
-    from transformers import Qwen2Tokenizer
 
-    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    for ch in _bytes_to_unicode().values():
-        vocab.setdefault(ch, len(vocab))
-    return Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+def _flux2_parts(joint_attention_dim: int, guidance_embeds: bool) -> dict:
+    """FLUX.2's VAE (2x here, 4 latent channels, batch-norm statistics that are not the identity), a
+    one-double-block, one-single-block transformer over the 16 folded channels, and its scheduler."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                             layers_per_block=1, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32, mid_block_add_attention=False)
+    vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, 16))
+    vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
+    # axes_dims_rope (time, row, column, layer) must add up to attention_head_dim.
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2,
+                                          joint_attention_dim=joint_attention_dim, timestep_guidance_channels=32,
+                                          axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return dict(vae=vae, transformer=transformer, scheduler=scheduler)
+
+
+def build_flux2(seed: int = 0):
+    """A Flux2Pipeline (FLUX.2 [dev]): a tiny Mistral3 text encoder (31 layers of width 8: the pipeline stacks
+    hidden states 10, 20 and 30) with a tiny Pixtral vision tower, a Pixtral processor, guidance embedding."""
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    processor = tiny_pixtral_processor()
+    torch.manual_seed(seed)
+    vocab = len(processor.tokenizer)
+    config = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=vocab, hidden_size=8, intermediate_size=16,
+                         num_hidden_layers=31, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                         max_position_embeddings=1024, pad_token_id=processor.tokenizer.pad_token_id),
+        vision_config=dict(model_type="pixtral", hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=4, patch_size=4, image_size=32),
+        image_token_index=processor.tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2,
+        vision_feature_layer=-1)
+    return Flux2Pipeline(text_encoder=Mistral3ForConditionalGeneration(config), tokenizer=processor,
+                         **_flux2_parts(joint_attention_dim=24, guidance_embeds=True))
+
+
+def build_flux2_klein(seed: int = 0):
+    """A Flux2KleinPipeline (FLUX.2 [klein] base): a tiny Qwen3 text encoder (27 layers of width 8: the
+    pipeline stacks hidden states 9, 18 and 27), true classifier-free guidance, no guidance embedding."""
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = tiny_qwen_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=27, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=4, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=True))
+    return Flux2KleinPipeline(text_encoder=text_encoder, tokenizer=tokenizer,
+                              **_flux2_parts(joint_attention_dim=24, guidance_embeds=False))
 
 
 def build_qwenimage(seed: int = 0):
@@ -214,6 +233,59 @@ def build_wan22(seed: int = 0):
                        transformer_2=low, vae=pipe.vae, scheduler=pipe.scheduler, boundary_ratio=0.5)
 
 
+def _own_settings(config) -> dict:
+    """A diffusers config without its bookkeeping keys (``_use_default_values`` would make ``from_config``
+    drop the very settings we change)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def build_wan_i2v(seed: int = 0):
+    """A WanImageToVideoPipeline (Wan 2.1 I2V): the tiny Wan with 16 + 4 + 16 input channels (noise, first-frame
+    mask, first-frame latents) and a tiny CLIP vision encoder whose penultimate features its cross-attention reads."""
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    pipe = build_wan(seed)
+    torch.manual_seed(seed + 2)
+    transformer = WanTransformer3DModel.from_config({**_own_settings(pipe.transformer.config), "in_channels": 36,
+                                                     "image_dim": 32, "added_kv_proj_dim": 24})
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                              num_hidden_layers=2, image_size=32, patch_size=8))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return WanImageToVideoPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                                   scheduler=pipe.scheduler, transformer=transformer, image_encoder=vision,
+                                   image_processor=processor)
+
+
+def build_wan22_i2v(seed: int = 0):
+    """A Wan 2.2 I2V-A14B-style WanImageToVideoPipeline: two 36-channel experts split at ``boundary_ratio``
+    (0.5 here), no image encoder (Wan 2.2 conditions on the first-frame latents only)."""
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    pipe = build_wan(seed)
+    torch.manual_seed(seed + 2)
+    config = {**_own_settings(pipe.transformer.config), "in_channels": 36}
+    high, low = WanTransformer3DModel.from_config(config), WanTransformer3DModel.from_config(config)
+    return WanImageToVideoPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                                   scheduler=pipe.scheduler, transformer=high, transformer_2=low, boundary_ratio=0.5)
+
+
+def build_wan22_ti2v(seed: int = 0):
+    """A Wan 2.2 TI2V-5B-style WanPipeline (``expand_timesteps``: one timestep per token) with the Wan 2.2 VAE's
+    layout (residual, 2x2 patchified, 16x spatial). Its checkpoint is text-to-video as saved; opened as a
+    ``WanImageToVideoPipeline`` (``model.pipeline``) its first latent frame is the input image's."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    pipe = build_wan(seed)
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKLWan(base_dim=4, decoder_base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], is_residual=True, patch_size=2, in_channels=12,
+                           out_channels=12, scale_factor_temporal=4, scale_factor_spatial=16,
+                           latents_mean=[0.1] * 16, latents_std=[1.5] * 16)
+    return WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, transformer=pipe.transformer,
+                       vae=vae, scheduler=pipe.scheduler, expand_timesteps=True)
+
+
 def _tiny_unet():
     from diffusers import UNet2DConditionModel
 
@@ -278,33 +350,6 @@ def build_animatediff(seed: int = 0):
 
 
 # Characters of the tiny masked LM: enough for arithmetic, countdown and sudoku traces and short prompts.
-DLLM_SPECIAL = ["<|pad|>", "<|unk|>", "<|bos|>", "<|eos|>", "<|mdm_mask|>", "<|user|>", "<|assistant|>"]
-DLLM_CHARS = string.digits + string.ascii_letters + " +-*/=().,:;?!'\"<>#\\{}_^%$\n"
-DLLM_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|user|>' if m['role'] == 'user' else '<|assistant|>' }}{{ m['content'] }}"
-    "{% if m['role'] != 'user' %}<|eos|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def tiny_dllm_tokenizer(*, mask_token: bool = True):
-    """A character-level fast tokenizer with a chat template (and a mask token unless ``mask_token=False``:
-    uniform-noise models such as DiffusionGemma have none)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    special = DLLM_SPECIAL if mask_token else [t for t in DLLM_SPECIAL if t != "<|mdm_mask|>"]
-    vocab = {tok: i for i, tok in enumerate(special)}
-    for ch in DLLM_CHARS:
-        vocab.setdefault(ch, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|pad|>", unk_token="<|unk|>",
-                                        bos_token="<|bos|>", eos_token="<|eos|>",
-                                        mask_token="<|mdm_mask|>" if mask_token else None,
-                                        additional_special_tokens=["<|user|>", "<|assistant|>"])
-    tokenizer.chat_template = DLLM_CHAT_TEMPLATE
-    return tokenizer
-
 
 def build_dllm(seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
     """A bidirectional masked LM (ModernBERT blocks, global attention) and its tokenizer."""
@@ -389,8 +434,10 @@ def build_mask2former(seed: int = 0):
     return Mask2FormerForUniversalSegmentation(config)
 
 
-_BUILDERS = {"sd3": build_sd3, "flux": build_flux, "flux_kontext": build_flux_kontext, "qwenimage": build_qwenimage,
-             "wan": build_wan,
+_BUILDERS = {"sd3": build_sd3, "flux": build_flux, "flux_kontext": build_flux_kontext, "flux2": build_flux2,
+             "flux2_klein": build_flux2_klein, "qwenimage": build_qwenimage,
+             "wan": build_wan, "wan_i2v": build_wan_i2v, "wan22_i2v": build_wan22_i2v,
+             "wan22_ti2v": build_wan22_ti2v,
              "wan22": build_wan22, "sd15": build_sd15,
              "sdxl": build_sdxl, "animatediff": build_animatediff,
              "dllm": build_dllm, "diffusion_gemma": build_diffusion_gemma, "clip": build_clip,

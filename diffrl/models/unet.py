@@ -30,6 +30,7 @@ class EpsilonModel:
     """An epsilon-prediction latent diffusion model; ``unet`` trains, ``denoiser`` runs forwards."""
 
     needs_input_image = False  # text-to-image / video only (FlowModel's interface: FLUX.1 Kontext edits)
+    guidance_embedded = False  # CFG only (no guidance embedding)
 
     def __init__(self, pipeline, family: str, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, prompt_cache_size: int = 4096):

@@ -28,8 +28,10 @@ def evaluate_generation(accelerator, model, reward, prompts: list[str], *, num_s
     samples = []
     for start in range(0, len(prompts), batch_size):
         part = slice(start, start + batch_size)
-        images = [row.get("image") for row in metadata[part]] if model.needs_input_image else None
-        cond = model.encode_prompts(prompts[part], images)
+        if model.needs_input_image:  # image editing / image-to-video: each prompt's input image
+            cond = model.encode_prompts(prompts[part], [row.get("image") for row in (metadata or [])[part]])
+        else:
+            cond = model.encode_prompts(prompts[part])
         latents = model.sample(cond, num_steps=num_steps, height=height, width=width, num_frames=num_frames,
                                guidance_scale=guidance_scale, uncond=uncond, generator=generator)
         samples.append(model.decode(latents))

@@ -18,13 +18,16 @@ def load_preference_model(config, device):
     from diffrl.models import load_diffusion_model, performance
     from diffrl.trainers import run_setup, trainable
 
+    if config.model.pipeline is not None:  # its one use: image-to-video, which preference pairs do not train
+        raise ConfigError(f"model.pipeline is for the reward trainers (awm, nft, flow_grpo); remove it for "
+                          f"{config.trainer}")
     model = load_diffusion_model(config.model.path, revision=config.model.revision,
                                  dtype=run_setup.torch_dtype(config.model.dtype), device=device,
                                  max_sequence_length=config.generation.max_sequence_length,
                                  motion_adapter=config.model.motion_adapter)
     if model.needs_input_image:  # preference rows are (caption, winner, loser): no input image to edit
         raise ConfigError(f"{config.trainer} trains text-to-image / video models from preference pairs; "
-                          f"{config.model.path} edits input images: train it with awm, nft or flow_grpo")
+                          f"{config.model.path} takes input images: train it with awm, nft or flow_grpo")
     data = config.data
     if model.is_video != (data.num_frames is not None):
         raise ConfigError(f"model.path {config.model.path} is {'a video' if model.is_video else 'an image'} model: "
@@ -49,9 +52,9 @@ def load_preference_data(data_config, *, need_loser: bool):
 
 
 def unconditional(model, guidance_scale: float):
-    """The empty-prompt conditioning classifier-free guidance needs (None when CFG is off, or for FLUX,
-    whose guidance is an embedding)."""
-    if guidance_scale == 1.0 or model.family in ("flux", "flux_kontext"):
+    """The empty-prompt conditioning classifier-free guidance needs (None when CFG is off, or for FLUX.1 and
+    FLUX.2 [dev], whose guidance is an embedding)."""
+    if guidance_scale == 1.0 or model.guidance_embedded:
         return None
     return model.null_condition()
 

@@ -43,6 +43,9 @@ def load_dllm(config, device):
     from diffrl.trainers import run_setup, trainable
 
     m = config.model
+    for key in ("motion_adapter", "pipeline"):  # diffusers pipeline options: a language model has none
+        if getattr(m, key) is not None:
+            raise ConfigError(f"model.{key} is for diffusers image / video pipelines; remove it for {config.trainer}")
     kind = DiffusionGemmaLM if is_diffusion_gemma(m.path, revision=m.revision) else MaskedDiffusionLM
     model = kind.from_pretrained(m.path, revision=m.revision, dtype=run_setup.torch_dtype(m.dtype), device=device,
                                  trust_remote_code=m.trust_remote_code)

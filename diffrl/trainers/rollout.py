@@ -60,29 +60,31 @@ def load_flow_model(config, device):
         raise ConfigError("model.motion_adapter (AnimateDiff) is for the UNet trainers (seppo, diffusion_dpo); "
                           "flow trainers take SD3, FLUX and Wan pipelines")
     model = FlowModel.from_pretrained(config.model.path, revision=config.model.revision,
+                                      pipeline_class=config.model.pipeline,
                                       dtype=run_setup.torch_dtype(config.model.dtype), device=device,
                                       max_sequence_length=config.sampling.max_sequence_length)
     s = config.sampling
     model.latent_shape(s.height, s.width, s.num_frames)  # a bad size fails here, not mid-rollout
-    if model.needs_input_image:  # an edit keeps its input's size: input images are resized to the output's
-        model.set_input_image_size(s.height, s.width)
+    if model.needs_input_image:  # an edit keeps its input's size; an image-to-video run starts from its frame
+        model.set_input_image_size(s.height, s.width, s.num_frames)
     trainable.apply_lora(model, config.lora)
     performance.apply_model_options(model.transformer, config.model)
     return model
 
 
 def input_images(model, metadata: list[dict]) -> list | None:
-    """Each row's input image (an absolute path) for image-editing models; None for the others."""
+    """Each row's input image (an absolute path) for models that take one (FLUX.1 Kontext, Wan image-to-video);
+    None for the others."""
     return [row.get("image") for row in metadata] if model.needs_input_image else None
 
 
 def check_input_images(model, *prompt_sets: PromptSet) -> None:
-    """Fail at set-up when an image-editing model gets prompts without input images (a .txt or plain jsonl)."""
+    """Fail at set-up when a model that takes an input image gets prompts without them (a .txt, a plain jsonl)."""
     if not model.needs_input_image:
         return
     for prompt_set in prompt_sets:
         if not all(row.get("image") for row in prompt_set.metadata):
-            raise DataError(f"{type(model.pipeline).__name__} edits an input image: data.path (and eval_path) must "
+            raise DataError(f"{type(model.pipeline).__name__} takes an input image: data.path (and eval_path) must "
                             f"be a folder whose metadata.jsonl rows hold 'prompt' and 'image'")
 
 
@@ -151,7 +153,7 @@ def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, genera
     """Sample ``prompts`` (one sample each) in batches with ``sampling.sampler``: Euler with SDE steps on
     ``window`` (None: every step; a callable gives batch k's window), SA-Solver or DPM-Solver++(2M); returns one
     :class:`Trajectory` per batch. ``on_batch(trajectory, start)`` is called as each batch is done.
-    ``images``: one input image per prompt, for image-editing models (:func:`input_images`)."""
+    ``images``: one input image per prompt, for models that take one (:func:`input_images`)."""
     from diffrl.samplers.dpm_solver import sample_dpm2
     from diffrl.samplers.flow import sample_trajectory
     from diffrl.samplers.sa_solver import sample_sa_solver

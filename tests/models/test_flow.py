@@ -19,7 +19,8 @@ def stock_pipeline(folder):
     return pipe
 
 
-@pytest.mark.parametrize("kind, family", [("sd3", "sd3"), ("flux", "flux"), ("qwenimage", "qwenimage"),
+@pytest.mark.parametrize("kind, family", [("sd3", "sd3"), ("flux", "flux"), ("flux2", "flux2"),
+                                          ("flux2_klein", "flux2"), ("qwenimage", "qwenimage"),
                                           ("wan", "wan"), ("wan22", "wan")])
 def test_family_detected_from_model_index(tiny_dir, kind, family):
     assert detect_family(tiny_dir(kind)) == family
@@ -150,7 +151,7 @@ def test_prompt_cache_encodes_each_prompt_once(tiny_dir):
     torch.testing.assert_close(first.embeds[0], first.embeds[2])
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux", "qwenimage", "wan", "wan22"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "flux2", "flux2_klein", "qwenimage", "wan", "wan22"])
 def test_lora_saves_in_diffusers_format(tiny_dir, tmp_path, kind):
     """Our saved LoRA, loaded by diffusers' own `pipe.load_lora_weights` with Python warnings turned into errors
     (SD3's and Qwen-Image's last blocks have no LoRA on their unused text projections: peft must not warn
@@ -180,7 +181,7 @@ def test_lora_saves_in_diffusers_format(tiny_dir, tmp_path, kind):
             pipe.load_lora_weights(tmp_path / "transformer_2", load_into_transformer_2=True)
     config = next(iter(pipe.transformer.peft_config.values()))
     assert (config.r, config.lora_alpha) == (4, 8)
-    reloaded = FlowModel(pipe, "wan" if kind == "wan22" else kind)
+    reloaded = FlowModel(pipe, {"wan22": "wan", "flux2_klein": "flux2"}.get(kind, kind))
     torch.testing.assert_close(reloaded.velocity(latents, t, cond), v_lora, atol=1e-5, rtol=0)
 
     fresh = FlowModel.from_pretrained(tiny_dir(kind))

@@ -272,14 +272,14 @@ CASES: dict[str, Case] = {
                                           ("videos", "image_reward")),
     "plain prompts for an image-editing model": Case(
         lambda t, tiny: awm()(t, tiny) + [f"model.path={tiny('flux_kontext')}"],
-        ("FluxKontextPipeline edits an input image", "metadata.jsonl rows hold 'prompt' and 'image'")),
+        ("FluxKontextPipeline takes an input image", "metadata.jsonl rows hold 'prompt' and 'image'")),
     "editing prompt folder naming a missing image": Case(
         lambda t, tiny: awm()(t, tiny) + [f"model.path={tiny('flux_kontext')}", "data.path=" + str(write(
             t / "edits" / "metadata.jsonl", json.dumps({"prompt": "make it red", "image": "gone.png"}) + "\n").parent)],
         ("metadata.jsonl:1: image 'gone.png' not found",)),
     "preference trainer on an image-editing model": Case(
         lambda t, tiny: _seppo(t, tiny, f"model.path={tiny('flux_kontext')}", f"data.path={tiny('preferences')}"),
-        ("edits input images", "awm, nft or flow_grpo")),
+        ("takes input images", "awm, nft or flow_grpo")),
     "prompts that do not fit the reward": Case(awm("reward.weights={{ocr: 1.0}}"), ("ocr", "double quotes")),
     "ocr reward mode misspelled": Case(awm("reward.weights={{ocr: 1.0}}", "reward.kwargs={{ocr: {{mode: recognise}}}}"),
                                        ("mode must be 'detect' or 'recognize'", "recognise")),

@@ -75,6 +75,12 @@ def test_image_similarity_is_the_clip_image_cosine_to_each_input(tiny_dir, tmp_p
     component = reward.components[0].reward
     with pytest.raises(RewardError, match="metadata.jsonl rows hold 'prompt' and 'image'"):
         component.check_prompts(PROMPTS)
+    # image-to-video: the video reward hands each video's input image to every one of its frames
+    video = torch.stack([images, images.flip(0)], dim=1)          # [3 videos, 2 frames, 3, H, W]
+    lifted = load_reward("video", kwargs={"video": {"image_reward": "image_similarity", "num_frames": 2,
+                                                    "image_kwargs": {"model": folder}}})
+    expected = (out.scores + reward(images.flip(0), PROMPTS, image=paths).scores) / 2
+    torch.testing.assert_close(lifted(video, PROMPTS, image=paths).scores, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])

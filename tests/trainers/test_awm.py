@@ -100,7 +100,7 @@ def test_loss_equals_a_plain_recomputation(tiny_dir, tmp_path):
     assert parts["kl"] == pytest.approx(kl.item(), rel=1e-5) and parts["kl_ema"] > 0
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux", "qwenimage", "wan", "wan22"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "flux2", "qwenimage", "wan", "wan22"])
 def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, kind):
     trainer = AWMTrainer(make_config(tiny_dir, tmp_path, kind))
     trainer.setup()

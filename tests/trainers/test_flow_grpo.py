@@ -80,7 +80,7 @@ def test_fresh_policy_has_ratio_one_and_no_kl(tiny_dir, tmp_path):
     assert loss.item() == pytest.approx(1.0, abs=1e-4) and parts["kl"] == pytest.approx(0.0, abs=1e-8)
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux", "qwenimage"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "flux2_klein", "qwenimage"])
 def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, kind):
     trainer = FlowGRPOTrainer(make_config(tiny_dir, tmp_path, kind))
     trainer.setup()

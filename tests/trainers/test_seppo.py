@@ -150,6 +150,7 @@ def test_seppo_loss_equals_a_plain_recomputation(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("trainer_name, kind", [("seppo", "sd15"), ("seppo", "sd3"), ("seppo", "wan"),
                                                 ("seppo", "animatediff"), ("seppo", "qwenimage"), ("seppo", "wan22"),
+                                                ("seppo", "flux2"),
                                                 ("diffusion_dpo", "sd15"), ("diffusion_dpo", "sd3")])
 def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, trainer_name, kind):
     trainer = trainer_for(make_config(tiny_dir, tmp_path, kind, trainer_name))

@@ -29,8 +29,9 @@ def tiny_hps(folder) -> str:
 
 
 def family(path: str) -> str:
-    for key, kind in (("kontext", "flux_kontext"), ("flux", "flux"), ("wan22", "wan22"), ("wan", "wan"),
-                      ("qwen", "qwenimage")):
+    for key, kind in (("kontext", "flux_kontext"), ("flux2_klein", "flux2_klein"), ("flux2", "flux2"),
+                      ("flux", "flux"), ("ti2v", "wan22_ti2v"), ("wan22_i2v", "wan22_i2v"),
+                      ("wan21_i2v", "wan_i2v"), ("wan22", "wan22"), ("wan", "wan"), ("qwen", "qwenimage")):
         if key in path:
             return kind
     return "sd3"
@@ -49,7 +50,13 @@ def test_published_config_starts_on_tiny_model(path, tiny_dir, tmp_path):
                  "prompts_per_step=2", "sample_batch_size=4",
                  "train_batch_size=2", "logging.trackers=[]", "logging.progress_bar=false", "checkpoint.every=1",
                  "lora.rank=4", "lora.alpha=8", "sampling.max_sequence_length=null"]
-    if kind.startswith("wan"):
+    if kind.endswith("i2v"):  # first frames from an image prompt folder; PickScore and similarity to them
+        if kind == "wan22_ti2v":  # the Wan 2.2 VAE is 16x: 64 px
+            overrides += ["sampling.height=64", "sampling.width=64"]
+        overrides += ["sampling.num_frames=5", f"data.path={tiny_dir('edit_prompts')}", "data.eval_path=null",
+                      *(f"reward.kwargs.video.image_kwargs.{name}.{key}={clip}"
+                        for name in ("pickscore", "image_similarity") for key in ("model", "processor"))]
+    elif kind.startswith("wan"):
         overrides += ["sampling.num_frames=5", f"reward.kwargs.video.image_kwargs.model={clip}",
                       f"reward.kwargs.video.image_kwargs.processor={clip}"]
     elif kind == "flux_kontext":  # an editing folder; the reward compares each output with its input
@@ -66,7 +73,7 @@ def test_published_config_starts_on_tiny_model(path, tiny_dir, tmp_path):
         overrides += [f"reward.kwargs.hps.checkpoint={tiny_hps(tmp_path)}",
                       f"reward.kwargs.hps.model_config={json.dumps(TINY_OPEN_CLIP)}",
                       f"reward.kwargs.clip_score.model={clip}", f"reward.kwargs.clip_score.processor={clip}"]
-    if "geneval" not in path and kind != "flux_kontext":
+    if "geneval" not in path and kind != "flux_kontext" and not kind.endswith("i2v"):
         overrides += [f"data.path={prompts}", "data.eval_path=null"]
     config = load_config(REPO_ROOT / path, overrides)
     if config.trainer == "awm":

@@ -1,5 +1,6 @@
-"""Image editing (FLUX.1 Kontext) through the flow trainers: prompts from an editing folder, each sample
-conditioned on its own input image, a reward that compares output and input (image_similarity, a tiny CLIP)."""
+"""Models that take an input image, through the flow trainers: FLUX.1 Kontext editing (prompts from an editing
+folder, each sample conditioned on its own input image, a reward that compares output and input:
+image_similarity on a tiny CLIP) and Wan image-to-video (2.1 and 2.2's two experts)."""
 
 import math
 
@@ -20,9 +21,9 @@ ALGORITHM = {"awm": ({"train_timesteps": 2, "time_type": "discrete", "beta": 0.1
              "flow_grpo": ({"sampling__noise_level": 0.7, "updates_per_rollout": 1}, FlowGRPOConfig)}
 
 
-def make_config(tiny_dir, tmp_path, trainer="awm", **overrides):
+def make_config(tiny_dir, tmp_path, trainer="awm", kind="flux_kontext", **overrides):
     clip = str(tiny_dir("clip"))
-    data = {"trainer": trainer, "model": {"path": str(tiny_dir("flux_kontext"))}, "output_dir": str(tmp_path / "run"),
+    data = {"trainer": trainer, "model": {"path": str(tiny_dir(kind))}, "output_dir": str(tmp_path / "run"),
             "max_steps": 2, "seed": 0, "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2},
             "data": {"path": str(tiny_dir("edit_prompts")), "eval_size": 2},
             "reward": {"weights": {"image_similarity": 1.0},
@@ -49,6 +50,31 @@ def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, trainer_name)
         assert [rows[p]["image"] for p in batch["prompts"]] == batch["images"]
         stats = trainer.score(batch)
         assert -1.0 <= stats["reward"] <= 1.0  # a cosine
+        out = trainer.update(batch)
+        trainer.step += 1
+        assert math.isfinite(out["loss"]) and out["skipped"] == 0
+    assert [n for n, p in params.items() if torch.equal(p, before[n])] == []
+
+
+@pytest.mark.parametrize("kind", ["wan_i2v", "wan22_i2v", "wan22_ti2v"])
+def test_image_to_video_awm_changes_every_lora_parameter(tiny_dir, tmp_path, kind):
+    # Wan 2.2 TI2V-5B's checkpoint is a WanPipeline: model.pipeline opens it for image-to-video (16x VAE: 64 px)
+    ti2v = {"model__pipeline": "WanImageToVideoPipeline", "sampling__height": 64,
+            "sampling__width": 64} if kind == "wan22_ti2v" else {}
+    config = make_config(tiny_dir, tmp_path, kind=kind, sampling__num_frames=5, sampling__num_steps=6,
+                         reward__weights={"video": 1.0},
+                         reward__kwargs={"video": {"image_reward": "jpeg_compressibility", "num_frames": 2}}, **ti2v)
+    trainer = get_trainer("awm").trainer_class(config)
+    trainer.setup()
+    params = {n: p for n, p in trainer.model.transformer.named_parameters() if p.requires_grad}
+    # Wan 2.1 I2V also adapts the image cross-attention (add_k_proj / add_v_proj); Wan 2.2 trains both experts
+    assert any("add_k_proj" in n for n in params) == (kind == "wan_i2v")
+    assert any(n.startswith("low.") for n in params) == (kind == "wan22_i2v")
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for _ in range(2):
+        batch = trainer.rollout()
+        assert batch["x0"].shape[1:] == (16, 2, 4, 4) and len(batch["images"]) == 4
+        trainer.score(batch)
         out = trainer.update(batch)
         trainer.step += 1
         assert math.isfinite(out["loss"]) and out["skipped"] == 0
@@ -84,5 +110,5 @@ def test_text_prompts_for_an_editing_model_fail_at_setup(tiny_dir, tmp_path):
     trainer = get_trainer("awm").trainer_class(make_config(tiny_dir, tmp_path, data__path=str(prompts),
                                                            reward__weights={"jpeg_compressibility": 1.0},
                                                            reward__kwargs={}))
-    with pytest.raises(DataError, match="FluxKontextPipeline edits an input image: data.path"):
+    with pytest.raises(DataError, match="FluxKontextPipeline takes an input image: data.path"):
         trainer.setup()
