@@ -40,6 +40,7 @@ def describe_models() -> list[tuple[str, str, str]]:
     # Wan 2.2's two-expert checkpoints are WanPipelines too (boundary_ratio set): models/experts.py.
     families = {"wan": "wan: Wan 2.1, and Wan 2.2 with its two experts",
                 "flux_kontext": "flux_kontext: image editing, prompts with input images",
+                "flux2": "flux2: FLUX.2 [dev] and [klein]",
                 "wan_i2v": "wan_i2v: Wan 2.1 / 2.2 image-to-video, prompts with first frames"}
     rows = [(name, f"flow matching ({families.get(family, family)})",
              "awm, flow_grpo, nft" if family in flow._IMAGE_INPUT else "awm, flow_grpo, nft, seppo, diffusion_dpo")

@@ -48,6 +48,7 @@ def test_guidance_reaches_the_model_as_an_embedding_or_as_cfg(tiny_dir):
     x = torch.randn((2, *dev.latent_shape(32, 32)), generator=torch.Generator().manual_seed(1))
     t = torch.tensor([0.8, 0.4])
     cond = dev.encode_prompts(PROMPTS)
+    assert cond.embeds.shape == (2, 64, 24)  # padded to max_sequence_length; 3 stacked hidden states of width 8
     embedded = dev.velocity(x, t, cond, guidance_scale=4.0) - dev.velocity(x, t, cond, guidance_scale=1.0)
     assert embedded.abs().max() > 1e-4
     cond, uncond = klein.encode_prompts(PROMPTS), klein.null_condition()
