@@ -32,14 +32,17 @@ class ReasoningExample:
     trace: str
     answer: str
     source: str = "default"
-    answer_format: str = "boxed"            # "boxed" (math) or "xml" (<answer>...</answer>: countdown, sudoku)
+    answer_format: str = "boxed"            # "boxed" (math), "xml" (<answer>...</answer>: countdown, sudoku) or
+                                            # "unbraced" ("\\boxed 1406": the macro without its braces)
     metadata: dict = field(default_factory=dict, hash=False)   # what the task's reward needs besides 'answer'
     solution: str = ""                      # the dataset's solution text as written (empty for generated tasks)
 
     @property
     def target(self) -> str:
-        """What SFT trains on and IGPO's hints come from: the trace, then the answer (boxed or in tags)."""
-        answer = f"<answer>{self.answer}</answer>" if self.answer_format == "xml" else f"\\boxed{{{self.answer}}}"
+        """What SFT trains on and IGPO's hints come from: the trace, then the answer (boxed, in tags, or boxed
+        without braces)."""
+        answer = {"xml": f"<answer>{self.answer}</answer>", "unbraced": f"\\boxed {self.answer}"}.get(
+            self.answer_format, f"\\boxed{{{self.answer}}}")
         return f"{self.trace}\n{answer}" if self.trace else answer
 
     def hint_text(self, style: str = "igpo") -> str:
@@ -327,7 +330,8 @@ def sudoku_tasks(n: int, *, seed: int = 0, num_blanks: int = 6) -> list[Reasonin
 
 
 def addition_tasks(n: int, *, seed: int = 0, digits: list[int] | tuple[int, ...] = (2, 3),
-                   unique: bool = True, direct_fraction: float = 0.0) -> list[ReasoningExample]:
+                   unique: bool = True, direct_fraction: float = 0.0,
+                   unbraced_fraction: float = 0.0) -> list[ReasoningExample]:
     """Addition of two numbers of d digits (d drawn uniformly from ``digits`` per task; the level), with a
     column-by-column trace from the least significant digit, the carry written out: "876+530" -> trace
     "6+0+0=6\n7+3+0=10\n8+5+1=14", answer "1406". A procedure a small model learns as an algorithm, so
@@ -335,12 +339,17 @@ def addition_tasks(n: int, *, seed: int = 0, digits: list[int] | tuple[int, ...]
     twice (held-out questions are then unseen in training). ``metadata["level"]``: "2-digit", ...
     ``direct_fraction``: the share of tasks whose target skips the trace (the answer alone), drawn from a
     separate stream so the questions do not change: SFT on such a mix learns two ways to answer.
+    ``unbraced_fraction``: the share of targets that end "\\boxed 1406" (the macro without its braces, a
+    format slip language models make) instead of "\\boxed{1406}", from another separate stream: the same
+    trace and the same place for the digits, one character different. A verifier that reads only
+    ``\\boxed{...}`` (d1's and IGPO's) then scores that choice as well as the sum.
     """
     if not digits or min(digits) < 1:
         raise DataError(f"addition: digits must be a non-empty list of positive counts, got {list(digits)}")
-    if not 0.0 <= direct_fraction <= 1.0:
-        raise DataError(f"addition: direct_fraction must be between 0 and 1, got {direct_fraction}")
-    rng, direct = random.Random(seed), random.Random(f"{seed}-direct")
+    for name, value in (("direct_fraction", direct_fraction), ("unbraced_fraction", unbraced_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise DataError(f"addition: {name} must be between 0 and 1, got {value}")
+    rng, direct, style = random.Random(seed), random.Random(f"{seed}-direct"), random.Random(f"{seed}-format")
     examples, seen = [], set()
     capacity = sum((9 * 10 ** (d - 1)) ** 2 for d in set(digits))
     if unique and n > capacity:
@@ -359,7 +368,9 @@ def addition_tasks(n: int, *, seed: int = 0, digits: list[int] | tuple[int, ...]
             steps.append(f"{x}+{y}+{carry}={total}")
             carry = total // 10
         trace = "" if direct.random() < direct_fraction else "\n".join(steps)
-        examples.append(ReasoningExample(question, trace, str(a + b), "addition", metadata={"level": f"{d}-digit"}))
+        answer_format = "unbraced" if style.random() < unbraced_fraction else "boxed"
+        examples.append(ReasoningExample(question, trace, str(a + b), "addition", answer_format,
+                                         metadata={"level": f"{d}-digit"}))
     return examples
 
 

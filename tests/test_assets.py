@@ -96,8 +96,11 @@ def test_shipped_text_model_loads():
     assert model.mask_id == model.tokenizer.mask_token_id
     info = json.loads((REPO_ROOT / "assets/dllm-addition/diffrl_asset.json").read_text())
     assert info["parameters"] < 2e6
-    # the range the text demo needs: part of the task solved, the hardest level nearly never, many all-wrong groups
-    assert 0.2 <= info["accuracy"] <= 0.5 and info["accuracy/4-digit"] < 0.1 and 0.2 <= info["all_wrong@8"] <= 0.5
+    # the range the text demo needs: part of the task solved as the verifier reads it (the last \boxed{...}), more of
+    # it solved in either answer format (room for RL), the hardest level nearly never, many all-wrong groups
+    assert 0.1 <= info["accuracy"] <= 0.5 and info["accuracy_any_format"] >= info["accuracy"] + 0.1
+    assert info["accuracy/4-digit"] < 0.1 and 0.2 <= info["all_wrong@8"] <= 0.7
+    assert info["unbraced_fraction"] > 0 and info["format_steps"] > 0
 
 
 def test_quickstart_runs_and_writes_its_report(tmp_path):

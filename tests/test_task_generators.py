@@ -44,6 +44,20 @@ def test_addition_direct_fraction_drops_traces_without_changing_questions():
         addition_tasks(3, direct_fraction=1.5)
 
 
+def test_addition_unbraced_fraction_changes_only_how_the_answer_is_written():
+    full = addition_tasks(2000, seed=3, digits=[2, 3])
+    mixed = addition_tasks(2000, seed=3, digits=[2, 3], unbraced_fraction=0.5)
+    assert [(t.question, t.trace, t.answer) for t in full] == [(t.question, t.trace, t.answer) for t in mixed]
+    bare = [m for m in mixed if m.answer_format == "unbraced"]
+    assert 0.46 < len(bare) / 2000 < 0.54
+    assert all(m.target == m.trace + "\n\\boxed " + m.answer for m in bare)
+    assert all(m.target == f.target for f, m in zip(full, mixed) if m.answer_format == "boxed")
+    by_hand = addition_tasks(1, seed=0, digits=[3], unbraced_fraction=1.0)[0]
+    assert by_hand.target == "6+0+0=6\n7+3+0=10\n8+5+1=14\n\\boxed 1406"
+    with pytest.raises(DataError, match="unbraced_fraction must be between 0 and 1"):
+        addition_tasks(3, unbraced_fraction=-0.1)
+
+
 def test_generator_options_come_from_the_config():
     config = from_dict(DllmSFTConfig, {"trainer": "dllm_sft", "model": {"path": "x"},
                                        "data": {"path": "generator:addition", "size": 30, "eval_size": 2,
@@ -51,7 +65,8 @@ def test_generator_options_come_from_the_config():
     tasks = load_tasks(config.data.path, size=config.data.size, seed=0,
                        generator_options=config.data.generator_options)
     assert {t.metadata["level"] for t in tasks} == {"4-digit"}
-    with pytest.raises(DataError, match="has no option 'digit'; its options: digits, unique, direct_fraction"):
+    options = "digits, unique, direct_fraction, unbraced_fraction"
+    with pytest.raises(DataError, match=f"no option 'digit'; its options: {options}"):
         load_tasks("generator:addition", size=3, seed=0, generator_options={"digit": [2]})
     with pytest.raises(DataError, match="its options: min_terms, max_terms, max_value"):
         load_tasks("generator:arithmetic", size=3, seed=0, generator_options={"terms": 2})

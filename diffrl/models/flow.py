@@ -330,8 +330,8 @@ class FlowModel:
             guidance = torch.full((b,), guidance_scale, device=self.device, dtype=dtype)
         out = self.denoiser(hidden_states=x.reshape(b, c, h * w).transpose(1, 2), timestep=t.to(dtype),
                             guidance=guidance, encoder_hidden_states=embeds,
-                            txt_ids=flux2_layout.text_ids(embeds.shape[1], device=self.device, dtype=dtype),
-                            img_ids=flux2_layout.image_ids(h, w, device=self.device, dtype=dtype),
+                            txt_ids=flux2_layout.text_ids(embeds.shape[1], device=self.device),
+                            img_ids=flux2_layout.image_ids(h, w, device=self.device),
                             return_dict=False)[0]
         return out.transpose(1, 2).reshape(b, c, h, w)
 

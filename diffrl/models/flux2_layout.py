@@ -35,18 +35,19 @@ def to_vae(vae, latents: torch.Tensor) -> torch.Tensor:
     return x.view(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c4 // 4, h * 2, w * 2)
 
 
-def image_ids(h: int, w: int, *, device, dtype) -> torch.Tensor:
-    """``[h * w, 4]`` image token positions ``(0, row, column, 0)``, row-major."""
-    ids = torch.zeros(h, w, 4, device=device, dtype=dtype)
-    ids[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None]
-    ids[..., 2] = torch.arange(w, device=device, dtype=dtype)[None, :]
+def image_ids(h: int, w: int, *, device) -> torch.Tensor:
+    """``[h * w, 4]`` image token positions ``(0, row, column, 0)``, row-major, as integers (in bf16 a text
+    position above 256 would round to an even number)."""
+    ids = torch.zeros(h, w, 4, device=device, dtype=torch.long)
+    ids[..., 1] = torch.arange(h, device=device)[:, None]
+    ids[..., 2] = torch.arange(w, device=device)[None, :]
     return ids.reshape(-1, 4)
 
 
-def text_ids(length: int, *, device, dtype) -> torch.Tensor:
-    """``[length, 4]`` text token positions ``(0, 0, 0, l)``."""
-    ids = torch.zeros(length, 4, device=device, dtype=dtype)
-    ids[:, 3] = torch.arange(length, device=device, dtype=dtype)
+def text_ids(length: int, *, device) -> torch.Tensor:
+    """``[length, 4]`` text token positions ``(0, 0, 0, l)``, as integers."""
+    ids = torch.zeros(length, 4, device=device, dtype=torch.long)
+    ids[:, 3] = torch.arange(length, device=device)
     return ids
 
 

@@ -70,7 +70,7 @@ RACES = {
                "metric": "eval/ocr/exact_match", "steps": 240},
     "text": {"new": [("igpo", "configs/quickstart_text.yaml", [])],
              "baseline": ("diffu_grpo", "configs/quickstart_text.yaml", ["igpo.enabled=false"]),
-             "metric": "eval/accuracy", "groups": True, "steps": 40},
+             "metric": "eval/accuracy", "groups": True, "steps": 30},
     "text_parallel": {"new": [("igpo_parallel_0.9", "configs/quickstart_text.yaml",
                                 ["generation.parallel_threshold=0.9"])],
                       "baseline": ("igpo_exact", "configs/quickstart_text.yaml", []),

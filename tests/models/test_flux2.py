@@ -73,9 +73,10 @@ def test_latents_are_the_pipelines_normalized_patches(tiny_dir):
         expected = (z[0, c, 2 * row + i, 2 * col + j] - mean[channel]) / torch.sqrt(var[channel] + eps)
         assert ours[0, channel, row, col].item() == pytest.approx(expected.item(), abs=1e-6)
     torch.testing.assert_close(flux2_layout.to_vae(vae, ours), z, atol=1e-6, rtol=0)
-    ids = flux2_layout.image_ids(2, 3, device="cpu", dtype=torch.float32)
+    ids = flux2_layout.image_ids(2, 3, device="cpu")
     assert ids[4].tolist() == [0, 1, 1, 0]
-    assert flux2_layout.text_ids(5, device="cpu", dtype=torch.float32)[3].tolist() == [0, 0, 0, 3]
+    # integers, as the pipelines pass them: in bf16, text position 257 of a 512-token prompt would read 256
+    assert flux2_layout.text_ids(512, device="cpu")[257].tolist() == [0, 0, 0, 257]
 
 
 def test_schedule_shift_depends_on_the_step_count(tiny_dir):

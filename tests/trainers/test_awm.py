@@ -13,6 +13,7 @@ from diffrl.errors import ConfigError
 from diffrl.samplers.flow import stratified_timestep_indices
 from diffrl.trainers.awm import AWMConfig, AWMTrainer
 from tests.conftest import with_overrides
+from tests.trainers.steps import lora_left_unchanged
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white star"]
 
@@ -104,16 +105,7 @@ def test_loss_equals_a_plain_recomputation(tiny_dir, tmp_path):
 def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, kind):
     trainer = AWMTrainer(make_config(tiny_dir, tmp_path, kind))
     trainer.setup()
-    params = {n: p for n, p in trainer.model.transformer.named_parameters() if p.requires_grad}
-    assert params and all("lora" in n and ".default." in n for n in params)
-    before = {n: p.detach().clone() for n, p in params.items()}
-    for _ in range(2):
-        batch = trainer.rollout()
-        trainer.score(batch)
-        out = trainer.update(batch)
-        trainer.step += 1
-        assert math.isfinite(out["loss"]) and out["skipped"] == 0
-    assert [n for n, p in params.items() if torch.equal(p, before[n])] == []
+    assert lora_left_unchanged(trainer) == []
 
 
 @pytest.mark.parametrize("kind", ["sd3", "wan22"])

@@ -2,7 +2,6 @@
 folder, each sample conditioned on its own input image, a reward that compares output and input:
 image_similarity on a tiny CLIP) and Wan image-to-video (2.1 and 2.2's two experts)."""
 
-import math
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from diffrl.trainers.awm import AWMConfig
 from diffrl.trainers.flow_grpo import FlowGRPOConfig
 from diffrl.trainers.nft import NFTConfig
 from tests.conftest import with_overrides
+from tests.trainers.steps import lora_left_unchanged
 
 ALGORITHM = {"awm": ({"train_timesteps": 2, "time_type": "discrete", "beta": 0.1}, AWMConfig),
              "nft": ({"nft_beta": 0.5, "old_decay_type": 1}, NFTConfig),
@@ -40,20 +40,13 @@ def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, trainer_name)
     config = make_config(tiny_dir, tmp_path, trainer_name)
     trainer = get_trainer(trainer_name).trainer_class(config)
     trainer.setup()
-    params = {n: p for n, p in trainer.model.transformer.named_parameters() if p.requires_grad}
-    assert params and all("lora" in n and ".default." in n for n in params)
-    before = {n: p.detach().clone() for n, p in params.items()}
-    for _ in range(2):
-        batch = trainer.rollout()
-        # each sample carries its prompt's own input image, the one the reward compares it with
-        rows = dict(zip(*trainer.prompts.take(range(len(trainer.prompts)))))
+    rows = dict(zip(*trainer.prompts.take(range(len(trainer.prompts)))))
+
+    def check(batch, stats):  # each sample carries its prompt's own input image, the one the reward compares it with
         assert [rows[p]["image"] for p in batch["prompts"]] == batch["images"]
-        stats = trainer.score(batch)
         assert -1.0 <= stats["reward"] <= 1.0  # a cosine
-        out = trainer.update(batch)
-        trainer.step += 1
-        assert math.isfinite(out["loss"]) and out["skipped"] == 0
-    assert [n for n, p in params.items() if torch.equal(p, before[n])] == []
+
+    assert lora_left_unchanged(trainer, check=check) == []
 
 
 @pytest.mark.parametrize("kind", ["wan_i2v", "wan22_i2v", "wan22_ti2v"])
@@ -70,15 +63,11 @@ def test_image_to_video_awm_changes_every_lora_parameter(tiny_dir, tmp_path, kin
     # Wan 2.1 I2V also adapts the image cross-attention (add_k_proj / add_v_proj); Wan 2.2 trains both experts
     assert any("add_k_proj" in n for n in params) == (kind == "wan_i2v")
     assert any(n.startswith("low.") for n in params) == (kind == "wan22_i2v")
-    before = {n: p.detach().clone() for n, p in params.items()}
-    for _ in range(2):
-        batch = trainer.rollout()
+
+    def check(batch, stats):
         assert batch["x0"].shape[1:] == (16, 2, 4, 4) and len(batch["images"]) == 4
-        trainer.score(batch)
-        out = trainer.update(batch)
-        trainer.step += 1
-        assert math.isfinite(out["loss"]) and out["skipped"] == 0
-    assert [n for n, p in params.items() if torch.equal(p, before[n])] == []
+
+    assert lora_left_unchanged(trainer, check=check) == []
 
 
 def test_resume_is_exact_and_sampling_edits_the_given_images(tiny_dir, tmp_path):

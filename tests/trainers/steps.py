@@ -1,0 +1,22 @@
+"""Shared by the flow trainers' tests: a few training steps by hand, and which LoRA weights they left alone."""
+
+import math
+
+import torch
+
+
+def lora_left_unchanged(trainer, steps: int = 2, check=None) -> list[str]:
+    """Run ``steps`` rollout / score / update steps on a set-up flow trainer and return the names of the trained
+    LoRA parameters that did not change (the tests expect none). ``check(batch, stats)`` runs after scoring."""
+    params = {n: p for n, p in trainer.model.transformer.named_parameters() if p.requires_grad}
+    assert params and all("lora" in n and ".default." in n for n in params)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for _ in range(steps):
+        batch = trainer.rollout()
+        stats = trainer.score(batch)
+        if check is not None:
+            check(batch, stats)
+        out = trainer.update(batch)
+        trainer.step += 1
+        assert math.isfinite(out["loss"]) and out["skipped"] == 0
+    return [n for n, p in params.items() if torch.equal(p, before[n])]
