@@ -99,7 +99,7 @@ def test_shipped_text_model_loads():
     # the range the text demo needs: part of the task solved as the verifier reads it (the last \boxed{...}), more of
     # it solved in either answer format (room for RL), the hardest level nearly never, many all-wrong groups
     assert 0.05 <= info["accuracy"] <= 0.5 and info["accuracy_any_format"] >= info["accuracy"] + 0.1
-    assert info["accuracy/4-digit"] < 0.1 and 0.2 <= info["all_wrong@8"] <= 0.7
+    assert info["accuracy/4-digit"] < 0.1 and 0.2 <= info["all_wrong@8"] <= 0.8
     assert info["unbraced_fraction"] > 0 and info["format_steps"] > 0
 
 
