@@ -157,6 +157,14 @@ def encode_kontext_image(pipeline, image, *, height: int, width: int, device) ->
     return (z.float() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor, None
 
 
+def video_latent_stats(vae, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's causal video VAE normalizes each latent channel by its config's mean and std: ``[1, C, 1, 1, 1]``
+    each (Qwen-Image's VAE too)."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(shape)
+    return mean, torch.tensor(vae.config.latents_std, device=device).view(shape)
+
+
 @torch.no_grad()
 def encode_wan_first_frame(pipeline, image, *, height: int, width: int, num_frames: int,
                            device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -171,9 +179,8 @@ def encode_wan_first_frame(pipeline, image, *, height: int, width: int, num_fram
     frames = 1 if pipeline.config.expand_timesteps else num_frames
     video = torch.cat([pixels.unsqueeze(2), pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
     z = vae.encode(video.to(vae.dtype)).latent_dist.mode().float()
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean, device=z.device).view(shape)
-    z = (z - mean) * (1.0 / torch.tensor(vae.config.latents_std, device=z.device).view(shape))
+    mean, std = video_latent_stats(vae, z.device)
+    z = (z - mean) * (1.0 / std)
     if pipeline.config.expand_timesteps:
         return z, None
     mask = torch.zeros(1, pipeline.vae_scale_factor_temporal, *z.shape[2:], device=z.device)

@@ -27,6 +27,7 @@ from diffrl.models.conditioning import (
     PromptCache,
     encode_kontext_image,
     encode_wan_first_frame,
+    video_latent_stats,
 )
 from diffrl.models.experts import TwoExperts
 from diffrl.models.loading import loading_errors, pipeline_class_name
@@ -453,12 +454,6 @@ class FlowModel:
     # Pixels <-> latents
     # ------------------------------------------------------------------------------------------------------
 
-    def _latent_stats(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, self.vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.vae.config.latents_mean, device=latents.device).view(shape)
-        std = torch.tensor(self.vae.config.latents_std, device=latents.device).view(shape)
-        return mean, std
-
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> samples in [0, 1]: ``[B, 3, H, W]`` or, for video, ``[B, T, 3, H, W]`` (fp32)."""
@@ -468,7 +463,7 @@ class FlowModel:
             return (image.float() / 2 + 0.5).clamp(0, 1)
         if self.family in _VIDEO_VAE:
             z = latents if self.is_video else latents.unsqueeze(2)  # Qwen-Image: a one-frame video
-            mean, std = self._latent_stats(z)
+            mean, std = video_latent_stats(self.vae, z.device)
             video = self.vae.decode((z.float() * std + mean).to(vae_dtype), return_dict=False)[0]
             video = (video.float() / 2 + 0.5).clamp(0, 1)
             return video.permute(0, 2, 1, 3, 4).contiguous() if self.is_video else video[:, :, 0]
@@ -487,7 +482,7 @@ class FlowModel:
         if self.family in _VIDEO_VAE:
             x = (samples.permute(0, 2, 1, 3, 4) if self.is_video else samples.unsqueeze(2)) * 2 - 1
             z = self.vae.encode(x.to(self.device, vae_dtype)).latent_dist.sample(generator)
-            mean, std = self._latent_stats(z)
+            mean, std = video_latent_stats(self.vae, z.device)
             z = (z.float() - mean) / std
             return z if self.is_video else z[:, :, 0]
         cfg = self.vae.config
