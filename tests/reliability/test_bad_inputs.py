@@ -197,6 +197,10 @@ CASES: dict[str, Case] = {
     "unknown task generator": Case(lambda t, tiny: ["train", IGPO, f"model.path={tiny('dllm')}",
                                                     f"output_dir={t / 'run'}", "data.path=generator:algebra"],
                                    ("algebra", "arithmetic")),
+    "task generator option out of range": Case(lambda t, tiny: ["train", IGPO, f"model.path={tiny('dllm')}",
+                                                         f"output_dir={t / 'run'}", "data.path=generator:addition",
+                                                         "data.generator_options={unbraced_fraction: 1.5}"],
+                                              ("unbraced_fraction must be between 0 and 1", "1.5")),
     "preference data missing a column": Case(
         lambda t, tiny: _seppo(t, tiny, f"data.path={_preferences(t, [{'image': 'a.png', 'rejected': 'b.png'}])}"),
         ("caption",)),
@@ -277,6 +281,9 @@ CASES: dict[str, Case] = {
         lambda t, tiny: awm()(t, tiny) + [f"model.path={tiny('flux_kontext')}", "data.path=" + str(write(
             t / "edits" / "metadata.jsonl", json.dumps({"prompt": "make it red", "image": "gone.png"}) + "\n").parent)],
         ("metadata.jsonl:1: image 'gone.png' not found",)),
+    "model.pipeline that is not a flow pipeline": Case(
+        lambda t, tiny: awm()(t, tiny) + [f"model.path={tiny('wan')}", "model.pipeline=WanVideoPipeline"],
+        ("'WanVideoPipeline' is not a flow pipeline diffrl knows", "WanImageToVideoPipeline")),
     "preference trainer on an image-editing model": Case(
         lambda t, tiny: _seppo(t, tiny, f"model.path={tiny('flux_kontext')}", f"data.path={tiny('preferences')}"),
         ("takes input images", "awm, nft or flow_grpo")),
