@@ -42,7 +42,7 @@ demo: $(STAMP)
 demo-text: $(STAMP)
 	$(BIN)/diffrl train configs/quickstart_text.yaml
 
-# Re-make the shipped small base models (seeded; sd3-shapes ~10 minutes, dllm-addition ~20,
+# Re-make the shipped small base models (seeded; sd3-shapes ~10 minutes, dllm-addition ~13,
 # diffusiongemma-addition ~45 on 2 cores).
 assets: $(STAMP)
 	$(BIN)/python scripts/make_tiny_assets.py all

@@ -3,6 +3,8 @@ use them: they load through the ordinary from_pretrained path, and one step of e
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -98,9 +100,29 @@ def test_shipped_text_model_loads():
     assert info["parameters"] < 2e6
     # the range the text demo needs: part of the task solved as the verifier reads it (the last \boxed{...}), more of
     # it solved in either answer format (room for RL), the hardest level nearly never, many all-wrong groups
-    assert 0.05 <= info["accuracy"] <= 0.5 and info["accuracy_any_format"] >= info["accuracy"] + 0.1
-    assert info["accuracy/4-digit"] < 0.1 and 0.2 <= info["all_wrong@8"] <= 0.8
+    assert 0.15 <= info["accuracy"] <= 0.5 and info["accuracy_any_format"] >= info["accuracy"] + 0.1
+    assert info["accuracy/4-digit"] < 0.1 and 0.2 <= info["all_wrong@8"] <= 0.65
     assert info["unbraced_fraction"] > 0 and info["format_steps"] > 0
+
+
+def test_asset_script_refuses_bad_input_in_one_line(tmp_path):
+    """scripts/make_tiny_assets.py addition: a missing phase-1 folder, a second phase turned off with
+    --start-from, an answer-format share out of range: one ``error:`` line each, no traceback, nothing written."""
+    def run(*args):
+        return subprocess.run([sys.executable, str(REPO_ROOT / "scripts/make_tiny_assets.py"), "addition",
+                               "--out", str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=300)
+
+    for args, message in [
+        (["--start-from", str(tmp_path / "gone")], f"error: --start-from {tmp_path / 'gone'}: no model there"),
+        (["--start-from", "assets/dllm-addition", "--format-steps", "0"], "error: --start-from runs only the second"),
+        (["--start-from", str(REPO_ROOT / "assets/dllm-addition"), "--unbraced-fraction", "1.5"],
+         "error: addition: unbraced_fraction must be between 0 and 1, got 1.5"),
+    ]:
+        result = run(*args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(message), result.stderr[-500:]
+        assert not (tmp_path / "out").exists()
 
 
 def test_quickstart_runs_and_writes_its_report(tmp_path):
