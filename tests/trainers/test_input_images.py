@@ -2,7 +2,6 @@
 folder, each sample conditioned on its own input image, a reward that compares output and input:
 image_similarity on a tiny CLIP) and Wan image-to-video (2.1 and 2.2's two experts)."""
 
-
 import pytest
 import torch
 
