@@ -106,8 +106,11 @@ class EpsilonModel:
                                                            do_classifier_free_guidance=False)
         return Cond(embeds, pooled)
 
-    def encode_prompts(self, prompts: list[str]) -> Cond:
-        """Encode a batch of prompts; each unique prompt is encoded once and kept (LRU)."""
+    def encode_prompts(self, prompts: list[str], images: list | None = None) -> Cond:
+        """Encode a batch of prompts; each unique prompt is encoded once and kept (LRU). ``images``: the flow
+        models' signature; these models take no input image, so it must be None."""
+        if images is not None:
+            raise ConfigError(f"{self.family} takes no input image; drop the images")
         return self._prompt_cache(prompts)
 
     def null_condition(self) -> Cond:

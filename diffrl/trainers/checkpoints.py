@@ -103,12 +103,14 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, trainer: 
     torch.save(rng_state(generators), tmp / f"rng_state_{accelerator.process_index}.pt")
     full_state = sharding.full_model_state(module)  # collectives under FSDP: on every process
     optimizer_state = sharding.optimizer_state(module, optimizer)
+    # On every process too: a state may gather shards (SePPO's bank of full weights under FSDP).
+    saved_states = {name: obj.state_dict() for name, obj in (states or {}).items()}
     if accelerator.is_main_process:
         save_model(tmp / "model", full_state)
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        for name, obj in (states or {}).items():
-            torch.save(obj.state_dict(), tmp / f"state_{name}.pt")
+        for name, state in saved_states.items():
+            torch.save(state, tmp / f"state_{name}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         info = {"trainer": trainer, "step": step, "num_processes": accelerator.num_processes,

@@ -5,13 +5,14 @@ One step (= one optimizer update):
 1. ``gradient_accumulation_steps`` micro-batches of ``train_batch_size`` pairs per process (the original:
    1 pair x 256 accumulation x 8 GPUs = 2048), winners and losers encoded by the VAE;
 2. one (noise, t) per pair, shared by winner and loser; per-sample denoising errors of the policy and of
-   the reference (the base model: the LoRA adapter disabled, as the diffusers example does);
+   the reference, the base model: the LoRA adapter disabled (as the diffusers example does), or under full
+   fine-tuning (``lora.enabled: false``, the original's setting) the initial weights swapped in
+   (weight_snapshots: the original keeps a second frozen UNet instead; the errors are the same);
 3. ``loss = -log sigmoid(-0.5 beta ((e_w - e_w_ref) - (e_l - e_l_ref)))`` (losses.diffusion_dpo_loss),
    beta = 5000 as the original launchers; logs implicit accuracy and the errors.
 
 The error is epsilon MSE for SD1.5 / SDXL / AnimateDiff and velocity MSE for SD3 / FLUX / Wan: the model
-adapter's ``denoising_error``. Only LoRA training is supported (the reference is the adapter-free model);
-the original's full fine-tuning with a second frozen UNet is not.
+adapter's ``denoising_error``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from diffrl.trainers.preference import (
     paired_errors,
     unconditional,
 )
+from diffrl.trainers.weight_snapshots import WeightSnapshots
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -54,8 +56,6 @@ class DiffusionDPOConfig(TrainerConfig):
     def __post_init__(self):
         if self.loss_type not in DPO_LOSS_TYPES:
             raise ConfigError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {self.loss_type!r}")
-        if not self.lora.enabled:
-            raise ConfigError("diffusion_dpo uses the LoRA-free model as its reference: set lora.enabled: true")
 
 
 @register_trainer("diffusion_dpo", config_class=DiffusionDPOConfig, paper="https://arxiv.org/abs/2311.12908",
@@ -75,6 +75,14 @@ class DiffusionDPOTrainer:
         self.model = load_preference_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
         run_setup.prepare_optimization(self, cfg.max_steps)
+        # Full fine-tuning: the reference is a snapshot of the initial (under FSDP: sharded) weights, taken
+        # before a resume loads a checkpoint's; with LoRA, the model with its adapter disabled.
+        if cfg.lora.enabled:
+            self.reference = self.model.reference
+        else:
+            snapshots = WeightSnapshots(self.model.trainable)
+            initial = snapshots.take()
+            self.reference = lambda: snapshots.applied(initial)
         self.uncond = unconditional(self.model, cfg.generation.guidance_scale)
         self.sampler = UniformSampler(len(self.data), cfg.train_batch_size * cfg.optim.gradient_accumulation_steps,
                                       seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
@@ -99,7 +107,7 @@ class DiffusionDPOTrainer:
         cond = model.encode_prompts(train_captions)
         with self.accelerator.autocast():
             model_w, model_l, ref_w, ref_l = paired_errors(model, x_w, x_l, cond, generator=self.noise,
-                                                           reference=model.reference)
+                                                           reference=self.reference)
         losses, stats = diffusion_dpo_loss(model_w, model_l, ref_w, ref_l, beta=cfg.beta, loss_type=cfg.loss_type)
         parts = {"implicit_acc": float(stats["implicit_acc"].mean()), "mse_w": float(model_w.detach().mean()),
                  "mse_l": float(model_l.detach().mean()), "ref_mse_w": float(ref_w.mean()),
@@ -140,7 +148,7 @@ class DiffusionDPOTrainer:
                       generators={"noise": self.noise})
 
     def _save_model(self, folder, full_state=None) -> None:
-        trainable.save_trainable(self.model, folder, lora_enabled=True, full_state=full_state)
+        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled, full_state=full_state)
 
     def _load_model(self, folder) -> None:
-        trainable.load_trainable(self.model, folder, lora_enabled=True)
+        trainable.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

@@ -96,7 +96,9 @@ def paired_errors(model, x_a: torch.Tensor, x_b: torch.Tensor, cond, *, generato
         t_b = model.sample_timesteps(n, generator)
     x, eps, steps = torch.cat([x_a, x_b]), torch.cat([noise, noise_b]), torch.cat([t, t_b])
     both = type(cond).cat([cond, cond])
-    policy = model.denoising_error(x, eps, steps, both)
+    # The reference first: under full fine-tuning it swaps weights in place (weight_snapshots), which must not
+    # happen between the policy's forward and its backward.
     with torch.no_grad(), reference():
         ref = model.denoising_error(x, eps, steps, both)
+    policy = model.denoising_error(x, eps, steps, both)
     return policy[:n], policy[n:], ref[:n], ref[n:]

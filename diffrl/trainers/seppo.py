@@ -7,7 +7,9 @@ Only winners are needed (Pick-a-Pic v2's preferred images). One step (= one opti
    LoRA state every ``bank_every`` = 30 updates, ``bank_size`` = 7 kept), uniformly by default
    (``reference``: uniform | initial | latest); redrawn every step or once per block of ``bank_every``
    updates (``redraw``, [R]). theta_0 is the LoRA-free model; other entries are loaded into a second
-   adapter;
+   adapter. Under full fine-tuning (``lora.enabled: false``) the bank holds copies of the trained weights
+   (theta_0 included), swapped in for the reference's forwards (weight_snapshots: one model in memory;
+   under FSDP each process keeps its shard of every entry);
 2. for each winner's caption, the reference generates x_ref (A3; sampler steps and CFG in ``generation``,
    [R]);
 3. one (noise, t) per pair, shared by x_w and x_ref (``share_noise``, [R]); per-sample errors
@@ -43,26 +45,33 @@ from diffrl.trainers.preference import (
     paired_errors,
     unconditional,
 )
+from diffrl.trainers.weight_snapshots import WeightSnapshots
 
 REFERENCE_STRATEGIES = ("uniform", "initial", "latest")
 
 
 class CheckpointBank:
-    """SePPO's bank of past policies as LoRA states (cheap: a few MB each for SD1.5 at rank 32).
+    """SePPO's bank of past policies: LoRA states (a few MB each for SD1.5 at rank 32) or, under full
+    fine-tuning, snapshots of the whole trained weights.
 
-    Entry 0 is theta_0, the pretrained model (state ``None``: the adapter is disabled). :meth:`add` appends
-    the current state every ``every`` updates; beyond ``size`` entries the oldest non-initial one is dropped
-    (the paper keeps K = 7 checkpoints, 30 updates apart; what happens after the 7th is not public [R]).
-    ``current`` is the drawn entry, kept in the state so a resumed run uses the same reference.
+    Entry 0 is theta_0, the pretrained model: ``initial`` (``None`` with LoRA: the adapter is disabled; a
+    snapshot taken before training under full fine-tuning), never written to checkpoints (the run rebuilds it
+    from model.path). :meth:`add` appends the current state every ``every`` updates; beyond ``size`` entries
+    the oldest non-initial one is dropped (the paper keeps K = 7 checkpoints, 30 updates apart; what happens
+    after the 7th is not public [R]). ``current`` is the drawn entry, kept in the state so a resumed run uses
+    the same reference. ``snapshots`` (full fine-tuning): the WeightSnapshots that turn entries into whole
+    tensors for checkpoints and back (collectives under FSDP: every process saves and loads the bank).
     """
 
-    def __init__(self, size: int, every: int):
+    def __init__(self, size: int, every: int, *, initial: dict[str, torch.Tensor] | None = None,
+                 snapshots: WeightSnapshots | None = None):
         if size < 1:
             raise ValueError("the checkpoint bank needs at least one entry (the initial model)")
         self.size = size
         self.every = every
+        self.snapshots = snapshots
         self.steps: list[int] = [0]
-        self.states: list[dict[str, torch.Tensor] | None] = [None]
+        self.states: list[dict[str, torch.Tensor] | None] = [initial]
         self.current = 0
 
     def __len__(self) -> int:
@@ -83,15 +92,22 @@ class CheckpointBank:
         return self.current
 
     def state_dict(self) -> dict:
+        whole = self.snapshots.full if self.snapshots is not None else dict
         return {"size": self.size, "every": self.every, "steps": list(self.steps), "current": self.current,
-                "states": [{} if s is None else s for s in self.states]}
+                "states": [{}] + [whole(s) for s in self.states[1:]]}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["states"]) > self.size:
             raise CheckpointError(f"the checkpoint bank holds {len(state['states'])} entries, more than bank_size "
                                   f"{self.size}; resume with the bank_size the run started with")
+        saved = state["states"][1:]
+        if self.snapshots is not None:
+            if any(set(s) != set(self.snapshots.params) for s in saved):
+                raise CheckpointError("the checkpoint bank holds other weights than this run trains (LoRA states, "
+                                      "or another model's); resume with the config that wrote it")
+            saved = [self.snapshots.from_full(s) for s in saved]
         self.steps = [int(s) for s in state["steps"]]
-        self.states = [None] + [dict(s) for s in state["states"][1:]]
+        self.states = self.states[:1] + [dict(s) for s in saved]
         self.current = int(state["current"])
 
 
@@ -124,8 +140,6 @@ class SePPOConfig(TrainerConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if not self.lora.enabled:
-            raise ConfigError("seppo keeps its checkpoint bank as LoRA states: set lora.enabled: true")
 
 
 @register_trainer("seppo", config_class=SePPOConfig, paper="https://arxiv.org/abs/2410.05255",
@@ -144,13 +158,17 @@ class SePPOTrainer:
         self.reward = run_setup.load_configured_reward(cfg.reward, acc.device)
         self.model = load_preference_model(cfg, acc.device)
         check_reward_fits(self.reward, self.model)
-        # The bank's later entries are loaded into this second, frozen adapter.
-        trainable.add_frozen_adapter(self.model, cfg.lora, "reference")
+        if cfg.lora.enabled:  # the bank's later entries are loaded into this second, frozen adapter
+            trainable.add_frozen_adapter(self.model, cfg.lora, "reference")
         run_setup.prepare_optimization(self, cfg.max_steps)
         self.uncond = unconditional(self.model, cfg.generation.guidance_scale)
         self.sampler = UniformSampler(len(self.data), cfg.train_batch_size * cfg.optim.gradient_accumulation_steps,
                                       seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
-        self.bank = CheckpointBank(cfg.bank_size, cfg.bank_every)
+        # Full fine-tuning: theta_0 is a snapshot of the prepared (under FSDP: sharded) weights, taken before a
+        # resume loads a checkpoint's.
+        self.snapshots = None if cfg.lora.enabled else WeightSnapshots(self.model.trainable)
+        self.bank = CheckpointBank(cfg.bank_size, cfg.bank_every, snapshots=self.snapshots,
+                                   initial=self.snapshots.take() if self.snapshots else None)
         # Reference draws are the same on every process; noise, timesteps and VAE draws differ per process.
         self.draws = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
         self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
@@ -162,13 +180,24 @@ class SePPOTrainer:
     # ------------------------------------------------------------------------------------------------------
     def _load_reference(self) -> None:
         state = self.bank.states[self.bank.current]
-        if state is not None:
+        if state is not None and self.snapshots is None:
             lora_utils.load_lora_state_dict(self.model.trainable, state, adapter_name="reference")
             lora_utils.set_active_adapter(self.model.trainable, "default")
 
+    def _policy_state(self) -> dict[str, torch.Tensor]:
+        """The current policy as a bank entry: its LoRA state, or a snapshot of the whole trained weights."""
+        if self.snapshots is not None:
+            return self.snapshots.take()
+        return lora_utils.lora_state_dict(self.model.trainable, "default")
+
     @contextlib.contextmanager
     def _reference(self):
-        """Forwards inside the block come from the drawn bank entry (theta_0: every adapter disabled)."""
+        """Forwards inside the block come from the drawn bank entry (theta_0 with LoRA: every adapter
+        disabled; under full fine-tuning the entry's weights, swapped in)."""
+        if self.snapshots is not None:
+            with self.snapshots.applied(self.bank.states[self.bank.current]):
+                yield
+            return
         if self.bank.states[self.bank.current] is None:
             with self.model.reference():
                 yield
@@ -253,7 +282,7 @@ class SePPOTrainer:
             last = self.update(batches)
             self.step += 1
             if self.step % cfg.bank_every == 0:
-                self.bank.add(self.step, lora_utils.lora_state_dict(self.model.trainable, "default"))
+                self.bank.add(self.step, self._policy_state())
             last.update(step_time=time.time() - start, rollout_time=rollout_time)
             run_loop.after_step(self, last, bar, **run_loop.postfix(last, "loss", "aaf/ref_as_winner"))
         return run_loop.finish_training(self, bar, last)
@@ -263,7 +292,7 @@ class SePPOTrainer:
                       generators={"noise": self.noise, "draws": self.draws})
 
     def _save_model(self, folder, full_state=None) -> None:
-        trainable.save_trainable(self.model, folder, lora_enabled=True, full_state=full_state)
+        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled, full_state=full_state)
 
     def _load_model(self, folder) -> None:
-        trainable.load_trainable(self.model, folder, lora_enabled=True)
+        trainable.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

@@ -50,9 +50,7 @@ def run_steps(trainer, count):
         out = trainer.update(trainer.rollout())
         trainer.step += 1
         if trainer.config.trainer == "seppo" and trainer.step % trainer.config.bank_every == 0:
-            from diffrl.models.lora import lora_state_dict
-
-            trainer.bank.add(trainer.step, lora_state_dict(trainer.model.trainable))
+            trainer.bank.add(trainer.step, trainer._policy_state())
         assert math.isfinite(out["loss"]) and out["skipped"] == 0
         outs.append(out)
     return outs
@@ -176,21 +174,62 @@ def test_seppo_bank_respects_its_size_and_reference_draws_are_logged(tiny_dir, t
     assert (tmp_path / "run/samples/step-000004.png").is_file() and "eval/reward" in rows[-1]
 
 
-@pytest.mark.parametrize("trainer_name", ["seppo", "diffusion_dpo"])
-def test_resume_gives_the_same_steps_and_weights(tiny_dir, tmp_path, trainer_name):
-    trainer_for(make_config(tiny_dir, tmp_path / "a", trainer=trainer_name, max_steps=3)).train()
-    trainer_for(make_config(tiny_dir, tmp_path / "b", trainer=trainer_name, max_steps=1)).train()
-    trainer_for(make_config(tiny_dir, tmp_path / "b", trainer=trainer_name, max_steps=3,
-                            checkpoint__resume="latest")).train()
+@pytest.mark.parametrize("trainer_name, lora", [("seppo", True), ("diffusion_dpo", True), ("seppo", False)])
+def test_resume_gives_the_same_steps_and_weights(tiny_dir, tmp_path, trainer_name, lora):
+    """With full fine-tuning SePPO's bank holds whole weights: the resumed run draws and uses the same ones."""
+    def train(run, steps, **overrides):
+        trainer_for(make_config(tiny_dir, tmp_path / run, trainer=trainer_name, max_steps=steps, lora__enabled=lora,
+                                **overrides)).train()
+
+    train("a", 3)
+    train("b", 1)
+    train("b", 3, checkpoint__resume="latest")
 
     def rows(run):
         lines = (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()
         return [(r["step"], r["loss"], r.get("reference_step")) for r in map(json.loads, lines) if "loss" in r]
 
     assert rows("a") == rows("b") and len(rows("a")) == 3
-    name = "step-000003/model/pytorch_lora_weights.safetensors"
+    assert len({reference for _, _, reference in rows("a")}) > 1 or trainer_name == "diffusion_dpo"
+    name = "step-000003/model/" + ("pytorch_lora_weights" if lora else "diffusion_pytorch_model") + ".safetensors"
     a, b = load_file(tmp_path / "a/run/checkpoints" / name), load_file(tmp_path / "b/run/checkpoints" / name)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("trainer_name", ["seppo", "diffusion_dpo"])
+def test_full_fine_tuning_swaps_the_reference_weights_in_and_out(tiny_dir, tmp_path, trainer_name):
+    """lora.enabled: false (Diffusion-DPO's original setting): every weight trains, and the reference is the
+    initial weights (SePPO: each bank entry is the weights at its step), copied in for the reference's
+    forwards and back out bit for bit."""
+    trainer = trainer_for(make_config(tiny_dir, tmp_path, trainer=trainer_name, lora__enabled=False, optim__lr=1e-3))
+    trainer.setup()
+    params = dict(trainer.model.trainable.named_parameters())
+    assert all(p.requires_grad for p in params.values()) and not any("lora" in n for n in params)
+    initial = {n: p.detach().clone() for n, p in params.items()}
+    outs = run_steps(trainer, 2)
+    # step 1: the policy is the reference, so every Delta is 0 and the loss -log sigmoid(0) = log 2
+    assert outs[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
+    assert outs[0]["mse_w"] == pytest.approx(outs[0]["ref_mse_w"], abs=1e-6)
+    assert [n for n, p in params.items() if torch.equal(p, initial[n])] == []
+    trained = {n: p.detach().clone() for n, p in params.items()}
+
+    def weights_are(expected):
+        return all(torch.equal(p, expected[n]) for n, p in params.items())
+
+    if trainer_name == "diffusion_dpo":
+        with trainer.reference():
+            assert weights_are(initial)
+    else:
+        bank = trainer.bank  # bank_every 1, size 3: theta_0 and the weights after steps 1 and 2
+        assert bank.steps == [0, 1, 2] and all(set(state) == set(params) for state in bank.states)
+        for entry, expected in ((0, initial), (2, trained)):
+            bank.current = entry
+            with trainer._reference():
+                assert weights_are(expected)
+        bank.current = 1
+        with trainer._reference():
+            assert not weights_are(initial) and not weights_are(trained)
+    assert weights_are(trained)
 
 
 def test_checkpoint_lora_loads_in_diffusers(tiny_dir, tmp_path):
@@ -206,7 +245,6 @@ def test_checkpoint_lora_loads_in_diffusers(tiny_dir, tmp_path):
 @pytest.mark.parametrize("trainer_name, overrides, message", [
     ("seppo", {"aaf": "flipper"}, "aaf must be one of flip, indicator, none"),
     ("seppo", {"reference": "random"}, "reference must be one of uniform"),
-    ("seppo", {"lora__enabled": False}, "LoRA states: set lora.enabled: true"),
     ("diffusion_dpo", {"loss_type": "ipo"}, "loss_type must be one of sigmoid, hinge"),
     ("diffusion_dpo", {"data__proportion_empty_prompts": 1.5}, "proportion_empty_prompts must be <= 1"),
 ])
@@ -233,3 +271,22 @@ def test_tiny_configs_run_from_the_cli(tiny_dir, tmp_path, config):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "done: loss=" in result.stdout
     assert (tmp_path / "run/checkpoints/step-000002/model/pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_preference_run_samples_with_its_trained_weights(tiny_dir, tmp_path, lora):
+    """The user's next step (``diffrl sample RUN``) on an SD1.5 preference run, LoRA or fully fine-tuned:
+    the loaded model holds the trained weights, and it samples (this once failed: SD1.5's prompt encoder
+    lacked the flow models' ``images`` argument)."""
+    from diffrl import inference
+
+    trainer = trainer_for(make_config(tiny_dir, tmp_path, trainer="diffusion_dpo", lora__enabled=lora, max_steps=1,
+                                      data__eval_size=0))
+    trainer.train()
+    trained = {n: p.detach() for n, p in trainer.model.trainable.named_parameters() if p.requires_grad}
+    run = inference.load(tmp_path / "run", device="cpu")
+    loaded = dict(run.model.trainable.named_parameters())
+    assert trained and all(torch.equal(loaded[n], p) for n, p in trained.items())
+    rows = inference.sample(run, ["a warm circle"], num=2, seed=3)
+    assert len(rows) == 2 and rows[0]["image"].shape == (3, 32, 32) and not torch.equal(rows[0]["image"],
+                                                                                      rows[1]["image"])
