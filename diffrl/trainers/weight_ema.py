@@ -53,7 +53,9 @@ class WeightEMA:
                     param.copy_(saved)
 
     def state_dict(self) -> dict:
-        return {"shadow": [s.clone() for s in self.shadow]}
+        # no copy: checkpoints write it at once, and every process calls this (a copy of a large model's
+        # shadow on each device would be a memory spike for nothing)
+        return {"shadow": list(self.shadow)}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["shadow"]) != len(self.shadow):
