@@ -92,9 +92,11 @@ class DiffusionLM:
         with lora_utils.adapters_disabled(self.module):
             yield self
 
-    def save_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
-        """peft format (``adapter_model.safetensors`` + ``adapter_config.json``), loadable by ``load_adapter``."""
-        lora_utils.save_peft_lora(self.module, folder, adapter_name)
+    def save_lora(self, folder: str | Path, adapter_name: str = "default",
+                  whole: dict[str, torch.Tensor] | None = None) -> None:
+        """peft format (``adapter_model.safetensors`` + ``adapter_config.json``), loadable by ``load_adapter``.
+        ``whole``: the gathered weights of a sharded module (FSDP)."""
+        lora_utils.save_peft_lora(self.module, folder, adapter_name, whole)
 
     def load_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
         from safetensors.torch import load_file

@@ -533,11 +533,13 @@ class FlowModel:
             return [(self.transformer.high, Path(folder)), (self.transformer.low, Path(folder) / "transformer_2")]
         return [(self.transformer, Path(folder))]
 
-    def save_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
+    def save_lora(self, folder: str | Path, adapter_name: str = "default",
+                  whole: dict[str, torch.Tensor] | None = None) -> None:
         """Diffusers LoRA format: ``type(pipe).load_lora_weights(folder)`` loads it on the user's side (Wan 2.2
-        also ``load_lora_weights(folder / "transformer_2", load_into_transformer_2=True)``)."""
+        also ``load_lora_weights(folder / "transformer_2", load_into_transformer_2=True)``). ``whole``: the
+        gathered weights of a sharded transformer (FSDP; one expert only)."""
         for module, place in self._lora_parts(folder):
-            lora_utils.save_diffusers_lora(type(self.pipeline), module, place, "transformer", adapter_name)
+            lora_utils.save_diffusers_lora(type(self.pipeline), module, place, "transformer", adapter_name, whole)
 
     def load_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
         from safetensors.torch import load_file

@@ -95,18 +95,58 @@ def has_lora(module: torch.nn.Module) -> bool:
     return bool(getattr(module, "peft_config", None))
 
 
-def lora_state_dict(module: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's weights with peft's adapter-free names (``...to_q.lora_A.weight``), detached, fp32."""
-    state = get_peft_model_state_dict(module, adapter_name=adapter_name)
+def lora_state_dict(module: torch.nn.Module, adapter_name: str = "default",
+                    whole: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's weights with peft's adapter-free names (``...to_q.lora_A.weight``), detached, fp32.
+
+    Under FSDP the module's own weights are this process's shards (DTensors: fine for adapter arithmetic,
+    not for files); ``whole``: the gathered weights by parameter name (``sharding.full_model_state``) to
+    read instead."""
+    state = get_peft_model_state_dict(module, state_dict=whole, adapter_name=adapter_name)
     return {k: v.detach().float().contiguous() for k, v in state.items()}
+
+
+def whole_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with FSDP shards (DTensors) gathered into whole tensors: a collective when there are any."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def load_lora_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor],
                          adapter_name: str = "default") -> None:
+    """Load adapter weights (peft's adapter-free names) into ``adapter_name``. Whole tensors (a file's) go into
+    a sharded (FSDP) module through torch's distributed state-dict loader, each process keeping its shard:
+    a collective then; shards (DTensors, an adapter copied into another) through peft as in one process."""
+    from torch.distributed.tensor import DTensor
+
+    if _is_sharded(module) and not any(isinstance(v, DTensor) for v in state.values()):
+        _load_whole_into_shards(module, state, adapter_name)
+        return
     result = set_peft_model_state_dict(module, state, adapter_name=adapter_name)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
     if unexpected:
         raise ValueError(f"LoRA weights do not fit the model: unexpected keys such as {unexpected[0]!r}")
+
+
+def _load_whole_into_shards(module: torch.nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    named = {}  # peft's adapter-free name -> the parameter's name (peft inserts the adapter after lora_A/B)
+    for key, value in state.items():
+        name = key.replace(".lora_A.", f".lora_A.{adapter_name}.").replace(".lora_B.", f".lora_B.{adapter_name}.")
+        named[name] = value
+    params = dict(module.named_parameters())
+    unexpected = [k for k in named if k not in params]
+    if unexpected:
+        raise ValueError(f"LoRA weights do not fit the model: unexpected keys such as {unexpected[0]!r}")
+    set_model_state_dict(module, named, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 @contextlib.contextmanager
@@ -137,27 +177,30 @@ def blend_adapter(module: torch.nn.Module, source: str, *, into: str, decay: flo
     set_active_adapter(module, source)
 
 
-def save_peft_lora(module: torch.nn.Module, folder: str | Path, adapter_name: str = "default") -> None:
-    """peft's on-disk format (``adapter_model.safetensors`` + ``adapter_config.json``)."""
+def save_peft_lora(module: torch.nn.Module, folder: str | Path, adapter_name: str = "default",
+                   whole: dict[str, torch.Tensor] | None = None) -> None:
+    """peft's on-disk format (``adapter_model.safetensors`` + ``adapter_config.json``). ``whole``: see
+    :func:`lora_state_dict`."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {f"base_model.model.{k}": v for k, v in lora_state_dict(module, adapter_name).items()}
+    state = {f"base_model.model.{k}": v for k, v in lora_state_dict(module, adapter_name, whole).items()}
     save_file(state, str(folder / "adapter_model.safetensors"))
     module.peft_config[adapter_name].save_pretrained(str(folder))
 
 
 def save_diffusers_lora(pipeline_class: type, module: torch.nn.Module, folder: str | Path, component: str,
-                        adapter_name: str = "default") -> None:
+                        adapter_name: str = "default", whole: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``pytorch_lora_weights.safetensors`` so that ``pipe.load_lora_weights(folder)`` works.
 
     ``component`` is "transformer" (SD3, FLUX, Wan) or "unet" (SD1.5, SDXL). The adapter's config goes into
     the file's metadata: without it diffusers assumes alpha = rank and loads a differently scaled LoRA. The
     metadata names exactly the adapted modules and no ``exclude_modules``: with name patterns plus exclusions
-    peft warns "no modules were excluded" on every plain ``load_lora_weights``.
+    peft warns "no modules were excluded" on every plain ``load_lora_weights``. ``whole``: see
+    :func:`lora_state_dict`.
     """
-    state = lora_state_dict(module, adapter_name)
+    state = lora_state_dict(module, adapter_name, whole)
     metadata = module.peft_config[adapter_name].to_dict()
     metadata["target_modules"] = sorted({key.split(".lora_")[0] for key in state})
     metadata["exclude_modules"] = None

@@ -226,8 +226,9 @@ class EpsilonModel:
         with lora_utils.adapters_disabled(self.unet):
             yield self
 
-    def save_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
-        lora_utils.save_diffusers_lora(type(self.pipeline), self.unet, folder, "unet", adapter_name)
+    def save_lora(self, folder: str | Path, adapter_name: str = "default",
+                  whole: dict[str, torch.Tensor] | None = None) -> None:
+        lora_utils.save_diffusers_lora(type(self.pipeline), self.unet, folder, "unet", adapter_name, whole)
 
     def load_lora(self, folder: str | Path, adapter_name: str = "default") -> None:
         from safetensors.torch import load_file

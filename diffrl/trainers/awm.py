@@ -296,7 +296,7 @@ class AWMTrainer:
         trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled, full_state=full_state)
         trainable.save_weight_ema(self, folder)
         if self.has_ema:
-            trainable.save_adapter(self.model, folder, "ema")
+            trainable.save_adapter(self.model, folder, "ema", full_state)
 
     def _load_model(self, folder) -> None:
         trainable.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

@@ -268,7 +268,7 @@ class NFTTrainer:
     def _save_model(self, folder, full_state=None) -> None:
         trainable.save_trainable(self.model, folder, lora_enabled=True, full_state=full_state)
         trainable.save_weight_ema(self, folder)
-        trainable.save_adapter(self.model, folder, "old")
+        trainable.save_adapter(self.model, folder, "old", full_state)
 
     def _load_model(self, folder) -> None:
         trainable.load_trainable(self.model, folder, lora_enabled=True)

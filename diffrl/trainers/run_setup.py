@@ -197,6 +197,8 @@ def prepare_optimization(trainer, scheduler_steps: int) -> None:
     trainer.params = trainable_parameters(model.trainable)
     optimizer = create_optimizer(trainer.params, cfg.optim)
     scheduler = create_scheduler(optimizer, cfg.optim, scheduler_steps)
+    sharding.check_model(trainer.accelerator, model)
+    sharding.broadcast_adapters(trainer.accelerator, model.trainable)
     sharding.choose_wrapped_layers(trainer.accelerator, model.trainable)
     if getattr(model, "has_two_experts", False) and trainer.accelerator.ddp_handler is None:
         # Wan 2.2: a step whose samples all fall on one expert's side gives the other no gradient.

@@ -78,8 +78,11 @@ class CheckpointBank:
         return len(self.states)
 
     def add(self, step: int, state: dict[str, torch.Tensor]) -> None:
-        self.steps.append(step)
-        self.states.append({k: v.detach().cpu().clone() for k, v in state.items()})
+        from torch.distributed.tensor import DTensor
+
+        self.steps.append(step)  # LoRA shards (FSDP) stay beside their parameters; whole tensors go to CPU
+        self.states.append({k: v.detach().clone() if isinstance(v, DTensor) else v.detach().cpu().clone()
+                            for k, v in state.items()})
         while len(self.states) > self.size:
             del self.steps[1], self.states[1]  # keep theta_0, drop the oldest later checkpoint
 
@@ -92,7 +95,7 @@ class CheckpointBank:
         return self.current
 
     def state_dict(self) -> dict:
-        whole = self.snapshots.full if self.snapshots is not None else dict
+        whole = self.snapshots.full if self.snapshots is not None else lora_utils.whole_tensors
         return {"size": self.size, "every": self.every, "steps": list(self.steps), "current": self.current,
                 "states": [{}] + [whole(s) for s in self.states[1:]]}
 

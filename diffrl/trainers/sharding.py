@@ -10,8 +10,10 @@ FSDP2 path. Checkpoints always hold *full* (unsharded) state, keyed by parameter
 so a checkpoint written by a sharded run loads in a single process and the other way round; only the
 number of processes must match when resuming (each process keeps its own random state).
 
-FSDP here means full fine-tuning: LoRA adapters are switched and loaded as plain tensors while sampling
-(EMA adapters, reference policies), which sharded parameters do not allow; LoRA runs use DDP.
+LoRA runs shard too (the frozen base with its adapters, which is where the memory goes): adapters trail
+and copy each other shard by shard (AWM's EMA adapter, NFT's old policy, SePPO's bank), and only the
+adapters are gathered for checkpoints (the base is model.path's). Wan 2.2's two experts are not sharded
+(:func:`check_model`).
 """
 
 from __future__ import annotations
@@ -58,17 +60,48 @@ def check_supported(accelerator, config) -> None:
 
 
 def check_config(config, fsdp_version: int) -> None:
-    """One line for what FSDP does not run: FSDP1, LoRA and the weight EMA (see the module docstring).
+    """One line for what FSDP does not run: FSDP1 and the weight EMA (see the module docstring).
     ``diffrl train --accelerate-config`` checks before launching; each process checks again."""
     if fsdp_version != 2:
         raise ConfigError(f"the accelerate config asks for FSDP version {fsdp_version}; diffrl shards with FSDP2: "
                           f"set fsdp_version: 2 (as the shipped --accelerate-config fsdp does)")
-    if config.lora.enabled:
-        raise ConfigError("FSDP runs full fine-tuning only: set lora.enabled=false, or train LoRA with "
-                          "--accelerate-config ddp (LoRA adapters are small enough to replicate)")
     if getattr(config, "weight_ema_decay", None):
         raise ConfigError("the weight EMA is not sharded: set weight_ema_decay=null under FSDP, or train with "
                           "--accelerate-config ddp")
+
+
+def check_model(accelerator, model) -> None:
+    """Before ``prepare``: one line for the models FSDP does not shard. Wan 2.2's two experts: each sample's
+    noise level picks one expert, so two processes may run different experts in a step, and FSDP's
+    collectives then mismatch (gloo aborts on it, measured); DDP lets an expert without samples sit the step
+    out. DiffusionGemma: its passes call the embedding and the output head on their own, outside the sharded
+    module's forward, which FSDP2 refuses ("FSDP requires a single root module", measured)."""
+    from accelerate.utils import DistributedType
+
+    from diffrl.models.diffusion_gemma import DiffusionGemmaLM
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if getattr(model, "has_two_experts", False):
+        raise ConfigError("Wan 2.2's two experts cannot be sharded (each process's samples may fall on a "
+                          "different expert): train with --accelerate-config ddp")
+    if isinstance(model, DiffusionGemmaLM):
+        raise ConfigError("DiffusionGemma is not sharded by diffrl (its passes call the embedding and output head "
+                          "outside the model's forward, which FSDP2 refuses): train with --accelerate-config ddp")
+
+
+def broadcast_adapters(accelerator, module: torch.nn.Module) -> None:
+    """Before ``prepare`` under FSDP: process 0's freshly drawn LoRA weights to every process. Each process
+    draws its own (seed + rank), and FSDP keeps each process's shard of its own draw, where DDP starts all
+    from process 0's; the base weights come from the same files everywhere."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    with torch.no_grad():
+        for name, param in module.named_parameters():  # the same order on every process
+            if "lora_" in name:
+                torch.distributed.broadcast(param.data, src=0)
 
 
 def choose_wrapped_layers(accelerator, module: torch.nn.Module) -> None:
@@ -106,12 +139,24 @@ def _options(**kwargs):
 
 
 def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """A sharded module's whole state dict, on CPU, in process 0 (empty elsewhere); None when not sharded."""
+    """A sharded module's whole state dict, on CPU, in process 0 (empty elsewhere); None when not sharded.
+    With LoRA only the adapters' weights (every adapter): the frozen base is model.path's, and gathering it
+    for each checkpoint would cost a whole model's copy."""
     if not is_sharded(module):
         return None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.tensor import DTensor
 
-    return get_model_state_dict(module, options=_options())
+    if not any("lora_" in name for name, _ in module.named_parameters()):
+        return get_model_state_dict(module, options=_options())
+    main = torch.distributed.get_rank() == 0
+    adapters = {}
+    for name, value in module.state_dict().items():  # the same order on every process
+        if "lora_" in name:
+            whole = value.full_tensor() if isinstance(value, DTensor) else value
+            if main:
+                adapters[name] = whole.detach().cpu()
+    return adapters
 
 
 def load_full_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor]):

@@ -24,14 +24,14 @@ def add_frozen_adapter(model, lora, adapter_name: str) -> None:
                    adapter_name=adapter_name)
 
 
-def save_adapter(model, folder: Path, adapter_name: str) -> None:
+def save_adapter(model, folder: Path, adapter_name: str, full_state: dict | None = None) -> None:
     """A frozen second adapter (AWM's EMA adapter, NFT's old policy) as ``<adapter_name>_adapter.safetensors``,
-    for exact resume."""
+    for exact resume. ``full_state``: the gathered weights of a sharded (FSDP) module."""
     from safetensors.torch import save_file
 
     from diffrl.models import lora as lora_utils
 
-    save_file(lora_utils.lora_state_dict(model.transformer, adapter_name),
+    save_file(lora_utils.lora_state_dict(model.transformer, adapter_name, full_state),
               str(folder / f"{adapter_name}_adapter.safetensors"))
 
 
@@ -52,7 +52,7 @@ def save_trainable(model, folder: Path, *, lora_enabled: bool, full_state: dict 
     ``full_state``: the gathered weights of a sharded (FSDP) module, written in the same layout."""
     folder.mkdir(parents=True, exist_ok=True)
     if lora_enabled:
-        model.save_lora(folder)
+        model.save_lora(folder, whole=full_state)
     else:
         if full_state is None:
             model.trainable.save_pretrained(str(folder), safe_serialization=True)

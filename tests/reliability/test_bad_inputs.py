@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from diffrl import cli
+from diffrl.models.tiny import save_preferences
 from rewards import RewardOutput, register_reward
 from tests.conftest import REPO_ROOT
 
@@ -149,8 +150,17 @@ CASES: dict[str, Case] = {
                                       ("zero9", "shipped")),
     "DeepSpeed config without DeepSpeed": Case(lambda t, tiny: awm()(t, tiny) + ["--accelerate-config", "zero2"],
                                                ("zero2", "pip install deepspeed", "fsdp")),
-    "LoRA under FSDP": Case(lambda t, tiny: awm()(t, tiny) + ["--accelerate-config", "fsdp", "--num-processes", "2"],
-                            ("FSDP runs full fine-tuning only", "lora.enabled=false", "--accelerate-config ddp")),
+    "Wan 2.2's two experts under FSDP (found in the launched processes)": Case(
+        lambda t, tiny: ["train", "configs/seppo/tiny_sd15.yaml", f"model.path={tiny('wan22')}", "data.num_frames=5",
+                         f"data.path={save_preferences(t / 'prefs', num_rows=2, num_frames=5)}", "reward=null",
+                         f"output_dir={t / 'run'}", "data.eval_size=0", "max_steps=1", "generation.guidance_scale=1",
+                         "--accelerate-config", "fsdp", "--num-processes", "2"],
+        ("Wan 2.2's two experts cannot be sharded", "--accelerate-config ddp")),
+    "DiffusionGemma under FSDP (found in the launched processes)": Case(
+        lambda t, tiny: ["train", "configs/igpo/tiny_diffusion_gemma.yaml", f"model.path={tiny('diffusion_gemma')}",
+                         f"output_dir={t / 'run'}", "max_steps=1", "data.eval_size=0",
+                         "--accelerate-config", "fsdp", "--num-processes", "2"],
+        ("DiffusionGemma is not sharded", "--accelerate-config ddp")),
     "FSDP version that is not a number": Case(
         lambda t, tiny: awm()(t, tiny) + ["--num-processes", "2", "--accelerate-config", str(write(
             t / "acc.yaml", "distributed_type: FSDP\nfsdp_config: {fsdp_version: two}\n"))],
