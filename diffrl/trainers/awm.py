@@ -134,7 +134,8 @@ class AWMTrainer:
             trainable.add_frozen_adapter(self.model, cfg.lora, "ema")
             lora_utils.copy_adapter(self.model.transformer, "default", "ema")
         run_setup.prepare_optimization(self, cfg.max_steps)
-        self.weight_ema = (WeightEMA(self.params, decay=cfg.weight_ema_decay, every=cfg.weight_ema_every)
+        self.weight_ema = (WeightEMA(self.params, decay=cfg.weight_ema_decay, every=cfg.weight_ema_every,
+                                     module=self.model.trainable)
                            if cfg.weight_ema_decay else None)
         self.uncond = self.model.null_condition() if cfg.sampling.guidance_scale != 1.0 else None
 
@@ -289,12 +290,13 @@ class AWMTrainer:
         return run_loop.finish_training(self, bar, last)
 
     def save(self) -> None:
-        run_loop.save(self, "awm", save_model=self._save_model, states=self._states(),
-                      generators={"noise": self.noise})
+        ema = trainable.gather_weight_ema(self)  # on every process: a collective under FSDP
+        run_loop.save(self, "awm", save_model=lambda folder, full: self._save_model(folder, full, ema),
+                      states=self._states(), generators={"noise": self.noise})
 
-    def _save_model(self, folder, full_state=None) -> None:
+    def _save_model(self, folder, full_state=None, ema_state=None) -> None:
         trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled, full_state=full_state)
-        trainable.save_weight_ema(self, folder)
+        trainable.save_weight_ema(self, folder, ema_state)
         if self.has_ema:
             trainable.save_adapter(self.model, folder, "ema", full_state)
 

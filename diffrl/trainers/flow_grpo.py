@@ -117,7 +117,8 @@ class FlowGRPOTrainer:
         check_reward_fits(self.reward, self.model)
         check_input_images(self.model, self.prompts, self.eval_prompts)
         run_setup.prepare_optimization(self, cfg.max_steps * cfg.updates_per_rollout)
-        self.weight_ema = (WeightEMA(self.params, decay=cfg.weight_ema_decay, every=cfg.weight_ema_every)
+        self.weight_ema = (WeightEMA(self.params, decay=cfg.weight_ema_decay, every=cfg.weight_ema_every,
+                                     module=self.model.trainable)
                            if cfg.weight_ema_decay else None)
         self.uncond = self.model.null_condition() if cfg.sampling.guidance_scale != 1.0 else None
         self.prompt_sampler = UniformSampler(len(self.prompts), cfg.prompts_per_step, seed=cfg.seed)
@@ -272,12 +273,13 @@ class FlowGRPOTrainer:
         return run_loop.finish_training(self, bar, last)
 
     def save(self) -> None:
-        run_loop.save(self, "flow_grpo", save_model=self._save_model, states=self._states(),
-                      generators={"noise": self.noise})
+        ema = trainable.gather_weight_ema(self)  # on every process: a collective under FSDP
+        run_loop.save(self, "flow_grpo", save_model=lambda folder, full: self._save_model(folder, full, ema),
+                      states=self._states(), generators={"noise": self.noise})
 
-    def _save_model(self, folder, full_state=None) -> None:
+    def _save_model(self, folder, full_state=None, ema_state=None) -> None:
         trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled, full_state=full_state)
-        trainable.save_weight_ema(self, folder)
+        trainable.save_weight_ema(self, folder, ema_state)
 
     def _load_model(self, folder) -> None:
         trainable.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)

@@ -134,7 +134,8 @@ class NFTTrainer:
         trainable.add_frozen_adapter(self.model, cfg.lora, "old")
         lora_utils.copy_adapter(self.model.transformer, "default", "old")
         run_setup.prepare_optimization(self, cfg.max_steps * cfg.optimizer_steps_per_rollout)
-        self.weight_ema = WeightEMA(self.params, decay=cfg.weight_ema_decay) if cfg.weight_ema_decay else None
+        self.weight_ema = (WeightEMA(self.params, decay=cfg.weight_ema_decay, module=self.model.trainable)
+                           if cfg.weight_ema_decay else None)
         self.uncond = self.model.null_condition() if cfg.sampling.guidance_scale != 1.0 else None
         self.prompt_sampler = UniformSampler(len(self.prompts), cfg.prompts_per_step, seed=cfg.seed)
         self.noise = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
@@ -262,12 +263,13 @@ class NFTTrainer:
         return run_loop.finish_training(self, bar, last)
 
     def save(self) -> None:
-        run_loop.save(self, "nft", save_model=self._save_model, states=self._states(),
-                      generators={"noise": self.noise})
+        ema = trainable.gather_weight_ema(self)  # on every process: a collective under FSDP
+        run_loop.save(self, "nft", save_model=lambda folder, full: self._save_model(folder, full, ema),
+                      states=self._states(), generators={"noise": self.noise})
 
-    def _save_model(self, folder, full_state=None) -> None:
+    def _save_model(self, folder, full_state=None, ema_state=None) -> None:
         trainable.save_trainable(self.model, folder, lora_enabled=True, full_state=full_state)
-        trainable.save_weight_ema(self, folder)
+        trainable.save_weight_ema(self, folder, ema_state)
         trainable.save_adapter(self.model, folder, "old", full_state)
 
     def _load_model(self, folder) -> None:

@@ -12,7 +12,8 @@ number of processes must match when resuming (each process keeps its own random 
 
 LoRA runs shard too (the frozen base with its adapters, which is where the memory goes): adapters trail
 and copy each other shard by shard (AWM's EMA adapter, NFT's old policy, SePPO's bank), and only the
-adapters are gathered for checkpoints (the base is model.path's). Wan 2.2's two experts are not sharded
+adapters are gathered for checkpoints (the base is model.path's). The weight EMA keeps a shard of each weight
+(weight_ema.py). Wan 2.2's two experts are not sharded
 (:func:`check_model`).
 """
 
@@ -60,14 +61,11 @@ def check_supported(accelerator, config) -> None:
 
 
 def check_config(config, fsdp_version: int) -> None:
-    """One line for what FSDP does not run: FSDP1 and the weight EMA (see the module docstring).
-    ``diffrl train --accelerate-config`` checks before launching; each process checks again."""
+    """One line for an accelerate config asking for FSDP1. ``diffrl train --accelerate-config`` checks before
+    launching; each process checks again. (``config``: the trainer's, for checks that depend on it.)"""
     if fsdp_version != 2:
         raise ConfigError(f"the accelerate config asks for FSDP version {fsdp_version}; diffrl shards with FSDP2: "
                           f"set fsdp_version: 2 (as the shipped --accelerate-config fsdp does)")
-    if getattr(config, "weight_ema_decay", None):
-        raise ConfigError("the weight EMA is not sharded: set weight_ema_decay=null under FSDP, or train with "
-                          "--accelerate-config ddp")
 
 
 def check_model(accelerator, model) -> None:
@@ -136,6 +134,14 @@ def _options(**kwargs):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kwargs)
+
+
+def drop_gathered(module: torch.nn.Module) -> None:
+    """After weights were written into the shards: drop FSDP2's gathered copies (its root keeps them after a
+    forward without gradient), so that the next forward gathers the new weights. Nothing when not sharded."""
+    for unit in module.modules():
+        if is_sharded(unit):
+            unit.reshard()
 
 
 def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:

@@ -8,6 +8,9 @@ steps done so far:
 They differ in how it is called: AWM steps it once per optimizer step (decay 0.99, every 1); Flow-GRPO after
 every training micro-batch (decay 0.9, every 8), so one ``n`` can update the shadow several times. Each trainer
 makes its public code's calls; this class holds only the rule.
+
+Under FSDP the parameters are this process's shards, and so is the shadow: the rule runs shard by shard, the
+checkpoint state gathers it whole (one tensor at a time, to process 0's CPU) and a resume cuts it back.
 """
 
 from __future__ import annotations
@@ -17,13 +20,18 @@ import contextlib
 import torch
 
 from diffrl.errors import CheckpointError
+from diffrl.trainers import sharding
 
 
 class WeightEMA:
-    def __init__(self, params: list[torch.nn.Parameter], *, decay: float, every: int = 1):
+    def __init__(self, params: list[torch.nn.Parameter], *, decay: float, every: int = 1,
+                 module: torch.nn.Module | None = None):
+        """``params``: the trained parameters after ``accelerator.prepare``; ``module``: the module holding them
+        (under FSDP its gathered copies must be dropped when the weights are swapped)."""
         self.params = list(params)
         self.decay = decay
         self.every = every
+        self.module = module
         self.shadow = [p.detach().clone().float() for p in self.params]
 
     def current_decay(self, optimizer_steps: int) -> float:
@@ -45,19 +53,40 @@ class WeightEMA:
         with torch.no_grad():
             for param, shadow in zip(self.params, self.shadow):
                 param.copy_(shadow)
+        self._regather()
         try:
             yield
         finally:
             with torch.no_grad():
                 for param, saved in zip(self.params, backup):
                     param.copy_(saved)
+            self._regather()
+
+    def _regather(self) -> None:
+        if self.module is not None:
+            sharding.drop_gathered(self.module)
 
     def state_dict(self) -> dict:
-        # no copy: checkpoints write it at once, and every process calls this (a copy of a large model's
-        # shadow on each device would be a memory spike for nothing)
-        return {"shadow": list(self.shadow)}
+        """Every process calls it (checkpoints). No copy in one process (written at once); under FSDP the
+        whole shadow, gathered tensor by tensor onto process 0's CPU (empty elsewhere)."""
+        from torch.distributed.tensor import DTensor
+
+        if not any(isinstance(s, DTensor) for s in self.shadow):
+            return {"shadow": list(self.shadow)}
+        main = torch.distributed.get_rank() == 0
+        whole = []
+        for shadow in self.shadow:
+            gathered = shadow.full_tensor()
+            if main:
+                whole.append(gathered.cpu())
+        return {"shadow": whole}
 
     def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         if len(state["shadow"]) != len(self.shadow):
             raise CheckpointError("the weight-EMA state does not fit the model's trainable weights")
-        self.shadow = [s.float().clone() for s in state["shadow"]]
+        self.shadow = [distribute_tensor(saved.float().to(current.device), current.device_mesh, current.placements,
+                                         src_data_rank=None)  # each process cuts its shard from the whole
+                       if isinstance(current, DTensor) else saved.float().clone()
+                       for saved, current in zip(state["shadow"], self.shadow)]

@@ -38,7 +38,7 @@ class WeightSnapshots:
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
-        self._reshard()  # after a forward without gradient FSDP2's root holds gathered copies, not its shards
+        sharding.drop_gathered(module)  # after a forward without gradient FSDP2's root holds gathered copies
         self.params = {name: p for name, p in module.named_parameters() if p.requires_grad}
 
     def take(self, device: str | torch.device = "cpu") -> Snapshot:
@@ -50,14 +50,7 @@ class WeightSnapshots:
         """Copy ``snapshot`` into the module, in place (the optimizer keeps its parameters)."""
         for name, p in self.params.items():
             _local(p).copy_(snapshot[name])
-        self._reshard()
-
-    def _reshard(self) -> None:
-        """Drop FSDP2's gathered weights (its root keeps them after a forward without gradient), so that the
-        next forward gathers the shards just written (measured: without this it reads the old weights)."""
-        for unit in self.module.modules():
-            if sharding.is_sharded(unit):
-                unit.reshard()
+        sharding.drop_gathered(self.module)  # measured: without it the next forward reads the old weights
 
     @contextlib.contextmanager
     def applied(self, snapshot: Snapshot):

@@ -165,9 +165,6 @@ CASES: dict[str, Case] = {
         lambda t, tiny: awm()(t, tiny) + ["--num-processes", "2", "--accelerate-config", str(write(
             t / "acc.yaml", "distributed_type: FSDP\nfsdp_config: {fsdp_version: two}\n"))],
         ("fsdp_config.fsdp_version", "'two'", "set it to 2")),
-    "weight EMA under FSDP": Case(
-        lambda t, tiny: awm("lora.enabled=false", "beta=0", "ema_beta=0", "weight_ema_decay=0.9")(t, tiny)
-        + ["--accelerate-config", "fsdp", "--num-processes", "2"], ("weight EMA is not sharded", "ddp")),
     "AWM's KL to the base model without LoRA": Case(awm("lora.enabled=false"), ("beta > 0", "set beta: 0")),
     "unknown ls section": Case(lambda t, _: ["ls", "trainerz"], ("trainerz", "trainers"), None),
     "a folder given as the config": Case(lambda t, _: ["train", str(t)], ("a folder", "YAML config"), None),

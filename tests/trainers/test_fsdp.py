@@ -7,8 +7,8 @@ processes' gradients exactly in test_distributed.py. SePPO's bank holds whole-we
 process its shard, swapped in for the reference (bank_every 1: step 2 draws from theta_0 and step 1's
 weights), and gathered whole into the checkpoint. With LoRA the frozen base is sharded with its adapters:
 AWM's KL to the adapter-free model and its EMA adapter, Flow-GRPO's KL, SePPO's bank of adapter states, and a
-single-process LoRA checkpoint loaded into the shards. The weight EMA under FSDP is refused in one line (the
-bad-input catalogue)."""
+single-process LoRA checkpoint loaded into the shards. The weight EMA keeps a shard of each weight: Flow-GRPO
+(both modes) and AWM (LoRA, through a resume) write equal EMA weights under both engines."""
 
 import json
 
@@ -36,8 +36,10 @@ from diffrl.trainers import get_trainer, run_setup, sharding
 sd3, dllm, out, single, prefs, mode = sys.argv[1:3] + [Path(sys.argv[3]), Path(sys.argv[4])] + sys.argv[5:7]
 small = ["prompts_per_step=2", "group_size=2", "sample_batch_size=2", "train_batch_size=2"]
 full = mode == "full"  # full fine-tuning has no adapter-free reference: no KL, no EMA adapter
-RUNS = {"awm": ("configs/awm/tiny_sd3_jpeg.yaml", sd3, ["beta=0", "ema_beta=0"] * full + small),
-        "flow_grpo": ("configs/flow_grpo/tiny_sd3_jpeg.yaml", sd3, ["beta=0"] * full + small),
+RUNS = {"awm": ("configs/awm/tiny_sd3_jpeg.yaml", sd3, ["beta=0", "ema_beta=0"] * full
+                                                      + ["weight_ema_decay=0.9"] * (not full) + small),
+        "flow_grpo": ("configs/flow_grpo/tiny_sd3_jpeg.yaml", sd3,
+                      ["beta=0"] * full + ["weight_ema_decay=0.9", *small]),
         "seppo": ("configs/seppo/tiny_sd15.yaml", sd3, [f"data.path={prefs}", "bank_every=1", "train_batch_size=1",
                                                        "optim.gradient_accumulation_steps=1", "reward=null"]),
         "igpo": ("configs/igpo/tiny_arithmetic.yaml", dllm, ["beta=0"] * full + ["prompts_per_step=2",
@@ -139,6 +141,20 @@ def _assert_engines_agree(tmp_path, name, base, step=2):
             torch.testing.assert_close(fsdp_opt["state"][k][slot], state[slot], atol=1e-8, rtol=1e-5)
 
 
+def _assert_weight_emas_agree(tmp_path, name, step=2):
+    """The weight EMA the checkpoint writes beside the weights (model/ema, gathered from the shards' shadows
+    under FSDP): equal under both engines, and not the raw weights."""
+    ema, raw = {}, {}
+    for engine in ("fsdp", "ddp"):
+        model = tmp_path / engine / name / "checkpoints" / f"step-{step:06d}" / "model"
+        file = next((model / "ema").glob("*.safetensors")).name    # the raw weights' file name, in ema/
+        ema[engine], raw[engine] = load_file(str(model / "ema" / file)), load_file(str(model / file))
+    assert sorted(ema["fsdp"]) == sorted(ema["ddp"]) == sorted(raw["ddp"]) and ema["ddp"]
+    for k in ema["ddp"]:
+        torch.testing.assert_close(ema["fsdp"][k], ema["ddp"][k], atol=1e-6, rtol=1e-5, msg=f"{name} ema {k}")
+    assert any(not torch.equal(ema["ddp"][k], raw["ddp"][k]) for k in ema["ddp"])
+
+
 def _assert_banks_agree(tmp_path):
     """SePPO's bank in the checkpoint: theta_0 not written, step 1's entry gathered from the shards under FSDP,
     equal to DDP's (the resume path reads it back: test_seppo.py, in one process)."""
@@ -170,6 +186,7 @@ def test_fsdp_full_fine_tuning_equals_ddp_and_checkpoints_cross_engines(tiny_dir
             "seppo": sd3_weights}
     for name in ("awm", "flow_grpo", "seppo", "igpo"):
         _assert_engines_agree(tmp_path, name, base[name])
+    _assert_weight_emas_agree(tmp_path, "flow_grpo")
     bank = _assert_banks_agree(tmp_path)
     assert set(bank["states"][1]) < set(sd3_weights)   # whole weights: the trained ones
 
@@ -223,3 +240,5 @@ def test_fsdp_lora_equals_ddp_and_checkpoints_cross_engines(tiny_dir, tmp_path):
         assert report["awm"]["resumed_at"] == report["seppo"]["resumed_at"] == 2
     for name in ("awm", "seppo"):
         _assert_engines_agree(tmp_path, name, None, step=3)
+    _assert_weight_emas_agree(tmp_path, "flow_grpo")
+    _assert_weight_emas_agree(tmp_path, "awm", step=3)   # the shadow gathered, then cut back into shards
