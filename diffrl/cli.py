@@ -34,7 +34,7 @@ def cmd_train(args) -> int:
 
             check_group_split(config.prompts_per_step, config.group_size, args.num_processes)
         if args.accelerate_config:
-            launch.check_engine(args.accelerate_config, config)
+            launch.check_engine(args.accelerate_config)
         cmd = launch.launch_command(args)
         if args.print_launch:
             print(" ".join(cmd))

@@ -114,6 +114,7 @@ def whole_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _is_sharded(module: torch.nn.Module) -> bool:
+    """Sharded by FSDP2 (trainers.sharding.is_sharded, which a model module must not import)."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)

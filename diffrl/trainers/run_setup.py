@@ -43,7 +43,7 @@ def create_accelerator(config: TrainerConfig):
     performance.set_tf32(config.tf32)
     if cpu:
         sharding.enable_on_cpu(accelerator)
-    sharding.check_supported(accelerator, config)
+    sharding.check_supported(accelerator)
     return accelerator
 
 

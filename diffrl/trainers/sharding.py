@@ -13,8 +13,7 @@ number of processes must match when resuming (each process keeps its own random 
 LoRA runs shard too (the frozen base with its adapters, which is where the memory goes): adapters trail
 and copy each other shard by shard (AWM's EMA adapter, NFT's old policy, SePPO's bank), and only the
 adapters are gathered for checkpoints (the base is model.path's). The weight EMA keeps a shard of each weight
-(weight_ema.py). Wan 2.2's two experts are not sharded
-(:func:`check_model`).
+(weight_ema.py). Wan 2.2's two experts and DiffusionGemma are not sharded (:func:`check_model`).
 """
 
 from __future__ import annotations
@@ -52,17 +51,17 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def check_supported(accelerator, config) -> None:
-    """In each process: one line for the combinations FSDP does not run (see :func:`check_config`)."""
+def check_supported(accelerator) -> None:
+    """In each process: one line for an FSDP version diffrl does not run (see :func:`check_version`)."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP:
-        check_config(config, getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1))
+        check_version(getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1))
 
 
-def check_config(config, fsdp_version: int) -> None:
+def check_version(fsdp_version: int) -> None:
     """One line for an accelerate config asking for FSDP1. ``diffrl train --accelerate-config`` checks before
-    launching; each process checks again. (``config``: the trainer's, for checks that depend on it.)"""
+    launching; each process checks again (the models FSDP does not shard: :func:`check_model`)."""
     if fsdp_version != 2:
         raise ConfigError(f"the accelerate config asks for FSDP version {fsdp_version}; diffrl shards with FSDP2: "
                           f"set fsdp_version: 2 (as the shipped --accelerate-config fsdp does)")
