@@ -106,13 +106,6 @@ def lora_state_dict(module: torch.nn.Module, adapter_name: str = "default",
     return {k: v.detach().float().contiguous() for k, v in state.items()}
 
 
-def whole_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` with FSDP shards (DTensors) gathered into whole tensors: a collective when there are any."""
-    from torch.distributed.tensor import DTensor
-
-    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
-
-
 def _is_sharded(module: torch.nn.Module) -> bool:
     """Sharded by FSDP2 (trainers.sharding.is_sharded, which a model module must not import)."""
     from torch.distributed.fsdp import FSDPModule

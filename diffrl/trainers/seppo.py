@@ -36,7 +36,7 @@ from diffrl.curriculum import UniformSampler
 from diffrl.errors import CheckpointError, ConfigError
 from diffrl.losses import AAF_MODES, DPO_LOSS_TYPES, diffusion_dpo_loss, seppo_sign
 from diffrl.models import lora as lora_utils
-from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
+from diffrl.trainers import register_trainer, run_loop, run_setup, sharding, step_guard, trainable
 from diffrl.trainers.evaluation import check_reward_fits, evaluate_generation
 from diffrl.trainers.preference import (
     load_batch,
@@ -95,7 +95,7 @@ class CheckpointBank:
         return self.current
 
     def state_dict(self) -> dict:
-        whole = self.snapshots.full if self.snapshots is not None else lora_utils.whole_tensors
+        whole = self.snapshots.full if self.snapshots is not None else sharding.gather_whole
         return {"size": self.size, "every": self.every, "steps": list(self.steps), "current": self.current,
                 "states": [{}] + [whole(s) for s in self.states[1:]]}
 

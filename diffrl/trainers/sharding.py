@@ -150,18 +150,27 @@ def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     if not is_sharded(module):
         return None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    from torch.distributed.tensor import DTensor
 
     if not any("lora_" in name for name, _ in module.named_parameters()):
         return get_model_state_dict(module, options=_options())
+    return gather_whole({name: value for name, value in module.state_dict().items() if "lora_" in name})
+
+
+def gather_whole(tensors: dict) -> dict:
+    """``tensors`` whole: FSDP shards (DTensors) gathered one at a time onto process 0's CPU (an empty dict
+    elsewhere). A collective when there are shards (call it on every process, with the same keys in the same
+    order); a dict without shards comes back as it is, uncopied."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(value, DTensor) for value in tensors.values()):
+        return dict(tensors)
     main = torch.distributed.get_rank() == 0
-    adapters = {}
-    for name, value in module.state_dict().items():  # the same order on every process
-        if "lora_" in name:
-            whole = value.full_tensor() if isinstance(value, DTensor) else value
-            if main:
-                adapters[name] = whole.detach().cpu()
-    return adapters
+    whole = {}
+    for key, value in tensors.items():
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        if main:
+            whole[key] = value.detach().cpu()
+    return whole
 
 
 def load_full_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor]):

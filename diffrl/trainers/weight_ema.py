@@ -69,17 +69,7 @@ class WeightEMA:
     def state_dict(self) -> dict:
         """Every process calls it (checkpoints). No copy in one process (written at once); under FSDP the
         whole shadow, gathered tensor by tensor onto process 0's CPU (empty elsewhere)."""
-        from torch.distributed.tensor import DTensor
-
-        if not any(isinstance(s, DTensor) for s in self.shadow):
-            return {"shadow": list(self.shadow)}
-        main = torch.distributed.get_rank() == 0
-        whole = []
-        for shadow in self.shadow:
-            gathered = shadow.full_tensor()
-            if main:
-                whole.append(gathered.cpu())
-        return {"shadow": whole}
+        return {"shadow": list(sharding.gather_whole(dict(enumerate(self.shadow))).values())}
 
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor
