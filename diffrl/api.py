@@ -26,9 +26,8 @@ def train(config: str | Path | Any, overrides: list[str] | None = None) -> dict[
     the run's report; ``diffrl train`` runs this."""
     import os
 
-    from diffrl.config import load_config
     from diffrl.report import format_summary, write_run_report
-    from diffrl.trainers import get_trainer
+    from diffrl.trainers import get_trainer, load_config
 
     cfg = load_config(config, list(overrides or [])) if isinstance(config, (str, Path)) else config
     start = time.time()

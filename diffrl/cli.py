@@ -24,13 +24,13 @@ def _shipped_configs() -> list[Path]:
 
 def cmd_train(args) -> int:
     from diffrl import launch
-    from diffrl.config import load_config
+    from diffrl.trainers import load_config
 
     launch.check_launch_args(args)
     config = load_config(args.config, args.overrides)  # validate before spawning anything
     if launch.needs_launcher(args) and not launch.inside_launcher():
         if hasattr(config, "group_size") and hasattr(config, "prompts_per_step"):
-            from diffrl.trainers.rollout import check_group_split
+            from diffrl.training.rollout import check_group_split
 
             check_group_split(config.prompts_per_step, config.group_size, args.num_processes)
         if args.accelerate_config:
@@ -66,7 +66,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from diffrl.config import load_config
+    from diffrl.trainers import load_config
 
     # `diffrl validate CONFIG key=value` as `diffrl train` takes it: a key=value that is not a file is an override
     overrides = [a for a in args.configs if "=" in a and not Path(a).exists()]
@@ -258,9 +258,9 @@ def cmd_eval(args) -> int:
     """Accuracy (and pass@k) of a diffusion-LLM config's model, or of a checkpoint of it, on the held-out tasks."""
     import json
 
-    from diffrl.config import load_config
     from diffrl.inference import build_model, load_weights
-    from diffrl.trainers.reasoning import check_correctness_reward, evaluate_reasoning, load_task_split
+    from diffrl.trainers import load_config
+    from diffrl.training.reasoning import check_correctness_reward, evaluate_reasoning, load_task_split
     from rewards import load_reward
 
     if Path(args.config).is_dir() and (Path(args.config) / "config.yaml").is_file():

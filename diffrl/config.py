@@ -296,7 +296,11 @@ class TrainerConfig:
     model: ModelConfig = param(help="the model to train")
     output_dir: str = param("outputs/run", help="where config.yaml, metrics.jsonl, samples/ and checkpoints/ go")
     seed: int = param(0, help="seed for every random number generator", ge=0)
-    max_steps: int = param(100, help="number of optimizer steps", ge=1)
+    max_steps: int = param(100, help="number of training steps (one rollout and its updates for the online "
+                                     "trainers, one batch for the offline ones)", ge=1)
+    eval_every: int = param(0, help="evaluate every N training steps (0: only at the start and the end)", ge=0)
+    max_bad_steps: int = param(5, help="stop after this many consecutive steps with a non-finite reward, "
+                                       "advantage, loss or gradient", ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = param("no", help="autocast precision for forward passes")
     tf32: bool = param(True, help="TF32 float32 matmuls on NVIDIA GPUs, as flow_grpo / AWM (allow_tf32); no effect "
                                   "on CPU")
@@ -305,6 +309,10 @@ class TrainerConfig:
     optim: OptimConfig = param(OptimConfig(), help="optimizer and schedule")
     logging: LoggingConfig = param(LoggingConfig(), help="metrics, trackers, progress bar")
     checkpoint: CheckpointConfig = param(CheckpointConfig(), help="checkpointing and resume")
+
+    def samples_per_step(self, num_processes: int) -> str:
+        """What one training step consumes, for the start-up line ("" when a trainer does not say)."""
+        return ""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -567,26 +575,6 @@ def _deepcopy(data: Any) -> Any:
     if isinstance(data, list):
         return [_deepcopy(v) for v in data]
     return data
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainerConfig:
-    """Read a YAML file, apply overrides and build the config dataclass of the trainer it names."""
-    from diffrl.trainers import get_trainer  # late import: trainers import this module
-
-    data = read_yaml(path)
-    data = apply_overrides(data, overrides or [], source=str(path))
-    name = data.get("trainer")
-    if name is None:
-        raise ConfigError(f"{path}: missing 'trainer:' key; name one of the trainers listed by `diffrl ls`")
-    try:
-        entry = get_trainer(str(name))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    config = from_dict(entry.config_class, data, source=str(path))
-    if not str(config.output_dir).strip():
-        raise ConfigError(f"{path}: output_dir is empty (the run would write into the current folder); "
-                          f"set output_dir=outputs/NAME")
-    return config
 
 
 def save_config(config: Any, path: str | Path) -> None:

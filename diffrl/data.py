@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from diffrl.errors import DataError
+from rewards.text.answers import last_boxed
 
 _LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 
@@ -187,28 +188,6 @@ def metadata_columns(rows: list[dict]) -> dict[str, list]:
 
 # Answers: GSM8K writes "#### 72" after the reasoning; MATH ends its solution with \boxed{...}.
 _GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.S)
-
-
-def boxed(text: str, which: str = "last") -> str | None:
-    """Content of the last (or ``which="first"``) ``\\boxed{...}``, nested braces allowed; None if absent
-    or unclosed."""
-    start = text.rfind("\\boxed{") if which == "last" else text.find("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{")
-    for j in range(begin, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            if depth == 0:
-                return text[begin:j]
-            depth -= 1
-    return None
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (the MATH convention)."""
-    return boxed(text, "last")
 
 
 _METAMATH_ANSWER = "The answer is:"

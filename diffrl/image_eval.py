@@ -1,6 +1,6 @@
 """`diffrl eval` for image and video runs: the base model and a checkpoint side by side on one prompt set,
 with the same fixed noise, scored by any rewards, through the same evaluation the trainers run every
-``eval_every`` steps (:func:`diffrl.trainers.evaluation.evaluate_generation`). Writes a JSON table and one
+``eval_every`` steps (:func:`diffrl.training.evaluation.evaluate_generation`). Writes a JSON table and one
 captioned grid per model."""
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ def eval_prompts(config, prompts_file: str | None):
     """A :class:`PromptSet`: ``prompts_file`` (.txt, .jsonl with metadata, .parquet) or the name of a shipped
     set (``ocr_simple``, ``shapes``, ``geneval_tiny``), else the run's own evaluation prompts."""
     from diffrl.data import load_prompt_records
-    from diffrl.trainers.rollout import PromptSet, prompt_sets
+    from diffrl.training.rollout import PromptSet, prompt_sets
 
     if prompts_file and not Path(prompts_file).exists() and prompts_file in named_prompt_sets():
         prompts_file = str(next(PROMPT_SETS.glob(f"{prompts_file}.*")))
     if prompts_file:
         return PromptSet(*load_prompt_records(prompts_file))
     if config.trainer in ("seppo", "diffusion_dpo"):
-        from diffrl.trainers.preference import load_preference_data
+        from diffrl.training.preference import load_preference_data
 
         prompts = load_preference_data(config.data, need_loser=False)[1]
         return PromptSet(prompts, [{} for _ in prompts])
@@ -43,8 +43,8 @@ def evaluate_images(config, *, checkpoint: str | None, prompts_file: str | None,
     from accelerate import Accelerator
 
     from diffrl.inference import build_model, image_settings, load_weights
-    from diffrl.trainers.evaluation import evaluate_generation
-    from diffrl.trainers.preference import unconditional
+    from diffrl.training.evaluation import evaluate_generation
+    from diffrl.training.preference import unconditional
     from rewards import load_reward
 
     prompts = eval_prompts(config, prompts_file)

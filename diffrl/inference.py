@@ -40,7 +40,7 @@ class LoadedRun:
 def resolve_run(path: str | Path) -> tuple[Path, Path | None]:
     """``(run folder, checkpoint folder)`` of a run's ``output_dir`` (its newest checkpoint) or of one
     ``checkpoints/step-N`` folder."""
-    from diffrl.trainers.checkpoints import list_checkpoints
+    from diffrl.training.checkpoints import list_checkpoints
 
     folder = Path(path)
     if (folder / "trainer_state.json").is_file():
@@ -57,7 +57,7 @@ def load(path: str | Path, *, weights: str = "raw", device: str | None = None,
     """The model of a run folder or checkpoint, on ``device`` (default: a GPU when there is one), with the
     trained weights (``weights="ema"``: the weight EMA the run kept) and the run's config (``overrides``
     applied, e.g. ``sampling.eval_num_steps=20``)."""
-    from diffrl.config import load_config
+    from diffrl.trainers import load_config
 
     if weights not in ("raw", "ema"):
         raise ConfigError(f"weights {weights!r}: use 'raw' or 'ema'")
@@ -76,15 +76,15 @@ def build_model(config, device: str | torch.device | None = None):
     """The config's model as its trainer builds it (base weights, LoRA added but untrained), on ``device``."""
     target = torch.device(device or ("cuda" if torch.cuda.is_available() and not config.cpu else "cpu"))
     if config.trainer in TEXT_TRAINERS:
-        from diffrl.trainers.reasoning import load_dllm
+        from diffrl.training.reasoning import load_dllm
 
         return load_dllm(config, target)
     if config.trainer in FLOW_TRAINERS:
-        from diffrl.trainers.rollout import load_flow_model
+        from diffrl.training.rollout import load_flow_model
 
         return load_flow_model(config, target)
     if config.trainer in PREFERENCE_TRAINERS:
-        from diffrl.trainers.preference import load_preference_model
+        from diffrl.training.preference import load_preference_model
 
         return load_preference_model(config, target)
     raise ConfigError(f"runs of the {config.trainer!r} trainer cannot be loaded yet")
@@ -92,7 +92,7 @@ def build_model(config, device: str | torch.device | None = None):
 
 def load_weights(model, config, checkpoint: Path, weights: str = "raw") -> None:
     """A checkpoint's trained weights (``raw``, or ``ema``: the weight EMA) into ``model``."""
-    from diffrl.trainers import trainable
+    from diffrl.training import trainable
 
     folder = Path(checkpoint)
     folder = folder / "model" if (folder / "model").is_dir() else folder
@@ -135,7 +135,7 @@ def sample(run: LoadedRun, prompts: list[str], *, num: int = 1, seed: int = 0, b
     generator = torch.Generator().manual_seed(seed)
     rows: list[dict] = []
     if run.is_text:
-        from diffrl.trainers.reasoning import generate_answers
+        from diffrl.training.reasoning import generate_answers
 
         cfg, gen = run.config, run.config.generation
         for start in range(0, len(wanted), batch_size):
@@ -146,7 +146,8 @@ def sample(run: LoadedRun, prompts: list[str], *, num: int = 1, seed: int = 0, b
                                    temperature=gen.eval_temperature if temperature is None else temperature)
             rows += [{"prompt": p, "text": t} for p, t in zip(part, run.model.decode(out))]
         return rows
-    from diffrl.trainers.preference import unconditional
+    from diffrl.samplers.generate import sample_latents
+    from diffrl.training.preference import unconditional
 
     settings = image_settings(run.config)
     uncond = unconditional(run.model, settings["guidance_scale"])
@@ -154,7 +155,7 @@ def sample(run: LoadedRun, prompts: list[str], *, num: int = 1, seed: int = 0, b
         part = wanted[start:start + batch_size]
         part_images = None if wanted_images is None else wanted_images[start:start + batch_size]
         cond = run.model.encode_prompts(part, part_images)
-        latents = run.model.sample(cond, uncond=uncond, generator=generator, **settings)
+        latents = sample_latents(run.model, cond, uncond=uncond, generator=generator, **settings)
         rows += [{"prompt": p, "image": x.float().cpu()} for p, x in zip(part, run.model.decode(latents))]
     return rows
 
@@ -163,7 +164,8 @@ def write_samples(rows: list[dict], out: str | Path) -> Path:
     """Files for ``rows`` under ``out``: ``samples.jsonl`` for texts; for images ``samples/00000.png``...
     (videos: a folder of frames each) with ``samples/metadata.jsonl``, and ``grid.png``. Returns the texts'
     file or the images' folder."""
-    from diffrl.report import save_grid, to_pil
+    from diffrl.media import to_pil
+    from diffrl.report import save_grid
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

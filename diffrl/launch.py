@@ -46,7 +46,7 @@ def accelerate_settings(name: str) -> tuple[Path, dict]:
 
 def check_engine(name: str) -> None:
     """Before launching: an FSDP accelerate config must ask for FSDP2 (one line, at once)."""
-    from diffrl.trainers import sharding
+    from diffrl.training import sharding
 
     path, settings = accelerate_settings(name)
     if str(settings.get("distributed_type", "")).upper() != "FSDP":

@@ -22,6 +22,33 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".gif")
 
 
+def to_pil(image: torch.Tensor):
+    """``[3, H, W]`` in [0, 1] -> RGB image."""
+    from PIL import Image
+
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def open_input_image(source):
+    """A PIL RGB image from a path or a PIL image; a file that cannot be read is one DataError line."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if not isinstance(source, (str, Path)):
+        raise DataError(f"input image {source!r}: expected a file path or a PIL image")
+    try:
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"input image {source}: file not found; image paths in metadata.jsonl are relative "
+                        f"to its folder") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"input image {source}: cannot read the image ({reason})") from None
+
+
 def pil_to_tensor(image) -> torch.Tensor:
     image = image.convert("RGB")
     width, height = image.size

@@ -11,11 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """``[3, H, W]`` in [0, 1] -> RGB image."""
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
+from diffrl.media import to_pil
 
 
 def save_grid(samples: torch.Tensor, captions: list[str], path: str | Path, *, columns: int = 4,

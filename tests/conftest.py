@@ -32,6 +32,11 @@ def tiny_dir(tmp_path_factory):
     built: dict[str, Path] = {}
 
     def get(kind: str) -> Path:
+        if kind == "mask2former" and kind not in built:  # GenEval's detector: a reward model, built by rewards
+            from rewards.image.geneval import build_tiny_detector
+
+            build_tiny_detector().save_pretrained(root / kind, safe_serialization=True)
+            built[kind] = root / kind
         if kind not in built:
             built[kind] = save_tiny(kind, root / kind)
         return built[kind]

@@ -3,8 +3,9 @@ import dataclasses
 import pytest
 import yaml
 
-from diffrl.config import apply_overrides, describe, from_dict, load_config, save_config
+from diffrl.config import apply_overrides, describe, from_dict, save_config
 from diffrl.errors import ConfigError
+from diffrl.trainers import load_config
 from diffrl.trainers.dllm_sft import DllmSFTConfig
 
 

@@ -2,8 +2,9 @@ import re
 
 import pytest
 
-from diffrl.data import arithmetic_tasks, last_boxed, load_prompts, load_reasoning, load_tasks, split_trace_answer
+from diffrl.data import arithmetic_tasks, load_prompts, load_reasoning, load_tasks, split_trace_answer
 from diffrl.errors import DataError
+from rewards.text.answers import last_boxed
 
 
 def test_txt_prompts_skip_blank_lines(tmp_path):

@@ -7,11 +7,11 @@ import pytest
 import torch
 import yaml
 
-from diffrl.config import load_config
 from diffrl.data import ReasoningExample, load_reasoning, split_trace_answer
 from diffrl.losses import kl_penalty
 from diffrl.samplers.masked import FREE, build_spacing_scaled_hints
-from diffrl.trainers.reasoning import until_first
+from diffrl.trainers import load_config
+from diffrl.training.reasoning import until_first
 from rewards import load_reward
 from rewards.text.format import format_score
 from rewards.text.math import answers_match, extract_answer
@@ -234,7 +234,7 @@ def test_dpo_flips_winner_and_loser_independently(tmp_path):
 
     from diffrl.config import PreferenceDataConfig
     from diffrl.data import PreferenceData
-    from diffrl.trainers.preference import load_batch
+    from diffrl.training.preference import load_batch
 
     image = Image.new("RGB", (8, 8))
     image.putpixel((0, 0), (255, 255, 255))          # a white pixel at the left edge shows a flip

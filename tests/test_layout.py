@@ -59,3 +59,42 @@ def test_no_import_circles():
 def test_no_module_much_over_600_lines():
     long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > 620}
     assert not long, f"split these modules by concern: {long}"
+
+
+def _edges() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports(path, known) - {name} for name, path in known.items()}
+
+
+def _under(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def test_dependencies_point_down():
+    """rewards/ needs only diffrl's small shared pieces; models/ and samplers/ know nothing of rewards, trainers
+    or the engine; config knows no trainer; the engine knows no algorithm."""
+    shared = {"diffrl.errors", "diffrl.hub", "diffrl.media"}
+    upward = []
+    for name, targets in _edges().items():
+        for target in targets:
+            if _under(name, "rewards") and _under(target, "diffrl") and target not in shared:
+                upward.append((name, target))
+            if (_under(name, "diffrl.models") or _under(name, "diffrl.samplers")) and any(
+                    _under(target, p) for p in ("rewards", "diffrl.trainers", "diffrl.training")):
+                upward.append((name, target))
+            if name == "diffrl.config" and (_under(target, "diffrl.trainers") or _under(target, "diffrl.training")):
+                upward.append((name, target))
+            if _under(name, "diffrl.training") and _under(target, "diffrl.trainers"):
+                upward.append((name, target))
+    assert not upward, "imports against the layering: " + ", ".join(f"{a} -> {b}" for a, b in sorted(upward))
+
+
+def test_trainers_holds_only_algorithms():
+    """Every module of diffrl/trainers registers one algorithm (the registry imports them all)."""
+    import pkgutil
+
+    import diffrl.trainers as trainers
+
+    modules_here = {m.name for m in pkgutil.iter_modules(trainers.__path__) if not m.name.startswith("_")}
+    registered = {entry.trainer_class.__module__.rsplit(".", 1)[1] for entry in trainers.available_trainers().values()}
+    assert modules_here == registered, f"not algorithms: {sorted(modules_here - registered)}"

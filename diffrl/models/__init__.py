@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffrl.errors import ConfigError
-from diffrl.models.loading import pipeline_class_name
+from diffrl.hub import pipeline_class_name
 
 
 def load_diffusion_model(path: str | Path, *, revision: str | None = None, dtype=None, device="cpu",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from diffrl.errors import DataError
+from diffrl.media import open_input_image
 
 
 @dataclass
@@ -96,25 +96,6 @@ class PromptCache:
         while len(self.entries) > self.max_size:
             self.entries.popitem(last=False)
         return out
-
-
-def open_input_image(source):
-    """A PIL RGB image from a path or a PIL image; a file that cannot be read is one DataError line."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    if not isinstance(source, (str, Path)):
-        raise DataError(f"input image {source!r}: expected a file path or a PIL image")
-    try:
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"input image {source}: file not found; image paths in metadata.jsonl are relative "
-                        f"to its folder") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"input image {source}: cannot read the image ({reason})") from None
 
 
 class InputImages:

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from diffrl.errors import ConfigError
+from diffrl.hub import loading_errors
 from diffrl.models.dllm import DiffusionLM, combine_passes
-from diffrl.models.loading import loading_errors
 
 
 def is_diffusion_gemma(path: str | Path, *, revision: str | None = None) -> bool:

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from diffrl.errors import ConfigError
+from diffrl.hub import loading_errors
 from diffrl.models import lora as lora_utils
-from diffrl.models.loading import loading_errors
 
 # Mask ids of families whose tokenizer does not declare a mask token.
 _KNOWN_MASK_IDS = {"llada": 126336}

@@ -60,12 +60,3 @@ class TwoExperts(torch.nn.Module):
                 out = part.new_zeros((hidden_states.shape[0], *part.shape[1:]))
             out = out.index_put((rows.nonzero().squeeze(1),), part)
         return (out,)
-
-
-def split_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """``{"high.x": ..., "low.y": ...}`` -> ``{"transformer": {"x": ...}, "transformer_2": {"y": ...}}``."""
-    out: dict[str, dict[str, torch.Tensor]] = {component: {} for component in EXPERT_PREFIXES.values()}
-    for key, value in state.items():
-        expert, rest = key.split(".", 1)
-        out[EXPERT_PREFIXES[expert]][rest] = value
-    return out

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from diffrl.errors import ConfigError, DataError
+from diffrl.hub import loading_errors, pipeline_class_name
 from diffrl.models import flux2_layout
 from diffrl.models import lora as lora_utils
 from diffrl.models.conditioning import (
@@ -30,8 +31,6 @@ from diffrl.models.conditioning import (
     video_latent_stats,
 )
 from diffrl.models.experts import TwoExperts
-from diffrl.models.loading import loading_errors, pipeline_class_name
-from diffrl.samplers.flow import sample_ode
 
 _PIPELINE_FAMILY = {
     "StableDiffusion3Pipeline": "sd3",
@@ -266,13 +265,6 @@ class FlowModel:
         guidance is an embedding, so Kontext never reads it and it needs no input image)."""
         return self._prompt_cache([""])
 
-    def offload_text_encoders(self) -> None:
-        """Move the text encoders to CPU once every prompt is cached (saves GPU memory during training)."""
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-            module = getattr(self.pipeline, name, None)
-            if module is not None:
-                module.to("cpu")
-
     # ------------------------------------------------------------------------------------------------------
     # Velocity
     # ------------------------------------------------------------------------------------------------------
@@ -419,13 +411,6 @@ class FlowModel:
         return scaled.view(b, c, h, w)
 
     @torch.no_grad()
-    def sample(self, cond: Cond, *, num_steps: int, height: int, width: int, num_frames: int = 1,
-               guidance_scale: float = 1.0, uncond: Cond | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Euler ODE sampling to clean latents (the same call as :meth:`EpsilonModel.sample`)."""
-        return sample_ode(self, cond, num_steps=num_steps, height=height, width=width, num_frames=num_frames,
-                          guidance_scale=guidance_scale, uncond=uncond, generator=generator)
-
     # ------------------------------------------------------------------------------------------------------
     # The training objective (shared shape with EpsilonModel: preference trainers call these two)
     # ------------------------------------------------------------------------------------------------------

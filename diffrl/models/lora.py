@@ -91,10 +91,6 @@ def set_active_adapter(module: torch.nn.Module, adapter_name: str) -> None:
         layer.set_adapter(adapter_name)
 
 
-def has_lora(module: torch.nn.Module) -> bool:
-    return bool(getattr(module, "peft_config", None))
-
-
 def lora_state_dict(module: torch.nn.Module, adapter_name: str = "default",
                     whole: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter's weights with peft's adapter-free names (``...to_q.lora_A.weight``), detached, fp32.

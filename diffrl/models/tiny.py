@@ -27,7 +27,7 @@ from diffrl.models.tiny_tokenizers import (  # noqa: F401  (re-exported: the tin
 
 TINY_KINDS = ("sd3", "flux", "flux_kontext", "flux2", "flux2_klein", "qwenimage", "wan", "wan22", "wan_i2v",
               "wan22_i2v", "wan22_ti2v", "sd15",
-              "sdxl", "animatediff", "dllm", "diffusion_gemma", "clip", "mask2former", "preferences",
+              "sdxl", "animatediff", "dllm", "diffusion_gemma", "clip", "preferences",
               "video_preferences", "edit_prompts")
 
 
@@ -418,30 +418,13 @@ def build_clip(seed: int = 0, image_size: int = 32, vision_sizes: dict | None = 
     return model, processor
 
 
-def build_mask2former(seed: int = 0):
-    """A Mask2Former for COCO instance segmentation (80 classes, GenEval's names; 8 queries, a tiny Swin)."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
-
-    from rewards.image.geneval_rules import CLASSES
-
-    torch.manual_seed(seed)
-    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-                          window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = Mask2FormerConfig(backbone_config=backbone, num_queries=8, hidden_dim=32, feature_size=32,
-                               mask_feature_size=32, encoder_layers=1, decoder_layers=2, encoder_feedforward_dim=64,
-                               dim_feedforward=64, num_attention_heads=2, num_labels=len(CLASSES),
-                               id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)})
-    return Mask2FormerForUniversalSegmentation(config)
-
-
 _BUILDERS = {"sd3": build_sd3, "flux": build_flux, "flux_kontext": build_flux_kontext, "flux2": build_flux2,
              "flux2_klein": build_flux2_klein, "qwenimage": build_qwenimage,
              "wan": build_wan, "wan_i2v": build_wan_i2v, "wan22_i2v": build_wan22_i2v,
              "wan22_ti2v": build_wan22_ti2v,
              "wan22": build_wan22, "sd15": build_sd15,
              "sdxl": build_sdxl, "animatediff": build_animatediff,
-             "dllm": build_dllm, "diffusion_gemma": build_diffusion_gemma, "clip": build_clip,
-             "mask2former": build_mask2former}
+             "dllm": build_dllm, "diffusion_gemma": build_diffusion_gemma, "clip": build_clip}
 
 
 def save_preferences(folder: str | Path, *, num_rows: int = 8, num_frames: int | None = None, seed: int = 0) -> Path:

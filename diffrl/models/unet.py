@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from diffrl.errors import ConfigError
+from diffrl.hub import loading_errors, pipeline_class_name
 from diffrl.models import lora as lora_utils
 from diffrl.models.flow import Cond, PromptCache
-from diffrl.models.loading import loading_errors, pipeline_class_name
 
 _PIPELINE_FAMILY = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
                     "AnimateDiffPipeline": "animatediff"}
@@ -176,21 +176,6 @@ class EpsilonModel:
         out = self.denoiser(latents.to(dtype), timesteps.to(self.device), encoder_hidden_states=embeds,
                             return_dict=False, **kwargs)[0]
         return out.float()
-
-    @torch.no_grad()
-    def sample(self, cond: Cond, *, num_steps: int, height: int, width: int, num_frames: int = 1,
-               guidance_scale: float = 1.0, uncond: Cond | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sampling with the pipeline's scheduler (DDIM, eta = 0, for the published set-ups); clean latents."""
-        shape = self.latent_shape(height, width, num_frames)
-        latents = torch.randn((len(cond), *shape), generator=generator).to(self.device)
-        latents = latents * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(num_steps, device=self.device)
-        for t in self.scheduler.timesteps:
-            eps = self.predict_noise(latents, t.expand(latents.shape[0]), cond, guidance_scale=guidance_scale,
-                                     uncond=uncond)
-            latents = self.scheduler.step(eps, t, latents, return_dict=False)[0]
-        return latents
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -27,45 +27,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 
 import torch
 
-from diffrl.advantages import clip_advantages, get_estimator
-from diffrl.config import FlowSamplingConfig, PromptDataConfig, RewardConfig, TrainerConfig, param
-from diffrl.curriculum import UniformSampler
+from diffrl.advantages import clip_advantages
+from diffrl.config import FlowSamplingConfig, param
 from diffrl.errors import ConfigError
 from diffrl.losses import FLOW_WEIGHTINGS, clipped_surrogate, flow_matching_log_prob, velocity_kl
 from diffrl.models import lora as lora_utils
 from diffrl.samplers.flow import initial_noise, stratified_timestep_indices
-from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
-from diffrl.trainers.evaluation import check_reward_fits, evaluate_flow_trainer
-from diffrl.trainers.reward_pipeline import RolloutScorer
-from diffrl.trainers.rollout import (
-    check_group_split,
-    check_input_images,
-    check_prompts_fit,
-    flow_rollout,
-    input_images,
-    load_flow_model,
-    local_group_slots,
-    prompt_sets,
-    rollout_advantages,
-    scoring_hook,
-    sde_window,
-)
-from diffrl.trainers.weight_ema import WeightEMA
+from diffrl.trainers import register_trainer
+from diffrl.training import engine, online_flow, run_setup, step_guard, trainable
+from diffrl.training.evaluation import evaluate_flow_trainer
+from diffrl.training.online_flow import OnlineFlowConfig
+from diffrl.training.protocol import CheckpointContents, if_stateful
+from diffrl.training.rollout import flow_rollout, rollout_advantages, sde_window
 
 
-@dataclasses.dataclass(kw_only=True)  # required sections after the base class's defaulted fields
-class AWMConfig(TrainerConfig):
-    data: PromptDataConfig = param(help="training and evaluation prompts")
-    reward: RewardConfig = param(help="reward models and weights")
+@dataclasses.dataclass(kw_only=True)
+class AWMConfig(OnlineFlowConfig):
     # Defaults are the public OCR run's (config/dgx_awm.py, ocr_sd3_no_cfg_1node), one task's whole set.
     sampling: FlowSamplingConfig = param(FlowSamplingConfig(num_steps=14, noise_level=0.4, sampler="sa_solver"),
                                          help="rollout and evaluation sampling (AWM OCR: SA-Solver, 14 steps, "
                                               "tau 0.4 on t in [0.3, 0.9], CFG 1)")
-    group_size: int = param(24, help="samples per prompt (the group of the advantage estimate)", ge=2)
     prompts_per_step: int = param(72, help="prompts (groups) per optimizer step, over all processes", ge=1)
     sample_batch_size: int = param(6, help="samples per process per rollout forward", ge=1)
     train_batch_size: int = param(3, help="samples per process per training forward (x train_timesteps)", ge=1)
@@ -80,20 +64,13 @@ class AWMConfig(TrainerConfig):
     ema_decay_rate: float = param(1e-3, help="EMA adapter decay growth per step", ge=0)
     off_policy: bool = param(False, help="sample with the EMA adapter and clip the ratio against it")
     clip_range: float = param(1.0, help="ratio clip range, used only off-policy", gt=0)
-    estimator: str = param("per_prompt", help="advantage estimator (diffrl ls estimators)")
-    estimator_kwargs: dict[str, float | bool | str] = param({"global_std": True},
-                                                            help="options of the estimator")
     adv_clip_max: float = param(5.0, help="advantages are clipped to +-adv_clip_max ...", gt=0)
     advantage_max: float = param(1.0, help="... then scaled so that |A| <= advantage_max", gt=0)
     weight_ema_decay: float | None = param(None, help="EMA of the trainable weights, evaluated and saved beside "
                                                       "the raw ones (AWM: 0.99); null disables", gt=0, lt=1)
-    weight_ema_every: int = param(1, help="update the weight EMA every N optimizer steps (AWM: 1)", ge=1)
-    eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
-    eval_seed: int = param(1234, help="seed of the evaluation noise (the same images every time)", ge=0)
-    max_bad_steps: int = param(5, help="stop after this many consecutive steps with a non-finite loss", ge=1)
 
     def __post_init__(self):
-        get_estimator(self.estimator, **self.estimator_kwargs)  # an unknown name or option fails here
+        super().__post_init__()
         if self.time_type not in ("discrete", "discrete_wo_init"):
             raise ConfigError(f"time_type must be 'discrete' or 'discrete_wo_init', got {self.time_type!r}")
         if self.weighting not in FLOW_WEIGHTINGS:
@@ -110,48 +87,29 @@ class AWMConfig(TrainerConfig):
 @register_trainer("awm", config_class=AWMConfig, paper="https://arxiv.org/abs/2509.25050",
                   summary="Advantage Weighted Matching for SD3.5 / FLUX / Qwen-Image / Wan (flow matching)")
 class AWMTrainer:
+    progress_keys = ("reward", "loss")
+
     def __init__(self, config: AWMConfig):
         self.config = config
 
     # ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
-        self.accelerator = acc = run_setup.create_accelerator(cfg)
-        self.output_dir = run_setup.prepare_output_dir(acc, cfg)
-        run_setup.seed_everything(cfg.seed, acc)
-        # Prompts and rewards before the model: a bad file fails in a second, not after minutes of loading.
-        self.prompts, self.eval_prompts = prompt_sets(cfg.data)
-        check_group_split(cfg.prompts_per_step, cfg.group_size, acc.num_processes)
-        self.reward = run_setup.load_configured_reward(cfg.reward, acc.device, overlap=True)
-        check_prompts_fit(self.reward, self.prompts, self.eval_prompts)
-        self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
-        self.model = load_flow_model(cfg, acc.device)
-        check_reward_fits(self.reward, self.model)
-        check_input_images(self.model, self.prompts, self.eval_prompts)
+        run_setup.start(self)
+        online_flow.load_online_flow(self)
         self.has_ema = cfg.ema_beta > 0 or cfg.off_policy
         if self.has_ema:
             # The "ema" adapter starts equal to the policy adapter and trails it (TRPO-like anchor).
             trainable.add_frozen_adapter(self.model, cfg.lora, "ema")
             lora_utils.copy_adapter(self.model.transformer, "default", "ema")
-        run_setup.prepare_optimization(self, cfg.max_steps)
-        self.weight_ema = (WeightEMA(self.params, decay=cfg.weight_ema_decay, every=cfg.weight_ema_every,
-                                     module=self.model.trainable)
-                           if cfg.weight_ema_decay else None)
-        self.uncond = self.model.null_condition() if cfg.sampling.guidance_scale != 1.0 else None
+        online_flow.prepare_online_flow(self, optimizer_steps=cfg.max_steps)
+        engine.resume(self)
 
-        # Every rank draws the same prompts (world_size=1 here); samples are split by local_group_slots.
-        self.prompt_sampler = UniformSampler(len(self.prompts), cfg.prompts_per_step, seed=cfg.seed)
-        self.noise = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
-        run_loop.resume_and_open_logs(self, "awm", load_model=self._load_model,
-                                      states=self._states(), generators={"noise": self.noise})
-
-    def _states(self) -> dict:
-        states = {"prompt_sampler": self.prompt_sampler}
-        if hasattr(self.estimator, "state_dict"):
-            states["estimator"] = self.estimator
-        if self.weight_ema is not None:
-            states["weight_ema"] = self.weight_ema
-        return states
+    def checkpoint_contents(self) -> CheckpointContents:
+        return CheckpointContents(states={"prompt_sampler": self.prompt_sampler,
+                                          "estimator": if_stateful(self.estimator)},
+                                  generators={"noise": self.noise}, adapters=("ema",) if self.has_ema else (),
+                                  weight_ema=self.weight_ema)
 
     # ------------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -169,22 +127,15 @@ class AWMTrainer:
     @torch.no_grad()
     def rollout(self) -> dict:
         """This process's share of the step's samples: final latents x0 [n, ...], prompts, group ids."""
-        cfg, acc = self.config, self.accelerator
-        prompt_ids = torch.tensor(self.prompt_sampler.next_indices())
-        slots = local_group_slots(cfg.prompts_per_step, cfg.group_size, rank=acc.process_index,
-                                  world_size=acc.num_processes, seed=cfg.seed, step=self.step)
-        group_ids = prompt_ids[slots]
-        prompts, metadata = self.prompts.take(group_ids.tolist())
-        images = input_images(self.model, metadata)
-        scorer = RolloutScorer(self.reward, overlap=cfg.reward.async_)
-        on_batch = scoring_hook(self.model, scorer, prompts, metadata, cfg.sample_batch_size)
-        self.model.denoiser.eval()
+        cfg = self.config
+        drawn = online_flow.draw_prompts(self)
         with self._sampling_policy():
-            trajectories = flow_rollout(self.model, prompts, cfg.sampling, batch_size=cfg.sample_batch_size,
-                                        generator=self.noise, uncond=self.uncond, on_batch=on_batch, images=images,
-                                        window=sde_window(cfg.sampling, seed=cfg.seed, step=self.step))
-        return {"x0": torch.cat([t.final for t in trajectories]), "prompts": prompts, "images": images,
-                "group_ids": group_ids, "sigmas": trajectories[0].sigmas, "scorer": scorer}
+            trajectories = flow_rollout(self.model, drawn.prompts, cfg.sampling, batch_size=cfg.sample_batch_size,
+                                        generator=self.noise, uncond=self.uncond, on_batch=drawn.on_batch,
+                                        images=drawn.images, window=sde_window(cfg.sampling, seed=cfg.seed,
+                                                                               step=self.step))
+        return {"x0": torch.cat([t.final for t in trajectories]), "prompts": drawn.prompts, "images": drawn.images,
+                "group_ids": drawn.group_ids, "sigmas": trajectories[0].sigmas, "scorer": drawn.scorer}
 
     def score(self, batch: dict) -> dict:
         cfg = self.config
@@ -263,44 +214,22 @@ class AWMTrainer:
         return metrics
 
     @torch.no_grad()
-    def _update_ema_adapter(self) -> None:
-        """ema <- d ema + (1 - d) theta, d = min(cap, rate * step): the adapter trails the policy closely."""
+    def _update_ema_adapter(self, steps_done: int) -> None:
+        """ema <- d ema + (1 - d) theta, d = min(cap, rate * steps_done): the adapter trails the policy closely."""
         cfg = self.config
         if not self.has_ema:
             return
-        decay = min(cfg.ema_decay_max, cfg.ema_decay_rate * self.step)
+        decay = min(cfg.ema_decay_max, cfg.ema_decay_rate * steps_done)
         lora_utils.blend_adapter(self.model.transformer, "default", into="ema", decay=decay)
+
+    def train_step(self) -> dict:
+        metrics = engine.online_step(self)
+        self._update_ema_adapter(self.step + 1)  # the public code: after global_step += 1, skipped steps too
+        return metrics
 
     def evaluate(self) -> dict:
         """Raw weights, and the weight EMA when enabled (as the public code evaluates both)."""
         return evaluate_flow_trainer(self)
 
     def train(self) -> dict:
-        cfg = self.config
-        self.setup()
-        bar = run_loop.start_training(self, desc="awm")
-        last: dict = {}
-        while self.step < cfg.max_steps:
-            start = time.time()
-            last = run_loop.rollout_score_update(self)
-            self.step += 1
-            self._update_ema_adapter()
-            last["step_time"] = time.time() - start
-            run_loop.after_step(self, last, bar, **run_loop.postfix(last, "reward", "loss"))
-        return run_loop.finish_training(self, bar, last)
-
-    def save(self) -> None:
-        ema = trainable.gather_weight_ema(self)  # on every process: a collective under FSDP
-        run_loop.save(self, "awm", save_model=lambda folder, full: self._save_model(folder, full, ema),
-                      states=self._states(), generators={"noise": self.noise})
-
-    def _save_model(self, folder, full_state=None, ema_state=None) -> None:
-        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled, full_state=full_state)
-        trainable.save_weight_ema(self, folder, ema_state)
-        if self.has_ema:
-            trainable.save_adapter(self.model, folder, "ema", full_state)
-
-    def _load_model(self, folder) -> None:
-        trainable.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
-        if self.has_ema:
-            trainable.load_adapter(self.model, folder, "ema")
+        return engine.train(self)

@@ -18,24 +18,23 @@ adapter's ``denoising_error``.
 from __future__ import annotations
 
 import dataclasses
-import time
-
-import torch
 
 from diffrl.config import GenerationConfig, PreferenceDataConfig, RewardConfig, TrainerConfig, param
 from diffrl.curriculum import UniformSampler
 from diffrl.errors import ConfigError
 from diffrl.losses import DPO_LOSS_TYPES, diffusion_dpo_loss
-from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
-from diffrl.trainers.evaluation import check_reward_fits, evaluate_generation
-from diffrl.trainers.preference import (
+from diffrl.trainers import register_trainer
+from diffrl.training import engine, run_setup, step_guard
+from diffrl.training.evaluation import check_reward_fits, evaluate_generation
+from diffrl.training.preference import (
     load_batch,
     load_preference_data,
     load_preference_model,
     paired_errors,
     unconditional,
 )
-from diffrl.trainers.weight_snapshots import WeightSnapshots
+from diffrl.training.protocol import CheckpointContents
+from diffrl.training.weight_snapshots import WeightSnapshots
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -49,9 +48,7 @@ class DiffusionDPOConfig(TrainerConfig):
     train_batch_size: int = param(1, help="pairs per process per forward (x optim.gradient_accumulation_steps)",
                                   ge=1)
     eval_batch_size: int = param(4, help="samples per forward at evaluation", ge=1)
-    eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
     eval_seed: int = param(1234, help="seed of the evaluation noise", ge=0)
-    max_bad_steps: int = param(5, help="stop after this many consecutive steps with a non-finite loss", ge=1)
 
     def __post_init__(self):
         if self.loss_type not in DPO_LOSS_TYPES:
@@ -61,15 +58,16 @@ class DiffusionDPOConfig(TrainerConfig):
 @register_trainer("diffusion_dpo", config_class=DiffusionDPOConfig, paper="https://arxiv.org/abs/2311.12908",
                   summary="Diffusion-DPO on preference pairs (SD1.5/SDXL/AnimateDiff, SD3/FLUX/Wan)")
 class DiffusionDPOTrainer:
+    progress_keys = ("loss", "implicit_acc")
+
     def __init__(self, config: DiffusionDPOConfig):
         self.config = config
 
     # ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
-        self.accelerator = acc = run_setup.create_accelerator(cfg)
-        self.output_dir = run_setup.prepare_output_dir(acc, cfg)
-        run_setup.seed_everything(cfg.seed, acc)
+        run_setup.start(self)
+        acc = self.accelerator
         self.data, self.eval_prompts = load_preference_data(cfg.data, need_loser=True)
         self.reward = run_setup.load_configured_reward(cfg.reward, acc.device)
         self.model = load_preference_model(cfg, acc.device)
@@ -87,9 +85,11 @@ class DiffusionDPOTrainer:
         self.sampler = UniformSampler(len(self.data), cfg.train_batch_size * cfg.optim.gradient_accumulation_steps,
                                       seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
         # Training noise, timesteps, VAE draws and augmentations; distinct per process, checkpointed.
-        self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
-        run_loop.resume_and_open_logs(self, "diffusion_dpo", load_model=self._load_model,
-                                      states={"sampler": self.sampler}, generators={"noise": self.noise})
+        self.noise = run_setup.process_generator(cfg.seed, acc, stream="preference")
+        engine.resume(self)
+
+    def checkpoint_contents(self) -> CheckpointContents:
+        return CheckpointContents(states={"sampler": self.sampler}, generators={"noise": self.noise})
 
     # ------------------------------------------------------------------------------------------------------
     def rollout(self) -> list[list[int]]:
@@ -130,25 +130,8 @@ class DiffusionDPOTrainer:
                                    uncond=self.uncond, batch_size=cfg.eval_batch_size, seed=cfg.eval_seed,
                                    grid_path=self.output_dir / "samples" / f"step-{self.step:06d}.png")
 
+    def train_step(self) -> dict:
+        return self.update(self.rollout())
+
     def train(self) -> dict:
-        cfg = self.config
-        self.setup()
-        bar = run_loop.start_training(self, desc="diffusion_dpo")
-        last: dict = {}
-        while self.step < cfg.max_steps:
-            start = time.time()
-            last = self.update(self.rollout())
-            self.step += 1
-            last["step_time"] = time.time() - start
-            run_loop.after_step(self, last, bar, **run_loop.postfix(last, "loss", "implicit_acc"))
-        return run_loop.finish_training(self, bar, last)
-
-    def save(self) -> None:
-        run_loop.save(self, "diffusion_dpo", save_model=self._save_model, states={"sampler": self.sampler},
-                      generators={"noise": self.noise})
-
-    def _save_model(self, folder, full_state=None) -> None:
-        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled, full_state=full_state)
-
-    def _load_model(self, folder) -> None:
-        trainable.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        return engine.train(self)

@@ -22,17 +22,19 @@ answer in the same forward (hidden from the decoder by the attention mask), adds
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
 import torch.nn.functional as F
 
 from diffrl.config import MaskedGenerationConfig, ReasoningDataConfig, TrainerConfig, param
 from diffrl.curriculum import UniformSampler
-from diffrl.data import ReasoningExample, last_boxed
+from diffrl.data import ReasoningExample
 from diffrl.errors import ConfigError
-from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
-from diffrl.trainers.reasoning import generate_answers, load_dllm, load_task_split, until_first
+from diffrl.trainers import register_trainer
+from diffrl.training import engine, run_setup, step_guard
+from diffrl.training.protocol import CheckpointContents
+from diffrl.training.reasoning import generate_answers, load_dllm, load_task_split, until_first
+from rewards.text.answers import last_boxed
 
 
 @dataclasses.dataclass
@@ -48,7 +50,9 @@ class DllmSFTConfig(TrainerConfig):
     encoder_loss_weight: float = param(1.0, help="DiffusionGemma: weight of the encoder pass's next-token loss on "
                                                  "the clean answer (NeMo's recipe: 1.0; 0 turns it off)", ge=0)
     chat_template: bool = param(True, help="wrap questions in the tokenizer's chat template")
-    eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
+
+    def samples_per_step(self, num_processes: int) -> str:
+        return f"batch {self.batch_size * num_processes * self.optim.gradient_accumulation_steps} per step"
 
     def __post_init__(self):
         if self.data.eval_size >= self.data.size and self.data.path.startswith("generator:"):
@@ -100,14 +104,14 @@ def uniform_diffusion_loss(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
 @register_trainer("dllm_sft", config_class=DllmSFTConfig, summary="masked-diffusion SFT for diffusion LLMs",
                   paper="https://arxiv.org/abs/2502.09992")
 class DllmSFTTrainer:
+    progress_keys = ("loss",)
+
     def __init__(self, config: DllmSFTConfig):
         self.config = config
 
     def setup(self) -> None:
         cfg = self.config
-        self.accelerator = run_setup.create_accelerator(cfg)
-        self.output_dir = run_setup.prepare_output_dir(self.accelerator, cfg)
-        run_setup.seed_everything(cfg.seed, self.accelerator)
+        run_setup.start(self)
         # Data first: a bad path should fail before minutes of model loading.
         self.train_tasks, self.eval_tasks = load_task_split(cfg.data, cfg.seed)
         self.model = load_dllm(cfg, self.accelerator.device)
@@ -115,9 +119,11 @@ class DllmSFTTrainer:
         self.sampler = UniformSampler(len(self.train_tasks), cfg.batch_size, seed=cfg.seed,
                                       rank=self.accelerator.process_index,
                                       world_size=self.accelerator.num_processes)
-        self.noise = torch.Generator().manual_seed(cfg.seed + 1000 * self.accelerator.process_index)
-        run_loop.resume_and_open_logs(self, "dllm_sft", load_model=self._load_model,
-                                      states={"sampler": self.sampler}, generators={"noise": self.noise})
+        self.noise = run_setup.process_generator(cfg.seed, self.accelerator, stream="sft")
+        engine.resume(self)
+
+    def checkpoint_contents(self) -> CheckpointContents:
+        return CheckpointContents(states={"sampler": self.sampler}, generators={"noise": self.noise})
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -158,24 +164,23 @@ class DllmSFTTrainer:
         return masked_diffusion_loss(logits, ids, masked, p_mask, batch["lengths"])
 
     def update(self) -> dict[str, float]:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches (each a fresh batch of tasks)."""
         cfg, acc = self.config, self.accelerator
         self.model.denoiser.train()
+        count = cfg.optim.gradient_accumulation_steps
         losses = []
-        for _ in range(cfg.optim.gradient_accumulation_steps):
-            batch = self._batch([self.train_tasks[i] for i in self.sampler.next_indices()])
-            with acc.accumulate(self.model.denoiser), acc.autocast():
+
+        def micro_batch_loss(i: int):
+            batch = self._batch([self.train_tasks[k] for k in self.sampler.next_indices()])
+            with acc.autocast():
                 loss = self._loss(batch)
-                acc.backward(loss)
-                grad_norm = step_guard.clip_and_check_grads(acc, self.params, cfg.optim.max_grad_norm) \
-                    if acc.sync_gradients else float("nan")
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
-        step_guard.check_weights(acc, self.params)
-        loss = acc.reduce(torch.stack(losses).mean(), reduction="mean")
-        return {"loss": float(loss), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+            return loss / count, {}  # the mean over micro-batches, divided as accelerate's accumulation did
+
+        totals = step_guard.accumulate(acc, self.model.denoiser, count, micro_batch_loss, average=False)
+        metrics = step_guard.optimizer_step(self, totals)
+        metrics["loss"] = float(acc.reduce(torch.stack(losses).mean(), reduction="mean"))  # over processes
+        return metrics
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -194,25 +199,8 @@ class DllmSFTTrainer:
         correct = [last_boxed(text) == e.answer for text, e in zip(texts, self.eval_tasks)]
         return {"eval/accuracy": sum(correct) / len(correct), "eval/example": texts[0][:80]}
 
+    def train_step(self) -> dict[str, float]:
+        return self.update()
+
     def train(self) -> dict[str, float]:
-        cfg = self.config
-        self.setup()
-        bar = run_loop.start_training(self, desc="dllm_sft")
-        last = {}
-        while self.step < cfg.max_steps:
-            start = time.time()
-            last = self.update()
-            self.step += 1
-            last["step_time"] = time.time() - start
-            run_loop.after_step(self, last, bar, **run_loop.postfix(last, "loss"))
-        return run_loop.finish_training(self, bar, last)
-
-    def save(self) -> None:
-        run_loop.save(self, "dllm_sft", save_model=self._save_model, states={"sampler": self.sampler},
-                      generators={"noise": self.noise})
-
-    def _save_model(self, folder, full_state=None) -> None:
-        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled, full_state=full_state)
-
-    def _load_model(self, folder) -> None:
-        trainable.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        return engine.train(self)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
-import time
 from typing import Literal
 
 import torch
@@ -40,8 +39,10 @@ from diffrl.curriculum import UniformSampler
 from diffrl.errors import ConfigError
 from diffrl.losses import aggregate, clipped_surrogate, hint_entropy_mask, kl_penalty, sequence_log_ratio
 from diffrl.samplers.masked import FREE, build_hints, build_spacing_scaled_hints
-from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
-from diffrl.trainers.reasoning import (
+from diffrl.trainers import register_trainer
+from diffrl.training import engine, run_setup, step_guard
+from diffrl.training.protocol import CheckpointContents, if_stateful
+from diffrl.training.reasoning import (
     check_correctness_reward,
     evaluate_reasoning,
     generate_answers,
@@ -112,9 +113,10 @@ class IGPOConfig(TrainerConfig):
     estimator: str = param("dr_grpo", help="advantage estimator (diffrl ls estimators)")
     estimator_kwargs: dict[str, float | bool | str] = param({}, help="options of the estimator")
     chat_template: bool = param(True, help="wrap questions in the tokenizer's chat template")
-    eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
     eval_k: int = param(1, help="also report pass@k with k samples per question at `temperature` (1: off)", ge=1)
-    max_bad_steps: int = param(5, help="stop after this many consecutive steps with a non-finite loss", ge=1)
+
+    def samples_per_step(self, num_processes: int) -> str:
+        return f"{self.prompts_per_step} prompts x {self.group_size} samples per step"
 
     def __post_init__(self):
         get_estimator(self.estimator, **self.estimator_kwargs)  # an unknown name or option fails here
@@ -136,15 +138,20 @@ class IGPOConfig(TrainerConfig):
 @register_trainer("igpo", config_class=IGPOConfig, paper="https://arxiv.org/abs/2509.10396",
                   summary="IGPO / diffu-GRPO: GRPO for masked diffusion LLMs with inpainted hints")
 class IGPOTrainer:
+    progress_keys = ("reward", "loss")
+
+    @property
+    def label(self) -> str:
+        return "igpo" if self.config.igpo.enabled else "diffu-grpo"
+
     def __init__(self, config: IGPOConfig):
         self.config = config
 
     # ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
-        self.accelerator = acc = run_setup.create_accelerator(cfg)
-        self.output_dir = run_setup.prepare_output_dir(acc, cfg)
-        run_setup.seed_everything(cfg.seed, acc)
+        run_setup.start(self)
+        acc = self.accelerator
         if cfg.prompts_per_step % acc.num_processes:
             raise ConfigError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the "
                               f"{acc.num_processes} processes: each process keeps whole groups")
@@ -156,15 +163,12 @@ class IGPOTrainer:
         run_setup.prepare_optimization(self, cfg.max_steps * cfg.num_iterations)
         self.sampler = UniformSampler(len(self.train_tasks), cfg.prompts_per_step // acc.num_processes,
                                       seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
-        self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
-        run_loop.resume_and_open_logs(self, "igpo", load_model=self._load_model,
-                                      states=self._states(), generators={"noise": self.noise})
+        self.noise = run_setup.process_generator(cfg.seed, acc, stream="dllm")
+        engine.resume(self)
 
-    def _states(self) -> dict:
-        states = {"sampler": self.sampler}
-        if hasattr(self.estimator, "state_dict"):
-            states["estimator"] = self.estimator
-        return states
+    def checkpoint_contents(self) -> CheckpointContents:
+        return CheckpointContents(states={"sampler": self.sampler, "estimator": if_stateful(self.estimator)},
+                                  generators={"noise": self.noise})
 
     # ------------------------------------------------------------------------------------------------------
     def _generate(self, prompt_ids, prompt_mask, pinned=None) -> torch.Tensor:
@@ -391,25 +395,8 @@ class IGPOTrainer:
                                       correctness=cfg.correctness, chat_template=cfg.chat_template, k=cfg.eval_k,
                                       batch_size=cfg.generation_batch_size, seed=cfg.seed)
 
+    def train_step(self) -> dict:
+        return engine.online_step(self)
+
     def train(self) -> dict:
-        cfg = self.config
-        self.setup()
-        bar = run_loop.start_training(self, desc="igpo" if cfg.igpo.enabled else "diffu-grpo")
-        last: dict = {}
-        while self.step < cfg.max_steps:
-            start = time.time()
-            last = run_loop.rollout_score_update(self)
-            self.step += 1
-            last["step_time"] = time.time() - start
-            run_loop.after_step(self, last, bar, **run_loop.postfix(last, "reward", "loss"))
-        return run_loop.finish_training(self, bar, last)
-
-    def save(self) -> None:
-        run_loop.save(self, "igpo", save_model=self._save_model, states=self._states(),
-                      generators={"noise": self.noise})
-
-    def _save_model(self, folder, full_state=None) -> None:
-        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled, full_state=full_state)
-
-    def _load_model(self, folder) -> None:
-        trainable.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        return engine.train(self)

@@ -25,33 +25,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 
 import torch
 
-from diffrl.advantages import get_estimator
-from diffrl.config import FlowSamplingConfig, PromptDataConfig, RewardConfig, TrainerConfig, param
-from diffrl.curriculum import UniformSampler
+from diffrl.config import FlowSamplingConfig, param
 from diffrl.errors import ConfigError
 from diffrl.losses import nft_loss, velocity_kl
 from diffrl.models import lora as lora_utils
 from diffrl.samplers.flow import initial_noise
-from diffrl.trainers import register_trainer, run_loop, run_setup, step_guard, trainable
-from diffrl.trainers.evaluation import check_reward_fits, evaluate_flow_trainer
-from diffrl.trainers.reward_pipeline import RolloutScorer
-from diffrl.trainers.rollout import (
-    check_group_split,
-    check_input_images,
-    check_prompts_fit,
-    flow_rollout,
-    input_images,
-    load_flow_model,
-    local_group_slots,
-    prompt_sets,
-    rollout_advantages,
-    scoring_hook,
-)
-from diffrl.trainers.weight_ema import WeightEMA
+from diffrl.trainers import register_trainer
+from diffrl.training import engine, online_flow, run_setup, step_guard, trainable
+from diffrl.training.evaluation import evaluate_flow_trainer
+from diffrl.training.online_flow import OnlineFlowConfig
+from diffrl.training.protocol import CheckpointContents, if_stateful
+from diffrl.training.rollout import flow_rollout, rollout_advantages
 
 
 def old_decay(decay_type: int, optimizer_steps: int) -> float:
@@ -71,17 +58,12 @@ def optimality(advantages: torch.Tensor, clip_max: float) -> torch.Tensor:
 
 
 @dataclasses.dataclass(kw_only=True)
-class NFTConfig(TrainerConfig):
-    data: PromptDataConfig = param(help="training and evaluation prompts")
-    reward: RewardConfig = param(help="reward models and weights")
+class NFTConfig(OnlineFlowConfig):
     # Defaults are the public SD3.5-M configs' shared settings (config/nft.py + config/base.py).
     sampling: FlowSamplingConfig = param(FlowSamplingConfig(num_steps=10, noise_level=0.0, sampler="dpm2"),
                                          help="rollout and evaluation sampling (NFT: DPM-Solver++(2M), 10 steps, "
                                               "CFG 1; evaluation Euler ODE, 40 steps)")
-    group_size: int = param(24, help="samples per prompt (the group of the advantage estimate)", ge=2)
     prompts_per_step: int = param(48, help="prompts (groups) per step, over all processes (NFT: 48)", ge=1)
-    sample_batch_size: int = param(9, help="samples per process per rollout forward", ge=1)
-    train_batch_size: int = param(9, help="samples per process per training forward", ge=1)
     optimizer_steps_per_rollout: int = param(1, help="optimizer steps per rollout (NFT: 1; OCR 2)", ge=1)
     nft_beta: float = param(1.0, help="NFT's mixing beta of the implicit policies (the public config.beta: 1.0; "
                                       "OCR and multi-reward 0.1); not the KL weight", gt=0)
@@ -91,16 +73,11 @@ class NFTConfig(TrainerConfig):
                                                 "(int(N x fraction), drawn per sample)", gt=0, le=1)
     old_decay_type: int = param(1, help="old adapter: 0 = on-policy, 1 = min(0.001 s, 0.5), 2 = OCR's delayed "
                                         "ramp", ge=0, le=2)
-    estimator: str = param("per_prompt", help="advantage estimator (diffrl ls estimators)")
-    estimator_kwargs: dict[str, float | bool | str] = param({"global_std": True}, help="options of the estimator")
     weight_ema_decay: float | None = param(0.9, help="EMA of the trained weights, evaluated and saved beside the "
                                                      "raw ones (NFT: 0.9); null disables", gt=0, lt=1)
-    eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
-    eval_seed: int = param(1234, help="seed of the evaluation noise (the same images every time)", ge=0)
-    max_bad_steps: int = param(5, help="stop after this many consecutive steps with a non-finite loss", ge=1)
 
     def __post_init__(self):
-        get_estimator(self.estimator, **self.estimator_kwargs)
+        super().__post_init__()
         if not self.lora.enabled:
             raise ConfigError("nft keeps its old policy as a second LoRA adapter: set lora.enabled: true")
         if self.optim.gradient_accumulation_steps != 1:
@@ -114,41 +91,25 @@ class NFTConfig(TrainerConfig):
 @register_trainer("nft", config_class=NFTConfig, paper="https://arxiv.org/abs/2509.16117",
                   summary="DiffusionNFT: forward-process RL with implicit positive / negative policies")
 class NFTTrainer:
+    progress_keys = ("reward", "loss")
+
     def __init__(self, config: NFTConfig):
         self.config = config
 
     def setup(self) -> None:
         cfg = self.config
-        self.accelerator = acc = run_setup.create_accelerator(cfg)
-        self.output_dir = run_setup.prepare_output_dir(acc, cfg)
-        run_setup.seed_everything(cfg.seed, acc)
-        self.prompts, self.eval_prompts = prompt_sets(cfg.data)
-        check_group_split(cfg.prompts_per_step, cfg.group_size, acc.num_processes)
-        self.reward = run_setup.load_configured_reward(cfg.reward, acc.device, overlap=True)
-        check_prompts_fit(self.reward, self.prompts, self.eval_prompts)
-        self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
-        self.model = load_flow_model(cfg, acc.device)
-        check_reward_fits(self.reward, self.model)
-        check_input_images(self.model, self.prompts, self.eval_prompts)
+        run_setup.start(self)
+        online_flow.load_online_flow(self)
         # The public code: a second adapter "old", a copy of the trained one, samples and gives v_old.
         trainable.add_frozen_adapter(self.model, cfg.lora, "old")
         lora_utils.copy_adapter(self.model.transformer, "default", "old")
-        run_setup.prepare_optimization(self, cfg.max_steps * cfg.optimizer_steps_per_rollout)
-        self.weight_ema = (WeightEMA(self.params, decay=cfg.weight_ema_decay, module=self.model.trainable)
-                           if cfg.weight_ema_decay else None)
-        self.uncond = self.model.null_condition() if cfg.sampling.guidance_scale != 1.0 else None
-        self.prompt_sampler = UniformSampler(len(self.prompts), cfg.prompts_per_step, seed=cfg.seed)
-        self.noise = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
-        run_loop.resume_and_open_logs(self, "nft", load_model=self._load_model,
-                                      states=self._states(), generators={"noise": self.noise})
+        online_flow.prepare_online_flow(self, optimizer_steps=cfg.max_steps * cfg.optimizer_steps_per_rollout)
+        engine.resume(self)
 
-    def _states(self) -> dict:
-        states = {"prompt_sampler": self.prompt_sampler}
-        if hasattr(self.estimator, "state_dict"):
-            states["estimator"] = self.estimator
-        if self.weight_ema is not None:
-            states["weight_ema"] = self.weight_ema
-        return states
+    def checkpoint_contents(self) -> CheckpointContents:
+        return CheckpointContents(states={"prompt_sampler": self.prompt_sampler,
+                                          "estimator": if_stateful(self.estimator)},
+                                  generators={"noise": self.noise}, adapters=("old",), weight_ema=self.weight_ema)
 
     @contextlib.contextmanager
     def _old_policy(self):
@@ -162,21 +123,14 @@ class NFTTrainer:
     @torch.no_grad()
     def rollout(self) -> dict:
         """This process's share of the step's samples, drawn by the old adapter: final latents x0 [n, ...]."""
-        cfg, acc = self.config, self.accelerator
-        prompt_ids = torch.tensor(self.prompt_sampler.next_indices())
-        slots = local_group_slots(cfg.prompts_per_step, cfg.group_size, rank=acc.process_index,
-                                  world_size=acc.num_processes, seed=cfg.seed, step=self.step)
-        group_ids = prompt_ids[slots]
-        prompts, metadata = self.prompts.take(group_ids.tolist())
-        images = input_images(self.model, metadata)
-        scorer = RolloutScorer(self.reward, overlap=cfg.reward.async_)
-        on_batch = scoring_hook(self.model, scorer, prompts, metadata, cfg.sample_batch_size)
-        self.model.denoiser.eval()
+        cfg = self.config
+        drawn = online_flow.draw_prompts(self)
         with self._old_policy():
-            trajectories = flow_rollout(self.model, prompts, cfg.sampling, batch_size=cfg.sample_batch_size,
-                                        generator=self.noise, uncond=self.uncond, on_batch=on_batch, images=images)
-        return {"x0": torch.cat([t.final for t in trajectories]), "prompts": prompts, "images": images,
-                "group_ids": group_ids, "sigmas": trajectories[0].sigmas, "scorer": scorer}
+            trajectories = flow_rollout(self.model, drawn.prompts, cfg.sampling, batch_size=cfg.sample_batch_size,
+                                        generator=self.noise, uncond=self.uncond, on_batch=drawn.on_batch,
+                                        images=drawn.images)
+        return {"x0": torch.cat([t.final for t in trajectories]), "prompts": drawn.prompts, "images": drawn.images,
+                "group_ids": drawn.group_ids, "sigmas": trajectories[0].sigmas, "scorer": drawn.scorer}
 
     def score(self, batch: dict) -> dict:
         cfg = self.config
@@ -238,40 +192,19 @@ class NFTTrainer:
                 self.weight_ema.step(done + c + 1)
         return metrics
 
-    def _update_old_adapter(self) -> None:
+    def _update_old_adapter(self, steps_done: int) -> None:
         """old <- d old + (1 - d) theta after the rollout's training, d from the optimizer steps done (the
         public code's global_step, already incremented)."""
-        d = old_decay(self.config.old_decay_type, self.step * self.config.optimizer_steps_per_rollout)
+        d = old_decay(self.config.old_decay_type, steps_done * self.config.optimizer_steps_per_rollout)
         lora_utils.blend_adapter(self.model.transformer, "default", into="old", decay=d)
+
+    def train_step(self) -> dict:
+        metrics = engine.online_step(self)
+        self._update_old_adapter(self.step + 1)
+        return metrics
 
     def evaluate(self) -> dict:
         return evaluate_flow_trainer(self)
 
-    # ------------------------------------------------------------------------------------------------------
     def train(self) -> dict:
-        cfg = self.config
-        self.setup()
-        bar = run_loop.start_training(self, desc="nft")
-        last: dict = {}
-        while self.step < cfg.max_steps:
-            start = time.time()
-            last = run_loop.rollout_score_update(self)
-            self.step += 1
-            self._update_old_adapter()
-            last["step_time"] = time.time() - start
-            run_loop.after_step(self, last, bar, **run_loop.postfix(last, "reward", "loss"))
-        return run_loop.finish_training(self, bar, last)
-
-    def save(self) -> None:
-        ema = trainable.gather_weight_ema(self)  # on every process: a collective under FSDP
-        run_loop.save(self, "nft", save_model=lambda folder, full: self._save_model(folder, full, ema),
-                      states=self._states(), generators={"noise": self.noise})
-
-    def _save_model(self, folder, full_state=None, ema_state=None) -> None:
-        trainable.save_trainable(self.model, folder, lora_enabled=True, full_state=full_state)
-        trainable.save_weight_ema(self, folder, ema_state)
-        trainable.save_adapter(self.model, folder, "old", full_state)
-
-    def _load_model(self, folder) -> None:
-        trainable.load_trainable(self.model, folder, lora_enabled=True)
-        trainable.load_adapter(self.model, folder, "old")
+        return engine.train(self)

@@ -36,16 +36,19 @@ from diffrl.curriculum import UniformSampler
 from diffrl.errors import CheckpointError, ConfigError
 from diffrl.losses import AAF_MODES, DPO_LOSS_TYPES, diffusion_dpo_loss, seppo_sign
 from diffrl.models import lora as lora_utils
-from diffrl.trainers import register_trainer, run_loop, run_setup, sharding, step_guard, trainable
-from diffrl.trainers.evaluation import check_reward_fits, evaluate_generation
-from diffrl.trainers.preference import (
+from diffrl.samplers.generate import sample_latents
+from diffrl.trainers import register_trainer
+from diffrl.training import engine, run_setup, sharding, step_guard, trainable
+from diffrl.training.evaluation import check_reward_fits, evaluate_generation
+from diffrl.training.preference import (
     load_batch,
     load_preference_data,
     load_preference_model,
     paired_errors,
     unconditional,
 )
-from diffrl.trainers.weight_snapshots import WeightSnapshots
+from diffrl.training.protocol import CheckpointContents
+from diffrl.training.weight_snapshots import WeightSnapshots
 
 REFERENCE_STRATEGIES = ("uniform", "initial", "latest")
 
@@ -133,9 +136,7 @@ class SePPOConfig(TrainerConfig):
     train_batch_size: int = param(1, help="winners per process per forward (x optim.gradient_accumulation_steps)",
                                   ge=1)
     eval_batch_size: int = param(4, help="samples per forward at evaluation", ge=1)
-    eval_every: int = param(0, help="evaluate every N steps (0: only at the start and the end)", ge=0)
     eval_seed: int = param(1234, help="seed of the evaluation noise", ge=0)
-    max_bad_steps: int = param(5, help="stop after this many consecutive steps with a non-finite loss", ge=1)
 
     def __post_init__(self):
         choices = {"reference": REFERENCE_STRATEGIES, "redraw": ("step", "block"), "aaf": AAF_MODES,
@@ -148,15 +149,16 @@ class SePPOConfig(TrainerConfig):
 @register_trainer("seppo", config_class=SePPOConfig, paper="https://arxiv.org/abs/2410.05255",
                   summary="SePPO: preference optimization from winners only, past checkpoints as reference")
 class SePPOTrainer:
+    progress_keys = ("loss", "aaf/ref_as_winner")
+
     def __init__(self, config: SePPOConfig):
         self.config = config
 
     # ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
-        self.accelerator = acc = run_setup.create_accelerator(cfg)
-        self.output_dir = run_setup.prepare_output_dir(acc, cfg)
-        run_setup.seed_everything(cfg.seed, acc)
+        run_setup.start(self)
+        acc = self.accelerator
         self.data, self.eval_prompts = load_preference_data(cfg.data, need_loser=False)
         self.reward = run_setup.load_configured_reward(cfg.reward, acc.device)
         self.model = load_preference_model(cfg, acc.device)
@@ -173,12 +175,14 @@ class SePPOTrainer:
         self.bank = CheckpointBank(cfg.bank_size, cfg.bank_every, snapshots=self.snapshots,
                                    initial=self.snapshots.take() if self.snapshots else None)
         # Reference draws are the same on every process; noise, timesteps and VAE draws differ per process.
-        self.draws = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
-        self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
-        run_loop.resume_and_open_logs(self, "seppo", load_model=self._load_model,
-                                      states={"sampler": self.sampler, "bank": self.bank},
-                                      generators={"noise": self.noise, "draws": self.draws})
+        self.draws = run_setup.process_generator(cfg.seed, None, stream="preference", offset=17)
+        self.noise = run_setup.process_generator(cfg.seed, acc, stream="preference")
+        engine.resume(self)
         self._load_reference()
+
+    def checkpoint_contents(self) -> CheckpointContents:
+        return CheckpointContents(states={"sampler": self.sampler, "bank": self.bank},
+                                  generators={"noise": self.noise, "draws": self.draws})
 
     # ------------------------------------------------------------------------------------------------------
     def _load_reference(self) -> None:
@@ -230,10 +234,10 @@ class SePPOTrainer:
             train_captions, captions, winners, _ = load_batch(self.data, items[start:start + cfg.train_batch_size],
                                                               cfg.data, generator=self.noise, with_loser=False)
             with self._reference():
-                x_ref = model.sample(model.encode_prompts(captions), num_steps=cfg.generation.num_steps,
-                                     height=size, width=size, num_frames=cfg.data.num_frames or 1,
-                                     guidance_scale=cfg.generation.guidance_scale, uncond=self.uncond,
-                                     generator=self.noise)
+                x_ref = sample_latents(model, model.encode_prompts(captions), num_steps=cfg.generation.num_steps,
+                                       height=size, width=size, num_frames=cfg.data.num_frames or 1,
+                                       guidance_scale=cfg.generation.guidance_scale, uncond=self.uncond,
+                                       generator=self.noise)
             micro_batches.append({"x_w": model.encode(winners, generator=self.noise), "x_ref": x_ref,
                                   "captions": train_captions})
         return micro_batches
@@ -273,29 +277,14 @@ class SePPOTrainer:
                                    uncond=self.uncond, batch_size=cfg.eval_batch_size, seed=cfg.eval_seed,
                                    grid_path=self.output_dir / "samples" / f"step-{self.step:06d}.png")
 
+    def train_step(self) -> dict:
+        start = time.time()
+        batches = self.rollout()
+        rollout_time = time.time() - start
+        metrics = self.update(batches)
+        if (self.step + 1) % self.config.bank_every == 0:  # the step this one completes
+            self.bank.add(self.step + 1, self._policy_state())
+        return {**metrics, "rollout_time": rollout_time}
+
     def train(self) -> dict:
-        cfg = self.config
-        self.setup()
-        bar = run_loop.start_training(self, desc="seppo")
-        last: dict = {}
-        while self.step < cfg.max_steps:
-            start = time.time()
-            batches = self.rollout()
-            rollout_time = time.time() - start
-            last = self.update(batches)
-            self.step += 1
-            if self.step % cfg.bank_every == 0:
-                self.bank.add(self.step, self._policy_state())
-            last.update(step_time=time.time() - start, rollout_time=rollout_time)
-            run_loop.after_step(self, last, bar, **run_loop.postfix(last, "loss", "aaf/ref_as_winner"))
-        return run_loop.finish_training(self, bar, last)
-
-    def save(self) -> None:
-        run_loop.save(self, "seppo", save_model=self._save_model, states={"sampler": self.sampler, "bank": self.bank},
-                      generators={"noise": self.noise, "draws": self.draws})
-
-    def _save_model(self, folder, full_state=None) -> None:
-        trainable.save_trainable(self.model, folder, lora_enabled=self.config.lora.enabled, full_state=full_state)
-
-    def _load_model(self, folder) -> None:
-        trainable.load_trainable(self.model, folder, lora_enabled=self.config.lora.enabled)
+        return engine.train(self)

@@ -88,7 +88,7 @@ class ClipEmbedder:
         from transformers import AutoProcessor, CLIPModel
         from transformers.utils import logging as hf_logging
 
-        from diffrl.models.loading import loading_errors, reward_setting
+        from diffrl.hub import loading_errors, reward_setting
 
         hf_logging.disable_progress_bar()
 

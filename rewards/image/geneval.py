@@ -107,7 +107,7 @@ class GenEval:
             return
         from transformers import Mask2FormerForUniversalSegmentation
 
-        from diffrl.models.loading import loading_errors, reward_setting
+        from diffrl.hub import loading_errors, reward_setting
 
         with loading_errors(self.detector_path, reward_setting("geneval", "detector")):
             model = Mask2FormerForUniversalSegmentation.from_pretrained(self.detector_path, dtype=self.dtype)
@@ -211,3 +211,18 @@ def _metadata_rows(metadata: dict, batch: int) -> list[dict]:
         except ValueError as e:
             raise RewardError(f"geneval metadata: {e}") from None
     return rows
+
+
+def build_tiny_detector(seed: int = 0):
+    """A random Mask2Former with GenEval's 80 class names (8 queries, a tiny Swin): what the tests load through
+    the same ``from_pretrained`` path as the real detector."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    torch.manual_seed(seed)
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                          window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, num_queries=8, hidden_dim=32, feature_size=32,
+                               mask_feature_size=32, encoder_layers=1, decoder_layers=2, encoder_feedforward_dim=64,
+                               dim_feedforward=64, num_attention_heads=2, num_labels=len(CLASSES),
+                               id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)})
+    return Mask2FormerForUniversalSegmentation(config)

@@ -42,8 +42,7 @@ class ImageSimilarity:
         self._reference: dict[str, torch.Tensor] = {}  # input file -> its embedding (a prompt set is small)
 
     def _embed_input(self, image) -> torch.Tensor:
-        from diffrl.media import pil_to_tensor
-        from diffrl.models.conditioning import open_input_image
+        from diffrl.media import open_input_image, pil_to_tensor
 
         key = image if isinstance(image, str) else None
         if key in self._reference:

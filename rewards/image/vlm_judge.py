@@ -57,7 +57,7 @@ class VLMJudge:
         self.max_tokens, self.concurrency = max_tokens, concurrency
 
     def _ask(self, image: torch.Tensor, prompt: str) -> str | None:
-        from diffrl.report import to_pil
+        from diffrl.media import to_pil
 
         buffer = io.BytesIO()
         to_pil(image).save(buffer, format="PNG")

@@ -11,9 +11,9 @@ from fractions import Fraction
 
 import torch
 
-from diffrl.data import boxed, last_boxed
 from diffrl.errors import RewardError
 from rewards import RewardOutput, register_reward
+from rewards.text.answers import boxed, last_boxed
 
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*|-?\.\d+")
 _XML_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)

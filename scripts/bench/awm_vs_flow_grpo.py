@@ -52,8 +52,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from diffrl.config import load_config  # noqa: E402  (after the path: runs from a checkout too)
 from diffrl.report import first_and_last_tenth, moving_average, read_metrics, series  # noqa: E402
+from diffrl.trainers import load_config  # noqa: E402  (after the path: runs from a checkout too)
 
 # The quickstart's rollouts until 2026-12-02, with which the published OCR race was run.
 EULER_10 = ["sampling.sampler=euler", "sampling.num_steps=10"]

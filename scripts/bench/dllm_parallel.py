@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from diffrl.config import load_config  # noqa: E402
-from diffrl.trainers.reasoning import evaluate_reasoning, load_dllm, load_task_split  # noqa: E402
+from diffrl.trainers import load_config  # noqa: E402
+from diffrl.training.reasoning import evaluate_reasoning, load_dllm, load_task_split  # noqa: E402
 
 CONFIG = "configs/quickstart_text.yaml"
 

@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from diffrl.config import load_config  # noqa: E402
 from diffrl.data import load_prompts  # noqa: E402
 from diffrl.samplers.dpm_solver import sample_dpm2  # noqa: E402
 from diffrl.samplers.flow import sample_ode  # noqa: E402
-from diffrl.trainers.rollout import load_flow_model, score_samples  # noqa: E402
+from diffrl.trainers import load_config  # noqa: E402
+from diffrl.training.rollout import load_flow_model, score_samples  # noqa: E402
 
 CONFIG = "configs/quickstart.yaml"
 BASELINE = ("euler", 10)

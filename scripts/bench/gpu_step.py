@@ -40,8 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from diffrl.config import load_config  # noqa: E402  (after the path: runs from a checkout too)
 from diffrl.models.lora import add_lora  # noqa: E402
+from diffrl.trainers import load_config  # noqa: E402  (after the path: runs from a checkout too)
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 

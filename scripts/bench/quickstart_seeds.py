@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from awm_vs_flow_grpo import run  # noqa: E402  (the race's runner: one training subprocess, its metrics rows)
 
-from diffrl.config import load_config  # noqa: E402
 from diffrl.errors import DiffrlError  # noqa: E402
 from diffrl.report import read_metrics, series  # noqa: E402
+from diffrl.trainers import load_config  # noqa: E402
 
 METRICS = ("eval/ocr/exact_match", "eval/reward", "eval/drift")
 

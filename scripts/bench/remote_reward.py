@@ -66,8 +66,7 @@ def start_server(clip: Path, threads: int) -> tuple[subprocess.Popen, str]:
 
 
 def run(mode: str, url: str, args, out: Path) -> dict:
-    from diffrl.config import load_config
-    from diffrl.trainers import get_trainer
+    from diffrl.trainers import get_trainer, load_config
 
     overrides = [f"output_dir={out / mode}", f"max_steps={args.steps}", "eval_every=0", "checkpoint.every=1000",
                  "reward.weights={remote: 1.0}", f"reward.kwargs={{remote: {{url: '{url}'}}}}",

@@ -4,12 +4,11 @@ floating-point rounding, on the tiny models, on CPU."""
 import pytest
 import torch
 
-from diffrl.config import load_config
 from diffrl.errors import ConfigError
 from diffrl.models import performance
 from diffrl.models.dllm import MaskedDiffusionLM
 from diffrl.models.flow import FlowModel
-from diffrl.trainers import get_trainer
+from diffrl.trainers import get_trainer, load_config
 
 
 def _velocity(model, seed=0):

@@ -3,11 +3,12 @@ import torch
 from diffusers import DiffusionPipeline
 
 from diffrl.models.unet import EpsilonModel
+from diffrl.samplers.generate import sample_latents
 
 
 def test_ddim_sampling_with_cfg_equals_stock_pipeline(tiny_dir):
     model = EpsilonModel.from_pretrained(tiny_dir("sd15"))
-    latents = model.sample(model.encode_prompts(["a cat", "a dog"]), num_steps=3, height=32, width=32,
+    latents = sample_latents(model, model.encode_prompts(["a cat", "a dog"]), num_steps=3, height=32, width=32,
                            guidance_scale=7.5, uncond=model.encode_prompts([""]),
                            generator=torch.Generator().manual_seed(0))
     ours = model.decode(latents)
@@ -59,7 +60,7 @@ def test_animatediff_from_base_plus_motion_adapter_equals_stock_pipeline(tiny_di
     model = load_diffusion_model(tiny_dir("sd15"), motion_adapter=tiny_dir("animatediff") / "motion_adapter")
     assert model.family == "animatediff" and model.is_video
     assert model.latent_shape(32, 32, 4) == (4, 4, 16, 16)
-    latents = model.sample(model.encode_prompts(["a", "b"]), num_steps=3, height=32, width=32, num_frames=4,
+    latents = sample_latents(model, model.encode_prompts(["a", "b"]), num_steps=3, height=32, width=32, num_frames=4,
                            guidance_scale=7.5, uncond=model.encode_prompts([""]),
                            generator=torch.Generator().manual_seed(0))
     video = model.decode(latents)
@@ -90,7 +91,7 @@ def test_load_diffusion_model_picks_the_adapter(tiny_dir):
 
 def test_sdxl_sampling_with_cfg_equals_stock_pipeline(tiny_dir):
     model = EpsilonModel.from_pretrained(tiny_dir("sdxl"))
-    latents = model.sample(model.encode_prompts(["a cat", "a dog"]), num_steps=3, height=32, width=32,
+    latents = sample_latents(model, model.encode_prompts(["a cat", "a dog"]), num_steps=3, height=32, width=32,
                            guidance_scale=5.0, uncond=model.null_condition(),
                            generator=torch.Generator().manual_seed(0))
     pipe = DiffusionPipeline.from_pretrained(tiny_dir("sdxl"))

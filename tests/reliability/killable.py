@@ -46,7 +46,7 @@ def _after_nth(owner, name: str, n: int, before_kill=None) -> None:
 
 
 def install(phase: str, n: int, trainer_class) -> None:
-    from diffrl.trainers import checkpoints, run_loop, step_guard
+    from diffrl.training import checkpoints, engine, step_guard
 
     if phase == "rollout":
         _after_nth(trainer_class, "rollout", n)
@@ -63,15 +63,14 @@ def install(phase: str, n: int, trainer_class) -> None:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(f'{{"step": {step}, "loss": 0.12')  # no closing brace, no newline
                 f.flush()
-        _after_nth(run_loop.MetricsLogger, "log", n, before_kill=half_row)
+        _after_nth(engine.MetricsLogger, "log", n, before_kill=half_row)
     else:
         raise SystemExit(f"unknown kill phase {phase!r}")
 
 
 def main(argv: list[str]) -> int:
     from diffrl import cli
-    from diffrl.config import load_config
-    from diffrl.trainers import get_trainer
+    from diffrl.trainers import get_trainer, load_config
 
     kill_at = os.environ.get("DIFFRL_KILL_AT")
     if kill_at:

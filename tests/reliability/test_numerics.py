@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from diffrl.errors import TrainingError
 from diffrl.samplers.flow import sde_step
-from diffrl.trainers import step_guard
 from diffrl.trainers.awm import AWMTrainer
+from diffrl.training import step_guard
 from rewards import RewardOutput, register_reward
 from tests.trainers.test_awm import make_config
 
@@ -146,7 +146,7 @@ def test_an_update_that_breaks_the_weights_stops_the_run():
 
     from accelerate import Accelerator
 
-    from diffrl.trainers.step_guard import StepGuard, optimizer_step
+    from diffrl.training.step_guard import StepGuard, optimizer_step
 
     weight = torch.nn.Parameter(torch.tensor([3.0e38]))
     optimizer = torch.optim.SGD([weight], lr=1.0)

@@ -18,7 +18,7 @@ import torch
 import rewards
 from diffrl.errors import CheckpointError, ConfigError, RewardError
 from diffrl.models.dllm import MaskedDiffusionLM
-from diffrl.trainers import checkpoints
+from diffrl.training import checkpoints
 from rewards._files import load_weights
 from tests.conftest import REPO_ROOT
 

@@ -257,7 +257,7 @@ def test_generated_prompts_follow_the_templates_and_are_valid_metadata():
 
 
 def test_an_error_in_the_background_scorer_reaches_the_trainer_as_is():
-    from diffrl.trainers.reward_pipeline import RolloutScorer
+    from diffrl.training.reward_pipeline import RolloutScorer
 
     reward = load_reward("geneval", kwargs={"geneval": {"detector": "unused", "clip": "unused"}})
     for overlap in (False, True):

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 
 from diffrl.curriculum import UniformSampler
 from diffrl.errors import CheckpointError
-from diffrl.trainers import checkpoints, run_loop, run_setup
+from diffrl.training import checkpoints, engine, run_setup
 
 
 @pytest.fixture
@@ -162,12 +162,12 @@ def test_bad_checkpoints_are_refused_with_the_reason(tmp_path, parts, damage, me
 
 def test_metrics_log_truncates_rows_after_the_resumed_step(tmp_path):
     acc = Accelerator(cpu=True)
-    log = run_loop.MetricsLogger(acc, tmp_path, trackers=False)
+    log = engine.MetricsLogger(acc, tmp_path, trackers=False)
     for step in (1, 2, 3):
         log.log({"loss": torch.tensor(step * 1.0), "bad": float("nan")}, step=step)
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "lo')  # a row cut by a kill
-    run_loop.MetricsLogger(acc, tmp_path, resume_step=2, trackers=False)
+    engine.MetricsLogger(acc, tmp_path, resume_step=2, trackers=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 1, "loss": 1.0, "bad": "nan"}, {"step": 2, "loss": 2.0, "bad": "nan"}]
 

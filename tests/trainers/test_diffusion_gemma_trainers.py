@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffrl.config import from_dict, load_config
+from diffrl.config import from_dict
+from diffrl.trainers import load_config
 from diffrl.trainers.dllm_sft import DllmSFTTrainer, uniform_diffusion_loss
 from diffrl.trainers.igpo import IGPOConfig, IGPOTrainer
 from rewards import RewardOutput, register_reward

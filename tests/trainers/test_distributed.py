@@ -10,7 +10,7 @@ SCRIPT = r'''
 import json, sys, torch
 from accelerate import Accelerator
 from diffrl.models.dllm import MaskedDiffusionLM
-from diffrl.trainers import run_setup
+from diffrl.training import run_setup
 
 acc = Accelerator(cpu=True)
 model = MaskedDiffusionLM.from_pretrained(sys.argv[1])
@@ -41,7 +41,7 @@ out = {"rank": acc.process_index, "world": acc.num_processes, "avg_err": max_dif
        "weights_equal": bool(torch.equal(gathered[0], gathered[1]))}
 with open(sys.argv[2] + f"/rank{acc.process_index}.json", "w") as f:
     json.dump(out, f)
-from diffrl.trainers.run_setup import end_training
+from diffrl.training.run_setup import end_training
 end_training(acc)
 '''
 
@@ -63,9 +63,9 @@ def test_two_process_ddp_averages_gradients(tiny_dir, tmp_path):
 # AWM and NFT (the same rollout glue): @NAME@ / @CONFIG@ / @MODULE@ / @CLASS@ are filled in by the test.
 FLOW_SCRIPT = r'''
 import json, sys, torch
-from diffrl.config import load_config
+from diffrl.trainers import load_config
 from @MODULE@ import @CLASS@ as Trainer
-from diffrl.trainers import run_setup
+from diffrl.training import run_setup
 
 config = load_config("@CONFIG@", [f"model.path={sys.argv[1]}", f"output_dir={sys.argv[2]}/run",
                      "max_steps=2", "logging.progress_bar=false", "prompts_per_step=3", "group_size=2",
@@ -81,7 +81,7 @@ for _ in range(2):
     trainer.update(batch)
     trainer.step += 1
     if hasattr(trainer, "_update_old_adapter"):
-        trainer._update_old_adapter()
+        trainer._update_old_adapter(trainer.step)
 flat = torch.cat([p.detach().flatten() for p in trainer.params])
 gathered = acc.gather(flat[None])
 out = {"world": acc.num_processes, "weights_equal": bool(torch.equal(gathered[0], gathered[1])),
@@ -110,10 +110,10 @@ def test_two_process_flow_trainers_keep_ranks_identical(tiny_dir, tmp_path, name
 
 SEPPO_SCRIPT = r'''
 import json, sys, torch
-from diffrl.config import load_config
+from diffrl.trainers import load_config
 from diffrl.models.lora import lora_state_dict
 from diffrl.trainers.seppo import SePPOTrainer
-from diffrl.trainers import run_setup
+from diffrl.training import run_setup
 
 config = load_config("configs/seppo/tiny_sd15.yaml", [f"model.path={sys.argv[1]}", f"data.path={sys.argv[3]}",
                      f"output_dir={sys.argv[2]}/run", "logging.progress_bar=false", "data.eval_size=0",
@@ -157,9 +157,9 @@ def test_two_process_seppo_shares_references_and_splits_data(tiny_dir, tmp_path)
 
 IGPO_SCRIPT = r'''
 import json, sys, torch
-from diffrl.config import load_config
+from diffrl.trainers import load_config
 from diffrl.trainers.igpo import IGPOTrainer
-from diffrl.trainers import run_setup
+from diffrl.training import run_setup
 
 config = load_config("configs/igpo/tiny_arithmetic.yaml", [f"model.path={sys.argv[1]}", f"output_dir={sys.argv[2]}/run",
                      "logging.progress_bar=false", "data.eval_size=2", "prompts_per_step=2", "train_batch_size=4"])

@@ -11,6 +11,7 @@ from diffrl.config import from_dict
 from diffrl.errors import ConfigError
 from diffrl.samplers.flow import sde_step
 from diffrl.trainers.flow_grpo import FlowGRPOConfig, FlowGRPOTrainer
+from diffrl.training import engine
 from tests.conftest import with_overrides
 from tests.trainers.steps import lora_left_unchanged
 
@@ -168,7 +169,7 @@ def test_weight_ema_is_called_after_every_micro_batch_and_saved(tiny_dir, tmp_pa
     trainer.update(batch)
     assert calls == [0, 1, 1, 2]
     trainer.step = 1
-    trainer.save()
+    engine.save(trainer)
     model = tmp_path / "run/checkpoints/step-000001/model"
     assert (model / "ema/pytorch_lora_weights.safetensors").is_file()
     assert "eval/reward_ema" in trainer.evaluate()

@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from diffrl import cli
-from diffrl.config import load_config
 from diffrl.models.tiny import save_preferences
-from diffrl.trainers import get_trainer, sharding
+from diffrl.trainers import get_trainer, load_config
+from diffrl.training import sharding
+from diffrl.training.engine import load_model
 from tests.conftest import REPO_ROOT, accelerate_launch
 
 FSDP_CONFIG = REPO_ROOT / "diffrl" / "accelerate_configs" / "fsdp.yaml"
@@ -30,8 +31,9 @@ SCRIPT = r'''
 import json, sys
 from pathlib import Path
 import torch
-from diffrl.config import load_config
-from diffrl.trainers import get_trainer, run_setup, sharding
+from diffrl.trainers import load_config
+from diffrl.trainers import get_trainer
+from diffrl.training import engine, run_setup, sharding
 
 sd3, dllm, out, single, prefs, mode = sys.argv[1:3] + [Path(sys.argv[3]), Path(sys.argv[4])] + sys.argv[5:7]
 small = ["prompts_per_step=2", "group_size=2", "sample_batch_size=2", "train_batch_size=2"]
@@ -63,7 +65,7 @@ def train(trainer, steps):
         trainer.step += 1
         if name == "seppo":
             trainer.bank.add(trainer.step, trainer._policy_state())
-    trainer.save()  # whole weights (or adapters) and optimizer state, gathered under FSDP
+    engine.save(trainer)  # whole weights (or adapters) and optimizer state, gathered under FSDP
 
 
 report = {}
@@ -71,7 +73,7 @@ for name, (path, model, extra) in RUNS.items():
     trainer = start(path, model, extra, "max_steps=2")
     acc = trainer.accelerator
     if name == "awm":  # a single-process checkpoint's weights and optimizer state load under this engine
-        trainer._load_model(single / "model")
+        engine.load_model(trainer, single / "model")
         sharding.load_optimizer_state(trainer.model.trainable, trainer.optimizer,
                                       torch.load(single / "optimizer.pt", weights_only=True))
         loaded = sharding.full_model_state(trainer.model.trainable) or trainer.model.trainable.state_dict()
@@ -197,7 +199,7 @@ def test_fsdp_full_fine_tuning_equals_ddp_and_checkpoints_cross_engines(tiny_dir
     trainer = get_trainer("awm").trainer_class(config)
     trainer.setup()
     folder = tmp_path / "fsdp" / "awm" / "checkpoints" / "step-000002"
-    trainer._load_model(folder / "model")
+    load_model(trainer, folder / "model")
     sharding.load_optimizer_state(trainer.model.trainable, trainer.optimizer,
                                   torch.load(folder / "optimizer.pt", weights_only=True))
     fsdp_w, fsdp_opt = _checkpoint(tmp_path / "fsdp", "awm")

@@ -6,14 +6,15 @@ import math
 import pytest
 import torch
 
-from diffrl.config import from_dict, load_config
+from diffrl.config import from_dict
 from diffrl.data import countdown_tasks, sudoku_tasks
 from diffrl.errors import ConfigError
 from diffrl.losses import hint_entropy_mask, sequence_log_ratio
 from diffrl.models.dllm import MaskedDiffusionLM
 from diffrl.samplers.masked import FREE, build_hints
+from diffrl.trainers import load_config
 from diffrl.trainers.igpo import IGPOConfig, IGPOTrainer
-from diffrl.trainers.reasoning import pass_at_k
+from diffrl.training.reasoning import pass_at_k
 from rewards import load_reward
 from tests.conftest import REPO_ROOT, run_cli, with_overrides
 

@@ -125,7 +125,7 @@ def test_training_uses_the_old_adapter_and_changes_every_lora_parameter(tiny_dir
         out = trainer.update(batch)
         trainer.step += 1
         old_before = {k: v.clone() for k, v in lora_state_dict(trainer.model.transformer, "old").items()}
-        trainer._update_old_adapter()
+        trainer._update_old_adapter(trainer.step)
         assert math.isfinite(out["loss"]) and out["skipped"] == 0
     assert [n for n, p in params.items() if torch.equal(p, before[n])] == []
     # old <- d old + (1 - d) theta with d = min(0.001 x 2, 0.5) = 0.002 after the second step

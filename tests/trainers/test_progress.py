@@ -2,7 +2,7 @@
 
 import io
 
-from diffrl.trainers.progress import LineProgress
+from diffrl.training.progress import LineProgress
 
 
 def run(every_seconds: float) -> list[str]:

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from diffrl.config import load_config
-from diffrl.trainers import get_trainer
+from diffrl.trainers import get_trainer, load_config
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted(str(p.relative_to(REPO_ROOT)) for folder in ("awm", "flow_grpo", "nft")

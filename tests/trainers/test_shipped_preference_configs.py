@@ -6,9 +6,8 @@ import math
 
 import pytest
 
-from diffrl.config import load_config
 from diffrl.models.tiny import save_preferences
-from diffrl.trainers import get_trainer
+from diffrl.trainers import get_trainer, load_config
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted(str(p.relative_to(REPO_ROOT)) for folder in ("seppo", "diffusion_dpo")

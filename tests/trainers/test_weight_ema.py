@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffrl.trainers.weight_ema import WeightEMA
+from diffrl.training.weight_ema import WeightEMA
 
 
 def test_awm_rule_every_step():

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from diffrl.trainers.weight_snapshots import WeightSnapshots
+from diffrl.training.weight_snapshots import WeightSnapshots
 from tests.conftest import accelerate_launch
 
 
@@ -38,7 +38,7 @@ SCRIPT = r'''
 import json, sys
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from diffrl.trainers.weight_snapshots import WeightSnapshots
+from diffrl.training.weight_snapshots import WeightSnapshots
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)

@@ -8,7 +8,7 @@
     trainer_state.json      trainer name, step, extras; written last: its presence marks a whole checkpoint
 
 Model and optimizer state are whole (gathered from the shards under FSDP), so a checkpoint loads under any
-engine (:mod:`diffrl.trainers.sharding`). The folder is written as ``.tmp-step-000100`` and renamed when
+engine (:mod:`diffrl.training.sharding`). The folder is written as ``.tmp-step-000100`` and renamed when
 complete, so a kill at any point leaves either the previous checkpoints or the new one, never half of one.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from diffrl.errors import CheckpointError
-from diffrl.trainers import sharding
+from diffrl.training import sharding
 
 CHECKPOINT_PREFIX = "step-"
 

@@ -79,7 +79,7 @@ def _save_full_state(module, folder: Path, state: dict) -> None:
 def load_trainable(model, folder: Path, *, lora_enabled: bool) -> None:
     from safetensors.torch import load_file
 
-    from diffrl.trainers import sharding
+    from diffrl.training import sharding
 
     if lora_enabled:
         model.load_lora(folder)
@@ -99,25 +99,25 @@ def load_trainable(model, folder: Path, *, lora_enabled: bool) -> None:
                               f"unexpected weights); it belongs to another model")
 
 
-def gather_weight_ema(trainer) -> dict | None:
+def gather_weight_ema(model, weight_ema) -> dict | None:
     """Under FSDP, before a checkpoint, on every process: the weight EMA's whole weights (process 0; see
     ``sharding.full_model_state``). None without an EMA or shards: :func:`save_weight_ema` swaps it in then."""
-    from diffrl.trainers import sharding
+    from diffrl.training import sharding
 
-    if trainer.weight_ema is None or not sharding.is_sharded(trainer.model.trainable):
+    if weight_ema is None or not sharding.is_sharded(model.trainable):
         return None
-    with trainer.weight_ema.applied():
-        return sharding.full_model_state(trainer.model.trainable)
+    with weight_ema.applied():
+        return sharding.full_model_state(model.trainable)
 
 
-def save_weight_ema(trainer, folder: Path, whole: dict | None = None) -> None:
+def save_weight_ema(model, weight_ema, folder: Path, whole: dict | None = None, *, lora_enabled: bool) -> None:
     """The weight EMA as a second model, in the same format as the raw one, in ``folder/ema`` (a user loads it
     with ``pipe.load_lora_weights(folder / "ema")``); nothing without an EMA. ``whole``: what
     :func:`gather_weight_ema` gathered from the shards."""
-    if trainer.weight_ema is None:
+    if weight_ema is None:
         return
     if whole is not None:
-        save_trainable(trainer.model, folder / "ema", lora_enabled=trainer.config.lora.enabled, full_state=whole)
+        save_trainable(model, folder / "ema", lora_enabled=lora_enabled, full_state=whole)
         return
-    with trainer.weight_ema.applied():
-        save_trainable(trainer.model, folder / "ema", lora_enabled=trainer.config.lora.enabled)
+    with weight_ema.applied():
+        save_trainable(model, folder / "ema", lora_enabled=lora_enabled)

@@ -16,7 +16,7 @@ def load_preference_model(config, device):
     """The config's FlowModel (SD3, FLUX, Wan) or EpsilonModel (SD1.5, SDXL, AnimateDiff), with LoRA (or full
     fine-tuning) and gradient checkpointing, checked against the data's resolution and frame count."""
     from diffrl.models import load_diffusion_model, performance
-    from diffrl.trainers import run_setup, trainable
+    from diffrl.training import run_setup, trainable
 
     if config.model.pipeline is not None:  # its one use: image-to-video, which preference pairs do not train
         raise ConfigError(f"model.pipeline is for the reward trainers (awm, nft, flow_grpo); remove it for "

@@ -21,7 +21,7 @@ import contextlib
 
 import torch
 
-from diffrl.trainers import sharding
+from diffrl.training import sharding
 
 Snapshot = dict[str, torch.Tensor]
 

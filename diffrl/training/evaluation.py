@@ -20,7 +20,8 @@ def evaluate_generation(accelerator, model, reward, prompts: list[str], *, num_s
     (safetensors); every evaluation then reports ``eval/drift``, the mean absolute pixel difference (0-1
     scale) of its samples from those, which shows whether the pictures changed a little or collapsed."""
     from diffrl.report import save_grid
-    from diffrl.trainers.rollout import score_samples
+    from diffrl.samplers.generate import sample_latents
+    from diffrl.training.rollout import score_samples
 
     if not prompts:
         return {}
@@ -32,8 +33,9 @@ def evaluate_generation(accelerator, model, reward, prompts: list[str], *, num_s
             cond = model.encode_prompts(prompts[part], [row.get("image") for row in (metadata or [])[part]])
         else:
             cond = model.encode_prompts(prompts[part])
-        latents = model.sample(cond, num_steps=num_steps, height=height, width=width, num_frames=num_frames,
-                               guidance_scale=guidance_scale, uncond=uncond, generator=generator)
+        latents = sample_latents(model, cond, num_steps=num_steps, height=height, width=width,
+                                 num_frames=num_frames, guidance_scale=guidance_scale, uncond=uncond,
+                                 generator=generator)
         samples.append(model.decode(latents))
     samples = torch.cat(samples)
     drift = _drift(accelerator, samples, reference_path) if reference_path is not None else {}

@@ -40,7 +40,7 @@ def load_dllm(config, device):
     from diffrl.models import performance
     from diffrl.models.diffusion_gemma import DiffusionGemmaLM, is_diffusion_gemma
     from diffrl.models.dllm import MaskedDiffusionLM
-    from diffrl.trainers import run_setup, trainable
+    from diffrl.training import run_setup, trainable
 
     m = config.model
     for key in ("motion_adapter", "pipeline"):  # diffusers pipeline options: a language model has none

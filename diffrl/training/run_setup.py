@@ -12,8 +12,8 @@ import yaml
 from diffrl.config import TrainerConfig, changed_keys, save_config, to_dict
 from diffrl.errors import ConfigError
 from diffrl.models import performance
-from diffrl.trainers import sharding
-from diffrl.trainers.checkpoints import list_checkpoints
+from diffrl.training import sharding
+from diffrl.training.checkpoints import list_checkpoints
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,10 +33,11 @@ def create_accelerator(config: TrainerConfig):
     if cpu and config.model.dtype == "float16":
         raise ConfigError("model.dtype float16 cannot train on CPU (the weights turn NaN within a step); use "
                           "model.dtype=float32 or bfloat16 on CPU")
+    # gradient_accumulation_steps stays 1 in accelerate: every trainer accumulates through
+    # step_guard.accumulate, which scales the micro-batch losses itself (accelerate would divide them again).
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
         log_with=list(config.logging.trackers) or None,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
     )
@@ -157,12 +158,36 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
+def start(trainer) -> None:
+    """The first line of every ``setup()``: ``trainer.accelerator``, ``trainer.output_dir`` (created, with the
+    resolved config written there) and the global seeds."""
+    cfg = trainer.config
+    trainer.accelerator = create_accelerator(cfg)
+    trainer.output_dir = prepare_output_dir(trainer.accelerator, cfg)
+    seed_everything(cfg.seed, trainer.accelerator)
+
+
 def seed_everything(seed: int, accelerator=None) -> None:
     """Seed python, numpy and torch; each process gets ``seed + rank`` so ranks sample different data."""
     rank = accelerator.process_index if accelerator is not None else 0
     from accelerate.utils import set_seed
 
     set_seed(seed + rank)
+
+
+# Per-process random streams are seeded ``seed * scale + stride * rank``. The (scale, stride) pairs are the
+# ones each family of trainers shipped with, named here so that every seeded result stays what it was:
+# rollouts of the flow trainers, noise of the diffusion-LM and preference trainers, and dLLM SFT's masks.
+STREAMS = {"flow": (1, 7919), "dllm": (7919, 1), "preference": (7919, 1), "sft": (1, 1000)}
+
+
+def process_generator(seed: int, accelerator, *, stream: str, offset: int = 0) -> torch.Generator:
+    """A CPU generator for this process's draws of ``stream`` (see :data:`STREAMS`); ``offset`` separates
+    a second stream of the same trainer (SePPO's reference draws, the same on every process: pass
+    ``accelerator=None``)."""
+    scale, stride = STREAMS[stream]
+    rank = accelerator.process_index if accelerator is not None else 0
+    return torch.Generator().manual_seed(seed * scale + stride * rank + offset)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,10 +248,6 @@ def load_configured_reward(reward, device, *, overlap: bool = False):
         raise ConfigError("reward.async overlaps scoring with the rollouts of the flow trainers (awm, nft, flow_grpo); "
                           "remove it for this trainer")
     return load_reward(reward.weights, device=reward.device or device, kwargs=reward.kwargs)
-
-
-def unwrap(accelerator, module: torch.nn.Module) -> torch.nn.Module:
-    return accelerator.unwrap_model(module)
 
 
 def end_training(accelerator) -> None:

@@ -1,6 +1,7 @@
-"""The bookkeeping around every trainer's written-out loop: evaluation, metrics rows, progress, checkpoints
-on schedule and on SIGTERM, resuming, and the end of a run. Functions, not a base class: each trainer calls
-what it needs, in its own order."""
+"""The run loop every algorithm runs in (:func:`train`), and its bookkeeping: evaluation, metrics rows,
+progress, checkpoints on schedule and on SIGTERM, resuming, and the end of a run. Functions over the
+:class:`~diffrl.training.protocol.Trainer` contract, not a base class: an algorithm provides ``setup``,
+``train_step``, ``evaluate`` and ``checkpoint_contents``; this module does the rest."""
 
 from __future__ import annotations
 
@@ -8,17 +9,20 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from diffrl.errors import TrainingInterrupted
-from diffrl.trainers.checkpoints import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
-from diffrl.trainers.progress import progress_bar, startup_line
-from diffrl.trainers.run_setup import end_training, init_trackers
-from diffrl.trainers.step_guard import SkipStep, StepGuard
+from diffrl.training import trainable
+from diffrl.training.checkpoints import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
+from diffrl.training.progress import progress_bar, startup_line
+from diffrl.training.run_setup import end_training, init_trackers
+from diffrl.training.step_guard import SkipStep, StepGuard
+
+if TYPE_CHECKING:
+    from diffrl.training.protocol import Trainer
 
 
 class MetricsLogger:
@@ -89,18 +93,24 @@ def _to_python(value: Any) -> Any:
     return value
 
 
-# The bookkeeping around every trainer's written-out loop (rollout / score / update stay in the trainer):
-#
-#     bar = run_loop.start_training(self, desc="awm")
-#     while self.step < cfg.max_steps:
-#         ... one optimizer step, self.step += 1 ...
-#         run_loop.after_step(self, last, bar, loss=f"{last['loss']:.4f}")
-#     return run_loop.finish_training(self, bar, last)
-#
-# ``trainer`` has config, accelerator, step, metrics, evaluate() and save().
+def train(trainer: Trainer) -> dict:
+    """Run ``trainer`` to ``max_steps`` training steps: ``setup()`` (which resumes), an evaluation before the
+    first step of a fresh run, then ``train_step()`` per step with evaluation, metrics rows and checkpoints
+    on schedule, and a final evaluation. Returns the last step's and the final evaluation's metrics."""
+    cfg = trainer.config
+    trainer.setup()
+    bar = start_training(trainer)
+    last: dict = {}
+    while trainer.step < cfg.max_steps:
+        start = time.time()
+        last = trainer.train_step()
+        trainer.step += 1
+        last["step_time"] = time.time() - start
+        after_step(trainer, last, bar, **postfix(last, *trainer.progress_keys))
+    return finish_training(trainer, bar, last)
 
 
-def start_training(trainer, *, desc: str):
+def start_training(trainer: Trainer):
     """Evaluate before the first step of a fresh run, catch SIGTERM (see :func:`after_step`), then return the
     progress bar (starting at a resumed step)."""
     cfg = trainer.config
@@ -108,7 +118,7 @@ def start_training(trainer, *, desc: str):
     if trainer.step == 0:
         trainer.metrics.log(trainer.evaluate(), step=0)
     return progress_bar(trainer.accelerator, total=cfg.max_steps, initial=trainer.step,
-                        enabled=cfg.logging.progress_bar, desc=desc)
+                        enabled=cfg.logging.progress_bar, desc=trainer.label)
 
 
 def after_step(trainer, metrics: dict, bar, **postfix: str) -> None:
@@ -125,10 +135,10 @@ def after_step(trainer, metrics: dict, bar, **postfix: str) -> None:
     bar.set_postfix(**postfix)
     saved = trainer.step % cfg.checkpoint.every == 0 or trainer.step == cfg.max_steps
     if saved:
-        trainer.save()
+        save(trainer)
     if _stop_requested(trainer):
         if not saved:
-            trainer.save()
+            save(trainer)
         bar.close()
         _release_sigterm(trainer)
         how = trainer.sigterm if isinstance(trainer.sigterm, str) else "SIGTERM"  # another process's signal
@@ -189,7 +199,7 @@ def postfix(metrics: dict, *keys: str) -> dict[str, str]:
     return {k: f"{metrics[k]:.4f}" if k in metrics else "-" for k in keys}
 
 
-def rollout_score_update(trainer) -> dict:
+def online_step(trainer) -> dict:
     """rollout -> score -> update, the middle of an online trainer's step (AWM, Flow-GRPO, IGPO). A
     :class:`SkipStep` (non-finite reward or advantage) drops the update and is counted. Returns the step's
     metrics with ``rollout_time`` (rollout and scoring, seconds)."""
@@ -214,35 +224,54 @@ def finish_training(trainer, bar, last: dict) -> dict:
     return {**last, **final}
 
 
-def save(trainer, name: str, *, save_model: Callable[[Path, dict | None], None], states: dict[str, Any],
-         generators: dict[str, torch.Generator]) -> Path:
-    """Checkpoint ``trainer`` at its step: :func:`save_checkpoint` plus the metrics row count and the skip
-    counters, so a resumed run continues both exactly."""
+def save(trainer: Trainer) -> Path:
+    """Checkpoint ``trainer`` at its step: the trained weights (and its frozen adapters, and the weight EMA as
+    a second model), the optimizer and schedule, ``checkpoint_contents()``, the metrics row count and the
+    skip counters, so a resumed run continues exactly. Call it on every process (FSDP gathers)."""
     cfg = trainer.config
+    contents = trainer.checkpoint_contents()
+    ema_whole = trainable.gather_weight_ema(trainer.model, contents.weight_ema)  # a collective under FSDP
+
+    def save_model(folder: Path, full_state: dict | None) -> None:
+        trainable.save_trainable(trainer.model, folder, lora_enabled=cfg.lora.enabled, full_state=full_state)
+        trainable.save_weight_ema(trainer.model, contents.weight_ema, folder, ema_whole,
+                                  lora_enabled=cfg.lora.enabled)
+        for adapter in contents.adapters:
+            trainable.save_adapter(trainer.model, folder, adapter, full_state)
+
     extra = {"metrics_rows": trainer.metrics.rows, "step_guard": trainer.guard.state_dict()}
-    return save_checkpoint(trainer.accelerator, cfg.output_dir, trainer.step, trainer=name,
+    return save_checkpoint(trainer.accelerator, cfg.output_dir, trainer.step, trainer=trainer.name,
                            module=trainer.model.trainable, save_model=save_model,
-                           optimizer=trainer.optimizer, scheduler=trainer.scheduler, states=states,
-                           generators=generators, extra=extra, keep_last=cfg.checkpoint.keep_last)
+                           optimizer=trainer.optimizer, scheduler=trainer.scheduler, states=contents.states,
+                           generators=contents.generators, extra=extra, keep_last=cfg.checkpoint.keep_last)
 
 
-def resume_and_open_logs(trainer, name: str, *, load_model: Callable[[Path], None], states: dict[str, Any],
-                         generators: dict[str, torch.Generator]) -> None:
-    """Continue from ``checkpoint.resume`` when set (``trainer.step`` = the checkpoint's step, else 0), then
-    open the trackers and ``metrics.jsonl`` (cut back to the checkpoint's rows). Creates ``trainer.guard``."""
+def load_model(trainer: Trainer, folder: Path) -> None:
+    """Load a checkpoint's ``model`` folder into ``trainer``: the trained weights and its frozen adapters."""
+    trainable.load_trainable(trainer.model, folder, lora_enabled=trainer.config.lora.enabled)
+    for adapter in trainer.checkpoint_contents().adapters:
+        trainable.load_adapter(trainer.model, folder, adapter)
+
+
+def resume(trainer: Trainer) -> None:
+    """The last line of every ``setup()``: continue from ``checkpoint.resume`` when set (``trainer.step`` = the
+    checkpoint's step, else 0), then open the trackers and ``metrics.jsonl`` (cut back to the checkpoint's
+    rows). Creates ``trainer.guard``."""
     cfg, acc = trainer.config, trainer.accelerator
     trainer.step = 0
-    trainer.guard = StepGuard(getattr(cfg, "max_bad_steps", 5))
+    trainer.guard = StepGuard(cfg.max_bad_steps)
     info: dict = {"metrics_rows": 0}
     folder = resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
     if folder is not None:
-        info = load_checkpoint(folder, acc, trainer=name, module=trainer.model.trainable, load_model=load_model,
-                               optimizer=trainer.optimizer, scheduler=trainer.scheduler, states=states,
-                               generators=generators)
+        contents = trainer.checkpoint_contents()
+        info = load_checkpoint(folder, acc, trainer=trainer.name, module=trainer.model.trainable,
+                               load_model=lambda model_folder: load_model(trainer, model_folder),
+                               optimizer=trainer.optimizer, scheduler=trainer.scheduler, states=contents.states,
+                               generators=contents.generators)
         trainer.step = info["step"]
         trainer.guard.load_state_dict(info.get("step_guard", {}))
     if acc.is_main_process:
-        print(startup_line(trainer, name, folder), file=sys.stderr, flush=True)
+        print(startup_line(trainer, trainer.name, folder), file=sys.stderr, flush=True)
     init_trackers(acc, cfg)
     trainer.metrics = MetricsLogger(acc, trainer.output_dir, resume_step=trainer.step,
                                     keep_rows=info.get("metrics_rows"), trackers=bool(cfg.logging.trackers))

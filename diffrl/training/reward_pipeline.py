@@ -26,7 +26,7 @@ class RolloutScorer:
     """``add(samples, prompts, metadata)`` per sampling batch, then ``result() -> (rewards [n], extras)``."""
 
     def __init__(self, reward, *, overlap: bool):
-        from diffrl.trainers.rollout import score_samples
+        from diffrl.training.rollout import score_samples
 
         self._score = lambda samples, prompts, metadata: score_samples(reward, samples, prompts, metadata)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="diffrl-reward") if overlap else None

@@ -54,7 +54,7 @@ def load_flow_model(config, device):
     """The config's FlowModel with its LoRA (or full fine-tuning) and gradient checkpointing set up."""
     from diffrl.models import performance
     from diffrl.models.flow import FlowModel
-    from diffrl.trainers import run_setup, trainable
+    from diffrl.training import run_setup, trainable
 
     if config.model.motion_adapter is not None:
         raise ConfigError("model.motion_adapter (AnimateDiff) is for the UNet trainers (seppo, diffusion_dpo); "
@@ -116,7 +116,7 @@ def gather_advantages(accelerator, estimator, rewards: torch.Tensor, group_ids: 
     """Gather every process's rewards and group ids, estimate advantages over whole groups, and return
     ``(local advantages, all rewards, all group ids)``. Every process must hold the same number of samples.
     An inf reward, an all-NaN batch or a non-finite advantage raises ``step_guard.SkipStep`` on every process."""
-    from diffrl.trainers import step_guard
+    from diffrl.training import step_guard
 
     device = accelerator.device
     all_rewards = accelerator.gather(rewards.to(device)).cpu()

@@ -20,7 +20,7 @@ import contextlib
 import torch
 
 from diffrl.errors import CheckpointError
-from diffrl.trainers import sharding
+from diffrl.training import sharding
 
 
 class WeightEMA:

@@ -53,12 +53,7 @@ def startup_line(trainer, name: str, resumed_from=None) -> str:
     cfg, acc = trainer.config, trainer.accelerator
     params = {id(p): p for group in trainer.optimizer.param_groups for p in group["params"]}
     trainable = sum(p.numel() for p in params.values())
-    if hasattr(cfg, "prompts_per_step") and hasattr(cfg, "group_size"):
-        batch = f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples per step"
-    elif hasattr(cfg, "batch_size"):
-        batch = f"batch {cfg.batch_size * acc.num_processes * cfg.optim.gradient_accumulation_steps} per step"
-    else:
-        batch = ""
+    batch = cfg.samples_per_step(acc.num_processes)
     where = f"resumed from step {trainer.step} ({resumed_from})" if resumed_from is not None else "fresh start"
     parts = [f"{trainable:,} trainable parameters", f"{acc.num_processes} process(es) on {acc.device.type}",
              batch, f"output {cfg.output_dir}", where]
