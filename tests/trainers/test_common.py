@@ -207,3 +207,23 @@ def test_time_must_be_the_last_part_of_output_dir(tmp_path):
                                     "output_dir": str(tmp_path / "{time}" / "run")})
     with pytest.raises(ConfigError, match="may only be the last part"):
         run_setup.prepare_output_dir(Accelerator(cpu=True), cfg)
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tmp_path):
+    """A config with gradient_accumulation_steps 4 (SePPO's and Diffusion-DPO's published configs use up to
+    256): the run's accelerator must not scale losses again, so 4 micro-batches through step_guard.accumulate
+    give the gradient of the mean loss over the whole batch (accelerate's own accumulation divided each loss
+    by 4 a second time, shrinking the gradient 4x and keeping max_grad_norm from ever clipping)."""
+    from diffrl.trainers import load_config
+    from diffrl.training import step_guard
+
+    config = load_config("configs/seppo/tiny_sd15.yaml", [f"output_dir={tmp_path}", "optim.gradient_accumulation_steps=4",
+                                                          "logging.trackers=[]"])
+    accelerator = run_setup.create_accelerator(config)
+    torch.manual_seed(0)
+    model, inputs = torch.nn.Linear(3, 1), torch.randn(8, 3)
+    step_guard.accumulate(accelerator, model, 4, lambda i: (model(inputs[2 * i:2 * i + 2]).pow(2).mean(), {}))
+    accumulated = model.weight.grad.clone()
+    model.zero_grad()
+    model(inputs).pow(2).mean().backward()
+    torch.testing.assert_close(accumulated, model.weight.grad)
