@@ -217,8 +217,8 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tmp_path
     from diffrl.trainers import load_config
     from diffrl.training import step_guard
 
-    config = load_config("configs/seppo/tiny_sd15.yaml", [f"output_dir={tmp_path}", "optim.gradient_accumulation_steps=4",
-                                                          "logging.trackers=[]"])
+    config = load_config("configs/seppo/tiny_sd15.yaml", [f"output_dir={tmp_path}", "logging.trackers=[]",
+                                                          "optim.gradient_accumulation_steps=4"])
     accelerator = run_setup.create_accelerator(config)
     torch.manual_seed(0)
     model, inputs = torch.nn.Linear(3, 1), torch.randn(8, 3)
