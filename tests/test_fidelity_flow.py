@@ -34,6 +34,7 @@ def test_flow_grpo_kl_per_step_on_a_three_step_schedule():
 
 def test_cfg_gradient_flows_through_both_branches_unless_asked(tiny_dir):
     """grad of sum(v) with v = v_u + g (v_c - v_u): 'both' = g grad v_c + (1 - g) grad v_u; 'cond' = g grad v_c."""
+    torch.manual_seed(0)  # the adapter's draws
     model = FlowModel.from_pretrained(tiny_dir("sd3"))
     model.add_lora(rank=2, alpha=2)
     lora = [p for n, p in model.transformer.named_parameters() if "lora_B" in n]
@@ -52,8 +53,10 @@ def test_cfg_gradient_flows_through_both_branches_unless_asked(tiny_dir):
     g_uncond = grads(lambda: model.velocity(x, t, uncond))
     both = grads(lambda: model.velocity(x, t, cond, guidance_scale=3.0, uncond=uncond, grad_uncond=True))
     detached = grads(lambda: model.velocity(x, t, cond, guidance_scale=3.0, uncond=uncond, grad_uncond=False))
-    torch.testing.assert_close(both, 3.0 * g_cond - 2.0 * g_uncond, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(detached, 3.0 * g_cond, rtol=1e-4, atol=1e-6)
+    # Gradients reach |14| here and the batched forward sums in another order than the single ones: an element
+    # near 0 can be off by ~1e-5 (seen once in 896); a wrong branch would be off by up to 2 |grad v_u| ~ 30.
+    torch.testing.assert_close(both, 3.0 * g_cond - 2.0 * g_uncond, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(detached, 3.0 * g_cond, rtol=1e-4, atol=1e-4)
 
 
 def test_sa_solver_coefficients_are_the_integrals_they_claim():

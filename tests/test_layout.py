@@ -98,3 +98,22 @@ def test_trainers_holds_only_algorithms():
     modules_here = {m.name for m in pkgutil.iter_modules(trainers.__path__) if not m.name.startswith("_")}
     registered = {entry.trainer_class.__module__.rsplit(".", 1)[1] for entry in trainers.available_trainers().values()}
     assert modules_here == registered, f"not algorithms: {sorted(modules_here - registered)}"
+
+
+def test_no_model_family_switch_outside_a_family_file():
+    """A flow model family's behaviour lives in its own file of diffrl/models/flow/ (and the UNets' in unet.py):
+    no comparison of a ``family`` with ==, != or in anywhere else."""
+    def is_family(node) -> bool:
+        return getattr(node, "id", None) == "family" or getattr(node, "attr", None) == "family"
+
+    root = PACKAGES[0].parent
+    found = []
+    for package in PACKAGES:
+        for path in package.rglob("*.py"):
+            name = str(path.relative_to(root))
+            if name == "diffrl/models/unet.py" or name.startswith("diffrl/models/flow/"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Compare) and any(is_family(n) for n in (node.left, *node.comparators)):
+                    found.append(f"{name}:{node.lineno}")
+    assert found == [], f"family switches outside a family's file: {found}"

@@ -1,4 +1,4 @@
-"""Model adapters: FlowModel (SD3, FLUX.1 and Kontext, Qwen-Image, Wan 2.1 / 2.2 text- and image-to-video),
+"""Model adapters: FlowModel (SD3, FLUX.1 and Kontext, FLUX.2, Qwen-Image, Wan 2.1 / 2.2; one file per family in flow/),
 EpsilonModel (SD1.5, SDXL, AnimateDiff), MaskedDiffusionLM (LLaDA, Dream...), DiffusionGemmaLM.
 ``load_diffusion_model`` opens either image/video kind from its ``model_index.json``;
 ``trainers.reasoning.load_dllm`` opens either language-model kind from its config."""
@@ -21,15 +21,15 @@ def load_diffusion_model(path: str | Path, *, revision: str | None = None, dtype
 
     dtype = dtype or torch.float32
     name = pipeline_class_name(path, revision)
-    if name in flow._PIPELINE_FAMILY and motion_adapter is not None:
+    if name in flow.PIPELINES and motion_adapter is not None:
         raise ConfigError(f"model.motion_adapter is for AnimateDiff on SD1.5; {path} is {name}")
-    if name in flow._PIPELINE_FAMILY:
+    if name in flow.PIPELINES:
         return flow.FlowModel.from_pretrained(path, revision=revision, dtype=dtype, device=device,
                                               max_sequence_length=max_sequence_length)
     if name in unet._PIPELINE_FAMILY:
         return unet.EpsilonModel.from_pretrained(path, revision=revision, dtype=dtype, device=device,
                                                  motion_adapter=motion_adapter)
-    known = ", ".join([*flow._PIPELINE_FAMILY, *unet._PIPELINE_FAMILY])
+    known = ", ".join([*flow.PIPELINES, *unet._PIPELINE_FAMILY])
     raise ConfigError(f"model.path {path}: {name} is not a pipeline diffrl trains ({known})")
 
 
@@ -42,9 +42,9 @@ def describe_models() -> list[tuple[str, str, str]]:
                 "flux_kontext": "flux_kontext: image editing, prompts with input images",
                 "flux2": "flux2: FLUX.2 [dev] and [klein]",
                 "wan_i2v": "wan_i2v: Wan 2.1 / 2.2 image-to-video, prompts with first frames"}
-    rows = [(name, f"flow matching ({families.get(family, family)})",
-             "awm, flow_grpo, nft" if family in flow._IMAGE_INPUT else "awm, flow_grpo, nft, seppo, diffusion_dpo")
-            for name, family in flow._PIPELINE_FAMILY.items()]
+    rows = [(name, f"flow matching ({families.get(model.family, model.family)})",
+             "awm, flow_grpo, nft" if model.needs_input_image else "awm, flow_grpo, nft, seppo, diffusion_dpo")
+            for name, model in flow.PIPELINES.items()]
     rows += [(name, f"epsilon prediction ({family})", "seppo, diffusion_dpo")
              for name, family in unet._PIPELINE_FAMILY.items()]
     rows += [("masked diffusion LM", "LLaDA, Dream, any bidirectional masked LM (mask-token noise)", "igpo, dllm_sft"),

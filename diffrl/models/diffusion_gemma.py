@@ -45,7 +45,7 @@ def is_diffusion_gemma(path: str | Path, *, revision: str | None = None) -> bool
 
 class DiffusionGemmaLM(DiffusionLM):
     noise = "uniform"
-    lora_family = "diffusion_gemma"
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # the decoder pass's attention (module docstring)
 
     def __init__(self, module: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu"):
         super().__init__(module, tokenizer, device=device)

@@ -30,7 +30,8 @@ class DiffusionLM:
     trained with: "mask" (:class:`MaskedDiffusionLM`) or "uniform" (``diffusion_gemma.DiffusionGemmaLM``)."""
 
     noise = "mask"
-    lora_family = "dllm"
+    # ModernBERT names its projections Wqkv/Wo; LLaMA-style (LLaDA, Dream) q/k/v/o_proj.
+    lora_targets = ("Wqkv", "Wo", "q_proj", "k_proj", "v_proj", "o_proj", "attn_out")
     mask_id: int | None = None
 
     def __init__(self, module: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu"):
@@ -84,7 +85,7 @@ class DiffusionLM:
 
     def add_lora(self, *, rank: int, alpha: float, dropout: float = 0.0, init: str = "gaussian",
                  target_modules: list[str] | None = None, adapter_name: str = "default") -> None:
-        lora_utils.add_lora(self.module, self.lora_family, rank=rank, alpha=alpha, dropout=dropout, init=init,
+        lora_utils.add_lora(self.module, list(self.lora_targets), rank=rank, alpha=alpha, dropout=dropout, init=init,
                             target_modules=target_modules, exclude=self.lora_exclude(), adapter_name=adapter_name)
 
     @contextlib.contextmanager

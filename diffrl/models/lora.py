@@ -18,46 +18,19 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from diffrl.errors import ConfigError
 
-# Attention projections per family (flow_grpo / AWM `lora_type="attn"` for SD3; the diffusers training
-# scripts' defaults for FLUX, Wan and the UNets; Qwen-Image: FLUX's set, its blocks being alike).
-_JOINT_ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
-_WAN_ATTENTION = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                  "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
-DEFAULT_TARGETS = {
-    "sd3": _JOINT_ATTENTION, "flux": _JOINT_ATTENTION, "flux_kontext": _JOINT_ATTENTION, "qwenimage": _JOINT_ATTENTION,
-    # Wan 2.1 image-to-video: also the image cross-attention's key / value projections, the "I2V LoRA" layout
-    # diffusers' loader expects (it pads a LoRA without them with zeros, and peft then warns); Wan 2.2 has none.
-    # FLUX.2: the double blocks' attention, and the single blocks' fused QKV + MLP input projection and their
-    # output projection (named per block below: "attn.to_out" alone would also name the double blocks' list).
-    "flux2": [*_JOINT_ATTENTION, "attn.to_qkv_mlp_proj"],
-    "wan": _WAN_ATTENTION, "wan_i2v": [*_WAN_ATTENTION, "attn2.add_k_proj", "attn2.add_v_proj"],
-    "unet": ["to_q", "to_k", "to_v", "to_out.0"],
-    # ModernBERT names its projections Wqkv/Wo; LLaMA-style (LLaDA, Dream) q/k/v/o_proj.
-    "dllm": ["Wqkv", "Wo", "q_proj", "k_proj", "v_proj", "o_proj", "attn_out"],
-    # DiffusionGemma: the decoder pass's attention (models/diffusion_gemma.py says why not the encoder's).
-    "diffusion_gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
 
-
-def default_targets(module: torch.nn.Module, family: str) -> list[str]:
-    """The family's default LoRA targets, with FLUX.2's single-block output projections named one by one."""
-    targets = list(DEFAULT_TARGETS[family])
-    if family == "flux2":
-        targets += [name for name, m in module.named_modules()  # a Linear, or one that already has an adapter
-                    if name.endswith("attn.to_out") and isinstance(getattr(m, "base_layer", m), torch.nn.Linear)]
-    return targets
-
-
-def add_lora(module: torch.nn.Module, family: str, *, rank: int, alpha: float, dropout: float = 0.0,
+def add_lora(module: torch.nn.Module, default_targets: list[str], *, rank: int, alpha: float, dropout: float = 0.0,
              init: str = "gaussian", target_modules: list[str] | None = None, exclude: list[str] | str | None = None,
              adapter_name: str = "default") -> None:
     """Inject a LoRA adapter into ``module`` in place; only the adapter's weights stay trainable.
 
+    ``default_targets``: the model family's projections (its class's ``lora_targets``), used when the config
+    names no ``target_modules``.
+
     ``exclude``: full module names to leave out (projections whose output the model discards), or one regular
     expression that whole names must match (peft's ``exclude_modules`` as a string).
     """
-    targets = list(target_modules or default_targets(module, family))
+    targets = list(target_modules or default_targets)
     present = {name for name, _ in module.named_modules()}
     matched = [t for t in targets if any(n == t or n.endswith("." + t) for n in present)]
     missing = [t for t in targets if t not in matched]

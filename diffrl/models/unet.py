@@ -203,8 +203,8 @@ class EpsilonModel:
 
     def add_lora(self, *, rank: int, alpha: float, dropout: float = 0.0, init: str = "gaussian",
                  target_modules: list[str] | None = None, adapter_name: str = "default") -> None:
-        lora_utils.add_lora(self.unet, "unet", rank=rank, alpha=alpha, dropout=dropout, init=init,
-                            target_modules=target_modules, adapter_name=adapter_name)
+        lora_utils.add_lora(self.unet, ["to_q", "to_k", "to_v", "to_out.0"], rank=rank, alpha=alpha, dropout=dropout,
+                            init=init, target_modules=target_modules, adapter_name=adapter_name)
 
     @contextlib.contextmanager
     def reference(self):

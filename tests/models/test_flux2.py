@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from diffrl.models import flux2_layout
 from diffrl.models.flow import FlowModel, detect_family
+from diffrl.models.flow import flux2 as flux2_layout
 from diffrl.samplers.flow import initial_noise, sample_ode
 
 PROMPTS = ["a cat", "a red dog"]

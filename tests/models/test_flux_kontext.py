@@ -12,6 +12,7 @@ from PIL import Image
 from diffrl.data import load_prompt_records
 from diffrl.errors import DataError
 from diffrl.models.flow import FlowModel, detect_family
+from diffrl.models.flow.base import pack_patches
 from diffrl.samplers.flow import initial_noise, sample_ode
 
 PROMPTS = ["make it red", "a dog"]
@@ -42,7 +43,7 @@ def test_family_and_sampling_equal_the_stock_kontext_pipeline(tiny_dir):
     ours = model.decode(sample_ode(model, model.encode_prompts(PROMPTS, images), num_steps=3, height=32, width=32,
                                    guidance_scale=2.5, latents=noise.clone()))
     # The stock pipeline at this size: no resize to Kontext's preferred resolutions, max_area the output's.
-    ref = stock(tiny_dir)(image=images, prompt=PROMPTS, latents=model._pack(noise), num_inference_steps=3,
+    ref = stock(tiny_dir)(image=images, prompt=PROMPTS, latents=pack_patches(noise), num_inference_steps=3,
                           height=32, width=32, guidance_scale=2.5, output_type="pt", _auto_resize=False,
                           max_area=32 * 32).images
     assert ours.shape == (2, 3, 32, 32)
@@ -83,7 +84,7 @@ def test_lora_loads_with_the_stock_pipeline_without_warnings(tiny_dir, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe.load_lora_weights(tmp_path)
-    torch.testing.assert_close(FlowModel(pipe, "flux_kontext").velocity(latents, t, cond), v_lora, atol=1e-5, rtol=0)
+    torch.testing.assert_close(FlowModel.from_pipeline(pipe).velocity(latents, t, cond), v_lora, atol=1e-5, rtol=0)
 
 
 def test_editing_prompt_folder_resolves_images_and_names_its_errors(tiny_dir, tmp_path):

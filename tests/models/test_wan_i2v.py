@@ -84,7 +84,7 @@ def test_lora_loads_with_the_stock_pipeline_without_warnings(tiny_dir, tmp_path,
         pipe.load_lora_weights(tmp_path)
         if kind == "wan22_i2v":
             pipe.load_lora_weights(tmp_path / "transformer_2", load_into_transformer_2=True)
-    torch.testing.assert_close(FlowModel(pipe, "wan_i2v").velocity(latents, t, cond), v_lora, atol=1e-5, rtol=0)
+    torch.testing.assert_close(FlowModel.from_pipeline(pipe).velocity(latents, t, cond), v_lora, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("pipeline_class", ["WanPipeline", "WanImageToVideoPipeline"])
