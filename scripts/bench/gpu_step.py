@@ -40,6 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from diffrl.models.dllm import MaskedDiffusionLM  # noqa: E402
+from diffrl.models.flow import FluxModel, SD3Model, WanModel  # noqa: E402
 from diffrl.models.lora import add_lora  # noqa: E402
 from diffrl.trainers import load_config  # noqa: E402  (after the path: runs from a checkout too)
 
@@ -64,6 +66,10 @@ WORKLOADS = [
     Workload("awm", "wan2.1-1.3b", "wan", "wan21_1.3b_transformer.json", "configs/awm/wan21_1.3b_video.yaml"),
     Workload("igpo", "llada-8b", "dllm", "llada_8b.json", "configs/igpo/llada_8b_metamath.yaml"),
 ]
+
+# Each family's default LoRA targets, as its model class declares them.
+LORA_TARGETS = {"sd3": SD3Model.lora_targets, "flux": FluxModel.lora_targets, "wan": WanModel.lora_targets,
+                "dllm": MaskedDiffusionLM.lora_targets}
 
 TINY = {  # widths small enough for a CPU test; the layer types stay those of the real model
     "sd3": dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, joint_attention_dim=32,
@@ -180,7 +186,8 @@ def measure(work: Workload, mode: str, scale: str, steps: int, device) -> dict:
             net.enable_gradient_checkpointing()
     if mode == "lora":
         lora = cfg.lora
-        add_lora(net, work.family, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules)
+        add_lora(net, list(LORA_TARGETS[work.family]), rank=lora.rank, alpha=lora.alpha,
+                 target_modules=lora.target_modules)
     else:
         net.requires_grad_(True)
     net.train()
