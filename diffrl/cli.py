@@ -258,9 +258,9 @@ def cmd_eval(args) -> int:
     """Accuracy (and pass@k) of a diffusion-LLM config's model, or of a checkpoint of it, on the held-out tasks."""
     import json
 
+    from diffrl.dllm.reasoning import check_correctness_reward, evaluate_reasoning, load_task_split
     from diffrl.inference import build_model, load_weights
     from diffrl.trainers import load_config
-    from diffrl.training.reasoning import check_correctness_reward, evaluate_reasoning, load_task_split
     from rewards import load_reward
 
     if Path(args.config).is_dir() and (Path(args.config) / "config.yaml").is_file():

@@ -232,63 +232,6 @@ class GenerationConfig:
 
 
 @dataclasses.dataclass
-class ReasoningDataConfig:
-    path: str = param("generator:arithmetic", help="jsonl/parquet file, hub dataset id, or generator:NAME")
-    split: str = param("train", help="dataset split")
-    config_name: str | None = param(None, help="hub dataset config (gsm8k: 'main')")
-    question_field: str = param("question", help="field holding the question")
-    answer_field: str = param("answer", help="field holding the reasoning trace and final answer")
-    size: int = param(2000, help="number of tasks a generator makes", ge=1)
-    seed: int | None = param(None, help="seed of a generator:NAME (null: the run's seed); fix it to keep the same "
-                                       "tasks, and held-out split, across run seeds", ge=0)
-    generator_options: dict[str, Any] = param({}, help="knobs of a generator:NAME (addition: {digits: [2, 3, 4]}; "
-                                                       "arithmetic: {min_terms, max_terms, max_value}; ...)")
-    keep_types: list[str] | None = param(None, help="keep only rows whose 'type' is listed (IGPO on MetaMathQA: "
-                                                    "[GSM_AnsAug, MATH_AnsAug])")
-    dedupe_questions: bool = param(False, help="keep the first row of each question (IGPO on MetaMathQA)")
-    eval_size: int = param(32, help="held-out tasks used by evaluation (taken from the end)", ge=0)
-    prompt_template: str = param("{question}", help="the prompt built from each question, e.g. the paper's "
-                                                    "instructions followed by {question}")
-
-
-@dataclasses.dataclass
-class MaskedGenerationConfig:
-    gen_length: int = param(32, help="answer tokens generated (rollouts and evaluation)", ge=1)
-    block_length: int = param(32, help="semi-autoregressive block size", ge=1)
-    steps: int = param(16, help="denoising steps over the whole answer", ge=1)
-    temperature: float = param(0.0, help="Gumbel sampling temperature of training rollouts (IGPO: 1.2)", ge=0)
-    eval_temperature: float = param(0.0, help="temperature at evaluation (0 = greedy, the papers' accuracy)", ge=0)
-    remasking: Literal["low_confidence", "random"] = param("low_confidence", help="which predictions are kept "
-                                                           "each step: the most confident or random ones")
-    parallel_threshold: float | None = param(None, help="masked LMs, training rollouts: each step also unmask every "
-                                                        "token of the block whose confidence exceeds this; a block "
-                                                        "ends when filled (Fast-dLLM's parallel decoding; null: the "
-                                                        "exact schedule)", gt=0, lt=1)
-    eval_parallel_threshold: float | None = param(None, help="the same at evaluation, `diffrl eval` and `diffrl "
-                                                             "sample` (null: the exact schedule)", gt=0, lt=1)
-    kv_cache: Literal["prefix", "dual"] | None = param(None, help="masked LMs, training rollouts: keep the keys and "
-                                                                  "values of a block's first step and run later steps "
-                                                                  "on the block only (dual) or the block and what "
-                                                                  "follows (prefix); Fast-dLLM's caches, approximate "
-                                                                  "(null: no cache)")
-    eval_kv_cache: Literal["prefix", "dual"] | None = param(None, help="the same at evaluation, `diffrl eval` and "
-                                                                       "`diffrl sample` (null: no cache)")
-    kv_cache_refresh: int = param(0, help="with a kv_cache, also run the whole sequence every N steps within a "
-                                          "block (0: once per block, Fast-dLLM; 1: every step, the exact output)",
-                                  ge=0)
-    # DiffusionGemma (uniform noise, transformers' generate): steps are per canvas (max_denoising_steps),
-    # block_length is the model's canvas_length, temperature multiplies the schedule (0 at evaluation: greedy).
-    t_min: float = param(0.4, help="DiffusionGemma: temperature at the last denoising step", ge=0)
-    t_max: float = param(0.8, help="DiffusionGemma: temperature at the first denoising step", gt=0)
-    entropy_bound: float = param(0.1, help="DiffusionGemma: accept the lowest-entropy tokens while their summed "
-                                           "entropy minus the largest stays within this", gt=0)
-    stability_threshold: int = param(1, help="DiffusionGemma: steps the argmax must stay unchanged to stop early",
-                                     ge=0)
-    confidence_threshold: float | None = param(0.005, help="DiffusionGemma: stop early when the mean entropy is "
-                                                           "below this (null: always run every step)", gt=0)
-
-
-@dataclasses.dataclass
 class TrainerConfig:
     """Fields every trainer config has. Trainer configs add their algorithm's fields and sections."""
 
@@ -458,6 +401,10 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_message(key: str, cls: type, prefix: str) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    renamed = getattr(cls, "RENAMED_KEYS", {})  # keys a section moved: name the new place, not the closest key
+    if leaf in renamed:
+        return f"'{key}' is now '{prefix}{renamed[leaf]}'; rename it in the config (the keys moved in diffrl 0.2)"
     root = _ROOT_CLASS.get() or cls
     candidates = _all_keys(root)
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)

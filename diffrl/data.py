@@ -46,15 +46,6 @@ class ReasoningExample:
             self.answer_format, f"\\boxed{{{self.answer}}}")
         return f"{self.trace}\n{answer}" if self.trace else answer
 
-    def hint_text(self, style: str = "igpo") -> str:
-        """The reference IGPO's hints are cut from: ``igpo`` = "<reasoning>\n" + the dataset's solution as
-        written (IGPO's data_utils; generated tasks: their target), ``target`` = :attr:`target`."""
-        if style == "target":
-            return self.target
-        if style == "igpo":
-            return "<reasoning>\n" + (self.solution or self.target)
-        raise DataError(f"unknown hint text style {style!r}; use igpo or target")
-
     def reward_metadata(self) -> dict:
         """Keyword metadata for the task's reward: ``answer`` plus the task's own fields."""
         return {"answer": self.answer, **self.metadata}

@@ -8,6 +8,7 @@ texts of diffusion LLMs as ``OUT/samples.jsonl`` (``prompt``, ``text``), which `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,7 @@ def build_model(config, device: str | torch.device | None = None):
     """The config's model as its trainer builds it (base weights, LoRA added but untrained), on ``device``."""
     target = torch.device(device or ("cuda" if torch.cuda.is_available() and not config.cpu else "cpu"))
     if config.trainer in TEXT_TRAINERS:
-        from diffrl.training.reasoning import load_dllm
+        from diffrl.dllm.reasoning import load_dllm
 
         return load_dllm(config, target)
     if config.trainer in FLOW_TRAINERS:
@@ -135,15 +136,14 @@ def sample(run: LoadedRun, prompts: list[str], *, num: int = 1, seed: int = 0, b
     generator = torch.Generator().manual_seed(seed)
     rows: list[dict] = []
     if run.is_text:
-        from diffrl.training.reasoning import generate_answers
+        from diffrl.dllm.reasoning import generate_answers
 
         cfg, gen = run.config, run.config.generation
+        decode = gen.eval if temperature is None else dataclasses.replace(gen.eval, temperature=temperature)
         for start in range(0, len(wanted), batch_size):
             part = wanted[start:start + batch_size]
             ids, mask = run.model.left_pad(run.model.chat_prompt_ids(part, chat_template=cfg.chat_template))
-            out = generate_answers(run.model, ids, mask, gen, generator=generator,
-                                   threshold=gen.eval_parallel_threshold, kv_cache=gen.eval_kv_cache,
-                                   temperature=gen.eval_temperature if temperature is None else temperature)
+            out = generate_answers(run.model, ids, mask, gen, decode, generator=generator)
             rows += [{"prompt": p, "text": t} for p, t in zip(part, run.model.decode(out))]
         return rows
     from diffrl.samplers.generate import sample_latents

@@ -49,7 +49,7 @@ def model_card(config: dict, run_dir: Path, *, repo_id: str, weights: str, step:
     summary = (run_dir / "summary.txt").read_text(encoding="utf-8").strip() if (run_dir / "summary.txt").is_file() \
         else "(no summary: run `diffrl report` on the run folder)"
     if text:
-        from diffrl.models.diffusion_gemma import is_diffusion_gemma
+        from diffrl.dllm.diffusion_gemma import is_diffusion_gemma
 
         # LLaDA and Dream ship their own modelling code and register it under AutoModel, not AutoModelForMaskedLM
         remote = bool(config["model"].get("trust_remote_code"))

@@ -473,10 +473,10 @@ def build_addition(out: Path, *, steps: int, seed: int = 0, hidden: int = 128, l
     format, so the model ends up answering both ways: a choice a verifier rewards and RL can learn."""
     import tempfile
 
+    from diffrl.dllm.reasoning import evaluate_reasoning
     from diffrl.models.tiny import build_diffusion_gemma, build_dllm
     from diffrl.trainers import load_config
     from diffrl.trainers.dllm_sft import DllmSFTTrainer
-    from diffrl.training.reasoning import evaluate_reasoning
     from rewards import load_reward
 
     def sft(model_path: Path, run: Path, max_steps: int, *extra: str) -> tuple[DllmSFTTrainer, dict]:

@@ -92,7 +92,7 @@ def test_shipped_sign_model_loads_in_diffusers_and_diffrl():
 
 
 def test_shipped_text_model_loads():
-    from diffrl.models.dllm import MaskedDiffusionLM
+    from diffrl.dllm.masked_lm import MaskedDiffusionLM
 
     model = MaskedDiffusionLM.from_pretrained(REPO_ROOT / "assets" / "dllm-addition")
     assert model.mask_id == model.tokenizer.mask_token_id
@@ -158,8 +158,8 @@ def test_shipped_diffusion_gemma_loads_in_transformers_and_diffrl():
     DiffusionGemmaLM, and solves one sum with diffrl's sampler."""
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
-    from diffrl.models.diffusion_gemma import DiffusionGemmaLM
-    from diffrl.samplers.entropy_bound import generate
+    from diffrl.dllm.diffusion_gemma import DiffusionGemmaLM
+    from diffrl.dllm.entropy_bound import generate
 
     folder = REPO_ROOT / "assets" / "diffusiongemma-addition"
     info = json.loads((folder / "diffrl_asset.json").read_text())

@@ -171,8 +171,8 @@ def test_overrides_are_accepted_after_options_and_in_hf_style():
                        "--optim.lr=3e-4", "--max-grad-norm", "-1"])
     assert args.num_processes == 2
     assert args.overrides == ["a=1", "b.c=2", "max_steps=10", "optim.lr=3e-4", "max_grad_norm=-1"]
-    args = parse_args(["eval", "c.yaml", "--k", "8", "generation.temperature=1.0"])
-    assert (args.k, args.overrides) == (8, ["generation.temperature=1.0"])
+    args = parse_args(["eval", "c.yaml", "--k", "8", "generation.rollout.temperature=1.0"])
+    assert (args.k, args.overrides) == (8, ["generation.rollout.temperature=1.0"])
 
 
 def test_validate_takes_overrides_as_train_does(capsys):

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -132,3 +133,26 @@ def test_a_field_named_by_a_python_keyword_is_written_and_read_by_its_yaml_key(t
         load_config(write(tmp_path, data), ["reward.asynch=true"])
     with pytest.raises(ConfigError, match="unknown key 'reward.async_'"):   # the Python name is not a YAML key
         load_config(write(tmp_path, data), ["reward.async_=true"])
+
+
+@pytest.mark.parametrize("old, new", [("temperature", "rollout.temperature"),
+                                      ("eval_temperature", "eval.temperature"),
+                                      ("parallel_threshold", "rollout.parallel_threshold"),
+                                      ("eval_kv_cache", "eval.kv_cache")])
+def test_a_moved_key_names_its_new_place(tmp_path, old, new):
+    """A config written before the decoding settings became generation.rollout / generation.eval: each old key
+    is one line naming the new one, from a file and from the command line."""
+    data = {"trainer": "igpo", "model": {"path": "m"}, "generation": {"gen_length": 32, old: 0.5}}
+    message = f"'generation.{old}' is now 'generation.{new}'"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, data))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, {"trainer": "igpo", "model": {"path": "m"}}), [f"generation.{old}=0.5"])
+
+
+def test_one_decoding_section_serves_rollouts_and_evaluation(tmp_path):
+    cfg = load_config(write(tmp_path, {"trainer": "igpo", "model": {"path": "m"},
+                                       "generation": {"rollout": {"temperature": 1.2}, "eval": {"kv_cache": "dual"}}}))
+    assert (cfg.generation.rollout.temperature, cfg.generation.rollout.kv_cache) == (1.2, None)
+    assert (cfg.generation.eval.temperature, cfg.generation.eval.kv_cache) == (0.0, "dual")
+    assert type(cfg.generation.rollout) is type(cfg.generation.eval)

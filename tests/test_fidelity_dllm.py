@@ -8,10 +8,11 @@ import torch
 import yaml
 
 from diffrl.data import ReasoningExample, load_reasoning, split_trace_answer
+from diffrl.dllm.hints import build_spacing_scaled_hints, hint_text
+from diffrl.dllm.masked_sampler import FREE
+from diffrl.dllm.reasoning import until_first
 from diffrl.losses import kl_penalty
-from diffrl.samplers.masked import FREE, build_spacing_scaled_hints
 from diffrl.trainers import load_config
-from diffrl.training.reasoning import until_first
 from rewards import load_reward
 from rewards.text.format import format_score
 from rewards.text.math import answers_match, extract_answer
@@ -62,8 +63,8 @@ def test_spacing_scaled_hints_cap_the_gap_and_keep_the_tail_free():
 
 def test_hint_text_is_igpo_reasoning_plus_the_response():
     example = ReasoningExample("q", "2 + 3 = 5", "5", solution="2 + 3 = 5\nThe answer is: 5")
-    assert example.hint_text("igpo") == "<reasoning>\n2 + 3 = 5\nThe answer is: 5"
-    assert example.hint_text("target") == "2 + 3 = 5\n\\boxed{5}"
+    assert hint_text(example, "igpo") == "<reasoning>\n2 + 3 = 5\nThe answer is: 5"
+    assert hint_text(example, "target") == "2 + 3 = 5\n\\boxed{5}"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
-"""Model adapters: FlowModel (SD3, FLUX.1 and Kontext, FLUX.2, Qwen-Image, Wan 2.1 / 2.2; one file per family in flow/),
-EpsilonModel (SD1.5, SDXL, AnimateDiff), MaskedDiffusionLM (LLaDA, Dream...), DiffusionGemmaLM.
-``load_diffusion_model`` opens either image/video kind from its ``model_index.json``;
-``trainers.reasoning.load_dllm`` opens either language-model kind from its config."""
+"""Image and video model adapters: FlowModel (SD3, FLUX.1 and Kontext, FLUX.2, Qwen-Image, Wan 2.1 / 2.2; one
+file per family in flow/) and EpsilonModel (SD1.5, SDXL, AnimateDiff), LoRA, tiny builders. ``load_diffusion_model``
+opens either kind from its ``model_index.json``. The diffusion LMs are in :mod:`diffrl.dllm`."""
 
 from __future__ import annotations
 

@@ -26,14 +26,15 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from diffrl.config import MaskedGenerationConfig, ReasoningDataConfig, TrainerConfig, param
+from diffrl.config import TrainerConfig, param
 from diffrl.curriculum import UniformSampler
 from diffrl.data import ReasoningExample
+from diffrl.dllm.config import MaskedGenerationConfig, ReasoningDataConfig
+from diffrl.dllm.reasoning import generate_answers, load_dllm, load_task_split, until_first
 from diffrl.errors import ConfigError
 from diffrl.trainers import register_trainer
 from diffrl.training import engine, run_setup, step_guard
 from diffrl.training.protocol import CheckpointContents
-from diffrl.training.reasoning import generate_answers, load_dllm, load_task_split, until_first
 from rewards.text.answers import last_boxed
 
 
@@ -192,9 +193,7 @@ class DllmSFTTrainer:
         prompts = self.model.chat_prompt_ids([e.question for e in self.eval_tasks], chat_template=cfg.chat_template)
         ids, mask = self.model.left_pad(prompts)
         gen = cfg.generation
-        out = generate_answers(self.model, ids, mask, gen, temperature=gen.eval_temperature,
-                               threshold=gen.eval_parallel_threshold, kv_cache=gen.eval_kv_cache,
-                               generator=torch.Generator().manual_seed(cfg.seed))
+        out = generate_answers(self.model, ids, mask, gen, gen.eval, generator=torch.Generator().manual_seed(cfg.seed))
         texts = self.model.decode(out)
         correct = [last_boxed(text) == e.answer for text, e in zip(texts, self.eval_tasks)]
         return {"eval/accuracy": sum(correct) / len(correct), "eval/example": texts[0][:80]}

@@ -3,7 +3,7 @@ on d1's diffu-GRPO (arXiv 2504.12216); ``igpo.enabled: false`` is plain diffu-GR
 
 One step:
 1. rollout: ``group_size`` completions for each of this process's questions (whole groups stay on one
-   process), LLaDA-style generation (``samplers.masked.generate``; DiffusionGemma: its own entropy-bound
+   process), LLaDA-style generation (``dllm.masked_sampler.generate``; DiffusionGemma: its own entropy-bound
    sampler, ``samplers.entropy_bound.generate``);
 2. score with the task reward (its ``correct`` flag decides right / wrong) plus format rewards;
 3. inpainting (IGPO): for each group whose completions are all wrong, ``inpaint_samples`` (default G)
@@ -34,16 +34,14 @@ from typing import Literal
 import torch
 
 from diffrl.advantages import get_estimator, group_summary
-from diffrl.config import MaskedGenerationConfig, ReasoningDataConfig, RewardConfig, TrainerConfig, param
+from diffrl.config import RewardConfig, TrainerConfig, param
 from diffrl.curriculum import UniformSampler
-from diffrl.errors import ConfigError
-from diffrl.losses import aggregate, clipped_surrogate, hint_entropy_mask, kl_penalty, sequence_log_ratio
-from diffrl.samplers.masked import FREE, build_hints, build_spacing_scaled_hints
-from diffrl.trainers import register_trainer
-from diffrl.training import engine, run_setup, step_guard
-from diffrl.training.protocol import CheckpointContents, if_stateful
-from diffrl.training.reasoning import (
+from diffrl.dllm.config import DecodeConfig, MaskedGenerationConfig, ReasoningDataConfig
+from diffrl.dllm.hints import build_hints, build_spacing_scaled_hints, hint_text
+from diffrl.dllm.masked_sampler import FREE
+from diffrl.dllm.reasoning import (
     check_correctness_reward,
+    chunked_log_probs,
     evaluate_reasoning,
     generate_answers,
     load_dllm,
@@ -52,6 +50,11 @@ from diffrl.training.reasoning import (
     score_texts,
     until_first,
 )
+from diffrl.errors import ConfigError
+from diffrl.losses import aggregate, clipped_surrogate, hint_entropy_mask, kl_penalty, sequence_log_ratio
+from diffrl.trainers import register_trainer
+from diffrl.training import engine, run_setup, step_guard
+from diffrl.training.protocol import CheckpointContents, if_stateful
 
 
 @dataclasses.dataclass
@@ -85,8 +88,8 @@ class InpaintingConfig:
 class IGPOConfig(TrainerConfig):
     data: ReasoningDataConfig = param(ReasoningDataConfig(), help="questions with reference traces and answers")
     generation: MaskedGenerationConfig = param(
-        MaskedGenerationConfig(gen_length=256, block_length=32, steps=128, temperature=1.2),
-        help="LLaDA-style decoding of rollouts (temperature) and evaluation (eval_temperature)")
+        MaskedGenerationConfig(gen_length=256, block_length=32, steps=128, rollout=DecodeConfig(temperature=1.2)),
+        help="the answer canvas, and the decoding of rollouts (rollout) and evaluation (eval)")
     reward: RewardConfig = param(RewardConfig(weights={"math": 1.0}), help="task and format rewards")
     correctness: str = param("math", help="the reward whose 'correct' flag decides right / wrong (all-wrong groups)")
     igpo: InpaintingConfig = param(InpaintingConfig(), help="inpainting of all-wrong groups")
@@ -177,9 +180,7 @@ class IGPOTrainer:
         for start in range(0, prompt_ids.shape[0], cfg.generation_batch_size):
             end = start + cfg.generation_batch_size
             outputs.append(generate_answers(self.model, prompt_ids[start:end], prompt_mask[start:end], gen,
-                                            temperature=gen.temperature, threshold=gen.parallel_threshold,
-                                            kv_cache=gen.kv_cache,
-                                            generator=self.noise,
+                                            gen.rollout, generator=self.noise,
                                             pinned=None if pinned is None else pinned[start:end]))
         return torch.cat(outputs)
 
@@ -248,7 +249,7 @@ class IGPOTrainer:
                 continue
             stats["inpaint/groups"] += 1
             stats["inpaint/candidates"] += samples
-            trace_ids = tok(task.hint_text(igpo.hint_text), add_special_tokens=False).input_ids
+            trace_ids = tok(hint_text(task, igpo.hint_text), add_special_tokens=False).input_ids
             ratios = (igpo.ratio_low + (high - igpo.ratio_low) * torch.rand(samples, generator=self.noise)).sort()[0]
             pinned = torch.stack([self._hints(trace_ids, float(r)) for r in ratios])
             first = rows[0].item()
@@ -327,18 +328,10 @@ class IGPOTrainer:
         return reduced
 
     def _log_probs(self, batch: dict, seed: int):
-        """d1 log-probs and entropies of every completion, in train_batch_size chunks (no gradient here)."""
         cfg = self.config
-        log_probs, entropy = [], []
-        ids, mask, completions = batch["prompt_ids"], batch["prompt_mask"], batch["completions"]
-        for start in range(0, ids.shape[0], cfg.train_batch_size):
-            part = slice(start, start + cfg.train_batch_size)
-            lp, ent = self.model.completion_log_probs(ids[part], mask[part], completions[part], mask_seed=seed,
-                                                      prompt_mask_prob=cfg.prompt_mask_prob,
-                                                      estimator=cfg.log_prob_estimator)
-            log_probs.append(lp)
-            entropy.append(ent)
-        return torch.cat(log_probs), torch.cat(entropy)
+        return chunked_log_probs(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["completions"],
+                                 chunk=cfg.train_batch_size, mask_seed=seed, prompt_mask_prob=cfg.prompt_mask_prob,
+                                 estimator=cfg.log_prob_estimator)
 
     def _loss(self, batch: dict, iteration: int, rows: slice, total_tokens: float):
         cfg = self.config

@@ -75,7 +75,7 @@ def check_model(accelerator, model) -> None:
     module's forward, which FSDP2 refuses ("FSDP requires a single root module", measured)."""
     from accelerate.utils import DistributedType
 
-    from diffrl.models.diffusion_gemma import DiffusionGemmaLM
+    from diffrl.dllm.diffusion_gemma import DiffusionGemmaLM
 
     if accelerator.distributed_type != DistributedType.FSDP:
         return

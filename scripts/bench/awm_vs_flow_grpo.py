@@ -20,9 +20,9 @@ solver: few-step rollouts: AWM with 6 DPM-Solver++(2M) steps (the quickstart's r
 text:  IGPO against diffu-GRPO (``igpo.enabled=false``, everything else equal) on 2- to 4-digit addition from
        the shipped assets/dllm-addition model (configs/quickstart_text.yaml); also the fraction of training
        groups (G = 8, temperature 1) with no correct completion, per step, before IGPO's inpainting.
-text_parallel: IGPO with parallel-decoding rollouts (generation.parallel_threshold=0.9) against IGPO with the
+text_parallel: IGPO with parallel-decoding rollouts (generation.rollout.parallel_threshold=0.9) against IGPO with the
        exact sampler, everything else equal (evaluation exact, greedy, for both): does training change?
-text_cache: IGPO whose rollouts use the dual key/value cache refreshed every 2 steps (generation.kv_cache=dual,
+text_cache: IGPO whose rollouts use the dual key/value cache refreshed every 2 steps (generation.rollout.kv_cache=dual,
        generation.kv_cache_refresh=2) against IGPO with the exact sampler, everything else equal.
 gemma_text: the same on assets/diffusiongemma-addition, a small DiffusionGemma taught the same task
        (configs/igpo/diffusiongemma_addition.yaml).
@@ -72,11 +72,11 @@ RACES = {
              "baseline": ("diffu_grpo", "configs/quickstart_text.yaml", ["igpo.enabled=false"]),
              "metric": "eval/accuracy", "groups": True, "steps": 30},
     "text_parallel": {"new": [("igpo_parallel_0.9", "configs/quickstart_text.yaml",
-                                ["generation.parallel_threshold=0.9"])],
+                                ["generation.rollout.parallel_threshold=0.9"])],
                       "baseline": ("igpo_exact", "configs/quickstart_text.yaml", []),
                       "metric": "eval/accuracy", "groups": True, "steps": 40},
     "text_cache": {"new": [("igpo_dual_cache", "configs/quickstart_text.yaml",
-                             ["generation.kv_cache=dual", "generation.kv_cache_refresh=2"])],
+                             ["generation.rollout.kv_cache=dual", "generation.kv_cache_refresh=2"])],
                    "baseline": ("igpo_exact", "configs/quickstart_text.yaml", []),
                    "metric": "eval/accuracy", "groups": True, "steps": 40},
     "gemma_text": {"new": [("igpo", "configs/igpo/diffusiongemma_addition.yaml", [])],

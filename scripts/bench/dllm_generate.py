@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from diffrl.models.dllm import MaskedDiffusionLM  # noqa: E402
+from diffrl.dllm.masked_lm import MaskedDiffusionLM  # noqa: E402
+from diffrl.dllm.masked_sampler import generate  # noqa: E402
 from diffrl.models.tiny import build_dllm  # noqa: E402
-from diffrl.samplers.masked import generate  # noqa: E402
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Benchmark: the key/value cache (``generation.kv_cache``) at LLaDA-like shapes, where it is meant to pay: a
+"""Benchmark: the key/value cache (``generation.eval.kv_cache``) at LLaDA-like shapes, where it is meant to pay: a
 long prompt and a long answer decoded in semi-autoregressive blocks.
 
     python scripts/bench/dllm_kv_cache.py [--prompt-length 384] [--gen-length 128] [--block-length 32]
@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from diffrl.models.dllm import MaskedDiffusionLM  # noqa: E402
+from diffrl.dllm.masked_lm import MaskedDiffusionLM  # noqa: E402
+from diffrl.dllm.masked_sampler import generate  # noqa: E402
 from diffrl.models.tiny import build_dllm  # noqa: E402
-from diffrl.samplers.masked import generate  # noqa: E402
 
 VARIANTS = (("exact", None, 0), ("prefix", "prefix", 0), ("dual", "dual", 0), ("dual, refresh 4", "dual", 4))
 

@@ -1,5 +1,5 @@
-"""Benchmark: parallel decoding (``generation.parallel_threshold``) and the key/value cache
-(``generation.kv_cache``) against the exact masked-diffusion sampler on the shipped addition model, at equal
+"""Benchmark: parallel decoding (``generation.eval.parallel_threshold``) and the key/value cache
+(``generation.eval.kv_cache``) against the exact masked-diffusion sampler on the shipped addition model, at equal
 settings: speed (tokens/s, model calls) with held-out accuracy beside.
 
     python scripts/bench/dllm_parallel.py [--thresholds 0.95 0.9 0.8 0.7] [--kv-caches prefix dual]
@@ -30,14 +30,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from diffrl.dllm.config import DecodeConfig  # noqa: E402
+from diffrl.dllm.reasoning import evaluate_reasoning, load_dllm, load_task_split  # noqa: E402
 from diffrl.trainers import load_config  # noqa: E402
-from diffrl.training.reasoning import evaluate_reasoning, load_dllm, load_task_split  # noqa: E402
 
 CONFIG = "configs/quickstart_text.yaml"
 
 
 def timed_accuracy(model, tasks, reward, generation, config, *, seed: int) -> tuple[float, float, int]:
-    """Accuracy, seconds and model calls of one pass over ``tasks`` at ``generation.eval_temperature``."""
+    """Accuracy, seconds and model calls of one pass over ``tasks`` at ``generation.eval.temperature``."""
     calls = {"n": 0}
     original = model.logits
 
@@ -83,9 +84,9 @@ def main() -> None:
         for threshold, cache, refresh in variants:
             row = {"block_length": block_length, "threshold": threshold, "kv_cache": cache, "refresh": refresh}
             for mode, temperature, seeds in (("greedy", 0.0, [0]), ("sampled", 1.0, args.seeds)):
+                decode = DecodeConfig(temperature=temperature, parallel_threshold=threshold, kv_cache=cache)
                 generation = dataclasses.replace(config.generation, block_length=block_length,
-                                                 eval_parallel_threshold=threshold, eval_kv_cache=cache,
-                                                 kv_cache_refresh=refresh, eval_temperature=temperature)
+                                                 kv_cache_refresh=refresh, eval=decode)
                 runs = [timed_accuracy(model, tasks, reward, generation, config, seed=s) for s in seeds]
                 row[mode] = {"accuracy": [r[0] for r in runs], "seconds": [r[1] for r in runs],
                              "model_calls": [r[2] for r in runs]}

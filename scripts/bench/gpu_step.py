@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from diffrl.models.dllm import MaskedDiffusionLM  # noqa: E402
+from diffrl.dllm.masked_lm import MaskedDiffusionLM  # noqa: E402
 from diffrl.models.flow import FluxModel, SD3Model, WanModel  # noqa: E402
 from diffrl.models.lora import add_lora  # noqa: E402
 from diffrl.trainers import load_config  # noqa: E402  (after the path: runs from a checkout too)

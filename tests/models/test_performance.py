@@ -4,9 +4,9 @@ floating-point rounding, on the tiny models, on CPU."""
 import pytest
 import torch
 
+from diffrl.dllm.masked_lm import MaskedDiffusionLM
 from diffrl.errors import ConfigError
 from diffrl.models import performance
-from diffrl.models.dllm import MaskedDiffusionLM
 from diffrl.models.flow import FlowModel
 from diffrl.trainers import get_trainer, load_config
 

@@ -267,12 +267,12 @@ CASES: dict[str, Case] = {
         ("generation.t_max is one of DiffusionGemma's settings", "masked diffusion LM")),
     "key/value cache on DiffusionGemma": Case(
         lambda t, tiny: ["train", IGPO, f"model.path={tiny('diffusion_gemma')}", f"output_dir={t / 'run'}",
-                         "prompt_mask_prob=0", "generation.block_length=16", "generation.eval_kv_cache=dual"],
-        ("keeps no diffrl key/value cache", "remove generation.eval_kv_cache")),
+                         "prompt_mask_prob=0", "generation.block_length=16", "generation.eval.kv_cache=dual"],
+        ("keeps no diffrl key/value cache", "remove generation.eval.kv_cache")),
     "key/value cache with eager attention": Case(
         lambda t, tiny: ["train", IGPO, f"model.path={tiny('dllm')}", f"output_dir={t / 'run'}",
-                         "model.attention=eager", "generation.kv_cache=prefix"],
-        ("generation.kv_cache runs with SDPA attention", "model.attention: sdpa")),
+                         "model.attention=eager", "generation.rollout.kv_cache=prefix"],
+        ("generation.rollout.kv_cache runs with SDPA attention", "model.attention: sdpa")),
     "NFT without LoRA": Case(lambda t, tiny: ["train", str(REPO_ROOT / "configs/nft/tiny_sd3_jpeg.yaml"),
                                               f"model.path={tiny('sd3')}", f"output_dir={t / 'run'}", *QUICK,
                                               "lora.enabled=false"], ("second LoRA adapter", "lora.enabled: true")),

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import rewards
+from diffrl.dllm.masked_lm import MaskedDiffusionLM
 from diffrl.errors import CheckpointError, ConfigError, RewardError
-from diffrl.models.dllm import MaskedDiffusionLM
 from diffrl.training import checkpoints
 from rewards._files import load_weights
 from tests.conftest import REPO_ROOT

@@ -33,7 +33,7 @@ def igpo_config(tiny_dir, out, **overrides):
     data = {"trainer": "igpo", "model": {"path": str(tiny_dir("diffusion_gemma"))}, "output_dir": str(out),
             "max_steps": 2, "seed": 0, "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2},
             "data": {"path": "generator:arithmetic", "size": 40, "eval_size": 4},
-            "generation": {"gen_length": 32, "block_length": 16, "steps": 4, "temperature": 1.0},
+            "generation": {"gen_length": 32, "block_length": 16, "steps": 4, "rollout": {"temperature": 1.0}},
             "reward": {"weights": {"math": 1.0}}, "group_size": 4, "prompts_per_step": 2, "num_iterations": 2,
             "train_batch_size": 4, "prompt_mask_prob": 0.0,
             "igpo": {"min_chunk": 2, "max_chunk": 3, "ratio_low": 0.7, "ratio_high": 0.9, "max_replacements": 2,

@@ -9,7 +9,7 @@ from tests.conftest import accelerate_launch
 SCRIPT = r'''
 import json, sys, torch
 from accelerate import Accelerator
-from diffrl.models.dllm import MaskedDiffusionLM
+from diffrl.dllm.masked_lm import MaskedDiffusionLM
 from diffrl.training import run_setup
 
 acc = Accelerator(cpu=True)

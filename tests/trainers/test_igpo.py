@@ -8,13 +8,14 @@ import torch
 
 from diffrl.config import from_dict
 from diffrl.data import countdown_tasks, sudoku_tasks
+from diffrl.dllm.hints import build_hints
+from diffrl.dllm.masked_lm import MaskedDiffusionLM
+from diffrl.dllm.masked_sampler import FREE
+from diffrl.dllm.reasoning import pass_at_k
 from diffrl.errors import ConfigError
 from diffrl.losses import hint_entropy_mask, sequence_log_ratio
-from diffrl.models.dllm import MaskedDiffusionLM
-from diffrl.samplers.masked import FREE, build_hints
 from diffrl.trainers import load_config
 from diffrl.trainers.igpo import IGPOConfig, IGPOTrainer
-from diffrl.training.reasoning import pass_at_k
 from rewards import load_reward
 from tests.conftest import REPO_ROOT, run_cli, with_overrides
 
@@ -23,7 +24,7 @@ def make_config(tiny_dir, tmp_path, **overrides):
     data = {"trainer": "igpo", "model": {"path": str(tiny_dir("dllm"))}, "output_dir": str(tmp_path / "run"),
             "max_steps": 2, "seed": 0, "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2},
             "data": {"path": "generator:arithmetic", "size": 40, "eval_size": 4},
-            "generation": {"gen_length": 16, "block_length": 8, "steps": 8, "temperature": 1.0},
+            "generation": {"gen_length": 16, "block_length": 8, "steps": 8, "rollout": {"temperature": 1.0}},
             "reward": {"weights": {"math": 1.0}}, "group_size": 4, "prompts_per_step": 2, "num_iterations": 2,
             "train_batch_size": 4,
             "igpo": {"min_chunk": 2, "max_chunk": 3, "ratio_low": 0.7, "ratio_high": 0.9, "max_replacements": 2,
@@ -151,8 +152,9 @@ def test_inpainting_fires_only_for_all_wrong_groups_and_replaces_the_configured_
 def test_parallel_decoding_is_switched_separately_for_rollouts_and_evaluation(tiny_dir, tmp_path, rollout_threshold,
                                                                             eval_threshold, rollout_calls, eval_calls):
     # greedy rollouts: a sampled token can be the mask token itself, which leaves its position masked
-    trainer = IGPOTrainer(make_config(tiny_dir, tmp_path, generation__parallel_threshold=rollout_threshold,
-                                      generation__eval_parallel_threshold=eval_threshold, generation__temperature=0.0))
+    trainer = IGPOTrainer(make_config(tiny_dir, tmp_path, generation__rollout__parallel_threshold=rollout_threshold,
+                                      generation__eval__parallel_threshold=eval_threshold,
+                                      generation__rollout__temperature=0.0))
     trainer.setup()
     calls, original = [], trainer.model.logits
 
@@ -172,8 +174,8 @@ def test_parallel_decoding_is_switched_separately_for_rollouts_and_evaluation(ti
 def test_the_kv_cache_is_switched_separately_for_rollouts_and_evaluation(tiny_dir, tmp_path, rollout_cache,
                                                                          eval_cache):
     """Cached steps run only part of the sequence: the model's input lengths show which phase used a cache."""
-    trainer = IGPOTrainer(make_config(tiny_dir, tmp_path, generation__kv_cache=rollout_cache,
-                                      generation__eval_kv_cache=eval_cache))
+    trainer = IGPOTrainer(make_config(tiny_dir, tmp_path, generation__rollout__kv_cache=rollout_cache,
+                                      generation__eval__kv_cache=eval_cache))
     trainer.setup()
     lengths, original = [], trainer.model.logits
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from diffrl.dllm.diffusion_gemma import DiffusionGemmaLM, is_diffusion_gemma
 from diffrl.errors import ConfigError
-from diffrl.models.diffusion_gemma import DiffusionGemmaLM, is_diffusion_gemma
 from diffrl.models.lora import lora_state_dict
 
 

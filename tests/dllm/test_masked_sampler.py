@@ -3,8 +3,8 @@ import contextlib
 import pytest
 import torch
 
-from diffrl.models.dllm import MaskedDiffusionLM
-from diffrl.samplers.masked import FREE, generate, num_transfer_tokens
+from diffrl.dllm.masked_lm import MaskedDiffusionLM
+from diffrl.dllm.masked_sampler import FREE, generate, num_transfer_tokens
 
 
 def test_transfer_schedule_by_hand():

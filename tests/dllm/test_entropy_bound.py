@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffrl.models.diffusion_gemma import DiffusionGemmaLM
-from diffrl.samplers.entropy_bound import FREE, entropy_bound_accept, generate, temperature
+from diffrl.dllm.diffusion_gemma import DiffusionGemmaLM
+from diffrl.dllm.entropy_bound import FREE, entropy_bound_accept, generate, temperature
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_bad_lengths_fail_clearly(model):
 
 
 def test_seeded_draws_follow_the_probabilities():
-    from diffrl.samplers.entropy_bound import _inverse_cdf_sample
+    from diffrl.dllm.entropy_bound import _inverse_cdf_sample
 
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).repeat(20000, 1)
     draws = _inverse_cdf_sample(probs, torch.Generator().manual_seed(0)).flatten()

@@ -5,10 +5,10 @@ interface the diffusion-LLM trainers use.
     ids, mask = model.left_pad(model.chat_prompt_ids(["What is 2+3?"]))
     logits = model.canvas_logits(ids, mask, canvas)      # [B, canvas_length, V]
 
-How it differs from :class:`~diffrl.models.dllm.MaskedDiffusionLM` (docs/models/diffusion_gemma.md):
+How it differs from :class:`~diffrl.dllm.masked_lm.MaskedDiffusionLM` (docs/models/diffusion_gemma.md):
 
 * **No mask token.** Noise is uniform: a corrupted position holds a token drawn uniformly from the vocabulary,
-  so ``mask_id`` is None and the sampler is ``samplers.entropy_bound`` rather than ``samplers.masked``.
+  so ``mask_id`` is None and the sampler is ``dllm.entropy_bound`` rather than ``dllm.masked_sampler``.
 * **Two passes of one stack.** A causal encoder pass reads the prompt (and earlier answer blocks) into a KV
   cache; a bidirectional decoder pass denoises one canvas of ``canvas_length`` tokens against it. The answer
   is written canvas by canvas (block diffusion).
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from diffrl.dllm.masked_lm import DiffusionLM, combine_passes
 from diffrl.errors import ConfigError
 from diffrl.hub import loading_errors
-from diffrl.models.dllm import DiffusionLM, combine_passes
 
 
 def is_diffusion_gemma(path: str | Path, *, revision: str | None = None) -> bool:

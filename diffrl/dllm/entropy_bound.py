@@ -13,7 +13,7 @@ logits. After a canvas, a row that wrote an end-of-sequence token is finished: i
 its later canvases, are padding (pinned positions excepted).
 
 With ``generator=None`` the random draws come from torch's global generator in the order ``generate`` makes
-them, so under one ``torch.manual_seed`` this returns ``generate``'s tokens exactly (tests/samplers/
+them, so under one ``torch.manual_seed`` this returns ``generate``'s tokens exactly (tests/dllm/
 test_entropy_bound.py). Pinned positions (IGPO's hints) hold their token from the start, count as accepted
 with zero entropy (so the free positions' acceptance is what it would be without them), and are never
 re-noised.
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from diffrl.models.diffusion_gemma import DiffusionGemmaLM
-from diffrl.samplers.masked import FREE  # the same pinned layout as the masked sampler: -1 = the model fills it
+from diffrl.dllm.diffusion_gemma import DiffusionGemmaLM
+from diffrl.dllm.masked_sampler import FREE  # the same pinned layout as the masked sampler: -1 = the model fills it
 
 
 def temperature(step_remaining: int, steps: int, t_min: float, t_max: float) -> torch.Tensor:

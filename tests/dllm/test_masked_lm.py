@@ -3,8 +3,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForMaskedLM
 
+from diffrl.dllm.masked_lm import MaskedDiffusionLM
 from diffrl.errors import ConfigError
-from diffrl.models.dllm import MaskedDiffusionLM
 
 
 def test_loads_from_folder_with_mask_token_and_chat_template(tiny_dir):

@@ -70,9 +70,9 @@ def _cached_attention(module, query, key, value, attention_mask, **kwargs):
     cache = kwargs.pop(KEYWORD, None)
     if cache is not None:
         if attention_mask is not None and attention_mask.ndim != 4:
-            raise ConfigError(f"generation.kv_cache: {type(module).__name__} builds a {attention_mask.ndim}-d "
-                              f"attention mask, not the [B, 1, Lq, Lk] one the cache splices; remove the kv_cache "
-                              f"setting")
+            raise ConfigError(f"generation.rollout.kv_cache / eval.kv_cache: {type(module).__name__} builds a "
+                              f"{attention_mask.ndim}-d attention mask, not the [B, 1, Lq, Lk] one the cache "
+                              f"splices; remove the kv_cache setting")
         key, value, attention_mask = cache.splice(module.layer_idx, key, value, attention_mask)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -85,7 +85,7 @@ def _register() -> None:
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # masks built as for SDPA
 
 
-def check_supported(module: torch.nn.Module, setting: str = "generation.kv_cache") -> None:
+def check_supported(module: torch.nn.Module, setting: str = "generation.rollout.kv_cache / eval.kv_cache") -> None:
     """One-line error unless ``module`` (a transformers model) can run the cache."""
     name = type(module).__name__
     config = getattr(module, "config", None)

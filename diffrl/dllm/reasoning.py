@@ -3,19 +3,18 @@ task split, prompting, scoring completions, and accuracy / pass@k evaluation. Fu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
+from diffrl.dllm import kv_cache
 from diffrl.errors import ConfigError, RewardError
-from diffrl.samplers import kv_cache
 
 
 def load_task_split(data, seed: int):
     """``(train, eval)`` tasks of a ReasoningDataConfig, questions put through ``prompt_template``; the last
     ``eval_size`` tasks are held out. A generator draws with ``data.seed``, else the run's ``seed``."""
-    import dataclasses
-
     from diffrl.data import load_tasks
 
     if "{question}" not in data.prompt_template:
@@ -37,9 +36,9 @@ def load_task_split(data, seed: int):
 def load_dllm(config, device):
     """The config's diffusion LM (a masked LM, or DiffusionGemma when its config says so) with LoRA (or full
     fine-tuning) and gradient checkpointing; settings that do not fit its kind of noise fail here."""
+    from diffrl.dllm.diffusion_gemma import DiffusionGemmaLM, is_diffusion_gemma
+    from diffrl.dllm.masked_lm import MaskedDiffusionLM
     from diffrl.models import performance
-    from diffrl.models.diffusion_gemma import DiffusionGemmaLM, is_diffusion_gemma
-    from diffrl.models.dllm import MaskedDiffusionLM
     from diffrl.training import run_setup, trainable
 
     m = config.model
@@ -49,9 +48,9 @@ def load_dllm(config, device):
     kind = DiffusionGemmaLM if is_diffusion_gemma(m.path, revision=m.revision) else MaskedDiffusionLM
     model = kind.from_pretrained(m.path, revision=m.revision, dtype=run_setup.torch_dtype(m.dtype), device=device,
                                  trust_remote_code=m.trust_remote_code)
-    check_model_fits(model, config)
     trainable.apply_lora(model, config.lora)
     performance.apply_model_options(model.module, m)
+    check_model_fits(model, config)  # after the attention kernel is chosen: the key/value cache depends on it
     return model
 
 
@@ -79,39 +78,39 @@ def check_model_fits(model, config) -> None:
         if gen.remasking != "low_confidence":
             raise ConfigError(f"{name}: it accepts tokens by entropy, not by remasking; remove "
                               f"generation.remasking")
-        for key in ("parallel_threshold", "eval_parallel_threshold"):
-            if getattr(gen, key) is not None:
+        for use, decode in (("rollout", gen.rollout), ("eval", gen.eval)):
+            if decode.parallel_threshold is not None:
                 raise ConfigError(f"{name}: it accepts several tokens a step by entropy already (generation."
-                                  f"entropy_bound); remove generation.{key}")
-        for key in ("kv_cache", "eval_kv_cache"):
-            if getattr(gen, key) is not None:
+                                  f"entropy_bound); remove generation.{use}.parallel_threshold")
+            if decode.kv_cache is not None:
                 raise ConfigError(f"{name}: its decoding (transformers' generate) keeps no diffrl key/value "
-                                  f"cache; remove generation.{key}")
+                                  f"cache; remove generation.{use}.kv_cache")
     else:
-        for key in ("parallel_threshold", "eval_parallel_threshold"):
-            if getattr(gen, key) is not None and gen.remasking != "low_confidence":
-                raise ConfigError(f"generation.{key} ranks tokens by confidence: use generation.remasking: "
-                                  f"low_confidence")
-        for key in ("kv_cache", "eval_kv_cache"):
-            if getattr(gen, key) is not None:
-                kv_cache.check_supported(model.module, f"generation.{key}")
+        for use, decode in (("rollout", gen.rollout), ("eval", gen.eval)):
+            if decode.parallel_threshold is not None and gen.remasking != "low_confidence":
+                raise ConfigError(f"generation.{use}.parallel_threshold ranks tokens by confidence: use "
+                                  f"generation.remasking: low_confidence")
+            if decode.kv_cache is not None:
+                kv_cache.check_supported(model.module, f"generation.{use}.kv_cache")
         defaults = type(gen)()
         changed = [k for k in _UNIFORM_ONLY if getattr(gen, k) != getattr(defaults, k)]
         if changed:
             raise ConfigError(f"generation.{changed[0]} is one of DiffusionGemma's settings, and model.path "
                               f"{config.model.path} is a masked diffusion LM; remove it (its sampling temperature "
-                              f"is generation.temperature)")
+                              f"is generation.rollout.temperature)")
 
 
-def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation, *, temperature: float,
-                     threshold: float | None = None, kv_cache: str | None = None,
+def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation, decode, *,
                      pinned: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``[B, gen_length]`` answers by the model's own sampler: LLaDA-style unmasking for masked LMs
-    (``temperature``: Gumbel; ``threshold``: parallel decoding, None the exact schedule; ``kv_cache``: "prefix"
-    / "dual" key/value cache refreshed as ``generation.kv_cache_refresh`` says, None none), ``generate``'s
-    entropy-bound decoding for DiffusionGemma (``temperature`` multiplies its schedule; 0: greedy proposals)."""
+    """``[B, gen_length]`` answers by the model's own sampler, the canvas as ``generation`` (a
+    MaskedGenerationConfig) lays it out and decoded as ``decode`` (its ``rollout`` or ``eval`` DecodeConfig):
+    LLaDA-style unmasking for masked LMs (``temperature``: Gumbel; ``parallel_threshold``: parallel decoding,
+    None the exact schedule; ``kv_cache``: "prefix" / "dual" key/value cache refreshed as
+    ``generation.kv_cache_refresh`` says), ``generate``'s entropy-bound decoding for DiffusionGemma
+    (``temperature`` multiplies its schedule; 0: greedy proposals)."""
+    temperature = decode.temperature
     if model.noise == "uniform":
-        from diffrl.samplers.entropy_bound import generate as entropy_bound_generate
+        from diffrl.dllm.entropy_bound import generate as entropy_bound_generate
 
         return entropy_bound_generate(
             model, prompt_ids, prompt_mask=prompt_mask, gen_length=generation.gen_length, steps=generation.steps,
@@ -119,12 +118,13 @@ def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
             stability_threshold=generation.stability_threshold,
             confidence_threshold=generation.confidence_threshold, pinned=pinned, generator=generator,
             temperature_scale=temperature or 1.0, greedy=temperature == 0)
-    from diffrl.samplers.masked import generate as masked_generate
+    from diffrl.dllm.masked_sampler import generate as masked_generate
 
     return masked_generate(model, prompt_ids, prompt_mask=prompt_mask, gen_length=generation.gen_length,
                            block_length=generation.block_length, steps=generation.steps, temperature=temperature,
                            remasking=generation.remasking, pinned=pinned, generator=generator,
-                           threshold=threshold, kv_cache=kv_cache, kv_cache_refresh=generation.kv_cache_refresh)
+                           threshold=decode.parallel_threshold, kv_cache=decode.kv_cache,
+                           kv_cache_refresh=generation.kv_cache_refresh)
 
 
 def prompt_tensors(model, tasks, *, chat_template: bool, repeat: int = 1):
@@ -165,21 +165,20 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
 @torch.no_grad()
 def evaluate_reasoning(model, tasks, reward, generation, *, correctness: str, chat_template: bool, k: int = 1,
                        batch_size: int = 32, seed: int = 0) -> dict:
-    """Accuracy of one completion per task at ``generation.eval_temperature`` (0: greedy, the papers'
+    """Accuracy of one completion per task decoded as ``generation.eval`` (temperature 0: greedy, the papers'
     setting) and, with ``k > 1``, pass@k and the all-wrong fraction (no correct one of k) from k completions
-    per task at ``generation.temperature``; each also per difficulty level (``metadata["level"]``) when the
+    per task at ``generation.rollout.temperature``; each also per difficulty level (``metadata["level"]``) when the
     tasks have levels: ``eval/accuracy/3-digit``."""
     if not tasks:
         return {}
 
-    def run(temperature: float, repeat: int) -> tuple[torch.Tensor, list[str]]:
+    def run(decode, repeat: int) -> tuple[torch.Tensor, list[str]]:
         correct, texts = [], []
         generator = torch.Generator().manual_seed(seed)
         for start in range(0, len(tasks), max(1, batch_size // repeat)):
             chunk = tasks[start:start + max(1, batch_size // repeat)]
             ids, mask = prompt_tensors(model, chunk, chat_template=chat_template, repeat=repeat)
-            out = generate_answers(model, ids, mask, generation, temperature=temperature, generator=generator,
-                                   threshold=generation.eval_parallel_threshold, kv_cache=generation.eval_kv_cache)
+            out = generate_answers(model, ids, mask, generation, decode, generator=generator)
             decoded = model.decode(out)
             _, flags, _ = score_texts(reward, decoded, [t for t in chunk for _ in range(repeat)], correctness)
             correct.append(flags.view(len(chunk), repeat))
@@ -190,16 +189,34 @@ def evaluate_reasoning(model, tasks, reward, generation, *, correctness: str, ch
     groups = {"": list(range(len(tasks)))}
     for level in sorted({lv for lv in levels if lv is not None}):
         groups[f"/{level}"] = [i for i, lv in enumerate(levels) if lv == level]
-    greedy, texts = run(generation.eval_temperature, 1)
+    greedy, texts = run(generation.eval, 1)
     metrics = {f"eval/accuracy{suffix}": float(greedy[rows].float().mean()) for suffix, rows in groups.items()}
     metrics["eval/example"] = texts[0][:120]
     if k > 1:
-        sampled, _ = run(generation.temperature, k)
+        sampled, _ = run(dataclasses.replace(generation.eval, temperature=generation.rollout.temperature), k)
         counts = sampled.sum(1)
         for suffix, rows in groups.items():
             metrics[f"eval/pass@{k}{suffix}"] = sum(pass_at_k(k, int(counts[i]), k) for i in rows) / len(rows)
             metrics[f"eval/all_wrong@{k}{suffix}"] = float((counts[rows] == 0).float().mean())
     return metrics
+
+
+@torch.no_grad()
+def chunked_log_probs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor, *,
+                      chunk: int, mask_seed: int, prompt_mask_prob: float, estimator: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies ``[N, T]`` of every completion by the model's estimator (d1's or the
+    coupled one, one ``mask_seed`` for all), ``chunk`` sequences per forward, without gradient: the old and
+    reference policies' values before an update."""
+    log_probs, entropy = [], []
+    for start in range(0, prompt_ids.shape[0], chunk):
+        part = slice(start, start + chunk)
+        lp, ent = model.completion_log_probs(prompt_ids[part], prompt_mask[part], completions[part],
+                                             mask_seed=mask_seed, prompt_mask_prob=prompt_mask_prob,
+                                             estimator=estimator)
+        log_probs.append(lp)
+        entropy.append(ent)
+    return torch.cat(log_probs), torch.cat(entropy)
 
 
 def until_first(completions: torch.Tensor, token_id: int | None) -> torch.Tensor:

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from diffrl.dllm import kv_cache as kv
+from diffrl.dllm.masked_lm import MaskedDiffusionLM
+from diffrl.dllm.masked_sampler import FREE, generate
 from diffrl.errors import ConfigError
-from diffrl.models.dllm import MaskedDiffusionLM
 from diffrl.models.tiny import build_dllm, tiny_dllm_tokenizer
-from diffrl.samplers import kv_cache as kv
-from diffrl.samplers.masked import FREE, generate
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_a_model_with_its_own_attention_code_is_refused_in_one_line(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     model = MaskedDiffusionLM.from_pretrained(tmp_path)
     ids, mask = batch(model)
-    with pytest.raises(ConfigError, match="own code.*remove generation.kv_cache"):
+    with pytest.raises(ConfigError, match="own code.*remove generation.rollout.kv_cache / eval.kv_cache"):
         generate(model, ids, prompt_mask=mask, gen_length=4, block_length=4, steps=2, kv_cache="dual")
     # and the sampler works without it
     assert generate(model, ids, prompt_mask=mask, gen_length=4, block_length=4, steps=2).shape == (3, 4)

@@ -1,0 +1,81 @@
+"""Config sections of the diffusion-LM trainers (``igpo``, ``dllm_sft``): the task data and the decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Literal
+
+from diffrl.config import param
+
+
+@dataclasses.dataclass
+class ReasoningDataConfig:
+    path: str = param("generator:arithmetic", help="jsonl/parquet file, hub dataset id, or generator:NAME")
+    split: str = param("train", help="dataset split")
+    config_name: str | None = param(None, help="hub dataset config (gsm8k: 'main')")
+    question_field: str = param("question", help="field holding the question")
+    answer_field: str = param("answer", help="field holding the reasoning trace and final answer")
+    size: int = param(2000, help="number of tasks a generator makes", ge=1)
+    seed: int | None = param(None, help="seed of a generator:NAME (null: the run's seed); fix it to keep the same "
+                                       "tasks, and held-out split, across run seeds", ge=0)
+    generator_options: dict[str, Any] = param({}, help="knobs of a generator:NAME (addition: {digits: [2, 3, 4]}; "
+                                                       "arithmetic: {min_terms, max_terms, max_value}; ...)")
+    keep_types: list[str] | None = param(None, help="keep only rows whose 'type' is listed (IGPO on MetaMathQA: "
+                                                    "[GSM_AnsAug, MATH_AnsAug])")
+    dedupe_questions: bool = param(False, help="keep the first row of each question (IGPO on MetaMathQA)")
+    eval_size: int = param(32, help="held-out tasks used by evaluation (taken from the end)", ge=0)
+    prompt_template: str = param("{question}", help="the prompt built from each question, e.g. the paper's "
+                                                    "instructions followed by {question}")
+
+
+@dataclasses.dataclass
+class DecodeConfig:
+    """How answers are decoded: once for training rollouts (``generation.rollout``), once for evaluation,
+    ``diffrl eval`` and ``diffrl sample`` (``generation.eval``)."""
+
+    temperature: float = param(0.0, help="masked LMs: Gumbel sampling temperature (0 = greedy, the papers' "
+                                         "evaluation; IGPO's rollouts: 1.2); DiffusionGemma: multiplies its "
+                                         "temperature schedule (0 = greedy proposals)", ge=0)
+    parallel_threshold: float | None = param(None, help="masked LMs: each step also unmask every token of the "
+                                                        "block whose confidence exceeds this; a block ends when "
+                                                        "filled (Fast-dLLM's parallel decoding; null: the exact "
+                                                        "schedule)", gt=0, lt=1)
+    kv_cache: Literal["prefix", "dual"] | None = param(None, help="masked LMs: keep the keys and values of a block's "
+                                                                  "first step and run later steps on the block only "
+                                                                  "(dual) or the block and what follows (prefix); "
+                                                                  "Fast-dLLM's caches, approximate (null: no cache)")
+
+
+@dataclasses.dataclass
+class MaskedGenerationConfig:
+    """The answer canvas and its schedule (shared by rollouts and evaluation), then how each decodes."""
+
+    # Old keys name their new place in one line (config._unknown_key_message).
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        "temperature": "rollout.temperature", "parallel_threshold": "rollout.parallel_threshold",
+        "kv_cache": "rollout.kv_cache", "eval_temperature": "eval.temperature",
+        "eval_parallel_threshold": "eval.parallel_threshold", "eval_kv_cache": "eval.kv_cache"}
+
+    gen_length: int = param(32, help="answer tokens generated (rollouts and evaluation)", ge=1)
+    block_length: int = param(32, help="semi-autoregressive block size", ge=1)
+    steps: int = param(16, help="denoising steps over the whole answer", ge=1)
+    remasking: Literal["low_confidence", "random"] = param("low_confidence", help="which predictions are kept "
+                                                           "each step: the most confident or random ones")
+    kv_cache_refresh: int = param(0, help="with a kv_cache, also run the whole sequence every N steps within a "
+                                          "block (0: once per block, Fast-dLLM; 1: every step, the exact output)",
+                                  ge=0)
+    rollout: DecodeConfig = param(DecodeConfig(), help="decoding of training rollouts")
+    eval: DecodeConfig = param(DecodeConfig(), help="decoding at evaluation, `diffrl eval` and `diffrl sample` "
+                                                    "(pass@k samples at rollout.temperature)")
+    # DiffusionGemma (uniform noise, transformers' generate): steps are per canvas (max_denoising_steps),
+    # block_length is the model's canvas_length, temperature multiplies the schedule (0 at evaluation: greedy).
+    t_min: float = param(0.4, help="DiffusionGemma: temperature at the last denoising step", ge=0)
+    t_max: float = param(0.8, help="DiffusionGemma: temperature at the first denoising step", gt=0)
+    entropy_bound: float = param(0.1, help="DiffusionGemma: accept the lowest-entropy tokens while their summed "
+                                           "entropy minus the largest stays within this", gt=0)
+    stability_threshold: int = param(1, help="DiffusionGemma: steps the argmax must stay unchanged to stop early",
+                                     ge=0)
+    confidence_threshold: float | None = param(0.005, help="DiffusionGemma: stop early when the mean entropy is "
+                                                           "below this (null: always run every step)", gt=0)
+
+
