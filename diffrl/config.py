@@ -91,7 +91,7 @@ class OptimConfig:
     max_grad_norm: float | None = param(1.0, help="clip the gradient norm to this; null disables", gt=0)
     scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = param(
         "constant", help="learning-rate schedule (transformers.get_scheduler names)")
-    warmup_steps: int = param(0, help="learning-rate warm-up steps", ge=0)
+    warmup_steps: int = param(0, help="learning-rate warm-up, in optimizer steps", ge=0)
     gradient_accumulation_steps: int = param(1, help="micro-batches summed into one optimizer step", ge=1)
 
 
@@ -102,7 +102,7 @@ class LoggingConfig:
     run_name: str | None = param(None, help="run name shown by the tracker (wandb: name; default: the tracker's)")
     entity: str | None = param(None, help="wandb entity (team or user)")
     tags: list[str] = param([], help="wandb tags")
-    log_every: int = param(1, help="write metrics every N optimizer steps", ge=1)
+    log_every: int = param(1, help="write metrics every N training steps", ge=1)
     progress_bar: bool = param(True, help="show a progress bar on the main process")
 
     def __post_init__(self):
@@ -130,7 +130,7 @@ def check_trackers(names: list[str]) -> None:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    every: int = param(100, help="save a checkpoint every N optimizer steps (and at the end)", ge=1)
+    every: int = param(100, help="save a checkpoint every N training steps (and at the end)", ge=1)
     keep_last: int | None = param(3, help="keep only the newest N checkpoints; null keeps all", ge=1)
     resume: str | None = param(None, help="'latest' or a checkpoint folder to continue from")
     allow_changes: bool = param(False, help="resume even though the config differs from the run's config.yaml "
@@ -183,7 +183,7 @@ class FlowSamplingConfig:
     width: int = param(512, help="image width in pixels", ge=8)
     num_frames: int = param(1, help="video frames (Wan: 1 + a multiple of 4); 1 for images", ge=1)
     num_steps: int = param(10, help="denoising steps of a training rollout", ge=1)
-    eval_num_steps: int = param(40, help="Euler ODE steps of evaluation samples", ge=1)
+    eval_num_steps: int = param(40, help="Euler ODE denoising steps of evaluation samples", ge=1)
     guidance_scale: float = param(1.0, help="CFG scale for SD3 / Wan (FLUX: its guidance embedding)", ge=0)
     noise_level: float = param(0.7, help="SDE noise level (0 = deterministic ODE rollouts)", ge=0)
     sde_type: Literal["sde", "cps"] = param("sde", help="Flow-GRPO's SDE step or the coefficients-preserving one")
@@ -224,9 +224,9 @@ class PreferenceDataConfig:
 
 @dataclasses.dataclass
 class GenerationConfig:
-    num_steps: int = param(50, help="sampler steps for generated training samples (SePPO's reference samples)",
+    num_steps: int = param(50, help="denoising steps of generated training samples (SePPO's reference samples)",
                            ge=1)
-    eval_num_steps: int = param(50, help="sampler steps for evaluation samples", ge=1)
+    eval_num_steps: int = param(50, help="denoising steps of evaluation samples", ge=1)
     guidance_scale: float = param(7.5, help="classifier-free guidance scale (FLUX: its guidance embedding)", ge=0)
     max_sequence_length: int | None = param(None, help="text tokens of the T5 / UMT5 encoder (null: family default)")
 

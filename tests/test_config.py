@@ -156,3 +156,13 @@ def test_one_decoding_section_serves_rollouts_and_evaluation(tmp_path):
     assert (cfg.generation.rollout.temperature, cfg.generation.rollout.kv_cache) == (1.2, None)
     assert (cfg.generation.eval.temperature, cfg.generation.eval.kv_cache) == (0.0, "dual")
     assert type(cfg.generation.rollout) is type(cfg.generation.eval)
+
+
+@pytest.mark.parametrize("trainer, old", [("igpo", "num_iterations"), ("nft", "optimizer_steps_per_rollout")])
+def test_updates_per_rollout_has_one_name(tmp_path, trainer, old):
+    data = {"trainer": trainer, "model": {"path": "m"}, "data": {"path": "p.txt"},
+            "reward": {"weights": {"jpeg_compressibility": 1.0}}, old: 2}
+    with pytest.raises(ConfigError, match=re.escape(f"'{old}' is now 'updates_per_rollout'")):
+        load_config(write(tmp_path, data))
+    data.pop(old)
+    assert load_config(write(tmp_path, data), ["updates_per_rollout=2"]).updates_per_rollout == 2

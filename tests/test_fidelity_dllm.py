@@ -166,7 +166,7 @@ def test_published_igpo_and_d1_settings():
     assert not baseline.igpo.enabled and (baseline.ratio_level, baseline.beta, baseline.prompt_mask_prob) == \
         ("sequence", 0.01, 0.0)
     d1 = load_config(REPO_ROOT / "configs/igpo/diffu_grpo_llada_8b_gsm8k.yaml")
-    assert (d1.ratio_level, d1.clip_low, d1.clip_high, d1.num_iterations, d1.group_size, d1.optim.lr,
+    assert (d1.ratio_level, d1.clip_low, d1.clip_high, d1.updates_per_rollout, d1.group_size, d1.optim.lr,
             d1.prompt_mask_prob, d1.beta, d1.loss_mask) == ("token", 0.5, 0.5, 12, 6, 3e-6, 0.15, 0.04, "until_eos")
 
 
@@ -199,7 +199,7 @@ def test_micro_batch_token_mean(tiny_dir, tmp_path):
 
     results = {}
     for norm in ("batch", "micro_batch"):
-        trainer = IGPOTrainer(make_config(tiny_dir, tmp_path / norm, num_iterations=1, beta=0.0, loss_norm=norm,
+        trainer = IGPOTrainer(make_config(tiny_dir, tmp_path / norm, updates_per_rollout=1, beta=0.0, loss_norm=norm,
                                           train_batch_size=4))
         trainer.setup()
         batch = trainer.rollout()

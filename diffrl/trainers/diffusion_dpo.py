@@ -82,19 +82,20 @@ class DiffusionDPOTrainer:
             initial = snapshots.take()
             self.reference = lambda: snapshots.applied(initial)
         self.uncond = unconditional(self.model, cfg.generation.guidance_scale)
-        self.sampler = UniformSampler(len(self.data), cfg.train_batch_size * cfg.optim.gradient_accumulation_steps,
-                                      seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
+        self.prompt_sampler = UniformSampler(len(self.data),
+                                             cfg.train_batch_size * cfg.optim.gradient_accumulation_steps,
+                                             seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
         # Training noise, timesteps, VAE draws and augmentations; distinct per process, checkpointed.
         self.noise = run_setup.process_generator(cfg.seed, acc, stream="preference")
         engine.resume(self)
 
     def checkpoint_contents(self) -> CheckpointContents:
-        return CheckpointContents(states={"sampler": self.sampler}, generators={"noise": self.noise})
+        return CheckpointContents(states={"prompt_sampler": self.prompt_sampler}, generators={"noise": self.noise})
 
     # ------------------------------------------------------------------------------------------------------
     def rollout(self) -> list[list[int]]:
         """Diffusion-DPO samples nothing: the step's pairs, as micro-batches of data rows."""
-        items = self.sampler.next_indices()
+        items = self.prompt_sampler.next_indices()
         size = self.config.train_batch_size
         return [items[i:i + size] for i in range(0, len(items), size)]
 

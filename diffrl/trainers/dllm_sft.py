@@ -117,14 +117,14 @@ class DllmSFTTrainer:
         self.train_tasks, self.eval_tasks = load_task_split(cfg.data, cfg.seed)
         self.model = load_dllm(cfg, self.accelerator.device)
         run_setup.prepare_optimization(self, cfg.max_steps)
-        self.sampler = UniformSampler(len(self.train_tasks), cfg.batch_size, seed=cfg.seed,
-                                      rank=self.accelerator.process_index,
-                                      world_size=self.accelerator.num_processes)
+        self.prompt_sampler = UniformSampler(len(self.train_tasks), cfg.batch_size, seed=cfg.seed,
+                                             rank=self.accelerator.process_index,
+                                             world_size=self.accelerator.num_processes)
         self.noise = run_setup.process_generator(cfg.seed, self.accelerator, stream="sft")
         engine.resume(self)
 
     def checkpoint_contents(self) -> CheckpointContents:
-        return CheckpointContents(states={"sampler": self.sampler}, generators={"noise": self.noise})
+        return CheckpointContents(states={"prompt_sampler": self.prompt_sampler}, generators={"noise": self.noise})
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -172,7 +172,7 @@ class DllmSFTTrainer:
         losses = []
 
         def micro_batch_loss(i: int):
-            batch = self._batch([self.train_tasks[k] for k in self.sampler.next_indices()])
+            batch = self._batch([self.train_tasks[k] for k in self.prompt_sampler.next_indices()])
             with acc.autocast():
                 loss = self._loss(batch)
             losses.append(loss.detach())

@@ -12,7 +12,7 @@ One step:
    sorted; up to ``max_replacements`` correct candidates, chosen at random, replace wrong completions, which
    gives the group reward variance;
 4. advantages from ``diffrl.advantages`` (``dr_grpo``: r - group mean, as IGPO's trainer);
-5. ``num_iterations`` (mu) optimizer steps on the batch: per-token log-probs by d1's estimator (completion
+5. ``updates_per_rollout`` (mu) optimizer steps on the batch: per-token log-probs by d1's estimator (completion
    fully masked, prompt masked at ``prompt_mask_prob`` with one seed per iteration; or DiffuCoder's coupled
    estimator, ``log_prob_estimator: coupled``), the clipped surrogate
    with sequence-level GSPO ratios (IGPO's published run) or token-level ones, k3 KL to the LoRA-free
@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -86,6 +86,7 @@ class InpaintingConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class IGPOConfig(TrainerConfig):
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"num_iterations": "updates_per_rollout"}  # one name in every trainer
     data: ReasoningDataConfig = param(ReasoningDataConfig(), help="questions with reference traces and answers")
     generation: MaskedGenerationConfig = param(
         MaskedGenerationConfig(gen_length=256, block_length=32, steps=128, rollout=DecodeConfig(temperature=1.2)),
@@ -97,7 +98,8 @@ class IGPOConfig(TrainerConfig):
     prompts_per_step: int = param(8, help="questions per step over all processes (divisible by them)", ge=1)
     generation_batch_size: int = param(64, help="sequences per generation forward", ge=1)
     train_batch_size: int = param(8, help="sequences per training forward", ge=1)
-    num_iterations: int = param(4, help="optimizer steps per rollout (mu), each with its own mask seed", ge=1)
+    updates_per_rollout: int = param(4, help="optimizer steps per rollout (GRPO's mu, TRL's num_iterations), each "
+                                            "with its own mask seed", ge=1)
     clip_low: float = param(0.2, help="ratio clip below 1 (epsilon_low)", gt=0)
     clip_high: float = param(0.2, help="ratio clip above 1 (epsilon_high)", gt=0)
     ratio_level: str = param("sequence", help="'sequence' (GSPO, IGPO's published run) or 'token' (d1) ratios")
@@ -163,14 +165,15 @@ class IGPOTrainer:
         check_correctness_reward(self.reward, cfg.correctness)
         self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_dllm(cfg, acc.device)
-        run_setup.prepare_optimization(self, cfg.max_steps * cfg.num_iterations)
-        self.sampler = UniformSampler(len(self.train_tasks), cfg.prompts_per_step // acc.num_processes,
-                                      seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
+        run_setup.prepare_optimization(self, cfg.max_steps * cfg.updates_per_rollout)
+        self.prompt_sampler = UniformSampler(len(self.train_tasks), cfg.prompts_per_step // acc.num_processes,
+                                             seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
         self.noise = run_setup.process_generator(cfg.seed, acc, stream="dllm")
         engine.resume(self)
 
     def checkpoint_contents(self) -> CheckpointContents:
-        return CheckpointContents(states={"sampler": self.sampler, "estimator": if_stateful(self.estimator)},
+        return CheckpointContents(states={"prompt_sampler": self.prompt_sampler,
+                                          "estimator": if_stateful(self.estimator)},
                                   generators={"noise": self.noise})
 
     # ------------------------------------------------------------------------------------------------------
@@ -211,7 +214,7 @@ class IGPOTrainer:
 
     def _rollout(self) -> dict:
         cfg = self.config
-        tasks = [self.train_tasks[i] for i in self.sampler.next_indices()]
+        tasks = [self.train_tasks[i] for i in self.prompt_sampler.next_indices()]
         prompt_ids, prompt_mask = prompt_tensors(self.model, tasks, chat_template=cfg.chat_template,
                                                  repeat=cfg.group_size)
         completions = self._generate(prompt_ids, prompt_mask)
@@ -300,7 +303,7 @@ class IGPOTrainer:
 
         # One mask seed per inner iteration; old log-probs (the rollout policy), entropies (for the hint
         # filter) and reference log-probs are all computed now, before the first update.
-        batch["mask_seeds"] = torch.randint(0, 2 ** 31 - 1, (cfg.num_iterations,), generator=self.noise).tolist()
+        batch["mask_seeds"] = torch.randint(0, 2 ** 31 - 1, (cfg.updates_per_rollout,), generator=self.noise).tolist()
         batch["old_log_probs"], batch["loss_masks"], batch["ref_log_probs"] = [], [], []
         # d1's mask after the first EOS does not depend on the mask seed: computed once for every iteration
         until_eos = (until_first(batch["completions"], self.model.tokenizer.eos_token_id)
@@ -340,7 +343,7 @@ class IGPOTrainer:
                                                        batch["completions"][rows], mask_seed=seed,
                                                        prompt_mask_prob=cfg.prompt_mask_prob,
                                                        estimator=cfg.log_prob_estimator)
-        old = batch["old_log_probs"][iteration][rows] if cfg.num_iterations > 1 else log_probs.detach()
+        old = batch["old_log_probs"][iteration][rows] if cfg.updates_per_rollout > 1 else log_probs.detach()
         mask = batch["loss_masks"][iteration][rows]
         advantages = batch["advantages"][rows].to(log_probs.device)
         if cfg.ratio_level == "sequence":
@@ -361,14 +364,14 @@ class IGPOTrainer:
         return aggregate(per_token, mask, "token-mean", global_tokens=total_tokens), parts
 
     def update(self, batch: dict) -> dict:
-        """``num_iterations`` optimizer steps over the batch, each a token mean over the whole batch
+        """``updates_per_rollout`` optimizer steps over the batch, each a token mean over the whole batch
         (``loss_norm: batch``) or the mean of the micro-batches' token means (``micro_batch``)."""
         cfg = self.config
         self.model.denoiser.train()
         count = batch["completions"].shape[0]
         starts = list(range(0, count, cfg.train_batch_size))
         logged: dict[str, float] = {}
-        for iteration in range(cfg.num_iterations):
+        for iteration in range(cfg.updates_per_rollout):
             total_tokens = float(batch["loss_masks"][iteration].sum().clamp_min(1))
             totals = step_guard.accumulate(
                 self.accelerator, self.model.denoiser, len(starts),
@@ -376,7 +379,7 @@ class IGPOTrainer:
                     batch, it, slice(starts[i], starts[i] + cfg.train_batch_size), tokens),
                 average=cfg.loss_norm == "micro_batch")
             for key, value in step_guard.optimizer_step(self, totals).items():
-                logged[key] = logged.get(key, 0.0) + value / cfg.num_iterations
+                logged[key] = logged.get(key, 0.0) + value / cfg.updates_per_rollout
         logged["lr"] = self.scheduler.get_last_lr()[0]
         logged["skipped_total"] = float(self.guard.total)
         return logged

@@ -13,7 +13,7 @@ One step (the public code's epoch):
        c * mean_B[(r L(v+) + (1 - r) L(v-)) / b] + beta * mean ||v - v_base||^2,
        L(v') = mean (x0' - x0)^2 / sg(max(mean |x0' - x0|, 1e-5)),   x0' = x_t - t v'
 
-   one (or ``optimizer_steps_per_rollout``) optimizer steps;
+   one (or ``updates_per_rollout``) optimizer steps;
 4. the old adapter follows: old <- d old + (1 - d) theta, d by ``old_decay_type`` at the optimizer-step count;
    a separate weight EMA (decay 0.9) is what evaluation reports beside the raw weights.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from typing import ClassVar
 
 import torch
 
@@ -59,12 +60,14 @@ def optimality(advantages: torch.Tensor, clip_max: float) -> torch.Tensor:
 
 @dataclasses.dataclass(kw_only=True)
 class NFTConfig(OnlineFlowConfig):
+    # one name in every trainer for the optimizer steps of a rollout
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"optimizer_steps_per_rollout": "updates_per_rollout"}
     # Defaults are the public SD3.5-M configs' shared settings (config/nft.py + config/base.py).
     sampling: FlowSamplingConfig = param(FlowSamplingConfig(num_steps=10, noise_level=0.0, sampler="dpm2"),
                                          help="rollout and evaluation sampling (NFT: DPM-Solver++(2M), 10 steps, "
                                               "CFG 1; evaluation Euler ODE, 40 steps)")
     prompts_per_step: int = param(48, help="prompts (groups) per step, over all processes (NFT: 48)", ge=1)
-    optimizer_steps_per_rollout: int = param(1, help="optimizer steps per rollout (NFT: 1; OCR 2)", ge=1)
+    updates_per_rollout: int = param(1, help="optimizer steps per rollout (NFT: 1; OCR 2)", ge=1)
     nft_beta: float = param(1.0, help="NFT's mixing beta of the implicit policies (the public config.beta: 1.0; "
                                       "OCR and multi-reward 0.1); not the KL weight", gt=0)
     beta: float = param(1e-4, help="weight of the velocity L2 to the base model (the public train.beta)", ge=0)
@@ -82,7 +85,7 @@ class NFTConfig(OnlineFlowConfig):
             raise ConfigError("nft keeps its old policy as a second LoRA adapter: set lora.enabled: true")
         if self.optim.gradient_accumulation_steps != 1:
             raise ConfigError("nft sets its accumulation from the batch: leave optim.gradient_accumulation_steps "
-                              "at 1 and use optimizer_steps_per_rollout")
+                              "at 1 and use updates_per_rollout")
         if int(self.sampling.num_steps * self.timestep_fraction) < 1:   # the grid has num_steps timesteps
             raise ConfigError(f"timestep_fraction {self.timestep_fraction} trains no timestep of "
                               f"{self.sampling.num_steps}; raise it or sampling.num_steps")
@@ -103,7 +106,7 @@ class NFTTrainer:
         # The public code: a second adapter "old", a copy of the trained one, samples and gives v_old.
         trainable.add_frozen_adapter(self.model, cfg.lora, "old")
         lora_utils.copy_adapter(self.model.transformer, "default", "old")
-        online_flow.prepare_online_flow(self, optimizer_steps=cfg.max_steps * cfg.optimizer_steps_per_rollout)
+        online_flow.prepare_online_flow(self, optimizer_steps=cfg.max_steps * cfg.updates_per_rollout)
         engine.resume(self)
 
     def checkpoint_contents(self) -> CheckpointContents:
@@ -164,7 +167,7 @@ class NFTTrainer:
         return loss, parts
 
     def update(self, batch: dict) -> dict:
-        """``optimizer_steps_per_rollout`` optimizer steps; each accumulates (micro-batch, timestep) losses."""
+        """``updates_per_rollout`` optimizer steps; each accumulates (micro-batch, timestep) losses."""
         cfg, acc = self.config, self.accelerator
         self.model.denoiser.train()
         n, grid = len(batch["prompts"]), batch["sigmas"][:-1]          # the rollout's timesteps, without 0
@@ -175,8 +178,8 @@ class NFTTrainer:
         chosen = torch.rand(n, len(grid), generator=self.noise).argsort(1)[:, :trained]
         micro = list(order.split(cfg.train_batch_size))
         metrics: dict = {}
-        done = self.step * cfg.optimizer_steps_per_rollout          # optimizer steps before this rollout's
-        shares = [list(m) for m in torch.arange(len(micro)).tensor_split(cfg.optimizer_steps_per_rollout)]
+        done = self.step * cfg.updates_per_rollout          # optimizer steps before this rollout's
+        shares = [list(m) for m in torch.arange(len(micro)).tensor_split(cfg.updates_per_rollout)]
         for c, share in enumerate(shares):
             def unit_loss(i: int, share=share):
                 index = micro[share[i // trained]]
@@ -195,7 +198,7 @@ class NFTTrainer:
     def _update_old_adapter(self, steps_done: int) -> None:
         """old <- d old + (1 - d) theta after the rollout's training, d from the optimizer steps done (the
         public code's global_step, already incremented)."""
-        d = old_decay(self.config.old_decay_type, steps_done * self.config.optimizer_steps_per_rollout)
+        d = old_decay(self.config.old_decay_type, steps_done * self.config.updates_per_rollout)
         lora_utils.blend_adapter(self.model.transformer, "default", into="old", decay=d)
 
     def train_step(self) -> dict:

@@ -167,8 +167,9 @@ class SePPOTrainer:
             trainable.add_frozen_adapter(self.model, cfg.lora, "reference")
         run_setup.prepare_optimization(self, cfg.max_steps)
         self.uncond = unconditional(self.model, cfg.generation.guidance_scale)
-        self.sampler = UniformSampler(len(self.data), cfg.train_batch_size * cfg.optim.gradient_accumulation_steps,
-                                      seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
+        self.prompt_sampler = UniformSampler(len(self.data),
+                                             cfg.train_batch_size * cfg.optim.gradient_accumulation_steps,
+                                             seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
         # Full fine-tuning: theta_0 is a snapshot of the prepared (under FSDP: sharded) weights, taken before a
         # resume loads a checkpoint's.
         self.snapshots = None if cfg.lora.enabled else WeightSnapshots(self.model.trainable)
@@ -181,7 +182,7 @@ class SePPOTrainer:
         self._load_reference()
 
     def checkpoint_contents(self) -> CheckpointContents:
-        return CheckpointContents(states={"sampler": self.sampler, "bank": self.bank},
+        return CheckpointContents(states={"prompt_sampler": self.prompt_sampler, "bank": self.bank},
                                   generators={"noise": self.noise, "draws": self.draws})
 
     # ------------------------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ class SePPOTrainer:
         cfg, model = self.config, self.model
         self._draw_reference()
         model.denoiser.eval()
-        items = self.sampler.next_indices()
+        items = self.prompt_sampler.next_indices()
         size = cfg.data.resolution
         micro_batches = []
         for start in range(0, len(items), cfg.train_batch_size):

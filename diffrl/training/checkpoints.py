@@ -173,7 +173,8 @@ def load_checkpoint(folder: Path, accelerator, *, trainer: str, module: torch.nn
     if info.get("trainer") != trainer:
         raise CheckpointError(f"{folder} was written by the {info.get('trainer')!r} trainer, not {trainer!r}; "
                               f"use a checkpoint of this run or a new output_dir")
-    expected = ["optimizer.pt", "scheduler.pt", "model", *[f"state_{n}.pt" for n in states or {}]]
+    files = {name: _state_file(folder, name) for name in states or {}}
+    expected = ["optimizer.pt", "scheduler.pt", "model", *[f.name for f in files.values()]]
     rng_file = folder / f"rng_state_{accelerator.process_index}.pt"
     missing = [name for name in expected if not (folder / name).exists()]
     if missing:
@@ -200,9 +201,19 @@ def load_checkpoint(folder: Path, accelerator, *, trainer: str, module: torch.nn
                               f"with the config that wrote it") from None
     scheduler.load_state_dict(_load(folder / "scheduler.pt"))
     for name, obj in (states or {}).items():
-        obj.load_state_dict(_load(folder / f"state_{name}.pt"))
+        obj.load_state_dict(_load(files[name]))
     set_rng_state(_load(rng_file), generators)
     return info
+
+
+# States renamed since the checkpoint format began: a checkpoint written before reads under its old name.
+_FORMER_STATE_NAMES = {"prompt_sampler": "sampler"}  # SePPO, Diffusion-DPO, IGPO and dLLM SFT before 0.2
+
+
+def _state_file(folder: Path, name: str) -> Path:
+    path = folder / f"state_{name}.pt"
+    former = folder / f"state_{_FORMER_STATE_NAMES.get(name, name)}.pt"
+    return path if path.exists() or not former.exists() else former
 
 
 def _load(path: Path):

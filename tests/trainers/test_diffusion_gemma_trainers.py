@@ -34,7 +34,7 @@ def igpo_config(tiny_dir, out, **overrides):
             "max_steps": 2, "seed": 0, "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2},
             "data": {"path": "generator:arithmetic", "size": 40, "eval_size": 4},
             "generation": {"gen_length": 32, "block_length": 16, "steps": 4, "rollout": {"temperature": 1.0}},
-            "reward": {"weights": {"math": 1.0}}, "group_size": 4, "prompts_per_step": 2, "num_iterations": 2,
+            "reward": {"weights": {"math": 1.0}}, "group_size": 4, "prompts_per_step": 2, "updates_per_rollout": 2,
             "train_batch_size": 4, "prompt_mask_prob": 0.0,
             "igpo": {"min_chunk": 2, "max_chunk": 3, "ratio_low": 0.7, "ratio_high": 0.9, "max_replacements": 2,
                      "inpaint_samples": 4, "free_tail": 0, "hint_text": "target"},

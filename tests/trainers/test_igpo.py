@@ -25,7 +25,7 @@ def make_config(tiny_dir, tmp_path, **overrides):
             "max_steps": 2, "seed": 0, "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2},
             "data": {"path": "generator:arithmetic", "size": 40, "eval_size": 4},
             "generation": {"gen_length": 16, "block_length": 8, "steps": 8, "rollout": {"temperature": 1.0}},
-            "reward": {"weights": {"math": 1.0}}, "group_size": 4, "prompts_per_step": 2, "num_iterations": 2,
+            "reward": {"weights": {"math": 1.0}}, "group_size": 4, "prompts_per_step": 2, "updates_per_rollout": 2,
             "train_batch_size": 4,
             "igpo": {"min_chunk": 2, "max_chunk": 3, "ratio_low": 0.7, "ratio_high": 0.9, "max_replacements": 2,
                      "inpaint_samples": 4, "free_tail": 0, "hint_text": "target"},
@@ -193,7 +193,7 @@ def test_the_kv_cache_is_switched_separately_for_rollouts_and_evaluation(tiny_di
 
 
 def test_loss_mask_and_gradients_reach_generated_tokens_and_only_top_entropy_hints(tiny_dir, tmp_path):
-    trainer = IGPOTrainer(make_config(tiny_dir, tmp_path, num_iterations=1, beta=0.0))
+    trainer = IGPOTrainer(make_config(tiny_dir, tmp_path, updates_per_rollout=1, beta=0.0))
     trainer.setup()
     batch = trainer.rollout()
     stats = trainer.score(batch)
@@ -292,7 +292,7 @@ def test_published_config_starts_on_the_tiny_model(tiny_dir, tmp_path, path):
         f"output_dir={tmp_path / 'run'}", "max_steps=1", "data.path=generator:arithmetic", "data.size=20",
         "data.eval_size=2", "data.prompt_template='{question}'", "data.generator_options={}",
         "generation.gen_length=16", f"generation.block_length={16 if gemma else 8}", "generation.steps=4",
-        "prompts_per_step=1", "group_size=4", "generation_batch_size=16", "train_batch_size=4", "num_iterations=1",
+        "prompts_per_step=1", "group_size=4", "generation_batch_size=16", "train_batch_size=4", "updates_per_rollout=1",
         "lora.rank=4", "lora.alpha=8", "lora.target_modules=null", "reward.weights={math: 1.0}", "reward.kwargs={}",
         "eval_k=1", "logging.trackers=[]", "logging.progress_bar=false", "checkpoint.every=1",
         "igpo.max_replacements=2", "igpo.min_chunk=2", "igpo.max_chunk=3"])

@@ -154,8 +154,8 @@ def test_resume_gives_the_same_steps_and_weights(tiny_dir, tmp_path):
     assert any("eval/reward_ema" in r for r in rows_a)      # the evaluation EMA is reported beside the raw
 
 
-def test_ocr_style_two_optimizer_steps_per_rollout_and_the_lora_loads_in_diffusers(tiny_dir, tmp_path):
-    trainer = NFTTrainer(make_config(tiny_dir, tmp_path, max_steps=1, optimizer_steps_per_rollout=2,
+def test_ocr_style_two_updates_per_rollout_and_the_lora_loads_in_diffusers(tiny_dir, tmp_path):
+    trainer = NFTTrainer(make_config(tiny_dir, tmp_path, max_steps=1, updates_per_rollout=2,
                                      old_decay_type=2, train_batch_size=1))
     trainer.train()
     assert {int(state["step"]) for state in trainer.optimizer.state.values()} == {2}   # two optimizer steps

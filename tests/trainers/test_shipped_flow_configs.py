@@ -78,7 +78,7 @@ def test_published_config_starts_on_tiny_model(path, tiny_dir, tmp_path):
     if config.trainer == "awm":
         config.train_timesteps = 2
     elif config.trainer == "nft":
-        config.train_batch_size = 1 if config.optimizer_steps_per_rollout > 1 else 2
+        config.train_batch_size = 1 if config.updates_per_rollout > 1 else 2
     elif config.sampling.sde_window_size is not None:
         config.sampling.sde_window, config.sampling.sde_window_size = [0, 3], 2
     trainer = get_trainer(config.trainer).trainer_class(config)
