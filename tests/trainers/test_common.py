@@ -227,3 +227,19 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tmp_path
     model.zero_grad()
     model(inputs).pow(2).mean().backward()
     torch.testing.assert_close(accumulated, model.weight.grad)
+
+
+def test_a_checkpoint_written_before_the_prompt_sampler_rename_resumes(tmp_path, parts):
+    """SePPO, Diffusion-DPO, IGPO and dLLM SFT saved their prompt sampler as state_sampler.pt before 0.2."""
+    model, optimizer, scheduler = parts
+    acc = Accelerator(cpu=True)
+    sampler = UniformSampler(10, 3, seed=1)
+    sampler.next_indices()
+    checkpoints.save_checkpoint(acc, tmp_path, 3, trainer="t", module=model, save_model=save_model(model),
+                                optimizer=optimizer, scheduler=scheduler, states={"sampler": sampler})
+    expected = sampler.next_indices()
+    resumed = UniformSampler(10, 3, seed=1)
+    checkpoints.load_checkpoint(checkpoints.resolve_resume(tmp_path, "latest"), acc, trainer="t", module=model,
+                                load_model=load_model(model), optimizer=optimizer, scheduler=scheduler,
+                                states={"prompt_sampler": resumed})
+    assert resumed.next_indices() == expected
