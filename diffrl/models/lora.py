@@ -125,6 +125,17 @@ def adapters_disabled(module: torch.nn.Module):
             layer.enable_adapters(True)
 
 
+@contextlib.contextmanager
+def adapter_active(module: torch.nn.Module, adapter_name: str):
+    """Forwards inside the block use the frozen adapter ``adapter_name`` (AWM's EMA, NFT's old policy,
+    SePPO's drawn reference); the trained ``default`` adapter is active again afterwards."""
+    set_active_adapter(module, adapter_name)
+    try:
+        yield module
+    finally:
+        set_active_adapter(module, "default")
+
+
 def copy_adapter(module: torch.nn.Module, source: str, target: str) -> None:
     """Copy the weights of adapter ``source`` into adapter ``target`` (same config)."""
     load_lora_state_dict(module, lora_state_dict(module, source), adapter_name=target)

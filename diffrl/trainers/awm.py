@@ -79,9 +79,6 @@ class AWMConfig(OnlineFlowConfig):
             raise ConfigError("beta > 0 uses the LoRA-disabled model as the reference: enable lora or set beta: 0")
         if (self.ema_beta > 0 or self.off_policy) and not self.lora.enabled:
             raise ConfigError("ema_beta > 0 and off_policy need the EMA LoRA adapter: enable lora or set ema_beta: 0")
-        if self.optim.gradient_accumulation_steps != 1:
-            raise ConfigError("AWM takes one optimizer step per rollout; leave optim.gradient_accumulation_steps "
-                              "at 1 and set train_batch_size / prompts_per_step instead")
 
 
 @register_trainer("awm", config_class=AWMConfig, paper="https://arxiv.org/abs/2509.25050",
@@ -112,17 +109,11 @@ class AWMTrainer:
                                   weight_ema=self.weight_ema)
 
     # ------------------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
     def _sampling_policy(self):
         """Off-policy rollouts come from the EMA adapter; on-policy ones from the current adapter."""
         if not self.config.off_policy:
-            yield
-            return
-        lora_utils.set_active_adapter(self.model.transformer, "ema")
-        try:
-            yield
-        finally:
-            lora_utils.set_active_adapter(self.model.transformer, "default")
+            return contextlib.nullcontext()
+        return lora_utils.adapter_active(self.model.transformer, "ema")
 
     @torch.no_grad()
     def rollout(self) -> dict:
@@ -183,12 +174,8 @@ class AWMTrainer:
             loss = loss + cfg.beta * kl
             parts["kl"] = float(kl.detach())
         if cfg.ema_beta > 0:
-            lora_utils.set_active_adapter(self.model.transformer, "ema")
-            try:
-                with torch.no_grad():
-                    v_ema = self.model.velocity(x_t, t, cond)
-            finally:
-                lora_utils.set_active_adapter(self.model.transformer, "default")
+            with torch.no_grad(), lora_utils.adapter_active(self.model.transformer, "ema"):
+                v_ema = self.model.velocity(x_t, t, cond)
             kl_ema = velocity_kl(v, v_ema).mean()
             loss = loss + cfg.ema_beta * kl_ema
             parts["kl_ema"] = float(kl_ema.detach())

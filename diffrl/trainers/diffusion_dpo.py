@@ -25,11 +25,10 @@ from diffrl.errors import ConfigError
 from diffrl.losses import DPO_LOSS_TYPES, diffusion_dpo_loss
 from diffrl.trainers import register_trainer
 from diffrl.training import engine, run_setup, step_guard
-from diffrl.training.evaluation import check_reward_fits, evaluate_generation
 from diffrl.training.preference import (
+    evaluate_preference_trainer,
     load_batch,
-    load_preference_data,
-    load_preference_model,
+    load_preference_run,
     paired_errors,
     unconditional,
 )
@@ -68,10 +67,7 @@ class DiffusionDPOTrainer:
         cfg = self.config
         run_setup.start(self)
         acc = self.accelerator
-        self.data, self.eval_prompts = load_preference_data(cfg.data, need_loser=True)
-        self.reward = run_setup.load_configured_reward(cfg.reward, acc.device)
-        self.model = load_preference_model(cfg, acc.device)
-        check_reward_fits(self.reward, self.model)
+        load_preference_run(self, need_loser=True)
         run_setup.prepare_optimization(self, cfg.max_steps)
         # Full fine-tuning: the reference is a snapshot of the initial (under FSDP: sharded) weights, taken
         # before a resume loads a checkpoint's; with LoRA, the model with its adapter disabled.
@@ -122,14 +118,7 @@ class DiffusionDPOTrainer:
         return step_guard.optimizer_step(self, totals)
 
     def evaluate(self) -> dict:
-        cfg = self.config
-        self.model.denoiser.eval()
-        size = cfg.data.resolution
-        return evaluate_generation(self.accelerator, self.model, self.reward, self.eval_prompts,
-                                   num_steps=cfg.generation.eval_num_steps, height=size, width=size,
-                                   num_frames=cfg.data.num_frames or 1, guidance_scale=cfg.generation.guidance_scale,
-                                   uncond=self.uncond, batch_size=cfg.eval_batch_size, seed=cfg.eval_seed,
-                                   grid_path=self.output_dir / "samples" / f"step-{self.step:06d}.png")
+        return evaluate_preference_trainer(self)
 
     def train_step(self) -> dict:
         return self.update(self.rollout())

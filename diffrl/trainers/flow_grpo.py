@@ -66,9 +66,6 @@ class FlowGRPOConfig(OnlineFlowConfig):
         if self.sampling.sampler != "euler":
             raise ConfigError("Flow-GRPO needs the log-probs of its SDE steps: sampling.sampler must be 'euler' "
                               "(SA-Solver rollouts are for AWM)")
-        if self.optim.gradient_accumulation_steps != 1:
-            raise ConfigError("Flow-GRPO accumulates over its samples and steps itself; leave "
-                              "optim.gradient_accumulation_steps at 1 and set updates_per_rollout instead")
 
 
 @register_trainer("flow_grpo", config_class=FlowGRPOConfig, paper="https://arxiv.org/abs/2505.05470",

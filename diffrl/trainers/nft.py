@@ -23,7 +23,6 @@ open; the public code's choices are followed throughout (each says so where it i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import ClassVar
 
@@ -83,9 +82,6 @@ class NFTConfig(OnlineFlowConfig):
         super().__post_init__()
         if not self.lora.enabled:
             raise ConfigError("nft keeps its old policy as a second LoRA adapter: set lora.enabled: true")
-        if self.optim.gradient_accumulation_steps != 1:
-            raise ConfigError("nft sets its accumulation from the batch: leave optim.gradient_accumulation_steps "
-                              "at 1 and use updates_per_rollout")
         if int(self.sampling.num_steps * self.timestep_fraction) < 1:   # the grid has num_steps timesteps
             raise ConfigError(f"timestep_fraction {self.timestep_fraction} trains no timestep of "
                               f"{self.sampling.num_steps}; raise it or sampling.num_steps")
@@ -114,13 +110,8 @@ class NFTTrainer:
                                           "estimator": if_stateful(self.estimator)},
                                   generators={"noise": self.noise}, adapters=("old",), weight_ema=self.weight_ema)
 
-    @contextlib.contextmanager
     def _old_policy(self):
-        lora_utils.set_active_adapter(self.model.transformer, "old")
-        try:
-            yield
-        finally:
-            lora_utils.set_active_adapter(self.model.transformer, "default")
+        return lora_utils.adapter_active(self.model.transformer, "old")
 
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()

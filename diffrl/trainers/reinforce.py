@@ -42,9 +42,6 @@ class ReinforceConfig(OnlineFlowConfig):
         if self.sampling.sampler != "euler" or self.sampling.noise_level <= 0:
             raise ConfigError("reinforce needs the log-densities of stochastic steps: set sampling.sampler=euler "
                               "and sampling.noise_level > 0 (0.7 as Flow-GRPO)")
-        if self.optim.gradient_accumulation_steps != 1:
-            raise ConfigError("reinforce takes one optimizer step per rollout; leave "
-                              "optim.gradient_accumulation_steps at 1 and set train_batch_size instead")
 
 
 @register_trainer("reinforce", config_class=ReinforceConfig, paper="https://arxiv.org/abs/2305.13301",

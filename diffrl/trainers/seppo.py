@@ -39,11 +39,10 @@ from diffrl.models import lora as lora_utils
 from diffrl.samplers.generate import sample_latents
 from diffrl.trainers import register_trainer
 from diffrl.training import engine, run_setup, sharding, step_guard, trainable
-from diffrl.training.evaluation import check_reward_fits, evaluate_generation
 from diffrl.training.preference import (
+    evaluate_preference_trainer,
     load_batch,
-    load_preference_data,
-    load_preference_model,
+    load_preference_run,
     paired_errors,
     unconditional,
 )
@@ -159,10 +158,7 @@ class SePPOTrainer:
         cfg = self.config
         run_setup.start(self)
         acc = self.accelerator
-        self.data, self.eval_prompts = load_preference_data(cfg.data, need_loser=False)
-        self.reward = run_setup.load_configured_reward(cfg.reward, acc.device)
-        self.model = load_preference_model(cfg, acc.device)
-        check_reward_fits(self.reward, self.model)
+        load_preference_run(self, need_loser=False)
         if cfg.lora.enabled:  # the bank's later entries are loaded into this second, frozen adapter
             trainable.add_frozen_adapter(self.model, cfg.lora, "reference")
         run_setup.prepare_optimization(self, cfg.max_steps)
@@ -210,11 +206,8 @@ class SePPOTrainer:
             with self.model.reference():
                 yield
             return
-        lora_utils.set_active_adapter(self.model.trainable, "reference")
-        try:
+        with lora_utils.adapter_active(self.model.trainable, "reference"):
             yield
-        finally:
-            lora_utils.set_active_adapter(self.model.trainable, "default")
 
     def _draw_reference(self) -> None:
         cfg = self.config
@@ -269,14 +262,7 @@ class SePPOTrainer:
         return metrics
 
     def evaluate(self) -> dict:
-        cfg = self.config
-        self.model.denoiser.eval()
-        size = cfg.data.resolution
-        return evaluate_generation(self.accelerator, self.model, self.reward, self.eval_prompts,
-                                   num_steps=cfg.generation.eval_num_steps, height=size, width=size,
-                                   num_frames=cfg.data.num_frames or 1, guidance_scale=cfg.generation.guidance_scale,
-                                   uncond=self.uncond, batch_size=cfg.eval_batch_size, seed=cfg.eval_seed,
-                                   grid_path=self.output_dir / "samples" / f"step-{self.step:06d}.png")
+        return evaluate_preference_trainer(self)
 
     def train_step(self) -> dict:
         start = time.time()

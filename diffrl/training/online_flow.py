@@ -12,6 +12,7 @@ import torch
 from diffrl.advantages import get_estimator
 from diffrl.config import FlowSamplingConfig, PromptDataConfig, RewardConfig, TrainerConfig, param
 from diffrl.curriculum import UniformSampler
+from diffrl.errors import ConfigError
 from diffrl.training import run_setup
 from diffrl.training.evaluation import check_reward_fits
 from diffrl.training.reward_pipeline import RolloutScorer
@@ -49,6 +50,10 @@ class OnlineFlowConfig(TrainerConfig):
 
     def __post_init__(self):
         get_estimator(self.estimator, **self.estimator_kwargs)  # an unknown name or option fails here
+        if self.optim.gradient_accumulation_steps != 1:
+            raise ConfigError(f"{self.trainer} takes its optimizer steps per rollout from its own batch sizes (one "
+                              f"optimizer step per rollout, or updates_per_rollout); leave "
+                              f"optim.gradient_accumulation_steps at 1 and set train_batch_size instead")
 
     def samples_per_step(self, num_processes: int) -> str:
         return f"{self.prompts_per_step} prompts x {self.group_size} samples per step"

@@ -51,6 +51,35 @@ def load_preference_data(data_config, *, need_loser: bool):
     return data, [data.caption(i) for i in range(min(data_config.eval_size, len(data)))]
 
 
+def load_preference_run(trainer, *, need_loser: bool) -> None:
+    """The first part of SePPO's and Diffusion-DPO's set-up, after ``run_setup.start``: the preference data (and
+    evaluation prompts) and the reward before the model, then the model. Sets ``data``, ``eval_prompts``,
+    ``reward`` and ``model``."""
+    from diffrl.training import run_setup
+    from diffrl.training.evaluation import check_reward_fits
+
+    cfg, acc = trainer.config, trainer.accelerator
+    trainer.data, trainer.eval_prompts = load_preference_data(cfg.data, need_loser=need_loser)
+    trainer.reward = run_setup.load_configured_reward(cfg.reward, acc.device)
+    trainer.model = load_preference_model(cfg, acc.device)
+    check_reward_fits(trainer.reward, trainer.model)
+
+
+def evaluate_preference_trainer(trainer) -> dict:
+    """Samples of the evaluation prompts with fixed noise, scored by the configured reward (a grid in
+    ``samples/``)."""
+    from diffrl.training.evaluation import evaluate_generation
+
+    cfg = trainer.config
+    trainer.model.denoiser.eval()
+    size = cfg.data.resolution
+    return evaluate_generation(trainer.accelerator, trainer.model, trainer.reward, trainer.eval_prompts,
+                               num_steps=cfg.generation.eval_num_steps, height=size, width=size,
+                               num_frames=cfg.data.num_frames or 1, guidance_scale=cfg.generation.guidance_scale,
+                               uncond=trainer.uncond, batch_size=cfg.eval_batch_size, seed=cfg.eval_seed,
+                               grid_path=trainer.output_dir / "samples" / f"step-{trainer.step:06d}.png")
+
+
 def unconditional(model, guidance_scale: float):
     """The empty-prompt conditioning classifier-free guidance needs (None when CFG is off, or for FLUX.1 and
     FLUX.2 [dev], whose guidance is an embedding)."""

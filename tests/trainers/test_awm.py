@@ -149,7 +149,7 @@ def test_checkpoint_lora_loads_in_diffusers(tiny_dir, tmp_path):
     ({"weighting": "Uniform"}, "weighting must be one of uniform"),
     ({"lora__enabled": False, "beta": 0.0}, "need the EMA LoRA adapter"),
     ({"lora__enabled": False}, "beta > 0 uses the LoRA-disabled model as the reference"),
-    ({"optim__gradient_accumulation_steps": 2}, "one optimizer step per rollout"),
+    ({"optim__gradient_accumulation_steps": 2}, "awm takes its optimizer steps per rollout"),
     ({"time_type": "uniform"}, "time_type must be"),
 ])
 def test_bad_awm_configs(tiny_dir, tmp_path, overrides, message):

@@ -370,3 +370,14 @@ class FlowModel:
             state = load_file(str(place / "pytorch_lora_weights.safetensors"))
             state = {k.removeprefix("transformer."): v for k, v in state.items()}
             lora_utils.load_lora_state_dict(module, state, adapter_name)
+
+
+class PackedFlowModel(FlowModel):
+    """Families whose transformer reads 2x2 latent patches as tokens and whose pipelines pass their own sigma
+    grid before a resolution-dependent shift (FLUX.1, Qwen-Image)."""
+
+    def _latent_multiple(self) -> int:
+        return self.vae_scale_factor * 2  # 2x2 patches: the latent sides must be even
+
+    def _schedule_kwargs(self, num_steps: int, latent_shape: tuple[int, ...]) -> dict:
+        return {"sigmas": linear_sigma_grid(num_steps), **dynamic_shift(self.pipeline.scheduler, latent_shape)}

@@ -8,10 +8,10 @@ import torch
 
 from diffrl.errors import ConfigError
 from diffrl.models.conditioning import Cond
-from diffrl.models.flow.base import FlowModel, dynamic_shift, linear_sigma_grid, pack_patches, unpack_patches
+from diffrl.models.flow.base import PackedFlowModel, pack_patches, unpack_patches
 
 
-class FluxModel(FlowModel):
+class FluxModel(PackedFlowModel):
     family = "flux"
     pipelines = ("FluxPipeline",)
     default_max_sequence_length = 512
@@ -19,12 +19,6 @@ class FluxModel(FlowModel):
     @property
     def guidance_embedded(self) -> bool:
         return True
-
-    def _latent_multiple(self) -> int:
-        return self.vae_scale_factor * 2  # 2x2 patches: the latent sides must be even
-
-    def _schedule_kwargs(self, num_steps: int, latent_shape: tuple[int, ...]) -> dict:
-        return {"sigmas": linear_sigma_grid(num_steps), **dynamic_shift(self.pipeline.scheduler, latent_shape)}
 
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> Cond:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 
 from diffrl.models.conditioning import Cond
-from diffrl.models.flow.base import FlowModel, dynamic_shift, linear_sigma_grid, pack_patches
+from diffrl.models.flow.base import PackedFlowModel, pack_patches
 from diffrl.models.flow.wan import decode_video_vae, encode_video_vae
 
 
-class QwenImageModel(FlowModel):
+class QwenImageModel(PackedFlowModel):
     family = "qwenimage"
     pipelines = ("QwenImagePipeline",)
     default_max_sequence_length = 512
@@ -18,12 +18,6 @@ class QwenImageModel(FlowModel):
     @property
     def latent_channels(self) -> int:
         return self.vae.config.z_dim
-
-    def _latent_multiple(self) -> int:
-        return self.vae_scale_factor * 2  # 2x2 patches: the latent sides must be even
-
-    def _schedule_kwargs(self, num_steps: int, latent_shape: tuple[int, ...]) -> dict:
-        return {"sigmas": linear_sigma_grid(num_steps), **dynamic_shift(self.pipeline.scheduler, latent_shape)}
 
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> Cond:
