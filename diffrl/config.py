@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from diffrl import secrets
 from diffrl.errors import ConfigError
 
 _MISSING = dataclasses.MISSING
@@ -529,7 +530,8 @@ def save_config(config: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    # Literal tokens and keys are never written (diffrl.secrets): env:NAME references are.
+    tmp.write_text(yaml.safe_dump(secrets.redact(to_dict(config)), sort_keys=False), encoding="utf-8")
     tmp.replace(path)
 
 

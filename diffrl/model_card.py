@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from diffrl import secrets
 from diffrl.errors import ConfigError, DiffrlError
 
 
@@ -106,6 +107,11 @@ def prepare(run: str | Path, out: str | Path, *, repo_id: str, weights: str = "r
     source = checkpoint / "model" / ("ema" if weights == "ema" else "")
     if not source.is_dir():
         raise ConfigError(f"{checkpoint} holds no weight EMA; share the raw weights (--weights raw)")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    found = secrets.literal_secrets(config)
+    if found:  # a config saved before diffrl redacted secrets
+        raise DiffrlError(f"{run_dir / 'config.yaml'} holds a secret in clear ({', '.join(found)}); replace it by "
+                          f"env:NAME (or <redacted>) in that file before sharing the run")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DiffrlError(f"{out} is not empty; choose a new folder")
@@ -113,7 +119,6 @@ def prepare(run: str | Path, out: str | Path, *, repo_id: str, weights: str = "r
     for item in source.iterdir():
         if item.is_file():
             shutil.copy2(item, out / item.name)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     shutil.copy2(run_dir / "config.yaml", out / "config.yaml")
     for name in ("summary.json", "summary.txt", "report.png"):
         if (run_dir / name).is_file():

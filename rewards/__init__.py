@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import torch
 
+from diffrl import secrets
 from diffrl.errors import RewardError
 
 MODALITIES = ("image", "video", "text")
@@ -222,6 +223,7 @@ def load_reward(spec, *, device: str | torch.device = "cpu", kwargs: dict[str, d
     components = []
     for name, weight, extra in items:
         factory, modality = _factory(name)
+        extra = secrets.resolve(extra, f"reward.kwargs.{name}.")  # token: env:NAME -> the variable's value
         try:
             reward = factory(device=device, **extra)
         except TypeError as e:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from diffrl import secrets
 from diffrl.config import TrainerConfig, changed_keys, save_config, to_dict
 from diffrl.errors import ConfigError
 from diffrl.models import performance
@@ -56,7 +57,8 @@ def _check_same_config(saved: Path, config: TrainerConfig) -> None:
         old = yaml.safe_load(saved.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError):
         return  # a damaged copy of the resolved config; the checkpoint's own checks still run
-    new = yaml.safe_load(yaml.safe_dump(to_dict(config)))  # as written to config.yaml (tuples become lists)
+    # as written to config.yaml (tuples become lists, literal secrets <redacted>)
+    new = yaml.safe_load(yaml.safe_dump(secrets.redact(to_dict(config))))
     changed = changed_keys(old, new) if isinstance(old, dict) else []
     if changed:
         shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
@@ -142,7 +144,7 @@ def tracker_init_kwargs(logging) -> dict:
 
 def init_trackers(accelerator, config: TrainerConfig) -> None:
     if config.logging.trackers:
-        flat = _flatten(to_dict(config))
+        flat = _flatten(secrets.redact(to_dict(config)))  # tracker parameters never hold a token
         accelerator.init_trackers(config.logging.project, config={k: v for k, v in flat.items()
                                                                   if isinstance(v, (int, float, str, bool))},
                                   init_kwargs=tracker_init_kwargs(config.logging))
