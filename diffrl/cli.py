@@ -235,14 +235,16 @@ def cmd_score(args) -> int:
         prompts, metadata = scoring.match_records(files, args.prompts, required=reward.needs_prompts)
         loader = (lambda p: media.load_video(p, args.max_frames)) if video else media.load_image
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # unreadable files are reported once below, as rows and a count
+            # unreadable files and unscored samples are error rows, reported once below as lines and a count
+            warnings.simplefilter("ignore")
             rows = scoring.score_files(files, reward, prompts, loader=loader, batch_size=args.batch_size,
                                        progress=not args.quiet, metadata=metadata)
     failed = [r for r in rows if "error" in r]
     for row in failed:
         print(f"warning: {row['error']}", file=sys.stderr)
     if len(failed) == len(rows):  # before writing: no score table that looks like a result
-        raise DiffrlError(f"nothing could be scored: every input failed to load (the first: {failed[0]['error']})")
+        raise DiffrlError(f"nothing could be scored: every input failed to load or score (the first: "
+                          f"{failed[0]['error']})")
     if args.out:
         scoring.write_rows(rows, args.out)
     print(scoring.format_summary(scoring.summarize(rows, reward.names), len(failed)))
@@ -251,6 +253,10 @@ def cmd_score(args) -> int:
             print(component.reward.table(rows, component.name))
     if args.out:
         print(f"wrote {len(rows)} rows to {args.out}")
+    if failed and not args.allow_failures:
+        raise DiffrlError(f"{len(failed)} of {len(rows)} inputs could not be read or scored (the first: "
+                          f"{failed[0]['error']}); they are the rows with an 'error'"
+                          f"{f' in {args.out}' if args.out else ''}; fix them, or pass --allow-failures")
     return 0
 
 
@@ -407,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--max-frames", type=int, default=None, help="frames read per video (default: all)")
     score.add_argument("--reward-kwargs", help="JSON: options per reward, e.g. '{\"pickscore\": {\"divide_by\": 26}}'")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
+    score.add_argument("--allow-failures", action="store_true", help="exit 0 even when inputs could not be read or "
+                       "scored (they stay rows with an 'error' and are counted)")
     score.set_defaults(func=cmd_score)
 
     evaluate = sub.add_parser("eval", help="evaluate a model or checkpoint: accuracy and pass@k of diffusion-LLM "

@@ -25,6 +25,11 @@ class TrainingError(DiffrlError):
     """Training cannot continue (for example, too many consecutive non-finite steps)."""
 
 
+class RewardFailed(TrainingError):
+    """The reward could not score several steps in a row (a reward server that died): the trained weights are
+    fine, so the run checkpoints its last good step before it stops."""
+
+
 class TrainingInterrupted(DiffrlError):
     """The run stopped on SIGTERM (exit status 143) or Ctrl-C (130) after checkpointing its last finished step."""
 

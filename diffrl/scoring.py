@@ -102,8 +102,12 @@ def _score_loaded(reward, loaded: list[tuple[int, torch.Tensor]], prompts: list[
 
 
 def _fill_rows(rows: list[dict], indices: list[int], reward, out) -> None:
-    """The total, each component, and the components' own per-sample numbers and labels (``name/key``)."""
+    """The total, each component, and the components' own per-sample numbers and labels (``name/key``); a
+    sample the reward failed to score gets its ``error``."""
     for position, index in enumerate(indices):
+        if position in out.failed:  # like an unreadable file: the reason, no numbers
+            rows[index]["error"] = f"not scored: {out.failed[position]}"
+            continue
         rows[index]["reward"] = _number(out.scores[position])
         for name in reward.names:
             rows[index][name] = _number(out.extras[name][position])
@@ -199,5 +203,5 @@ def format_summary(summary: dict[str, dict[str, float]], failed: int) -> str:
     for name, s in summary.items():
         lines.append(f"{name:<22}{s['mean']:>10.4f}{s['std']:>10.4f}{s['min']:>10.4f}{s['max']:>10.4f}{s['n']:>7}")
     if failed:
-        lines.append(f"{failed} file(s) could not be read (see the 'error' rows)")
+        lines.append(f"{failed} input(s) could not be read or scored (see the 'error' rows)")
     return "\n".join(lines)

@@ -37,10 +37,14 @@ MODALITIES = ("image", "video", "text")
 
 @dataclass
 class RewardOutput:
-    """``scores``: float32 ``[B]`` (NaN = not applicable); ``extras``: named per-sample tensors or lists."""
+    """``scores``: float32 ``[B]`` (NaN = not applicable); ``extras``: named per-sample tensors or lists;
+    ``failed``: sample index -> why it could not be scored (a server that did not answer): those score NaN
+    too, but unlike "not applicable" they are reported as failures (``diffrl score`` exits non-zero, a training
+    step says the reward failed)."""
 
     scores: torch.Tensor
     extras: dict[str, Any] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
 
 
 class Reward(Protocol):
@@ -170,9 +174,12 @@ class CombinedReward:
         total = torch.zeros(batch, dtype=torch.float32)
         weight_sum = torch.zeros(batch, dtype=torch.float32)
         extras: dict[str, Any] = {}
+        failed: dict[int, str] = {}
         for c in self.components:
             out = c.reward(samples, prompts, **metadata)
             scores = _check_scores(out, c.name, batch)
+            for index, reason in out.failed.items():
+                failed.setdefault(index, f"{c.name}: {reason}")
             extras[c.name] = scores
             for key, value in out.extras.items():
                 extras[f"{c.name}/{key}"] = value
@@ -183,7 +190,9 @@ class CombinedReward:
         full = sum(abs(c.weight) for c in self.components)
         scores = torch.where(weight_sum > 0, total * full / weight_sum.clamp_min(1e-12),
                              torch.full_like(total, float("nan")))
-        return RewardOutput(scores, extras)
+        # Per sample, why it could not be scored (None: scored or not applicable), for the trainers' checks.
+        extras["failed"] = [failed.get(i) for i in range(batch)]
+        return RewardOutput(scores, extras, failed)
 
 
 def _check_scores(out: Any, name: str, batch: int) -> torch.Tensor:

@@ -68,16 +68,21 @@ class RemoteReward:
         for attempt in range(self.retries + 1):
             try:
                 answer = self._request("POST", "/score", body, timeout=self.timeout)
+                # what the server's own rewards could not score stays a failure here (not "not applicable")
+                failed = {i: f"{self.url}: {reason}" for i, reason in
+                          enumerate(answer.get("extras", {}).pop("failed", None) or []) if isinstance(reason, str)}
                 extras = {name: scores_from_json(values) if all(v is None or isinstance(v, (int, float))
                                                                 for v in values) else values
                           for name, values in answer.get("extras", {}).items()}
-                return RewardOutput(scores_from_json(answer["scores"]), extras)
+                return RewardOutput(scores_from_json(answer["scores"]), extras, failed)
             except (urllib.error.URLError, OSError, TimeoutError) as e:
                 last = getattr(e, "reason", None) or e
                 if attempt < self.retries:
                     time.sleep(wait)
                     wait *= 2
         self.failed_batches += 1
-        warnings.warn(f"reward server {self.url} failed {self.retries + 1} times ({last}); this batch scores NaN "
-                      f"and the step is skipped ({self.failed_batches} batches so far)", stacklevel=2)
-        return RewardOutput(torch.full((len(samples),), float("nan")))
+        reason = f"reward server {self.url} failed {self.retries + 1} times ({last})"
+        warnings.warn(f"{reason}; this batch scores NaN and the step is skipped ({self.failed_batches} batches so "
+                      f"far)", stacklevel=2)
+        return RewardOutput(torch.full((len(samples),), float("nan")), failed=dict.fromkeys(range(len(samples)),
+                                                                                             reason))

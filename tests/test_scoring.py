@@ -25,7 +25,13 @@ def folder(tmp_path):
 
 def test_score_folder_survives_a_corrupt_file(folder, tmp_path):
     out = tmp_path / "scores.jsonl"
-    result = run_cli("score", "--reward", "jpeg_compressibility", "--images", str(folder), "--out", str(out), "--quiet")
+    failing = run_cli("score", "--reward", "jpeg_compressibility", "--images", str(folder), "--out", str(out),
+                      "--quiet")
+    assert failing.returncode == 1 and len(out.read_text().splitlines()) == 4   # every row written, then the exit
+    assert failing.stderr.strip().splitlines()[-1].startswith("error: 1 of 4 inputs could not be read or scored")
+    assert "--allow-failures" in failing.stderr
+    result = run_cli("score", "--reward", "jpeg_compressibility", "--images", str(folder), "--out", str(out), "--quiet",
+                     "--allow-failures")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["file"].rsplit("/", 1)[1] for r in rows] == ["a_flat.png", "b_noise.png", "c_other_size.jpg",
@@ -34,7 +40,7 @@ def test_score_folder_survives_a_corrupt_file(folder, tmp_path):
     assert "error" in rows[3] and "cannot read the image" in rows[3]["error"] and "reward" not in rows[3]
     assert "warning:" in result.stderr and "d_corrupt.png" in result.stderr
     assert "jpeg_compressibility" not in result.stdout.splitlines()[0] and "reward" in result.stdout
-    assert "1 file(s) could not be read" in result.stdout
+    assert "1 input(s) could not be read or scored" in result.stdout
 
 
 def test_score_csv_with_prompts_txt_and_weights(folder, tmp_path):
@@ -126,10 +132,10 @@ def test_an_image_over_pils_size_limit_is_an_error_row_not_an_abort(folder, tmp_
         load_image(folder / "e_huge.png")
     out = tmp_path / "scores.jsonl"
     assert cli.main(["score", "--reward", "jpeg_compressibility", "--images", str(folder), "--out", str(out),
-                     "--quiet"]) == 0
+                     "--quiet", "--allow-failures"]) == 0
     rows = {r["file"].rsplit("/", 1)[1]: r for r in map(json.loads, out.read_text().splitlines())}
     assert "decompression bombs" in rows["e_huge.png"]["error"] and "reward" in rows["b_noise.png"]
-    assert "2 file(s) could not be read" in capsys.readouterr().out
+    assert "2 input(s) could not be read or scored" in capsys.readouterr().out
 
 
 def test_score_videos_from_frame_folders_and_empty_file(tmp_path):
@@ -144,6 +150,7 @@ def test_score_videos_from_frame_folders_and_empty_file(tmp_path):
     (clips / "c.mp4").write_bytes(b"")  # zero-byte video
     out = tmp_path / "v.jsonl"
     result = run_cli("score", "--reward", "video", "--videos", str(clips), "--out", str(out), "--quiet",
+                     "--allow-failures",
                      "--reward-kwargs", '{"video": {"image_reward": "jpeg_compressibility", "num_frames": 2}}')
     assert result.returncode == 0, result.stderr
     rows = {json.loads(line)["file"].rsplit("/", 1)[1]: json.loads(line) for line in out.read_text().splitlines()}

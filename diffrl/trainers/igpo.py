@@ -291,7 +291,8 @@ class IGPOTrainer:
         if cfg.igpo.enabled:
             stats.update(self._inpaint(batch, rewards, correct))
         # Decided on values every process sees, so that all of them skip the step together.
-        step_guard.check_rewards(acc.gather(rewards.to(acc.device)).cpu(), self.reward.names)
+        step_guard.check_rewards(acc.gather(rewards.to(acc.device)).cpu(), self.reward.names,
+                                 step_guard.reward_failure(acc, extras))
         advantages = self.estimator(rewards, batch["group_ids"])
         step_guard.check_advantages(acc.gather(advantages.to(acc.device)).cpu())
         batch["advantages"] = advantages

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffrl.errors import TrainingInterrupted
+from diffrl.errors import RewardFailed, TrainingInterrupted
 from diffrl.training import trainable
 from diffrl.training.checkpoints import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
 from diffrl.training.progress import progress_bar, startup_line
@@ -103,7 +103,16 @@ def train(trainer: Trainer) -> dict:
     last: dict = {}
     while trainer.step < cfg.max_steps:
         start = time.time()
-        last = trainer.train_step()
+        try:
+            last = trainer.train_step()
+        except RewardFailed as failed:  # the weights are fine: keep the good steps
+            bar.close()
+            _release_sigterm(trainer)
+            save(trainer)
+            raise RewardFailed(f"{failed}; checkpoint {checkpoint_dir(cfg.output_dir, trainer.step)} holds the run "
+                               f"so far (the steps the reward could not score were skipped, not trained on): fix the "
+                               f"reward (restart its server), then run the same command with "
+                               f"checkpoint.resume=latest") from None
         trainer.step += 1
         last["step_time"] = time.time() - start
         after_step(trainer, last, bar, **postfix(last, *trainer.progress_keys))
@@ -210,7 +219,8 @@ def online_step(trainer) -> dict:
         rollout_time = time.time() - start
         metrics = {**stats, **trainer.update(batch)}
     except SkipStep as skip:
-        rollout_time, metrics = time.time() - start, trainer.guard.skip(str(skip))
+        rollout_time = time.time() - start
+        metrics = trainer.guard.skip(str(skip), reward_failed=skip.reward_failed)
     return {**metrics, "rollout_time": rollout_time}
 
 

@@ -112,7 +112,7 @@ def score_samples(reward, samples: torch.Tensor, prompts: list[str],
 
 
 def gather_advantages(accelerator, estimator, rewards: torch.Tensor, group_ids: torch.Tensor,
-                      names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      names: list[str], failure: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gather every process's rewards and group ids, estimate advantages over whole groups, and return
     ``(local advantages, all rewards, all group ids)``. Every process must hold the same number of samples.
     An inf reward, an all-NaN batch or a non-finite advantage raises ``step_guard.SkipStep`` on every process."""
@@ -121,7 +121,7 @@ def gather_advantages(accelerator, estimator, rewards: torch.Tensor, group_ids: 
     device = accelerator.device
     all_rewards = accelerator.gather(rewards.to(device)).cpu()
     all_groups = accelerator.gather(group_ids.to(device)).cpu()
-    step_guard.check_rewards(all_rewards, names)
+    step_guard.check_rewards(all_rewards, names, failure)
     advantages = estimator(all_rewards, all_groups)
     step_guard.check_advantages(advantages)
     n = rewards.shape[0]
@@ -198,9 +198,12 @@ def rollout_advantages(accelerator, reward, estimator, scorer, group_ids: torch.
     """This process's scores (from the rollout's :class:`RolloutScorer`) and advantages over the gathered
     groups. Returns the local advantages (unclipped) and logging stats computed over every process."""
     from diffrl.advantages import group_summary
+    from diffrl.training import step_guard
 
     rewards, extras = scorer.result()
-    advantages, all_rewards, all_groups = gather_advantages(accelerator, estimator, rewards, group_ids, reward.names)
+    failure = step_guard.reward_failure(accelerator, extras)
+    advantages, all_rewards, all_groups = gather_advantages(accelerator, estimator, rewards, group_ids, reward.names,
+                                                            failure)
     valid = all_rewards[~all_rewards.isnan()]
     stats = {"reward": float(valid.mean()), "reward_std": float(valid.std()) if valid.numel() > 1 else 0.0,
              **group_summary(all_rewards, all_groups)}

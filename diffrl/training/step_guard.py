@@ -8,12 +8,17 @@ import math
 
 import torch
 
-from diffrl.errors import TrainingError
+from diffrl.errors import RewardFailed, TrainingError
 
 
 class SkipStep(Exception):
     """Raised inside a step when a reward or an advantage is not finite: the step's update is dropped and
-    :class:`StepGuard` counts it. Raise it from values every process shares (gathered), so ranks agree."""
+    :class:`StepGuard` counts it. Raise it from values every process shares (gathered), so ranks agree.
+    ``reward_failed``: the reward could not score (not a training problem)."""
+
+    def __init__(self, cause: str, *, reward_failed: bool = False):
+        super().__init__(cause)
+        self.reward_failed = reward_failed
 
 
 class StepGuard:
@@ -29,12 +34,15 @@ class StepGuard:
     def passed(self) -> None:
         self.consecutive = 0
 
-    def skip(self, cause: str) -> dict[str, float]:
-        """Count a skipped step; raise TrainingError on the ``limit``-th in a row. Returns its metrics."""
+    def skip(self, cause: str, *, reward_failed: bool = False) -> dict[str, float]:
+        """Count a skipped step; raise TrainingError on the ``limit``-th in a row (:class:`RewardFailed` when the
+        reward could not score). Returns its metrics."""
         import warnings
 
         self.consecutive += 1
         self.total += 1
+        if self.consecutive >= self.limit and reward_failed:
+            raise RewardFailed(f"stopped after {self.consecutive} steps in a row: {cause}")
         if self.consecutive >= self.limit:
             raise TrainingError(f"stopped after {self.consecutive} skipped steps in a row, the last because {cause}; "
                                 f"check the reward on a few samples (diffrl score), lower optim.lr, or train in "
@@ -51,15 +59,30 @@ class StepGuard:
         self.total = int(state.get("total", 0))
 
 
-def check_rewards(rewards: torch.Tensor, names: list[str]) -> None:
+def check_rewards(rewards: torch.Tensor, names: list[str], failure: str | None = None) -> None:
     """Raise :class:`SkipStep` when a reward is infinite or every reward of the batch is NaN (a single NaN
-    means "not applicable" and gets advantage 0). Call it on the rewards gathered from every process."""
+    means "not applicable" and gets advantage 0). Call it on the rewards gathered from every process;
+    ``failure``: why samples of this step could not be scored (:func:`reward_failure`), if any could not."""
     label = ", ".join(names)
     if torch.isinf(rewards).any():
         raise SkipStep(f"the reward ({label}) returned inf")
+    if rewards.numel() and torch.isnan(rewards).all() and failure is not None:
+        raise SkipStep(f"the reward could not score this step's samples ({failure})", reward_failed=True)
     if rewards.numel() and torch.isnan(rewards).all():
         raise SkipStep(f"the reward ({label}) returned NaN for every sample of the batch; if that is every "
                        f"step, the prompts do not fit the reward (the ocr reward needs text in double quotes)")
+
+
+def reward_failure(accelerator, extras: dict) -> str | None:
+    """Why samples of this step could not be scored, on any process (the first reason this process saw, else a
+    note that another process saw one); None when every sample was scored or not applicable. A collective."""
+    reasons = [r for r in extras.get("failed", []) if r]
+    flag = torch.tensor([1.0 if reasons else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    if not float(flag.sum()):
+        return None
+    return reasons[0] if reasons else "a reward failed on another process"
 
 
 def check_advantages(advantages: torch.Tensor) -> None:

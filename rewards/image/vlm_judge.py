@@ -97,5 +97,7 @@ class VLMJudge:
                           f"{self.retries + 1} tries; they score NaN", stacklevel=2)
         values = [parse_score(a, self.low, self.high) if a is not None else float("nan") for a in answers]
         scores = torch.tensor(values, dtype=torch.float32) / self.high
+        unanswered = {i: f"{self.url} did not answer after {self.retries + 1} tries" for i, a in enumerate(answers)
+                      if a is None}
         unparsed = torch.tensor([a is not None and v != v for a, v in zip(answers, values)])
-        return RewardOutput(scores, {"unparsed": unparsed, "answers": [a or "" for a in answers]})
+        return RewardOutput(scores, {"unparsed": unparsed, "answers": [a or "" for a in answers]}, unanswered)

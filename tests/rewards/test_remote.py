@@ -187,3 +187,86 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_scores():
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _FailsAfter:
+    """A reward whose server-side scoring breaks after ``ok_calls`` calls, as a reward server that died."""
+
+    modality, needs_prompts = "image", False
+
+    def __init__(self, ok_calls: int):
+        self.calls, self.ok_calls = 0, ok_calls
+        from rewards.image.jpeg import JpegCompressibility
+
+        self.inner = JpegCompressibility()
+
+    def __call__(self, samples, prompts, **metadata):
+        self.calls += 1
+        if self.calls > self.ok_calls:
+            raise RuntimeError("CUDA error: device lost")
+        return self.inner(samples, prompts)
+
+
+def test_a_run_whose_reward_server_dies_stops_saying_so_and_keeps_its_good_steps(tiny_dir, tmp_path):
+    """Evaluation and two steps score; then every request fails: step 3 is skipped, step 4 stops the run with
+    the server's reason (not advice about prompts or learning rates) and a checkpoint of the run so far (step 3,
+    skipped, trained nothing), and the run resumes once the reward works again."""
+    from diffrl.errors import RewardFailed
+    from diffrl.trainers.awm import AWMTrainer
+    from rewards import CombinedReward, _Component
+    from tests.trainers.test_awm import make_config
+
+    failing = _FailsAfter(ok_calls=3)
+    server = RewardServer(CombinedReward([_Component("flaky", 1.0, failing, "image")]), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reward = {"weights": {"remote": 1.0}, "kwargs": {"remote": {"url": server.url, "retries": 0}}}
+        config = make_config(tiny_dir, tmp_path, reward=reward, max_steps=6, max_bad_steps=2,
+                             checkpoint={"every": 100})
+        with pytest.raises(RewardFailed) as stopped:
+            AWMTrainer(config).train()
+        message = str(stopped.value)
+        assert message.startswith("stopped after 2 steps in a row: the reward could not score this step's samples")
+        assert "device lost" in message and server.url in message and "optim.lr" not in message
+        assert "step-000003" in message and "checkpoint.resume=latest" in message
+        assert (tmp_path / "run" / "checkpoints" / "step-000003" / "trainer_state.json").is_file()
+        failing.ok_calls = 10 ** 6  # the reward works again
+        resumed = make_config(tiny_dir, tmp_path, reward=reward, max_steps=4, max_bad_steps=2,
+                              checkpoint={"every": 100, "resume": "latest"})
+        AWMTrainer(resumed).train()
+        assert (tmp_path / "run" / "checkpoints" / "step-000004").is_dir()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_score_counts_what_a_dying_server_did_not_score_and_exits_non_zero(tmp_path, capsys):
+    """`diffrl score` against a server whose reward breaks after one batch: the rows are all written, the
+    unscored ones carry the reason, and the command exits 1 with one line (0 with --allow-failures)."""
+    import json
+
+    from PIL import Image
+
+    from diffrl import cli
+    from rewards import CombinedReward, _Component
+
+    for i in range(4):
+        Image.new("RGB", (16, 16), (60 * i, 80, 120)).save(tmp_path / f"{i}.png")
+    failing = _FailsAfter(ok_calls=1)
+    server = RewardServer(CombinedReward([_Component("flaky", 1.0, failing, "image")]), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        args = ["score", "--reward", "remote", "--images", str(tmp_path / "*.png"), "--batch-size", "2", "--quiet",
+                "--reward-kwargs", json.dumps({"remote": {"url": server.url, "retries": 0}}),
+                "--out", str(tmp_path / "s.jsonl")]
+        assert cli.main(args) == 1
+        rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+        assert [("reward" in r, "error" in r) for r in rows] == [(True, False)] * 2 + [(False, True)] * 2
+        assert "not scored" in rows[2]["error"] and "device lost" in rows[2]["error"]
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: 2 of 4 inputs could not be read or scored")
+        failing.calls = 0
+        assert cli.main([*args, "--allow-failures"]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
