@@ -54,15 +54,27 @@ class _Batcher:
         self.reward, self.max_batch, self.wait = reward, max_batch, wait
         self.queue: queue.Queue[_Request] = queue.Queue()
         self.batches_run = 0
+        self.idle = threading.Event()  # set while no batch is being scored
+        self.idle.set()
         threading.Thread(target=self._work, daemon=True, name="diffrl-reward-batcher").start()
 
     def score(self, request: _Request):
         self.queue.put(request)
         return request.result.result()
 
+    def drain(self, timeout: float) -> bool:
+        """Wait until the requests already taken are scored and answered (a clean stop); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.idle.is_set() and self.queue.empty():
+                return True
+            time.sleep(0.05)
+        return False
+
     def _take(self) -> list[_Request]:
         """The next request and those waiting that stack with it (the rest keep their place)."""
         first = self.queue.get()
+        self.idle.clear()
         group, held, size = [first], [], len(first.samples)
         deadline = time.monotonic() + self.wait
         while size < self.max_batch:
@@ -89,30 +101,37 @@ class _Batcher:
         while True:
             group = self._take()
             try:
-                out = self._run(group)
-            except Exception as error:  # handed to the request's handler, which answers 4xx / 5xx
-                if len(group) == 1:
-                    group[0].result.set_exception(error)
-                    continue
-                # one request may be the bad one: score each alone so that only it gets the error
-                for request in group:
-                    try:
-                        request.result.set_result(self._run([request]))
-                    except Exception as e:
-                        request.result.set_exception(e)
-                continue
-            start = 0
+                self._answer(group)
+            finally:
+                self.idle.set()
+
+    def _answer(self, group: list[_Request]) -> None:
+        try:
+            out = self._run(group)
+        except Exception as error:  # handed to the request's handler, which answers 4xx / 5xx
+            if len(group) == 1:
+                group[0].result.set_exception(error)
+                return
+            # one request may be the bad one: score each alone so that only it gets the error
             for request in group:
-                part = slice(start, start + len(request.samples))
-                start += len(request.samples)
-                request.result.set_result(_slice(out, part, len(out.scores)))
+                try:
+                    request.result.set_result(self._run([request]))
+                except Exception as e:
+                    request.result.set_exception(e)
+            return
+        start = 0
+        for request in group:
+            part = slice(start, start + len(request.samples))
+            start += len(request.samples)
+            request.result.set_result(_slice(out, part, len(out.scores)))
 
 
 def _slice(out, part: slice, total: int):
     from rewards import RewardOutput
 
     extras = {k: v[part] for k, v in out.extras.items() if hasattr(v, "__len__") and len(v) == total}
-    return RewardOutput(out.scores[part], extras)
+    failed = {i - part.start: reason for i, reason in out.failed.items() if part.start <= i < part.stop}
+    return RewardOutput(out.scores[part], extras, failed)
 
 
 class RewardServer(ThreadingHTTPServer):
@@ -172,7 +191,14 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/score":
             self._send(404, {"error": f"no such endpoint {self.path}; use POST /score"})
             return
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:  # reading "all there is" would wait for a client that waits for the answer
+            self._send(400, {"error": "Content-Length must be a whole number of bytes, 0 or more"})
+            self.close_connection = True
+            return
         if length > self.server.max_body_bytes:
             # read what was sent (up to a bound) so that the client gets the answer, not a reset connection
             remaining = min(length, 4 * self.server.max_body_bytes)
@@ -189,6 +215,9 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(length) or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError):
             self._send(400, {"error": "the body is not JSON"})
+            return
+        except RecursionError:
+            self._send(400, {"error": "the body's JSON is nested too deeply"})
             return
         try:
             self._send(200, self._score(body))
@@ -222,11 +251,19 @@ def serve(reward, host: str, port: int, *, token: str | None, max_batch: int = 6
           batch_wait: float = 0.005) -> None:
     """Serve until Ctrl-C / SIGTERM."""
     import signal
+    import socket
 
+    if not 0 <= port <= 65535:
+        raise DiffrlError(f"--port {port} is not a port number; choose one in 1-65535 (0: any free port)")
     try:
         server = RewardServer(reward, host, port, token=token, max_batch=max_batch, batch_wait=batch_wait)
+    except socket.gaierror as e:
+        raise DiffrlError(f"--host {host} is not an address of this machine ({e.strerror or e}); use 127.0.0.1 "
+                          f"(this machine only) or 0.0.0.0 (every interface)") from None
     except OSError as e:
-        raise DiffrlError(f"cannot serve on {host}:{port} ({e.strerror or e}); choose another --port") from None
+        raise DiffrlError(f"cannot serve on {host}:{port} ({e.strerror or e}); choose another --port, or an "
+                          f"address of this machine for --host") from None
+    # SIGTERM: stop taking requests; the batch being scored is finished and answered before the process ends.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     print(f"serving {', '.join(reward.names)} ({reward.modality}) at {server.url} "
           f"({'token required' if token else 'no authentication'}); Ctrl-C stops", flush=True)
@@ -235,4 +272,5 @@ def serve(reward, host: str, port: int, *, token: str | None, max_batch: int = 6
     except KeyboardInterrupt:
         pass
     finally:
+        server.batcher.drain(timeout=120.0)
         server.server_close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -270,3 +271,81 @@ def test_score_counts_what_a_dying_server_did_not_score_and_exits_non_zero(tmp_p
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _raw(url: str, request: bytes) -> tuple[int, dict]:
+    """Send a hand-written HTTP request (headers no client library would write) and read the answer."""
+    import socket
+    from urllib.parse import urlparse
+
+    address = urlparse(url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+@pytest.mark.parametrize("length, words", [("abc", "whole number"), ("-5", "whole number"), ("1e3", "whole number")])
+def test_a_content_length_that_is_not_a_size_is_a_400_not_a_hang(server, length, words):
+    code, answer = _raw(server.url, f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{{}}".encode())
+    assert code == 400 and words in answer["error"]
+    assert _health(server.url)["status"] == "ok"
+
+
+def test_deeply_nested_json_is_a_400(server):
+    code, answer = _post(server.url + "/score", b"[" * 100_000 + b"]" * 100_000)
+    assert code == 400 and "nested too deeply" in answer["error"]
+    assert _health(server.url)["status"] == "ok"
+
+
+@pytest.mark.parametrize("host, port, words", [("127.0.0.1", 99999, "--port 99999 is not a port number"),
+                                                ("no-such-host.invalid", 0, "--host no-such-host.invalid is not an "
+                                                                           "address of this machine")])
+def test_a_bad_port_or_host_is_one_line(host, port, words):
+    from diffrl.errors import DiffrlError
+    from diffrl.reward_server import serve
+
+    with pytest.raises(DiffrlError, match=re.escape(words)):
+        serve(load_reward(SPEC), host, port, token=None)
+
+
+def test_sigterm_while_scoring_answers_the_batch_then_exits_cleanly():
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "diffrl.cli", "serve-reward", "--reward",
+                             "tests.rewards.slow_reward:SlowReward", "--port", str(port)], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                _health(url)
+                break
+            except OSError:
+                time.sleep(0.2)
+        answers = []
+        remote = load_reward({"remote": 1.0}, kwargs={"remote": {"url": url, "retries": 0}})
+        client = threading.Thread(target=lambda: answers.append(remote(torch.ones(2, 3, 8, 8), ["", ""])))
+        client.start()
+        time.sleep(0.8)   # the batch is being scored (2 s)
+        proc.send_signal(signal.SIGTERM)
+        client.join(timeout=60)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert answers and answers[0].scores.tolist() == [1.0, 1.0] and not answers[0].failed
+    assert proc.returncode == 0 and "terminate called" not in err and "Traceback" not in err, err
