@@ -31,10 +31,12 @@ _MISSING = dataclasses.MISSING
 
 
 def param(default: Any = _MISSING, *, help: str, gt: float | None = None, ge: float | None = None,
-          le: float | None = None, lt: float | None = None, key: str | None = None) -> Any:
+          le: float | None = None, lt: float | None = None, length: int | None = None, key: str | None = None) -> Any:
     """A documented config field. Mutable defaults (lists, dicts, dataclasses) are copied per instance.
-    ``key``: its name in YAML when that is a Python keyword (``reward.async`` is the field ``async_``)."""
-    metadata = {"help": help, "gt": gt, "ge": ge, "le": le, "lt": lt, "key": key}
+    ``gt`` / ``ge`` / ``lt`` / ``le`` bound a number, or every number of a list; ``length``: a list's exact length
+    (both checked when the config loads). ``key``: its name in YAML when that is a Python keyword
+    (``reward.async`` is the field ``async_``)."""
+    metadata = {"help": help, "gt": gt, "ge": ge, "le": le, "lt": lt, "length": length, "key": key}
     if default is _MISSING:
         return dataclasses.field(metadata=metadata)
     if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
@@ -86,7 +88,7 @@ class LoraConfig:
 @dataclasses.dataclass
 class OptimConfig:
     lr: float = param(3e-4, help="AdamW learning rate", gt=0)
-    betas: list[float] = param([0.9, 0.999], help="AdamW betas")
+    betas: list[float] = param([0.9, 0.999], help="AdamW betas (beta1, beta2)", ge=0, lt=1, length=2)
     weight_decay: float = param(1e-4, help="AdamW weight decay", ge=0)
     eps: float = param(1e-8, help="AdamW epsilon", gt=0)
     max_grad_norm: float | None = param(1.0, help="clip the gradient norm to this; null disables", gt=0)
@@ -193,15 +195,32 @@ class FlowSamplingConfig:
                       "(AWM's OCR / GenEval rollouts; noise_level is its tau) or 'dpm2' (DPM-Solver++(2M), "
                       "deterministic: DiffusionNFT's); evaluation always uses the Euler ODE")
     sa_tau_range: list[float] = param([0.3, 0.9], help="SA-Solver: tau = noise_level only for t in this range "
-                                                      "(0 elsewhere)")
+                                                      "(0 elsewhere)", ge=0, le=1, length=2)
     sde_window: list[int] | None = param(None, help="[start, end) steps sampled with the SDE (Flow-GRPO-Fast); "
-                                                    "null: every step")
+                                                    "null: every step", ge=0, length=2)
     sde_window_size: int | None = param(None, help="Flow-GRPO-Fast: a window of this many SDE steps placed at "
                                                    "random inside sde_window (default [0, N/2)) each rollout", ge=1)
     sde_window_per: Literal["step", "batch"] = param("step", help="Flow-GRPO-Fast: draw the window once per step for "
                                                                   "every process, or per sampling batch per process "
                                                                   "(the public code)")
     max_sequence_length: int | None = param(None, help="text tokens of the T5 / UMT5 encoder (null: family default)")
+
+    def __post_init__(self):
+        # what the samplers would refuse mid-run, refused when the config loads
+        if self.sampler == "sa_solver" and self.num_steps < 3:
+            raise ConfigError(f"sampling.num_steps {self.num_steps} is too few for SA-Solver (it needs at least 3); "
+                              f"raise sampling.num_steps or use sampling.sampler=euler")
+        for name in ("sa_tau_range", "sde_window"):
+            low_high = getattr(self, name)
+            if low_high is not None and not low_high[0] < low_high[1]:
+                raise ConfigError(f"sampling.{name} {low_high} is empty: give [low, high) with low < high")
+        window = self.sde_window or (0, self.num_steps // 2 if self.sde_window_size else self.num_steps)
+        if window[1] > self.num_steps:
+            raise ConfigError(f"sampling.sde_window {list(window)} reaches past the {self.num_steps} steps of a "
+                              f"rollout; keep its end <= sampling.num_steps")
+        if self.sde_window_size is not None and window[1] - window[0] < self.sde_window_size:
+            raise ConfigError(f"sampling.sde_window_size {self.sde_window_size} does not fit in {list(window)}; "
+                              f"lower it or widen sampling.sde_window")
 
 
 @dataclasses.dataclass
@@ -269,7 +288,9 @@ def _type_name(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(dict.fromkeys(_type_name(a) for a in typing.get_args(tp)))  # each name once
+    if origin is tuple:  # read like a list (see _convert)
+        return f"list[{_type_name(typing.get_args(tp)[0])}]" if typing.get_args(tp) else "list"
     if origin is not None:
         args = ", ".join(_type_name(a) for a in typing.get_args(tp))
         return f"{origin.__name__}[{args}]"
@@ -309,6 +330,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, prefix=key + ".")
+    if origin is tuple:  # tuple[int, ...] as a plug-in annotates a sequence: read like a list
+        tp, origin = list[typing.get_args(tp)[0] if typing.get_args(tp) else Any], list
     if origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
@@ -355,7 +378,19 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"config type {tp!r} of {key} is not supported")  # programming error, not user input
 
 
+def convert_value(value: Any, tp: Any, key: str) -> Any:
+    """A YAML value as the annotated type (what config fields get), for options a config hands to a plug-in
+    with a typed signature (a task generator's): one-line ConfigError naming ``key`` when it does not fit."""
+    return _convert(value, tp, key)
+
+
 def _check_range(value: Any, meta: dict, key: str) -> None:
+    if isinstance(value, list):
+        if meta.get("length") is not None and len(value) != meta["length"]:
+            raise ConfigError(f"{key} must be a list of {meta['length']} values, got {value!r}")
+        for item in value:
+            _check_range(item, meta, key)
+        return
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     for bound, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
@@ -537,7 +572,10 @@ def save_config(config: Any, path: str | Path) -> None:
 
 def _valid_range(metadata) -> str:
     bounds = [(">", "gt"), (">=", "ge"), ("<", "lt"), ("<=", "le")]
-    return ", ".join(f"{sign} {metadata[k]:g}" for sign, k in bounds if metadata.get(k) is not None)
+    parts = [f"{sign} {metadata[k]:g}" for sign, k in bounds if metadata.get(k) is not None]
+    if metadata.get("length") is not None:
+        parts.insert(0, f"{metadata['length']} values")
+    return ", ".join(parts)
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -348,6 +348,27 @@ GENERATORS = {"arithmetic": arithmetic_tasks, "addition": addition_tasks, "count
               "sudoku": sudoku_tasks}
 
 
+def check_generator_options(name: str, options: dict) -> dict:
+    """``options`` of the task generator ``name``, each converted to the type its signature annotates and the
+    whole set tried on one task, so a wrong option is one line when the config loads, not a TypeError later."""
+    import typing
+
+    from diffrl.config import convert_value
+
+    if name not in GENERATORS:
+        raise DataError(f"unknown task generator {name!r}; known: {', '.join(GENERATORS)}")
+    generator = GENERATORS[name]
+    knobs = [p for p in inspect.signature(generator).parameters if p not in ("n", "seed")]
+    unknown = sorted(set(options) - set(knobs))
+    if unknown:
+        raise DataError(f"generator {name!r} has no option {unknown[0]!r}; its options: {', '.join(knobs)}")
+    hints = typing.get_type_hints(generator)
+    converted = {key: convert_value(value, hints[key], f"data.generator_options.{key}") if key in hints else value
+                 for key, value in options.items()}
+    generator(1, seed=0, **converted)  # the generator's own value checks (DataError naming the option)
+    return converted
+
+
 def load_tasks(path: str, *, size: int, seed: int, split: str = "train", config_name: str | None = None,
                question_field: str = "question", answer_field: str = "answer", keep_types: list[str] | None = None,
                dedupe_questions: bool = False, generator_options: dict | None = None) -> list[ReasoningExample]:
@@ -357,12 +378,7 @@ def load_tasks(path: str, *, size: int, seed: int, split: str = "train", config_
         name = path.split(":", 1)[1]
         if name not in GENERATORS:
             raise DataError(f"unknown task generator {name!r}; known: {', '.join(GENERATORS)}")
-        generator, options = GENERATORS[name], generator_options or {}
-        knobs = [p for p in inspect.signature(generator).parameters if p not in ("n", "seed")]
-        unknown = sorted(set(options) - set(knobs))
-        if unknown:
-            raise DataError(f"generator {name!r} has no option {unknown[0]!r}; its options: {', '.join(knobs)}")
-        return generator(size, seed=seed, **options)
+        return GENERATORS[name](size, seed=seed, **check_generator_options(name, generator_options or {}))
     return load_reasoning(path, split=split, config_name=config_name, question_field=question_field,
                           answer_field=answer_field, keep_types=keep_types, dedupe_questions=dedupe_questions)
 

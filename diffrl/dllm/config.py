@@ -27,6 +27,25 @@ class ReasoningDataConfig:
     prompt_template: str = param("{question}", help="the prompt built from each question, e.g. the paper's "
                                                     "instructions followed by {question}")
 
+    def __post_init__(self):
+        if self.path.startswith("generator:"):  # its options typed and tried now, not when the run starts
+            from diffrl.data import check_generator_options
+            from diffrl.errors import ConfigError, DataError
+
+            try:
+                self.generator_options = check_generator_options(self.path.split(":", 1)[1], self.generator_options)
+            except DataError as e:
+                raise ConfigError(f"generator_options: {e}") from None
+        elif self.generator_options:
+            from diffrl.errors import ConfigError
+
+            raise ConfigError(f"generator_options only apply to generated tasks (path: generator:NAME); {self.path} "
+                              f"is read from a file or dataset: remove data.generator_options")
+        if "{question}" not in self.prompt_template:
+            from diffrl.errors import ConfigError
+
+            raise ConfigError("data.prompt_template must contain {question}")
+
 
 @dataclasses.dataclass
 class DecodeConfig:

@@ -17,8 +17,6 @@ def load_task_split(data, seed: int):
     ``eval_size`` tasks are held out. A generator draws with ``data.seed``, else the run's ``seed``."""
     from diffrl.data import load_tasks
 
-    if "{question}" not in data.prompt_template:
-        raise ConfigError("data.prompt_template must contain {question}")
     tasks = load_tasks(data.path, size=data.size, seed=seed if data.seed is None else data.seed, split=data.split,
                        config_name=data.config_name,
                        question_field=data.question_field, answer_field=data.answer_field,

@@ -188,6 +188,24 @@ def sample_trajectory(model: FlowModel, cond: Cond, *, num_steps: int, height: i
     return Trajectory(torch.stack(states, 1), torch.stack(log_probs, 1), sde_steps, sigmas)
 
 
+def timestep_range(num_steps: int, count: int, *, time_type: str = "discrete_wo_init",
+                   fraction: float = 0.9) -> tuple[int, int]:
+    """``[low, high)``, the steps of a ``num_steps`` rollout that AWM's ``count`` training timesteps are drawn
+    from (see :func:`stratified_timestep_indices`); a ConfigError when they hold fewer than ``count`` steps, so
+    that a config is refused when it loads, not mid-run."""
+    from diffrl.errors import ConfigError
+
+    if time_type not in ("discrete", "discrete_wo_init"):
+        raise ConfigError(f"time_type must be 'discrete' or 'discrete_wo_init', got {time_type!r}")
+    low, high = (1 if time_type == "discrete_wo_init" else 0), int(num_steps * fraction)
+    if high - low < count:
+        # The public code would then repeat indices (empty strata); a config error here instead.
+        raise ConfigError(f"train_timesteps {count} needs at least {count} steps in [{low}, {high}) of a "
+                          f"{num_steps}-step rollout ({time_type}); raise sampling.num_steps or lower "
+                          f"train_timesteps")
+    return low, high
+
+
 def stratified_timestep_indices(num_steps: int, count: int, *, time_type: str = "discrete_wo_init",
                                 fraction: float = 0.9, generator: torch.Generator | None = None) -> torch.Tensor:
     """AWM's training timesteps: ``count`` indices into the rollout's own schedule, one per stratum.
@@ -198,13 +216,7 @@ def stratified_timestep_indices(num_steps: int, count: int, *, time_type: str = 
     with one uniform u_k per stratum. N = 14, count = 6, wo_init: boundaries [1, 2, 4, 6, 8, 10, 12], strata
     {1} {2,3} {4,5} {6,7} {8,9} {10,11}; N = 8, count = 3, discrete: [0, 2, 4, 7] -> {0,1} {2,3} {4,5,6}.
     """
-    if time_type not in ("discrete", "discrete_wo_init"):
-        raise ValueError(f"time_type must be 'discrete' or 'discrete_wo_init', got {time_type!r}")
-    low, high = (1 if time_type == "discrete_wo_init" else 0), int(num_steps * fraction)
-    if high - low < count:
-        # The public code would then repeat indices (empty strata); a config error here instead.
-        raise ValueError(f"{count} training timesteps need at least {count} steps in [{low}, {high}); raise "
-                         f"sampling.num_steps or lower train_timesteps")
+    low, high = timestep_range(num_steps, count, time_type=time_type, fraction=fraction)
     boundaries = torch.linspace(low, high, count + 1).long()
     lower, upper = boundaries[:-1], boundaries[1:]
     u = torch.rand(count, generator=generator)

@@ -35,7 +35,7 @@ from diffrl.config import FlowSamplingConfig, param
 from diffrl.errors import ConfigError
 from diffrl.losses import FLOW_WEIGHTINGS, clipped_surrogate, flow_matching_log_prob, velocity_kl
 from diffrl.models import lora as lora_utils
-from diffrl.samplers.flow import initial_noise, stratified_timestep_indices
+from diffrl.samplers.flow import initial_noise, stratified_timestep_indices, timestep_range
 from diffrl.trainers import register_trainer
 from diffrl.training import engine, online_flow, run_setup, step_guard, trainable
 from diffrl.training.evaluation import evaluate_flow_trainer
@@ -71,8 +71,7 @@ class AWMConfig(OnlineFlowConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.time_type not in ("discrete", "discrete_wo_init"):
-            raise ConfigError(f"time_type must be 'discrete' or 'discrete_wo_init', got {self.time_type!r}")
+        timestep_range(self.sampling.num_steps, self.train_timesteps, time_type=self.time_type)
         if self.weighting not in FLOW_WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {', '.join(FLOW_WEIGHTINGS)}, got {self.weighting!r}")
         if self.beta > 0 and not self.lora.enabled:  # the reference would be the trained model itself: KL 0

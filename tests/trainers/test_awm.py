@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from diffrl.config import from_dict
 from diffrl.errors import ConfigError
 from diffrl.samplers.flow import stratified_timestep_indices
+from diffrl.trainers import load_config
 from diffrl.trainers.awm import AWMConfig, AWMTrainer
 from tests.conftest import with_overrides
 from tests.trainers.steps import lora_left_unchanged
@@ -56,8 +57,12 @@ def test_stratified_timesteps_use_the_public_boundaries(steps, count, time_type,
 
 
 def test_stratified_timesteps_need_enough_steps():
-    with pytest.raises(ValueError, match="need at least 6 steps"):
+    with pytest.raises(ConfigError, match="needs at least 6 steps"):
         stratified_timestep_indices(5, 6)
+    # ... and a config asking for it is refused when it loads, not mid-run
+    with pytest.raises(ConfigError, match=r"train_timesteps 1 needs at least 1 steps in \[1, 1\) of a 2-step"):
+        load_config("configs/awm/sd35m_ocr.yaml", ["sampling.num_steps=2", "sampling.sampler=euler",
+                                                   "train_timesteps=1"])
 
 
 def test_loss_equals_a_plain_recomputation(tiny_dir, tmp_path):
