@@ -216,11 +216,13 @@ def _reward_kwargs(text: str | None) -> dict:
 def cmd_score(args) -> int:
     import warnings
 
-    from diffrl import media, scoring
+    from diffrl import media, outputs, scoring
     from rewards import load_reward
 
     kwargs = _reward_kwargs(args.reward_kwargs)
     _check_device(args.device)
+    if args.out:  # before any model loads: not a traceback after all the scoring
+        outputs.writable_file(args.out)
     reward = load_reward(_reward_spec(args.reward), device=args.device, kwargs=kwargs)
     modality = "text" if args.texts else "video" if args.videos else "image"
     if reward.modality != modality:
@@ -298,10 +300,12 @@ def cmd_eval(args) -> int:
 def _eval_images(args, config) -> int:
     import json
 
+    from diffrl import outputs
     from diffrl.image_eval import evaluate_images
 
     kwargs = _reward_kwargs(args.reward_kwargs) or None
-    out = Path(args.out) if args.out else Path(args.config).parent / "eval-cli"
+    out = outputs.fresh_folder(args.out or Path(args.config).parent / "eval-cli",
+                               ("eval.json", "base.png", "checkpoint.png"), default=not args.out)
     table = evaluate_images(config, checkpoint=args.checkpoint, prompts_file=args.prompts,
                             reward_spec=_reward_spec(args.reward) if args.reward else None, reward_kwargs=kwargs,
                             seed=args.seed, batch_size=args.batch_size or 4, out=out, weights=args.weights,
@@ -342,17 +346,19 @@ def cmd_push(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from diffrl import inference
+    from diffrl import inference, outputs
 
     if args.device:
         _check_device(args.device)
     if args.num < 1:
         raise DiffrlError(f"--num {args.num}: must be at least 1")
     prompts, images = inference.read_prompts(args.prompt, args.prompts, args.image)
+    # where the samples go, checked before the model loads; earlier samples are never mixed with new ones
+    out = outputs.fresh_folder(args.out or inference.resolve_run(args.run)[0] / "samples-cli",
+                               ("samples", "samples.jsonl", "grid.png"), default=not args.out)
     run = inference.load(args.run, weights=args.weights, device=args.device, overrides=args.overrides)
     rows = inference.sample(run, prompts, num=args.num, seed=args.seed, batch_size=args.batch_size,
                             temperature=args.temperature, images=images)
-    out = Path(args.out) if args.out else run.run_dir / "samples-cli"
     written = inference.write_samples(rows, out)
     source = run.checkpoint or f"{run.run_dir} (base model: no checkpoint yet)"
     extra = "" if run.is_text else f" and {out / 'grid.png'}"

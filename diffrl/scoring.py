@@ -183,19 +183,23 @@ def write_rows(rows: list[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    if path.suffix.lower() == ".csv":
-        import csv
+    try:
+        if path.suffix.lower() == ".csv":
+            import csv
 
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            with tmp.open("w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+        else:
+            with tmp.open("w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+        tmp.replace(path)
+    except OSError as e:  # a full disk: one line, and no half-written file left beside the old one
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"writing {path} failed ({e.strerror or e}); nothing was written there") from None
 
 
 def format_summary(summary: dict[str, dict[str, float]], failed: int) -> str:

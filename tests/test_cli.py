@@ -276,3 +276,23 @@ def test_relay_keeps_progress_bars_and_one_copy_of_an_error_line():
     _relay(io.BufferedReader(io.BytesIO(children)), out)
     assert out.getvalue() == (b"step 1\rstep 2\rstep 3\nW1202 starting\n"
                               b"error: prompt file none.txt does not exist\nerror: another problem\n")
+
+
+def test_sample_never_mixes_new_samples_with_earlier_ones(tmp_path):
+    """An --out folder that holds an earlier `diffrl sample`'s output is refused before any model loads; the
+    command's own default folder is cleared instead."""
+    from diffrl import outputs
+    from diffrl.errors import DiffrlError
+
+    earlier = tmp_path / "mine"
+    (earlier / "samples").mkdir(parents=True)
+    (earlier / "grid.png").write_bytes(b"png")
+    result = run_cli("sample", str(tmp_path / "no-run-needed"), "--prompt", "a cat", "--out", str(earlier))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"error: --out {earlier} already holds samples, grid.png of an "
+                                                      f"earlier run of this command; choose a new --out folder, or "
+                                                      f"remove them")
+    assert outputs.fresh_folder(earlier, ("samples", "grid.png"), default=True) == earlier
+    assert sorted(p.name for p in earlier.iterdir()) == []   # the default folder starts clean
+    with pytest.raises(DiffrlError, match="cannot be written"):
+        outputs.fresh_folder("/proc/diffrl-out", ("grid.png",), default=False)

@@ -156,3 +156,37 @@ def test_score_videos_from_frame_folders_and_empty_file(tmp_path):
     rows = {json.loads(line)["file"].rsplit("/", 1)[1]: json.loads(line) for line in out.read_text().splitlines()}
     assert rows["a"]["reward"] > rows["b"]["reward"]  # flat frames compress better than noise
     assert "the video file is empty (0 bytes)" in rows["c.mp4"]["error"]
+
+
+def test_an_out_that_cannot_be_written_is_one_line_before_any_scoring(folder, tmp_path):
+    result = run_cli("score", "--reward", "jpeg_compressibility", "--images", str(folder), "--out", "/proc/x.jsonl",
+                     "--quiet", "--allow-failures")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --out /proc/x.jsonl cannot be written")
+    assert "scoring" not in result.stderr and "reward" not in result.stdout  # refused before the reward loaded
+    result = run_cli("score", "--reward", "jpeg_compressibility", "--images", str(folder), "--out", str(tmp_path),
+                     "--quiet")
+    assert result.returncode == 1 and "is a folder; give a file name" in result.stderr
+
+
+def test_a_write_that_fails_half_way_leaves_nothing_and_says_so(folder, tmp_path):
+    """The file-size limit of the process (RLIMIT_FSIZE, set by the OS, as a full disk does) stops the score
+    table part way: one line, exit 1, and neither the table nor its temporary file is left."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (120, 120))
+
+    out = tmp_path / "scores.jsonl"
+    result = subprocess.run([sys.executable, "-m", "diffrl.cli", "score", "--reward", "jpeg_compressibility",
+                             "--images", str(folder), "--out", str(out), "--quiet", "--allow-failures"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-800:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: writing {out} failed")
+    assert list(tmp_path.glob("scores.jsonl*")) == []

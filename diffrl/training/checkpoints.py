@@ -117,6 +117,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, trainer: 
                 "states": sorted(states or {}), **(extra or {})}
         (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2))
         _fsync_tree(tmp)
+        share_like_other_files(tmp)
         if final.exists():  # re-saving a step after a resume: swap, then drop the old copy
             old = final.parent / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -130,6 +131,17 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, trainer: 
                 shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def share_like_other_files(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the permissions the process's umask gives new files (0644 and
+    0755 under 0022): some writers (safetensors) create their files 0600, unreadable by teammates sharing a
+    cluster's output folder. Whatever wrote a checkpoint, it is published with the run's other files' mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -243,3 +243,31 @@ def test_a_checkpoint_written_before_the_prompt_sampler_rename_resumes(tmp_path,
                                 load_model=load_model(model), optimizer=optimizer, scheduler=scheduler,
                                 states={"prompt_sampler": resumed})
     assert resumed.next_indices() == expected
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_files_get_the_umask_s_permissions_whatever_wrote_them(tmp_path, parts, umask):
+    """safetensors creates its files 0600; a checkpoint is published with the mode the umask gives every other
+    file of the run (0644 under 0022: readable by teammates on a shared cluster; 0600 under 0077)."""
+    import os
+    import stat
+
+    from safetensors.torch import save_file
+
+    model, optimizer, scheduler = parts
+
+    def save_with_safetensors(folder, full_state):
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "w.safetensors"))
+
+    previous = os.umask(umask)
+    try:
+        final = checkpoints.save_checkpoint(Accelerator(cpu=True), tmp_path, 1, trainer="t", module=model,
+                                            save_model=save_with_safetensors, optimizer=optimizer,
+                                            scheduler=scheduler)
+    finally:
+        os.umask(previous)
+    files = [p for p in final.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o666 & ~umask}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in [final, *final.rglob("*")] if p.is_dir()} == {0o777 & ~umask}
