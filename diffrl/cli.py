@@ -276,6 +276,9 @@ def cmd_eval(args) -> int:
     config = load_config(args.config, args.overrides)
     if args.device:
         _check_device(args.device)
+    if not args.checkpoint:  # say which weights the numbers are about
+        print(f"note: no --checkpoint: this evaluates the base model {config.model.path}, not trained weights; add "
+              f"--checkpoint {Path(args.config).parent}/checkpoints/step-N for a checkpoint", file=sys.stderr)
     if config.trainer not in ("igpo", "dllm_sft"):
         return _eval_images(args, config)
     _, tasks = load_task_split(config.data, config.seed)

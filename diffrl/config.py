@@ -7,8 +7,8 @@ same source of truth.
 
 Errors are one line and name the file, the key and the fix::
 
-    configs/x.yaml: unknown key 'optim.lrr'; did you mean 'optim.lr'?
-    configs/x.yaml: optim.lr must be > 0, got -0.001
+    configs/quickstart.yaml: unknown key 'optim.lrr'; did you mean 'optim.lr'?
+    configs/quickstart.yaml: optim.lr must be > 0, got -0.001
 """
 
 from __future__ import annotations

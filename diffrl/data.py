@@ -1,6 +1,6 @@
 """Prompt sets and reasoning tasks: local txt / jsonl / parquet files, Hugging Face datasets, generators.
 
-    load_prompts("assets/prompts/ocr_train.txt")                # one prompt per line
+    load_prompts("assets/prompts/ocr_simple.txt")                # one prompt per line
     load_prompts("data/meta.jsonl", column="prompt")
     load_reasoning("openai/gsm8k", split="train", config_name="main")
     arithmetic_tasks(1000, seed=0)                               # procedural, offline

@@ -78,6 +78,40 @@ def loading_errors(path: str | Path, setting: str = "model.path"):
         raise ConfigError(f"{setting} {path}: cannot load the model ({first}); {fix}") from None
 
 
+def describe_folder(path: str | Path) -> str | None:
+    """What a local folder holds, in words, for errors when it is given where something else was expected: a
+    diffusers pipeline, a transformers model, a LoRA adapter, a diffrl run or checkpoint; None if unknown or
+    not a local folder."""
+    import json
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+
+    def read(name: str) -> dict:
+        try:
+            data = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    if (folder / "model_index.json").is_file():
+        return f"a diffusers {read('model_index.json').get('_class_name', 'pipeline')} folder (an image / video model)"
+    if (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():
+        return "a diffrl run's output folder (its weights are in checkpoints/step-N/model)"
+    if (folder / "trainer_state.json").is_file():
+        return "a diffrl checkpoint folder (its weights are in model/)"
+    if (folder / "adapter_config.json").is_file() or (folder / "pytorch_lora_weights.safetensors").is_file():
+        return "a LoRA adapter folder, not a whole model"
+    config = read("config.json")
+    if config.get("model_type"):
+        name = (config.get("architectures") or [config["model_type"]])[0]
+        return f"a transformers {name} folder (a language model)"
+    if config.get("_class_name"):
+        return f"a diffusers {config['_class_name']} folder, one component of a pipeline, not the whole pipeline"
+    return None
+
+
 def pipeline_class_name(path: str | Path, revision: str | None = None) -> str:
     """``_class_name`` of a diffusers pipeline folder or hub id (its ``model_index.json``)."""
     import json
@@ -87,7 +121,11 @@ def pipeline_class_name(path: str | Path, revision: str | None = None) -> str:
         if local.is_dir():
             index = local / "model_index.json"
             if not index.is_file():
-                raise ConfigError(f"model.path {path}: no model_index.json; point it at a diffusers pipeline folder")
+                what = describe_folder(local)
+                raise ConfigError(f"model.path {path}" + (f" is {what}, not a diffusers pipeline" if what else
+                                                          ": no model_index.json") +
+                                  "; image and video trainers need a diffusers pipeline folder (model_index.json; "
+                                  "`diffrl ls models` lists which trainers take which models)")
             return json.loads(index.read_text())["_class_name"]
         from diffusers import DiffusionPipeline
 

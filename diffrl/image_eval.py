@@ -19,7 +19,7 @@ def named_prompt_sets() -> list[str]:
 
 def eval_prompts(config, prompts_file: str | None):
     """A :class:`PromptSet`: ``prompts_file`` (.txt, .jsonl with metadata, .parquet) or the name of a shipped
-    set (``ocr_simple``, ``shapes``, ``geneval_tiny``), else the run's own evaluation prompts."""
+    set (``ocr_simple``, ``shapes``, ``geneval_eval``), else the run's own evaluation prompts."""
     from diffrl.data import load_prompt_records
     from diffrl.training.rollout import PromptSet, prompt_sets
 

@@ -94,6 +94,7 @@ def build_model(config, device: str | torch.device | None = None):
 def load_weights(model, config, checkpoint: Path, weights: str = "raw") -> None:
     """A checkpoint's trained weights (``raw``, or ``ema``: the weight EMA) into ``model``."""
     from diffrl.training import trainable
+    from diffrl.training.checkpoints import weights_that_fit
 
     folder = Path(checkpoint)
     folder = folder / "model" if (folder / "model").is_dir() else folder
@@ -103,7 +104,9 @@ def load_weights(model, config, checkpoint: Path, weights: str = "raw") -> None:
                           f"weights (--weights raw)")
     if not folder.is_dir():
         raise CheckpointError(f"--checkpoint {checkpoint}: folder not found")
-    trainable.load_trainable(model, folder, lora_enabled=config.lora.enabled)
+    with weights_that_fit(folder, f"give a checkpoint of this run ({config.output_dir}/checkpoints/step-N), or "
+                                  f"evaluate the run that wrote it"):
+        trainable.load_trainable(model, folder, lora_enabled=config.lora.enabled)
 
 
 def image_settings(config) -> dict:

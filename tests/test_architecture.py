@@ -38,3 +38,21 @@ def test_every_module_named_in_the_package_table_exists():
             if not (folder / f"{module}.py").is_file():
                 missing.append(f"{package}/{module}.py")
     assert missing == []
+
+
+def test_every_shipped_file_a_message_or_doc_names_exists():
+    """A path under assets/, configs/, docs/ or scripts/ named in the code or the docs (an error message's example,
+    a docstring, a link) is a file of the repository: no advice that points nowhere. (The public trainers'
+    scripts/train_*.py that the fidelity notes cite are the authors' files, not ours; prompt files a published
+    config asks the user to bring are the config's own business, checked when it loads.)"""
+    pattern = re.compile(r"(?<![\w/.{])((?:assets|configs|docs|scripts)/[\w./-]+\.(?:jsonl|txt|yaml|json|md|py|png))")
+    sources = [*(REPO_ROOT / "diffrl").rglob("*.py"), *(REPO_ROOT / "rewards").rglob("*.py"),
+               *(REPO_ROOT / "docs").rglob("*.md"), REPO_ROOT / "README.md"]
+    missing = set()
+    for source in sources:
+        for name in pattern.findall(source.read_text(encoding="utf-8")):
+            if name.startswith("scripts/train_"):
+                continue
+            if not (REPO_ROOT / name).exists() and not (source.parent / name).exists():
+                missing.add(f"{source.relative_to(REPO_ROOT)}: {name}")
+    assert sorted(missing) == []

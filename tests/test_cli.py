@@ -296,3 +296,13 @@ def test_sample_never_mixes_new_samples_with_earlier_ones(tmp_path):
     assert sorted(p.name for p in earlier.iterdir()) == []   # the default folder starts clean
     with pytest.raises(DiffrlError, match="cannot be written"):
         outputs.fresh_folder("/proc/diffrl-out", ("grid.png",), default=False)
+
+
+def test_a_shipped_config_run_from_another_folder_says_where_it_looked_and_leaves_nothing(tmp_path):
+    result = run_cli("train", str(REPO_ROOT / "configs" / "quickstart.yaml"), f"output_dir={tmp_path / 'run'}",
+                     cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data.path assets/sd3-text/prompts_held_out.txt: file not found")
+    assert f"looked in {tmp_path}" in last and "give an absolute path" in last
+    assert not (tmp_path / "run").exists()   # no stray config.yaml: nothing is written before the inputs are found

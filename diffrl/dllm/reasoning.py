@@ -36,6 +36,7 @@ def load_dllm(config, device):
     fine-tuning) and gradient checkpointing; settings that do not fit its kind of noise fail here."""
     from diffrl.dllm.diffusion_gemma import DiffusionGemmaLM, is_diffusion_gemma
     from diffrl.dllm.masked_lm import MaskedDiffusionLM
+    from diffrl.hub import describe_folder
     from diffrl.models import performance
     from diffrl.training import run_setup, trainable
 
@@ -43,6 +44,11 @@ def load_dllm(config, device):
     for key in ("motion_adapter", "pipeline"):  # diffusers pipeline options: a language model has none
         if getattr(m, key) is not None:
             raise ConfigError(f"model.{key} is for diffusers image / video pipelines; remove it for {config.trainer}")
+    what = describe_folder(m.path)
+    if what is not None and not what.startswith("a transformers"):
+        raise ConfigError(f"model.path {m.path} is {what}; {config.trainer} trains diffusion language models (LLaDA, "
+                          f"Dream, DiffusionGemma, any bidirectional masked LM): give such a model's folder or hub "
+                          f"id (`diffrl ls models` lists which trainers take which models)")
     kind = DiffusionGemmaLM if is_diffusion_gemma(m.path, revision=m.revision) else MaskedDiffusionLM
     model = kind.from_pretrained(m.path, revision=m.revision, dtype=run_setup.torch_dtype(m.dtype), device=device,
                                  trust_remote_code=m.trust_remote_code)

@@ -15,6 +15,7 @@ complete, so a kill at any point leaves either the previous checkpoints or the n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -194,18 +195,9 @@ def load_checkpoint(folder: Path, accelerator, *, trainer: str, module: torch.nn
     if info.get("num_processes") != accelerator.num_processes:
         raise CheckpointError(f"{folder} was written by {info.get('num_processes')} processes, this run has "
                               f"{accelerator.num_processes}; resume with the same number of processes")
-    try:
+    with weights_that_fit(folder / "model", "resume with the config that wrote it (model.path, lora.rank, "
+                                            "lora.target_modules) or start a new output_dir"):
         load_model(folder / "model")
-    except CheckpointError:
-        raise
-    except Exception as e:  # a truncated or foreign weights file (safetensors / peft errors)
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        if any(word in str(e) for word in ("size mismatch", "shape", "Missing key", "Unexpected key")):
-            raise CheckpointError(f"{folder / 'model'} does not fit this model ({reason}): it was written for "
-                                  f"another model or LoRA setting; resume with the config that wrote it (model.path, "
-                                  f"lora.rank, lora.target_modules) or start a new output_dir") from None
-        raise CheckpointError(f"{folder / 'model'} cannot be loaded ({reason}); resume from an earlier "
-                              f"checkpoint") from None
     try:
         sharding.load_optimizer_state(module, optimizer, _load(folder / "optimizer.pt"))
     except (KeyError, ValueError) as e:
@@ -226,6 +218,23 @@ def _state_file(folder: Path, name: str) -> Path:
     path = folder / f"state_{name}.pt"
     former = folder / f"state_{_FORMER_STATE_NAMES.get(name, name)}.pt"
     return path if path.exists() or not former.exists() else former
+
+
+@contextlib.contextmanager
+def weights_that_fit(folder: Path, fix: str):
+    """Loading weights from ``folder`` (a resume, ``diffrl eval --checkpoint``, ``diffrl sample``): a truncated
+    or foreign weights file (safetensors / peft / torch errors) is one CheckpointError line; ``fix``: what to do
+    when the weights were written for another model or LoRA setting."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if any(word in str(e) for word in ("size mismatch", "shape", "Missing key", "Unexpected key")):
+            raise CheckpointError(f"{folder} does not fit this model ({reason}): it was written for another model "
+                                  f"or LoRA setting; {fix}") from None
+        raise CheckpointError(f"{folder} cannot be loaded ({reason}); use an earlier checkpoint") from None
 
 
 def _load(path: Path):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffrl.errors import RewardFailed, TrainingInterrupted
+from diffrl.errors import ConfigError, RewardFailed, TrainingInterrupted
 from diffrl.training import trainable
 from diffrl.training.checkpoints import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
 from diffrl.training.progress import progress_bar, startup_line
@@ -224,12 +224,26 @@ def online_step(trainer) -> dict:
     return {**metrics, "rollout_time": rollout_time}
 
 
+FINISHED_MARKER = "finished.json"
+
+
+def _finished_at(output_dir) -> int | None:
+    """The step a run finished at (its final evaluation logged), or None."""
+    try:
+        return int(json.loads((Path(output_dir) / FINISHED_MARKER).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def finish_training(trainer, bar, last: dict) -> dict:
-    """Close the bar, evaluate the final weights, log, shut down; returns the last step's and final metrics."""
+    """Close the bar, evaluate the final weights, log, mark the run finished, shut down; returns the last step's
+    and final metrics."""
     bar.close()
     _release_sigterm(trainer)
     final = trainer.evaluate()
     trainer.metrics.log(final, step=trainer.step)
+    if trainer.accelerator.is_main_process:
+        (Path(trainer.config.output_dir) / FINISHED_MARKER).write_text(json.dumps({"step": trainer.step}))
     end_training(trainer.accelerator)
     return {**last, **final}
 
@@ -280,6 +294,13 @@ def resume(trainer: Trainer) -> None:
                                generators=contents.generators)
         trainer.step = info["step"]
         trainer.guard.load_state_dict(info.get("step_guard", {}))
+        if trainer.step >= cfg.max_steps and _finished_at(cfg.output_dir) == trainer.step:
+            # before metrics.jsonl is cut back: a finished run stays as it is. (A run killed after its last
+            # checkpoint but before its final evaluation has no marker: it resumes and finishes.)
+            acc.wait_for_everyone()
+            raise ConfigError(f"the run in {cfg.output_dir} has finished: its last checkpoint is step {trainer.step} "
+                              f"and max_steps is {cfg.max_steps}; raise max_steps to train it further, or look at "
+                              f"it with diffrl eval / diffrl sample {cfg.output_dir}")
     if acc.is_main_process:
         print(startup_line(trainer, trainer.name, folder), file=sys.stderr, flush=True)
     init_trackers(acc, cfg)

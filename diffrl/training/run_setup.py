@@ -160,10 +160,32 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
+_DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
+
+
+def check_data_files(config: TrainerConfig) -> None:
+    """Every local data file the config names (``data.path``, ``data.eval_path``) exists, checked before anything
+    is written; a relative one is read from the current folder, and the error names that folder."""
+    data = getattr(config, "data", None)
+    for name in ("path", "eval_path"):
+        value = getattr(data, name, None)
+        if not isinstance(value, str) or Path(value).suffix.lower() not in _DATA_FILE_SUFFIXES:
+            continue  # a folder, a hub dataset or a generator: its loader reports it
+        path = Path(value).expanduser()
+        if not path.exists():
+            where = "" if path.is_absolute() else f" (looked in {Path.cwd()}: relative paths are read from the " \
+                                                 f"current folder)"
+            raise ConfigError(f"data.{name} {value}: file not found{where}; run from the folder the config expects "
+                              f"(the repository root for the shipped configs; a published config's header says where "
+                              f"its prompts come from) or give an absolute path")
+
+
 def start(trainer) -> None:
     """The first line of every ``setup()``: ``trainer.accelerator``, ``trainer.output_dir`` (created, with the
-    resolved config written there) and the global seeds."""
+    resolved config written there) and the global seeds. Data files are checked first: a missing one leaves
+    no output folder behind."""
     cfg = trainer.config
+    check_data_files(cfg)
     trainer.accelerator = create_accelerator(cfg)
     trainer.output_dir = prepare_output_dir(trainer.accelerator, cfg)
     seed_everything(cfg.seed, trainer.accelerator)

@@ -5,7 +5,7 @@ Each prompt carries its GenEval metadata (``tag``, ``include``, ``exclude``): tr
 .jsonl prompt file (its fields reach the reward), or score a folder whose ``metadata.jsonl`` holds them::
 
     reward: {weights: {geneval: 1.0}}
-    data: {path: assets/prompts/geneval_tiny.jsonl}
+    data: {path: assets/prompts/geneval_eval.jsonl}
 
 The score is the training reward's partial credit (what flow_grpo, DiffusionNFT and AWM train on;
 ``score: strict`` or ``benchmark`` give 0/1 instead); the extras hold ``strict`` and ``correct`` (the
@@ -200,7 +200,7 @@ def _metadata_rows(metadata: dict, batch: int) -> list[dict]:
     include = metadata.get("include")
     if not isinstance(include, list) or len(include) != batch or any(v is None for v in include):
         raise RewardError("geneval needs each prompt's GenEval metadata (tag, include): train on a GenEval-style "
-                          ".jsonl prompt file (see assets/prompts/geneval_tiny.jsonl), or for diffrl score put "
+                          ".jsonl prompt file (see assets/prompts/geneval_eval.jsonl), or for diffrl score put "
                           "the fields in the images' metadata.jsonl")
     rows = []
     for i in range(batch):

@@ -201,6 +201,16 @@ CASES: dict[str, Case] = {
                               ("p.txt", "no prompts")),
     "prompt file not UTF-8": Case(lambda t, tiny: awm(f"data.path={write(t / 'p.txt', LATIN1)}")(t, tiny),
                                   ("p.txt", "UTF-8")),
+    "an image pipeline given to a diffusion-LM trainer": Case(
+        lambda t, tiny: ["train", IGPO, f"model.path={tiny('sd3')}", f"output_dir={t / 'run'}", *QUICK],
+        ("is a diffusers StableDiffusion3Pipeline folder", "igpo trains diffusion language models",
+         "diffrl ls models")),
+    "a language model given to an image trainer": Case(
+        lambda t, tiny: awm(f"model.path={tiny('dllm')}")(t, tiny),   # the later model.path wins
+        ("is a transformers", "not a diffusers pipeline", "diffrl ls models")),
+    "a LoRA folder given as the model": Case(
+        lambda t, tiny: awm(f"model.path={write(t / 'lora' / 'adapter_config.json', '{}').parent}")(t, tiny),
+        ("is a LoRA adapter folder, not a whole model",)),
     "unknown task generator": Case(lambda t, tiny: ["train", IGPO, f"model.path={tiny('dllm')}",
                                                     f"output_dir={t / 'run'}", "data.path=generator:algebra"],
                                    ("algebra", "arithmetic")),

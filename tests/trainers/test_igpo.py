@@ -312,6 +312,13 @@ def test_tiny_config_trains_and_evaluates_from_the_cli(tiny_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["tasks"] == 16 and 0 <= metrics["eval/accuracy"] <= metrics["eval/pass@2"] <= 1
+    # without --checkpoint the numbers are the base model's: said so; another model's checkpoint: one line
+    base = run_cli("eval", str(out), "--k", "1")
+    assert base.returncode == 0 and "note: no --checkpoint: this evaluates the base model" in base.stderr
+    foreign = run_cli("eval", str(out), "lora.rank=4", "--checkpoint", str(out / "checkpoints" / "step-000002"))
+    assert foreign.returncode == 1 and "Traceback" not in foreign.stderr, foreign.stderr[-1500:]
+    last = foreign.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "does not fit this model" in last and "give a checkpoint of this run" in last
 
 
 def test_coupled_log_prob_estimator_by_hand(tiny_dir):

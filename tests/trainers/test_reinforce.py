@@ -68,3 +68,25 @@ def test_trains_through_the_engine_and_resumes_exactly(tiny_dir, tmp_path):
 def test_deterministic_sampling_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="noise_level > 0"):
         load_config(CONFIG, ["sampling.noise_level=0", f"output_dir={tmp_path}"])
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tiny_dir, tmp_path):
+    from diffrl.errors import ConfigError
+
+    ReinforceTrainer(make_config(tiny_dir, tmp_path, "max_steps=2")).train()
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match=r"has finished: its last checkpoint is step 2 and max_steps is 2; raise "
+                                          r"max_steps"):
+        ReinforceTrainer(make_config(tiny_dir, tmp_path, "max_steps=2", "checkpoint.resume=latest")).train()
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics   # the finished run's rows are all still there
+    # killed after its last checkpoint, before the final evaluation (no finished marker): it resumes and finishes
+    (tmp_path / "finished.json").unlink()
+    rows = metrics.decode().splitlines()
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows[:-1]) + "\n")
+    ReinforceTrainer(make_config(tiny_dir, tmp_path, "max_steps=2", "checkpoint.resume=latest")).train()
+    again = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(again) == len(rows) and "eval/reward" in json.loads(again[-1])
+    assert json.loads((tmp_path / "finished.json").read_text()) == {"step": 2}
+    # and raising max_steps continues it
+    ReinforceTrainer(make_config(tiny_dir, tmp_path, "max_steps=3", "checkpoint.resume=latest")).train()
+    assert json.loads((tmp_path / "finished.json").read_text()) == {"step": 3}
