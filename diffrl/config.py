@@ -26,6 +26,7 @@ import yaml
 
 from diffrl import secrets
 from diffrl.errors import ConfigError
+from diffrl.text_files import read_text
 
 _MISSING = dataclasses.MISSING
 
@@ -505,10 +506,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: a folder, not a config file; pass a YAML config{hint}")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; check the path (shipped configs: `diffrl ls`)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    text = read_text(path, error=ConfigError)
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except ConfigError as e:

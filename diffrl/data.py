@@ -106,10 +106,9 @@ def _hub_records(name: str, split: str, config_name: str | None) -> list[dict]:
 
 
 def _read_text(file: Path) -> str:
-    try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{file}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
+    from diffrl.text_files import read_text
+
+    return read_text(file)
 
 
 def _column(rows: list[dict], column: str, source: str) -> list:

@@ -35,12 +35,12 @@ def open_input_image(source):
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        return to_rgb(source)
     if not isinstance(source, (str, Path)):
         raise DataError(f"input image {source!r}: expected a file path or a PIL image")
     try:
         with Image.open(source) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError:
         raise DataError(f"input image {source}: file not found; image paths in metadata.jsonl are relative "
                         f"to its folder") from None
@@ -49,8 +49,37 @@ def open_input_image(source):
         raise DataError(f"input image {source}: cannot read the image ({reason})") from None
 
 
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on (white, as a browser shows them)
+
+
+def to_rgb(image):
+    """Any image PIL opens as 8-bit RGB, the one conversion every loader uses: 16- and 32-bit greyscale scaled
+    to their range (``convert("RGB")`` would clip them: a 16-bit image turns white), float images clipped to
+    [0, 1], transparency (RGBA, LA, palettes with a transparent colour) composited on :data:`BACKGROUND`,
+    CMYK and the rest through PIL's own conversion."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) <= 65535 else float(2 ** 32 - 1)
+        grey = np.clip(np.rint(array / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")  # uint8 [H, W]: mode L
+    if image.mode == "F":
+        import numpy as np
+
+        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")  # uint8 [H, W]: mode L
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def pil_to_tensor(image) -> torch.Tensor:
-    image = image.convert("RGB")
+    image = to_rgb(image)
     width, height = image.size
     array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return array.view(height, width, 3).permute(2, 0, 1).float() / 255

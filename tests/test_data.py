@@ -13,6 +13,20 @@ def test_txt_prompts_skip_blank_lines(tmp_path):
     assert load_prompts(path) == ["a cat", "a dog"]
 
 
+def test_a_byte_order_mark_is_dropped_in_every_text_file(tmp_path):
+    """Windows editors start UTF-8 files with a BOM: it must not become part of the first prompt, of a jsonl
+    key, or of a config's first key."""
+    from diffrl.trainers import load_config
+
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfa cat\nb dog\n")
+    (tmp_path / "p.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "a cat"}\n')
+    assert load_prompts(tmp_path / "p.txt") == ["a cat", "b dog"]
+    assert load_prompts(tmp_path / "p.jsonl") == ["a cat"]
+    (tmp_path / "c.yaml").write_bytes(b"\xef\xbb\xbftrainer: awm\nmodel: {path: m}\ndata: {path: p.txt}\n"
+                                      b"reward: {weights: {jpeg_compressibility: 1.0}}\n")
+    assert load_config(tmp_path / "c.yaml").trainer == "awm"
+
+
 def test_jsonl_prompts_by_column(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"caption": "x"}\n{"caption": "y"}\n')
@@ -22,6 +36,8 @@ def test_jsonl_prompts_by_column(tmp_path):
 @pytest.mark.parametrize("name, content, message", [
     ("empty.txt", "\n\n", "no prompts found"),
     ("latin.txt", b"caf\xe9\n", "not UTF-8 text"),
+    ("utf16.txt", "a cat\n".encode("utf-16"), "holds NUL bytes (first at byte 3): not UTF-8 text (a UTF-16"),
+    ("nul.jsonl", b'{"prompt": "x"}\n\x00\n', "holds NUL bytes"),
     ("cols.jsonl", '{"text": "x"}\n', "row 1 has no 'prompt' field (fields: text)"),
     ("broken.jsonl", '{"prompt": "x"}\n{"prompt": \n', "broken.jsonl:2: invalid JSON"),
     ("empty.jsonl", "", "no rows; the file is empty"),

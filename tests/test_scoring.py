@@ -190,3 +190,26 @@ def test_a_write_that_fails_half_way_leaves_nothing_and_says_so(folder, tmp_path
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-800:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: writing {out} failed")
     assert list(tmp_path.glob("scores.jsonl*")) == []
+
+
+def test_every_image_mode_loads_as_what_it_shows(tmp_path):
+    """One loader for every mode PIL opens: a 16-bit grey ramp keeps its shades (not clipped to white), a
+    palette and CMYK keep their colours, transparency is composited on white."""
+    import numpy as np
+
+    ramp = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369)   # 0 .. 65535
+    Image.fromarray(ramp.astype("<u2")).save(tmp_path / "grey16.png")   # mode I;16
+    got = load_image(tmp_path / "grey16.png")
+    expected = torch.tensor(np.rint(ramp / 65535 * 255) / 255, dtype=torch.float32)
+    assert torch.allclose(got, expected.expand(3, 4, 4), atol=1 / 255) and got.min() == 0 and got.max() == 1
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    rgba.save(tmp_path / "alpha.png")
+    got = load_image(tmp_path / "alpha.png")
+    assert got[:, 0, 0].tolist() == [0.0, 0.0, 1.0] and got[:, 1, 1].tolist() == [1.0, 1.0, 1.0]  # on white
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)
+    assert load_image(tmp_path / "cmyk.jpg")[:, 2, 2].tolist() == pytest.approx([1.0, 0.0, 0.0], abs=0.02)
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    palette.save(tmp_path / "palette.png")
+    assert load_image(tmp_path / "palette.png")[:, 0, 0].tolist() == pytest.approx([0.0, 200 / 255, 0.0])
