@@ -309,6 +309,10 @@ class IGPOTrainer:
         # d1's mask after the first EOS does not depend on the mask seed: computed once for every iteration
         until_eos = (until_first(batch["completions"], self.model.tokenizer.eos_token_id)
                      if cfg.loss_mask == "until_eos" else None)
+        # d1 (on TRL's Trainer.training_step, after model.train()) computes the old and reference log-probs in
+        # training mode, without gradient: with LoRA dropout they see dropout as the policy's forwards do. The
+        # rollout itself stays in eval mode (d1 samples with dropout on; diffrl samples the policy it evaluates).
+        self.model.module.train()
         for seed in batch["mask_seeds"]:
             old, entropy = self._log_probs(batch, seed)
             batch["old_log_probs"].append(old)

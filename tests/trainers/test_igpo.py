@@ -353,3 +353,35 @@ def test_coupled_log_prob_estimator_by_hand(tiny_dir):
     again, _ = model.completion_log_probs(prompt_ids, prompt_mask, completion, mask_seed=3, prompt_mask_prob=0.0,
                                           estimator="coupled")
     assert torch.equal(again, log_probs)                      # old and new policy see the same masks
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_old_log_probs_are_computed_as_the_policy_s_so_the_first_ratio_is_one_without_dropout(tiny_dir, tmp_path,
+                                                                                             dropout):
+    """d1 computes the old log-probs in training mode without gradient (TRL's training_step calls model.train()
+    first), so does diffrl. Without dropout the first inner step's ratio is then exactly 1 (old = policy, same
+    mask seed); with LoRA dropout the old log-probs saw dropout, as d1's do (they differ from an eval-mode pass)."""
+    from diffrl.dllm.reasoning import chunked_log_probs
+
+    trainer = IGPOTrainer(make_config(tiny_dir, tmp_path, lora__dropout=dropout, igpo__enabled=False))
+    trainer.setup()
+    with torch.no_grad():   # a trained adapter (B starts at 0, which would hide its dropout)
+        for name, p in trainer.model.module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(0))
+    batch = trainer.rollout()
+    trainer.score(batch)
+    cfg, seed = trainer.config, batch["mask_seeds"][0]
+    trainer.model.denoiser.train()   # as update() runs the policy
+    torch.manual_seed(1)
+    args = (trainer.model, batch["prompt_ids"], batch["prompt_mask"], batch["completions"])
+    options = dict(chunk=cfg.train_batch_size, mask_seed=seed, prompt_mask_prob=cfg.prompt_mask_prob,
+                   estimator=cfg.log_prob_estimator)
+    policy, _ = chunked_log_probs(*args, **options)
+    old = batch["old_log_probs"][0]
+    if dropout == 0.0:
+        assert torch.equal(old, policy)          # ratio exp(policy - old) == 1 exactly at the first inner step
+    else:
+        trainer.model.module.eval()
+        without_dropout, _ = chunked_log_probs(*args, **options)
+        assert not torch.equal(old, without_dropout) and not torch.equal(old, policy)
