@@ -47,6 +47,12 @@ class DiffusionGemmaLM(DiffusionLM):
     noise = "uniform"
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # the decoder pass's attention (module docstring)
 
+    @property
+    def untrained_modules(self) -> tuple[str, ...]:
+        """Submodules text-only training never reaches (the image encoder): frozen in full fine-tuning."""
+        return tuple(name for name in ("model.encoder.vision_tower", "model.encoder.embed_vision")
+                     if _has_submodule(self.module, name))
+
     def __init__(self, module: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu"):
         super().__init__(module, tokenizer, device=device)
         self.canvas_length = int(module.config.canvas_length)
@@ -189,3 +195,11 @@ class DiffusionGemmaLM(DiffusionLM):
 def _unblock(per_block: torch.Tensor, batch: int) -> torch.Tensor:
     """``[blocks * B, C]`` rows ordered (block, example) -> ``[B, blocks * C]``."""
     return torch.cat(per_block.split(batch), dim=1)
+
+
+def _has_submodule(module: torch.nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

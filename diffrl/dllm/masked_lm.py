@@ -29,6 +29,7 @@ class DiffusionLM:
     (the DDP-wrapped module once Accelerate has prepared it). ``noise`` names the corruption the model was
     trained with: "mask" (:class:`MaskedDiffusionLM`) or "uniform" (``diffusion_gemma.DiffusionGemmaLM``)."""
 
+    untrained_modules: tuple[str, ...] = ()  # submodules no training step reaches (full fine-tuning)
     noise = "mask"
     # ModernBERT names its projections Wqkv/Wo; LLaMA-style (LLaDA, Dream) q/k/v/o_proj.
     lora_targets = ("Wqkv", "Wo", "q_proj", "k_proj", "v_proj", "o_proj", "attn_out")

@@ -29,6 +29,7 @@ _PIPELINE_FAMILY = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipelin
 class EpsilonModel:
     """An epsilon-prediction latent diffusion model; ``unet`` trains, ``denoiser`` runs forwards."""
 
+    untrained_modules: tuple[str, ...] = ()  # submodules no training step reaches (full fine-tuning)
     needs_input_image = False  # text-to-image / video only (FlowModel's interface: FLUX.1 Kontext edits)
     guidance_embedded = False  # CFG only (no guidance embedding)
 

@@ -15,6 +15,10 @@ def apply_lora(model, lora) -> None:
                        target_modules=lora.target_modules)
     else:
         model.trainable.requires_grad_(True)
+        # parts no training step reaches (DiffusionGemma's vision tower in text-only training) stay frozen:
+        # they would get no gradient, which DDP takes for a hung reduction
+        for prefix in model.untrained_modules:
+            model.trainable.get_submodule(prefix).requires_grad_(False)
 
 
 def add_frozen_adapter(model, lora, adapter_name: str) -> None:

@@ -156,3 +156,23 @@ def test_a_trained_diffusion_gemma_samples_and_its_card_names_its_class(tiny_dir
     assert cli.main(["push", str(run), "me/tiny-gemma", "--folder", str(tmp_path / "share")]) == 0
     card = (tmp_path / "share" / "README.md").read_text()
     assert "PeftModel.from_pretrained(DiffusionGemmaForBlockDiffusion.from_pretrained(" in card
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_on_two_processes_freezes_the_vision_tower(tiny_dir, tmp_path):
+    """Text-only training never reaches DiffusionGemma's image encoder: with every weight trained under DDP it
+    got no gradient and the second step stopped ("Expected to have finished reduction"). It stays frozen."""
+    from diffrl.dllm.diffusion_gemma import DiffusionGemmaLM
+    from tests.conftest import run_cli
+
+    model = DiffusionGemmaLM.from_pretrained(tiny_dir("diffusion_gemma"))
+    assert model.untrained_modules == ("model.encoder.vision_tower", "model.encoder.embed_vision")
+    out = tmp_path / "run"
+    result = run_cli("train", "configs/igpo/tiny_diffusion_gemma.yaml", f"model.path={tiny_dir('diffusion_gemma')}",
+                     f"output_dir={out}", "lora.enabled=false", "beta=0", "max_steps=2", "data.eval_size=4",
+                     "eval_k=1", "logging.progress_bar=false", "--num-processes", "2", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    saved = (out / "checkpoints" / "step-000002" / "model")
+    assert any(saved.glob("*.safetensors"))

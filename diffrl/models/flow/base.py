@@ -92,6 +92,7 @@ class FlowModel:
     is_video: ClassVar[bool] = False
     needs_input_image: ClassVar[bool] = False   # image editing / image-to-video: one input image per prompt
     lora_targets: ClassVar[tuple[str, ...]] = JOINT_ATTENTION  # default LoRA targets (lora.target_modules: null)
+    untrained_modules: tuple[str, ...] = ()  # submodules no training step reaches: frozen in full fine-tuning
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
