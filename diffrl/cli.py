@@ -213,20 +213,42 @@ def _reward_kwargs(text: str | None) -> dict:
                           f"'{{\"pickscore\": {{\"divide_by\": 26}}}}'") from None
 
 
+def _score_reward_settings(args) -> tuple[dict[str, float], dict]:
+    """The rewards and their options for ``diffrl score``: ``--reward`` / ``--reward-kwargs``, on top of the
+    run's own ``reward`` section with ``--run``."""
+    import yaml
+
+    given = _reward_kwargs(args.reward_kwargs)
+    if not args.run:
+        if not args.reward:
+            raise DiffrlError("diffrl score needs --reward (e.g. --reward ocr), or --run RUN for a run's rewards")
+        return _reward_spec(args.reward), given
+    from diffrl.inference import resolve_run
+
+    run_dir, _ = resolve_run(args.run)
+    section = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("reward") or {}
+    if not section.get("weights"):
+        raise DiffrlError(f"--run {args.run}: the run has no reward section (a preference run?); name the rewards "
+                          f"with --reward")
+    spec = _reward_spec(args.reward) if args.reward else {k: float(v) for k, v in section["weights"].items()}
+    kwargs = {name: {**(section.get("kwargs") or {}).get(name, {}), **given.get(name, {})} for name in spec}
+    return spec, {**given, **kwargs}
+
+
 def cmd_score(args) -> int:
     import warnings
 
     from diffrl import media, outputs, scoring
     from rewards import load_reward
 
-    kwargs = _reward_kwargs(args.reward_kwargs)
+    spec, kwargs = _score_reward_settings(args)
     _check_device(args.device)
     if args.out:  # before any model loads: not a traceback after all the scoring
         outputs.writable_file(args.out)
-    reward = load_reward(_reward_spec(args.reward), device=args.device, kwargs=kwargs)
+    reward = load_reward(spec, device=args.device, kwargs=kwargs)
     modality = "text" if args.texts else "video" if args.videos else "image"
     if reward.modality != modality:
-        raise DiffrlError(f"--reward {args.reward} scores {reward.modality}, but {modality} inputs were given")
+        raise DiffrlError(f"--reward {','.join(spec)} scores {reward.modality}, but {modality} inputs were given")
     if args.texts:
         rows = scoring.score_texts(args.texts, reward, batch_size=args.batch_size)
     else:
@@ -409,8 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="score images, videos or texts with reward models",
                            description="Score a folder of generations. Examples: diffrl score --reward pickscore "
                            "--images out/ --prompts prompts.txt --out scores.jsonl")
-    score.add_argument("--reward", required=True, help="rewards, comma-separated, optionally weighted: "
-                       "pickscore,ocr or pickscore=1,ocr=0.5")
+    score.add_argument("--reward", help="rewards, comma-separated, optionally weighted: pickscore,ocr or "
+                       "pickscore=1,ocr=0.5 (default with --run: the run's)")
+    score.add_argument("--run", help="a training run (its output_dir or a checkpoint): score with its reward "
+                       "settings (each reward's options; its weights when --reward is not given), so the scores "
+                       "equal its training's")
     inputs = score.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--images", nargs="+", help="image folders, files or globs")
     inputs.add_argument("--videos", nargs="+", help="video files (needs av) or folders of frames, or globs")

@@ -213,3 +213,31 @@ def test_every_image_mode_loads_as_what_it_shows(tmp_path):
     palette.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
     palette.save(tmp_path / "palette.png")
     assert load_image(tmp_path / "palette.png")[:, 0, 0].tolist() == pytest.approx([0.0, 200 / 255, 0.0])
+
+
+def test_score_with_a_run_s_reward_settings_equals_its_training_s(folder, tmp_path):
+    """--run RUN: the run's rewards, weights and options (here a JPEG quality and scale of its own), so the
+    numbers are those its training saw; --reward-kwargs still overrides an option."""
+    import yaml
+
+    (folder / "d_corrupt.png").unlink()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"trainer": "awm", "reward": {
+        "weights": {"jpeg_compressibility": 2.0, "jpeg_incompressibility": 1.0},
+        "kwargs": {"jpeg_compressibility": {"quality": 50, "scale": 100.0}}}}))
+
+    def scores(*args):
+        out = tmp_path / f"s{len(list(tmp_path.glob('s*.jsonl')))}.jsonl"
+        result = run_cli("score", "--images", str(folder), "--out", str(out), "--quiet", *args)
+        assert result.returncode == 0, result.stderr
+        return [json.loads(line)["reward"] for line in out.read_text().splitlines()]
+
+    by_run = scores("--run", str(run))
+    explicit = scores("--reward", "jpeg_compressibility=2,jpeg_incompressibility=1", "--reward-kwargs",
+                      json.dumps({"jpeg_compressibility": {"quality": 50, "scale": 100.0}}))
+    defaults = scores("--reward", "jpeg_compressibility=2,jpeg_incompressibility=1")
+    assert by_run == explicit and by_run != defaults
+    assert scores("--run", str(run), "--reward-kwargs", json.dumps({"jpeg_compressibility": {"quality": 95,
+                                                                                             "scale": 500.0}})) \
+        == defaults
