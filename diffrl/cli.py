@@ -255,7 +255,8 @@ def cmd_score(args) -> int:
         video = args.videos is not None
         files = scoring.collect_files(args.videos if video else args.images,
                                       media.VIDEO_SUFFIXES if video else media.IMAGE_SUFFIXES,
-                                      directories_are_items=video)
+                                      directories_are_items=video,
+                                      report=lambda line: print(f"note: {line}", file=sys.stderr))
         prompts, metadata = scoring.match_records(files, args.prompts, required=reward.needs_prompts)
         loader = (lambda p: media.load_video(p, args.max_frames)) if video else media.load_image
         with warnings.catch_warnings():

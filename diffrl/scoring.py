@@ -21,9 +21,19 @@ import torch
 from diffrl.data import load_prompts, metadata_columns, read_records
 from diffrl.errors import DataError
 
+# Files a generations folder holds beside its samples: read, not scored, and not reported as skipped.
+_SIDE_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet", "prompts.txt")
 
-def collect_files(specs: list[str], suffixes: tuple[str, ...], *, directories_are_items: bool = False) -> list[Path]:
-    """Files (or, for frame-folder videos, sub-folders) named by folders, globs or paths, sorted, unique."""
+
+def collect_files(specs: list[str], suffixes: tuple[str, ...], *, directories_are_items: bool = False,
+                  report=None) -> list[Path]:
+    """Files (or, for frame-folder videos, sub-folders) named by folders, globs or paths, sorted, unique. What a
+    folder holds that is not scored (other file types, sub-folders) is reported in one line per folder, to
+    ``report(line)`` (the CLI prints it) or as a warning."""
+    import warnings
+
+    report = report or (lambda line: warnings.warn(line, stacklevel=3))
+
     found: list[Path] = []
     for spec in specs:
         path = Path(spec)
@@ -32,6 +42,16 @@ def collect_files(specs: list[str], suffixes: tuple[str, ...], *, directories_ar
             found += [p for p in children if p.is_file() and p.suffix.lower() in suffixes]
             if directories_are_items:
                 found += [p for p in children if p.is_dir()]
+            skipped = [p for p in children if p not in found and p.name not in _SIDE_FILES
+                       and not p.name.startswith(".")]
+            if skipped:
+                folders = [p for p in skipped if p.is_dir()]
+                others = sorted({p.suffix.lower() or p.name for p in skipped if not p.is_dir()})
+                parts = ([f"{len(skipped) - len(folders)} file(s) of another type ({', '.join(others)})"] * bool(others)
+                         + [f"{len(folders)} sub-folder(s) ({', '.join(p.name for p in folders[:3])}"
+                            f"{', ...' if len(folders) > 3 else ''})"] * bool(folders))
+                report(f"{path}: skipped {' and '.join(parts)}; scored are {', '.join(suffixes)} files"
+                       + ("" if directories_are_items else " directly in the folder"))
         elif path.is_file():
             found.append(path)
         else:

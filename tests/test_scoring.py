@@ -241,3 +241,17 @@ def test_score_with_a_run_s_reward_settings_equals_its_training_s(folder, tmp_pa
     assert scores("--run", str(run), "--reward-kwargs", json.dumps({"jpeg_compressibility": {"quality": 95,
                                                                                              "scale": 500.0}})) \
         == defaults
+
+
+def test_what_a_folder_holds_besides_images_is_reported_in_one_line(folder, tmp_path):
+    (folder / "d_corrupt.png").unlink()
+    (folder / "notes.txt").write_text("x")
+    (folder / "clip.gif").write_bytes(b"GIF89a")
+    (folder / "frames").mkdir()
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "prompt": "x"}) + "\n" for n in
+                                                   ("a_flat.png", "b_noise.png", "c_other_size.jpg")))
+    # ^ a generations folder's own side file: read, and not reported
+    result = run_cli("score", "--reward", "jpeg_compressibility", "--images", str(folder), "--quiet")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "skipped" in line]
+    assert len(lines) == 1 and "skipped 2 file(s) of another type (.gif, .txt) and 1 sub-folder(s) (frames)" in lines[0]
