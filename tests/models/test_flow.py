@@ -223,3 +223,22 @@ def test_training_sigmas_follow_the_scheduler_shift(tiny_dir):
     # FLUX shifts by resolution at inference only: its training sigmas are uniform
     flux_sigmas = flux.sample_timesteps(20000, torch.Generator().manual_seed(0))
     assert abs(flux_sigmas.mean().item() - 0.5) < 0.01 and sd3.sample_timesteps(20000).mean() > 0.65
+
+
+def test_a_prompt_longer_than_the_text_window_is_one_warning_not_the_libraries_spam(tiny_dir, capfd):
+    """The pipelines' tokenizers print a warning quoting the whole cut text for every long prompt; diffrl says
+    it once per model, in one line, and encodes what the pipeline encodes (the first 77 CLIP / N T5 tokens)."""
+    import warnings
+
+    model = FlowModel.from_pretrained(tiny_dir("sd3"))
+    long = "a " * 300
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cond = model.encode_prompts([long, "b " * 300])
+        model.encode_prompts(["c " * 300])
+    ours = [w for w in caught if "longer than" in str(w.message)]
+    assert len(ours) == 1 and "302 tokens is longer than CLIPTokenizer's 77" in str(ours[0].message)
+    printed = capfd.readouterr()
+    assert "truncated" not in printed.err + printed.out and len(printed.err) < 500
+    # the same embedding as the prompt cut to its first tokens: what the pipeline encodes
+    assert torch.equal(cond.embeds[:1], model.encode_prompts(["a " * 200]).embeds)

@@ -72,6 +72,22 @@ def dynamic_shift(scheduler, latent_shape: tuple[int, ...]) -> dict:
                                   config.get("base_shift", 0.5), config.get("max_shift", 1.15))}
 
 
+@contextlib.contextmanager
+def _library_warnings_silenced():
+    """transformers' and diffusers' loggers at error level inside the block (their truncation warnings)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = transformers_logging.get_verbosity(), diffusers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(levels[0])
+        diffusers_logging.set_verbosity(levels[1])
+
+
 class FlowModel:
     """A flow-matching text-to-image/video model; ``transformer`` is what trains.
 
@@ -108,7 +124,8 @@ class FlowModel:
         self.transformer = self._trained_module(pipeline)
         self.denoiser = self.transformer
         self.vae = pipeline.vae
-        self._prompt_cache = PromptCache(lambda prompts: self._encode_uncached(prompts), prompt_cache_size)
+        self._prompt_cache = PromptCache(self._encode_new, prompt_cache_size)
+        self._long_prompt_reported = False  # prompts cut to a text encoder's window are reported once
         self._input_images = InputImages(self._encode_input_image)
         self.input_image_size: tuple[int, int, int] | None = None  # (height, width, frames): set_input_image_size
         # Frozen parts in the requested dtype; the transformer's trainable weights are set up by the trainer.
@@ -203,6 +220,32 @@ class FlowModel:
 
     def _encode_uncached(self, prompts: list[str]) -> Cond:
         raise NotImplementedError
+
+    def _encode_new(self, prompts: list[str]) -> Cond:
+        """Prompts the cache has not seen: longer ones than a text encoder reads are reported once per model, in
+        one line, and the libraries' own per-prompt truncation warnings (each quoting the whole prompt) are
+        silenced."""
+        self._report_long_prompts(prompts)
+        with _library_warnings_silenced():
+            return self._encode_uncached(prompts)
+
+    def _report_long_prompts(self, prompts: list[str]) -> None:
+        import warnings
+
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            tokenizer = getattr(self.pipeline, name, None)
+            if tokenizer is None:
+                continue
+            # CLIP reads its own 77 tokens; the T5 / UMT5 / LLM encoders max_sequence_length (the pipeline's cut)
+            window = tokenizer.model_max_length if tokenizer.model_max_length <= 77 else self.max_sequence_length
+            with _library_warnings_silenced():
+                lengths = [len(tokenizer(p).input_ids) for p in prompts]
+            for prompt, length in zip(prompts, lengths):
+                if length > window and not self._long_prompt_reported:
+                    self._long_prompt_reported = True
+                    warnings.warn(f"a prompt of {length} tokens is longer than {type(tokenizer).__name__}'s "
+                                  f"{window}: the model reads its first {window}, as its pipeline does "
+                                  f"({prompt[:60]!r}...); further long prompts are not reported", stacklevel=4)
 
     def encode_prompts(self, prompts: list[str], images: list | None = None) -> Cond:
         """Encode a batch of prompts; each unique prompt is encoded once and kept (LRU) for later steps.
