@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 # Two pytest workers (pytest-xdist), one torch thread each: most tests wait on a subprocess or run tiny
-# single-threaded kernels, so two workers on two cores take about half the time of one.
+# single-threaded kernels, so two workers on two cores take about half the time of one. --dist loadgroup keeps
+# the tests marked xdist_group("two_processes") on one worker: never two multi-process launches at once.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
 # Headless Chromium for the report's browser test (Debian's chromium + chromium-driver): apt when the
 # machine can fetch, else the packages already in apt's local cache; nothing fatal (the test then says why).

@@ -159,6 +159,7 @@ def test_a_trained_diffusion_gemma_samples_and_its_card_names_its_class(tiny_dir
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")
 def test_full_fine_tuning_on_two_processes_freezes_the_vision_tower(tiny_dir, tmp_path):
     """Text-only training never reaches DiffusionGemma's image encoder: with every weight trained under DDP it
     got no gradient and the second step stopped ("Expected to have finished reduction"). It stays frozen."""

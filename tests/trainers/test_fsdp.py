@@ -23,6 +23,10 @@ from diffrl.training import sharding
 from diffrl.training.engine import load_model
 from tests.conftest import REPO_ROOT, accelerate_launch
 
+# Two-process launches run one at a time (one xdist group): two at once on 2 cores made gloo's teardown abort
+# now and then ("terminate called without an active exception") after the work was done.
+pytestmark = pytest.mark.xdist_group("two_processes")
+
 FSDP_CONFIG = REPO_ROOT / "diffrl" / "accelerate_configs" / "fsdp.yaml"
 
 # argv: tiny sd3, tiny dllm, output folder, a single-process AWM checkpoint to load first, preference data,

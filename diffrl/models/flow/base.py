@@ -234,10 +234,12 @@ class FlowModel:
 
         for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
             tokenizer = getattr(self.pipeline, name, None)
+            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # FLUX.2 [dev] keeps a processor there
             if tokenizer is None:
                 continue
             # CLIP reads its own 77 tokens; the T5 / UMT5 / LLM encoders max_sequence_length (the pipeline's cut)
-            window = tokenizer.model_max_length if tokenizer.model_max_length <= 77 else self.max_sequence_length
+            own = getattr(tokenizer, "model_max_length", None) or self.max_sequence_length
+            window = own if own <= 77 else self.max_sequence_length
             with _library_warnings_silenced():
                 lengths = [len(tokenizer(p).input_ids) for p in prompts]
             for prompt, length in zip(prompts, lengths):
