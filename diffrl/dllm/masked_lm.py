@@ -30,6 +30,7 @@ class DiffusionLM:
     trained with: "mask" (:class:`MaskedDiffusionLM`) or "uniform" (``diffusion_gemma.DiffusionGemmaLM``)."""
 
     untrained_modules: tuple[str, ...] = ()  # submodules no training step reaches (full fine-tuning)
+    _long_prompt_reported = False  # a prompt longer than the model's positions is reported once
     noise = "mask"
     # ModernBERT names its projections Wqkv/Wo; LLaMA-style (LLaDA, Dream) q/k/v/o_proj.
     lora_targets = ("Wqkv", "Wo", "q_proj", "k_proj", "v_proj", "o_proj", "attn_out")
@@ -51,8 +52,26 @@ class DiffusionLM:
                 ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                          add_generation_prompt=True, tokenize=True)
                 out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
-            return out
-        return [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        else:
+            out = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        self._report_long_prompts(prompts, out)
+        return out
+
+    def _report_long_prompts(self, prompts: list[str], ids: list[list[int]]) -> None:
+        """A prompt longer than the positions the model was trained on is one warning per model: the model then
+        reads positions it never saw, and every denoising step attends over the whole prompt (slow, silently)."""
+        import warnings
+
+        config = self.module.config
+        window = getattr(config, "max_position_embeddings", None) or getattr(
+            getattr(config, "text_config", None), "max_position_embeddings", None)
+        longest = max(range(len(ids)), key=lambda i: len(ids[i]), default=None)
+        if window and longest is not None and len(ids[longest]) > window and not self._long_prompt_reported:
+            self._long_prompt_reported = True
+            warnings.warn(f"a prompt of {len(ids[longest])} tokens is longer than the {window} positions "
+                          f"{type(self.module).__name__} was trained on: its answers will be unreliable and every "
+                          f"step slow ({prompts[longest][:60]!r}...); further long prompts are not reported",
+                          stacklevel=3)
 
     def left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad token lists to ``[B, L]`` ids and a ``[B, L]`` attention mask (so answers line up)."""

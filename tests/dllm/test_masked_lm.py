@@ -49,3 +49,18 @@ def test_missing_mask_token_is_a_clear_error(tiny_dir):
     model.module.config.mask_token_id = None
     with pytest.raises(ConfigError, match="cannot find the mask token"):
         MaskedDiffusionLM(model.module, model.tokenizer)
+
+
+def test_a_prompt_longer_than_the_model_s_positions_is_one_warning(tiny_dir):
+    import warnings
+
+    from diffrl.dllm.masked_lm import MaskedDiffusionLM
+
+    model = MaskedDiffusionLM.from_pretrained(tiny_dir("dllm"))
+    window = model.module.config.max_position_embeddings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.chat_prompt_ids(["1+2", "9" * (window + 50)])
+        model.chat_prompt_ids(["8" * (window + 50)])
+    ours = [str(w.message) for w in caught if "positions" in str(w.message)]
+    assert len(ours) == 1 and f"longer than the {window} positions" in ours[0]
