@@ -206,6 +206,16 @@ class FlowSamplingConfig:
                                                                   "(the public code)")
     max_sequence_length: int | None = param(None, help="text tokens of the T5 / UMT5 encoder (null: family default)")
 
+    def require_sde_log_probs(self, trainer: str) -> None:
+        """For trainers whose loss needs each rollout step's Gaussian log-density (Flow-GRPO, REINFORCE): the
+        Euler sampler with noise, refused in one line otherwise."""
+        if self.noise_level <= 0:
+            raise ConfigError(f"{trainer} needs stochastic rollouts: sampling.noise_level must be > 0 (Flow-GRPO: "
+                              f"0.7)")
+        if self.sampler != "euler":
+            raise ConfigError(f"{trainer} needs the log-probs of its SDE steps: sampling.sampler must be 'euler' "
+                              f"(SA-Solver and DPM-Solver rollouts have none)")
+
     def __post_init__(self):
         # what the samplers would refuse mid-run, refused when the config loads
         if self.sampler == "sa_solver" and self.num_steps < 3:

@@ -22,7 +22,7 @@ import torch
 from diffrl.errors import DataError
 from rewards.text.answers import last_boxed
 
-_LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class ReasoningExample:
 
 
 def _is_local(path: str) -> bool:
-    return Path(path).suffix.lower() in _LOCAL_SUFFIXES or Path(path).exists()
+    return Path(path).suffix.lower() in LOCAL_SUFFIXES or Path(path).exists()
 
 
 def read_records(path: str | Path, *, split: str = "train", config_name: str | None = None) -> list[dict]:

@@ -61,11 +61,7 @@ class FlowGRPOConfig(OnlineFlowConfig):
         super().__post_init__()
         if self.beta > 0 and not self.lora.enabled:  # the reference would be the trained model itself: KL 0
             raise ConfigError("beta > 0 uses the LoRA-disabled model as the reference: enable lora or set beta: 0")
-        if self.sampling.noise_level <= 0:
-            raise ConfigError("Flow-GRPO needs stochastic rollouts: sampling.noise_level must be > 0")
-        if self.sampling.sampler != "euler":
-            raise ConfigError("Flow-GRPO needs the log-probs of its SDE steps: sampling.sampler must be 'euler' "
-                              "(SA-Solver rollouts are for AWM)")
+        self.sampling.require_sde_log_probs("Flow-GRPO")
 
 
 @register_trainer("flow_grpo", config_class=FlowGRPOConfig, paper="https://arxiv.org/abs/2505.05470",

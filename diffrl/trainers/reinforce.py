@@ -22,7 +22,6 @@ import torch
 
 from diffrl.advantages import clip_advantages
 from diffrl.config import FlowSamplingConfig, param
-from diffrl.errors import ConfigError
 from diffrl.samplers.flow import sde_step
 from diffrl.trainers import register_trainer
 from diffrl.training import engine, online_flow, run_setup, step_guard
@@ -39,9 +38,7 @@ class ReinforceConfig(OnlineFlowConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.sampling.sampler != "euler" or self.sampling.noise_level <= 0:
-            raise ConfigError("reinforce needs the log-densities of stochastic steps: set sampling.sampler=euler "
-                              "and sampling.noise_level > 0 (0.7 as Flow-GRPO)")
+        self.sampling.require_sde_log_probs("reinforce")
 
 
 @register_trainer("reinforce", config_class=ReinforceConfig, paper="https://arxiv.org/abs/2305.13301",

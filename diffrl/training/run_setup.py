@@ -160,16 +160,15 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-_DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
-
-
 def check_data_files(config: TrainerConfig) -> None:
     """Every local data file the config names (``data.path``, ``data.eval_path``) exists, checked before anything
     is written; a relative one is read from the current folder, and the error names that folder."""
+    from diffrl.data import LOCAL_SUFFIXES
+
     data = getattr(config, "data", None)
     for name in ("path", "eval_path"):
         value = getattr(data, name, None)
-        if not isinstance(value, str) or Path(value).suffix.lower() not in _DATA_FILE_SUFFIXES:
+        if not isinstance(value, str) or Path(value).suffix.lower() not in LOCAL_SUFFIXES:
             continue  # a folder, a hub dataset or a generator: its loader reports it
         path = Path(value).expanduser()
         if not path.exists():

@@ -66,8 +66,10 @@ def test_trains_through_the_engine_and_resumes_exactly(tiny_dir, tmp_path):
 
 
 def test_deterministic_sampling_is_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="noise_level > 0"):
+    with pytest.raises(ConfigError, match="reinforce needs stochastic rollouts: sampling.noise_level must be > 0"):
         load_config(CONFIG, ["sampling.noise_level=0", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="reinforce needs the log-probs of its SDE steps: sampling.sampler must be"):
+        load_config(CONFIG, ["sampling.sampler=dpm2", f"output_dir={tmp_path}"])
 
 
 def test_resuming_a_finished_run_says_so_and_changes_nothing(tiny_dir, tmp_path):
