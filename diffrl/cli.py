@@ -588,4 +588,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from diffrl.training.run_setup import exit_process
+
+    exit_process(main())

@@ -1,5 +1,8 @@
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -306,3 +309,15 @@ def test_a_shipped_config_run_from_another_folder_says_where_it_looked_and_leave
     assert last.startswith("error: data.path assets/sd3-text/prompts_held_out.txt: file not found")
     assert f"looked in {tmp_path}" in last and "give an absolute path" in last
     assert not (tmp_path / "run").exists()   # no stray config.yaml: nothing is written before the inputs are found
+
+
+def test_a_launched_process_exits_with_its_code_and_skips_interpreter_teardown():
+    """run_setup.exit_process: under a launcher (WORLD_SIZE > 1) the code comes back and atexit work does not
+    run (the teardown where gloo's threads can abort a finished run); alone, it is a plain sys.exit."""
+    script = ("import atexit, sys; atexit.register(lambda: print('teardown ran'));"
+              "from diffrl.training.run_setup import exit_process; print('done', flush=True); exit_process(3)")
+    for world, teardown in (("2", False), ("1", True)):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
+                                env={**os.environ, "WORLD_SIZE": world}, timeout=120)
+        assert result.returncode == 3 and result.stdout.startswith("done")
+        assert ("teardown ran" in result.stdout) is teardown

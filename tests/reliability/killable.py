@@ -81,4 +81,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from diffrl.training.run_setup import exit_process
+
+    exit_process(main(sys.argv[1:]))  # as diffrl.cli's own entry ends

@@ -45,8 +45,9 @@ out = {"rank": acc.process_index, "world": acc.num_processes, "avg_err": max_dif
        "weights_equal": bool(torch.equal(gathered[0], gathered[1]))}
 with open(sys.argv[2] + f"/rank{acc.process_index}.json", "w") as f:
     json.dump(out, f)
-from diffrl.training.run_setup import end_training
+from diffrl.training.run_setup import end_training, exit_process
 end_training(acc)
+exit_process(0)
 '''
 
 
@@ -93,6 +94,7 @@ out = {"world": acc.num_processes, "weights_equal": bool(torch.equal(gathered[0]
 with open(sys.argv[2] + f"/@NAME@_rank{acc.process_index}.json", "w") as f:
     json.dump(out, f)
 run_setup.end_training(acc)
+run_setup.exit_process(0)
 '''
 
 
@@ -140,6 +142,7 @@ out = {"world": acc.num_processes, "weights_equal": bool(torch.equal(gathered[0]
 with open(sys.argv[2] + f"/seppo_rank{acc.process_index}.json", "w") as f:
     json.dump(out, f)
 run_setup.end_training(acc)
+run_setup.exit_process(0)
 '''
 
 
@@ -188,6 +191,7 @@ out = {"world": acc.num_processes, "weights_equal": bool(torch.equal(gathered[0]
 with open(sys.argv[2] + f"/igpo_rank{acc.process_index}.json", "w") as f:
     json.dump(out, f)
 run_setup.end_training(acc)
+run_setup.exit_process(0)
 '''
 
 

@@ -96,6 +96,7 @@ for name, (path, model, extra) in RUNS.items():
 if acc.is_main_process:
     (out / "report.json").write_text(json.dumps(report))
 run_setup.end_training(acc)
+run_setup.exit_process(0)
 '''
 
 

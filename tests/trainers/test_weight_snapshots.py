@@ -73,6 +73,8 @@ report = {"shard_numel": sum(t.numel() for t in before.values()),
 if main:
     open(sys.argv[1], "w").write(json.dumps(report))
 dist.destroy_process_group()
+from diffrl.training.run_setup import exit_process
+exit_process(0)
 '''
 
 
