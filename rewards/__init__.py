@@ -206,8 +206,9 @@ def _check_scores(out: Any, name: str, batch: int) -> torch.Tensor:
     return scores.detach().to("cpu", torch.float32)
 
 
-def load_reward(spec, *, device: str | torch.device = "cpu", kwargs: dict[str, dict] | None = None) -> CombinedReward:
-    """Build a reward from a name, a ``{name: weight}`` mapping, or a list of ``{name, weight, kwargs}``."""
+def reward_items(spec, kwargs: dict[str, dict] | None = None) -> list[tuple[str, float, dict]]:
+    """``(name, weight, kwargs)`` per component of a reward spec (a name, a ``{name: weight}`` mapping, or a
+    list of ``{name, weight, kwargs}``), checked; nothing is built."""
     kwargs = kwargs or {}
     if isinstance(spec, str):
         items = [(spec, 1.0, kwargs.get(spec, {}))]
@@ -229,8 +230,13 @@ def load_reward(spec, *, device: str | torch.device = "cpu", kwargs: dict[str, d
     if all(weight == 0 for _, weight, _ in items):
         raise RewardError(f"every reward weight is 0 ({', '.join(name for name, _, _ in items)}); give at least "
                           f"one a non-zero weight (a reward of weight 0 is only logged)")
+    return items
+
+
+def load_reward(spec, *, device: str | torch.device = "cpu", kwargs: dict[str, dict] | None = None) -> CombinedReward:
+    """Build a reward from a name, a ``{name: weight}`` mapping, or a list of ``{name, weight, kwargs}``."""
     components = []
-    for name, weight, extra in items:
+    for name, weight, extra in reward_items(spec, kwargs):
         factory, modality = _factory(name)
         extra = secrets.resolve(extra, f"reward.kwargs.{name}.")  # token: env:NAME -> the variable's value
         try:

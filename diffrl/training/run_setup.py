@@ -277,9 +277,12 @@ def load_configured_reward(reward, device, *, overlap: bool = False):
 
 
 def end_training(accelerator) -> None:
-    """Close trackers and the process group (every process, after the others are done)."""
+    """Close trackers and the process group. Rank 0 hosts the c10d TCPStore: it leaves last, so that no rank
+    still tearing down its group finds the store gone."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.num_processes > 1 and accelerator.is_main_process:
+        time.sleep(1.0)
 
 
 def exit_process(code: int) -> NoReturn:
