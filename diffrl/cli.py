@@ -423,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="override applied to every config (repeatable)")
     validate.set_defaults(func=cmd_validate)
 
+    from diffrl.plan import command as plan_command
+
+    plan_command.add_parser(sub)
+
     ls = sub.add_parser("ls", help="list trainers, estimators, losses, curricula, rewards and shipped configs; "
                         "`diffrl ls awm`: a trainer's config fields")
     ls.add_argument("what", nargs="*", help=f"sections to list: {', '.join(_LISTERS)} (default: all), or a "

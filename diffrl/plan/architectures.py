@@ -1,0 +1,107 @@
+"""The models a published config names, as folders that hold their architecture and no weights.
+
+``architecture_folder(hub_id, cache)`` writes a folder shaped like the hub repository (``model_index.json``,
+one sub-folder per component, tokenizers, scheduler) whose network configs are the real model's, copied
+from its public config files into ``assets/configs/`` (each file names its source). Opened inside
+:func:`diffrl.plan.fake_models.built_from_config`, diffrl's own loading code builds the full-size networks
+with fake weights. Tokenizers are small stand-ins: text encoders of image models pad to a fixed length, so
+their vocabulary does not change any shape; a language model's prompt is tokenized one token per word or
+punctuation mark (English BPE tokenizers give about 1.3 per word), so prompt lengths are close, not exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from diffrl.errors import ConfigError
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    kind: str                          # "sd3" (a diffusers pipeline from the tiny builder's layout) or "masked_lm"
+    components: dict[str, str]         # sub-folder ("" for the root) -> assets/configs file
+    # the config's LoRA target names -> the stand-in network's module names (a masked LM built as ModernBERT)
+    lora_targets: dict[str, str] = dataclasses.field(default_factory=dict)
+    note: str = ""
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "stabilityai/stable-diffusion-3.5-medium": Architecture(
+        "sd3", {"transformer": "sd35_medium_transformer.json", "vae": "sd35_vae.json",
+                "text_encoder": "clip_vit_l14_text.json", "text_encoder_2": "clip_vit_bigg14_text.json",
+                "text_encoder_3": "t5_v1_1_xxl_encoder.json"}),
+    "GSAI-ML/LLaDA-8B-Instruct": Architecture(
+        "masked_lm", {"": "llada_8b_masked_lm.json"},
+        lora_targets={"q_proj": "Wqkv", "k_proj": "Wqkv", "v_proj": "Wqkv", "o_proj": "attn.Wo",
+                      "gate_proj": "Wi", "up_proj": "Wi", "down_proj": "mlp.Wo", "ff_proj": "Wi",
+                      "ff_out": "mlp.Wo", "attn_out": "attn.Wo", "transformer_ff_proj": "Wi"},
+        note="LLaDA-8B's dimensions as a ModernBERT masked LM (its own code is remote code)"),
+}
+
+
+def known_models() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def architecture_of(path: str) -> Architecture | None:
+    return ARCHITECTURES.get(path)
+
+
+def network_config(name: str) -> dict:
+    """An assets/configs file without its ``_source`` / ``_comment`` notes."""
+    spec = json.loads((ASSETS / name).read_text())
+    return {k: v for k, v in spec.items() if not (k.startswith("_") and k != "_class_name")}
+
+
+def architecture_folder(path: str, cache: Path) -> Path:
+    """The config-only folder standing for hub id ``path`` (written into ``cache`` once)."""
+    arch = ARCHITECTURES.get(path)
+    if arch is None:
+        raise ConfigError(f"diffrl plan has no architecture for {path!r} yet (it has: {', '.join(known_models())}); "
+                          f"give model.path a local folder of that model (its config files are enough)")
+    folder = Path(cache) / path.replace("/", "--")
+    if (folder / ".complete").exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if arch.kind == "sd3":
+        _write_pipeline(folder, "sd3")
+    else:
+        _word_tokenizer().save_pretrained(folder)
+    for sub, name in arch.components.items():
+        target = folder / sub if sub else folder
+        target.mkdir(exist_ok=True)
+        for stale in target.glob("*.safetensors"):
+            stale.unlink()
+        (target / "config.json").write_text(json.dumps(network_config(name), indent=1))
+    (folder / ".complete").write_text("")
+    return folder
+
+
+def _write_pipeline(folder: Path, kind: str) -> None:
+    """The tiny pipeline's layout (model_index.json, tokenizers, scheduler); its networks' configs and weights
+    are replaced by the caller."""
+    from diffrl.models.tiny import build_tiny
+
+    build_tiny(kind).save_pretrained(folder, safe_serialization=True)
+
+
+def _word_tokenizer():
+    """One token per word or punctuation mark; every word is the unknown token (ids need no vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from diffrl.models.tiny_tokenizers import DLLM_CHAT_TEMPLATE, DLLM_SPECIAL
+
+    backend = Tokenizer(models.WordLevel(vocab={tok: i for i, tok in enumerate(DLLM_SPECIAL)}, unk_token="<|unk|>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|pad|>", unk_token="<|unk|>",
+                                        bos_token="<|bos|>", eos_token="<|eos|>", mask_token="<|mdm_mask|>",
+                                        additional_special_tokens=["<|user|>", "<|assistant|>"])
+    tokenizer.chat_template = DLLM_CHAT_TEMPLATE
+    return tokenizer

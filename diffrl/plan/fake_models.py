@@ -1,0 +1,82 @@
+"""Models opened from their architecture alone: within :func:`built_from_config`, every diffusers and
+transformers ``from_pretrained`` builds the model its config describes (``from_config``) instead of reading
+weights, so diffrl's own loading code runs unchanged on a folder that holds only config files. Under
+``FakeTensorMode`` the weights are fake: shapes and dtypes, no memory."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def _diffusers_from_config(cls, path, *args, subfolder=None, dtype=None, torch_dtype=None, **kwargs):
+    config = cls.load_config(str(path), subfolder=subfolder)
+    model = cls.from_config(config)
+    dtype = dtype or torch_dtype
+    return (model.to(dtype) if dtype is not None else model).eval()
+
+
+def _transformers_from_config(cls, path, *args, config=None, subfolder="", dtype=None, torch_dtype=None,
+                              trust_remote_code=None, **kwargs):
+    from transformers import AutoConfig
+
+    if config is None or isinstance(config, str):
+        config = AutoConfig.from_pretrained(str(path), subfolder=subfolder, trust_remote_code=trust_remote_code)
+    dtype = dtype or torch_dtype
+    model = cls._from_config(config, **({"dtype": dtype} if isinstance(dtype, torch.dtype) else {}))
+    return model.eval()
+
+
+def _apply_by_assignment(self, fn, recurse=True):
+    """``Module._apply`` (what ``.to()``, ``.float()``, ``.cuda()`` run) that assigns converted parameters
+    instead of swapping their payload: torch swaps fake tensors in place, which fails on any tensor with a
+    weakref ("Couldn't swap Linear.weight"), and fake tensors always have one. A parameter that ``fn``
+    leaves as it is (``.to()`` to its own dtype and device) keeps its identity."""
+    if recurse:
+        for child in self.children():
+            child._apply(fn)
+    for key, param in self._parameters.items():
+        if param is None:
+            continue
+        with torch.no_grad():
+            applied = fn(param)
+        if applied is not param:
+            new = torch.nn.Parameter(applied, requires_grad=param.requires_grad)
+            if param.grad is not None:
+                with torch.no_grad():
+                    new.grad = fn(param.grad)
+            self._parameters[key] = new
+    for key, buffer in self._buffers.items():
+        if buffer is not None:
+            self._buffers[key] = fn(buffer)
+    return self
+
+
+@contextlib.contextmanager
+def built_from_config():
+    """diffusers' ``ModelMixin.from_pretrained`` and transformers' ``PreTrainedModel.from_pretrained`` build from
+    the folder's config (random initial weights) while the block runs; modules convert fake weights by
+    assignment; transformers' attention masks decide from values as in a real run."""
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    from transformers import masking_utils
+
+    saved_apply = torch.nn.Module._apply
+    torch.nn.Module._apply = _apply_by_assignment
+    # transformers takes a fake tensor for a traced graph and then never drops an all-ones padding mask; a
+    # real run does drop it (no [B, 1, L, L] mask), and the plan's small tensors hold real values to decide.
+    saved_tracing = masking_utils.is_tracing
+    masking_utils.is_tracing = lambda tensor=None: saved_tracing(None)
+    saved = {ModelMixin: ModelMixin.__dict__["from_pretrained"],
+             PreTrainedModel: PreTrainedModel.__dict__["from_pretrained"]}
+    ModelMixin.from_pretrained = classmethod(_diffusers_from_config)
+    PreTrainedModel.from_pretrained = classmethod(_transformers_from_config)
+    try:
+        yield
+    finally:
+        for cls, method in saved.items():
+            cls.from_pretrained = method
+        torch.nn.Module._apply = saved_apply
+        masking_utils.is_tracing = saved_tracing
