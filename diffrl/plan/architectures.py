@@ -23,10 +23,12 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets" / "configs"
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-    kind: str                          # "sd3" (a diffusers pipeline from the tiny builder's layout) or "masked_lm"
+    kind: str                          # "sd3" (a diffusers pipeline, the tiny builder's layout), "masked_lm",
+                                       # "diffusion_gemma" (no mask token)
     components: dict[str, str]         # sub-folder ("" for the root) -> assets/configs file
-    # the config's LoRA target names -> the stand-in network's module names (a masked LM built as ModernBERT)
-    lora_targets: dict[str, str] = dataclasses.field(default_factory=dict)
+    # the config's LoRA target names -> the stand-in network's module names (a masked LM built as ModernBERT);
+    # None: the real model has no module of that name, so it gets no adapter there either
+    lora_targets: dict[str, str | None] = dataclasses.field(default_factory=dict)
     note: str = ""
 
 
@@ -37,10 +39,16 @@ ARCHITECTURES: dict[str, Architecture] = {
                 "text_encoder_3": "t5_v1_1_xxl_encoder.json"}),
     "GSAI-ML/LLaDA-8B-Instruct": Architecture(
         "masked_lm", {"": "llada_8b_masked_lm.json"},
-        lora_targets={"q_proj": "Wqkv", "k_proj": "Wqkv", "v_proj": "Wqkv", "o_proj": "attn.Wo",
-                      "gate_proj": "Wi", "up_proj": "Wi", "down_proj": "mlp.Wo", "ff_proj": "Wi",
-                      "ff_out": "mlp.Wo", "attn_out": "attn.Wo", "transformer_ff_proj": "Wi"},
+        # LLaDA names q_proj, k_proj, v_proj, up_proj (and attn_out, ff_proj, ff_out); o/gate/down_proj do
+        # not exist there. ModernBERT fuses q/k/v (Wqkv) and gate/up (Wi): adapters on the fused matrices have
+        # about 10% more parameters than LLaDA's on the separate ones.
+        lora_targets={"q_proj": "Wqkv", "k_proj": "Wqkv", "v_proj": "Wqkv", "up_proj": "Wi", "o_proj": None,
+                      "gate_proj": None, "down_proj": None, "attn_out": "attn.Wo", "ff_proj": "Wi",
+                      "ff_out": "mlp.Wo"},
         note="LLaDA-8B's dimensions as a ModernBERT masked LM (its own code is remote code)"),
+    "google/diffusiongemma-26B-A4B-it": Architecture(
+        "diffusion_gemma", {"": "diffusiongemma_26b_a4b.json"},
+        note="dimensions from public reports; 25.4B parameters against the 25.8B reported"),
 }
 
 
@@ -72,7 +80,7 @@ def architecture_folder(path: str, cache: Path) -> Path:
     if arch.kind == "sd3":
         _write_pipeline(folder, "sd3")
     else:
-        _word_tokenizer().save_pretrained(folder)
+        _word_tokenizer(mask_token=arch.kind != "diffusion_gemma").save_pretrained(folder)
     for sub, name in arch.components.items():
         target = folder / sub if sub else folder
         target.mkdir(exist_ok=True)
@@ -91,17 +99,19 @@ def _write_pipeline(folder: Path, kind: str) -> None:
     build_tiny(kind).save_pretrained(folder, safe_serialization=True)
 
 
-def _word_tokenizer():
+def _word_tokenizer(*, mask_token: bool = True):
     """One token per word or punctuation mark; every word is the unknown token (ids need no vocabulary)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from diffrl.models.tiny_tokenizers import DLLM_CHAT_TEMPLATE, DLLM_SPECIAL
 
-    backend = Tokenizer(models.WordLevel(vocab={tok: i for i, tok in enumerate(DLLM_SPECIAL)}, unk_token="<|unk|>"))
+    special = [t for t in DLLM_SPECIAL if mask_token or t != "<|mdm_mask|>"]
+    backend = Tokenizer(models.WordLevel(vocab={tok: i for i, tok in enumerate(special)}, unk_token="<|unk|>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|pad|>", unk_token="<|unk|>",
-                                        bos_token="<|bos|>", eos_token="<|eos|>", mask_token="<|mdm_mask|>",
+                                        bos_token="<|bos|>", eos_token="<|eos|>",
+                                        mask_token="<|mdm_mask|>" if mask_token else None,
                                         additional_special_tokens=["<|user|>", "<|assistant|>"])
     tokenizer.chat_template = DLLM_CHAT_TEMPLATE
     return tokenizer

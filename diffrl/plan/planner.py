@@ -1,11 +1,13 @@
 """``diffrl plan``: will this config fit its GPUs, and what does a step cost?
 
-A step is traced at two small sizes and extrapolated to the config's: memory and FLOPs of a step are linear
-in the samples one process draws (rollout buffers, stored trajectories and log-probs grow with them; each
-sampling batch and training micro-batch has a fixed size), once the traced sizes reach every batch cap that
-the full step reaches. The traced sizes: ``n`` samples (one prompt of ``n``: the largest batch cap below the
-config's per-process samples, at least 2) and ``2n``; a config whose per-process step is no bigger than
-``2n`` is traced as it is. Each phase's peak and each category is extrapolated on its own line.
+A step is traced at two sizes and extrapolated to the config's: the memory and FLOPs of a step grow in
+proportion to the prompts one process samples (their text encodings, their samples' latents, trajectories
+and log-probs), once the traced sizes fill whole batches of every batch size the full step fills (each
+sampling batch and training micro-batch has a fixed size). The traced sizes are ``k`` and ``2k`` prompts of
+the config's group size, ``k`` the fewest whose samples fill whole batches of each size, two of the largest
+at least; a step no bigger than ``2k`` prompts is traced as it is. Each phase's peak, each category and the
+FLOPs are extrapolated on their own line; the peak moment inside a forward can shift a little as the kept
+data grows, which the tests bound (15% on a tiny model whose kept data is most of its memory).
 """
 
 from __future__ import annotations
@@ -82,24 +84,34 @@ class Plan:
                 "max_steps": self.max_steps, "gpu_hours": self.gpu_hours, "suggestions": self.suggestions}
 
 
-def _extrapolate(a: Trace, b: Trace, samples: int) -> dict[str, PhaseTrace]:
-    """Each phase's peak, categories and FLOPs on the line through ``a`` and ``b``, at ``samples``."""
-    if a.samples == b.samples:
-        return a.phases
-    scale = (samples - a.samples) / (b.samples - a.samples)
-
-    def at(x: float, y: float) -> int:
-        return max(int(round(x + (y - x) * scale)), int(x))
+def _extrapolate(one: Trace, two: Trace, samples: int) -> dict[str, PhaseTrace]:
+    """Each phase's peak, categories and FLOPs on the line through ``one`` (k prompts) and ``two`` (2k
+    prompts), at ``samples``."""
+    def at(v1: float, v2: float) -> int:
+        value = v1 + (v2 - v1) * (samples - one.samples) / (two.samples - one.samples)
+        return max(int(round(value)), int(v2))
 
     out = {}
-    for name, pa in a.phases.items():
-        pb = b.phases[name]
+    for name, p1 in one.phases.items():
         if name == "setup":
-            out[name] = pa
+            out[name] = p1
             continue
-        out[name] = PhaseTrace(at(pa.peak_bytes, pb.peak_bytes),
-                               {c: at(pa.split[c], pb.split[c]) for c in CATEGORIES}, at(pa.flops, pb.flops))
+        p2 = two.phases[name]
+        peak = at(p1.peak_bytes, p2.peak_bytes)
+        split = {c: at(p1.split[c], p2.split[c]) for c in CATEGORIES}
+        split["other"] += peak - sum(split.values())   # the categories add up to the peak
+        out[name] = PhaseTrace(peak, split, at(p1.flops, p2.flops), at(p1.end_bytes, p2.end_bytes))
     return out
+
+
+def traced_prompts(group: int, samples: int, caps: list[int]) -> int | None:
+    """The fewest prompts ``k`` whose samples fill whole batches of every size below ``samples``, twice the
+    largest at least; None when a trace of ``2k`` prompts would be the whole step anyway."""
+    below = [c for c in caps if c < samples]
+    k = 1
+    while k * group < 2 * max(below, default=1) or any(k * group % c for c in below):
+        k += 1
+    return None if 2 * k * group >= samples else k
 
 
 def per_process_samples(config, processes: int) -> int:
@@ -120,13 +132,14 @@ def plan(config_path: str, overrides: list[str] | None = None, *, processes: int
         raise ConfigError(f"--accelerate-config {engine}: diffrl plan traces DDP (every process holds the whole "
                           f"model) so far")
     samples = per_process_samples(config, processes)
-    caps = [getattr(config, key) for key in BATCH_KEYS if getattr(config, key, None)]
-    n = max([c for c in caps if c < samples] + [2])
-    if samples <= 2 * n:
-        traces = [trace_step(config_path, overrides, prompts=samples // config.group_size, group=config.group_size)]
+    group = config.group_size
+    k = traced_prompts(group, samples, [getattr(config, key) for key in BATCH_KEYS if getattr(config, key, None)])
+    if k is None:
+        traces = [trace_step(config_path, overrides, prompts=samples // group, group=group)]
+        phases = traces[0].phases
     else:
-        traces = [trace_step(config_path, overrides, prompts=k, group=n) for k in (1, 2)]
-    phases = _extrapolate(traces[0], traces[-1], samples)
+        traces = [trace_step(config_path, overrides, prompts=p, group=group) for p in (k, 2 * k)]
+        phases = _extrapolate(*traces, samples=samples)
     return Plan(config_path, config.trainer, config.model.path, processes, engine, samples,
                 [t.samples for t in traces], phases, traces[0].trained_params, traces[0].total_params, gpu,
                 getattr(config, "max_steps", None))

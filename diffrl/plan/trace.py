@@ -38,6 +38,7 @@ class PhaseTrace:
     peak_bytes: int
     split: dict[str, int]      # CATEGORIES -> bytes at the peak
     flops: int
+    end_bytes: int = 0         # live as the phase ended (what it keeps for the next)
 
 
 @dataclasses.dataclass
@@ -77,7 +78,7 @@ def plan_overrides(config, cache: Path, *, prompts: int, group: int) -> list[str
         out.append(f"model.path={architectures.architecture_folder(config.model.path, cache)}")
         out.append("model.trust_remote_code=false")
         if arch.lora_targets and config.lora.enabled and config.lora.target_modules:
-            targets = sorted({arch.lora_targets.get(t, t) for t in config.lora.target_modules})
+            targets = sorted({arch.lora_targets.get(t, t) for t in config.lora.target_modules} - {None})
             out.append(f"lora.target_modules=[{','.join(targets)}]")
     elif not Path(config.model.path).exists():
         architectures.architecture_folder(config.model.path, cache)   # raises: names what is known
@@ -162,7 +163,7 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
                 # from start to end: a step's peak is the traced one plus whatever of it was not yet there.
                 missing = 0 if name == "setup" else sum(memory.live.get(k, 0) for k in optimizer - peak.live.keys())
                 split["optimizer"] += missing
-                phases[name] = PhaseTrace(peak.bytes + missing, split, counted.get(name, 0))
+                phases[name] = PhaseTrace(peak.bytes + missing, split, counted.get(name, 0), peak.end + missing)
             trained = sum(p.numel() for p in trainer.params)
     return Trace(config.trainer, config.model.path, prompts * group, phases, trained, total_params,
                  time.time() - start)

@@ -13,6 +13,7 @@ index can take)."""
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -23,11 +24,13 @@ from torch.utils._pytree import tree_flatten, tree_map
 aten = torch.ops.aten
 SMALL = 1 << 16    # elements: a tensor this size or smaller gets a real copy
 
-_ALL_FALSE = {aten.isinf.default, aten.isnan.default, aten.isposinf.default, aten.isneginf.default,
-              # a comparison of large unknown values holds nowhere: no row is "done", "stable" or "finished",
-              # so every loop runs its whole length (the most work and memory a step can take)
-              aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, aten.lt.Tensor, aten.lt.Scalar,
-              aten.le.Tensor, aten.le.Scalar, aten.gt.Tensor, aten.gt.Scalar, aten.ge.Tensor, aten.ge.Scalar}
+_ALL_FALSE = {aten.isinf.default, aten.isnan.default, aten.isposinf.default, aten.isneginf.default}
+# A comparison of large unknown values holds nowhere: no row is "done", "stable" or "finished", so every loop
+# runs its whole length (the most work and memory a step can take) -- except what finite values always
+# satisfy, which is how torch's own isfinite / isnan / isinf decompose: x == x, x != inf, x < inf, x > -inf.
+_COMPARISONS = {aten.eq.Tensor: "eq", aten.eq.Scalar: "eq", aten.ne.Tensor: "ne", aten.ne.Scalar: "ne",
+                aten.lt.Tensor: "lt", aten.lt.Scalar: "lt", aten.le.Tensor: "le", aten.le.Scalar: "le",
+                aten.gt.Tensor: "gt", aten.gt.Scalar: "gt", aten.ge.Tensor: "ge", aten.ge.Scalar: "ge"}
 _ALL_TRUE = {aten.isfinite.default}
 _NOT = {aten.logical_not.default, aten.bitwise_not.default}
 _AND = {aten.logical_and.default, aten.bitwise_and.Tensor, aten.mul.Tensor}
@@ -110,9 +113,24 @@ class ShadowValues(TorchDispatchMode):
                 out.append(index)
         return out
 
+    @staticmethod
+    def _compare(op: str, left, right) -> bool:
+        """A comparison of unknown finite values: what every finite value satisfies, else nowhere."""
+        if left is right:
+            return op in ("eq", "le", "ge")
+        bound = right
+        if isinstance(right, torch.Tensor) and right.numel() == 1 and not isinstance(right, FakeTensor):
+            with _disable_current_modes():
+                bound = right.item()
+        if isinstance(bound, float) and math.isinf(bound):
+            return op == "ne" or (op in ("lt", "le") and bound > 0) or (op in ("gt", "ge") and bound < 0)
+        return False
+
     def _note_flag(self, func, args, out) -> None:
         value = None
-        if func in _ALL_FALSE:
+        if func in _COMPARISONS:
+            value = self._compare(_COMPARISONS[func], args[0], args[1])
+        elif func in _ALL_FALSE:
             value = False
         elif func in _ALL_TRUE:
             value = True
