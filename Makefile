@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo demo-text bench race assets lint clean tiny-assets browser
+.PHONY: test demo demo-text bench race assets lint clean tiny-assets browser plans
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,3 +62,8 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Every published config planned at full size on its header's hardware (fake tensors, nothing downloaded):
+# docs/plans.json and the README's "Will it fit?" table. Minutes per config on 2 cores.
+plans: $(STAMP)
+	$(BIN)/python scripts/plans.py

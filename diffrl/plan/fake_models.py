@@ -12,9 +12,15 @@ import torch
 
 def _diffusers_from_config(cls, path, *args, subfolder=None, dtype=None, torch_dtype=None, **kwargs):
     config = cls.load_config(str(path), subfolder=subfolder)
-    model = cls.from_config(config)
     dtype = dtype or torch_dtype
-    return (model.to(dtype) if dtype is not None else model).eval()
+    default = torch.get_default_dtype()
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        torch.set_default_dtype(dtype)   # built in its dtype: no second copy, as from_pretrained(dtype=...)
+    try:
+        model = cls.from_config(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
 
 
 def _transformers_from_config(cls, path, *args, config=None, subfolder="", dtype=None, torch_dtype=None,

@@ -1,0 +1,59 @@
+"""`diffrl plan` from the command line, the GPUs it knows, and the hardware line of every published config."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from diffrl import cli
+from diffrl.plan.hardware import GPUS, config_hardware, parse_gpu
+from tests.conftest import REPO_ROOT
+
+PUBLISHED = sorted(p for p in (REPO_ROOT / "configs").glob("*/*.yaml")
+                   if not any(word in p.name for word in ("tiny", "quickstart", "diffusiongemma_addition")))
+
+
+def test_every_published_config_names_the_hardware_it_is_meant_for():
+    assert len(PUBLISHED) >= 40
+    for path in PUBLISHED:
+        hardware = config_hardware(str(path))
+        assert hardware is not None, f"{path.relative_to(REPO_ROOT)} has no '# Hardware: 8x H100 80GB' line"
+        count, gpu = hardware
+        assert count >= 1 and gpu.memory_gib > 20, path
+
+
+def test_gpus_parse_by_name_or_name_and_size():
+    assert parse_gpu("H100").memory_gib == GPUS["h100"].memory_gib == 79.6
+    assert parse_gpu("A100 80GB") is GPUS["a100-80"]
+    custom = parse_gpu("mi300x:192")
+    assert custom.memory_gib == 192 and custom.bf16_tflops is None
+    assert custom.budget_gib == pytest.approx(192 * 0.92 - 1.0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["configs/awm/tiny_sd3_jpeg.yaml", "--gpu", "h1000"], "--gpu 'h1000': give one of h100"),
+    (["configs/awm/tiny_sd3_jpeg.yaml", "--gpu", "mine:lots"], "or NAME:GB"),
+    (["configs/awm/flux1_dev_pickscore.yaml"], "no architecture for 'black-forest-labs/FLUX.1-dev' yet"),
+    (["configs/seppo/sd15_pickapic.yaml"], "seppo is not traced yet"),
+    (["configs/awm/nothing.yaml"], "is not a file"),
+    (["configs/awm/tiny_sd3_jpeg.yaml", "--num-processes", "3"], "does not split over 3 processes"),
+])
+def test_bad_input_to_plan_is_one_clear_line(args, message, capsys):
+    assert cli.main(["plan", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_plan_prints_a_verdict_and_writes_json(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code = cli.main(["plan", "configs/awm/tiny_sd3_jpeg.yaml", f"model.path={tiny_dir('sd3')}", "--gpu", "tiny:0.004",
+                     "--no-suggest", "--out", str(out)])
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert code == 2 and "does not fit tiny" in text   # 4 MB of card: the tiny model's 15 MB step is over
+    assert report["fits"] is False and report["peak_phase"] == "update"
+    assert report["peak_gib"] == max(p["peak_gib"] for p in report["phases"].values())
+    update = report["phases"]["update"]
+    assert update["peak_gib"] == pytest.approx(sum(update[f"{c}_gib"] for c in
+                                                   ("weights", "gradients", "optimizer", "activations", "other")))
+    assert report["step_flops"] == sum(p["flops"] for name, p in report["phases"].items() if name != "setup") > 0
