@@ -20,6 +20,15 @@ def _diffusers_from_config(cls, path, *args, subfolder=None, dtype=None, torch_d
         model = cls.from_config(config)
     finally:
         torch.set_default_dtype(default)
+    if isinstance(dtype, torch.dtype):   # what from_pretrained(dtype=...) ends with: buffers made in float32 too
+        from diffusers.utils import logging as diffusers_logging
+
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()   # its "modules kept in float32: []" note, for a cast it makes too
+        try:
+            model = model.to(dtype)
+        finally:
+            diffusers_logging.set_verbosity(level)
     return model.eval()
 
 

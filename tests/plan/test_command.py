@@ -57,3 +57,20 @@ def test_plan_prints_a_verdict_and_writes_json(tiny_dir, tmp_path, capsys):
     assert update["peak_gib"] == pytest.approx(sum(update[f"{c}_gib"] for c in
                                                    ("weights", "gradients", "optimizer", "activations", "other")))
     assert report["step_flops"] == sum(p["flops"] for name, p in report["phases"].items() if name != "setup") > 0
+
+
+def test_a_plan_over_its_card_tries_each_change_and_says_which_fit(tiny_dir):
+    from diffrl.plan.planner import plan, suggest
+
+    overrides = [f"model.path={tiny_dir('sd3')}"]
+    card = parse_gpu(f"tiny:{(1.0 + 0.010) / 0.92}")   # 10 MiB usable after the 1 GiB context, 8% margin
+    assert abs(card.budget_gib - 0.010) < 1e-9
+    result = plan("configs/awm/tiny_sd3_jpeg.yaml", overrides, gpu=card)
+    assert result.fits is False
+    tried = {s["change"]: s for s in suggest(result, overrides)}
+    assert set(tried) == {"gradient checkpointing", "sample_batch_size 8 -> 4", "train_batch_size 4 -> 2"}
+    assert tried["train_batch_size 4 -> 2"]["peak_gib"] < result.peak_gib       # half the micro-batch: less
+    # (gradient checkpointing costs the 2-layer tiny model more than it saves: planned, reported, not fitting)
+    assert any(s["fits"] for s in tried.values()) and not all(s["fits"] for s in tried.values())
+    ordered = list(tried.values())
+    assert [s["fits"] for s in ordered] == sorted((s["fits"] for s in ordered), reverse=True)  # fitting ones first
