@@ -87,6 +87,21 @@ def plan_overrides(config, cache: Path, *, prompts: int, group: int) -> list[str
     return out
 
 
+@contextlib.contextmanager
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state (mixed precision, distributed type) and refuses an Accelerator
+    that differs from it: a traced run's state goes when the trace ends, so the next trace or run of this
+    process (another config, another mixed precision) starts clean."""
+    try:
+        yield
+    finally:
+        from accelerate.state import AcceleratorState, GradientState, PartialState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+
 def _modules() -> list[torch.nn.Module]:
     with warnings.catch_warnings():  # isinstance() on every object touches deprecated module attributes
         warnings.simplefilter("ignore")
@@ -117,7 +132,7 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
 
     start = time.time()
     config = load_config(config_path, overrides or [])
-    with tempfile.TemporaryDirectory(prefix="diffrl-plan-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="diffrl-plan-") as tmp, _fresh_accelerate_state():
         cache = Path(tmp)
         config = load_config(config_path, [*(overrides or []),
                                            *plan_overrides(config, cache, prompts=prompts, group=group)])

@@ -74,3 +74,14 @@ def test_a_plan_over_its_card_tries_each_change_and_says_which_fit(tiny_dir):
     assert any(s["fits"] for s in tried.values()) and not all(s["fits"] for s in tried.values())
     ordered = list(tried.values())
     assert [s["fits"] for s in ordered] == sorted((s["fits"] for s in ordered), reverse=True)  # fitting ones first
+
+
+def test_a_trace_leaves_no_accelerate_state_behind(tiny_dir, tmp_path):
+    """accelerate keeps one state per process: a bf16 trace followed by a float32 run in the same process."""
+    from diffrl.plan.trace import trace_step
+
+    trace_step("configs/awm/tiny_sd3_jpeg.yaml", [f"model.path={tiny_dir('sd3')}", "mixed_precision=bf16"],
+               prompts=2, group=4)
+    assert cli.main(["train", "configs/awm/tiny_sd3_jpeg.yaml", f"model.path={tiny_dir('sd3')}", "max_steps=1",
+                     f"output_dir={tmp_path / 'run'}", "data.eval_size=0", "logging.trackers=[]",
+                     "logging.progress_bar=false"]) == 0
