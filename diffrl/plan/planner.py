@@ -42,12 +42,18 @@ class Plan:
     suggestions: list[dict] = dataclasses.field(default_factory=list)
 
     @property
+    def step_phases(self) -> dict[str, PhaseTrace]:
+        """The phases of a training step. ``setup`` is left out of the verdict: the plan builds each model from
+        its config (initialised, then cast), which a checkpoint's loading does not; it is shown, not judged."""
+        return {name: p for name, p in self.phases.items() if name != "setup"}
+
+    @property
     def peak_gib(self) -> float:
-        return max(p.peak_bytes for p in self.phases.values()) / GIB
+        return max(p.peak_bytes for p in self.step_phases.values()) / GIB
 
     @property
     def peak_phase(self) -> str:
-        return max(self.phases, key=lambda name: self.phases[name].peak_bytes)
+        return max(self.step_phases, key=lambda name: self.phases[name].peak_bytes)
 
     @property
     def step_flops(self) -> int:

@@ -87,19 +87,24 @@ def plan_overrides(config, cache: Path, *, prompts: int, group: int) -> list[str
     return out
 
 
+def _reset_accelerate_state() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 @contextlib.contextmanager
 def _fresh_accelerate_state():
     """accelerate keeps one process-wide state (mixed precision, distributed type) and refuses an Accelerator
-    that differs from it: a traced run's state goes when the trace ends, so the next trace or run of this
-    process (another config, another mixed precision) starts clean."""
+    that differs from it: a trace starts from a fresh state (whatever ran before in this process) and leaves
+    one, so the next trace or run (another config, another mixed precision) starts clean too."""
+    _reset_accelerate_state()
     try:
         yield
     finally:
-        from accelerate.state import AcceleratorState, GradientState, PartialState
-
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+        _reset_accelerate_state()
 
 
 def _modules() -> list[torch.nn.Module]:
