@@ -50,15 +50,15 @@ def plan_one(path: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| config | hardware | peak GiB per GPU (phase) | fits | TFLOP per step per GPU | est. step s | "
-             "est. GPU-hours (steps) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| config (as planned) | hardware | peak GiB per GPU (phase) | fits | TFLOP per step per GPU | "
+             "est. step (35% MFU) | est. GPU-hours (steps) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r["planned"]:
             continue
-        hours = f"{r['gpu_hours']:.0f} ({r['max_steps']})" if r.get("gpu_hours") else "-"
+        hours = f"{r['gpu_hours']:,.0f} ({r['max_steps']})" if r.get("gpu_hours") else "-"
         lines.append(f"| `{r['config']}` | {r['hardware']} | {r['peak_gib']:.1f} ({r['peak_phase']}) | "
                      f"{'yes' if r['fits'] else '**no**'} | {r['step_flops'] / 1e12:,.0f} | "
-                     f"{r['step_seconds']:.0f} | {hours} |")
+                     f"{r['step_seconds']:.0f} s | {hours} |")
     missing = sorted({r["model"] for r in rows if not r["planned"]})
     lines.append("")
     lines.append(f"Not planned yet ({sum(not r['planned'] for r in rows)} configs; no architecture file for "

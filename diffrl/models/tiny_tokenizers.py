@@ -104,22 +104,36 @@ DLLM_CHAT_TEMPLATE = (
     "{% if m['role'] != 'user' %}<|eos|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def tiny_dllm_tokenizer(*, mask_token: bool = True):
-    """A character-level fast tokenizer with a chat template (and a mask token unless ``mask_token=False``:
-    uniform-noise models such as DiffusionGemma have none)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+def dllm_fast_tokenizer(vocab: dict[str, int], pre_tokenizer, *, decoder=None, mask_token: bool = True):
+    """A fast word-level tokenizer over ``vocab`` (DLLM_SPECIAL first; unknown pieces become ``<|unk|>``) split
+    by ``pre_tokenizer``, with the masked LMs' special tokens (no mask token for uniform-noise models such as
+    DiffusionGemma) and their chat template."""
+    from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    special = DLLM_SPECIAL if mask_token else [t for t in DLLM_SPECIAL if t != "<|mdm_mask|>"]
-    vocab = {tok: i for i, tok in enumerate(special)}
-    for ch in DLLM_CHARS:
-        vocab.setdefault(ch, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
+    backend.pre_tokenizer = pre_tokenizer
+    if decoder is not None:
+        backend.decoder = decoder
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|pad|>", unk_token="<|unk|>",
                                         bos_token="<|bos|>", eos_token="<|eos|>",
                                         mask_token="<|mdm_mask|>" if mask_token else None,
                                         additional_special_tokens=["<|user|>", "<|assistant|>"])
     tokenizer.chat_template = DLLM_CHAT_TEMPLATE
     return tokenizer
+
+
+def dllm_special_tokens(*, mask_token: bool = True) -> dict[str, int]:
+    return {tok: i for i, tok in enumerate(t for t in DLLM_SPECIAL if mask_token or t != "<|mdm_mask|>")}
+
+
+def tiny_dllm_tokenizer(*, mask_token: bool = True):
+    """A character-level fast tokenizer with a chat template (and a mask token unless ``mask_token=False``:
+    uniform-noise models such as DiffusionGemma have none)."""
+    from tokenizers import Regex, decoders, pre_tokenizers
+
+    vocab = dllm_special_tokens(mask_token=mask_token)
+    for ch in DLLM_CHARS:
+        vocab.setdefault(ch, len(vocab))
+    return dllm_fast_tokenizer(vocab, pre_tokenizers.Split(Regex("."), behavior="isolated"),
+                               decoder=decoders.Fuse(), mask_token=mask_token)

@@ -101,17 +101,10 @@ def _write_pipeline(folder: Path, kind: str) -> None:
 
 def _word_tokenizer(*, mask_token: bool = True):
     """One token per word or punctuation mark; every word is the unknown token (ids need no vocabulary)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import pre_tokenizers
 
-    from diffrl.models.tiny_tokenizers import DLLM_CHAT_TEMPLATE, DLLM_SPECIAL
+    from diffrl.models.tiny_tokenizers import dllm_fast_tokenizer, dllm_special_tokens
 
-    special = [t for t in DLLM_SPECIAL if mask_token or t != "<|mdm_mask|>"]
-    backend = Tokenizer(models.WordLevel(vocab={tok: i for i, tok in enumerate(special)}, unk_token="<|unk|>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|pad|>", unk_token="<|unk|>",
-                                        bos_token="<|bos|>", eos_token="<|eos|>",
-                                        mask_token="<|mdm_mask|>" if mask_token else None,
-                                        additional_special_tokens=["<|user|>", "<|assistant|>"])
-    tokenizer.chat_template = DLLM_CHAT_TEMPLATE
-    return tokenizer
+    return dllm_fast_tokenizer(dllm_special_tokens(mask_token=mask_token),
+                               pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]),
+                               mask_token=mask_token)

@@ -51,18 +51,6 @@ class Trace:
     total_params: int
     seconds: float             # how long tracing took here
 
-    @property
-    def peak_bytes(self) -> int:
-        return max(p.peak_bytes for p in self.phases.values())
-
-    @property
-    def peak_phase(self) -> str:
-        return max(self.phases, key=lambda name: self.phases[name].peak_bytes)
-
-    @property
-    def step_flops(self) -> int:
-        return sum(p.flops for name, p in self.phases.items() if name != "setup")
-
 
 def plan_overrides(config, cache: Path, *, prompts: int, group: int) -> list[str]:
     """The key=value changes that turn a config into its traced run (see the module's docstring): ``prompts``
