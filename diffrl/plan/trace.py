@@ -95,21 +95,22 @@ def _fresh_accelerate_state():
         _reset_accelerate_state()
 
 
-def _modules() -> list[torch.nn.Module]:
+def _modules(skip: set[int] = frozenset()) -> list[torch.nn.Module]:
+    """Every module alive but those whose id is in ``skip`` (the ones that existed before the trace)."""
     with warnings.catch_warnings():  # isinstance() on every object touches deprecated module attributes
         warnings.simplefilter("ignore")
-        return [obj for obj in gc.get_objects() if isinstance(obj, torch.nn.Module)]
+        return [obj for obj in gc.get_objects() if isinstance(obj, torch.nn.Module) and id(obj) not in skip]
 
 
-def _all_tensors() -> list[torch.Tensor]:
-    """Every parameter and buffer of every module alive (every model of the run)."""
-    modules = _modules()
+def _all_tensors(skip: set[int]) -> list[torch.Tensor]:
+    """Every parameter and buffer of every module the run built (every model of the run)."""
+    modules = _modules(skip)
     params = {id(p): p for m in modules for p in m.parameters(recurse=False)}
     return [*params.values(), *(b for m in modules for b in m.buffers(recurse=False))]
 
 
-def _parameter_count() -> int:
-    params = {id(p): p for m in _modules() for p in m.parameters(recurse=False)}
+def _parameter_count(skip: set[int]) -> int:
+    params = {id(p): p for m in _modules(skip) for p in m.parameters(recurse=False)}
     return sum(p.numel() for p in params.values())
 
 
@@ -124,6 +125,8 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
     from diffrl.trainers import get_trainer, load_config
 
     start = time.time()
+    gc.collect()
+    existing = {id(m) for m in _modules()}   # models of this process before the trace are not the run's
     config = load_config(config_path, overrides or [])
     with tempfile.TemporaryDirectory(prefix="diffrl-plan-") as tmp, _fresh_accelerate_state():
         cache = Path(tmp)
@@ -153,7 +156,7 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
 
             phase("setup", trainer.setup)
             gc.collect()   # what loading dropped in reference cycles is not part of the run
-            memory.adopt(_all_tensors())   # weights read from files arrive without an op the tracker sees
+            memory.adopt(_all_tensors(existing))   # weights read from files arrive without an op the tracker sees
             memory.watch_gradients(trainer.params)
             if online:
                 batch = phase("rollout", trainer.rollout)
@@ -161,7 +164,7 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
                 phase("update", trainer.update, batch)
             else:
                 phase("step", trainer.train_step)
-            weights, total_params = memory.keys(_all_tensors()), _parameter_count()
+            weights, total_params = memory.keys(_all_tensors(existing)), _parameter_count(existing)
             optimizer = memory.keys(t for state in trainer.optimizer.state.values() for t in state.values()
                                      if isinstance(t, torch.Tensor))
             phases = {}

@@ -89,3 +89,14 @@ def test_a_trace_leaves_no_accelerate_state_behind(tiny_dir, tmp_path):
     assert cli.main(["train", "configs/awm/tiny_sd3_jpeg.yaml", f"model.path={tiny_dir('sd3')}", "max_steps=1",
                      f"output_dir={tmp_path / 'run'}", "data.eval_size=0", "logging.trackers=[]",
                      "logging.progress_bar=false"]) == 0
+
+
+def test_models_alive_before_a_trace_are_not_counted_in_it(tiny_dir):
+    import torch
+
+    from diffrl.plan.trace import trace_step
+
+    bystander = torch.nn.Linear(4000, 4000)   # 64 MB of someone else's model in the same process
+    trace = trace_step("configs/awm/tiny_sd3_jpeg.yaml", [f"model.path={tiny_dir('sd3')}"], prompts=2, group=4)
+    assert trace.total_params < 1_000_000 and trace.phases["update"].peak_bytes < 30_000_000
+    assert bystander.weight.shape == (4000, 4000)
