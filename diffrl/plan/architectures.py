@@ -105,6 +105,5 @@ def _word_tokenizer(*, mask_token: bool = True):
 
     from diffrl.models.tiny_tokenizers import dllm_fast_tokenizer, dllm_special_tokens
 
-    return dllm_fast_tokenizer(dllm_special_tokens(mask_token=mask_token),
-                               pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]),
-                               mask_token=mask_token)
+    words = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return dllm_fast_tokenizer(dllm_special_tokens(mask_token=mask_token), words, mask_token=mask_token)

@@ -74,9 +74,7 @@ def built_from_config():
     the folder's config (random initial weights) while the block runs; modules convert fake weights by
     assignment; transformers' attention masks decide from values as in a real run."""
     from diffusers import ModelMixin
-    from transformers import PreTrainedModel
-
-    from transformers import masking_utils
+    from transformers import PreTrainedModel, masking_utils
 
     saved_apply = torch.nn.Module._apply
     torch.nn.Module._apply = _apply_by_assignment

@@ -40,9 +40,8 @@ GPUS = {
 # "# Hardware: 8x H100 80GB (a note)" in a config's header (the first such line)
 HARDWARE_LINE = re.compile(r"^#\s*hardware:\s*(\d+)\s*x\s*([A-Za-z0-9][A-Za-z0-9 \-]*?)\s*(?:[(;].*)?$",
                            re.IGNORECASE | re.MULTILINE)
-_NAMES = {"h100 80gb": "h100", "h100": "h100", "h200": "h200", "h200 141gb": "h200", "a100 80gb": "a100-80",
-          "a100-80": "a100-80", "a100 40gb": "a100-40", "a100-40": "a100-40", "l40s": "l40s", "l40s 48gb": "l40s",
-          "rtx 4090": "rtx4090", "rtx4090": "rtx4090", "rtx 4090 24gb": "rtx4090"}
+# a card's full name (as a header writes it) -> its key; "rtx 4090" without its size too
+_NAMES = {gpu.name.lower(): key for key, gpu in GPUS.items()} | {"rtx 4090": "rtx4090"}
 
 
 def parse_gpu(text: str) -> GPU:

@@ -39,7 +39,6 @@ class PhasePeak:
     """The most memory live during one phase, and which storages (by key) made it up. ``other``: whatever is
     not a weight, a gradient, optimizer state or saved for backward (rollout buffers, logits, copies)."""
     bytes: int = 0
-    end: int = 0                                                    # live bytes as the phase ended
     live: dict[int, int] = dataclasses.field(default_factory=dict)  # storage key -> bytes, at the peak
     activations: set[int] = dataclasses.field(default_factory=set)  # of those, saved for backward
 
@@ -160,5 +159,4 @@ class LiveMemory(TorchDispatchMode):
         try:
             yield
         finally:
-            self.peaks[name].end = self.total
             self._phase = previous

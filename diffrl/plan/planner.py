@@ -13,12 +13,11 @@ data grows, which the tests bound (15% on a tiny model whose kept data is most o
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from diffrl.errors import ConfigError
 from diffrl.plan.hardware import GPU
 from diffrl.plan.memory import CATEGORIES
-from diffrl.plan.trace import PhaseTrace, Trace, check_supported, trace_step
+from diffrl.plan.trace import PhaseTrace, Trace, check_supported, phase_table, trace_step
 
 GIB = 2 ** 30
 MFU = 0.35            # the model-FLOPs utilisation the step-time estimate assumes
@@ -58,7 +57,7 @@ class Plan:
     @property
     def step_flops(self) -> int:
         """FLOPs of one step on one process (matmuls, convolutions and attention: FlopCounterMode's count)."""
-        return sum(p.flops for name, p in self.phases.items() if name != "setup")
+        return sum(p.flops for p in self.step_phases.values())
 
     @property
     def fits(self) -> bool | None:
@@ -106,7 +105,7 @@ def _extrapolate(one: Trace, two: Trace, samples: int) -> dict[str, PhaseTrace]:
         peak = at(p1.peak_bytes, p2.peak_bytes)
         split = {c: at(p1.split[c], p2.split[c]) for c in CATEGORIES}
         split["other"] += peak - sum(split.values())   # the categories add up to the peak
-        out[name] = PhaseTrace(peak, split, at(p1.flops, p2.flops), at(p1.end_bytes, p2.end_bytes))
+        out[name] = PhaseTrace(peak, split, at(p1.flops, p2.flops))
     return out
 
 
@@ -164,8 +163,8 @@ def _candidate_changes(config) -> list[tuple[str, list[str]]]:
 
 
 def suggest(result: Plan, overrides: list[str] | None = None) -> list[dict]:
-    """Plan each single change of :func:`_candidate_changes` again; the ones that fit, cheapest (least
-    memory saved beyond need is not sought: fewer FLOPs first) first, then the others."""
+    """Plan each single change of :func:`_candidate_changes` again; the ones that fit first, each group in order
+    of FLOPs per step (the cheapest change first), then of planned peak."""
     from diffrl.trainers import load_config
 
     config = load_config(result.config, overrides or [])
@@ -185,10 +184,7 @@ def describe(result: Plan) -> str:
              f"plan: {result.config} ({result.trainer}, {result.model}), {result.processes} process(es), "
              f"{result.samples} samples per process",
              f"parameters: {result.total_params / 1e9:.2f} B, trained {result.trained_params / 1e6:.1f} M",
-             f"{'phase':<8} {'peak GiB':>9} " + " ".join(f"{c:>11}" for c in CATEGORIES) + f" {'TFLOP':>9}"]
-    for name, p in result.phases.items():
-        lines.append(f"{name:<8} {p.peak_bytes / GIB:>9.2f} "
-                     + " ".join(f"{p.split[c] / GIB:>11.2f}" for c in CATEGORIES) + f" {p.flops / 1e12:>9.1f}")
+             *phase_table(result.phases)]
     lines.append(f"peak: {result.peak_gib:.1f} GiB per process ({result.peak_phase}); "
                  f"step: {result.step_flops / 1e12:.0f} TFLOP per process")
     if result.gpu is not None:
@@ -204,7 +200,3 @@ def describe(result: Plan) -> str:
         lines.append(f"  {'fits' if s['fits'] else 'still over'} with {s['change']}: {s['peak_gib']:.1f} GiB "
                      f"({' '.join(s['overrides'])})")
     return "\n".join(lines)
-
-
-def gib(x: float) -> str:
-    return f"{x:.1f}" if math.isfinite(x) else "-"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import math
 import tempfile
 import time
 import warnings
@@ -27,10 +26,10 @@ from diffrl.errors import ConfigError
 from diffrl.plan import architectures
 from diffrl.plan.fake_models import built_from_config
 from diffrl.plan.memory import CATEGORIES, LiveMemory
-from diffrl.plan.values import ShadowValues
 from diffrl.plan.stand_ins import planned_rewards, planned_tasks
+from diffrl.plan.values import ShadowValues
 
-ONLINE_PHASES = ("setup", "rollout", "score", "update")
+ONLINE_STEPS = ("rollout", "score", "update")   # a traced trainer's step, phase by phase
 
 
 @dataclasses.dataclass
@@ -38,7 +37,6 @@ class PhaseTrace:
     peak_bytes: int
     split: dict[str, int]      # CATEGORIES -> bytes at the peak
     flops: int
-    end_bytes: int = 0         # live as the phase ended (what it keeps for the next)
 
 
 @dataclasses.dataclass
@@ -102,16 +100,11 @@ def _modules(skip: set[int] = frozenset()) -> list[torch.nn.Module]:
         return [obj for obj in gc.get_objects() if isinstance(obj, torch.nn.Module) and id(obj) not in skip]
 
 
-def _all_tensors(skip: set[int]) -> list[torch.Tensor]:
-    """Every parameter and buffer of every module the run built (every model of the run)."""
+def _run_weights(skip: set[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(parameters, buffers) of every module the run built (every model of the run), each tensor once."""
     modules = _modules(skip)
     params = {id(p): p for m in modules for p in m.parameters(recurse=False)}
-    return [*params.values(), *(b for m in modules for b in m.buffers(recurse=False))]
-
-
-def _parameter_count(skip: set[int]) -> int:
-    params = {id(p): p for m in _modules(skip) for p in m.parameters(recurse=False)}
-    return sum(p.numel() for p in params.values())
+    return list(params.values()), [b for m in modules for b in m.buffers(recurse=False)]
 
 
 def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts: int, group: int,
@@ -128,12 +121,12 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
     gc.collect()
     existing = {id(m) for m in _modules()}   # models of this process before the trace are not the run's
     config = load_config(config_path, overrides or [])
+    check_supported(config)
     with tempfile.TemporaryDirectory(prefix="diffrl-plan-") as tmp, _fresh_accelerate_state():
         cache = Path(tmp)
         config = load_config(config_path, [*(overrides or []),
                                            *plan_overrides(config, cache, prompts=prompts, group=group)])
         trainer = get_trainer(config.trainer).trainer_class(config)
-        online = all(hasattr(trainer, name) for name in ("rollout", "score", "update"))
         flops = FlopCounterMode(display=False)
         counted: dict[str, int] = {}
         with contextlib.ExitStack() as stack:
@@ -156,15 +149,13 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
 
             phase("setup", trainer.setup)
             gc.collect()   # what loading dropped in reference cycles is not part of the run
-            memory.adopt(_all_tensors(existing))   # weights read from files arrive without an op the tracker sees
+            memory.adopt(sum(_run_weights(existing), []))   # weights read from files: no op the tracker saw
             memory.watch_gradients(trainer.params)
-            if online:
-                batch = phase("rollout", trainer.rollout)
-                phase("score", trainer.score, batch)
-                phase("update", trainer.update, batch)
-            else:
-                phase("step", trainer.train_step)
-            weights, total_params = memory.keys(_all_tensors(existing)), _parameter_count(existing)
+            batch = phase("rollout", trainer.rollout)
+            phase("score", trainer.score, batch)
+            phase("update", trainer.update, batch)
+            params, buffers = _run_weights(existing)
+            weights, total_params = memory.keys([*params, *buffers]), sum(p.numel() for p in params)
             optimizer = memory.keys(t for state in trainer.optimizer.state.values() for t in state.values()
                                      if isinstance(t, torch.Tensor))
             phases = {}
@@ -174,22 +165,28 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
                 # from start to end: a step's peak is the traced one plus whatever of it was not yet there.
                 missing = 0 if name == "setup" else sum(memory.live.get(k, 0) for k in optimizer - peak.live.keys())
                 split["optimizer"] += missing
-                phases[name] = PhaseTrace(peak.bytes + missing, split, counted.get(name, 0), peak.end + missing)
+                phases[name] = PhaseTrace(peak.bytes + missing, split, counted.get(name, 0))
             trained = sum(p.numel() for p in trainer.params)
     return Trace(config.trainer, config.model.path, prompts * group, phases, trained, total_params,
                  time.time() - start)
 
 
-def describe(trace: Trace) -> str:
+def phase_table(phases: dict[str, PhaseTrace]) -> list[str]:
+    """A header line and a line per phase: its peak, each category (GiB) and its TFLOP."""
     gib = 2 ** 30
     lines = [f"{'phase':<8} {'peak GiB':>9} " + " ".join(f"{c:>11}" for c in CATEGORIES) + f" {'TFLOP':>9}"]
-    for name, p in trace.phases.items():
+    for name, p in phases.items():
         lines.append(f"{name:<8} {p.peak_bytes / gib:>9.2f} "
                      + " ".join(f"{p.split[c] / gib:>11.2f}" for c in CATEGORIES) + f" {p.flops / 1e12:>9.1f}")
-    return "\n".join(lines)
+    return lines
 
 
 def check_supported(config) -> None:
-    if config.trainer not in ("awm", "nft", "flow_grpo", "reinforce", "igpo"):
-        raise ConfigError(f"diffrl plan traces the online trainers (awm, nft, flow_grpo, reinforce, igpo) so far; "
+    """A trainer is traced when its step is rollout -> score -> update (the online trainers), phase by phase."""
+    from diffrl.trainers import available_trainers
+
+    trainers = available_trainers()
+    online = sorted(n for n, t in trainers.items() if all(hasattr(t.trainer_class, m) for m in ONLINE_STEPS))
+    if config.trainer not in online:
+        raise ConfigError(f"diffrl plan traces the online trainers ({', '.join(online)}) so far; "
                           f"{config.trainer} is not traced yet")

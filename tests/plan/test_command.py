@@ -1,7 +1,6 @@
 """`diffrl plan` from the command line, the GPUs it knows, and the hardware line of every published config."""
 
 import json
-from pathlib import Path
 
 import pytest
 
