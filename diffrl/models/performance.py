@@ -49,10 +49,21 @@ def set_attention(module: torch.nn.Module, name: str | None) -> None:
 
 
 def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
+    """Recompute each block's activations in backward (non-reentrant ``torch.utils.checkpoint``, as diffusers
+    and transformers default to).
+
+    transformers also hooks the input embeddings so that their output requires grad (a need of the *reentrant*
+    checkpoint only, whose output needs a grad-requiring input). With LoRA or a frozen embedding that hook makes
+    every frozen operation outside the blocks (the final norm, the vocabulary head, the logit soft-cap) and every
+    operation of a module in eval mode (where no block checkpoints) save its inputs for a gradient no parameter
+    needs: measured on the tiny DiffusionGemma with LoRA, an update's peak rose from 6.0 MB without
+    checkpointing to 10.0 MB with it; without the hook it falls to 4.0 MB, with the same gradients
+    (tests/models/test_performance.py). The hook is removed here."""
     if hasattr(module, "enable_gradient_checkpointing"):  # diffusers
         module.enable_gradient_checkpointing()
-    else:  # transformers
-        module.gradient_checkpointing_enable()
+        return
+    module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})   # transformers
+    module.disable_input_require_grads()
 
 
 def apply_model_options(module: torch.nn.Module, model_config) -> None:
