@@ -28,6 +28,10 @@ def cmd_train(args) -> int:
 
     launch.check_launch_args(args)
     config = load_config(args.config, args.overrides)  # validate before spawning anything
+    if not launch.inside_launcher() and not args.print_launch:
+        from diffrl.plan import preflight
+
+        preflight.check_before_training(config, args.config, args.overrides, processes=args.num_processes)
     if launch.needs_launcher(args) and not launch.inside_launcher():
         if hasattr(config, "group_size") and hasattr(config, "prompts_per_step"):
             from diffrl.training.rollout import check_group_split

@@ -279,6 +279,8 @@ class TrainerConfig:
     tf32: bool = param(True, help="TF32 float32 matmuls on NVIDIA GPUs, as flow_grpo / AWM (allow_tf32); no effect "
                                   "on CPU")
     cpu: bool = param(False, help="force CPU even when a GPU is present")
+    plan_check: bool = param(True, help="on a CUDA GPU, `diffrl train` first plans one step's memory (`diffrl "
+                                        "plan`) and warns, without stopping, when it predicts more than the GPU has")
     lora: LoraConfig = param(LoraConfig(), help="LoRA adapter settings")
     optim: OptimConfig = param(OptimConfig(), help="optimizer and schedule")
     logging: LoggingConfig = param(LoggingConfig(), help="metrics, trackers, progress bar")

@@ -62,7 +62,7 @@ def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
     if hasattr(module, "enable_gradient_checkpointing"):  # diffusers
         module.enable_gradient_checkpointing()
         return
-    module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})   # transformers
+    module.activation_checkpointing_enable()   # transformers (non-reentrant by default)
     module.disable_input_require_grads()
 
 

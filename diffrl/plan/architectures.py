@@ -23,20 +23,31 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets" / "configs"
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-    kind: str                          # "sd3" (a diffusers pipeline, the tiny builder's layout), "masked_lm",
+    kind: str                          # a diffusers pipeline: the tiny builder's kind whose layout it has
+                                       # ("sd3", "flux", "wan"); a language model: "masked_lm", or
                                        # "diffusion_gemma" (no mask token)
-    components: dict[str, str]         # sub-folder ("" for the root) -> assets/configs file
+    components: dict[str, str]         # sub-folder ("" for the root) -> assets/configs file (the scheduler's
+                                       # sub-folder gets scheduler_config.json, the others config.json)
     # the config's LoRA target names -> the stand-in network's module names (a masked LM built as ModernBERT);
     # None: the real model has no module of that name, so it gets no adapter there either
     lora_targets: dict[str, str | None] = dataclasses.field(default_factory=dict)
     note: str = ""
 
 
+LANGUAGE_MODELS = ("masked_lm", "diffusion_gemma")
+
 ARCHITECTURES: dict[str, Architecture] = {
     "stabilityai/stable-diffusion-3.5-medium": Architecture(
         "sd3", {"transformer": "sd35_medium_transformer.json", "vae": "sd35_vae.json",
                 "text_encoder": "clip_vit_l14_text.json", "text_encoder_2": "clip_vit_bigg14_text.json",
                 "text_encoder_3": "t5_v1_1_xxl_encoder.json"}),
+    "black-forest-labs/FLUX.1-dev": Architecture(
+        "flux", {"transformer": "flux1_dev_transformer.json", "vae": "flux1_vae.json",
+                 "text_encoder": "clip_vit_l14_text.json", "text_encoder_2": "t5_v1_1_xxl_encoder.json",
+                 "scheduler": "flux1_dev_scheduler.json"}),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": Architecture(
+        "wan", {"transformer": "wan21_1.3b_transformer.json", "vae": "wan21_vae.json",
+                "text_encoder": "umt5_xxl_encoder.json"}),
     "GSAI-ML/LLaDA-8B-Instruct": Architecture(
         "masked_lm", {"": "llada_8b_masked_lm.json"},
         # LLaDA names q_proj, k_proj, v_proj, up_proj (and attn_out, ff_proj, ff_out); o/gate/down_proj do
@@ -77,16 +88,17 @@ def architecture_folder(path: str, cache: Path) -> Path:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    if arch.kind == "sd3":
-        _write_pipeline(folder, "sd3")
-    else:
+    if arch.kind in LANGUAGE_MODELS:
         _word_tokenizer(mask_token=arch.kind != "diffusion_gemma").save_pretrained(folder)
+    else:
+        _write_pipeline(folder, arch.kind)
     for sub, name in arch.components.items():
         target = folder / sub if sub else folder
         target.mkdir(exist_ok=True)
         for stale in target.glob("*.safetensors"):
             stale.unlink()
-        (target / "config.json").write_text(json.dumps(network_config(name), indent=1))
+        file = "scheduler_config.json" if sub == "scheduler" else "config.json"
+        (target / file).write_text(json.dumps(network_config(name), indent=1))
     (folder / ".complete").write_text("")
     return folder
 

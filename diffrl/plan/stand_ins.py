@@ -1,10 +1,12 @@
-"""What a plan puts in place of the parts of a run that need real values: the reward (a fake tensor cannot
-be turned into pixels or text to judge), with the configured reward's names, weights and modality, so the
-trainer's own combining, gathering and advantage code runs on scores of the right shape."""
+"""What a plan puts in place of the parts of a run that need real values or files it does not have: the reward
+(a fake tensor cannot be turned into pixels or text to judge), with the configured reward's names, weights and
+modality, so the trainer's own combining, gathering and advantage code runs on scores of the right shape; a
+prompt file a published config names but the repository does not ship; reasoning tasks of a hub dataset."""
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -47,6 +49,17 @@ def planned_rewards():
         yield
     finally:
         run_setup.load_configured_reward = saved
+
+
+PLANNED_PROMPTS = 256
+
+
+def planned_prompt_file(folder: Path) -> Path:
+    """A prompt file of :data:`PLANNED_PROMPTS` short prompts: image and video models pad every prompt to their
+    text encoders' fixed lengths (CLIP's 77 tokens, T5's ``max_sequence_length``), so its length changes no shape."""
+    path = Path(folder) / "planned_prompts.txt"
+    path.write_text("".join(f"a photo {i}\n" for i in range(PLANNED_PROMPTS)))
+    return path
 
 
 # GSM8K-like lengths, in words (the plan's word tokenizer gives one token per word or punctuation mark).

@@ -4,10 +4,11 @@ and FLOPs counted phase by phase.
 The run is the config's, with these changes (and only these): the model folder is the architecture of the
 model it names (:mod:`diffrl.plan.architectures`) when it names a hub id; the reward is a stand-in with the
 same components (:mod:`diffrl.plan.stand_ins`); a hub dataset of reasoning tasks is replaced by tasks of
-GSM8K-like length; fp16 (mixed precision or weights) is traced as bf16 (the same sizes; fp16 runs only on a
-GPU); nothing is logged or saved. A run of N processes is traced as one process doing one N-th of
-the step's prompts, which is each process's share (the only tensors crossing processes are the gathered
-rewards, a few numbers per sample); :mod:`diffrl.plan.planner` chooses how many.
+GSM8K-like length, a prompt file the repository does not ship (or a hub dataset of prompts) by short prompts
+(image and video models pad them to a fixed length); fp16 (mixed precision or weights) is traced as bf16
+(the same sizes; fp16 runs only on a GPU); nothing is logged or saved. A run of N processes is traced as one
+process doing one N-th of the step's prompts, which is each process's share (the only tensors crossing
+processes are the gathered rewards, a few numbers per sample); :mod:`diffrl.plan.planner` chooses how many.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import io
 import tempfile
 import time
 import warnings
@@ -22,11 +24,12 @@ from pathlib import Path
 
 import torch
 
+from diffrl.config import PromptDataConfig
 from diffrl.errors import ConfigError
 from diffrl.plan import architectures
 from diffrl.plan.fake_models import built_from_config
 from diffrl.plan.memory import CATEGORIES, LiveMemory
-from diffrl.plan.stand_ins import planned_rewards, planned_tasks
+from diffrl.plan.stand_ins import planned_prompt_file, planned_rewards, planned_tasks
 from diffrl.plan.values import ShadowValues
 
 ONLINE_STEPS = ("rollout", "score", "update")   # a traced trainer's step, phase by phase
@@ -68,7 +71,13 @@ def plan_overrides(config, cache: Path, *, prompts: int, group: int) -> list[str
             out.append(f"lora.target_modules=[{','.join(targets)}]")
     elif not Path(config.model.path).exists():
         architectures.architecture_folder(config.model.path, cache)   # raises: names what is known
-    if hasattr(config, "data") and hasattr(config.data, "eval_size"):
+    data = getattr(config, "data", None)
+    if isinstance(data, PromptDataConfig):
+        for key in ("path", "eval_path"):
+            value = getattr(data, key)
+            if value is not None and not Path(value).exists():   # not shipped, or a hub dataset
+                out.append(f"data.{key}={planned_prompt_file(cache)}")
+    if hasattr(data, "eval_size"):
         out.append("data.eval_size=1")
     return out
 
@@ -147,7 +156,8 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
                 counted[name] = flops.get_total_flops() - before
                 return out
 
-            phase("setup", trainer.setup)
+            with contextlib.redirect_stderr(io.StringIO()):   # the run's start-up line names the plan's scratch run
+                phase("setup", trainer.setup)
             gc.collect()   # what loading dropped in reference cycles is not part of the run
             memory.adopt(sum(_run_weights(existing), []))   # weights read from files: no op the tracker saw
             memory.watch_gradients(trainer.params)

@@ -115,7 +115,7 @@ def test_gradient_checkpointing_lowers_a_lora_update_and_keeps_its_gradients(tin
         model.add_lora(rank=4, alpha=8, init="gaussian")
         if checkpointing:
             performance.enable_gradient_checkpointing(model.module)
-            assert model.module.is_gradient_checkpointing
+            assert model.module.is_activation_checkpointing
         model.module.train()
         with LiveMemory() as memory, memory.phase("update"):
             log_probs, _ = model.completion_log_probs(prompt, torch.ones_like(prompt), answer, mask_seed=1,

@@ -99,3 +99,28 @@ def test_models_alive_before_a_trace_are_not_counted_in_it(tiny_dir):
     trace = trace_step("configs/awm/tiny_sd3_jpeg.yaml", [f"model.path={tiny_dir('sd3')}"], prompts=2, group=4)
     assert trace.total_params < 1_000_000 and trace.phases["update"].peak_bytes < 30_000_000
     assert bystander.weight.shape == (4000, 4000)
+
+
+def test_train_plans_first_on_a_gpu_and_warns_without_stopping(tiny_dir, capsys):
+    """What `diffrl train` runs before training on a CUDA machine (given the card here: this machine has none)."""
+    from diffrl.plan import preflight
+    from diffrl.plan.hardware import GPU
+    from diffrl.trainers import load_config
+
+    path, overrides = "configs/awm/tiny_sd3_jpeg.yaml", [f"model.path={tiny_dir('sd3')}"]
+    config, *_ = load_config(path, overrides), tiny_dir("sd15"), capsys.readouterr()   # built before reading
+    assert preflight.this_gpu() is None                      # CPU machine: train plans nothing
+    preflight.check_before_training(config, path, overrides, processes=1, gpu=GPU("tiny card", 0.004, None))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("planning one step's memory on this tiny card first")
+    assert err[1].startswith("warning: diffrl plan predicts ") and "(update), more than the" in err[1]
+    assert "plan_check: false skips this check" in err[1]
+    preflight.check_before_training(config, path, overrides, processes=1, gpu=GPU("big card", 80, None))
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1   # it fits: only the planning line
+    for off in (["plan_check=false"], ["cpu=true"]):
+        preflight.check_before_training(load_config(path, overrides + off), path, overrides + off, processes=1,
+                                        gpu=GPU("tiny card", 0.004, None))
+        assert capsys.readouterr().err == ""
+    untraced = preflight.warning("configs/seppo/tiny_sd15.yaml", [f"model.path={tiny_dir('sd15')}"], processes=1,
+                                 gpu=GPU("tiny card", 0.004, None))
+    assert untraced.startswith("note: no memory plan before training (diffrl plan traces the online trainers")
