@@ -226,8 +226,9 @@ def combine_passes(log_softmax: torch.Tensor, targets: torch.Tensor, corrupted: 
     averaged with the full pass. Returns ``(log_probs, entropy)`` ``[B, T]``; entropy of the full pass."""
     n = log_softmax.shape[0] // targets.shape[0]
     log_probs = log_softmax.gather(-1, targets.repeat(n, 1).unsqueeze(-1)).squeeze(-1)
-    full = log_softmax[:targets.shape[0]]
-    entropy = -(full.exp() * full).sum(-1)
+    with torch.no_grad():   # read by the hint filter only; no gradient (and no graph) through it
+        full = log_softmax[:targets.shape[0]]
+        entropy = -(full.exp() * full).sum(-1)
     if corrupted is not None:
         p_full, p_in, p_out = log_probs.chunk(3)
         log_probs = (p_full + torch.where(corrupted, p_in / t, p_out / (1 - t))) / 2

@@ -25,7 +25,7 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets" / "configs"
 class Architecture:
     kind: str                          # a diffusers pipeline: the tiny builder's kind whose layout it has
                                        # ("sd3", "flux", "wan"); a language model: "masked_lm", or
-                                       # "diffusion_gemma" (no mask token)
+                                       # "diffusion_gemma" (no mask token); a reward's CLIP model: "clip"
     components: dict[str, str]         # sub-folder ("" for the root) -> assets/configs file (the scheduler's
                                        # sub-folder gets scheduler_config.json, the others config.json)
     # the config's LoRA target names -> the stand-in network's module names (a masked LM built as ModernBERT);
@@ -57,6 +57,9 @@ ARCHITECTURES: dict[str, Architecture] = {
                       "gate_proj": None, "down_proj": None, "attn_out": "attn.Wo", "ff_proj": "Wi",
                       "ff_out": "mlp.Wo"},
         note="LLaDA-8B's dimensions as a ModernBERT masked LM (its own code is remote code)"),
+    # reward models (the PickScore reward's model and processor ids)
+    "yuvalkirstain/PickScore_v1": Architecture("clip", {"": "clip_vit_h14.json"}),
+    "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": Architecture("clip", {"": "clip_vit_h14.json"}),
     "google/diffusiongemma-26B-A4B-it": Architecture(
         "diffusion_gemma", {"": "diffusiongemma_26b_a4b.json"},
         note="dimensions from public reports; 25.4B parameters against the 25.8B reported"),
@@ -90,6 +93,8 @@ def architecture_folder(path: str, cache: Path) -> Path:
     folder.mkdir(parents=True)
     if arch.kind in LANGUAGE_MODELS:
         _word_tokenizer(mask_token=arch.kind != "diffusion_gemma").save_pretrained(folder)
+    elif arch.kind == "clip":
+        _clip_processor().save_pretrained(folder)
     else:
         _write_pipeline(folder, arch.kind)
     for sub, name in arch.components.items():
@@ -119,3 +124,24 @@ def _word_tokenizer(*, mask_token: bool = True):
 
     words = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     return dllm_fast_tokenizer(dllm_special_tokens(mask_token=mask_token), words, mask_token=mask_token)
+
+
+def _clip_processor():
+    """CLIP's image settings (224 px, OpenAI's mean and std, as every CLIP reward's processor) and a small CLIP
+    tokenizer (prompts are padded or cut to 77 tokens at most: the vocabulary changes no shape)."""
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    from diffrl.models.tiny_tokenizers import tiny_clip_tokenizer
+
+    images = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                image_std=[0.26862954, 0.26130258, 0.27577711])
+    return CLIPProcessor(image_processor=images, tokenizer=tiny_clip_tokenizer())
+
+
+def resolver(cache: Path):
+    """``path -> folder``: a hub id a plan has an architecture for becomes its config-only folder (written into
+    ``cache``); any other path is returned as it is."""
+    def resolve(path):
+        return str(architecture_folder(path, cache)) if isinstance(path, str) and path in ARCHITECTURES else path
+    return resolve

@@ -9,9 +9,11 @@ import contextlib
 
 import torch
 
+_resolve = None   # path -> folder while built_from_config runs (see there)
+
 
 def _diffusers_from_config(cls, path, *args, subfolder=None, dtype=None, torch_dtype=None, **kwargs):
-    config = cls.load_config(str(path), subfolder=subfolder)
+    config = cls.load_config(str(_resolve(path)), subfolder=subfolder)
     dtype = dtype or torch_dtype
     default = torch.get_default_dtype()
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
@@ -37,7 +39,8 @@ def _transformers_from_config(cls, path, *args, config=None, subfolder="", dtype
     from transformers import AutoConfig
 
     if config is None or isinstance(config, str):
-        config = AutoConfig.from_pretrained(str(path), subfolder=subfolder, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(str(_resolve(path)), subfolder=subfolder,
+                                            trust_remote_code=trust_remote_code)
     dtype = dtype or torch_dtype
     model = cls._from_config(config, **({"dtype": dtype} if isinstance(dtype, torch.dtype) else {}))
     return model.eval()
@@ -69,12 +72,20 @@ def _apply_by_assignment(self, fn, recurse=True):
 
 
 @contextlib.contextmanager
-def built_from_config():
+def built_from_config(resolve=None):
     """diffusers' ``ModelMixin.from_pretrained`` and transformers' ``PreTrainedModel.from_pretrained`` build from
     the folder's config (random initial weights) while the block runs; modules convert fake weights by
-    assignment; transformers' attention masks decide from values as in a real run."""
+    assignment; transformers' attention masks decide from values as in a real run. ``resolve(path)`` gives the
+    folder to read for a path (a reward's hub id: its architecture folder) in those and in transformers'
+    ``AutoProcessor.from_pretrained``."""
+    global _resolve
     from diffusers import ModelMixin
-    from transformers import PreTrainedModel, masking_utils
+    from transformers import AutoProcessor, PreTrainedModel, masking_utils
+
+    _resolve = resolve or (lambda path: path)
+    saved_processor = AutoProcessor.__dict__["from_pretrained"]
+    AutoProcessor.from_pretrained = classmethod(
+        lambda cls, path, *args, **kwargs: saved_processor.__func__(cls, _resolve(path), *args, **kwargs))
 
     saved_apply = torch.nn.Module._apply
     torch.nn.Module._apply = _apply_by_assignment
@@ -93,3 +104,5 @@ def built_from_config():
             cls.from_pretrained = method
         torch.nn.Module._apply = saved_apply
         masking_utils.is_tracing = saved_tracing
+        AutoProcessor.from_pretrained = saved_processor
+        _resolve = None

@@ -39,6 +39,7 @@ class Plan:
     gpu: GPU | None = None
     max_steps: int | None = None
     suggestions: list[dict] = dataclasses.field(default_factory=list)
+    untraced_rewards: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def step_phases(self) -> dict[str, PhaseTrace]:
@@ -86,7 +87,8 @@ class Plan:
                 "gpu": None if self.gpu is None else {"name": self.gpu.name, "memory_gib": self.gpu.memory_gib,
                                                       "budget_gib": self.gpu.budget_gib},
                 "fits": self.fits, "mfu_assumed": MFU, "step_seconds": self.step_seconds,
-                "max_steps": self.max_steps, "gpu_hours": self.gpu_hours, "suggestions": self.suggestions}
+                "max_steps": self.max_steps, "gpu_hours": self.gpu_hours, "suggestions": self.suggestions,
+                "untraced_rewards": self.untraced_rewards}
 
 
 def _extrapolate(one: Trace, two: Trace, samples: int) -> dict[str, PhaseTrace]:
@@ -147,7 +149,7 @@ def plan(config_path: str, overrides: list[str] | None = None, *, processes: int
         phases = _extrapolate(*traces, samples=samples)
     return Plan(config_path, config.trainer, config.model.path, processes, engine, samples,
                 [t.samples for t in traces], phases, traces[0].trained_params, traces[0].total_params, gpu,
-                getattr(config, "max_steps", None))
+                getattr(config, "max_steps", None), untraced_rewards=traces[0].untraced_rewards)
 
 
 # The changes tried, one at a time, when a plan does not fit: each is planned again.
@@ -185,6 +187,9 @@ def describe(result: Plan) -> str:
              f"{result.samples} samples per process",
              f"parameters: {result.total_params / 1e9:.2f} B, trained {result.trained_params / 1e6:.1f} M",
              *phase_table(result.phases)]
+    if result.untraced_rewards:
+        lines.append(f"rewards not traced (scored by a stand-in; their memory is not in the plan): "
+                     f"{', '.join(result.untraced_rewards)}")
     lines.append(f"peak: {result.peak_gib:.1f} GiB per process ({result.peak_phase}); "
                  f"step: {result.step_flops / 1e12:.0f} TFLOP per process")
     if result.gpu is not None:

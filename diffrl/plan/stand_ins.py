@@ -1,7 +1,13 @@
-"""What a plan puts in place of the parts of a run that need real values or files it does not have: the reward
-(a fake tensor cannot be turned into pixels or text to judge), with the configured reward's names, weights and
-modality, so the trainer's own combining, gathering and advantage code runs on scores of the right shape; a
-prompt file a published config names but the repository does not ship; reasoning tasks of a hub dataset."""
+"""What a plan puts in place of the parts of a run that need real values or files it does not have: the
+reward's scores (a fake tensor cannot be judged), with the configured reward's names, weights and modality, so
+the trainer's own combining, gathering and advantage code runs on scores of the right shape; a prompt file a
+published config names but the repository does not ship; reasoning tasks of a hub dataset.
+
+A reward whose models the plan can build (:data:`TRACED_REWARDS`, their hub ids in
+:mod:`diffrl.plan.architectures`) runs for real on the fake samples (its model, its preprocessing, its
+batches), so its memory and FLOPs are in the plan; its scores are then replaced as above. The others (OCR
+runs on the CPU through ONNX, rule-based and served rewards hold no GPU memory, the rest have no architecture
+file yet) are listed in the plan as not traced."""
 
 from __future__ import annotations
 
@@ -25,17 +31,70 @@ class PlannedScores:
         return RewardOutput(scores, {"correct": scores > 0})   # a task reward's right / wrong flag
 
 
-def planned_reward(reward_config):
-    """A CombinedReward with the config's components, each a :class:`PlannedScores`."""
+TRACED_REWARDS = ("pickscore",)   # in-process rewards whose models have architecture files
+
+
+class TracedReward(PlannedScores):
+    """A real reward run on the fake samples for its memory and FLOPs; its scores are :class:`PlannedScores`'.
+    Its models load when it is built (at setup), not on its first call: from a run's second step on they are
+    held through every phase, and the plan's step is that step."""
+
+    def __init__(self, reward, modality: str):
+        super().__init__(modality)
+        self.reward = reward
+        _load_now(reward)
+
+    def __call__(self, samples, prompts, **metadata):
+        self.reward(samples, prompts, **metadata)
+        return super().__call__(samples, prompts, **metadata)
+
+
+def _load_now(obj, depth: int = 0) -> None:
+    """Call ``load()`` on every lazily loading part of a reward (a CLIP embedder, a video reward's image
+    rewards), searching its attributes a few levels down."""
+    if depth > 6 or isinstance(obj, (torch.nn.Module, torch.Tensor, str, bytes, int, float)):
+        return
+    if callable(getattr(obj, "load", None)) and hasattr(obj, "model"):
+        obj.load()
+    values = obj if isinstance(obj, (list, tuple)) else list(vars(obj).values()) if hasattr(obj, "__dict__") else []
+    for value in values:
+        _load_now(value, depth + 1)
+
+
+def traced(name: str, kwargs: dict) -> bool:
+    """Whether component ``name`` (with ``kwargs``) runs for real in a plan: a traced reward, or the video
+    reward lifting only traced rewards."""
+    from rewards import reward_items
+
+    if name == "video":
+        return all(traced(inner, {}) for inner, _, _ in reward_items(kwargs.get("image_reward", "pickscore")))
+    return name in TRACED_REWARDS
+
+
+def planned_reward(reward_config, device):
+    """A CombinedReward with the config's components: :class:`TracedReward` where :func:`traced`, else
+    :class:`PlannedScores`."""
     from rewards import CombinedReward, _Component, _factory, reward_items
 
     if reward_config is None:
         return None
     components = []
-    for name, weight, _ in reward_items(reward_config.weights, reward_config.kwargs):
-        modality = _factory(name)[1]
-        components.append(_Component(name, weight, PlannedScores(modality), modality))
+    for name, weight, kwargs in reward_items(reward_config.weights, reward_config.kwargs):
+        factory, modality = _factory(name)
+        scores = (TracedReward(factory(device=device, **kwargs), modality)
+                  if traced(name, kwargs) and reward_config.device != "cpu" else PlannedScores(modality))
+        components.append(_Component(name, weight, scores, modality))
     return CombinedReward(components)
+
+
+def untraced_rewards(reward_config) -> list[str]:
+    """The components of a reward section a plan replaces without running them."""
+    from rewards import reward_items
+
+    if reward_config is None:
+        return []
+    return [name for name, _, kwargs in reward_items(reward_config.weights, reward_config.kwargs)
+            if not traced(name, kwargs) or reward_config.device == "cpu"]   # on the CPU: no GPU memory
 
 
 @contextlib.contextmanager
@@ -44,7 +103,7 @@ def planned_rewards():
     from diffrl.training import run_setup
 
     saved = run_setup.load_configured_reward
-    run_setup.load_configured_reward = lambda reward, device, **_: planned_reward(reward)
+    run_setup.load_configured_reward = lambda reward, device, **_: planned_reward(reward, device)
     try:
         yield
     finally:

@@ -28,8 +28,9 @@ from diffrl.config import PromptDataConfig
 from diffrl.errors import ConfigError
 from diffrl.plan import architectures
 from diffrl.plan.fake_models import built_from_config
+from diffrl.plan.flops import StepFlops
 from diffrl.plan.memory import CATEGORIES, LiveMemory
-from diffrl.plan.stand_ins import planned_prompt_file, planned_rewards, planned_tasks
+from diffrl.plan.stand_ins import planned_prompt_file, planned_rewards, planned_tasks, untraced_rewards
 from diffrl.plan.values import ShadowValues
 
 ONLINE_STEPS = ("rollout", "score", "update")   # a traced trainer's step, phase by phase
@@ -51,6 +52,7 @@ class Trace:
     trained_params: int
     total_params: int
     seconds: float             # how long tracing took here
+    untraced_rewards: list[str] = dataclasses.field(default_factory=list)   # replaced, not run
 
 
 def plan_overrides(config, cache: Path, *, prompts: int, group: int) -> list[str]:
@@ -102,6 +104,20 @@ def _fresh_accelerate_state():
         _reset_accelerate_state()
 
 
+@contextlib.contextmanager
+def _no_hub_check():
+    """A plan opens hub ids as architecture folders: diffrl's check that the hub can be reached (and its note
+    when it cannot) has nothing to check."""
+    from diffrl import hub
+
+    saved = hub.offline_without_network
+    hub.offline_without_network = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        hub.offline_without_network = saved
+
+
 def _modules(skip: set[int] = frozenset()) -> list[torch.nn.Module]:
     """Every module alive but those whose id is in ``skip`` (the ones that existed before the trace)."""
     with warnings.catch_warnings():  # isinstance() on every object touches deprecated module attributes
@@ -122,7 +138,6 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
     prompts of ``group`` samples each. ``fake=False`` runs it on real tensors with the model's real weights
     (what the tests compare the fake trace with)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
 
     from diffrl.trainers import get_trainer, load_config
 
@@ -136,12 +151,13 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
         config = load_config(config_path, [*(overrides or []),
                                            *plan_overrides(config, cache, prompts=prompts, group=group)])
         trainer = get_trainer(config.trainer).trainer_class(config)
-        flops = FlopCounterMode(display=False)
+        flops = StepFlops()
         counted: dict[str, int] = {}
         with contextlib.ExitStack() as stack:
             if fake:
                 mode = stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-                stack.enter_context(built_from_config())
+                stack.enter_context(built_from_config(architectures.resolver(cache)))
+            stack.enter_context(_no_hub_check())
             stack.enter_context(planned_rewards())
             stack.enter_context(planned_tasks())
             stack.enter_context(flops)
@@ -178,7 +194,7 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
                 phases[name] = PhaseTrace(peak.bytes + missing, split, counted.get(name, 0))
             trained = sum(p.numel() for p in trainer.params)
     return Trace(config.trainer, config.model.path, prompts * group, phases, trained, total_params,
-                 time.time() - start)
+                 time.time() - start, untraced_rewards(getattr(config, "reward", None)))
 
 
 def phase_table(phases: dict[str, PhaseTrace]) -> list[str]:

@@ -16,6 +16,7 @@ from diffrl.plan import architectures
 # DiffusionGemma file is from public reports: 25.4B against the 25.8B reported).
 PARAMETERS = {
     "clip_vit_bigg14_text.json": 694_659_840, "clip_vit_l14_text.json": 123_650_304,
+    "clip_vit_h14.json": 986_109_441,   # PickScore's CLIP ViT-H/14 (its "986M")
     "diffusiongemma_26b_a4b.json": 25_420_514_048, "flux1_dev_transformer.json": 11_901_408_320,
     "flux1_vae.json": 83_819_683, "llada_8b_masked_lm.json": 8_032_362_496,
     "sd35_medium_transformer.json": 2_243_171_520, "sd35_vae.json": 83_819_683,

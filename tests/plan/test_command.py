@@ -32,7 +32,7 @@ def test_gpus_parse_by_name_or_name_and_size():
 @pytest.mark.parametrize("args, message", [
     (["configs/awm/tiny_sd3_jpeg.yaml", "--gpu", "h1000"], "--gpu 'h1000': give one of h100"),
     (["configs/awm/tiny_sd3_jpeg.yaml", "--gpu", "mine:lots"], "or NAME:GB"),
-    (["configs/awm/flux1_dev_pickscore.yaml"], "no architecture for 'black-forest-labs/FLUX.1-dev' yet"),
+    (["configs/awm/qwenimage_pickscore.yaml"], "no architecture for 'Qwen/Qwen-Image' yet"),
     (["configs/seppo/sd15_pickapic.yaml"], "seppo is not traced yet"),
     (["configs/awm/nothing.yaml"], "is not a file"),
     (["configs/awm/tiny_sd3_jpeg.yaml", "--num-processes", "3"], "does not split over 3 processes"),

@@ -30,7 +30,9 @@ def test_a_fake_trace_has_the_memory_and_flops_of_a_real_run(case, tiny_dir):
         assert f.flops == r.flops, (name, r.flops, f.flops)
     update = fake.phases["update"]
     assert sum(update.split.values()) == update.peak_bytes
-    assert min(update.split["activations"], update.split["optimizer"], update.split["weights"]) > 0
+    assert min(update.split["optimizer"], update.split["weights"]) > 0
+    if kind != "diffusion_gemma":   # its update peaks as it starts, before a forward: nothing saved yet
+        assert update.split["activations"] > 0
 
 
 def test_a_step_traced_at_two_small_sizes_extrapolates_to_a_direct_trace(tiny_dir):
@@ -47,3 +49,40 @@ def test_a_step_traced_at_two_small_sizes_extrapolates_to_a_direct_trace(tiny_di
         p, d = planned.phases[name], direct.phases[name]
         assert abs(p.peak_bytes - d.peak_bytes) <= 0.15 * d.peak_bytes, (name, p.peak_bytes, d.peak_bytes)
         assert abs(p.flops - d.flops) <= 0.05 * max(d.flops, 1), (name, p.flops, d.flops)
+
+
+def test_a_reward_model_runs_in_the_trace_and_a_reward_without_one_is_named(tiny_dir):
+    """PickScore (a CLIP model) scores the fake samples for real: its weights and forward are in the score
+    phase, as in a real run; OCR (ONNX on the CPU) is replaced and named as not traced."""
+    clip = tiny_dir("clip")
+    overrides = [f"model.path={tiny_dir('sd3')}", "reward.weights={pickscore: 1.0}",
+                 f"reward.kwargs={{pickscore: {{model: '{clip}', processor: '{clip}'}}}}"]
+    without = trace_step("configs/awm/tiny_sd3_jpeg.yaml", [f"model.path={tiny_dir('sd3')}"], prompts=2, group=4)
+    real = trace_step("configs/awm/tiny_sd3_jpeg.yaml", overrides, prompts=2, group=4, fake=False)
+    fake = trace_step("configs/awm/tiny_sd3_jpeg.yaml", overrides, prompts=2, group=4)
+    r, f = real.phases["score"], fake.phases["score"]
+    assert f.flops == r.flops > without.phases["score"].flops == 0   # the CLIP towers ran
+    assert abs(f.peak_bytes - r.peak_bytes) <= 0.10 * r.peak_bytes, (r.peak_bytes, f.peak_bytes)
+    assert f.split["weights"] > without.phases["score"].split["weights"]   # the CLIP model's weights
+    assert fake.total_params > without.total_params and fake.untraced_rewards == []
+    ocr = trace_step("configs/awm/tiny_sd3_jpeg.yaml", [f"model.path={tiny_dir('sd3')}", "reward.weights={ocr: 1.0}"],
+                     prompts=2, group=4)
+    assert ocr.untraced_rewards == ["ocr"]
+
+
+def test_a_checkpointed_update_holds_one_micro_batch_whatever_the_samples(tiny_dir):
+    """Gradient checkpointing, micro-batches of 2: the update's traced peak stays within 5% from 8 to 32 samples
+    (torch's FlopCounterMode, counting per module, kept every activation recomputed in backward alive: 34 ->
+    110 MB here), equals the real run's, and is below the same update without checkpointing."""
+    config = "configs/igpo/tiny_arithmetic.yaml"
+    base = [f"model.path={tiny_dir('dllm')}", "train_batch_size=2", "generation_batch_size=4"]
+    peaks = {}
+    for checkpointing in ("true", "false"):
+        overrides = [*base, f"model.gradient_checkpointing={checkpointing}"]
+        for prompts in (2, 8):
+            peaks[checkpointing, prompts] = trace_step(config, overrides, prompts=prompts, group=4).phases["update"]
+    assert peaks["true", 8].peak_bytes <= 1.05 * peaks["true", 2].peak_bytes, peaks
+    assert peaks["true", 8].peak_bytes < peaks["false", 8].peak_bytes
+    assert peaks["true", 8].flops > peaks["false", 8].flops   # the recomputed forwards
+    real = trace_step(config, [*base, "model.gradient_checkpointing=true"], prompts=8, group=4, fake=False)
+    assert real.phases["update"].peak_bytes == peaks["true", 8].peak_bytes
