@@ -61,11 +61,13 @@ def _load_now(obj, depth: int = 0) -> None:
         _load_now(value, depth + 1)
 
 
-def traced(name: str, kwargs: dict) -> bool:
-    """Whether component ``name`` (with ``kwargs``) runs for real in a plan: a traced reward, or the video
-    reward lifting only traced rewards."""
+def traced(name: str, kwargs: dict, device: str | None = None) -> bool:
+    """Whether component ``name`` (with ``kwargs``, on the reward section's ``device``) runs for real in a plan:
+    a traced reward, or the video reward lifting only traced rewards, not put on the CPU (no GPU memory)."""
     from rewards import reward_items
 
+    if device == "cpu":
+        return False
     if name == "video":
         return all(traced(inner, {}) for inner, _, _ in reward_items(kwargs.get("image_reward", "pickscore")))
     return name in TRACED_REWARDS
@@ -82,7 +84,7 @@ def planned_reward(reward_config, device):
     for name, weight, kwargs in reward_items(reward_config.weights, reward_config.kwargs):
         factory, modality = _factory(name)
         scores = (TracedReward(factory(device=device, **kwargs), modality)
-                  if traced(name, kwargs) and reward_config.device != "cpu" else PlannedScores(modality))
+                  if traced(name, kwargs, reward_config.device) else PlannedScores(modality))
         components.append(_Component(name, weight, scores, modality))
     return CombinedReward(components)
 
@@ -94,7 +96,7 @@ def untraced_rewards(reward_config) -> list[str]:
     if reward_config is None:
         return []
     return [name for name, _, kwargs in reward_items(reward_config.weights, reward_config.kwargs)
-            if not traced(name, kwargs) or reward_config.device == "cpu"]   # on the CPU: no GPU memory
+            if not traced(name, kwargs, reward_config.device)]
 
 
 @contextlib.contextmanager

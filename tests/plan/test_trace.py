@@ -68,6 +68,11 @@ def test_a_reward_model_runs_in_the_trace_and_a_reward_without_one_is_named(tiny
     ocr = trace_step("configs/awm/tiny_sd3_jpeg.yaml", [f"model.path={tiny_dir('sd3')}", "reward.weights={ocr: 1.0}"],
                      prompts=2, group=4)
     assert ocr.untraced_rewards == ["ocr"]
+    from diffrl.plan.stand_ins import untraced_rewards
+    from diffrl.trainers import load_config
+
+    on_cpu = load_config("configs/awm/tiny_sd3_jpeg.yaml", [*overrides, "reward.device=cpu"]).reward
+    assert untraced_rewards(on_cpu) == ["pickscore"]   # scored on the CPU: no GPU memory to plan
 
 
 def test_a_checkpointed_update_holds_one_micro_batch_whatever_the_samples(tiny_dir):
