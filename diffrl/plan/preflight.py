@@ -40,8 +40,10 @@ def check_before_training(config, config_path: str, overrides: list[str], *, pro
                           gpu: GPU | None = None) -> None:
     """Print :func:`warning`'s line, if any, on a CUDA machine (``gpu`` given: that card) when the config's
     ``plan_check`` is on and it does not force the CPU."""
+    if not config.plan_check or config.cpu:
+        return
     gpu = gpu or this_gpu()
-    if gpu is None or not config.plan_check or config.cpu:
+    if gpu is None:
         return
     print(f"planning one step's memory on this {gpu.name} first (diffrl plan; plan_check: false skips it) ...",
           file=sys.stderr, flush=True)

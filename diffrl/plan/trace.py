@@ -75,10 +75,11 @@ def plan_overrides(config, cache: Path, *, prompts: int, group: int) -> list[str
         architectures.architecture_folder(config.model.path, cache)   # raises: names what is known
     data = getattr(config, "data", None)
     if isinstance(data, PromptDataConfig):
-        for key in ("path", "eval_path"):
-            value = getattr(data, key)
-            if value is not None and not Path(value).exists():   # not shipped, or a hub dataset
-                out.append(f"data.{key}={planned_prompt_file(cache)}")
+        missing = [key for key in ("path", "eval_path")   # not shipped, or a hub dataset
+                   if getattr(data, key) is not None and not Path(getattr(data, key)).exists()]
+        if missing:
+            prompts_file = planned_prompt_file(cache)
+            out += [f"data.{key}={prompts_file}" for key in missing]
     if hasattr(data, "eval_size"):
         out.append("data.eval_size=1")
     return out

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from diffrl.dllm.masked_lm import MaskedDiffusionLM  # noqa: E402
 from diffrl.models.flow import FluxModel, SD3Model, WanModel  # noqa: E402
 from diffrl.models.lora import add_lora  # noqa: E402
+from diffrl.models.performance import enable_gradient_checkpointing  # noqa: E402
 from diffrl.trainers import load_config  # noqa: E402  (after the path: runs from a checkout too)
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -180,10 +181,7 @@ def measure(work: Workload, mode: str, scale: str, steps: int, device) -> dict:
     net, spec = build(work, scale, device, dtype)
     checkpointing = bool(cfg.model.gradient_checkpointing)  # as the published config
     if checkpointing:
-        if work.family == "dllm":
-            getattr(net, "activation_checkpointing_enable", net.gradient_checkpointing_enable)()
-        else:
-            net.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(net)   # as diffrl's trainers enable it
     if mode == "lora":
         lora = cfg.lora
         add_lora(net, list(LORA_TARGETS[work.family]), rank=lora.rank, alpha=lora.alpha,
