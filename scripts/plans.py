@@ -1,17 +1,21 @@
-"""Plan every published config whose model diffrl plan can build, and write the README's "Will it fit?" table.
+"""Plan every published config, and write the README's "Will it fit?" table.
 
     python scripts/plans.py [--only awm/sd35m_ocr ...] [--out docs/plans.json] [--readme README.md]
 
 Each config is planned on the hardware its header names (``# Hardware: 8x H100 80GB``), with
-``diffrl.plan.planner.plan``: fake tensors, nothing downloaded. Configs whose model has no architecture
-file yet are listed as not planned, with the reason. The table goes between the README's
-``<!-- plans:start -->`` and ``<!-- plans:end -->`` markers; the JSON holds every number.
+``diffrl.plan.planner.plan``: fake tensors, nothing downloaded, 1 to 30 minutes a config on 2 cores. Each
+result is merged into the JSON by config (with the date and the commit it was planned at), so a run of a
+few configs (``--only``) adds to the earlier ones; the README's table, between its ``<!-- plans:start -->``
+and ``<!-- plans:end -->`` markers, is written from the whole JSON, every published config a row (the ones
+not planned yet say so). Exit status 1 when a planned config does not fit its hardware.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,12 +37,21 @@ def published() -> list[Path]:
                   if not any(w in p.name for w in ("tiny", "quickstart", "diffusiongemma_addition")))
 
 
+def commit() -> str:
+    """The commit the plans are made at (``+changes`` when the tree has uncommitted changes)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def plan_one(path: Path) -> dict:
     rel = str(path.relative_to(ROOT))
     config = load_config(rel, [])
     processes, gpu = config_hardware(rel)
     row = {"config": rel, "trainer": config.trainer, "model": config.model.path,
-           "hardware": f"{processes}x {gpu.name}"}
+           "hardware": f"{processes}x {gpu.name}", "planned_on": datetime.date.today().isoformat(),
+           "commit": commit()}
     if architecture_of(config.model.path) is None:
         return {**row, "planned": False, "why": "no architecture file for this model yet"}
     start = time.time()
@@ -50,20 +63,34 @@ def plan_one(path: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| config (as planned) | hardware | peak GiB per GPU (phase) | fits | TFLOP per step per GPU | "
+    """Every published config a row: its plan, or why it has none (not planned yet, or what stopped it)."""
+    lines = ["| config | hardware | peak GiB per GPU (phase) | fits | TFLOP per step per GPU | "
              "est. step (35% MFU) | est. GPU-hours (steps) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        if not r["planned"]:
+        name = f"`{r['config'].removeprefix('configs/')}`"
+        if not r.get("planned"):
+            lines.append(f"| {name} | {r['hardware']} | {r.get('why', 'not planned yet')} | - | - | - | - |")
             continue
         hours = f"{r['gpu_hours']:,.0f} ({r['max_steps']})" if r.get("gpu_hours") else "-"
-        lines.append(f"| `{r['config']}` | {r['hardware']} | {r['peak_gib']:.1f} ({r['peak_phase']}) | "
-                     f"{'yes' if r['fits'] else '**no**'} | {r['step_flops'] / 1e12:,.0f} | "
-                     f"{r['step_seconds']:.0f} s | {hours} |")
-    missing = sorted({r["model"] for r in rows if not r["planned"]})
-    lines.append("")
-    lines.append(f"Not planned yet ({sum(not r['planned'] for r in rows)} configs; no architecture file for "
-                 f"{', '.join(f'`{m}`' for m in missing)}).")
+        step = f"{r['step_seconds']:.0f} s" if r.get("step_seconds") is not None else "-"
+        lines.append(f"| {name} | {r['hardware']} | {r['peak_gib']:.1f} ({r['peak_phase']}) | "
+                     f"{'yes' if r['fits'] else '**no**'} | {r['step_flops'] / 1e12:,.0f} | {step} | {hours} |")
     return "\n".join(lines)
+
+
+def merged(out: Path, new: list[dict]) -> list[dict]:
+    """The earlier results in ``out`` with ``new`` in their place, one row per published config, in order."""
+    rows = {r["config"]: r for r in (json.loads(out.read_text()) if out.exists() else [])}
+    rows.update({r["config"]: r for r in new})
+    out_rows = []
+    for path in published():
+        rel = str(path.relative_to(ROOT))
+        if rel not in rows:
+            processes, gpu = config_hardware(rel)
+            rows[rel] = {"config": rel, "hardware": f"{processes}x {gpu.name}", "planned": False,
+                         "why": "not planned yet"}
+        out_rows.append(rows[rel])
+    return out_rows
 
 
 def main() -> int:
@@ -74,23 +101,29 @@ def main() -> int:
     args = parser.parse_args()
     paths = published()
     if args.only:
-        paths = [p for p in paths if f"{p.parent.name}/{p.stem}" in args.only]
-    rows = []
+        names = {f"{p.parent.name}/{p.stem}": p for p in paths}
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            parser.error(f"--only {' '.join(unknown)}: not a published config (TRAINER/NAME, as {next(iter(names))})")
+        paths = [names[name] for name in args.only]
+    out = ROOT / args.out
+    new = []
     for path in paths:
-        rows.append(plan_one(path))
-        r = rows[-1]
+        new.append(plan_one(path))
+        r = new[-1]
         print(f"{r['config']}: " + (f"{r['peak_gib']:.1f} GiB, fits {r['fits']}, {r['trace_seconds']:.0f} s"
                                     if r["planned"] else f"not planned ({r['why']})"), flush=True)
-    out = ROOT / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+        rows = merged(out, new)   # written after each config: a stopped run keeps what it planned
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1))
+    rows = merged(out, new)
     readme = ROOT / args.readme
     text = readme.read_text()
-    if START in text and END in text and not args.only:
+    if START in text and END in text:
         head, rest = text.split(START, 1)
         readme.write_text(head + START + "\n" + table(rows) + "\n" + END + rest.split(END, 1)[1])
-    print(f"wrote {out}")
-    return 0 if all(r["fits"] for r in rows if r["planned"]) else 1
+    print(f"wrote {out} and the table in {readme.name}")
+    return 0 if all(r["fits"] for r in new if r["planned"]) else 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,15 @@ import dataclasses
 from diffrl.errors import ConfigError
 from diffrl.plan.hardware import GPU
 from diffrl.plan.memory import CATEGORIES
-from diffrl.plan.trace import PhaseTrace, Trace, check_supported, phase_table, trace_step
+from diffrl.plan.trace import (
+    PhaseTrace,
+    Trace,
+    check_supported,
+    micro_batch_size,
+    phase_table,
+    step_phases,
+    trace_step,
+)
 
 GIB = 2 ** 30
 MFU = 0.35            # the model-FLOPs utilisation the step-time estimate assumes
@@ -138,15 +146,18 @@ def plan(config_path: str, overrides: list[str] | None = None, *, processes: int
     if engine != "ddp":
         raise ConfigError(f"--accelerate-config {engine}: diffrl plan traces DDP (every process holds the whole "
                           f"model) so far")
-    samples = per_process_samples(config, processes)
-    group = config.group_size
-    k = traced_prompts(group, samples, [getattr(config, key) for key in BATCH_KEYS if getattr(config, key, None)])
-    if k is None:
-        traces = [trace_step(config_path, overrides, prompts=samples // group, group=group)]
-        phases = traces[0].phases
-    else:
-        traces = [trace_step(config_path, overrides, prompts=p, group=group) for p in (k, 2 * k)]
-        phases = _extrapolate(*traces, samples=samples)
+    if "score" in step_phases(config):
+        samples = per_process_samples(config, processes)
+        group = config.group_size
+        k = traced_prompts(group, samples, [getattr(config, key) for key in BATCH_KEYS if getattr(config, key, None)])
+        sizes = ([dict(prompts=samples // group, group=group)] if k is None else
+                 [dict(prompts=p, group=group) for p in (k, 2 * k)])
+    else:   # micro-batches per process: traced at 2 and 3 (the first one's backward creates the gradients)
+        micro_batches = config.optim.gradient_accumulation_steps
+        samples = micro_batches * micro_batch_size(config)
+        sizes = [dict(micro_batches=m) for m in ((micro_batches,) if micro_batches <= 3 else (2, 3))]
+    traces = [trace_step(config_path, overrides, **size) for size in sizes]
+    phases = traces[0].phases if len(traces) == 1 else _extrapolate(*traces, samples=samples)
     return Plan(config_path, config.trainer, config.model.path, processes, engine, samples,
                 [t.samples for t in traces], phases, traces[0].trained_params, traces[0].total_params, gpu,
                 getattr(config, "max_steps", None), untraced_rewards=traces[0].untraced_rewards)

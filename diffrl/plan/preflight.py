@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from diffrl.errors import ConfigError
+from diffrl.errors import DiffrlError
 from diffrl.plan.hardware import GPU
 
 
@@ -27,8 +27,9 @@ def warning(config_path: str, overrides: list[str], *, processes: int, gpu: GPU)
 
     try:
         result = plan(config_path, overrides, processes=processes, gpu=gpu)
-    except ConfigError as e:
-        return f"note: no memory plan before training ({e}); set plan_check: false to skip the attempt"
+    except Exception as e:  # noqa: BLE001  (the plan advises; whatever stops it must not stop the run)
+        reason = str(e) if isinstance(e, DiffrlError) else f"{type(e).__name__}: {e}"
+        return f"note: no memory plan before training ({reason}); set plan_check: false to skip the attempt"
     if result.fits:
         return None
     return (f"warning: diffrl plan predicts {result.peak_gib:.1f} GiB per process at its peak ({result.peak_phase}), "

@@ -115,12 +115,28 @@ def planned_rewards():
 PLANNED_PROMPTS = 256
 
 
-def planned_prompt_file(folder: Path) -> Path:
+def planned_prompt_file(folder: Path, *, images: bool = False) -> Path:
     """A prompt file of :data:`PLANNED_PROMPTS` short prompts: image and video models pad every prompt to their
-    text encoders' fixed lengths (CLIP's 77 tokens, T5's ``max_sequence_length``), so its length changes no shape."""
+    text encoders' fixed lengths (CLIP's 77 tokens, T5's ``max_sequence_length``), so its length changes no shape.
+    ``images``: a prompt folder whose rows also hold an input image (an editing or image-to-video model resizes
+    it to the output size, so its size changes no shape either)."""
+    if images:
+        from diffrl.models.tiny import save_edit_prompts
+
+        return save_edit_prompts(Path(folder) / "planned_prompts", num_rows=PLANNED_PROMPTS)
     path = Path(folder) / "planned_prompts.txt"
     path.write_text("".join(f"a photo {i}\n" for i in range(PLANNED_PROMPTS)))
     return path
+
+
+def planned_preferences(folder: Path, *, rows: int, num_frames: int | None = None) -> Path:
+    """A preference folder (caption, winner, loser) standing for a hub dataset of pairs: the trainer resizes
+    and crops every image (every clip's ``num_frames`` frames) to ``data.resolution``, so their size changes
+    no shape. ``rows`` captions: as many as a traced step draws, so none repeats within it, as in a real
+    dataset (a repeated caption's text encoding is cached)."""
+    from diffrl.models.tiny import save_preferences
+
+    return save_preferences(Path(folder) / "planned_preferences", num_rows=rows, num_frames=num_frames)
 
 
 # GSM8K-like lengths, in words (the plan's word tokenizer gives one token per word or punctuation mark).

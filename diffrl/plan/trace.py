@@ -19,21 +19,31 @@ import gc
 import io
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 
 import torch
 
-from diffrl.config import PromptDataConfig
-from diffrl.errors import ConfigError
+from diffrl.config import PreferenceDataConfig, PromptDataConfig
+from diffrl.errors import ConfigError, DiffrlError
 from diffrl.plan import architectures
 from diffrl.plan.fake_models import built_from_config
 from diffrl.plan.flops import StepFlops
 from diffrl.plan.memory import CATEGORIES, LiveMemory
-from diffrl.plan.stand_ins import planned_prompt_file, planned_rewards, planned_tasks, untraced_rewards
+from diffrl.plan.stand_ins import (
+    planned_preferences,
+    planned_prompt_file,
+    planned_rewards,
+    planned_tasks,
+    untraced_rewards,
+)
 from diffrl.plan.values import ShadowValues
 
 ONLINE_STEPS = ("rollout", "score", "update")   # a traced trainer's step, phase by phase
+# the step of the others: a preference trainer's rollout (its pairs; SePPO's reference samples) and update; an
+# SFT trainer's update. Their step is optim.gradient_accumulation_steps micro-batches of MICRO_BATCH_KEYS.
+MICRO_BATCH_KEYS = ("train_batch_size", "batch_size")
 
 
 @dataclasses.dataclass
@@ -55,11 +65,26 @@ class Trace:
     untraced_rewards: list[str] = dataclasses.field(default_factory=list)   # replaced, not run
 
 
-def plan_overrides(config, cache: Path, *, prompts: int, group: int) -> list[str]:
-    """The key=value changes that turn a config into its traced run (see the module's docstring): ``prompts``
-    prompts of ``group`` samples each, on one process."""
-    out = [f"output_dir={cache / 'run'}", "logging.trackers=[]", "logging.progress_bar=false",
-           f"prompts_per_step={prompts}", f"group_size={group}"]
+def step_phases(config) -> tuple[str, ...]:
+    """The phases of a step of the config's trainer, traced one by one."""
+    from diffrl.trainers import get_trainer
+
+    cls = get_trainer(config.trainer).trainer_class
+    return tuple(name for name in ONLINE_STEPS if hasattr(cls, name))
+
+
+def micro_batch_size(config) -> int:
+    """Samples (pairs, winners, sequences) per micro-batch of a trainer whose step is micro-batches."""
+    return next(getattr(config, key) for key in MICRO_BATCH_KEYS if hasattr(config, key))
+
+
+def plan_overrides(config, cache: Path, *, prompts: int | None = None, group: int | None = None,
+                   micro_batches: int | None = None) -> list[str]:
+    """The key=value changes that turn a config into its traced run (see the module's docstring) on one process:
+    ``prompts`` prompts of ``group`` samples each (an online trainer), or ``micro_batches`` micro-batches."""
+    out = [f"output_dir={cache / 'run'}", "logging.trackers=[]", "logging.progress_bar=false"]
+    out += ([f"optim.gradient_accumulation_steps={micro_batches}"] if micro_batches is not None else
+            [f"prompts_per_step={prompts}", f"group_size={group}"])
     if config.mixed_precision == "fp16":   # accelerate allows fp16 autocast only on a GPU; bf16 has its sizes
         out.append("mixed_precision=bf16")
     if config.model.dtype == "float16":    # refused on CPU (it does not train there); bf16 has its sizes
@@ -78,8 +103,12 @@ def plan_overrides(config, cache: Path, *, prompts: int, group: int) -> list[str
         missing = [key for key in ("path", "eval_path")   # not shipped, or a hub dataset
                    if getattr(data, key) is not None and not Path(getattr(data, key)).exists()]
         if missing:
-            prompts_file = planned_prompt_file(cache)
+            prompts_file = planned_prompt_file(cache, images=architectures.takes_input_image(config))
             out += [f"data.{key}={prompts_file}" for key in missing]
+    if isinstance(data, PreferenceDataConfig) and not Path(data.path).exists():   # a hub dataset of pairs
+        frames = None if data.num_frames is None else data.num_frames * data.frame_stride
+        rows = (micro_batches or 1) * micro_batch_size(config)
+        out.append(f"data.path={planned_preferences(cache, rows=rows, num_frames=frames)}")
     if hasattr(data, "eval_size"):
         out.append("data.eval_size=1")
     return out
@@ -133,11 +162,54 @@ def _run_weights(skip: set[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]
     return list(params.values()), [b for m in modules for b in m.buffers(recurse=False)]
 
 
-def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts: int, group: int,
-               fake: bool = True) -> Trace:
+class PlanError(DiffrlError):
+    """The trace stopped: the run asked something of its fake tensors the planner cannot answer."""
+
+
+def _library_dirs() -> tuple[list[str], str]:
+    """(the folders of diffrl and of the model libraries, the planner's own folder)."""
+    import diffusers
+    import peft
+    import transformers
+
+    import diffrl
+
+    libraries = [str(Path(m.__file__).parent) + "/" for m in (diffrl, diffusers, transformers, peft)]
+    return libraries, str(Path(__file__).parent) + "/"
+
+
+def _failure(config_path: str, phase: str, error: BaseException) -> str:
+    """One line for a trace that stopped: the error and the run's last frame in diffrl or a model library."""
+    libraries, planner = _library_dirs()
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if f.filename.startswith(tuple(libraries)) and not f.filename.startswith(planner)]
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    message = (str(error).strip().splitlines() or [""])[0][:200].rstrip(".")
+    return (f"diffrl plan could not trace {config_path} ({phase} phase): {type(error).__name__}: {message}{where}. "
+            f"The planner runs the step on fake tensors, which cannot answer every question a run asks of its "
+            f"values, so a real run need not fail there; please report this line")
+
+
+def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts: int | None = None,
+               group: int | None = None, micro_batches: int | None = None, fake: bool = True) -> Trace:
     """Trace setup and one step of ``config_path`` (with ``overrides``) on one process that samples ``prompts``
-    prompts of ``group`` samples each. ``fake=False`` runs it on real tensors with the model's real weights
-    (what the tests compare the fake trace with)."""
+    prompts of ``group`` samples each (an online trainer) or runs ``micro_batches`` micro-batches (a preference
+    or SFT trainer). ``fake=False`` runs it on real tensors with the model's real weights (what the tests
+    compare the fake trace with). Under fake tensors, an error that is not diffrl's own (a config's, a data
+    file's: one line already) becomes a :class:`PlanError` naming the phase and the frame."""
+    where = {"phase": "setup"}
+    size = dict(prompts=prompts, group=group, micro_batches=micro_batches)
+    try:
+        return _trace(config_path, overrides, size, fake=fake, where=where)
+    except (DiffrlError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if not fake:
+            raise
+        raise PlanError(_failure(config_path, where["phase"], e)) from e
+
+
+def _trace(config_path, overrides, size: dict, *, fake, where) -> Trace:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from diffrl.trainers import get_trainer, load_config
@@ -150,7 +222,7 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
     with tempfile.TemporaryDirectory(prefix="diffrl-plan-") as tmp, _fresh_accelerate_state():
         cache = Path(tmp)
         config = load_config(config_path, [*(overrides or []),
-                                           *plan_overrides(config, cache, prompts=prompts, group=group)])
+                                           *plan_overrides(config, cache, **size)])
         trainer = get_trainer(config.trainer).trainer_class(config)
         flops = StepFlops()
         counted: dict[str, int] = {}
@@ -167,6 +239,7 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
                 stack.enter_context(ShadowValues(mode))
 
             def phase(name, fn, *args):
+                where["phase"] = name
                 before = flops.get_total_flops()
                 with memory.phase(name):
                     out = fn(*args)
@@ -178,9 +251,11 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
             gc.collect()   # what loading dropped in reference cycles is not part of the run
             memory.adopt(sum(_run_weights(existing), []))   # weights read from files: no op the tracker saw
             memory.watch_gradients(trainer.params)
-            batch = phase("rollout", trainer.rollout)
-            phase("score", trainer.score, batch)
-            phase("update", trainer.update, batch)
+            steps = step_phases(config)
+            batch = phase("rollout", trainer.rollout) if "rollout" in steps else None
+            if "score" in steps:
+                phase("score", trainer.score, batch)
+            phase("update", trainer.update, *([batch] if "rollout" in steps else []))
             params, buffers = _run_weights(existing)
             weights, total_params = memory.keys([*params, *buffers]), sum(p.numel() for p in params)
             optimizer = memory.keys(t for state in trainer.optimizer.state.values() for t in state.values()
@@ -194,7 +269,9 @@ def trace_step(config_path: str, overrides: list[str] | None = None, *, prompts:
                 split["optimizer"] += missing
                 phases[name] = PhaseTrace(peak.bytes + missing, split, counted.get(name, 0))
             trained = sum(p.numel() for p in trainer.params)
-    return Trace(config.trainer, config.model.path, prompts * group, phases, trained, total_params,
+    samples = (size["prompts"] * size["group"] if size["micro_batches"] is None else
+               size["micro_batches"] * micro_batch_size(config))
+    return Trace(config.trainer, config.model.path, samples, phases, trained, total_params,
                  time.time() - start, untraced_rewards(getattr(config, "reward", None)))
 
 
@@ -209,11 +286,9 @@ def phase_table(phases: dict[str, PhaseTrace]) -> list[str]:
 
 
 def check_supported(config) -> None:
-    """A trainer is traced when its step is rollout -> score -> update (the online trainers), phase by phase."""
-    from diffrl.trainers import available_trainers
-
-    trainers = available_trainers()
-    online = sorted(n for n, t in trainers.items() if all(hasattr(t.trainer_class, m) for m in ONLINE_STEPS))
-    if config.trainer not in online:
-        raise ConfigError(f"diffrl plan traces the online trainers ({', '.join(online)}) so far; "
-                          f"{config.trainer} is not traced yet")
+    """A trainer is traced when its step is phases of :data:`ONLINE_STEPS` ending in an update: rollout -> score
+    -> update (the online trainers), rollout -> update (the preference trainers), update (SFT)."""
+    steps = step_phases(config)
+    if "update" not in steps or ("score" not in steps and not any(hasattr(config, k) for k in MICRO_BATCH_KEYS)):
+        raise ConfigError(f"diffrl plan cannot trace {config.trainer}: its step is not rollout / score / update "
+                          f"phases the planner knows")

@@ -105,10 +105,16 @@ class ShadowValues(TorchDispatchMode):
         return torch.stack([g.reshape(-1) for g in grid], dim=1)
 
     def _long_indices(self, indices):
+        """Boolean indices as long ones: a mask with a real copy (a padding mask) at its exact positions, any
+        other mask at every position."""
         out = []
         for index in indices:
-            if isinstance(index, torch.Tensor) and index.dtype == torch.bool and id(index) not in self._real:
-                out.extend(self._nonzero(index).unbind(1))
+            if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+                real = self._real.get(id(index))
+                if real is not None:
+                    with _disable_current_modes():
+                        real = real.nonzero()
+                out.extend((self._nonzero(index) if real is None else self._as_fake(real)).unbind(1))
             else:
                 out.append(index)
         return out

@@ -32,8 +32,7 @@ def test_gpus_parse_by_name_or_name_and_size():
 @pytest.mark.parametrize("args, message", [
     (["configs/awm/tiny_sd3_jpeg.yaml", "--gpu", "h1000"], "--gpu 'h1000': give one of h100"),
     (["configs/awm/tiny_sd3_jpeg.yaml", "--gpu", "mine:lots"], "or NAME:GB"),
-    (["configs/awm/qwenimage_pickscore.yaml"], "no architecture for 'Qwen/Qwen-Image' yet"),
-    (["configs/seppo/sd15_pickapic.yaml"], "seppo is not traced yet"),
+    (["configs/awm/sd35m_ocr.yaml", "model.path=acme/never-published"], "no architecture for 'acme/never-published'"),
     (["configs/awm/nothing.yaml"], "is not a file"),
     (["configs/awm/tiny_sd3_jpeg.yaml", "--num-processes", "3"], "does not split over 3 processes"),
 ])
@@ -121,6 +120,28 @@ def test_train_plans_first_on_a_gpu_and_warns_without_stopping(tiny_dir, capsys)
         preflight.check_before_training(load_config(path, overrides + off), path, overrides + off, processes=1,
                                         gpu=GPU("tiny card", 0.004, None))
         assert capsys.readouterr().err == ""
-    untraced = preflight.warning("configs/seppo/tiny_sd15.yaml", [f"model.path={tiny_dir('sd15')}"], processes=1,
-                                 gpu=GPU("tiny card", 0.004, None))
-    assert untraced.startswith("note: no memory plan before training (diffrl plan traces the online trainers")
+    unplanned = preflight.warning(path, [*overrides, "model.path=acme/never-published"], processes=1,
+                                  gpu=GPU("tiny card", 0.004, None))
+    assert unplanned.startswith("note: no memory plan before training (diffrl plan has no architecture for")
+
+
+def test_a_trace_that_stops_is_one_line_naming_its_phase_and_frame(tiny_dir, monkeypatch, capsys):
+    """Any error raised inside the traced step (here one raised by the trainer's scoring, standing for an op
+    fake tensors cannot answer) is one `error:` line from `diffrl plan`, and one `note:` line, not a stop,
+    before `diffrl train`."""
+    from diffrl.plan import preflight
+    from diffrl.plan.hardware import GPU
+    from diffrl.trainers.awm import AWMTrainer
+
+    def unanswerable(self, batch):
+        raise RuntimeError("cannot read a fake tensor's value\nsecond line")
+
+    monkeypatch.setattr(AWMTrainer, "score", unanswerable)
+    args = ["configs/awm/tiny_sd3_jpeg.yaml", f"model.path={tiny_dir('sd3')}"]
+    capsys.readouterr()
+    assert cli.main(["plan", *args, "--gpu", "h100"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: diffrl plan could not trace configs/awm/tiny_sd3_jpeg.yaml "
+                                               "(score phase): RuntimeError: cannot read a fake tensor's value. "), err
+    line = preflight.warning(args[0], args[1:], processes=1, gpu=GPU("card", 80, None))
+    assert line.startswith("note: no memory plan before training (diffrl plan could not trace")

@@ -1,6 +1,7 @@
 """The plan's tracer against real runs: the same config traced under fake tensors (weights built from the
 folder's configs) and run on real tensors (its saved weights), by the same tracker, peak by peak. Three kinds
-of model: a flow transformer (SD3 layout, AWM), a masked LM (IGPO) and DiffusionGemma (IGPO, no mask token)."""
+of model: a flow transformer (SD3 layout, AWM), a masked LM (IGPO) and DiffusionGemma (IGPO, no mask token); and
+the trainers whose step is micro-batches (SePPO, Diffusion-DPO, dLLM SFT)."""
 
 import pytest
 
@@ -49,6 +50,42 @@ def test_a_step_traced_at_two_small_sizes_extrapolates_to_a_direct_trace(tiny_di
         p, d = planned.phases[name], direct.phases[name]
         assert abs(p.peak_bytes - d.peak_bytes) <= 0.15 * d.peak_bytes, (name, p.peak_bytes, d.peak_bytes)
         assert abs(p.flops - d.flops) <= 0.05 * max(d.flops, 1), (name, p.flops, d.flops)
+
+
+OFFLINE = {
+    "SePPO (SD1.5)": ("configs/seppo/tiny_sd15.yaml", "sd15", ("rollout", "update")),
+    "Diffusion-DPO (SD1.5)": ("configs/diffusion_dpo/tiny_sd15.yaml", "sd15", ("rollout", "update")),
+    "dLLM SFT (masked LM)": ("configs/dllm_sft/tiny_addition.yaml", "dllm", ("update",)),
+}
+
+
+@pytest.mark.parametrize("case", list(OFFLINE))
+def test_preference_and_sft_steps_trace_as_real_runs_and_extrapolate_by_micro_batch(case, tiny_dir, tmp_path):
+    """The trainers whose step is micro-batches (SePPO samples its references in its rollout; Diffusion-DPO's
+    rollout picks pairs; SFT only updates): fake equals real at 2 micro-batches, and a step of 6 planned from
+    traces at 2 and 3 equals a trace of 6 (over captions that do not repeat within it, as in a real dataset: a
+    repeated caption's text encoding is cached)."""
+    from diffrl.models.tiny import save_preferences
+
+    config, kind, steps = OFFLINE[case]
+    overrides = [f"model.path={tiny_dir(kind)}"]
+    if kind == "sd15":
+        overrides.append(f"data.path={save_preferences(tmp_path / 'pairs', num_rows=32)}")
+    real = trace_step(config, overrides, micro_batches=2, fake=False)
+    fake = trace_step(config, overrides, micro_batches=2)
+    assert set(fake.phases) == {"setup", *steps} == set(real.phases)
+    for name in steps:
+        r, f = real.phases[name], fake.phases[name]
+        assert abs(f.peak_bytes - r.peak_bytes) <= 0.10 * r.peak_bytes, (name, r.peak_bytes, f.peak_bytes)
+        assert f.flops == r.flops, (name, r.flops, f.flops)
+    assert fake.phases["update"].flops > 0 and fake.phases["update"].split["optimizer"] > 0
+    six = [*overrides, "optim.gradient_accumulation_steps=6"]
+    planned, direct = plan(config, six, processes=1), trace_step(config, six, micro_batches=6)
+    assert planned.traced == [2 * planned.samples // 6, 3 * planned.samples // 6]
+    for name in steps:
+        p, d = planned.phases[name], direct.phases[name]
+        assert abs(p.peak_bytes - d.peak_bytes) <= 0.02 * d.peak_bytes, (name, p.peak_bytes, d.peak_bytes)
+        assert p.flops == d.flops, (name, p.flops, d.flops)
 
 
 def test_a_reward_model_runs_in_the_trace_and_a_reward_without_one_is_named(tiny_dir):

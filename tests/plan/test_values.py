@@ -59,3 +59,16 @@ def test_the_tracker_counts_live_storages_once_and_keeps_each_phase_peak():
             del z, view
         assert memory.peaks["a"].bytes == 8_000_000 and memory.peaks["b"].bytes == 8_000_000
         assert memory.total == 4_000_000
+
+
+def test_a_large_tensor_indexed_by_a_known_mask_keeps_the_masks_positions():
+    """A padding mask (small, real values) selecting rows of large hidden states, as Qwen-Image's prompt
+    encoder does: exactly the mask's positions, not every one."""
+    fake, values = _traced()
+    with fake, values:
+        mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+        hidden = torch.randn(2, 5, SMALL)                       # fake, no real copy
+        selected = hidden[mask]
+        lengths = mask.sum(dim=1).tolist()
+        assert selected.shape == (8, SMALL) and lengths == [3, 5]
+        assert [part.shape[0] for part in torch.split(selected, lengths)] == [3, 5]
