@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
     plan.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     plan.add_argument("--gpu", help="h100, h200, a100-80, a100-40, l40s, rtx4090, or NAME:GB")
     plan.add_argument("--num-processes", type=int, help="processes (GPUs) the run uses")
-    plan.add_argument("--accelerate-config", default="ddp", help="the engine: ddp (traced so far)")
+    plan.add_argument("--accelerate-config", default="ddp", help="the engine: ddp (traced) or fsdp (FSDP2, counted "
+                      "from the trace: each process holds shards of the trained model)")
     plan.add_argument("--no-suggest", action="store_true", help="when it does not fit, do not plan the changes "
                       "that could make it fit (each is traced again)")
     plan.add_argument("--out", help="write the plan as JSON here")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from diffrl.errors import ConfigError
+from diffrl.plan.fsdp import ShardedModule, fsdp_phases
 from diffrl.plan.hardware import GPU
 from diffrl.plan.memory import CATEGORIES
 from diffrl.plan.trace import (
@@ -30,6 +31,7 @@ from diffrl.plan.trace import (
 GIB = 2 ** 30
 MFU = 0.35            # the model-FLOPs utilisation the step-time estimate assumes
 BATCH_KEYS = ("sample_batch_size", "train_batch_size", "generation_batch_size")
+ENGINES = ("ddp", "fsdp")   # --accelerate-config values: traced (ddp), counted from the trace (fsdp)
 
 
 @dataclasses.dataclass
@@ -48,6 +50,8 @@ class Plan:
     max_steps: int | None = None
     suggestions: list[dict] = dataclasses.field(default_factory=list)
     untraced_rewards: list[str] = dataclasses.field(default_factory=list)
+    sharded: ShardedModule | None = None   # the trained module's FSDP2 units (diffrl.plan.fsdp)
+    unshardable: str | None = None         # why FSDP does not shard the model (None: it does)
 
     @property
     def step_phases(self) -> dict[str, PhaseTrace]:
@@ -96,7 +100,8 @@ class Plan:
                                                       "budget_gib": self.gpu.budget_gib},
                 "fits": self.fits, "mfu_assumed": MFU, "step_seconds": self.step_seconds,
                 "max_steps": self.max_steps, "gpu_hours": self.gpu_hours, "suggestions": self.suggestions,
-                "untraced_rewards": self.untraced_rewards}
+                "untraced_rewards": self.untraced_rewards,
+                "fsdp": self.sharded.to_json() if self.engine == "fsdp" else None}
 
 
 def _extrapolate(one: Trace, two: Trace, samples: int) -> dict[str, PhaseTrace]:
@@ -143,9 +148,9 @@ def plan(config_path: str, overrides: list[str] | None = None, *, processes: int
     overrides = list(overrides or [])
     config = load_config(config_path, overrides)
     check_supported(config)
-    if engine != "ddp":
-        raise ConfigError(f"--accelerate-config {engine}: diffrl plan traces DDP (every process holds the whole "
-                          f"model) so far")
+    if engine not in ENGINES:
+        raise ConfigError(f"--accelerate-config {engine}: diffrl plan counts {' and '.join(ENGINES)} (DeepSpeed "
+                          f"is not planned yet)")
     if "score" in step_phases(config):
         samples = per_process_samples(config, processes)
         group = config.group_size
@@ -158,9 +163,14 @@ def plan(config_path: str, overrides: list[str] | None = None, *, processes: int
         sizes = [dict(micro_batches=m) for m in ((micro_batches,) if micro_batches <= 3 else (2, 3))]
     traces = [trace_step(config_path, overrides, **size) for size in sizes]
     phases = traces[0].phases if len(traces) == 1 else _extrapolate(*traces, samples=samples)
+    if engine == "fsdp":
+        if traces[0].unshardable:
+            raise ConfigError(f"--accelerate-config fsdp: {traces[0].unshardable}")
+        phases = fsdp_phases(phases, traces[0].sharded, processes)
     return Plan(config_path, config.trainer, config.model.path, processes, engine, samples,
                 [t.samples for t in traces], phases, traces[0].trained_params, traces[0].total_params, gpu,
-                getattr(config, "max_steps", None), untraced_rewards=traces[0].untraced_rewards)
+                getattr(config, "max_steps", None), untraced_rewards=traces[0].untraced_rewards,
+                sharded=traces[0].sharded, unshardable=traces[0].unshardable)
 
 
 # The changes tried, one at a time, when a plan does not fit: each is planned again.
@@ -187,6 +197,11 @@ def suggest(result: Plan, overrides: list[str] | None = None) -> list[dict]:
                      engine=result.engine)
         tried.append({"change": label, "overrides": change, "peak_gib": again.peak_gib, "fits": again.fits,
                       "step_flops": again.step_flops})
+    if result.engine == "ddp" and result.processes > 1 and result.unshardable is None:   # counted, not traced
+        sharded = dataclasses.replace(result, engine="fsdp", phases=fsdp_phases(result.phases, result.sharded,
+                                                                                result.processes))
+        tried.append({"change": f"FSDP2 over {result.processes} processes", "overrides": ["--accelerate-config fsdp"],
+                      "peak_gib": sharded.peak_gib, "fits": sharded.fits, "step_flops": sharded.step_flops})
     return sorted(tried, key=lambda t: (not t["fits"], t["step_flops"], t["peak_gib"]))
 
 
@@ -198,6 +213,12 @@ def describe(result: Plan) -> str:
              f"{result.samples} samples per process",
              f"parameters: {result.total_params / 1e9:.2f} B, trained {result.trained_params / 1e6:.1f} M",
              *phase_table(result.phases)]
+    if result.engine == "fsdp":
+        s = result.sharded
+        lines.append(f"FSDP2 over {result.processes} processes: the trained model's {s.sharded_bytes / GIB:.1f} GiB "
+                     f"held as shards of {s.sharded_bytes / result.processes / GIB:.2f} GiB, plus "
+                     f"{s.gathered_bytes / GIB:.2f} GiB gathered at once ({s.units} layer units); gradients and "
+                     f"optimizer state in shards (counted from the trace: docs/planning.md)")
     if result.untraced_rewards:
         lines.append(f"rewards not traced (scored by a stand-in; their memory is not in the plan): "
                      f"{', '.join(result.untraced_rewards)}")

@@ -30,6 +30,7 @@ from diffrl.errors import ConfigError, DiffrlError
 from diffrl.plan import architectures
 from diffrl.plan.fake_models import built_from_config
 from diffrl.plan.flops import StepFlops
+from diffrl.plan.fsdp import ShardedModule, measure
 from diffrl.plan.memory import CATEGORIES, LiveMemory
 from diffrl.plan.stand_ins import (
     planned_preferences,
@@ -39,6 +40,7 @@ from diffrl.plan.stand_ins import (
     untraced_rewards,
 )
 from diffrl.plan.values import ShadowValues
+from diffrl.training import sharding
 
 ONLINE_STEPS = ("rollout", "score", "update")   # a traced trainer's step, phase by phase
 # the step of the others: a preference trainer's rollout (its pairs; SePPO's reference samples) and update; an
@@ -63,6 +65,8 @@ class Trace:
     total_params: int
     seconds: float             # how long tracing took here
     untraced_rewards: list[str] = dataclasses.field(default_factory=list)   # replaced, not run
+    sharded: ShardedModule | None = None   # the trained module's FSDP2 units (diffrl.plan.fsdp)
+    unshardable: str | None = None         # why FSDP does not shard this model (None: it does)
 
 
 def step_phases(config) -> tuple[str, ...]:
@@ -249,6 +253,8 @@ def _trace(config_path, overrides, size: dict, *, fake, where) -> Trace:
             with contextlib.redirect_stderr(io.StringIO()):   # the run's start-up line names the plan's scratch run
                 phase("setup", trainer.setup)
             gc.collect()   # what loading dropped in reference cycles is not part of the run
+            sharded = measure(trainer.model.trainable, config.mixed_precision)
+            unshardable = sharding.unshardable(trainer.model)
             memory.adopt(sum(_run_weights(existing), []))   # weights read from files: no op the tracker saw
             memory.watch_gradients(trainer.params)
             steps = step_phases(config)
@@ -272,7 +278,7 @@ def _trace(config_path, overrides, size: dict, *, fake, where) -> Trace:
     samples = (size["prompts"] * size["group"] if size["micro_batches"] is None else
                size["micro_batches"] * micro_batch_size(config))
     return Trace(config.trainer, config.model.path, samples, phases, trained, total_params,
-                 time.time() - start, untraced_rewards(getattr(config, "reward", None)))
+                 time.time() - start, untraced_rewards(getattr(config, "reward", None)), sharded, unshardable)
 
 
 def phase_table(phases: dict[str, PhaseTrace]) -> list[str]:

@@ -67,24 +67,33 @@ def check_version(fsdp_version: int) -> None:
                           f"set fsdp_version: 2 (as the shipped --accelerate-config fsdp does)")
 
 
-def check_model(accelerator, model) -> None:
-    """Before ``prepare``: one line for the models FSDP does not shard. Wan 2.2's two experts: each sample's
-    noise level picks one expert, so two processes may run different experts in a step, and FSDP's
-    collectives then mismatch (gloo aborts on it, measured); DDP lets an expert without samples sit the step
-    out. DiffusionGemma: its passes call the embedding and the output head on their own, outside the sharded
-    module's forward, which FSDP2 refuses ("FSDP requires a single root module", measured)."""
-    from accelerate.utils import DistributedType
-
+def unshardable(model) -> str | None:
+    """Why FSDP does not shard ``model``, as the end of an ``error:`` line; None when it does. Wan 2.2's two
+    experts: each sample's noise level picks one expert, so two processes may run different experts in a
+    step, and FSDP's collectives then mismatch (gloo aborts on it, measured); DDP lets an expert without
+    samples sit the step out. DiffusionGemma: its passes call the embedding and the output head on their own,
+    outside the sharded module's forward, which FSDP2 refuses ("FSDP requires a single root module",
+    measured)."""
     from diffrl.dllm.diffusion_gemma import DiffusionGemmaLM
+
+    if getattr(model, "has_two_experts", False):
+        return ("Wan 2.2's two experts cannot be sharded (each process's samples may fall on a different expert): "
+                "train with --accelerate-config ddp")
+    if isinstance(model, DiffusionGemmaLM):
+        return ("DiffusionGemma is not sharded by diffrl (its passes call the embedding and output head outside "
+                "the model's forward, which FSDP2 refuses): train with --accelerate-config ddp")
+    return None
+
+
+def check_model(accelerator, model) -> None:
+    """Before ``prepare``: one line for the models FSDP does not shard (:func:`unshardable`)."""
+    from accelerate.utils import DistributedType
 
     if accelerator.distributed_type != DistributedType.FSDP:
         return
-    if getattr(model, "has_two_experts", False):
-        raise ConfigError("Wan 2.2's two experts cannot be sharded (each process's samples may fall on a "
-                          "different expert): train with --accelerate-config ddp")
-    if isinstance(model, DiffusionGemmaLM):
-        raise ConfigError("DiffusionGemma is not sharded by diffrl (its passes call the embedding and output head "
-                          "outside the model's forward, which FSDP2 refuses): train with --accelerate-config ddp")
+    reason = unshardable(model)
+    if reason:
+        raise ConfigError(reason)
 
 
 def broadcast_adapters(accelerator, module: torch.nn.Module) -> None:
@@ -101,6 +110,18 @@ def broadcast_adapters(accelerator, module: torch.nn.Module) -> None:
                 torch.distributed.broadcast(param.data, src=0)
 
 
+def wrapped_classes(module: torch.nn.Module) -> list[str]:
+    """The layer classes FSDP shards one by one in ``module`` when the accelerate config names none: the
+    model's ``_no_split_modules`` but those holding the input embedding (see :func:`choose_wrapped_layers`)."""
+    classes = set(getattr(module, "_no_split_modules", None) or [])
+    embedding = getattr(module, "get_input_embeddings", lambda: None)()
+    if embedding is None or not classes:
+        return sorted(classes)
+    holders = {type(m).__name__ for m in module.modules()
+               if type(m).__name__ in classes and any(sub is embedding for sub in m.modules())}
+    return sorted(classes - holders)
+
+
 def choose_wrapped_layers(accelerator, module: torch.nn.Module) -> None:
     """Before ``prepare``: the layer classes FSDP shards one by one, when the accelerate config names none.
 
@@ -115,13 +136,8 @@ def choose_wrapped_layers(accelerator, module: torch.nn.Module) -> None:
     if plugin.transformer_cls_names_to_wrap:
         return
     classes = set(getattr(module, "_no_split_modules", None) or [])
-    embedding = getattr(module, "get_input_embeddings", lambda: None)()
-    if embedding is None or not classes:
-        return
-    holders = {type(m).__name__ for m in module.modules()
-               if type(m).__name__ in classes and any(sub is embedding for sub in m.modules())}
-    if holders:
-        plugin.transformer_cls_names_to_wrap = sorted(classes - holders)
+    if set(wrapped_classes(module)) != classes:
+        plugin.transformer_cls_names_to_wrap = wrapped_classes(module)
 
 
 # ----------------------------------------------------------------------------------------------------------
