@@ -25,11 +25,12 @@ sys.path.insert(0, str(ROOT))
 
 from diffrl.errors import DiffrlError  # noqa: E402  (after the path: runs from a checkout too)
 from diffrl.plan.architectures import architecture_of  # noqa: E402
-from diffrl.plan.hardware import config_hardware  # noqa: E402
+from diffrl.plan.hardware import config_engine, config_hardware  # noqa: E402
 from diffrl.plan.planner import plan  # noqa: E402
 from diffrl.trainers import load_config  # noqa: E402
 
 START, END = "<!-- plans:start -->", "<!-- plans:end -->"
+ENGINE_NAMES = {"ddp": "DDP", "fsdp": "FSDP2"}
 
 
 def published() -> list[Path]:
@@ -49,14 +50,15 @@ def plan_one(path: Path) -> dict:
     rel = str(path.relative_to(ROOT))
     config = load_config(rel, [])
     processes, gpu = config_hardware(rel)
-    row = {"config": rel, "trainer": config.trainer, "model": config.model.path,
-           "hardware": f"{processes}x {gpu.name}", "planned_on": datetime.date.today().isoformat(),
+    engine = config_engine(rel) or "ddp"
+    row = {"config": rel, "trainer": config.trainer, "model": config.model.path, "hardware": hardware(rel),
+           "planned_on": datetime.date.today().isoformat(),
            "commit": commit()}
     if architecture_of(config.model.path) is None:
         return {**row, "planned": False, "why": "no architecture file for this model yet"}
     start = time.time()
     try:
-        result = plan(rel, [], processes=processes, gpu=gpu)
+        result = plan(rel, [], processes=processes, gpu=gpu, engine=engine)
     except DiffrlError as e:
         return {**row, "planned": False, "why": str(e)}
     return {**row, "planned": True, **result.to_json(), "trace_seconds": time.time() - start}
@@ -85,12 +87,16 @@ def merged(out: Path, new: list[dict]) -> list[dict]:
     out_rows = []
     for path in published():
         rel = str(path.relative_to(ROOT))
-        if rel not in rows:
-            processes, gpu = config_hardware(rel)
-            rows[rel] = {"config": rel, "hardware": f"{processes}x {gpu.name}", "planned": False,
-                         "why": "not planned yet"}
+        rows.setdefault(rel, {"config": rel, "planned": False, "why": "not planned yet"})
+        rows[rel]["hardware"] = hardware(rel)   # as the header says now
         out_rows.append(rows[rel])
     return out_rows
+
+
+def hardware(rel: str) -> str:
+    processes, gpu = config_hardware(rel)
+    engine = config_engine(rel) or "ddp"
+    return f"{processes}x {gpu.name}, {ENGINE_NAMES.get(engine, engine)}"
 
 
 def main() -> int:

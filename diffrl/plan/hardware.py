@@ -1,4 +1,4 @@
-"""GPUs a plan is checked against, and the hardware line a published config's header states.
+"""GPUs a plan is checked against, and the hardware line (and launch engine) a published config's header states.
 
 Memory is what ``torch.cuda.get_device_properties(0).total_memory`` reports for each card (GiB = 2**30
 bytes). A plan fits when its peak stays under ``USABLE`` of that minus ``CONTEXT_GIB``: the CUDA context,
@@ -68,3 +68,19 @@ def config_hardware(config_path: str) -> tuple[int, GPU] | None:
     if match is None:
         return None
     return int(match.group(1)), parse_gpu(match.group(2))
+
+
+LAUNCH_ENGINE = re.compile(r"--accelerate-config[ =]([A-Za-z0-9_\-]+)")
+
+
+def config_engine(config_path: str) -> str | None:
+    """The engine of the launch line in a config's header comments (``diffrl train CONFIG --accelerate-config
+    fsdp ...``), or None without one."""
+    with open(config_path, encoding="utf-8") as f:
+        for line in f:
+            if not line.startswith("#"):
+                return None
+            match = LAUNCH_ENGINE.search(line)
+            if match:
+                return match.group(1)
+    return None

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from diffrl import cli
-from diffrl.plan.hardware import GPUS, config_hardware, parse_gpu
+from diffrl.plan.hardware import GPUS, config_engine, config_hardware, parse_gpu
 from tests.conftest import REPO_ROOT
 
 PUBLISHED = sorted(p for p in (REPO_ROOT / "configs").glob("*/*.yaml")
@@ -19,6 +19,8 @@ def test_every_published_config_names_the_hardware_it_is_meant_for():
         assert hardware is not None, f"{path.relative_to(REPO_ROOT)} has no '# Hardware: 8x H100 80GB' line"
         count, gpu = hardware
         assert count >= 1 and gpu.memory_gib > 20, path
+        # the engine its launch line names (none: `diffrl train --num-processes N` launches DDP)
+        assert config_engine(str(path)) in (None, "ddp", "fsdp"), f"{path}: an engine diffrl plan cannot count"
 
 
 def test_gpus_parse_by_name_or_name_and_size():
