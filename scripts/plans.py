@@ -1,6 +1,6 @@
 """Plan every published config, and write the README's "Will it fit?" table.
 
-    python scripts/plans.py [--only awm/sd35m_ocr ...] [--out docs/plans.json] [--readme README.md]
+    python scripts/plans.py [--only awm/sd35m_ocr ...] [--table] [--out docs/plans.json] [--readme README.md]
 
 Each config is planned on the hardware its header names (``# Hardware: 8x H100 80GB``), with
 ``diffrl.plan.planner.plan``: fake tensors, nothing downloaded, 1 to 30 minutes a config on 2 cores. Each
@@ -104,8 +104,11 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="configs as TRAINER/NAME (default: every published config)")
     parser.add_argument("--out", default="docs/plans.json")
     parser.add_argument("--readme", default="README.md")
+    parser.add_argument("--table", action="store_true", help="plan nothing: rewrite the README's table from the JSON")
     args = parser.parse_args()
-    paths = published()
+    paths = [] if args.table else published()
+    if args.only is not None and not args.only:
+        parser.error("--only needs TRAINER/NAME names (as awm/sd35m_ocr)")
     if args.only:
         names = {f"{p.parent.name}/{p.stem}": p for p in paths}
         unknown = sorted(set(args.only) - set(names))
