@@ -151,9 +151,14 @@ def _list_losses():
 
 
 def _list_curricula():
-    from diffrl.curriculum import describe_curricula
+    import dataclasses
 
-    return describe_curricula()
+    from diffrl.curriculum import describe_curricula
+    from diffrl.trainers import available_trainers
+
+    trainers = available_trainers()
+    return describe_curricula(lambda key: sorted(name for name, entry in trainers.items()
+                                                 if key in {f.name for f in dataclasses.fields(entry.config_class)}))
 
 
 def _list_rewards():

@@ -235,17 +235,28 @@ def top_fraction_mask(scores: torch.Tensor, mask: torch.Tensor, ratio: float) ->
     return (rank < keep[:, None]) & mask
 
 
-CURRICULA = {
-    "uniform": (UniformSampler, "shuffled epochs, each example once per epoch", ""),
-    "dump": (DUMPScheduler, "UCB bandit over data sources on mean |advantage|", "https://arxiv.org/abs/2504.09710"),
+CURRICULA = {   # name -> (object, summary, paper, the trainer config key that turns it on, or None)
+    "uniform": (UniformSampler, "shuffled epochs, each example once per epoch", "", None),
+    "dump": (DUMPScheduler, "UCB bandit over data sources on mean |advantage|", "https://arxiv.org/abs/2504.09710",
+             None),
     "spo_priority": (SPOPrioritySampler, "prompts weighted by sqrt(p(1-p)) + 0.05 from the SPO tracker",
-                     "https://arxiv.org/abs/2509.13232"),
+                     "https://arxiv.org/abs/2509.13232", None),
     "filter_groups": (filter_groups, "dynamic sampling: drop groups whose rewards agree (DAPO) or all-correct "
-                      "groups (NGRPO)", "https://arxiv.org/abs/2503.14476"),
+                      "groups (NGRPO)", "https://arxiv.org/abs/2503.14476", "dynamic_sampling"),
     "d3s": (max_variance_subset, "max-variance subset of a group + token top-|A|H, annealed (reconstruction)",
-            "https://arxiv.org/abs/2509.22115"),
+            "https://arxiv.org/abs/2509.22115", None),
 }
 
 
-def describe_curricula() -> list[tuple[str, str, str]]:
-    return [(name, summary, paper) for name, (_, summary, paper) in CURRICULA.items()]
+def describe_curricula(takes=lambda key: []) -> list[tuple[str, str, str]]:
+    """(name, summary and where it is used, paper); ``takes(key)``: the trainers whose config has ``key``."""
+    rows = []
+    for name, (_, summary, paper, key) in CURRICULA.items():
+        if name == "uniform":
+            where = "every trainer's prompt draws"
+        elif key is None:
+            where = "library only: no config turns it on yet"
+        else:
+            where = f"config `{key}` in {', '.join(takes(key)) or 'no trainer'}"
+        rows.append((name, f"{summary} [{where}]", paper))
+    return rows

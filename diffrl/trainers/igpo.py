@@ -53,7 +53,8 @@ from diffrl.dllm.reasoning import (
 from diffrl.errors import ConfigError
 from diffrl.losses import aggregate, clipped_surrogate, hint_entropy_mask, kl_penalty, sequence_log_ratio
 from diffrl.trainers import register_trainer
-from diffrl.training import engine, run_setup, step_guard
+from diffrl.training import dynamic_sampling, engine, run_setup, step_guard
+from diffrl.training.dynamic_sampling import DynamicSamplingConfig, groups_with_signal
 from diffrl.training.protocol import CheckpointContents, if_stateful
 
 
@@ -119,6 +120,8 @@ class IGPOConfig(TrainerConfig):
     estimator_kwargs: dict[str, float | bool | str] = param({}, help="options of the estimator")
     chat_template: bool = param(True, help="wrap questions in the tokenizer's chat template")
     eval_k: int = param(1, help="also report pass@k with k samples per question at `temperature` (1: off)", ge=1)
+    dynamic_sampling: DynamicSamplingConfig = param(DynamicSamplingConfig(), help="DAPO's dynamic sampling: groups "
+                                                    "without signal dropped and refilled from further rollouts")
 
     def samples_per_step(self, num_processes: int) -> str:
         return f"{self.prompts_per_step} prompts x {self.group_size} samples per step"
@@ -280,8 +283,9 @@ class IGPOTrainer:
         with torch.no_grad(), self._without_ddp():
             return self._score(batch)
 
-    def _score(self, batch: dict) -> dict:
-        cfg, acc = self.config, self.accelerator
+    def _rewards(self, batch: dict) -> dict:
+        """Rewards and correct flags of the batch's completions (into ``batch``), then IGPO's inpainting."""
+        cfg = self.config
         rewards, correct, extras = score_texts(self.reward, self.model.decode(batch["completions"]), batch["rows"],
                                                cfg.correctness)
         groups = correct.view(-1, cfg.group_size)
@@ -290,6 +294,47 @@ class IGPOTrainer:
                  "all_correct_ratio": float(groups.all(1).float().mean())}
         if cfg.igpo.enabled:
             stats.update(self._inpaint(batch, rewards, correct))
+        batch.update(rewards=rewards, correct=correct, extras=extras)
+        return stats
+
+    def _signal(self, batch: dict) -> torch.Tensor:
+        values = batch["correct"] if self.config.dynamic_sampling.metric == "correctness" else batch["rewards"]
+        return groups_with_signal(values, self.config.group_size)
+
+    def _dynamic_sampling(self, batch: dict) -> tuple[dict, dict]:
+        """DAPO's dynamic sampling (:mod:`diffrl.training.dynamic_sampling`): the step's groups, each with signal
+        when ``max_rounds`` rollouts allow, from this batch and further rollouts of the next prompts."""
+        cfg = self.config
+        rounds = iter([batch])
+
+        def draw():
+            scored = next(rounds, None)
+            if scored is None:
+                scored = self._rollout()
+                self._rewards(scored)
+            return scored, self._signal(scored)
+
+        acc = self.accelerator
+        collected = dynamic_sampling.collect(
+            draw, self.prompt_sampler.next_indices, len(batch["tasks"]), cfg.dynamic_sampling,
+            anyone_short=lambda short: bool(acc.reduce(torch.tensor(float(short), device=acc.device), "sum") > 0))
+        out = dynamic_sampling.merge(collected.pieces, cfg.group_size, group_keys=("tasks",),
+                                     row_keys=("rows", "completions", "hint_mask", "rewards", "correct"),
+                                     nested_keys=("extras",))
+        out["prompt_ids"], out["prompt_mask"] = prompt_tensors(self.model, out["tasks"],
+                                                               chat_template=cfg.chat_template, repeat=cfg.group_size)
+        out["group_ids"] = torch.arange(len(out["tasks"])).repeat_interleave(cfg.group_size)
+        batch.clear()
+        batch.update(out)   # the engine holds this dict: the step trains on the collected groups
+        return batch, collected.stats
+
+    def _score(self, batch: dict) -> dict:
+        cfg, acc = self.config, self.accelerator
+        stats = self._rewards(batch)
+        if cfg.dynamic_sampling.enabled:
+            batch, sampled = self._dynamic_sampling(batch)
+            stats.update(sampled)
+        rewards, correct, extras = batch["rewards"], batch["correct"], batch["extras"]
         # Decided on values every process sees, so that all of them skip the step together.
         step_guard.check_rewards(acc.gather(rewards.to(acc.device)).cpu(), self.reward.names,
                                  step_guard.reward_failure(acc, extras))
