@@ -31,7 +31,8 @@ def cmd_train(args) -> int:
     if not launch.inside_launcher() and not args.print_launch:
         from diffrl.plan import preflight
 
-        preflight.check_before_training(config, args.config, args.overrides, processes=args.num_processes)
+        preflight.check_before_training(config, args.config, args.overrides, processes=args.num_processes,
+                                        engine=launch.planned_engine(args.accelerate_config))
     if launch.needs_launcher(args) and not launch.inside_launcher():
         if hasattr(config, "group_size") and hasattr(config, "prompts_per_step"):
             from diffrl.training.rollout import check_group_split

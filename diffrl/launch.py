@@ -144,3 +144,17 @@ def _relay(source, out) -> None:
     if pending[shown:] and not errors:
         out.write(pending[shown:])
         out.flush()
+
+
+def planned_engine(name: str | None) -> str:
+    """The engine ``diffrl plan`` counts for a run launched with ``--accelerate-config name``: ``ddp`` without
+    one, ``fsdp`` for an FSDP config (shipped or the user's), else the config's distributed type in lower case
+    (which the planner refuses in one line)."""
+    if name is None:
+        return "ddp"
+    try:
+        engine = str(accelerate_settings(name)[1].get("distributed_type", "")).upper()
+    except DiffrlError:   # the launch says what is wrong with it, in its own line
+        return name
+    return {"FSDP": "fsdp", "MULTI_GPU": "ddp", "MULTI_CPU": "ddp", "NO": "ddp", "": "ddp"}.get(engine, engine.lower())
+

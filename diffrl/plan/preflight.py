@@ -20,13 +20,14 @@ def this_gpu() -> GPU | None:
     return GPU(props.name, props.total_memory / 2 ** 30, None)
 
 
-def warning(config_path: str, overrides: list[str], *, processes: int, gpu: GPU) -> str | None:
+def warning(config_path: str, overrides: list[str], *, processes: int, gpu: GPU, engine: str = "ddp") -> str | None:
     """A ``warning:`` line when the plan does not fit ``gpu``, a ``note:`` line when the config cannot be planned
-    (a trainer or model the planner does not trace yet), None when it fits."""
+    (a model or engine the planner does not know, a step it cannot trace), None when it fits. ``engine``: the
+    run's ``--accelerate-config`` (ddp or fsdp are planned)."""
     from diffrl.plan.planner import plan
 
     try:
-        result = plan(config_path, overrides, processes=processes, gpu=gpu)
+        result = plan(config_path, overrides, processes=processes, gpu=gpu, engine=engine)
     except Exception as e:  # noqa: BLE001  (the plan advises; whatever stops it must not stop the run)
         reason = str(e) if isinstance(e, DiffrlError) else f"{type(e).__name__}: {e}"
         return f"note: no memory plan before training ({reason}); set plan_check: false to skip the attempt"
@@ -38,7 +39,7 @@ def warning(config_path: str, overrides: list[str], *, processes: int, gpu: GPU)
 
 
 def check_before_training(config, config_path: str, overrides: list[str], *, processes: int,
-                          gpu: GPU | None = None) -> None:
+                          gpu: GPU | None = None, engine: str = "ddp") -> None:
     """Print :func:`warning`'s line, if any, on a CUDA machine (``gpu`` given: that card) when the config's
     ``plan_check`` is on and it does not force the CPU."""
     if not config.plan_check or config.cpu:
@@ -48,6 +49,6 @@ def check_before_training(config, config_path: str, overrides: list[str], *, pro
         return
     print(f"planning one step's memory on this {gpu.name} first (diffrl plan; plan_check: false skips it) ...",
           file=sys.stderr, flush=True)
-    line = warning(config_path, overrides, processes=processes, gpu=gpu)
+    line = warning(config_path, overrides, processes=processes, gpu=gpu, engine=engine)
     if line:
         print(line, file=sys.stderr, flush=True)

@@ -87,3 +87,18 @@ def test_fsdp_plans_refuse_in_one_line_what_a_run_refuses(config, kind, message,
                      "--num-processes", "2", "--gpu", "h100"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --accelerate-config ") and message in err[0], err
+
+
+def test_train_plans_the_engine_it_launches(tiny_dir):
+    """`diffrl train --accelerate-config X` plans X first: FSDP2 counted, DeepSpeed named as not planned."""
+    from diffrl.launch import planned_engine
+    from diffrl.plan import preflight
+    from diffrl.plan.hardware import GPU
+
+    own = str(REPO_ROOT / "diffrl/accelerate_configs/fsdp.yaml")   # a path to an FSDP config, as a user's own
+    assert [planned_engine(name) for name in (None, "ddp", "fsdp", own)] == ["ddp", "ddp", "fsdp", "fsdp"]
+    overrides = [f"model.path={tiny_dir('sd3')}", *FULL]
+    sharded = preflight.warning(CONFIG, overrides, processes=2, gpu=GPU("tiny card", 0.004, None), engine="fsdp")
+    assert sharded.startswith("warning: diffrl plan predicts ")
+    deepspeed = preflight.warning(CONFIG, overrides, processes=2, gpu=GPU("card", 80, None), engine="zero2")
+    assert deepspeed.startswith("note: no memory plan before training (--accelerate-config zero2: diffrl plan counts")
