@@ -3,6 +3,7 @@ seconds, 3 seeds an arm.
 
     python scripts/bench/sampling_options.py [--arms diffu-grpo diffu-grpo+ds igpo igpo+ds] [--seeds 0 1 2]
         [--steps 30] [--eval-every 10] [--out outputs/bench/sampling_options] [--json docs/sampling_options_text.json]
+        [--reuse]   # runs already finished under --out are read, not trained again
 
 Each arm is ``diffrl train configs/quickstart_text.yaml`` with its overrides (below), once per seed: greedy
 accuracy on the 240 held-out questions every ``--eval-every`` steps, against the seconds the training steps
@@ -45,6 +46,18 @@ def no_signal_share(rows: list[dict]) -> float | None:
     return round(statistics.fmean(shares), 4) if shares else None
 
 
+def finished(folder: Path, steps: int) -> list[dict] | None:
+    """The metrics rows of a run in ``folder`` that evaluated at its last step ``steps``, else None."""
+    from diffrl.errors import DiffrlError
+    from diffrl.report import read_metrics
+
+    try:
+        rows = read_metrics(folder)
+    except DiffrlError:
+        return None
+    return rows if any(r.get("step") == steps and METRIC in r for r in rows) else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS))
@@ -53,13 +66,18 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "sampling_options")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "sampling_options_text.json")
+    parser.add_argument("--reuse", action="store_true", help="read a run already finished under --out (its last "
+                        "evaluation at --steps) instead of training it again")
     args = parser.parse_args()
     results = {}
     for arm in args.arms:
         overrides, _ = ARMS[arm]
         runs = []
         for seed in args.seeds:
-            rows = run(CONFIG, overrides, args.out / arm / f"seed{seed}", seed, args.steps, args.eval_every)
+            folder = args.out / arm / f"seed{seed}"
+            rows = finished(folder, args.steps) if args.reuse else None
+            if rows is None:
+                rows = run(CONFIG, overrides, folder, seed, args.steps, args.eval_every)
             points = curve(rows, METRIC, 64)
             steps = [r for r in rows if "step_time" in r]
             runs.append({"seed": seed, "curve": points, "no_signal_share": no_signal_share(steps),
