@@ -5,10 +5,12 @@ The run is the config's, with these changes (and only these): the model folder i
 model it names (:mod:`diffrl.plan.architectures`) when it names a hub id; the reward is a stand-in with the
 same components (:mod:`diffrl.plan.stand_ins`); a hub dataset of reasoning tasks is replaced by tasks of
 GSM8K-like length, a prompt file the repository does not ship (or a hub dataset of prompts) by short prompts
-(image and video models pad them to a fixed length); fp16 (mixed precision or weights) is traced as bf16
-(the same sizes; fp16 runs only on a GPU); nothing is logged or saved. A run of N processes is traced as one
-process doing one N-th of the step's prompts, which is each process's share (the only tensors crossing
-processes are the gathered rewards, a few numbers per sample); :mod:`diffrl.plan.planner` chooses how many.
+(image and video models pad them to a fixed length; with an input image each for editing and image-to-video
+models), a hub dataset of preference pairs by stand-in pairs (resized to the config's resolution); fp16 (mixed
+precision or weights) is traced as bf16 (the same sizes; fp16 runs only on a GPU); nothing is logged or saved.
+A run of N processes is traced as one process doing one N-th of the step's prompts, which is each process's
+share (the only tensors crossing processes are the gathered rewards, a few numbers per sample);
+:mod:`diffrl.plan.planner` chooses how many.
 """
 
 from __future__ import annotations
