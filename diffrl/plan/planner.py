@@ -7,7 +7,10 @@ sampling batch and training micro-batch has a fixed size). The traced sizes are 
 the config's group size, ``k`` the fewest whose samples fill whole batches of each size, two of the largest
 at least; a step no bigger than ``2k`` prompts is traced as it is. Each phase's peak, each category and the
 FLOPs are extrapolated on their own line; the peak moment inside a forward can shift a little as the kept
-data grows, which the tests bound (15% on a tiny model whose kept data is most of its memory).
+data grows, which the tests bound (15% on a tiny model whose kept data is most of its memory). A trainer whose
+step is micro-batches (preference, SFT) is traced at 2 and 3 of them (the first one's backward creates the
+gradients) and extrapolated to its ``optim.gradient_accumulation_steps``. FSDP2 is counted from the trace
+(:mod:`diffrl.plan.fsdp`).
 """
 
 from __future__ import annotations
