@@ -312,7 +312,8 @@ def test_a_bad_port_or_host_is_one_line(host, port, words):
         serve(load_reward(SPEC), host, port, token=None)
 
 
-def test_sigterm_while_scoring_answers_the_batch_then_exits_cleanly():
+def test_sigterm_while_scoring_answers_the_batch_then_exits_cleanly(tmp_path):
+    import os
     import signal
     import socket
     import subprocess
@@ -324,9 +325,11 @@ def test_sigterm_while_scoring_answers_the_batch_then_exits_cleanly():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    started = tmp_path / "scoring"
     proc = subprocess.Popen([sys.executable, "-m", "diffrl.cli", "serve-reward", "--reward",
                              "tests.rewards.slow_reward:SlowReward", "--port", str(port)], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SLOW_REWARD_STARTED": str(started)})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -340,7 +343,9 @@ def test_sigterm_while_scoring_answers_the_batch_then_exits_cleanly():
         remote = load_reward({"remote": 1.0}, kwargs={"remote": {"url": url, "retries": 0}})
         client = threading.Thread(target=lambda: answers.append(remote(torch.ones(2, 3, 8, 8), ["", ""])))
         client.start()
-        time.sleep(0.8)   # the batch is being scored (2 s)
+        deadline = time.time() + 60
+        while not started.exists() and time.time() < deadline:   # the batch is being scored (2 s)
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         client.join(timeout=60)
         out, err = proc.communicate(timeout=60)
