@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffrl.errors import DiffrlError  # noqa: E402  (after the path: runs from a checkout too)
+from diffrl.errors import DiffrlError  # noqa: E402
+from diffrl.launch import planned_engine  # noqa: E402  (after the path: runs from a checkout too)
 from diffrl.plan.architectures import architecture_of  # noqa: E402
 from diffrl.plan.hardware import config_engine, config_hardware  # noqa: E402
 from diffrl.plan.planner import plan  # noqa: E402
@@ -50,7 +51,7 @@ def plan_one(path: Path) -> dict:
     rel = str(path.relative_to(ROOT))
     config = load_config(rel, [])
     processes, gpu = config_hardware(rel)
-    engine = config_engine(rel) or "ddp"
+    engine = planned_engine(config_engine(rel))
     row = {"config": rel, "trainer": config.trainer, "model": config.model.path, "hardware": hardware(rel),
            "planned_on": datetime.date.today().isoformat(),
            "commit": commit()}
@@ -95,7 +96,7 @@ def merged(out: Path, new: list[dict]) -> list[dict]:
 
 def hardware(rel: str) -> str:
     processes, gpu = config_hardware(rel)
-    engine = config_engine(rel) or "ddp"
+    engine = planned_engine(config_engine(rel))
     return f"{processes}x {gpu.name}, {ENGINE_NAMES.get(engine, engine)}"
 
 

@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from diffrl.launch import planned_engine
     from diffrl.plan.hardware import config_engine, config_hardware, parse_gpu
     from diffrl.plan.planner import describe, plan, suggest
 
@@ -38,7 +39,7 @@ def run(args) -> int:
     processes = args.num_processes or (header[0] if header else 1)
     if processes < 1:
         raise DiffrlError(f"--num-processes {processes}: must be at least 1")
-    engine = args.accelerate_config or config_engine(args.config) or "ddp"
+    engine = planned_engine(args.accelerate_config or config_engine(args.config))
     result = plan(args.config, args.overrides, processes=processes, gpu=gpu, engine=engine)
     if result.fits is False and not args.no_suggest:
         result.suggestions = suggest(result, args.overrides)
