@@ -85,11 +85,14 @@ def measure(module: torch.nn.Module, mixed_precision: str) -> ShardedModule:
             for p in unit(part)]
     root = _own(module, held)
     params = list(module.parameters())
-    stored = sum(p.numel() * (4 if upcast and p.requires_grad else p.element_size()) for p in params)
-    largest = sorted((_bytes(unit, compute) for unit in layers), reverse=True)[:2]
-    biggest = max(layers, key=lambda unit: _bytes(unit), default=[])
-    grads = sum(p.numel() * 4 if upcast else p.numel() * p.element_size() for p in biggest if p.requires_grad)
-    return ShardedModule(traced_bytes=_bytes(params), sharded_bytes=stored,
+
+    def stored(p) -> int:   # a parameter as FSDP2 stores it (and its gradient): trained ones upcast
+        return p.numel() * (4 if upcast and p.requires_grad else p.element_size())
+
+    largest = sorted((_bytes(layer, compute) for layer in layers), reverse=True)[:2]   # gathered in compute dtype
+    biggest = max(layers, key=_bytes, default=[])
+    grads = sum(stored(p) for p in biggest if p.requires_grad)
+    return ShardedModule(traced_bytes=_bytes(params), sharded_bytes=sum(stored(p) for p in params),
                          gathered_bytes=_bytes(root, compute) + _bytes(tail, compute) + sum(largest),
                          unit_grad_bytes=grads, units=len(layers), unit_classes=tuple(sorted(names)))
 

@@ -301,9 +301,10 @@ class IGPOTrainer:
         values = batch["correct"] if self.config.dynamic_sampling.metric == "correctness" else batch["rewards"]
         return groups_with_signal(values, self.config.group_size)
 
-    def _dynamic_sampling(self, batch: dict) -> tuple[dict, dict]:
-        """DAPO's dynamic sampling (:mod:`diffrl.training.dynamic_sampling`): the step's groups, each with signal
-        when ``max_rounds`` rollouts allow, from this batch and further rollouts of the next prompts."""
+    def _dynamic_sampling(self, batch: dict) -> dict:
+        """DAPO's dynamic sampling (:mod:`diffrl.training.dynamic_sampling`): ``batch`` becomes the step's groups,
+        each with signal when ``max_rounds`` rollouts allow, from it and further rollouts of the next prompts;
+        returns the sampling's stats."""
         cfg = self.config
         rounds = iter([batch])
 
@@ -326,14 +327,13 @@ class IGPOTrainer:
         out["group_ids"] = torch.arange(len(out["tasks"])).repeat_interleave(cfg.group_size)
         batch.clear()
         batch.update(out)   # the engine holds this dict: the step trains on the collected groups
-        return batch, collected.stats
+        return collected.stats
 
     def _score(self, batch: dict) -> dict:
         cfg, acc = self.config, self.accelerator
         stats = self._rewards(batch)
         if cfg.dynamic_sampling.enabled:
-            batch, sampled = self._dynamic_sampling(batch)
-            stats.update(sampled)
+            stats.update(self._dynamic_sampling(batch))
         rewards, correct, extras = batch["rewards"], batch["correct"], batch["extras"]
         # Decided on values every process sees, so that all of them skip the step together.
         step_guard.check_rewards(acc.gather(rewards.to(acc.device)).cpu(), self.reward.names,

@@ -135,9 +135,9 @@ def choose_wrapped_layers(accelerator, module: torch.nn.Module) -> None:
     plugin = accelerator.state.fsdp_plugin
     if plugin.transformer_cls_names_to_wrap:
         return
-    classes = set(getattr(module, "_no_split_modules", None) or [])
-    if set(wrapped_classes(module)) != classes:
-        plugin.transformer_cls_names_to_wrap = wrapped_classes(module)
+    wrapped = wrapped_classes(module)
+    if set(wrapped) != set(getattr(module, "_no_split_modules", None) or []):
+        plugin.transformer_cls_names_to_wrap = wrapped
 
 
 # ----------------------------------------------------------------------------------------------------------
