@@ -83,7 +83,8 @@ def test_fsdp_shards_are_counted_as_a_real_fsdp2_run_holds_them(tiny_dir, tmp_pa
 def test_fsdp_plans_refuse_in_one_line_what_a_run_refuses(config, kind, message, tiny_dir, capsys):
     engine = "fsdp" if "Gemma" in message else "zero2"
     extra = ["model.dtype=bfloat16"] if kind == "diffusion_gemma" else []
-    assert cli.main(["plan", config, f"model.path={tiny_dir(kind)}", *extra, "--accelerate-config", engine,
+    folder, _ = tiny_dir(kind), capsys.readouterr()   # built first: saving it writes progress bars to stderr
+    assert cli.main(["plan", config, f"model.path={folder}", *extra, "--accelerate-config", engine,
                      "--num-processes", "2", "--gpu", "h100"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --accelerate-config ") and message in err[0], err
