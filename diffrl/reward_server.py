@@ -143,7 +143,30 @@ class RewardServer(ThreadingHTTPServer):
         self.batcher = _Batcher(reward, max_batch=max_batch, wait=batch_wait)
         self.requests_served = 0
         self._count = threading.Lock()
+        self._answering = 0  # connections whose handler has not finished writing its answer
         super().__init__((host, port), _Handler)
+
+    def finish_request(self, request, client_address):
+        with self._count:
+            self._answering += 1
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            with self._count:
+                self._answering -= 1
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every request taken is scored and its answer written (the handler threads are daemons:
+        the process must not end between the batcher's result and the handler's write); False on timeout."""
+        deadline = time.monotonic() + timeout
+        if not self.batcher.drain(timeout):
+            return False
+        while time.monotonic() < deadline:
+            with self._count:
+                if self._answering == 0:
+                    return True
+            time.sleep(0.02)
+        return False
 
     @property
     def batches_run(self) -> int:
@@ -272,5 +295,5 @@ def serve(reward, host: str, port: int, *, token: str | None, max_batch: int = 6
     except KeyboardInterrupt:
         pass
     finally:
-        server.batcher.drain(timeout=120.0)
+        server.drain(timeout=120.0)
         server.server_close()
