@@ -77,6 +77,18 @@ def get_estimator(name: str, **kwargs) -> Callable[..., torch.Tensor]:
     return entry.factory(**kwargs) if entry.stateful else functools.partial(entry.factory, **kwargs)
 
 
+# Estimators whose state a trainer must update after its actor step with more than rewards: no trainer does.
+_NOT_IN_TRAINERS = {"spo": "its value tracker must be updated after every actor step with each prompt's policy "
+                           "divergence, which no diffrl trainer does yet (every prompt would keep p = 0.5)"}
+
+
+def trainer_estimator(name: str, **kwargs) -> Callable[..., torch.Tensor]:
+    """:func:`get_estimator` for a trainer's config: refuses the estimators no trainer drives in one line."""
+    if name in _NOT_IN_TRAINERS:
+        raise ConfigError(f"estimator {name}: {_NOT_IN_TRAINERS[name]}; choose another (diffrl ls estimators)")
+    return get_estimator(name, **kwargs)
+
+
 def available_estimators() -> dict[str, EstimatorEntry]:
     return dict(sorted(_ESTIMATORS.items()))
 

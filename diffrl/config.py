@@ -164,12 +164,28 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 @dataclasses.dataclass
+class CurriculumConfig:
+    """Which prompts a step draws (diffrl.training.prompt_draws): shuffled epochs or DUMP's bandit over the
+    data's distributions."""
+
+    name: Literal["uniform", "dump"] = param(
+        "uniform", help="'uniform': shuffled epochs; 'dump': DUMP's UCB bandit over the distributions named by "
+                        "`field`, on the mean |advantage| of each (arXiv 2504.09710)")
+    field: str = param("source", help="dump: the row field naming each prompt's distribution (the addition "
+                                      "generator's tasks: level)")
+    window_size: int = param(300, help="dump: |advantage| values kept per distribution (its sliding window)", ge=1)
+    exploration: float = param(1.0, help="dump: the UCB bonus's weight c", ge=0)
+    temperature: float = param(0.1, help="dump: the softmax temperature over UCB values", gt=0)
+
+
+@dataclasses.dataclass
 class PromptDataConfig:
     path: str = param(help="prompt file (.txt one per line, .jsonl/.parquet with a prompt column) or hub dataset")
     column: str = param("prompt", help="prompt field of jsonl / parquet / hub rows")
     split: str = param("train", help="dataset split")
     eval_path: str | None = param(None, help="prompts for evaluation (default: the first eval_size training prompts)")
     eval_size: int = param(16, help="number of evaluation prompts", ge=0)
+    curriculum: CurriculumConfig = param(CurriculumConfig(), help="which prompts each step draws")
 
 
 @dataclasses.dataclass

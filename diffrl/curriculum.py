@@ -238,8 +238,9 @@ def top_fraction_mask(scores: torch.Tensor, mask: torch.Tensor, ratio: float) ->
 CURRICULA = {   # name -> (object, summary, paper, the trainer config key that turns it on, or None)
     "uniform": (UniformSampler, "shuffled epochs, each example once per epoch", "", None),
     "dump": (DUMPScheduler, "UCB bandit over data sources on mean |advantage|", "https://arxiv.org/abs/2504.09710",
-             None),
-    "spo_priority": (SPOPrioritySampler, "prompts weighted by sqrt(p(1-p)) + 0.05 from the SPO tracker",
+             "data.curriculum"),
+    "spo_priority": (SPOPrioritySampler, "prompts weighted by sqrt(p(1-p)) + 0.05 from the SPO tracker (needs the "
+                     "tracker updated after each actor step with the policy divergence: no trainer does yet)",
                      "https://arxiv.org/abs/2509.13232", None),
     "filter_groups": (filter_groups, "dynamic sampling: drop groups whose rewards agree (DAPO) or all-correct "
                       "groups (NGRPO)", "https://arxiv.org/abs/2503.14476", "dynamic_sampling"),

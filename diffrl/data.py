@@ -201,11 +201,13 @@ def split_trace_answer(solution: str) -> tuple[str, str]:
 
 def load_reasoning(path: str | Path, *, split: str = "train", config_name: str | None = None,
                    question_field: str = "question", answer_field: str = "answer", source: str | None = None,
-                   keep_types: list[str] | None = None, dedupe_questions: bool = False) -> list[ReasoningExample]:
+                   keep_types: list[str] | None = None, dedupe_questions: bool = False,
+                   source_field: str | None = None) -> list[ReasoningExample]:
     """Question / solution pairs: GSM8K (``question``, ``answer`` with ``####``), MATH (``problem``,
     ``solution`` with ``\\boxed{}``), MetaMathQA (``query``, ``response`` ending "The answer is: x"), or any
     file with named fields. ``keep_types`` keeps rows whose ``type`` is listed and ``dedupe_questions`` the
-    first row of each question: IGPO keeps MetaMathQA's GSM_AnsAug / MATH_AnsAug rows, one per query."""
+    first row of each question: IGPO keeps MetaMathQA's GSM_AnsAug / MATH_AnsAug rows, one per query.
+    ``source_field``: each example's ``source`` is that field of its row (DUMP's distributions)."""
     rows = read_records(path, split=split, config_name=config_name)
     if keep_types:
         types = _column(rows, "type", str(path))
@@ -214,8 +216,10 @@ def load_reasoning(path: str | Path, *, split: str = "train", config_name: str |
             raise DataError(f"{path}: no row has a type in {keep_types}; check data.keep_types")
     questions = _column(rows, question_field, str(path))
     solutions = _column(rows, answer_field, str(path))
+    sources = ([str(v) for v in _column(rows, source_field, str(path))] if source_field else
+               [source or str(path)] * len(rows))
     examples, seen = [], set()
-    for question, solution in zip(questions, solutions):
+    for question, solution, row_source in zip(questions, solutions, sources):
         if dedupe_questions:
             if question in seen:
                 continue
@@ -224,7 +228,7 @@ def load_reasoning(path: str | Path, *, split: str = "train", config_name: str |
         if not answer:
             raise DataError(f"{path}: a solution has no final answer ('The answer is: x', '#### x' or "
                             f"'\\boxed{{x}}'): {str(solution)[:60]!r}...; check answer_field")
-        examples.append(ReasoningExample(str(question), trace, answer, source or str(path), solution=str(solution)))
+        examples.append(ReasoningExample(str(question), trace, answer, row_source, solution=str(solution)))
     return examples
 
 
@@ -370,16 +374,18 @@ def check_generator_options(name: str, options: dict) -> dict:
 
 def load_tasks(path: str, *, size: int, seed: int, split: str = "train", config_name: str | None = None,
                question_field: str = "question", answer_field: str = "answer", keep_types: list[str] | None = None,
-               dedupe_questions: bool = False, generator_options: dict | None = None) -> list[ReasoningExample]:
+               dedupe_questions: bool = False, generator_options: dict | None = None,
+               source_field: str | None = None) -> list[ReasoningExample]:
     """``generator:NAME`` (e.g. ``generator:arithmetic``) builds ``size`` tasks with ``generator_options`` as
-    its knobs (``{digits: [2, 3, 4]}``); anything else is loaded."""
+    its knobs (``{digits: [2, 3, 4]}``); anything else is loaded (``source_field``: see :func:`load_reasoning`)."""
     if path.startswith("generator:"):
         name = path.split(":", 1)[1]
         if name not in GENERATORS:
             raise DataError(f"unknown task generator {name!r}; known: {', '.join(GENERATORS)}")
         return GENERATORS[name](size, seed=seed, **check_generator_options(name, generator_options or {}))
     return load_reasoning(path, split=split, config_name=config_name, question_field=question_field,
-                          answer_field=answer_field, keep_types=keep_types, dedupe_questions=dedupe_questions)
+                          answer_field=answer_field, keep_types=keep_types, dedupe_questions=dedupe_questions,
+                          source_field=source_field)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Literal
 
-from diffrl.config import param
+from diffrl.config import CurriculumConfig, param
 
 
 @dataclasses.dataclass
@@ -26,6 +26,7 @@ class ReasoningDataConfig:
     eval_size: int = param(32, help="held-out tasks used by evaluation (taken from the end)", ge=0)
     prompt_template: str = param("{question}", help="the prompt built from each question, e.g. the paper's "
                                                     "instructions followed by {question}")
+    curriculum: CurriculumConfig = param(CurriculumConfig(), help="which tasks each step draws")
 
     def __post_init__(self):
         if self.path.startswith("generator:"):  # its options typed and tried now, not when the run starts

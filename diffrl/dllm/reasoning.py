@@ -21,7 +21,7 @@ def load_task_split(data, seed: int):
                        config_name=data.config_name,
                        question_field=data.question_field, answer_field=data.answer_field,
                        keep_types=data.keep_types, dedupe_questions=data.dedupe_questions,
-                       generator_options=data.generator_options)
+                       generator_options=data.generator_options, source_field=file_source_field(data))
     if data.prompt_template != "{question}":
         tasks = [dataclasses.replace(t, question=data.prompt_template.replace("{question}", t.question))
                  for t in tasks]
@@ -29,6 +29,20 @@ def load_task_split(data, seed: int):
     if cut <= 0:
         raise ConfigError(f"data.eval_size ({data.eval_size}) leaves no training examples out of {len(tasks)}")
     return tasks[:cut], tasks[cut:]
+
+
+def file_source_field(data) -> str | None:
+    """The row field a task file's ``source`` is read from: DUMP's ``curriculum.field`` (generated tasks
+    carry theirs in their metadata, as the addition generator's ``level``)."""
+    dump = data.curriculum.name == "dump"
+    return data.curriculum.field if dump and not data.path.startswith("generator:") else None
+
+
+def task_fields(tasks, data) -> list[dict]:
+    """Each task's fields a curriculum reads: its metadata, and its source under ``curriculum.field`` when
+    the source was read from that field of the file."""
+    field = file_source_field(data)
+    return [{"source": t.source, **t.metadata, **({field: t.source} if field else {})} for t in tasks]
 
 
 def load_dllm(config, device):

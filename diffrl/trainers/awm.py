@@ -130,7 +130,7 @@ class AWMTrainer:
     def score(self, batch: dict) -> dict:
         cfg = self.config
         advantages, stats = rollout_advantages(self.accelerator, self.reward, self.estimator, batch.pop("scorer"),
-                                               batch["group_ids"])
+                                               batch["group_ids"], self.prompt_sampler)
         batch["advantages"] = clip_advantages(advantages, max_abs=cfg.adv_clip_max,
                                               scale=cfg.advantage_max / cfg.adv_clip_max)
         return stats

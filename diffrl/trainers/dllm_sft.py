@@ -22,6 +22,7 @@ answer in the same forward (hidden from the decoder by the attention mask), adds
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -51,11 +52,16 @@ class DllmSFTConfig(TrainerConfig):
     encoder_loss_weight: float = param(1.0, help="DiffusionGemma: weight of the encoder pass's next-token loss on "
                                                  "the clean answer (NeMo's recipe: 1.0; 0 turns it off)", ge=0)
     chat_template: bool = param(True, help="wrap questions in the tokenizer's chat template")
+    # keys of shared sections this trainer has no use for (diffrl ls leaves it out of their rows)
+    refused_keys: ClassVar[tuple[str, ...]] = ("data.curriculum",)
 
     def samples_per_step(self, num_processes: int) -> str:
         return f"batch {self.batch_size * num_processes * self.optim.gradient_accumulation_steps} per step"
 
     def __post_init__(self):
+        if self.data.curriculum.name != "uniform":
+            raise ConfigError(f"data.curriculum.name {self.data.curriculum.name}: a curriculum weighs the data by "
+                              f"the advantages of a reward-driven trainer, and SFT has none; leave it uniform")
         if self.data.eval_size >= self.data.size and self.data.path.startswith("generator:"):
             raise ConfigError(f"data.eval_size ({self.data.eval_size}) must be smaller than data.size "
                               f"({self.data.size})")

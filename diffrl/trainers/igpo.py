@@ -33,9 +33,8 @@ from typing import ClassVar, Literal
 
 import torch
 
-from diffrl.advantages import get_estimator, group_summary
+from diffrl.advantages import group_summary, trainer_estimator
 from diffrl.config import RewardConfig, TrainerConfig, param
-from diffrl.curriculum import UniformSampler
 from diffrl.dllm.config import DecodeConfig, MaskedGenerationConfig, ReasoningDataConfig
 from diffrl.dllm.hints import build_hints, build_spacing_scaled_hints, hint_text
 from diffrl.dllm.masked_sampler import FREE
@@ -48,6 +47,7 @@ from diffrl.dllm.reasoning import (
     load_task_split,
     prompt_tensors,
     score_texts,
+    task_fields,
     until_first,
 )
 from diffrl.errors import ConfigError
@@ -55,6 +55,7 @@ from diffrl.losses import aggregate, clipped_surrogate, hint_entropy_mask, kl_pe
 from diffrl.trainers import register_trainer
 from diffrl.training import dynamic_sampling, engine, run_setup, step_guard
 from diffrl.training.dynamic_sampling import DynamicSamplingConfig, groups_with_signal
+from diffrl.training.prompt_draws import prompt_sampler
 from diffrl.training.protocol import CheckpointContents, if_stateful
 
 
@@ -127,7 +128,7 @@ class IGPOConfig(TrainerConfig):
         return f"{self.prompts_per_step} prompts x {self.group_size} samples per step"
 
     def __post_init__(self):
-        get_estimator(self.estimator, **self.estimator_kwargs)  # an unknown name or option fails here
+        trainer_estimator(self.estimator, **self.estimator_kwargs)  # an unknown name or option fails here
         if self.ratio_level not in ("sequence", "token"):
             raise ConfigError(f"ratio_level must be 'sequence' or 'token', got {self.ratio_level!r}")
         if self.beta > 0 and not self.lora.enabled:
@@ -166,10 +167,11 @@ class IGPOTrainer:
         self.train_tasks, self.eval_tasks = load_task_split(cfg.data, cfg.seed)
         self.reward = run_setup.load_configured_reward(cfg.reward, acc.device)
         check_correctness_reward(self.reward, cfg.correctness)
-        self.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
+        self.estimator = trainer_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_dllm(cfg, acc.device)
         run_setup.prepare_optimization(self, cfg.max_steps * cfg.updates_per_rollout)
-        self.prompt_sampler = UniformSampler(len(self.train_tasks), cfg.prompts_per_step // acc.num_processes,
+        self.prompt_sampler = prompt_sampler(cfg.data.curriculum, task_fields(self.train_tasks, cfg.data),
+                                             cfg.prompts_per_step // acc.num_processes, what=cfg.data.path,
                                              seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes)
         self.noise = run_setup.process_generator(cfg.seed, acc, stream="dllm")
         engine.resume(self)
@@ -217,11 +219,12 @@ class IGPOTrainer:
 
     def _rollout(self) -> dict:
         cfg = self.config
-        tasks = [self.train_tasks[i] for i in self.prompt_sampler.next_indices()]
+        task_ids = self.prompt_sampler.next_indices()
+        tasks = [self.train_tasks[i] for i in task_ids]
         prompt_ids, prompt_mask = prompt_tensors(self.model, tasks, chat_template=cfg.chat_template,
                                                  repeat=cfg.group_size)
         completions = self._generate(prompt_ids, prompt_mask)
-        return {"tasks": tasks, "rows": [t for t in tasks for _ in range(cfg.group_size)],
+        return {"tasks": tasks, "task_ids": task_ids, "rows": [t for t in tasks for _ in range(cfg.group_size)],
                 "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completions": completions,
                 "group_ids": torch.arange(len(tasks)).repeat_interleave(cfg.group_size),
                 "hint_mask": torch.zeros_like(completions, dtype=torch.bool)}
@@ -319,7 +322,7 @@ class IGPOTrainer:
         collected = dynamic_sampling.collect(
             draw, self.prompt_sampler.next_indices, len(batch["tasks"]), cfg.dynamic_sampling,
             anyone_short=lambda short: bool(acc.reduce(torch.tensor(float(short), device=acc.device), "sum") > 0))
-        out = dynamic_sampling.merge(collected.pieces, cfg.group_size, group_keys=("tasks",),
+        out = dynamic_sampling.merge(collected.pieces, cfg.group_size, group_keys=("tasks", "task_ids"),
                                      row_keys=("rows", "completions", "hint_mask", "rewards", "correct"),
                                      nested_keys=("extras",))
         out["prompt_ids"], out["prompt_mask"] = prompt_tensors(self.model, out["tasks"],
@@ -338,11 +341,16 @@ class IGPOTrainer:
         # Decided on values every process sees, so that all of them skip the step together.
         step_guard.check_rewards(acc.gather(rewards.to(acc.device)).cpu(), self.reward.names,
                                  step_guard.reward_failure(acc, extras))
-        advantages = self.estimator(rewards, batch["group_ids"])
-        step_guard.check_advantages(acc.gather(advantages.to(acc.device)).cpu())
+        # a tracker that remembers prompts across steps (per_prompt, spo) is keyed by the task's index
+        task_keys = torch.tensor(batch["task_ids"]).repeat_interleave(cfg.group_size)
+        keys = task_keys if if_stateful(self.estimator) is not None else batch["group_ids"]
+        advantages = self.estimator(rewards, keys)
+        all_advantages = acc.gather(advantages.to(acc.device)).cpu()
+        step_guard.check_advantages(all_advantages)
+        self.prompt_sampler.observe(acc.gather(task_keys.to(acc.device)).cpu(), all_advantages)
         batch["advantages"] = advantages
         stats.update(reward=float(rewards.mean()), accuracy=float(correct.float().mean()),
-                     **group_summary(rewards, batch["group_ids"]))
+                     **group_summary(rewards, batch["group_ids"]), **self.prompt_sampler.stats())
         for name in self.reward.names:
             if len(self.reward.names) > 1:
                 stats[f"reward/{name}"] = float(torch.as_tensor(extras[name]).float().mean())

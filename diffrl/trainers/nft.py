@@ -129,7 +129,7 @@ class NFTTrainer:
     def score(self, batch: dict) -> dict:
         cfg = self.config
         advantages, stats = rollout_advantages(self.accelerator, self.reward, self.estimator, batch.pop("scorer"),
-                                               batch["group_ids"])
+                                               batch["group_ids"], self.prompt_sampler)
         batch["r"] = optimality(advantages, cfg.adv_clip_max)
         stats["r_mean"] = float(batch["r"].mean())
         return stats

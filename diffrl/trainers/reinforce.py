@@ -77,7 +77,7 @@ class ReinforceTrainer:
 
     def score(self, batch: dict) -> dict:
         advantages, stats = rollout_advantages(self.accelerator, self.reward, self.estimator, batch.pop("scorer"),
-                                               batch["group_ids"])
+                                               batch["group_ids"], self.prompt_sampler)
         batch["advantages"] = clip_advantages(advantages, max_abs=self.config.adv_clip_max)
         return stats
 

@@ -9,12 +9,12 @@ import dataclasses
 
 import torch
 
-from diffrl.advantages import get_estimator
+from diffrl.advantages import trainer_estimator
 from diffrl.config import FlowSamplingConfig, PromptDataConfig, RewardConfig, TrainerConfig, param
-from diffrl.curriculum import UniformSampler
 from diffrl.errors import ConfigError
 from diffrl.training import run_setup
 from diffrl.training.evaluation import check_reward_fits
+from diffrl.training.prompt_draws import prompt_sampler
 from diffrl.training.reward_pipeline import RolloutScorer
 from diffrl.training.rollout import (
     check_group_split,
@@ -49,7 +49,7 @@ class OnlineFlowConfig(TrainerConfig):
     eval_seed: int = param(1234, help="seed of the evaluation noise (the same images every time)", ge=0)
 
     def __post_init__(self):
-        get_estimator(self.estimator, **self.estimator_kwargs)  # an unknown name or option fails here
+        trainer_estimator(self.estimator, **self.estimator_kwargs)  # an unknown name or option fails here
         if self.optim.gradient_accumulation_steps != 1:
             raise ConfigError(f"{self.trainer} takes its optimizer steps per rollout from its own batch sizes (one "
                               f"optimizer step per rollout, or updates_per_rollout); leave "
@@ -68,7 +68,7 @@ def load_online_flow(trainer) -> None:
     check_group_split(cfg.prompts_per_step, cfg.group_size, acc.num_processes)
     trainer.reward = run_setup.load_configured_reward(cfg.reward, acc.device, overlap=True)
     check_prompts_fit(trainer.reward, trainer.prompts, trainer.eval_prompts)
-    trainer.estimator = get_estimator(cfg.estimator, **cfg.estimator_kwargs)
+    trainer.estimator = trainer_estimator(cfg.estimator, **cfg.estimator_kwargs)
     trainer.model = load_flow_model(cfg, acc.device)
     check_reward_fits(trainer.reward, trainer.model)
     check_input_images(trainer.model, trainer.prompts, trainer.eval_prompts)
@@ -83,7 +83,8 @@ def prepare_online_flow(trainer, *, optimizer_steps: int) -> None:
     trainer.weight_ema = (WeightEMA(trainer.params, decay=cfg.weight_ema_decay, every=cfg.weight_ema_every,
                                     module=trainer.model.trainable) if cfg.weight_ema_decay else None)
     trainer.uncond = trainer.model.null_condition() if cfg.sampling.guidance_scale != 1.0 else None
-    trainer.prompt_sampler = UniformSampler(len(trainer.prompts), cfg.prompts_per_step, seed=cfg.seed)
+    trainer.prompt_sampler = prompt_sampler(cfg.data.curriculum, trainer.prompts.metadata, cfg.prompts_per_step,
+                                            what=cfg.data.path, seed=cfg.seed)
     trainer.noise = run_setup.process_generator(cfg.seed, acc, stream="flow")
 
 

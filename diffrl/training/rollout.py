@@ -114,7 +114,7 @@ def score_samples(reward, samples: torch.Tensor, prompts: list[str],
 def gather_advantages(accelerator, estimator, rewards: torch.Tensor, group_ids: torch.Tensor,
                       names: list[str], failure: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gather every process's rewards and group ids, estimate advantages over whole groups, and return
-    ``(local advantages, all rewards, all group ids)``. Every process must hold the same number of samples.
+    ``(every process's advantages, rewards, group ids)``. Every process must hold the same number of samples.
     An inf reward, an all-NaN batch or a non-finite advantage raises ``step_guard.SkipStep`` on every process."""
     from diffrl.training import step_guard
 
@@ -124,9 +124,7 @@ def gather_advantages(accelerator, estimator, rewards: torch.Tensor, group_ids: 
     step_guard.check_rewards(all_rewards, names, failure)
     advantages = estimator(all_rewards, all_groups)
     step_guard.check_advantages(advantages)
-    n = rewards.shape[0]
-    start = accelerator.process_index * n
-    return advantages[start:start + n], all_rewards, all_groups
+    return advantages, all_rewards, all_groups
 
 
 @torch.no_grad()
@@ -194,19 +192,24 @@ def scoring_hook(model, scorer, prompts: list[str], metadata: list[dict], batch_
 
 
 @torch.no_grad()
-def rollout_advantages(accelerator, reward, estimator, scorer, group_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def rollout_advantages(accelerator, reward, estimator, scorer, group_ids: torch.Tensor,
+                       sampler) -> tuple[torch.Tensor, dict]:
     """This process's scores (from the rollout's :class:`RolloutScorer`) and advantages over the gathered
-    groups. Returns the local advantages (unclipped) and logging stats computed over every process."""
+    groups (``group_ids``: each sample's prompt index), which the prompt ``sampler`` observes. Returns the local
+    advantages (unclipped) and logging stats computed over every process."""
     from diffrl.advantages import group_summary
     from diffrl.training import step_guard
 
     rewards, extras = scorer.result()
     failure = step_guard.reward_failure(accelerator, extras)
-    advantages, all_rewards, all_groups = gather_advantages(accelerator, estimator, rewards, group_ids, reward.names,
-                                                            failure)
+    all_advantages, all_rewards, all_groups = gather_advantages(accelerator, estimator, rewards, group_ids,
+                                                                reward.names, failure)
+    sampler.observe(all_groups, all_advantages)
+    start = accelerator.process_index * rewards.shape[0]
+    advantages = all_advantages[start:start + rewards.shape[0]]
     valid = all_rewards[~all_rewards.isnan()]
     stats = {"reward": float(valid.mean()), "reward_std": float(valid.std()) if valid.numel() > 1 else 0.0,
-             **group_summary(all_rewards, all_groups)}
+             **group_summary(all_rewards, all_groups), **sampler.stats()}
     if len(reward.names) > 1:
         for name in reward.names:
             stats[f"reward/{name}"] = float(accelerator.gather(extras[name].to(accelerator.device)).nanmean())

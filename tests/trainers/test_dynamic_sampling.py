@@ -120,4 +120,4 @@ def test_ls_says_which_trainer_takes_dynamic_sampling(capsys):
     assert cli.main(["ls", "curricula"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
     assert "[config `dynamic_sampling` in igpo]" in lines["filter_groups"]
-    assert "[library only: no config turns it on yet]" in lines["dump"]
+    assert "[config `data.curriculum` in awm, flow_grpo, igpo, nft, reinforce]" in lines["dump"]
