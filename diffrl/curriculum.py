@@ -245,7 +245,7 @@ CURRICULA = {   # name -> (object, summary, paper, the trainer config key that t
     "filter_groups": (filter_groups, "dynamic sampling: drop groups whose rewards agree (DAPO) or all-correct "
                       "groups (NGRPO)", "https://arxiv.org/abs/2503.14476", "dynamic_sampling"),
     "d3s": (max_variance_subset, "max-variance subset of a group + token top-|A|H, annealed (reconstruction)",
-            "https://arxiv.org/abs/2509.22115", None),
+            "https://arxiv.org/abs/2509.22115", "down_sampling"),
 }
 
 

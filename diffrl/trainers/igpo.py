@@ -54,7 +54,8 @@ from diffrl.errors import ConfigError
 from diffrl.losses import aggregate, clipped_surrogate, hint_entropy_mask, kl_penalty, sequence_log_ratio
 from diffrl.trainers import register_trainer
 from diffrl.training import dynamic_sampling, engine, run_setup, step_guard
-from diffrl.training.dynamic_sampling import DynamicSamplingConfig, groups_with_signal
+from diffrl.training.down_sampling import DownSamplingConfig, kept_samples, kept_size, kept_tokens
+from diffrl.training.dynamic_sampling import DynamicSamplingConfig, groups_with_signal, take_rows
 from diffrl.training.prompt_draws import prompt_sampler
 from diffrl.training.protocol import CheckpointContents, if_stateful
 
@@ -123,6 +124,8 @@ class IGPOConfig(TrainerConfig):
     eval_k: int = param(1, help="also report pass@k with k samples per question at `temperature` (1: off)", ge=1)
     dynamic_sampling: DynamicSamplingConfig = param(DynamicSamplingConfig(), help="DAPO's dynamic sampling: groups "
                                                     "without signal dropped and refilled from further rollouts")
+    down_sampling: DownSamplingConfig = param(DownSamplingConfig(), help="D^3S: each group's highest-variance "
+                                              "samples, and the tokens with the largest |A| x entropy, annealed")
 
     def samples_per_step(self, num_processes: int) -> str:
         return f"{self.prompts_per_step} prompts x {self.group_size} samples per step"
@@ -332,17 +335,36 @@ class IGPOTrainer:
         batch.update(out)   # the engine holds this dict: the step trains on the collected groups
         return collected.stats
 
+    def _down_sample(self, batch: dict, share: float) -> dict:
+        """D^3S's sample level: each group keeps its subset of ``kept_size`` completions whose rewards vary most
+        (every group the same size, so every process keeps as many rows); the advantages are then those of the
+        subset."""
+        cfg = self.config
+        # a NaN reward (unscored) counts as 0 when choosing: the estimator leaves it out either way
+        keep = kept_samples(batch["rewards"].nan_to_num(0.0), batch["group_ids"], share)
+        rows, n = keep.nonzero().flatten(), keep.numel()
+        for key in ("rows", "completions", "hint_mask", "rewards", "correct", "prompt_ids", "prompt_mask"):
+            batch[key] = take_rows(batch[key], rows, n)
+        batch["extras"] = {name: take_rows(value, rows, n) for name, value in batch["extras"].items()}
+        size = kept_size(cfg.group_size, share)
+        batch["group_ids"] = torch.arange(len(batch["tasks"])).repeat_interleave(size)
+        return {"down_sampling/sample_share": share, "down_sampling/kept_per_group": float(size)}
+
     def _score(self, batch: dict) -> dict:
         cfg, acc = self.config, self.accelerator
         stats = self._rewards(batch)
         if cfg.dynamic_sampling.enabled:
             stats.update(self._dynamic_sampling(batch))
+        sample_share, token_share = cfg.down_sampling.shares(self.step, cfg.max_steps)
+        if cfg.down_sampling.sample_keep is not None:
+            stats.update(self._down_sample(batch, sample_share))
+        group = batch["completions"].shape[0] // len(batch["tasks"])
         rewards, correct, extras = batch["rewards"], batch["correct"], batch["extras"]
         # Decided on values every process sees, so that all of them skip the step together.
         step_guard.check_rewards(acc.gather(rewards.to(acc.device)).cpu(), self.reward.names,
                                  step_guard.reward_failure(acc, extras))
         # a tracker that remembers prompts across steps (per_prompt, spo) is keyed by the task's index
-        task_keys = torch.tensor(batch["task_ids"]).repeat_interleave(cfg.group_size)
+        task_keys = torch.tensor(batch["task_ids"]).repeat_interleave(group)
         keys = task_keys if if_stateful(self.estimator) is not None else batch["group_ids"]
         advantages = self.estimator(rewards, keys)
         all_advantages = acc.gather(advantages.to(acc.device)).cpu()
@@ -372,6 +394,11 @@ class IGPOTrainer:
             mask = hint_entropy_mask(entropy, batch["hint_mask"].to(entropy.device), cfg.igpo.entropy_keep_ratio)
             if until_eos is not None:
                 mask = mask & until_eos.to(mask.device)
+            if cfg.down_sampling.token_keep is not None:   # D^3S's token level, over the whole batch
+                in_loss = mask.sum()
+                mask = kept_tokens(advantages.to(entropy.device), entropy, mask, token_share)
+                stats["down_sampling/token_share"] = token_share
+                stats["down_sampling/tokens_kept"] = float(mask.sum() / in_loss.clamp_min(1))
             batch["loss_masks"].append(mask)
             if cfg.beta > 0:
                 with self.model.reference():

@@ -94,13 +94,6 @@ def merge(pieces: list[tuple[dict, list[int]]], group_size: int, *, group_keys: 
     def rows_of(groups):
         return torch.tensor([g * group_size + i for g in groups for i in range(group_size)], dtype=torch.long)
 
-    def take(value, rows, num_rows):
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == num_rows:
-            return value[rows.to(value.device)]
-        if isinstance(value, (list, tuple)) and len(value) == num_rows:
-            return [value[i] for i in rows.tolist()]
-        return value
-
     def join(parts):
         first = parts[0]
         if isinstance(first, torch.Tensor) and first.dim() > 0:
@@ -111,11 +104,20 @@ def merge(pieces: list[tuple[dict, list[int]]], group_size: int, *, group_keys: 
              for batch, groups in pieces]
     out = {key: [batch[key][g] for batch, groups in pieces for g in groups] for key in group_keys}
     for key in row_keys:
-        out[key] = join([take(batch[key], rows, n) for batch, rows, n in sizes])
+        out[key] = join([take_rows(batch[key], rows, n) for batch, rows, n in sizes])
     for key in nested_keys:
-        out[key] = {name: join([take(batch[key][name], rows, n) for batch, rows, n in sizes])
+        out[key] = {name: join([take_rows(batch[key][name], rows, n) for batch, rows, n in sizes])
                     for name in pieces[0][0][key]}
     return out
+
+
+def take_rows(value, rows: torch.Tensor, num_rows: int):
+    """The ``rows`` of a per-sample value (a tensor or a list of ``num_rows``); any other value as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == num_rows:
+        return value[rows.to(value.device)]
+    if isinstance(value, (list, tuple)) and len(value) == num_rows:
+        return [value[i] for i in rows.tolist()]
+    return value
 
 
 def batch_rows(batch: dict, group_key: str, group_size: int) -> int:

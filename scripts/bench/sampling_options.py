@@ -4,6 +4,7 @@ seconds, 3 seeds an arm.
     python scripts/bench/sampling_options.py [--arms diffu-grpo diffu-grpo+ds igpo igpo+ds] [--seeds 0 1 2]
         [--steps 30] [--eval-every 10] [--out outputs/bench/sampling_options] [--json docs/sampling_options_text.json]
         [--reuse]   # runs already finished under --out are read, not trained again
+        [--keep]    # the arms already in --json that this run does not run are kept in it
 
 Each arm is ``diffrl train configs/quickstart_text.yaml`` with its overrides (below), once per seed: greedy
 accuracy on the 240 held-out questions every ``--eval-every`` steps, against the seconds the training steps
@@ -35,7 +36,12 @@ ARMS = {
     "diffu-grpo+ds": (["igpo.enabled=false", "dynamic_sampling.enabled=true"], "diffu-grpo"),
     "igpo": ([], None),
     "igpo+ds": (["dynamic_sampling.enabled=true"], "igpo"),
+    # DUMP over the three addition levels (the generator's metadata.level) against uniform draws
+    "diffu-grpo+dump": (["igpo.enabled=false", "data.curriculum.name=dump", "data.curriculum.field=level"],
+                        "diffu-grpo"),
+    "igpo+dump": (["data.curriculum.name=dump", "data.curriculum.field=level"], "igpo"),
 }
+LEVELS = ("2-digit", "3-digit", "4-digit")
 
 
 def no_signal_share(rows: list[dict]) -> float | None:
@@ -44,6 +50,12 @@ def no_signal_share(rows: list[dict]) -> float | None:
     shares = [r.get("dynamic_sampling/no_signal_share", r.get("frac_zero_std")) for r in rows]
     shares = [s for s in shares if s is not None]
     return round(statistics.fmean(shares), 4) if shares else None
+
+
+def final_by_level(rows: list[dict]) -> dict[str, float]:
+    """The last evaluation's accuracy on each addition level."""
+    last = [r for r in rows if METRIC in r][-1]
+    return {level: last[f"{METRIC}/{level}"] for level in LEVELS if f"{METRIC}/{level}" in last}
 
 
 def finished(folder: Path, steps: int) -> list[dict] | None:
@@ -68,6 +80,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "sampling_options_text.json")
     parser.add_argument("--reuse", action="store_true", help="read a run already finished under --out (its last "
                         "evaluation at --steps) instead of training it again")
+    parser.add_argument("--keep", action="store_true", help="keep the arms of --json that this run does not run "
+                        "(seconds are comparable only between arms run on an equally loaded machine)")
     args = parser.parse_args()
     results = {}
     for arm in args.arms:
@@ -83,7 +97,10 @@ def main() -> None:
             runs.append({"seed": seed, "curve": points, "no_signal_share": no_signal_share(steps),
                          "rollouts_per_step": round(statistics.fmean(r.get("dynamic_sampling/rollouts", 1.0)
                                                                      for r in steps), 3),
-                         "train_seconds": points["seconds"][-1] if points["seconds"] else None})
+                         "train_seconds": points["seconds"][-1] if points["seconds"] else None,
+                         "final_by_level": final_by_level(rows),
+                         "last_draw_probabilities": {k.rsplit("/", 1)[1]: round(v, 3) for k, v in steps[-1].items()
+                                                     if k.startswith("curriculum/p/")}})
             print(f"{arm} seed {seed}: accuracy {points['value'][0]:.3f} -> {points['value'][-1]:.3f} in "
                   f"{runs[-1]['train_seconds']:.0f} s of steps, no-signal share {runs[-1]['no_signal_share']}, "
                   f"{runs[-1]['rollouts_per_step']} rollouts a step", flush=True)
@@ -104,6 +121,9 @@ def main() -> None:
               f"{result['final_spread'][1]:.3f}), {result['seconds_median']:.0f} s of steps{verdict}")
     summary = {"config": CONFIG, "metric": METRIC, "steps": args.steps, "seeds": args.seeds,
                "machine": platform.processor() or platform.machine(), "arms": results}
+    if args.keep and args.json.exists():   # arms of an earlier run of this script that were not run now
+        earlier = json.loads(args.json.read_text())
+        summary["arms"] = {**{a: r for a, r in earlier["arms"].items() if a not in results}, **results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=1))
     plot(summary, args.json.with_suffix(".png"))
