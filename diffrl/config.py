@@ -41,7 +41,8 @@ def param(default: Any = _MISSING, *, help: str, gt: float | None = None, ge: fl
     if default is _MISSING:
         return dataclasses.field(metadata=metadata)
     if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
-        factory = (lambda d=default: type(d)(**dataclasses.asdict(d))) if dataclasses.is_dataclass(default) \
+        # a fresh copy per instance; deep, so that a section's own sections are copies too (not dicts)
+        factory = (lambda d=default: copy.deepcopy(d)) if dataclasses.is_dataclass(default) \
             else (lambda d=default: type(d)(d))
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -166,3 +166,32 @@ def test_updates_per_rollout_has_one_name(tmp_path, trainer, old):
         load_config(write(tmp_path, data))
     data.pop(old)
     assert load_config(write(tmp_path, data), ["updates_per_rollout=2"]).updates_per_rollout == 2
+
+
+def test_every_default_section_holds_its_own_sections_not_dicts():
+    """A section's default (``param(Section())``) is copied per config; its own sections (data.curriculum) must
+    stay dataclasses, in every trainer's config."""
+    import dataclasses
+    import typing
+
+    from diffrl.trainers import available_trainers
+
+    def walk(obj, path):
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(hints.get(f.name)):
+                assert isinstance(value, hints[f.name]), f"{path}{f.name} is {type(value).__name__}"
+                walk(value, f"{path}{f.name}.")
+            elif hints.get(f.name) is not None and isinstance(value, dict):
+                assert typing.get_origin(hints[f.name]) is dict or hints[f.name] in (dict, typing.Any), path + f.name
+
+    seen = 0
+    for name, entry in available_trainers().items():
+        for f in dataclasses.fields(entry.config_class):
+            if f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+                if dataclasses.is_dataclass(value):
+                    walk(value, f"{name}: {f.name}.")
+                    seen += 1
+    assert seen > 10

@@ -41,7 +41,7 @@ from diffrl.training import engine, online_flow, run_setup, step_guard, trainabl
 from diffrl.training.evaluation import evaluate_flow_trainer
 from diffrl.training.online_flow import OnlineFlowConfig
 from diffrl.training.protocol import CheckpointContents, if_stateful
-from diffrl.training.rollout import flow_rollout, rollout_advantages, sde_window
+from diffrl.training.rollout import flow_rollout, sde_window
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -129,8 +129,7 @@ class AWMTrainer:
 
     def score(self, batch: dict) -> dict:
         cfg = self.config
-        advantages, stats = rollout_advantages(self.accelerator, self.reward, self.estimator, batch.pop("scorer"),
-                                               batch["group_ids"], self.prompt_sampler)
+        advantages, stats = online_flow.score_rollout(self, batch, ("x0", "prompts", "images", "group_ids"))
         batch["advantages"] = clip_advantages(advantages, max_abs=cfg.adv_clip_max,
                                               scale=cfg.advantage_max / cfg.adv_clip_max)
         return stats

@@ -31,7 +31,7 @@ from diffrl.training import engine, online_flow, run_setup, step_guard
 from diffrl.training.evaluation import evaluate_flow_trainer
 from diffrl.training.online_flow import OnlineFlowConfig
 from diffrl.training.protocol import CheckpointContents, if_stateful
-from diffrl.training.rollout import flow_rollout, rollout_advantages, sde_window
+from diffrl.training.rollout import flow_rollout, sde_window
 
 
 @dataclasses.dataclass(kw_only=True)  # required sections after the base class's defaulted fields
@@ -113,8 +113,8 @@ class FlowGRPOTrainer:
 
     def score(self, batch: dict) -> dict:
         cfg = self.config
-        advantages, stats = rollout_advantages(self.accelerator, self.reward, self.estimator, batch.pop("scorer"),
-                                               batch["group_ids"], self.prompt_sampler)
+        advantages, stats = online_flow.score_rollout(
+            self, batch, ("latents", "log_probs", "prompts", "images", "group_ids", "train_steps"))
         batch["advantages"] = clip_advantages(advantages, max_abs=cfg.adv_clip_max)
         return stats
 

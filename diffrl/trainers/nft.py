@@ -38,7 +38,7 @@ from diffrl.training import engine, online_flow, run_setup, step_guard, trainabl
 from diffrl.training.evaluation import evaluate_flow_trainer
 from diffrl.training.online_flow import OnlineFlowConfig
 from diffrl.training.protocol import CheckpointContents, if_stateful
-from diffrl.training.rollout import flow_rollout, rollout_advantages
+from diffrl.training.rollout import flow_rollout
 
 
 def old_decay(decay_type: int, optimizer_steps: int) -> float:
@@ -128,8 +128,7 @@ class NFTTrainer:
 
     def score(self, batch: dict) -> dict:
         cfg = self.config
-        advantages, stats = rollout_advantages(self.accelerator, self.reward, self.estimator, batch.pop("scorer"),
-                                               batch["group_ids"], self.prompt_sampler)
+        advantages, stats = online_flow.score_rollout(self, batch, ("x0", "prompts", "images", "group_ids"))
         batch["r"] = optimality(advantages, cfg.adv_clip_max)
         stats["r_mean"] = float(batch["r"].mean())
         return stats

@@ -28,7 +28,7 @@ from diffrl.training import engine, online_flow, run_setup, step_guard
 from diffrl.training.evaluation import evaluate_flow_trainer
 from diffrl.training.online_flow import OnlineFlowConfig
 from diffrl.training.protocol import CheckpointContents, if_stateful
-from diffrl.training.rollout import flow_rollout, rollout_advantages
+from diffrl.training.rollout import flow_rollout
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -76,8 +76,7 @@ class ReinforceTrainer:
                 "sde_steps": trajectories[0].sde_steps.nonzero().flatten().tolist(), "scorer": drawn.scorer}
 
     def score(self, batch: dict) -> dict:
-        advantages, stats = rollout_advantages(self.accelerator, self.reward, self.estimator, batch.pop("scorer"),
-                                               batch["group_ids"], self.prompt_sampler)
+        advantages, stats = online_flow.score_rollout(self, batch, ("latents", "prompts", "images", "group_ids"))
         batch["advantages"] = clip_advantages(advantages, max_abs=self.config.adv_clip_max)
         return stats
 

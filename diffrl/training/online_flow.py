@@ -8,11 +8,14 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from accelerate.utils import DistributedType
 
 from diffrl.advantages import trainer_estimator
 from diffrl.config import FlowSamplingConfig, PromptDataConfig, RewardConfig, TrainerConfig, param
 from diffrl.errors import ConfigError
 from diffrl.training import run_setup
+from diffrl.training.down_sampling import DownSamplingConfig
+from diffrl.training.dynamic_sampling import take_rows
 from diffrl.training.evaluation import check_reward_fits
 from diffrl.training.prompt_draws import prompt_sampler
 from diffrl.training.reward_pipeline import RolloutScorer
@@ -24,6 +27,7 @@ from diffrl.training.rollout import (
     load_flow_model,
     local_group_slots,
     prompt_sets,
+    rollout_advantages,
     scoring_hook,
 )
 from diffrl.training.weight_ema import WeightEMA
@@ -46,10 +50,16 @@ class OnlineFlowConfig(TrainerConfig):
     weight_ema_decay: float | None = param(None, help="EMA of the trained weights, evaluated and saved beside the "
                                                       "raw ones; null disables", gt=0, lt=1)
     weight_ema_every: int = param(1, help="update the weight EMA every N optimizer steps", ge=1)
+    down_sampling: DownSamplingConfig = param(DownSamplingConfig(), help="D^3S's sample level: each group's "
+                                              "highest-variance samples, their share annealed to 1")
     eval_seed: int = param(1234, help="seed of the evaluation noise (the same images every time)", ge=0)
 
     def __post_init__(self):
         trainer_estimator(self.estimator, **self.estimator_kwargs)  # an unknown name or option fails here
+        if self.down_sampling.token_keep is not None:
+            raise ConfigError("down_sampling.token_keep is D^3S's token level, for diffusion LMs: an image or video "
+                              "model has no tokens (a denoising step's entropy is the same for every sample); use "
+                              "down_sampling.sample_keep")
         if self.optim.gradient_accumulation_steps != 1:
             raise ConfigError(f"{self.trainer} takes its optimizer steps per rollout from its own batch sizes (one "
                               f"optimizer step per rollout, or updates_per_rollout); leave "
@@ -79,6 +89,10 @@ def prepare_online_flow(trainer, *, optimizer_steps: int) -> None:
     ``optimizer_steps``, the weight EMA, the unconditional embedding for CFG, the prompt sampler (every rank
     draws the same prompts; :func:`draw_prompts` splits the samples) and this process's rollout noise."""
     cfg, acc = trainer.config, trainer.accelerator
+    if cfg.down_sampling.sample_keep is not None and acc.distributed_type == DistributedType.FSDP:
+        raise ConfigError("down_sampling.sample_keep leaves processes different numbers of samples to train on, "
+                          "and FSDP2 needs the same number of forwards on every process; use DDP "
+                          "(--accelerate-config ddp) or turn down-sampling off")
     run_setup.prepare_optimization(trainer, optimizer_steps)
     trainer.weight_ema = (WeightEMA(trainer.params, decay=cfg.weight_ema_decay, every=cfg.weight_ema_every,
                                     module=trainer.model.trainable) if cfg.weight_ema_decay else None)
@@ -86,6 +100,25 @@ def prepare_online_flow(trainer, *, optimizer_steps: int) -> None:
     trainer.prompt_sampler = prompt_sampler(cfg.data.curriculum, trainer.prompts.metadata, cfg.prompts_per_step,
                                             what=cfg.data.path, seed=cfg.seed)
     trainer.noise = run_setup.process_generator(cfg.seed, acc, stream="flow")
+
+
+def score_rollout(trainer, batch: dict, sample_keys: tuple[str, ...]) -> tuple[torch.Tensor, dict]:
+    """The rollout's advantages (this process's samples) and the step's stats. With D^3S's sample level
+    (``down_sampling.sample_keep``) the batch keeps only the samples chosen (its ``sample_keys``, one entry per
+    sample, are cut in place) and the advantages are theirs; processes may then keep different numbers of
+    samples (each still runs its updates, an empty one with a zero loss)."""
+    cfg = trainer.config
+    share = (cfg.down_sampling.shares(trainer.step, cfg.max_steps)[0] if cfg.down_sampling.sample_keep is not None
+             else None)
+    advantages, stats, kept = rollout_advantages(trainer.accelerator, trainer.reward, trainer.estimator,
+                                                 batch.pop("scorer"), batch["group_ids"], trainer.prompt_sampler,
+                                                 keep_share=share)
+    if kept is not None:
+        rows = kept.nonzero().flatten()
+        for key in sample_keys:
+            batch[key] = take_rows(batch[key], rows, kept.numel())
+        advantages = advantages[rows]
+    return advantages, stats
 
 
 @dataclasses.dataclass

@@ -112,19 +112,24 @@ def score_samples(reward, samples: torch.Tensor, prompts: list[str],
 
 
 def gather_advantages(accelerator, estimator, rewards: torch.Tensor, group_ids: torch.Tensor,
-                      names: list[str], failure: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      names: list[str], failure: str | None = None, *, keep_share: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gather every process's rewards and group ids, estimate advantages over whole groups, and return
-    ``(every process's advantages, rewards, group ids)``. Every process must hold the same number of samples.
+    ``(every process's advantages, rewards, group ids, kept)``. Every process must hold the same number of
+    samples. With ``keep_share`` (D^3S's sample level) only each group's max-variance subset is kept (``kept``,
+    else None) and the advantages are the subset's: the others count as unscored (NaN) and get 0.
     An inf reward, an all-NaN batch or a non-finite advantage raises ``step_guard.SkipStep`` on every process."""
     from diffrl.training import step_guard
+    from diffrl.training.down_sampling import kept_samples
 
     device = accelerator.device
     all_rewards = accelerator.gather(rewards.to(device)).cpu()
     all_groups = accelerator.gather(group_ids.to(device)).cpu()
     step_guard.check_rewards(all_rewards, names, failure)
-    advantages = estimator(all_rewards, all_groups)
+    kept = None if keep_share is None else kept_samples(all_rewards, all_groups, keep_share)
+    advantages = estimator(all_rewards if kept is None else all_rewards.masked_fill(~kept, float("nan")), all_groups)
     step_guard.check_advantages(advantages)
-    return advantages, all_rewards, all_groups
+    return advantages, all_rewards, all_groups, kept
 
 
 @torch.no_grad()
@@ -192,25 +197,28 @@ def scoring_hook(model, scorer, prompts: list[str], metadata: list[dict], batch_
 
 
 @torch.no_grad()
-def rollout_advantages(accelerator, reward, estimator, scorer, group_ids: torch.Tensor,
-                       sampler) -> tuple[torch.Tensor, dict]:
+def rollout_advantages(accelerator, reward, estimator, scorer, group_ids: torch.Tensor, sampler, *,
+                       keep_share: float | None = None) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
     """This process's scores (from the rollout's :class:`RolloutScorer`) and advantages over the gathered
     groups (``group_ids``: each sample's prompt index), which the prompt ``sampler`` observes. Returns the local
-    advantages (unclipped) and logging stats computed over every process."""
+    advantages (unclipped), logging stats computed over every process, and which local samples D^3S keeps
+    (``keep_share``; None without it)."""
     from diffrl.advantages import group_summary
     from diffrl.training import step_guard
 
     rewards, extras = scorer.result()
     failure = step_guard.reward_failure(accelerator, extras)
-    all_advantages, all_rewards, all_groups = gather_advantages(accelerator, estimator, rewards, group_ids,
-                                                                reward.names, failure)
-    sampler.observe(all_groups, all_advantages)
-    start = accelerator.process_index * rewards.shape[0]
-    advantages = all_advantages[start:start + rewards.shape[0]]
+    all_advantages, all_rewards, all_groups, kept = gather_advantages(accelerator, estimator, rewards, group_ids,
+                                                                      reward.names, failure, keep_share=keep_share)
+    sampler.observe(all_groups, all_advantages if kept is None else all_advantages.masked_fill(~kept, float("nan")))
+    start, n = accelerator.process_index * rewards.shape[0], rewards.shape[0]
+    advantages = all_advantages[start:start + n]
     valid = all_rewards[~all_rewards.isnan()]
     stats = {"reward": float(valid.mean()), "reward_std": float(valid.std()) if valid.numel() > 1 else 0.0,
              **group_summary(all_rewards, all_groups), **sampler.stats()}
     if len(reward.names) > 1:
         for name in reward.names:
             stats[f"reward/{name}"] = float(accelerator.gather(extras[name].to(accelerator.device)).nanmean())
-    return advantages, stats
+    if kept is not None:
+        stats.update({"down_sampling/sample_share": keep_share, "down_sampling/kept": float(kept.float().mean())})
+    return advantages, stats, None if kept is None else kept[start:start + n]

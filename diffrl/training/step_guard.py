@@ -104,6 +104,11 @@ def accumulate(accelerator, module, num_micro_batches: int, micro_batch_loss, *,
     processes once, on the last. ``average``: losses are scaled by 1 / count (each micro-batch a mean);
     otherwise they are summed (each micro-batch already normalized by the whole batch's token count).
     Returns ``loss`` and the parts, averaged (or summed, for ``loss``, when not ``average``)."""
+    if num_micro_batches == 0:
+        # This process has no sample to train on (D^3S kept none of its share): a zero loss with a graph, so that
+        # its one synchronized backward still meets the other processes'.
+        accelerator.backward(sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0)
+        return {"loss": 0.0}
     totals: dict[str, float] = {}
     scale = 1.0 / num_micro_batches if average else 1.0
     for i in range(num_micro_batches):

@@ -40,6 +40,10 @@ ARMS = {
     "diffu-grpo+dump": (["igpo.enabled=false", "data.curriculum.name=dump", "data.curriculum.field=level"],
                         "diffu-grpo"),
     "igpo+dump": (["data.curriculum.name=dump", "data.curriculum.field=level"], "igpo"),
+    # D^3S: half of each group and half of the tokens at step 0, rising to all of them at the last step
+    "diffu-grpo+d3s": (["igpo.enabled=false", "down_sampling.sample_keep=0.5", "down_sampling.token_keep=0.5"],
+                       "diffu-grpo"),
+    "igpo+d3s": (["down_sampling.sample_keep=0.5", "down_sampling.token_keep=0.5"], "igpo"),
 }
 LEVELS = ("2-digit", "3-digit", "4-digit")
 

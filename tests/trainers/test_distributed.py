@@ -74,15 +74,16 @@ from diffrl.training import run_setup
 
 config = load_config("@CONFIG@", [f"model.path={sys.argv[1]}", f"output_dir={sys.argv[2]}/run",
                      "max_steps=2", "logging.progress_bar=false", "prompts_per_step=3", "group_size=2",
-                     "sample_batch_size=3", "train_batch_size=3", "data.eval_size=0"])
+                     "sample_batch_size=3", "train_batch_size=3", "data.eval_size=0", *@EXTRA@])
 trainer = Trainer(config)
 trainer.setup()
 acc = trainer.accelerator
-local_prompts = []
+local_prompts, kept = [], []
 for _ in range(2):
     batch = trainer.rollout()
     local_prompts.append(batch["prompts"])
     trainer.score(batch)
+    kept.append(len(batch["prompts"]))
     trainer.update(batch)
     trainer.step += 1
     if hasattr(trainer, "_update_old_adapter"):
@@ -90,7 +91,7 @@ for _ in range(2):
 flat = torch.cat([p.detach().flatten() for p in trainer.params])
 gathered = acc.gather(flat[None])
 out = {"world": acc.num_processes, "weights_equal": bool(torch.equal(gathered[0], gathered[1])),
-       "moved": float(flat.abs().sum()), "prompts": local_prompts}
+       "moved": float(flat.abs().sum()), "prompts": local_prompts, "kept": kept}
 with open(sys.argv[2] + f"/@NAME@_rank{acc.process_index}.json", "w") as f:
     json.dump(out, f)
 run_setup.end_training(acc)
@@ -101,17 +102,33 @@ run_setup.exit_process(0)
 @pytest.mark.slow
 @pytest.mark.parametrize("name, trainer_class, port", [("awm", "AWMTrainer", 29519), ("nft", "NFTTrainer", 29529)])
 def test_two_process_flow_trainers_keep_ranks_identical(tiny_dir, tmp_path, name, trainer_class, port):
-    script = tmp_path / f"{name}_ddp.py"
-    script.write_text(FLOW_SCRIPT.replace("@NAME@", name).replace("@CONFIG@", f"configs/{name}/tiny_sd3_jpeg.yaml")
-                      .replace("@MODULE@", f"diffrl.trainers.{name}").replace("@CLASS@", trainer_class))
-    result = accelerate_launch(script, tiny_dir("sd3"), tmp_path, port=port)
-    assert result.returncode == 0, result.stderr[-6000:]
-    rows = [json.loads((tmp_path / f"{name}_rank{r}.json").read_text()) for r in (0, 1)]
-    assert all(row["world"] == 2 and row["weights_equal"] and row["moved"] > 0 for row in rows)
+    rows = _flow_ranks(tiny_dir, tmp_path, name, trainer_class, port, [])
     # 3 prompts x 2 samples = 6 per step, 3 per rank: a prompt's group spans both processes
     for step in range(2):
         both = rows[0]["prompts"][step] + rows[1]["prompts"][step]
         assert len(both) == 6 and any(p in rows[1]["prompts"][step] for p in rows[0]["prompts"][step])
+
+
+@pytest.mark.slow
+def test_two_process_down_sampling_keeps_ranks_identical_with_unequal_shares(tiny_dir, tmp_path):
+    """D^3S keeps 2 of each group of 12 (6 of 36 samples at step 0): the ranks keep what their samples give,
+    not the same number each, and still update together."""
+    rows = _flow_ranks(tiny_dir, tmp_path, "awm", "AWMTrainer", 29539,
+                       ["group_size=12", "down_sampling.sample_keep=0.1", "down_sampling.anneal_steps=100"])
+    assert [sum(step) for step in zip(rows[0]["kept"], rows[1]["kept"])] == [6, 6]   # 2 of each of 3 groups
+    assert rows[0]["kept"] != rows[1]["kept"]    # this seed: 4 and 2 a step
+
+
+def _flow_ranks(tiny_dir, tmp_path, name, trainer_class, port, extra):
+    script = tmp_path / f"{name}_ddp.py"
+    script.write_text(FLOW_SCRIPT.replace("@NAME@", name).replace("@CONFIG@", f"configs/{name}/tiny_sd3_jpeg.yaml")
+                      .replace("@MODULE@", f"diffrl.trainers.{name}").replace("@CLASS@", trainer_class)
+                      .replace("@EXTRA@", repr(extra)))
+    result = accelerate_launch(script, tiny_dir("sd3"), tmp_path, port=port)
+    assert result.returncode == 0, result.stderr[-6000:]
+    rows = [json.loads((tmp_path / f"{name}_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(row["world"] == 2 and row["weights_equal"] and row["moved"] > 0 for row in rows)
+    return rows
 
 
 SEPPO_SCRIPT = r'''

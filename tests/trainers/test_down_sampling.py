@@ -106,3 +106,69 @@ def test_down_sampling_settings_are_checked(tiny_dir, tmp_path):
         _config(tiny_dir, tmp_path, down_sampling={"sample_keep": 1.5})
     with pytest.raises(ConfigError, match="token_keep"):
         _config(tiny_dir, tmp_path, down_sampling={"token_keep": 0})
+
+
+def _flow_case(name, tiny_dir, tmp_path):
+    from diffrl.trainers.awm import AWMTrainer
+    from diffrl.trainers.flow_grpo import FlowGRPOTrainer
+    from diffrl.trainers.nft import NFTTrainer
+    from tests.trainers.test_awm import make_config as awm_config
+    from tests.trainers.test_flow_grpo import make_config as grpo_config
+    from tests.trainers.test_nft import make_config as nft_config
+
+    cls, make = {"awm": (AWMTrainer, awm_config), "flow_grpo": (FlowGRPOTrainer, grpo_config),
+                 "nft": (NFTTrainer, nft_config)}[name]
+    # 2 prompts of 6 samples; half of each group (3) kept at step 0
+    return cls(make(tiny_dir, tmp_path, group_size=6, prompts_per_step=2, sample_batch_size=6,
+                    down_sampling={"sample_keep": 0.5, "anneal_steps": 10}))
+
+
+@pytest.mark.parametrize("name", ["awm", "flow_grpo", "nft"])
+def test_flow_trainers_train_on_each_groups_max_variance_samples(name, tiny_dir, tmp_path):
+    from diffrl.advantages import get_estimator
+
+    trainer = _flow_case(name, tiny_dir, tmp_path)
+    trainer.setup()
+    batch = trainer.rollout()
+    rewards, _ = batch["scorer"].result()          # the reward is deterministic: what score() will read
+    before = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[0] == 12}
+    prompts = list(batch["prompts"])
+    stats = trainer.score(batch)
+    keep = kept_samples(rewards, before["group_ids"], 0.5)
+    assert keep.sum() == 6 and stats["down_sampling/kept"] == 0.5
+    for key, value in before.items():          # every per-sample entry cut to the kept samples, in order
+        assert torch.equal(batch[key], value[keep]), key
+    assert batch["prompts"] == [p for p, k in zip(prompts, keep.tolist()) if k]
+    cfg = trainer.config
+    expected = get_estimator(cfg.estimator, **cfg.estimator_kwargs)(rewards.masked_fill(~keep, float("nan")),
+                                                                     before["group_ids"])[keep]
+    if name == "nft":
+        from diffrl.trainers.nft import optimality
+        assert torch.allclose(batch["r"], optimality(expected, cfg.adv_clip_max))
+    else:
+        from diffrl.advantages import clip_advantages
+        scale = {"scale": cfg.advantage_max / cfg.adv_clip_max} if name == "awm" else {}
+        assert torch.allclose(batch["advantages"], clip_advantages(expected, max_abs=cfg.adv_clip_max, **scale))
+    lora = {n: p.detach().clone() for n, p in trainer.model.transformer.named_parameters() if p.requires_grad}
+    trainer.update(batch)
+    changed = [n for n, p in trainer.model.transformer.named_parameters() if p.requires_grad
+               and not torch.equal(p.detach(), lora[n])]
+    assert changed and all("lora" in n for n in changed)
+
+
+def test_a_process_with_no_sample_still_meets_the_gradient_sync():
+    from accelerate import Accelerator
+
+    from diffrl.training.step_guard import accumulate
+
+    module = torch.nn.Linear(3, 2)
+    totals = accumulate(Accelerator(cpu=True), module, 0, lambda i: (_ for _ in ()).throw(AssertionError("called")))
+    assert totals == {"loss": 0.0}
+    assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in module.parameters())
+
+
+def test_flow_trainers_refuse_the_token_level(tiny_dir, tmp_path):
+    from tests.trainers.test_awm import make_config as awm_config
+
+    with pytest.raises(ConfigError, match="down_sampling.token_keep is D\\^3S's token level, for diffusion LMs"):
+        awm_config(tiny_dir, tmp_path, down_sampling={"token_keep": 0.5})
