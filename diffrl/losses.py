@@ -301,7 +301,7 @@ def describe_losses() -> list[tuple[str, str, str]]:
               "https://arxiv.org/abs/2503.14476"),
              ("kl_penalty", "k1 / k2 / k3 / low_var_kl estimators of KL to the reference",
               "http://joschu.net/blog/kl-approx.html"),
-             ("drpo_loss", "DRPO: length-weighted positives, log-sum-exp negatives",
+             ("drpo_loss", "DRPO: length-weighted positives, log-sum-exp negatives [igpo: loss: drpo]",
               "https://arxiv.org/abs/2510.04474"),
              ("flow_matching_log_prob", "AWM: weighted flow-matching error (uniform, t, t2, huber, ghuber)",
               "https://arxiv.org/abs/2509.25050"),

@@ -51,7 +51,7 @@ from diffrl.dllm.reasoning import (
     until_first,
 )
 from diffrl.errors import ConfigError
-from diffrl.losses import aggregate, clipped_surrogate, hint_entropy_mask, kl_penalty, sequence_log_ratio
+from diffrl.losses import aggregate, clipped_surrogate, drpo_loss, hint_entropy_mask, kl_penalty, sequence_log_ratio
 from diffrl.trainers import register_trainer
 from diffrl.training import dynamic_sampling, engine, run_setup, step_guard
 from diffrl.training.down_sampling import DownSamplingConfig, kept_samples, kept_size, kept_tokens
@@ -87,6 +87,17 @@ class InpaintingConfig:
                                                 "gradient (at least one)", ge=0, le=1)
 
 
+@dataclasses.dataclass
+class DRPOConfig:
+    """DRPO's settings (arXiv 2510.04474; its public launch scripts' values)."""
+
+    lam: float = param(0.1, help="length temperature: a correct completion's weight is exp((1 - |o| / L) / lam), "
+                                 "normalized over the group's correct ones", gt=0)
+    tau: float = param(10.0, help="temperature of the log-sum-exp over the group's wrong completions", gt=0)
+    beta: float = param(1e3, help="weight of the KL constraint once the KL to the rollout policy exceeds delta", ge=0)
+    delta: float = param(1e-4, help="the KL below which the constraint is off", ge=0)
+
+
 @dataclasses.dataclass(kw_only=True)
 class IGPOConfig(TrainerConfig):
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"num_iterations": "updates_per_rollout"}  # one name in every trainer
@@ -107,6 +118,11 @@ class IGPOConfig(TrainerConfig):
     clip_high: float = param(0.2, help="ratio clip above 1 (epsilon_high)", gt=0)
     ratio_level: str = param("sequence", help="'sequence' (GSPO, IGPO's published run) or 'token' (d1) ratios")
     beta: float = param(0.01, help="weight of the k3 KL to the LoRA-free reference (IGPO 0.01, d1 0.04)", ge=0)
+    loss: Literal["clipped", "drpo"] = param(
+        "clipped", help="'clipped': GRPO's clipped surrogate on the advantages; 'drpo': DRPO's discriminative loss "
+                        "on the correct flags (correct completions weighted towards the shorter, against the wrong "
+                        "ones' log-sum-exp; no advantages), with its KL constraint")
+    drpo: DRPOConfig = param(DRPOConfig(), help="loss: drpo's settings")
     loss_norm: Literal["batch", "micro_batch"] = param(
         "batch", help="'batch': one token mean over the whole batch; 'micro_batch': the token mean of each "
                       "train_batch_size micro-batch, averaged (IGPO's code, with a micro-batch of one group)")
@@ -142,6 +158,13 @@ class IGPOConfig(TrainerConfig):
         if self.igpo.ratio_high < self.igpo.ratio_low:
             raise ConfigError(f"igpo.ratio_high ({self.igpo.ratio_high}) must be >= igpo.ratio_low "
                               f"({self.igpo.ratio_low})")
+        if self.loss == "drpo" and self.train_batch_size % self.group_size:
+            raise ConfigError(f"loss: drpo compares each question's completions inside a micro-batch: make "
+                              f"train_batch_size ({self.train_batch_size}) a multiple of group_size "
+                              f"({self.group_size})")
+        if self.loss == "drpo" and self.down_sampling.enabled:
+            raise ConfigError("loss: drpo uses no advantages and whole groups; D^3S's down_sampling chooses by "
+                              "them: turn one of them off")
         if self.igpo.max_replacements > self.group_size:
             raise ConfigError(f"igpo.max_replacements ({self.igpo.max_replacements}) cannot exceed group_size "
                               f"({self.group_size})")
@@ -430,6 +453,8 @@ class IGPOTrainer:
                                                        estimator=cfg.log_prob_estimator)
         old = batch["old_log_probs"][iteration][rows] if cfg.updates_per_rollout > 1 else log_probs.detach()
         mask = batch["loss_masks"][iteration][rows]
+        if cfg.loss == "drpo":
+            return self._drpo_loss(batch, iteration, rows, log_probs, old, mask)
         advantages = batch["advantages"][rows].to(log_probs.device)
         if cfg.ratio_level == "sequence":
             # IGPO's GSPO ratio averages over every completion position (its code divides by the length).
@@ -448,6 +473,27 @@ class IGPOTrainer:
             return aggregate(per_token, mask, "token-mean"), parts
         return aggregate(per_token, mask, "token-mean", global_tokens=total_tokens), parts
 
+    def _drpo_loss(self, batch: dict, iteration: int, rows: slice, log_probs, old, mask):
+        """DRPO on a micro-batch of whole groups, in its public code's form: a completion's score is its mean
+        log-prob over its tokens up to the first EOS (its response mask, here also within the loss mask), its
+        length that count over ``gen_length``, and the KL the mean of old - new log-prob over those tokens
+        (its launch scripts' ``ppo_kl_type: kl``)."""
+        cfg, drpo = self.config, self.config.drpo
+        response = until_first(batch["completions"][rows], self.model.tokenizer.eos_token_id).to(mask.device)
+        tokens = (mask & response).to(log_probs.dtype)
+        scores = (log_probs * tokens).sum(-1) / tokens.sum(-1).clamp_min(1)
+        kl = ((old - log_probs) * tokens).sum() / tokens.sum().clamp_min(1)
+        loss, info = drpo_loss(scores, batch["correct"][rows].to(log_probs.device).to(log_probs.dtype),
+                               batch["group_ids"][rows], lengths=response.sum(-1), max_length=cfg.generation.gen_length,
+                               lam=drpo.lam, tau=drpo.tau, kl=kl, beta=drpo.beta, delta=drpo.delta)
+        info["kl_to_rollout"] = float(kl.detach())
+        if cfg.beta > 0:   # the KL loss to the reference, as verl's actor adds it (use_kl_loss)
+            ref_kl = kl_penalty(log_probs, batch["ref_log_probs"][iteration][rows], "k3")
+            ref_kl = (ref_kl * mask).sum() / mask.sum().clamp_min(1)
+            loss = loss + cfg.beta * ref_kl
+            info["kl"] = float(ref_kl.detach())
+        return loss, info
+
     def update(self, batch: dict) -> dict:
         """``updates_per_rollout`` optimizer steps over the batch, each a token mean over the whole batch
         (``loss_norm: batch``) or the mean of the micro-batches' token means (``micro_batch``)."""
@@ -462,7 +508,7 @@ class IGPOTrainer:
                 self.accelerator, self.model.denoiser, len(starts),
                 lambda i, it=iteration, tokens=total_tokens: self._loss(
                     batch, it, slice(starts[i], starts[i] + cfg.train_batch_size), tokens),
-                average=cfg.loss_norm == "micro_batch")
+                average=cfg.loss_norm == "micro_batch" or cfg.loss == "drpo")   # DRPO: a mean per micro-batch
             for key, value in step_guard.optimizer_step(self, totals).items():
                 logged[key] = logged.get(key, 0.0) + value / cfg.updates_per_rollout
         logged["lr"] = self.scheduler.get_last_lr()[0]
