@@ -585,11 +585,6 @@ class SPOTracker:
         self.store.values["alpha"][slot] = rho * self.store.values["alpha"][slot] + r
         self.store.values["beta"][slot] = rho * self.store.values["beta"][slot] + (1 - r)
 
-    def priority_weights(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """SPO's prioritized-sampling weight ``sqrt(p_hat (1 - p_hat)) + 0.05``."""
-        p = self.values(prompt_ids)
-        return (p * (1 - p)).sqrt() + 0.05
-
     def state_dict(self) -> dict:
         return {"store": self.store.state_dict()}
 

@@ -2,7 +2,6 @@
 
 - ``UniformSampler``: shuffled epochs; each process takes its own slice of every global batch.
 - ``DUMPScheduler``: distribution-level curriculum, a UCB bandit over data sources (arXiv 2504.09710).
-- ``SPOPrioritySampler``: prompts drawn with SPO's weights sqrt(p(1-p)) + 0.05 (arXiv 2509.13232).
 - ``filter_groups``: dynamic sampling (DAPO drops groups whose rewards agree; NGRPO only all-correct ones).
 - ``max_variance_subset`` / ``D3SSchedule`` / ``top_fraction_mask``: D^3S down-sampling (arXiv 2509.22115;
   our reconstruction, see its docstrings).
@@ -126,29 +125,6 @@ class DUMPScheduler:
         self.generator.set_state(state["generator"])
 
 
-class SPOPrioritySampler:
-    """SPO prioritized sampling: from a candidate pool of ``pool_size`` prompts (uniform), draw
-    ``batch_size`` with probability proportional to the tracker's weight sqrt(p(1-p)) + 0.05, without
-    replacement unless the pool is smaller than the batch."""
-
-    def __init__(self, num_items: int, tracker, *, pool_size: int, seed: int = 0):
-        self.num_items, self.tracker, self.pool_size = num_items, tracker, pool_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def sample(self, batch_size: int) -> list[int]:
-        pool = torch.randperm(self.num_items, generator=self.generator)[:self.pool_size]
-        weights = self.tracker.priority_weights(pool).float()
-        replace = pool.numel() < batch_size
-        chosen = torch.multinomial(weights, batch_size, replacement=replace, generator=self.generator)
-        return pool[chosen].tolist()
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-
-
 def filter_groups(rewards: torch.Tensor, group_ids: torch.Tensor, *, strategy: str = "mixed",
                   max_reward: float = 1.0) -> torch.Tensor:
     """Dynamic sampling: a ``[B]`` bool mask of samples whose group is kept.
@@ -239,9 +215,6 @@ CURRICULA = {   # name -> (object, summary, paper, the trainer config key that t
     "uniform": (UniformSampler, "shuffled epochs, each example once per epoch", "", None),
     "dump": (DUMPScheduler, "UCB bandit over data sources on mean |advantage|", "https://arxiv.org/abs/2504.09710",
              "data.curriculum"),
-    "spo_priority": (SPOPrioritySampler, "prompts weighted by sqrt(p(1-p)) + 0.05 from the SPO tracker (needs the "
-                     "tracker updated after each actor step with the policy divergence: no trainer does yet)",
-                     "https://arxiv.org/abs/2509.13232", None),
     "filter_groups": (filter_groups, "dynamic sampling: drop groups whose rewards agree (DAPO) or all-correct "
                       "groups (NGRPO)", "https://arxiv.org/abs/2503.14476", "dynamic_sampling"),
     "d3s": (max_variance_subset, "max-variance subset of a group + token top-|A|H, annealed (reconstruction)",

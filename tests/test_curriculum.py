@@ -3,11 +3,9 @@ import itertools
 import pytest
 import torch
 
-from diffrl.advantages import get_estimator
 from diffrl.curriculum import (
     D3SSchedule,
     DUMPScheduler,
-    SPOPrioritySampler,
     UniformSampler,
     filter_groups,
     max_variance_subset,
@@ -69,23 +67,6 @@ def test_dump_round_trip():
     b = DUMPScheduler(["x", "y", "x"], seed=0)
     b.load_state_dict(a.state_dict())
     assert a.sample(20) == b.sample(20) and a.probabilities() == b.probabilities()
-
-
-def test_spo_priority_prefers_uncertain_prompts():
-    tracker = get_estimator("spo")
-    # prompt 0: p = 0.5 (weight 0.55); prompts 1..9: nearly solved (p ~ 0.99, weight ~0.15)
-    tracker.initialize(torch.arange(10), T([4.0] + [8.0] * 9), num_samples=8)
-    for _ in range(30):
-        tracker.update(torch.ones(9), torch.arange(1, 10))
-    sampler = SPOPrioritySampler(10, tracker, pool_size=10, seed=0)
-    counts = torch.zeros(10)
-    for _ in range(300):
-        for i in sampler.sample(1):
-            counts[i] += 1
-    assert counts[0] > 2.5 * counts[1:].mean()
-    other = SPOPrioritySampler(10, tracker, pool_size=10, seed=5)
-    other.load_state_dict(sampler.state_dict())
-    assert other.sample(4) == sampler.sample(4)
 
 
 def test_filter_groups_by_hand():

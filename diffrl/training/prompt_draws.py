@@ -6,9 +6,9 @@ A sampler gives each process its prompts with ``next_indices()`` and learns from
 samplers' states stay equal, so every process draws the same global batch and takes its slice, as
 :class:`~diffrl.curriculum.UniformSampler` does). Its state goes into each checkpoint.
 
-SPO's prioritised draws (:class:`~diffrl.curriculum.SPOPrioritySampler`) are not offered: they read the spo
-estimator's values, which a trainer would have to update after each actor step with every prompt's policy
-divergence, and no trainer does that yet.
+SPO's prioritised draws (weights sqrt(p(1-p)) + 0.05 from the spo estimator's values) are not offered: the
+values would have to be updated after each actor step with every prompt's policy divergence, which no trainer
+does, so the trainers refuse the spo estimator too.
 """
 
 from __future__ import annotations
