@@ -327,7 +327,7 @@ class IGPOTrainer:
         return stats
 
     def _signal(self, batch: dict) -> torch.Tensor:
-        values = batch["correct"] if self.config.dynamic_sampling.metric == "correctness" else batch["rewards"]
+        values = batch["rewards"] if self.config.dynamic_sampling.metric == "reward" else batch["correct"]
         return groups_with_signal(values, self.config.group_size)
 
     def _dynamic_sampling(self, batch: dict) -> dict:

@@ -31,9 +31,9 @@ from diffrl.curriculum import filter_groups
 class DynamicSamplingConfig:
     enabled: bool = param(False, help="DAPO's dynamic sampling: drop groups whose samples all score alike and draw "
                                       "more prompts until the step's groups are full")
-    metric: Literal["correctness", "reward"] = param(
-        "correctness", help="what must vary inside a group: the task's correct flags (DAPO's recipe: acc) or the "
-                            "summed reward")
+    metric: Literal["correctness", "reward"] | None = param(
+        None, help="what must vary inside a group: the task's correct flags (DAPO's recipe: acc) or the summed "
+                   "reward; null: correctness where the trainer has correct flags (IGPO), else reward")
     max_rounds: int = param(10, help="rollouts per step at most (DAPO's max_num_gen_batches, 10 in its recipe); "
                                      "at the cap the missing groups are filled with groups without signal", ge=1)
 

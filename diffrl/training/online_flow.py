@@ -15,7 +15,7 @@ from diffrl.config import FlowSamplingConfig, PromptDataConfig, RewardConfig, Tr
 from diffrl.errors import ConfigError
 from diffrl.training import run_setup
 from diffrl.training.down_sampling import DownSamplingConfig
-from diffrl.training.dynamic_sampling import take_rows
+from diffrl.training.dynamic_sampling import DynamicSamplingConfig, take_rows
 from diffrl.training.evaluation import check_reward_fits
 from diffrl.training.prompt_draws import prompt_sampler
 from diffrl.training.reward_pipeline import RolloutScorer
@@ -52,10 +52,16 @@ class OnlineFlowConfig(TrainerConfig):
     weight_ema_every: int = param(1, help="update the weight EMA every N optimizer steps", ge=1)
     down_sampling: DownSamplingConfig = param(DownSamplingConfig(), help="D^3S's sample level: each group's "
                                               "highest-variance samples, their share annealed to 1")
+    dynamic_sampling: DynamicSamplingConfig = param(
+        DynamicSamplingConfig(), help="DAPO's dynamic sampling: groups whose rewards are all equal "
+                                                     "dropped and refilled from rollouts of the next prompts")
     eval_seed: int = param(1234, help="seed of the evaluation noise (the same images every time)", ge=0)
 
     def __post_init__(self):
         trainer_estimator(self.estimator, **self.estimator_kwargs)  # an unknown name or option fails here
+        if self.dynamic_sampling.metric == "correctness":
+            raise ConfigError(f"dynamic_sampling.metric {self.dynamic_sampling.metric}: an image or video reward has "
+                              f"no correct flag; use metric: reward (a group is dropped when its rewards are equal)")
         if self.down_sampling.token_keep is not None:
             raise ConfigError("down_sampling.token_keep is D^3S's token level, for diffusion LMs: an image or video "
                               "model has no tokens (a denoising step's entropy is the same for every sample); use "
@@ -89,10 +95,12 @@ def prepare_online_flow(trainer, *, optimizer_steps: int) -> None:
     ``optimizer_steps``, the weight EMA, the unconditional embedding for CFG, the prompt sampler (every rank
     draws the same prompts; :func:`draw_prompts` splits the samples) and this process's rollout noise."""
     cfg, acc = trainer.config, trainer.accelerator
-    if cfg.down_sampling.sample_keep is not None and acc.distributed_type == DistributedType.FSDP:
-        raise ConfigError("down_sampling.sample_keep leaves processes different numbers of samples to train on, "
-                          "and FSDP2 needs the same number of forwards on every process; use DDP "
-                          "(--accelerate-config ddp) or turn down-sampling off")
+    uneven = [key for key, on in (("down_sampling.sample_keep", cfg.down_sampling.sample_keep is not None),
+                                  ("dynamic_sampling", cfg.dynamic_sampling.enabled)) if on]
+    if uneven and acc.distributed_type == DistributedType.FSDP:
+        raise ConfigError(f"{uneven[0]} leaves processes different numbers of samples to train on, and FSDP2 "
+                          f"needs the same number of forwards on every process; use DDP (--accelerate-config ddp) "
+                          f"or turn {uneven[0]} off")
     run_setup.prepare_optimization(trainer, optimizer_steps)
     trainer.weight_ema = (WeightEMA(trainer.params, decay=cfg.weight_ema_decay, every=cfg.weight_ema_every,
                                     module=trainer.model.trainable) if cfg.weight_ema_decay else None)
@@ -110,6 +118,7 @@ def score_rollout(trainer, batch: dict, sample_keys: tuple[str, ...]) -> tuple[t
     cfg = trainer.config
     share = (cfg.down_sampling.shares(trainer.step, cfg.max_steps)[0] if cfg.down_sampling.sample_keep is not None
              else None)
+    sampling_stats = collect_groups_with_signal(trainer, batch, sample_keys) if cfg.dynamic_sampling.enabled else {}
     advantages, stats, kept = rollout_advantages(trainer.accelerator, trainer.reward, trainer.estimator,
                                                  batch.pop("scorer"), batch["group_ids"], trainer.prompt_sampler,
                                                  keep_share=share)
@@ -118,7 +127,71 @@ def score_rollout(trainer, batch: dict, sample_keys: tuple[str, ...]) -> tuple[t
         for key in sample_keys:
             batch[key] = take_rows(batch[key], rows, kept.numel())
         advantages = advantages[rows]
-    return advantages, stats
+    return advantages, {**stats, **sampling_stats}
+
+
+class _Scored:
+    """Rewards already scored, read as a :class:`RolloutScorer`'s."""
+
+    def __init__(self, rewards: torch.Tensor, extras: dict):
+        self.rewards, self.extras = rewards, extras
+
+    def result(self) -> tuple[torch.Tensor, dict]:
+        return self.rewards, self.extras
+
+
+def collect_groups_with_signal(trainer, batch: dict, sample_keys: tuple[str, ...]) -> dict:
+    """DAPO's dynamic sampling for a flow trainer: ``batch`` (a scored rollout) becomes the step's
+    ``prompts_per_step`` groups whose rewards vary, taken in draw order from it and from further rollouts of the
+    next prompts (``trainer.rollout()``), at most ``max_rounds`` rollouts; at the cap the missing groups are the
+    first ones without signal. A group spans processes, so the rewards are gathered and every process takes the
+    same groups, each keeping its own samples of them (processes may then keep different numbers). Returns
+    the sampling's stats."""
+    from diffrl.curriculum import filter_groups
+
+    cfg, acc = trainer.config, trainer.accelerator
+    wanted, rounds = cfg.prompts_per_step, []
+    have = seen = silent = 0
+    current = batch
+    while True:
+        rewards, extras = current.pop("scorer").result()
+        all_rewards = acc.gather(rewards.to(acc.device)).cpu()
+        all_groups = acc.gather(current["group_ids"].to(acc.device)).cpu()
+        # DAPO's rule (filter_groups): a group has signal when its rewards are not all equal; a NaN (unscored)
+        # counts as a value of its own here, and the step guard judges it later
+        varies = filter_groups(all_rewards.nan_to_num(-1e30), all_groups, strategy="mixed")
+        keys = all_groups.unique(sorted=True)
+        signal = [bool(varies[all_groups == k].all()) for k in keys.tolist()]
+        good = [k for k, s in zip(keys.tolist(), signal) if s][:wanted - have]
+        rounds.append((current, rewards, extras, good, [k for k, s in zip(keys.tolist(), signal) if not s]))
+        have += len(good)
+        seen += len(signal)
+        silent += signal.count(False)
+        if have >= wanted or len(rounds) >= cfg.dynamic_sampling.max_rounds:
+            break
+        current = trainer.rollout()
+    filled = 0
+    for entry in rounds:   # at the cap: the first groups without signal fill the batch
+        use = entry[4][:wanted - have]
+        entry[3].extend(use)
+        have += len(use)
+        filled += len(use)
+    parts = []
+    for current, rewards, extras, groups, _ in rounds:
+        rows = torch.isin(current["group_ids"], torch.tensor(groups, dtype=current["group_ids"].dtype))
+        rows = rows.nonzero().flatten()
+        n = rewards.shape[0]
+        parts.append(({key: take_rows(current[key], rows, n) for key in sample_keys},
+                      rewards[rows], {k: take_rows(v, rows, n) for k, v in extras.items()}))
+    for key in sample_keys:
+        values = [p[0][key] for p in parts]
+        batch[key] = (values[0] if values[0] is None else torch.cat(values) if isinstance(values[0], torch.Tensor)
+                      else [v for part in values for v in part])
+    merged_extras = {k: (torch.cat([p[2][k] for p in parts]) if isinstance(parts[0][2][k], torch.Tensor)
+                         else [v for p in parts for v in p[2][k]]) for k in parts[0][2]}
+    batch["scorer"] = _Scored(torch.cat([p[1] for p in parts]), merged_extras)
+    return {"dynamic_sampling/rollouts": float(len(rounds)), "dynamic_sampling/no_signal_share": silent / max(seen, 1),
+            "dynamic_sampling/filled_groups": float(filled)}
 
 
 @dataclasses.dataclass

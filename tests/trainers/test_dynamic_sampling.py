@@ -119,5 +119,85 @@ def test_ls_says_which_trainer_takes_dynamic_sampling(capsys):
 
     assert cli.main(["ls", "curricula"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
-    assert "[config `dynamic_sampling` in igpo]" in lines["filter_groups"]
+    assert "[config `dynamic_sampling` in awm, flow_grpo, igpo, nft, reinforce]" in lines["filter_groups"]
     assert "[config `data.curriculum` in awm, flow_grpo, igpo, nft, reinforce]" in lines["dump"]
+
+
+def _flow(name, tiny_dir, tmp_path, prompts, **overrides):
+    from diffrl.config import from_dict
+    from diffrl.trainers import get_trainer
+    from tests.conftest import with_overrides
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    data = {"trainer": name, "model": {"path": str(tiny_dir("sd3"))}, "output_dir": str(tmp_path / "run"),
+            "max_steps": 2, "seed": 0, "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2},
+            "data": {"path": str(path), "eval_size": 1},
+            "reward": {"weights": {"tests.rewards.split_reward:SplitReward": 1.0}},
+            "sampling": {"height": 32, "width": 32, "num_steps": 4, "eval_num_steps": 2, "noise_level": 0.7},
+            "group_size": 2, "prompts_per_step": 2, "sample_batch_size": 4, "train_batch_size": 2,
+            "dynamic_sampling": {"enabled": True, "max_rounds": 3},
+            "logging": {"trackers": [], "progress_bar": False}, "checkpoint": {"every": 1}}
+    if name == "awm":
+        data.update(train_timesteps=2, time_type="discrete")
+    entry = get_trainer(name)
+    return entry.trainer_class(from_dict(entry.config_class, with_overrides(data, overrides)))
+
+
+@pytest.mark.parametrize("name", ["awm", "flow_grpo", "nft"])
+def test_flow_trainers_train_on_groups_with_signal_from_further_rollouts(name, tiny_dir, tmp_path):
+    """Prompts in draw order (seed 0): groups of "same" prompts score alike and are replaced by the next
+    prompts' groups, two rollouts here; the batch is the first two groups with signal, in draw order."""
+    prompts = ["a same cat", "a red dog", "the same tree", "a blue bird", "a green frog", "same old hat"]
+    trainer = _flow(name, tiny_dir, tmp_path, prompts)
+    trainer.setup()
+    twin = _flow(name, tiny_dir, tmp_path / "twin", prompts, dynamic_sampling={"enabled": False})
+    twin.setup()
+    draws = [twin.prompt_sampler.next_indices() for _ in range(3)]
+    with_signal = [i for draw in draws for i in draw if "same" not in prompts[i]]
+    batch = trainer.rollout()
+    stats = trainer.score(batch)
+    rounds = int(stats["dynamic_sampling/rollouts"])
+    drawn = [i for draw in draws[:rounds] for i in draw]
+    assert rounds == next(r for r in (1, 2, 3) if sum("same" not in prompts[i] for d in draws[:r] for i in d) >= 2)
+    assert stats["dynamic_sampling/no_signal_share"] == sum("same" in prompts[i] for i in drawn) / len(drawn)
+    assert sorted(set(batch["group_ids"].tolist())) == sorted(with_signal[:2])
+    assert len(batch["prompts"]) == 4 and all("same" not in p for p in batch["prompts"])
+    fresh = _flow(name, tiny_dir, tmp_path / "fresh", prompts, dynamic_sampling={"enabled": False})
+    fresh.setup()
+    for _ in range(rounds):   # the trainer's sampler moved once per rollout
+        fresh.prompt_sampler.next_indices()
+    assert trainer.prompt_sampler.state_dict() == fresh.prompt_sampler.state_dict()
+    metrics = trainer.update(batch)
+    assert "loss" in metrics
+
+
+def test_flow_dynamic_sampling_at_the_cap_fills_with_groups_without_signal(tiny_dir, tmp_path):
+    trainer = _flow("awm", tiny_dir, tmp_path, ["same a", "same b", "same c"], dynamic_sampling={
+        "enabled": True, "max_rounds": 2})
+    trainer.setup()
+    batch = trainer.rollout()
+    stats = trainer.score(batch)
+    assert stats["dynamic_sampling/rollouts"] == 2 and stats["dynamic_sampling/filled_groups"] == 2
+    assert stats["dynamic_sampling/no_signal_share"] == 1.0 and len(batch["prompts"]) == 4
+    assert (batch["advantages"] == 0).all()
+
+
+def test_flow_dynamic_sampling_needs_the_reward_metric(tiny_dir, tmp_path):
+    with pytest.raises(ConfigError, match="an image or video reward has no correct flag; use metric: reward"):
+        _flow("awm", tiny_dir, tmp_path, ["a"], dynamic_sampling={"enabled": True, "metric": "correctness"})
+
+
+def test_flow_dynamic_sampling_resumes_exactly(tiny_dir, tmp_path):
+    prompts = ["a same cat", "a red dog", "the same tree", "a blue bird", "a green frog", "same old hat"]
+    _flow("awm", tiny_dir, tmp_path / "a", prompts, max_steps=3).train()
+    _flow("awm", tiny_dir, tmp_path / "b", prompts, max_steps=1).train()
+    _flow("awm", tiny_dir, tmp_path / "b", prompts, max_steps=3, checkpoint={"every": 1, "resume": "latest"}).train()
+
+    def rows(run):
+        lines = (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"], r["reward"], r["dynamic_sampling/rollouts"])
+                for r in map(json.loads, lines) if "loss" in r]
+
+    assert rows("a") == rows("b") and len(rows("a")) == 3
