@@ -125,7 +125,8 @@ class AWMTrainer:
                                         images=drawn.images, window=sde_window(cfg.sampling, seed=cfg.seed,
                                                                                step=self.step))
         return {"x0": torch.cat([t.final for t in trajectories]), "prompts": drawn.prompts, "images": drawn.images,
-                "group_ids": drawn.group_ids, "sigmas": trajectories[0].sigmas, "scorer": drawn.scorer}
+                "group_ids": drawn.group_ids, "drawn": drawn.drawn, "sigmas": trajectories[0].sigmas,
+                "scorer": drawn.scorer}
 
     def score(self, batch: dict) -> dict:
         cfg = self.config

@@ -108,7 +108,8 @@ class FlowGRPOTrainer:
             trained.append(sde_steps.expand(trajectory.latents.shape[0], -1))
         return {"latents": torch.cat([t.latents for t in trajectories]),
                 "log_probs": torch.cat([t.log_probs for t in trajectories]), "prompts": drawn.prompts,
-                "images": drawn.images, "group_ids": drawn.group_ids, "sigmas": trajectories[0].sigmas,
+                "images": drawn.images, "group_ids": drawn.group_ids, "drawn": drawn.drawn,
+                "sigmas": trajectories[0].sigmas,
                 "train_steps": torch.cat(trained), "scorer": drawn.scorer}
 
     def score(self, batch: dict) -> dict:

@@ -124,7 +124,8 @@ class NFTTrainer:
                                         generator=self.noise, uncond=self.uncond, on_batch=drawn.on_batch,
                                         images=drawn.images)
         return {"x0": torch.cat([t.final for t in trajectories]), "prompts": drawn.prompts, "images": drawn.images,
-                "group_ids": drawn.group_ids, "sigmas": trajectories[0].sigmas, "scorer": drawn.scorer}
+                "group_ids": drawn.group_ids, "drawn": drawn.drawn, "sigmas": trajectories[0].sigmas,
+                "scorer": drawn.scorer}
 
     def score(self, batch: dict) -> dict:
         cfg = self.config

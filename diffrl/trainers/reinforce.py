@@ -72,7 +72,8 @@ class ReinforceTrainer:
                                     generator=self.noise, uncond=self.uncond, on_batch=drawn.on_batch,
                                     images=drawn.images)
         return {"latents": torch.cat([t.latents for t in trajectories]), "prompts": drawn.prompts,
-                "images": drawn.images, "group_ids": drawn.group_ids, "sigmas": trajectories[0].sigmas,
+                "images": drawn.images, "group_ids": drawn.group_ids, "drawn": drawn.drawn,
+                "sigmas": trajectories[0].sigmas,
                 "sde_steps": trajectories[0].sde_steps.nonzero().flatten().tolist(), "scorer": drawn.scorer}
 
     def score(self, batch: dict) -> dict:

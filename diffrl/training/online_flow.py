@@ -160,10 +160,10 @@ def collect_groups_with_signal(trainer, batch: dict, sample_keys: tuple[str, ...
         # DAPO's rule (filter_groups): a group has signal when its rewards are not all equal; a NaN (unscored)
         # counts as a value of its own here, and the step guard judges it later
         varies = filter_groups(all_rewards.nan_to_num(-1e30), all_groups, strategy="mixed")
-        keys = all_groups.unique(sorted=True)
-        signal = [bool(varies[all_groups == k].all()) for k in keys.tolist()]
-        good = [k for k, s in zip(keys.tolist(), signal) if s][:wanted - have]
-        rounds.append((current, rewards, extras, good, [k for k, s in zip(keys.tolist(), signal) if not s]))
+        keys = list(dict.fromkeys(current.pop("drawn")))   # the round's prompts in draw order
+        signal = [bool(varies[all_groups == k].all()) for k in keys]
+        good = [k for k, s in zip(keys, signal) if s][:wanted - have]
+        rounds.append((current, rewards, extras, good, [k for k, s in zip(keys, signal) if not s]))
         have += len(good)
         seen += len(signal)
         silent += signal.count(False)
@@ -199,6 +199,7 @@ class DrawnPrompts:
     """This process's share of a rollout step: one entry per sample."""
 
     group_ids: torch.Tensor          # [n] index of each sample's prompt (its group)
+    drawn: list[int]                 # the step's prompts (every process's), in the order they were drawn
     prompts: list[str]
     metadata: list[dict]
     images: list | None              # input images of editing models, else None
@@ -219,5 +220,5 @@ def draw_prompts(trainer) -> DrawnPrompts:
     scorer = RolloutScorer(trainer.reward, overlap=cfg.reward.async_)
     on_batch = scoring_hook(trainer.model, scorer, prompts, metadata, cfg.sample_batch_size)
     trainer.model.denoiser.eval()
-    return DrawnPrompts(group_ids, prompts, metadata, images, scorer, on_batch)
+    return DrawnPrompts(group_ids, prompt_ids.tolist(), prompts, metadata, images, scorer, on_batch)
 
