@@ -1,7 +1,7 @@
 """The shared sampling options against plain training, on the text quickstart's task: accuracy against training
 seconds, 3 seeds an arm.
 
-    python scripts/bench/sampling_options.py [--arms diffu-grpo diffu-grpo+ds igpo igpo+ds] [--seeds 0 1 2]
+    python scripts/bench/sampling_options.py [--arms igpo igpo+ds igpo+dump igpo+d3s diffu-grpo ...] [--seeds 0 1 2]
         [--steps 30] [--eval-every 10] [--out outputs/bench/sampling_options] [--json docs/sampling_options_text.json]
         [--reuse]   # runs already finished under --out are read, not trained again
         [--keep]    # the arms already in --json that this run does not run are kept in it
@@ -9,7 +9,9 @@ seconds, 3 seeds an arm.
 Each arm is ``diffrl train configs/quickstart_text.yaml`` with its overrides (below), once per seed: greedy
 accuracy on the 240 held-out questions every ``--eval-every`` steps, against the seconds the training steps
 took (a dynamic-sampling step costs its extra rollouts), and the share of groups without signal (all right or
-all wrong). Prints each arm's final accuracy per seed, its median and spread, and whether its median gain over
+all wrong); with DUMP, the final accuracy per addition level and the share of each level in its last draws.
+Arms: plain IGPO and diffu-GRPO, each with dynamic sampling (+ds), DUMP (+dump) or D^3S (+d3s). Prints each
+arm's final accuracy per seed, its median and spread, and whether its median gain over
 its baseline arm lies outside the baseline's spread; writes the JSON and a plot (docs/). Nothing is asserted.
 """
 
