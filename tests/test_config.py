@@ -4,7 +4,8 @@ import re
 import pytest
 import yaml
 
-from diffrl.config import apply_overrides, describe, from_dict, save_config
+from diffrl.config import describe, from_dict
+from diffrl.config_files import apply_overrides, save_config
 from diffrl.errors import ConfigError
 from diffrl.trainers import load_config
 from diffrl.trainers.dllm_sft import DllmSFTConfig

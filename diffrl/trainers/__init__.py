@@ -14,7 +14,8 @@ import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffrl.config import TrainerConfig, apply_overrides, from_dict, read_yaml
+from diffrl.config import TrainerConfig, from_dict
+from diffrl.config_files import apply_overrides, read_yaml
 from diffrl.errors import ConfigError
 
 

@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from diffrl import secrets
-from diffrl.config import TrainerConfig, changed_keys, save_config, to_dict
+from diffrl.config import TrainerConfig, changed_keys, to_dict
+from diffrl.config_files import save_config
 from diffrl.errors import ConfigError
 from diffrl.models import performance
 from diffrl.training import sharding

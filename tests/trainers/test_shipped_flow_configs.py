@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffrl.config import read_yaml
+from diffrl.config_files import read_yaml
 from diffrl.trainers import get_trainer, load_config
 from tests.conftest import REPO_ROOT
 
