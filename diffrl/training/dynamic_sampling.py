@@ -94,19 +94,13 @@ def merge(pieces: list[tuple[dict, list[int]]], group_size: int, *, group_keys: 
     def rows_of(groups):
         return torch.tensor([g * group_size + i for g in groups for i in range(group_size)], dtype=torch.long)
 
-    def join(parts):
-        first = parts[0]
-        if isinstance(first, torch.Tensor) and first.dim() > 0:
-            return torch.cat([part.to(first.device) for part in parts])
-        return [x for part in parts for x in part] if isinstance(first, list) else first
-
     sizes = [(batch, rows_of(groups), batch_rows(batch, group_keys[0], group_size))
              for batch, groups in pieces]
     out = {key: [batch[key][g] for batch, groups in pieces for g in groups] for key in group_keys}
     for key in row_keys:
-        out[key] = join([take_rows(batch[key], rows, n) for batch, rows, n in sizes])
+        out[key] = join_rows([take_rows(batch[key], rows, n) for batch, rows, n in sizes])
     for key in nested_keys:
-        out[key] = {name: join([take_rows(batch[key][name], rows, n) for batch, rows, n in sizes])
+        out[key] = {name: join_rows([take_rows(batch[key][name], rows, n) for batch, rows, n in sizes])
                     for name in pieces[0][0][key]}
     return out
 
@@ -118,6 +112,15 @@ def take_rows(value, rows: torch.Tensor, num_rows: int):
     if isinstance(value, (list, tuple)) and len(value) == num_rows:
         return [value[i] for i in rows.tolist()]
     return value
+
+
+def join_rows(parts: list):
+    """Per-sample values of several batches as one: tensors concatenated, lists chained; any other value (not
+    per sample, as None) is the first one's."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor) and first.dim() > 0:
+        return torch.cat([part.to(first.device) for part in parts])
+    return [x for part in parts for x in part] if isinstance(first, list) else first
 
 
 def batch_rows(batch: dict, group_key: str, group_size: int) -> int:

@@ -15,7 +15,7 @@ from diffrl.config import FlowSamplingConfig, PromptDataConfig, RewardConfig, Tr
 from diffrl.errors import ConfigError
 from diffrl.training import run_setup
 from diffrl.training.down_sampling import DownSamplingConfig
-from diffrl.training.dynamic_sampling import DynamicSamplingConfig, take_rows
+from diffrl.training.dynamic_sampling import DynamicSamplingConfig, join_rows, take_rows
 from diffrl.training.evaluation import check_reward_fits
 from diffrl.training.prompt_draws import prompt_sampler
 from diffrl.training.reward_pipeline import RolloutScorer
@@ -141,19 +141,19 @@ class _Scored:
 
 
 def collect_groups_with_signal(trainer, batch: dict, sample_keys: tuple[str, ...]) -> dict:
-    """DAPO's dynamic sampling for a flow trainer: ``batch`` (a scored rollout) becomes the step's
-    ``prompts_per_step`` groups whose rewards vary, taken in draw order from it and from further rollouts of the
-    next prompts (``trainer.rollout()``), at most ``max_rounds`` rollouts; at the cap the missing groups are the
-    first ones without signal. A group spans processes, so the rewards are gathered and every process takes the
-    same groups, each keeping its own samples of them (processes may then keep different numbers). Returns
-    the sampling's stats."""
+    """DAPO's dynamic sampling for a flow trainer (the rule of :func:`dynamic_sampling.collect`): ``batch`` (a
+    scored rollout) becomes the step's ``prompts_per_step`` groups whose rewards vary, taken in draw order from
+    it and from further rollouts of the next prompts (``trainer.rollout()``), at most ``max_rounds`` rollouts;
+    at the cap the missing groups are the first ones without signal. A group spans processes, so the rewards are
+    gathered and every process takes the same groups, each keeping its own samples of them (processes may then
+    keep different numbers). Returns the sampling's stats."""
     from diffrl.curriculum import filter_groups
+    from diffrl.training import dynamic_sampling
 
-    cfg, acc = trainer.config, trainer.accelerator
-    wanted, rounds = cfg.prompts_per_step, []
-    have = seen = silent = 0
-    current = batch
-    while True:
+    acc, first = trainer.accelerator, [batch]
+
+    def draw():
+        current = first.pop() if first else trainer.rollout()
         rewards, extras = current.pop("scorer").result()
         all_rewards = acc.gather(rewards.to(acc.device)).cpu()
         all_groups = acc.gather(current["group_ids"].to(acc.device)).cpu()
@@ -161,37 +161,23 @@ def collect_groups_with_signal(trainer, batch: dict, sample_keys: tuple[str, ...
         # counts as a value of its own here, and the step guard judges it later
         varies = filter_groups(all_rewards.nan_to_num(-1e30), all_groups, strategy="mixed")
         keys = list(dict.fromkeys(current.pop("drawn")))   # the round's prompts in draw order
-        signal = [bool(varies[all_groups == k].all()) for k in keys]
-        good = [k for k, s in zip(keys, signal) if s][:wanted - have]
-        rounds.append((current, rewards, extras, good, [k for k, s in zip(keys, signal) if not s]))
-        have += len(good)
-        seen += len(signal)
-        silent += signal.count(False)
-        if have >= wanted or len(rounds) >= cfg.dynamic_sampling.max_rounds:
-            break
-        current = trainer.rollout()
-    filled = 0
-    for entry in rounds:   # at the cap: the first groups without signal fill the batch
-        use = entry[4][:wanted - have]
-        entry[3].extend(use)
-        have += len(use)
-        filled += len(use)
+        signal = torch.tensor([bool(varies[all_groups == k].all()) for k in keys])
+        return {"rollout": current, "rewards": rewards, "extras": extras, "keys": keys}, signal
+
+    collected = dynamic_sampling.collect(draw, lambda: None, trainer.config.prompts_per_step,
+                                         trainer.config.dynamic_sampling)
     parts = []
-    for current, rewards, extras, groups, _ in rounds:
-        rows = torch.isin(current["group_ids"], torch.tensor(groups, dtype=current["group_ids"].dtype))
-        rows = rows.nonzero().flatten()
-        n = rewards.shape[0]
-        parts.append(({key: take_rows(current[key], rows, n) for key in sample_keys},
-                      rewards[rows], {k: take_rows(v, rows, n) for k, v in extras.items()}))
+    for scored, taken in collected.pieces:
+        ids = scored["rollout"]["group_ids"]
+        rows = torch.isin(ids, torch.tensor([scored["keys"][g] for g in taken], dtype=ids.dtype)).nonzero().flatten()
+        n = ids.shape[0]
+        parts.append(({key: take_rows(scored["rollout"][key], rows, n) for key in sample_keys},
+                      scored["rewards"][rows], {k: take_rows(v, rows, n) for k, v in scored["extras"].items()}))
     for key in sample_keys:
-        values = [p[0][key] for p in parts]
-        batch[key] = (values[0] if values[0] is None else torch.cat(values) if isinstance(values[0], torch.Tensor)
-                      else [v for part in values for v in part])
-    merged_extras = {k: (torch.cat([p[2][k] for p in parts]) if isinstance(parts[0][2][k], torch.Tensor)
-                         else [v for p in parts for v in p[2][k]]) for k in parts[0][2]}
-    batch["scorer"] = _Scored(torch.cat([p[1] for p in parts]), merged_extras)
-    return {"dynamic_sampling/rollouts": float(len(rounds)), "dynamic_sampling/no_signal_share": silent / max(seen, 1),
-            "dynamic_sampling/filled_groups": float(filled)}
+        batch[key] = join_rows([p[0][key] for p in parts])
+    batch["scorer"] = _Scored(join_rows([p[1] for p in parts]),
+                              {k: join_rows([p[2][k] for p in parts]) for k in parts[0][2]})
+    return collected.stats
 
 
 @dataclasses.dataclass
