@@ -152,23 +152,14 @@ def _list_losses():
 
 
 def _list_curricula():
-    import dataclasses
-    import typing
-
+    from diffrl.config import all_keys
     from diffrl.curriculum import describe_curricula
     from diffrl.trainers import available_trainers
-
-    def has_key(cls, dotted: str) -> bool:
-        head, _, rest = dotted.partition(".")
-        hints = typing.get_type_hints(cls)
-        if head not in hints:
-            return False
-        return not rest or (dataclasses.is_dataclass(hints[head]) and has_key(hints[head], rest))
 
     trainers = available_trainers()
     return describe_curricula(lambda key: sorted(
         name for name, entry in trainers.items()
-        if has_key(entry.config_class, key) and key not in getattr(entry.config_class, "refused_keys", ())))
+        if key in all_keys(entry.config_class) and key not in getattr(entry.config_class, "refused_keys", ())))
 
 
 def _list_rewards():

@@ -448,13 +448,14 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix}{e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
 
 
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key a config class takes (``data.curriculum.name``), sections included."""
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         keys.append(prefix + _yaml_key(f))
         if dataclasses.is_dataclass(hints[f.name]):
-            keys.extend(_all_keys(hints[f.name], prefix + f.name + "."))
+            keys.extend(all_keys(hints[f.name], prefix + f.name + "."))
     return keys
 
 
@@ -464,7 +465,7 @@ def _unknown_key_message(key: str, cls: type, prefix: str) -> str:
     if leaf in renamed:
         return f"'{key}' is now '{prefix}{renamed[leaf]}'; rename it in the config (the keys moved in diffrl 0.2)"
     root = _ROOT_CLASS.get() or cls
-    candidates = _all_keys(root)
+    candidates = all_keys(root)
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if not close:  # a misspelt leaf under the right section: compare leaves only
         leaf = key.rsplit(".", 1)[-1]
