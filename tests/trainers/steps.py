@@ -1,6 +1,9 @@
-"""Shared by the flow trainers' tests: a few training steps by hand, and which LoRA weights they left alone."""
+"""Shared by the trainers' tests: a few training steps by hand, which LoRA weights they left alone, and the
+logged steps of a run (what the resume tests compare)."""
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -20,3 +23,9 @@ def lora_left_unchanged(trainer, steps: int = 2, check=None) -> list[str]:
         trainer.step += 1
         assert math.isfinite(out["loss"]) and out["skipped"] == 0
     return [n for n, p in params.items() if torch.equal(p, before[n])]
+
+
+def step_rows(run_dir: Path, *keys: str) -> list[tuple]:
+    """The ``keys`` of each training step a run logged in ``run_dir/metrics.jsonl`` (its rows with a loss)."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [tuple(r[k] for k in keys) for r in map(json.loads, lines) if "loss" in r]

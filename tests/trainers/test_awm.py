@@ -14,7 +14,7 @@ from diffrl.samplers.flow import stratified_timestep_indices
 from diffrl.trainers import load_config
 from diffrl.trainers.awm import AWMConfig, AWMTrainer
 from tests.conftest import with_overrides
-from tests.trainers.steps import lora_left_unchanged
+from tests.trainers.steps import lora_left_unchanged, step_rows
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white star"]
 
@@ -123,8 +123,7 @@ def test_resume_gives_the_same_next_steps_and_weights(tiny_dir, tmp_path, kind):
     resumed.train()
 
     def rows(run):
-        lines = (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()
-        return [(r["step"], r["loss"], r["reward"]) for r in map(json.loads, lines) if "loss" in r]
+        return step_rows(tmp_path / run / "run", "step", "loss", "reward")
 
     assert rows("a") == rows("b") and len(rows("a")) == 3
     names = ["pytorch_lora_weights.safetensors", "ema_adapter.safetensors"]

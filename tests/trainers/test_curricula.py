@@ -12,6 +12,7 @@ from diffrl.errors import ConfigError
 from diffrl.trainers.awm import AWMTrainer
 from diffrl.trainers.igpo import IGPOTrainer
 from diffrl.training.prompt_draws import DUMPSampler, UniformDraws, distributions_of, prompt_sampler
+from tests.trainers.steps import step_rows
 from tests.trainers.test_awm import make_config as awm_config
 from tests.trainers.test_igpo import make_config as igpo_config
 
@@ -102,9 +103,7 @@ def test_dump_resumes_exactly(tiny_dir, tmp_path):
     IGPOTrainer(_igpo(tiny_dir, tmp_path / "b", checkpoint__resume="latest", **igpo)).train()
 
     def rows(run):
-        lines = (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()
-        return [(r["step"], r["loss"], r["reward"], r["curriculum/p/3-digit"])
-                for r in map(json.loads, lines) if "loss" in r]
+        return step_rows(tmp_path / run / "run", "step", "loss", "reward", "curriculum/p/3-digit")
 
     assert rows("a") == rows("b") and len(rows("a")) == 3
 

@@ -2,7 +2,6 @@
 IGPO / diffu-GRPO training on exactly those, resuming exactly."""
 
 import itertools
-import json
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from diffrl.errors import ConfigError
 from diffrl.losses import hint_entropy_mask
 from diffrl.trainers.igpo import IGPOTrainer
 from diffrl.training.down_sampling import DownSamplingConfig, kept_samples, kept_size, kept_tokens
+from tests.trainers.steps import step_rows
 from tests.trainers.test_igpo import make_config
 
 
@@ -94,9 +94,8 @@ def test_down_sampling_resumes_exactly(tiny_dir, tmp_path):
     IGPOTrainer(_config(tiny_dir, tmp_path / "b", max_steps=3, checkpoint__resume="latest")).train()
 
     def rows(run):
-        lines = (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()
-        return [(r["step"], r["loss"], r["down_sampling/sample_share"], r["down_sampling/tokens_kept"])
-                for r in map(json.loads, lines) if "loss" in r]
+        return step_rows(tmp_path / run / "run", "step", "loss", "down_sampling/sample_share",
+                         "down_sampling/tokens_kept")
 
     assert rows("a") == rows("b") and [r[2] for r in rows("a")] == [0.5, 0.625, 0.75]
 

@@ -1,7 +1,6 @@
 """DAPO's dynamic sampling: the collection rule by hand, and IGPO / diffu-GRPO training only on groups with
 signal, drawing more prompts for them, resuming exactly."""
 
-import json
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch
 from diffrl.errors import ConfigError
 from diffrl.trainers.igpo import IGPOTrainer
 from diffrl.training.dynamic_sampling import DynamicSamplingConfig, collect, groups_with_signal, merge
+from tests.trainers.steps import step_rows
 from tests.trainers.test_igpo import make_config
 
 
@@ -100,9 +100,7 @@ def test_dynamic_sampling_resumes_exactly(tiny_dir, tmp_path):
     IGPOTrainer(_config(tiny_dir, tmp_path / "b", max_steps=3, checkpoint__resume="latest")).train()
 
     def rows(run):
-        lines = (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()
-        return [(r["step"], r["loss"], r["reward"], r["dynamic_sampling/rollouts"])
-                for r in map(json.loads, lines) if "loss" in r]
+        return step_rows(tmp_path / run / "run", "step", "loss", "reward", "dynamic_sampling/rollouts")
 
     assert rows("a") == rows("b") and len(rows("a")) == 3
 
@@ -196,8 +194,6 @@ def test_flow_dynamic_sampling_resumes_exactly(tiny_dir, tmp_path):
     _flow("awm", tiny_dir, tmp_path / "b", prompts, max_steps=3, checkpoint={"every": 1, "resume": "latest"}).train()
 
     def rows(run):
-        lines = (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()
-        return [(r["step"], r["loss"], r["reward"], r["dynamic_sampling/rollouts"])
-                for r in map(json.loads, lines) if "loss" in r]
+        return step_rows(tmp_path / run / "run", "step", "loss", "reward", "dynamic_sampling/rollouts")
 
     assert rows("a") == rows("b") and len(rows("a")) == 3

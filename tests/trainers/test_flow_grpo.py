@@ -1,6 +1,5 @@
 """Flow-GRPO on the tiny SD3 and FLUX models."""
 
-import json
 import math
 
 import pytest
@@ -13,7 +12,7 @@ from diffrl.samplers.flow import sde_step
 from diffrl.trainers.flow_grpo import FlowGRPOConfig, FlowGRPOTrainer
 from diffrl.training import engine
 from tests.conftest import with_overrides
-from tests.trainers.steps import lora_left_unchanged
+from tests.trainers.steps import lora_left_unchanged, step_rows
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white star"]
 
@@ -104,8 +103,7 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
     FlowGRPOTrainer(make_config(tiny_dir, tmp_path / "b", max_steps=3, checkpoint__resume="latest")).train()
 
     def rows(run):
-        lines = (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()
-        return [(r["step"], r["loss"], r["reward"]) for r in map(json.loads, lines) if "loss" in r]
+        return step_rows(tmp_path / run / "run", "step", "loss", "reward")
 
     assert rows("a") == rows("b") and len(rows("a")) == 3
     a = load_file(tmp_path / "a/run/checkpoints/step-000003/model/pytorch_lora_weights.safetensors")

@@ -17,6 +17,7 @@ from diffrl.models.lora import lora_state_dict, set_active_adapter
 from diffrl.samplers.dpm_solver import sample_dpm2
 from diffrl.trainers.nft import NFTConfig, NFTTrainer, old_decay, optimality
 from tests.conftest import with_overrides
+from tests.trainers.steps import step_rows
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white star"]
 
@@ -142,8 +143,7 @@ def test_resume_gives_the_same_steps_and_weights(tiny_dir, tmp_path):
     NFTTrainer(make_config(tiny_dir, tmp_path / "b", max_steps=3, checkpoint__resume="latest")).train()
 
     def rows(run):
-        lines = (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()
-        return [(r["step"], r["loss"], r["reward"]) for r in map(json.loads, lines) if "loss" in r]
+        return step_rows(tmp_path / run / "run", "step", "loss", "reward")
 
     assert rows("a") == rows("b") and len(rows("a")) == 3
     for name in ("pytorch_lora_weights.safetensors", "old_adapter.safetensors"):
