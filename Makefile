@@ -8,9 +8,11 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# constraints.txt pins torch/torchvision to the builds that work on these CPU machines.
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,ocr,clip,video]'
+	# constraints.txt pins torch/torchvision to the builds that work on these CPU machines. uv (fetched from
+	# PyPI into .venv, given pip's indexes) installs in ~25 s what pip takes ~2 minutes for; pip if uv fails.
+	$(BIN)/python scripts/uv_install.py $(BIN)/python -c constraints.txt -e '.[dev,ocr,clip,video]' || { \
+	  $(BIN)/python -m pip install --quiet --upgrade pip && \
+	  $(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,ocr,clip,video]'; }
 	touch $(STAMP)
 
 # Two pytest workers (pytest-xdist), one torch thread each: most tests wait on a subprocess or run tiny
