@@ -160,47 +160,36 @@ def public_site(out: Path) -> Path:
     return site
 
 
+def public_config(module: str, path: Path, make: str, values: dict) -> str:
+    """A config file for a public trainer: ``make()`` of the config file ``path`` (loaded as ``module``), then
+    ``values`` (dotted keys, Python literals of the types the public config declares) set on it."""
+    lines = "".join(f"    config.{key} = {value!r}\n" for key, value in values.items())
+    return (f"import importlib.util\nspec = importlib.util.spec_from_file_location({module!r}, {str(path)!r})\n"
+            f"{module} = importlib.util.module_from_spec(spec); spec.loader.exec_module({module})\n\n"
+            f"def get_config():\n    config = {module}.{make}()\n{lines}    return config\n")
+
+
+def common_values(dataset: Path, seed: int, scratch: Path, eval_every: int) -> dict:
+    """The settings both public trainers take under the same names."""
+    return {"seed": seed, "logdir": str(scratch / "logs"), "save_dir": str(scratch / "save"), "save_freq": 10 ** 9,
+            "eval_freq": eval_every, "mixed_precision": "no", "allow_tf32": False, "pretrained.model": str(MODEL),
+            "dataset": str(dataset), "resolution": SETTINGS["resolution"],
+            "sample.num_image_per_prompt": SETTINGS["group_size"], "sample.guidance_scale": 1.0,
+            "reward_fn": {"jpeg_compressibility": 1.0}, "prompt_fn": "general_ocr", "per_prompt_stat_tracking": True}
+
+
 def flow_grpo_config(repo: Path, dataset: Path, seed: int, scratch: Path) -> str:
     s = SETTINGS
-    return f'''import importlib.util
-spec = importlib.util.spec_from_file_location("base", {str(repo / "config/base.py")!r})
-base = importlib.util.module_from_spec(spec); spec.loader.exec_module(base)
+    return public_config("base", repo / "config/base.py", "get_config", {
+        **common_values(dataset, seed, scratch, s["eval_every"]),
+        "sample.num_steps": s["num_steps"], "sample.eval_num_steps": s["eval_num_steps"],
+        "sample.noise_level": s["noise_level"], "sample.train_batch_size": s["sample_batch"],
+        "sample.num_batches_per_epoch": s["batches_per_epoch"], "sample.test_batch_size": s["sample_batch"],
+        "sample.global_std": True, "train.batch_size": s["sample_batch"], "train.gradient_accumulation_steps": 1,
+        "train.learning_rate": s["lr"], "train.cfg": False, "train.clip_range": s["clip_range"],
+        "train.adv_clip_max": s["adv_clip_max"], "train.beta": s["beta"], "train.timestep_fraction": 1.0,
+        "train.ema": False})
 
-def get_config():
-    config = base.get_config()
-    config.seed = {seed}
-    config.logdir = {str(scratch / "logs")!r}
-    config.save_dir = {str(scratch / "save")!r}
-    config.save_freq = 10 ** 9
-    config.eval_freq = {s["eval_every"]}
-    config.mixed_precision = "no"
-    config.allow_tf32 = False
-    config.pretrained.model = {str(MODEL)!r}
-    config.dataset = {str(dataset)!r}
-    config.resolution = {s["resolution"]}
-    config.sample.num_steps = {s["num_steps"]}
-    config.sample.eval_num_steps = {s["eval_num_steps"]}
-    config.sample.guidance_scale = 1.0
-    config.sample.noise_level = {s["noise_level"]}
-    config.sample.train_batch_size = {s["sample_batch"]}
-    config.sample.num_image_per_prompt = {s["group_size"]}
-    config.sample.num_batches_per_epoch = {s["batches_per_epoch"]}
-    config.sample.test_batch_size = {s["sample_batch"]}
-    config.sample.global_std = True
-    config.train.batch_size = {s["sample_batch"]}
-    config.train.gradient_accumulation_steps = 1
-    config.train.learning_rate = {s["lr"]}
-    config.train.cfg = False
-    config.train.clip_range = {s["clip_range"]}
-    config.train.adv_clip_max = {s["adv_clip_max"]}
-    config.train.beta = {s["beta"]}
-    config.train.timestep_fraction = 1.0
-    config.train.ema = False
-    config.prompt_fn = "general_ocr"
-    config.reward_fn = {{"jpeg_compressibility": 1.0}}
-    config.per_prompt_stat_tracking = True
-    return config
-'''
 
 
 def diffrl_flow_grpo_config(dataset: Path, seed: int, scratch: Path, epochs: int) -> dict:
@@ -319,41 +308,17 @@ def diffrl_curve(rows: list[dict]) -> dict:
 
 def awm_config(repo: Path, dataset: Path, seed: int, scratch: Path, epochs: int) -> str:
     s, a = SETTINGS, AWM_SETTINGS
-    return f'''import importlib.util
-spec = importlib.util.spec_from_file_location("dgx_awm", {str(repo / "config/dgx_awm.py")!r})
-dgx_awm = importlib.util.module_from_spec(spec); spec.loader.exec_module(dgx_awm)
-
-def get_config():
-    config = dgx_awm.ocr_sd3_no_cfg_1node()
-    config.seed = {seed}
-    config.logdir = {str(scratch / "logs")!r}
-    config.save_dir = {str(scratch / "save")!r}
-    config.save_freq = 10 ** 9
-    config.eval_freq = {a["eval_every"]}
-    config.num_epochs = {epochs + 3}   # epochs 0 and 1 train nothing; epoch {epochs + 2} is evaluated
-    config.mixed_precision = "no"
-    config.allow_tf32 = False
-    config.pretrained.model = {str(MODEL)!r}
-    config.dataset = {str(dataset)!r}
-    config.resolution = {s["resolution"]}
-    config.sample.num_steps = {a["num_steps"]}
-    config.sample.eval_num_steps = {a["eval_num_steps"]}
-    config.sample.noise_level = {a["noise_level"]}
-    config.sample.train_batch_size = {a["sample_batch"]}
-    config.sample.num_image_per_prompt = {s["group_size"]}
-    config.sample.num_batches_per_epoch = 1
-    config.sample.test_batch_size = {s["eval_prompts"] // a["processes"]}
-    config.train.batch_size = {a["train_batch"]}
-    config.train.gradient_accumulation_steps = {a["sample_batch"] // a["train_batch"]}
-    config.train.num_batches_per_epoch = {a["sample_batch"] // a["train_batch"]}
-    config.train.train_timesteps = {a["train_timesteps"]}
-    config.train.learning_rate = {a["lr"]}
-    config.train.beta = {a["beta"]}
-    config.train.ema_beta = {a["ema_beta"]}
-    config.train.ema_decay = {a["weight_ema_decay"]}
-    config.reward_fn = {{"jpeg_compressibility": 1.0}}
-    return config
-'''
+    return public_config("dgx_awm", repo / "config/dgx_awm.py", "ocr_sd3_no_cfg_1node", {
+        **common_values(dataset, seed, scratch, a["eval_every"]),
+        "num_epochs": epochs + 3,   # epochs 0 and 1 train nothing; epoch epochs + 2 is evaluated
+        "sample.num_steps": a["num_steps"], "sample.eval_num_steps": a["eval_num_steps"],
+        "sample.noise_level": a["noise_level"], "sample.train_batch_size": a["sample_batch"],
+        "sample.num_batches_per_epoch": 1, "sample.test_batch_size": s["eval_prompts"] // a["processes"],
+        "train.batch_size": a["train_batch"],
+        "train.gradient_accumulation_steps": a["sample_batch"] // a["train_batch"],
+        "train.num_batches_per_epoch": a["sample_batch"] // a["train_batch"],
+        "train.train_timesteps": a["train_timesteps"], "train.learning_rate": a["lr"], "train.beta": a["beta"],
+        "train.ema_beta": a["ema_beta"], "train.ema_decay": a["weight_ema_decay"]})
 
 
 def diffrl_awm_config(dataset: Path, seed: int, scratch: Path, epochs: int) -> dict:
