@@ -192,25 +192,34 @@ def flow_grpo_config(repo: Path, dataset: Path, seed: int, scratch: Path) -> str
 
 
 
-def diffrl_flow_grpo_config(dataset: Path, seed: int, scratch: Path, epochs: int) -> dict:
+def diffrl_config(trainer: str, dataset: Path, seed: int, scratch: Path, epochs: int, *, lr: float, eval_every: int,
+                  sampling: dict, **rest) -> dict:
+    """diffrl's config for one side of a pair: the shared model, prompts, reward, LoRA and size, plus
+    ``sampling`` and the trainer's own keys (``rest``)."""
     s = SETTINGS
     return {
-        "trainer": "flow_grpo", "model": {"path": str(MODEL)}, "output_dir": str(scratch / "run"), "seed": seed,
+        "trainer": trainer, "model": {"path": str(MODEL)}, "output_dir": str(scratch / "run"), "seed": seed,
         "max_steps": epochs, "lora": {"rank": s["lora_rank"], "alpha": s["lora_alpha"], "init": "gaussian"},
-        "optim": {"lr": s["lr"], "weight_decay": 1e-4, "max_grad_norm": 1.0},
+        "optim": {"lr": lr, "weight_decay": 1e-4, "max_grad_norm": 1.0},
         "data": {"path": str(dataset / "train.txt"), "eval_path": str(dataset / "test.txt"),
                  "eval_size": s["eval_prompts"]},
         "reward": {"weights": {"jpeg_compressibility": 1.0}},
-        "sampling": {"height": s["resolution"], "width": s["resolution"], "num_steps": s["num_steps"],
-                     "eval_num_steps": s["eval_num_steps"], "guidance_scale": 1.0, "noise_level": s["noise_level"],
-                     "max_sequence_length": s["max_sequence_length"]},
-        "group_size": s["group_size"], "prompts_per_step": s["batches_per_epoch"],
-        "sample_batch_size": s["sample_batch"], "train_batch_size": s["sample_batch"],
-        "updates_per_rollout": s["batches_per_epoch"], "timestep_fraction": 1.0, "train_cfg": False,
-        "clip_range": s["clip_range"], "adv_clip_max": s["adv_clip_max"], "beta": s["beta"],
-        "eval_every": s["eval_every"], "logging": {"trackers": [], "progress_bar": False},
-        "checkpoint": {"every": 10 ** 6},
+        "sampling": {"height": s["resolution"], "width": s["resolution"], "guidance_scale": 1.0,
+                     "max_sequence_length": s["max_sequence_length"], **sampling},
+        "group_size": s["group_size"], **rest, "eval_every": eval_every,
+        "logging": {"trackers": [], "progress_bar": False}, "checkpoint": {"every": 10 ** 6},
     }
+
+
+def diffrl_flow_grpo_config(dataset: Path, seed: int, scratch: Path, epochs: int) -> dict:
+    s = SETTINGS
+    return diffrl_config(
+        "flow_grpo", dataset, seed, scratch, epochs, lr=s["lr"], eval_every=s["eval_every"],
+        sampling={"num_steps": s["num_steps"], "eval_num_steps": s["eval_num_steps"],
+                  "noise_level": s["noise_level"]},
+        prompts_per_step=s["batches_per_epoch"], sample_batch_size=s["sample_batch"],
+        train_batch_size=s["sample_batch"], updates_per_rollout=s["batches_per_epoch"], timestep_fraction=1.0,
+        train_cfg=False, clip_range=s["clip_range"], adv_clip_max=s["adv_clip_max"], beta=s["beta"])
 
 
 def run_public(repo: Path, script: str, config_text: str, scratch: Path, site: Path, epochs: int,
@@ -322,24 +331,14 @@ def awm_config(repo: Path, dataset: Path, seed: int, scratch: Path, epochs: int)
 
 
 def diffrl_awm_config(dataset: Path, seed: int, scratch: Path, epochs: int) -> dict:
-    s, a = SETTINGS, AWM_SETTINGS
-    return {
-        "trainer": "awm", "model": {"path": str(MODEL)}, "output_dir": str(scratch / "run"), "seed": seed,
-        "max_steps": epochs, "lora": {"rank": s["lora_rank"], "alpha": s["lora_alpha"], "init": "gaussian"},
-        "optim": {"lr": a["lr"], "weight_decay": 1e-4, "max_grad_norm": 1.0},
-        "data": {"path": str(dataset / "train.txt"), "eval_path": str(dataset / "test.txt"),
-                 "eval_size": s["eval_prompts"]},
-        "reward": {"weights": {"jpeg_compressibility": 1.0}},
-        "sampling": {"height": s["resolution"], "width": s["resolution"], "num_steps": a["num_steps"],
-                     "eval_num_steps": a["eval_num_steps"], "guidance_scale": 1.0, "noise_level": a["noise_level"],
-                     "sampler": "sa_solver", "sa_tau_range": [0.3, 0.9],
-                     "max_sequence_length": s["max_sequence_length"]},
-        "group_size": s["group_size"], "prompts_per_step": 2, "sample_batch_size": a["sample_batch"],
-        "train_batch_size": a["train_batch"], "train_timesteps": a["train_timesteps"],
-        "time_type": "discrete_wo_init", "weighting": "ghuber", "beta": a["beta"], "ema_beta": a["ema_beta"],
-        "weight_ema_decay": a["weight_ema_decay"], "eval_every": a["eval_every"],
-        "logging": {"trackers": [], "progress_bar": False}, "checkpoint": {"every": 10 ** 6},
-    }
+    a = AWM_SETTINGS
+    return diffrl_config(
+        "awm", dataset, seed, scratch, epochs, lr=a["lr"], eval_every=a["eval_every"],
+        sampling={"num_steps": a["num_steps"], "eval_num_steps": a["eval_num_steps"],
+                  "noise_level": a["noise_level"], "sampler": "sa_solver", "sa_tau_range": [0.3, 0.9]},
+        prompts_per_step=2, sample_batch_size=a["sample_batch"], train_batch_size=a["train_batch"],
+        train_timesteps=a["train_timesteps"], time_type="discrete_wo_init", weighting="ghuber", beta=a["beta"],
+        ema_beta=a["ema_beta"], weight_ema_decay=a["weight_ema_decay"])
 
 
 def awm_public_curve(rows: list[dict]) -> dict:
