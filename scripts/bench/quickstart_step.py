@@ -44,54 +44,45 @@ def measure(steps: int, warmup: int) -> dict:
                        f"data.eval_path={ROOT / 'assets/sd3-text/prompts_held_out_eval.txt'}"])
     trainer = get_trainer(cfg.trainer).trainer_class(cfg)
     trainer.setup()
-    clock = {name: 0.0 for name in PHASES}
+    clock = {name: 0.0 for name in ("text_encoders", "vae_decode", "reward", "rollout", "score", "update")}
+    stack: list[float] = []   # time spent in timed calls nested inside each open one
 
-    def timed(obj, name: str, phase: str):
-        inner = getattr(obj, name)
-
+    def clocked(inner, phase: str):
+        """``inner``, its own time (less the timed calls inside it) added to ``clock[phase]``."""
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
+            stack.append(0.0)
             try:
                 return inner(*args, **kwargs)
             finally:
-                clock[phase] += time.perf_counter() - start
-        setattr(obj, name, wrapper)
+                spent = time.perf_counter() - start
+                clock[phase] += spent - stack.pop()
+                if stack:
+                    stack[-1] += spent
+        return wrapper
 
-    timed(trainer.model, "encode_prompts", "text_encoders")
-    timed(trainer.model, "decode", "vae_decode")
-    reward_call = type(trainer.reward).__call__
-
-    class TimedReward(type(trainer.reward)):
-        def __call__(self, *args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return reward_call(self, *args, **kwargs)
-            finally:
-                clock["reward"] += time.perf_counter() - start
-    trainer.reward.__class__ = TimedReward
+    # The trainer's own step runs unchanged; each part it calls is timed where it is called.
+    for obj, name, phase in ((trainer.model, "encode_prompts", "text_encoders"),
+                             (trainer.model, "decode", "vae_decode"), (trainer, "rollout", "rollout"),
+                             (trainer, "score", "score"), (trainer, "update", "update")):
+        setattr(obj, name, clocked(getattr(obj, name), phase))
+    # reward(...) looks __call__ up on the type: time it in a subclass.
+    trainer.reward.__class__ = type("TimedReward", (type(trainer.reward),),
+                                    {"__call__": clocked(type(trainer.reward).__call__, "reward")})
     rows, rewards = [], []
     for index in range(warmup + steps):
         for name in clock:
             clock[name] = 0.0
         start = time.perf_counter()
-        batch = trainer.rollout()
-        rollout_end = time.perf_counter()
-        encode_in_rollout, decode = clock["text_encoders"], clock["vae_decode"]
-        stats = trainer.score(batch)
-        score_end = time.perf_counter()
-        metrics = {**stats, **trainer.update(batch)}
-        trainer._update_ema_adapter(trainer.step + 1)
-        update_end = time.perf_counter()
+        metrics = trainer.train_step()
         trainer.step += 1
+        logging_start = time.perf_counter()
         trainer.metrics.log(metrics, step=trainer.step)
         end = time.perf_counter()
-        row = {"text_encoders": clock["text_encoders"],   # the quickstart scores after the rollout, not during it
-               "sampling": rollout_end - start - encode_in_rollout - decode,
-               "vae_decode": decode, "reward": clock["reward"],
-               "update": update_end - score_end - (clock["text_encoders"] - encode_in_rollout),
-               "logging": end - update_end}
-        row["other"] = (score_end - rollout_end) - clock["reward"]
-        row["total"] = end - start
+        timed = sum(clock.values())   # exclusive times: each second counted once
+        row = {"text_encoders": clock["text_encoders"], "sampling": clock["rollout"], "vae_decode": clock["vae_decode"],
+               "reward": clock["reward"], "update": clock["update"], "logging": end - logging_start,
+               "other": (logging_start - start) - timed + clock["score"], "total": end - start}
         if index >= warmup:
             rows.append(row)
             rewards.append(round(float(metrics["reward"]), 6))

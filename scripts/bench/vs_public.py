@@ -133,11 +133,11 @@ def replay_public_prompts(repo: Path, dataset: Path, site: Path, shim: Path, epo
 
 
 def drawn_in_order(draws: list[str], seed: int, path: Path) -> Path:
-    """A prompt file that diffrl's uniform draws (one shuffled pass, ``randperm(n, seed)``) read in the order of
-    ``draws``: line ``perm[k]`` holds draw k."""
-    import torch
+    """A prompt file that diffrl's uniform draws read in the order of ``draws``: line ``order[k]`` holds draw k,
+    where ``order`` is the first pass of diffrl's own sampler over ``len(draws)`` lines with this seed."""
+    from diffrl.curriculum import UniformSampler
 
-    perm = torch.randperm(len(draws), generator=torch.Generator().manual_seed(seed)).tolist()
+    perm = UniformSampler(len(draws), len(draws), seed=seed).next_indices()
     lines = [""] * len(draws)
     for k, line in enumerate(perm):
         lines[line] = draws[k]
@@ -191,7 +191,6 @@ def flow_grpo_config(repo: Path, dataset: Path, seed: int, scratch: Path) -> str
         "train.ema": False})
 
 
-
 def diffrl_config(trainer: str, dataset: Path, seed: int, scratch: Path, epochs: int, *, lr: float, eval_every: int,
                   sampling: dict, **rest) -> dict:
     """diffrl's config for one side of a pair: the shared model, prompts, reward, LoRA and size, plus
@@ -228,9 +227,16 @@ def run_public(repo: Path, script: str, config_text: str, scratch: Path, site: P
     logged rows. A finished run of the same config in ``scratch`` is read, not run again."""
     log = scratch / "log.jsonl"
     done_marker = scratch / "finished"
-    if done_marker.is_file() and (scratch / "vs_config.py").read_text() == config_text and \
-            (scratch / "shim" / "wandb.py").read_text() == WANDB_SHIM:
-        return [json.loads(line) for line in log.read_text().splitlines()]
+    if not (done_marker.is_file() and (scratch / "vs_config.py").read_text() == config_text and
+            (scratch / "shim" / "wandb.py").read_text() == WANDB_SHIM):
+        _train_public(repo, script, config_text, scratch, site, epochs, processes)
+        done_marker.write_text("")
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _train_public(repo: Path, script: str, config_text: str, scratch: Path, site: Path, epochs: int,
+                  processes: int) -> None:
+    log = scratch / "log.jsonl"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     (scratch / "shim").mkdir(exist_ok=True)
@@ -249,8 +255,6 @@ def run_public(repo: Path, script: str, config_text: str, scratch: Path, site: P
         tail = (scratch / "stdout.txt").read_text().strip().splitlines()[-3:]
         raise SystemExit(f"error: {script} stopped (exit {done.returncode}): {' | '.join(tail)}; "
                          f"whole output in {scratch / 'stdout.txt'}")
-    done_marker.write_text("")
-    return [json.loads(line) for line in log.read_text().splitlines()]
 
 
 def public_curve(rows: list[dict]) -> dict:
@@ -281,15 +285,17 @@ def public_curve(rows: list[dict]) -> dict:
 def run_diffrl(config: dict, scratch: Path, processes: int = 1) -> dict:
     import yaml
 
+    from diffrl.report import read_metrics
+    from diffrl.training.engine import FINISHED_MARKER
+
     path, text = scratch / "config.yaml", yaml.safe_dump(config, sort_keys=False)
-    finished = Path(config["output_dir"]) / "finished.json"
+    finished = Path(config["output_dir"]) / FINISHED_MARKER
     if not (finished.is_file() and path.is_file() and path.read_text() == text):   # else read the finished run
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
         path.write_text(text)
         _train_diffrl(path, scratch, processes)
-    rows = [json.loads(line) for line in (Path(config["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    return diffrl_curve(rows)
+    return diffrl_curve(read_metrics(config["output_dir"]))
 
 
 def _train_diffrl(path: Path, scratch: Path, processes: int) -> None:
@@ -365,7 +371,16 @@ def awm_public_curve(rows: list[dict]) -> dict:
             "seconds_per_rollout": statistics.median(clean) if clean else None}
 
 
-def awm_pair(repo: Path, seeds: list[int], epochs: int, out: Path, work: Path) -> dict:
+def run_seeds(pair: str, result: dict, seeds: list[int], public, diffrl) -> None:
+    """Per seed, ``public(seed)`` then ``diffrl(seed)`` (each a curve), one after the other, into ``result``."""
+    for seed in seeds:
+        for side, run in (("public", public), ("diffrl", diffrl)):
+            started = time.time()
+            result[side].append({**run(seed), "wall_seconds": time.time() - started})
+            print(f"{pair} {side} seed {seed}: {result[side][-1]['evals'][-1]}", flush=True)
+
+
+def awm_pair(repo: Path, seeds: list[int], epochs: int, work: Path) -> dict:
     dataset = pair_prompts(work)
     site = public_site(work)
     result = {"pair": "awm", "public_repo": str(repo), "model": str(MODEL), "reward": "jpeg_compressibility",
@@ -378,18 +393,18 @@ def awm_pair(repo: Path, seeds: list[int], epochs: int, out: Path, work: Path) -
     every = AWM_SETTINGS["eval_every"]
     epochs = (epochs + 2) // every * every - 2
     result["epochs"] = epochs
-    for seed in seeds:
+
+    def public(seed: int) -> dict:
         scratch = work / f"public_seed{seed}"
-        started = time.time()
-        rows = run_public(repo, "scripts/train_sd3_awm.py", awm_config(repo, dataset, seed, scratch, epochs),
-                          scratch, site, 10 ** 9, processes=processes)
-        result["public"].append({**awm_public_curve(rows), "wall_seconds": time.time() - started})
-        print(f"awm public seed {seed}: {result['public'][-1]['evals'][-1:]}", flush=True)
+        return awm_public_curve(run_public(repo, "scripts/train_sd3_awm.py",
+                                           awm_config(repo, dataset, seed, scratch, epochs), scratch, site, 10 ** 9,
+                                           processes=processes))
+
+    def diffrl(seed: int) -> dict:
         scratch = work / f"diffrl_seed{seed}"
-        started = time.time()
-        result["diffrl"].append({**run_diffrl(diffrl_awm_config(dataset, seed, scratch, epochs), scratch,
-                                              processes=processes), "wall_seconds": time.time() - started})
-        print(f"awm diffrl seed {seed}: {result['diffrl'][-1]['evals'][-1:]}", flush=True)
+        return run_diffrl(diffrl_awm_config(dataset, seed, scratch, epochs), scratch, processes=processes)
+
+    run_seeds("awm", result, seeds, public, diffrl)
     return result
 
 
@@ -428,29 +443,27 @@ def pair_prompts(work: Path) -> Path:
     return dataset
 
 
-def flow_grpo_pair(repo: Path, seeds: list[int], epochs: int, out: Path, work: Path) -> dict:
+def flow_grpo_pair(repo: Path, seeds: list[int], epochs: int, work: Path) -> dict:
     dataset = pair_prompts(work)
     site = public_site(work)
     result = {"pair": "flow_grpo", "public_repo": str(repo), "model": str(MODEL), "reward": "jpeg_compressibility",
               "settings": SETTINGS, "epochs": epochs, "seeds": seeds, "public": [], "diffrl": []}
-    for seed in seeds:
+
+    def public(seed: int) -> dict:
         scratch = work / f"public_seed{seed}"
-        started = time.time()
-        rows = run_public(repo, "scripts/train_sd3.py", flow_grpo_config(repo, dataset, seed, scratch), scratch,
-                          site, epochs)
-        result["public"].append({**public_curve(rows), "wall_seconds": time.time() - started})
-        print(f"flow_grpo public seed {seed}: {result['public'][-1]['evals'][-1]}", flush=True)
+        return public_curve(run_public(repo, "scripts/train_sd3.py", flow_grpo_config(repo, dataset, seed, scratch),
+                                       scratch, site, epochs))
+
+    def diffrl(seed: int) -> dict:
         scratch = work / f"diffrl_seed{seed}"
-        started = time.time()
-        result["diffrl"].append({**run_diffrl(diffrl_flow_grpo_config(dataset, seed, scratch, epochs), scratch),
-                                 "wall_seconds": time.time() - started})
-        print(f"flow_grpo diffrl seed {seed}: {result['diffrl'][-1]['evals'][-1]}", flush=True)
+        return run_diffrl(diffrl_flow_grpo_config(dataset, seed, scratch, epochs), scratch)
+
+    run_seeds("flow_grpo", result, seeds, public, diffrl)
     # A third arm: diffrl drawing the public run's prompts in the public run's order (a draw, not a setting).
     draws = replay_public_prompts(repo, dataset, site, work / f"public_seed{seeds[0]}" / "shim", epochs)
     result["same_prompts"] = []
     for seed in seeds:
         scratch = work / f"same_prompts_seed{seed}"
-        scratch.mkdir(parents=True, exist_ok=True)
         config = diffrl_flow_grpo_config(dataset, seed, scratch, epochs)
         config["data"]["path"] = str(drawn_in_order(draws, seed, work / f"public_draws_seed{seed}.txt"))
         result["same_prompts"].append(run_diffrl(config, scratch))
@@ -487,6 +500,8 @@ def main() -> None:
     args.out, args.work = args.out.resolve(), args.work.resolve()   # the public code runs from its own folder
     args.out.mkdir(parents=True, exist_ok=True)
     pairs = {"flow_grpo": flow_grpo_pair, "awm": awm_pair}
+    scripts = {"flow_grpo": "scripts/train_sd3.py",
+               "awm": "scripts/train_sd3_awm.py (in the repository's advantage_weighted_matching folder)"}
     for name, path in (("flow_grpo", args.flow_grpo), ("awm", args.awm), ("nft", args.nft), ("d1", args.d1)):
         if path is None:
             print(f"note: --{name.replace('_', '-')} not given: the {name} pair is skipped")
@@ -494,10 +509,11 @@ def main() -> None:
         if name not in pairs:
             print(f"note: the {name} pair is not built yet (docs/vs_public.md says why): skipped")
             continue
-        if not path.is_dir():
-            raise SystemExit(f"error: --{name.replace('_', '-')} {path} is not a folder: give a checkout of the "
-                             f"public repository")
-        result = pairs[name](path.resolve(), args.seeds, args.epochs, args.out, args.work / name)
+        script = scripts[name].split()[0]
+        if not (path / script).is_file():
+            raise SystemExit(f"error: --{name.replace('_', '-')} {path} has no {script}: give the folder that holds "
+                             f"{scripts[name]}")
+        result = pairs[name](path.resolve(), args.seeds, args.epochs, args.work / name)
         result["summary"] = summarise(result)
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
         plot(name, result, args.out)
