@@ -145,12 +145,14 @@ def transition_kl(mean: torch.Tensor, mean_ref: torch.Tensor, *, std_dev_t: torc
 class Trajectory:
     """A sampled trajectory. ``latents``: ``[B, N + 1, ...]`` from noise to the clean sample;
     ``log_probs``: ``[B, N]`` (0 on ODE steps); ``sde_steps``: ``[N]`` bool, the steps sampled stochastically;
-    ``sigmas``: ``[N + 1]``."""
+    ``sigmas``: ``[N + 1]``; ``means``: ``[B, N, ...]``, each SDE transition's mean (the Euler step's result on
+    ODE steps), kept only when asked (GRPO-Guard's RatioNorm needs the rollout policy's means)."""
 
     latents: torch.Tensor
     log_probs: torch.Tensor
     sde_steps: torch.Tensor
     sigmas: torch.Tensor
+    means: torch.Tensor | None = None
 
     @property
     def final(self) -> torch.Tensor:
@@ -162,9 +164,10 @@ def sample_trajectory(model: FlowModel, cond: Cond, *, num_steps: int, height: i
                       num_frames: int = 1, noise_level: float = 0.7, sde_type: str = "sde",
                       sde_window: tuple[int, int] | None = None, guidance_scale: float = 1.0,
                       uncond: Cond | None = None, generator: torch.Generator | None = None,
-                      latents: torch.Tensor | None = None) -> Trajectory:
+                      latents: torch.Tensor | None = None, keep_means: bool = False) -> Trajectory:
     """Sample with SDE steps (all, or only ``sde_window`` = [start, end) as in Flow-GRPO-Fast) and Euler ODE
-    steps elsewhere; ``noise_level = 0`` gives a pure ODE trajectory. Keeps every latent and log-prob."""
+    steps elsewhere; ``noise_level = 0`` gives a pure ODE trajectory. Keeps every latent and log-prob (and with
+    ``keep_means`` every transition's mean)."""
     shape = model.latent_shape(height, width, num_frames)
     if latents is None:
         latents = initial_noise(len(cond), shape, generator=generator, device=model.device)
@@ -173,19 +176,23 @@ def sample_trajectory(model: FlowModel, cond: Cond, *, num_steps: int, height: i
     sde_steps = torch.zeros(num_steps, dtype=torch.bool)
     if noise_level > 0:
         sde_steps[start:end] = True
-    states, log_probs = [latents], []
+    states, log_probs, means = [latents], [], []
     for i in range(num_steps):
         t = sigmas[i].expand(latents.shape[0])
         v = model.velocity(latents, t, cond, guidance_scale=guidance_scale, uncond=uncond)
         if sde_steps[i]:
-            latents, log_prob, _, _ = sde_step(latents, v, sigmas[i], sigmas[i + 1], noise_level=noise_level,
-                                               sigma_max=float(sigmas[1]), generator=generator, sde_type=sde_type)
+            latents, log_prob, mean, _ = sde_step(latents, v, sigmas[i], sigmas[i + 1], noise_level=noise_level,
+                                                  sigma_max=float(sigmas[1]), generator=generator,
+                                                  sde_type=sde_type)
         else:
-            latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+            latents = mean = euler_step(latents, v, sigmas[i], sigmas[i + 1])
             log_prob = torch.zeros(latents.shape[0], device=latents.device)
         states.append(latents)
         log_probs.append(log_prob)
-    return Trajectory(torch.stack(states, 1), torch.stack(log_probs, 1), sde_steps, sigmas)
+        if keep_means:
+            means.append(mean.float())
+    return Trajectory(torch.stack(states, 1), torch.stack(log_probs, 1), sde_steps, sigmas,
+                      means=torch.stack(means, 1) if keep_means else None)
 
 
 def timestep_range(num_steps: int, count: int, *, time_type: str = "discrete_wo_init",

@@ -11,6 +11,9 @@ One step:
    model's transitions in the public code's form ||mu_theta - mu_ref||^2 / (2 std_dev_t^2) (``kl_form``;
    the exact Gaussian KL divides by |dt| more). See docs/algorithms/flow_grpo.md.
 
+``grpo_guard`` (GRPO-Guard, arXiv 2510.22319, flow_grpo's ``config.rationorm``) replaces the ratio by its
+RatioNorm and divides each denoising step's policy loss by |dt| (its gradient reweighting).
+
 Shares samplers, model adapters, rewards, advantages and losses with AWM; only the glue is its own.
 """
 
@@ -52,6 +55,10 @@ class FlowGRPOConfig(OnlineFlowConfig):
         "flow_grpo", help="'flow_grpo': ||mu - mu_ref||^2 / (2 std_dev_t^2), the public code's form the published "
                           "betas are calibrated to; 'gaussian': the exact KL of the two transitions, "
                           "||mu - mu_ref||^2 / (2 std_dev_t^2 |dt|)")
+    grpo_guard: bool = param(
+        False, help="GRPO-Guard (flow_grpo's rationorm): RatioNorm, log-ratio + ||mu - mu_old||^2 / (2 s^2) scaled by "
+                    "the transition std s (= mean(dmu * noise)), and each step's policy loss divided by |dt|; its "
+                    "published clip_range is 2e-6 (OCR) / 4e-6 (PickScore)")
     weight_ema_decay: float | None = param(None, help="EMA of the trainable weights, evaluated and saved beside the "
                                                       "raw ones (Flow-GRPO: 0.9); null disables", gt=0, lt=1)
     weight_ema_every: int = param(8, help="the EMA updates when (optimizer steps + 1) is a multiple of this "
@@ -62,6 +69,25 @@ class FlowGRPOConfig(OnlineFlowConfig):
         if self.beta > 0 and not self.lora.enabled:  # the reference would be the trained model itself: KL 0
             raise ConfigError("beta > 0 uses the LoRA-disabled model as the reference: enable lora or set beta: 0")
         self.sampling.require_sde_log_probs("Flow-GRPO")
+        if self.grpo_guard and self.sampling.sde_type != "sde":
+            raise ConfigError("grpo_guard normalises the Gaussian log-ratio of Flow-GRPO's SDE step; CPS's log-prob "
+                              "has no variance to normalise by: set sampling.sde_type: sde or grpo_guard: false")
+
+
+def _ratio_norm_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor,
+                     std: torch.Tensor, step: torch.Tensor, advantages: torch.Tensor, *,
+                     clip_range: float) -> tuple[torch.Tensor, dict]:
+    """GRPO-Guard's policy loss of one denoising step (flow_grpo ``train_sd3_GRPO_Guard.py``). RatioNorm: the
+    log-ratio re-centred by ``mean_dims(mu - mu_old)^2 / (2 s^2)`` (its mean over the rollout noise is then 0)
+    and scaled by the transition std ``s = std_dev_t sqrt(|dt|)``, which makes it ``mean_dims((mu - mu_old) z)``
+    with z the rollout's noise; gradient reweighting: the clipped loss divided by the step's |dt|. ``std``,
+    ``step`` (|dt|): ``[b]``, per sample (the public code takes the micro-batch's mean, the same value when its
+    samples share the step)."""
+    shift = ((mean.float() - old_mean.float()) ** 2).flatten(1).mean(1) / (2 * std ** 2)
+    log_ratio = (log_prob - old_log_prob + shift) * std
+    per_sample, stats = clipped_surrogate(log_ratio[:, None], torch.zeros_like(log_ratio[:, None]), advantages,
+                                          clip_low=clip_range)
+    return (per_sample[:, 0] / step).mean(), stats
 
 
 @register_trainer("flow_grpo", config_class=FlowGRPOConfig, paper="https://arxiv.org/abs/2505.05470",
@@ -98,7 +124,7 @@ class FlowGRPOTrainer:
             window = sde_window(s, seed=cfg.seed, step=self.step)
         trajectories = flow_rollout(self.model, drawn.prompts, s, batch_size=cfg.sample_batch_size,
                                     generator=self.noise, uncond=self.uncond, window=window,
-                                    on_batch=drawn.on_batch, images=drawn.images)
+                                    on_batch=drawn.on_batch, images=drawn.images, keep_means=cfg.grpo_guard)
         trained = []
         for trajectory in trajectories:
             sde_steps = trajectory.sde_steps.nonzero().flatten()
@@ -110,20 +136,22 @@ class FlowGRPOTrainer:
                 "log_probs": torch.cat([t.log_probs for t in trajectories]), "prompts": drawn.prompts,
                 "images": drawn.images, "group_ids": drawn.group_ids, "drawn": drawn.drawn,
                 "sigmas": trajectories[0].sigmas,
-                "train_steps": torch.cat(trained), "scorer": drawn.scorer}
+                "train_steps": torch.cat(trained), "scorer": drawn.scorer,
+                "means": torch.cat([t.means for t in trajectories]) if cfg.grpo_guard else None}
 
     def score(self, batch: dict) -> dict:
         cfg = self.config
-        advantages, stats = online_flow.score_rollout(
-            self, batch, ("latents", "log_probs", "prompts", "images", "group_ids", "train_steps"))
+        keys = ("latents", "log_probs", "prompts", "images", "group_ids", "train_steps")
+        advantages, stats = online_flow.score_rollout(self, batch, keys + (("means",) if cfg.grpo_guard else ()))
         batch["advantages"] = clip_advantages(advantages, max_abs=cfg.adv_clip_max)
         return stats
 
     def _step_loss(self, latents: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                    prompts: list[str], sigmas: torch.Tensor, j: torch.Tensor,
-                   images: list | None = None) -> tuple[torch.Tensor, dict]:
+                   images: list | None = None, old_means: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Clipped policy loss and KL of the transitions x_j -> x_{j+1} of one micro-batch (``j [b]``: each
-        sample's own step, as Flow-GRPO-Fast windows may differ per sampling batch)."""
+        sample's own step, as Flow-GRPO-Fast windows may differ per sampling batch). ``old_means``: the
+        rollout's transition means ``[b, N, ...]``, for GRPO-Guard."""
         cfg = self.config
         s = cfg.sampling
         rows = torch.arange(latents.shape[0])
@@ -138,9 +166,13 @@ class FlowGRPOTrainer:
             v = self.model.velocity(x, sigma, cond, guidance_scale=guidance, uncond=self.uncond,
                                     grad_uncond=cfg.cfg_grad == "both")
         _, log_prob, mean, std = sde_step(x, v, sigma, sigma_next, **kwargs)
-        per_sample, clip_stats = clipped_surrogate(log_prob[:, None], old_log_probs[:, None], advantages,
-                                                   clip_low=cfg.clip_range)
-        loss = per_sample.mean()
+        if cfg.grpo_guard:
+            loss, clip_stats = _ratio_norm_loss(log_prob, old_log_probs, mean, old_means[rows, j], std.reshape(-1),
+                                                sigma - sigma_next, advantages, clip_range=cfg.clip_range)
+        else:
+            per_sample, clip_stats = clipped_surrogate(log_prob[:, None], old_log_probs[:, None], advantages,
+                                                       clip_low=cfg.clip_range)
+            loss = per_sample.mean()
         parts = {"policy_loss": float(loss.detach()), "clip_frac": float(clip_stats["clipped"].mean()),
                  "approx_kl": float(0.5 * ((log_prob.detach() - old_log_probs) ** 2).mean())}
         # CPS's last transition (sigma_next = 0) is deterministic: no Gaussian, no KL there.
@@ -179,7 +211,8 @@ class FlowGRPOTrainer:
                     loss, parts = self._step_loss(
                         batch["latents"][index], batch["log_probs"][index], batch["advantages"][index],
                         [batch["prompts"][n] for n in index.tolist()], batch["sigmas"], batch["train_steps"][index, k],
-                        None if batch["images"] is None else [batch["images"][n] for n in index.tolist()])
+                        None if batch["images"] is None else [batch["images"][n] for n in index.tolist()],
+                        None if batch["means"] is None else batch["means"][index])
                 # flow_grpo steps its EMA after every micro-batch with the optimizer steps done so far (the last
                 # micro-batch's after the optimizer step below); the weights do not move before that step.
                 if self.weight_ema is not None and k == len(steps) - 1 and i < len(micro) - 1:

@@ -152,10 +152,12 @@ def sde_window(sampling, *, seed: int, step: int, rank: int = 0, batch: int = 0)
 
 @torch.no_grad()
 def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, generator: torch.Generator,
-                 uncond=None, window=None, on_batch=None, images: list | None = None) -> list:
+                 uncond=None, window=None, on_batch=None, images: list | None = None,
+                 keep_means: bool = False) -> list:
     """Sample ``prompts`` (one sample each) in batches with ``sampling.sampler``: Euler with SDE steps on
     ``window`` (None: every step; a callable gives batch k's window), SA-Solver or DPM-Solver++(2M); returns one
     :class:`Trajectory` per batch. ``on_batch(trajectory, start)`` is called as each batch is done.
+    ``keep_means`` keeps each Euler/SDE transition's mean (``Trajectory.means``).
     ``images``: one input image per prompt, for models that take one (:func:`input_images`)."""
     from diffrl.samplers.dpm_solver import sample_dpm2
     from diffrl.samplers.flow import sample_trajectory
@@ -181,7 +183,8 @@ def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, genera
                 model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
                 num_frames=sampling.num_frames, noise_level=sampling.noise_level, sde_type=sampling.sde_type,
                 sde_window=window(start // batch_size) if callable(window) else window,
-                guidance_scale=sampling.guidance_scale, uncond=uncond, generator=generator))
+                guidance_scale=sampling.guidance_scale, uncond=uncond, generator=generator,
+                keep_means=keep_means))
         if on_batch is not None:
             on_batch(trajectories[-1], start)
     return trajectories
