@@ -213,6 +213,12 @@ class FlowSamplingConfig:
     sde_window_per: Literal["step", "batch"] = param("step", help="Flow-GRPO-Fast: draw the window once per step for "
                                                                   "every process, or per sampling batch per process "
                                                                   "(the public code)")
+    sde_window_shift_every: int | None = param(
+        None, help="MixGRPO's sliding window instead of Fast's random one: it starts at sde_window's low end and moves "
+                   "sde_window_shift steps later every this many training steps (MixGRPO: 25), cut at the range's "
+                   "end, and back to the start after the last position", ge=1)
+    sde_window_shift: int = param(1, help="MixGRPO: steps the sliding window moves each time (its prog_overlap_step)",
+                                  ge=1)
     max_sequence_length: int | None = param(None, help="text tokens of the T5 / UMT5 encoder (null: family default)")
 
     def require_sde_log_probs(self, trainer: str) -> None:
@@ -238,6 +244,9 @@ class FlowSamplingConfig:
         if window[1] > self.num_steps:
             raise ConfigError(f"sampling.sde_window {list(window)} reaches past the {self.num_steps} steps of a "
                               f"rollout; keep its end <= sampling.num_steps")
+        if self.sde_window_shift_every is not None and (self.sde_window_size is None or self.sde_window_per != "step"):
+            raise ConfigError("sampling.sde_window_shift_every slides one window for every process: set "
+                              "sampling.sde_window_size (MixGRPO: 4) and sde_window_per: step")
         if self.sde_window_size is not None and window[1] - window[0] < self.sde_window_size:
             raise ConfigError(f"sampling.sde_window_size {self.sde_window_size} does not fit in {list(window)}; "
                               f"lower it or widen sampling.sde_window")

@@ -136,12 +136,19 @@ def gather_advantages(accelerator, estimator, rewards: torch.Tensor, group_ids: 
 def sde_window(sampling, *, seed: int, step: int, rank: int = 0, batch: int = 0) -> tuple[int, int] | None:
     """The SDE steps of this rollout: ``sampling.sde_window``, or, with ``sde_window_size``, a window of that
     size placed uniformly inside it (Flow-GRPO-Fast). Drawn from (seed, step), the same on every process; with
-    ``sde_window_per: batch`` from (seed, step, rank, batch), one per sampling batch per process."""
+    ``sde_window_per: batch`` from (seed, step, rank, batch), one per sampling batch per process. With
+    ``sde_window_shift_every`` the window slides instead (MixGRPO's progressive schedule), a function of the step
+    alone: it starts at the range's low end, moves ``sde_window_shift`` steps every ``sde_window_shift_every``
+    training steps, is cut at the range's end, and starts again after the last start inside the range."""
     if sampling.sde_window_size is None:
         return tuple(sampling.sde_window) if sampling.sde_window else None
     low, high = sampling.sde_window or (0, sampling.num_steps // 2)
     if high - low < sampling.sde_window_size:
         raise ConfigError(f"sampling.sde_window_size {sampling.sde_window_size} does not fit in [{low}, {high})")
+    if sampling.sde_window_shift_every is not None:
+        positions = -(-(high - low) // sampling.sde_window_shift)   # starts low + m * shift < high
+        start = low + (step // sampling.sde_window_shift_every) % positions * sampling.sde_window_shift
+        return start, min(start + sampling.sde_window_size, high)
     stream = seed * 1_000_003 + step + 1
     if sampling.sde_window_per == "batch":
         stream = stream * 7_919 + rank * 104_729 + batch + 1
