@@ -200,10 +200,12 @@ class FlowSamplingConfig:
     guidance_scale: float = param(1.0, help="CFG scale for SD3 / Wan (FLUX: its guidance embedding)", ge=0)
     noise_level: float = param(0.7, help="SDE noise level (0 = deterministic ODE rollouts)", ge=0)
     sde_type: Literal["sde", "cps"] = param("sde", help="Flow-GRPO's SDE step or the coefficients-preserving one")
-    sampler: Literal["euler", "sa_solver", "dpm2"] = param(
+    sampler: Literal["euler", "sa_solver", "dpm2", "dpm_multistep"] = param(
         "euler", help="rollout sampler: 'euler' (Euler ODE, or Flow-GRPO's SDE where noise_level > 0), 'sa_solver' "
-                      "(AWM's OCR / GenEval rollouts; noise_level is its tau) or 'dpm2' (DPM-Solver++(2M), "
-                      "deterministic: DiffusionNFT's); evaluation always uses the Euler ODE")
+                      "(AWM's OCR / GenEval rollouts; noise_level is its tau), 'dpm2' (DPM-Solver++(2M), "
+                      "deterministic: DiffusionNFT's) or 'dpm_multistep' (diffusers' DPMSolverMultistepScheduler on "
+                      "flow sigmas shifted by flow_shift: DGPO's); evaluation always uses the Euler ODE")
+    flow_shift: float = param(3.0, help="dpm_multistep: the shift of its flow sigma grid (DGPO: 3)", gt=0)
     sa_tau_range: list[float] = param([0.3, 0.9], help="SA-Solver: tau = noise_level only for t in this range "
                                                       "(0 elsewhere)", ge=0, le=1, length=2)
     sde_window: list[int] | None = param(None, help="[start, end) steps sampled with the SDE (Flow-GRPO-Fast); "

@@ -314,3 +314,16 @@ def describe_losses() -> list[tuple[str, str, str]]:
              ("hint_entropy_mask", "IGPO: only the top-entropy fraction of hint tokens get gradient",
               "https://arxiv.org/abs/2509.10396")]
     return rows
+
+
+def dgpo_group_weights(advantages: torch.Tensor, dsm: torch.Tensor, ref_dsm: torch.Tensor, groups: torch.Tensor, *,
+                       beta: float, group_size: int) -> torch.Tensor:
+    """DGPO's per-sample weight of its group (arXiv 2510.08425, ``compute_group_dgpo_loss_allreduce``): with the
+    denoising losses ``dsm`` of the policy and ``ref_dsm`` of the reference at the same noisy sample,
+    ``w_g = sigmoid(sum_{i in g} A_i beta (dsm_i - ref_dsm_i) / G)``, G the configured group size. All tensors
+    ``[N]`` over every sample of the groups (every process's); returns ``w`` of each sample's group ``[N]``.
+    The loss is then ``mean_i(w_i A_i dsm_i)`` with ``w`` detached."""
+    terms = advantages.float() * beta * (dsm.float() - ref_dsm.float()) / group_size
+    _, index = torch.unique(groups, return_inverse=True)
+    sums = torch.zeros(int(index.max()) + 1, dtype=terms.dtype, device=terms.device).index_add_(0, index, terms)
+    return torch.sigmoid(sums)[index]

@@ -166,7 +166,7 @@ def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, genera
     :class:`Trajectory` per batch. ``on_batch(trajectory, start)`` is called as each batch is done.
     ``keep_means`` keeps each Euler/SDE transition's mean (``Trajectory.means``).
     ``images``: one input image per prompt, for models that take one (:func:`input_images`)."""
-    from diffrl.samplers.dpm_solver import sample_dpm2
+    from diffrl.samplers.dpm_solver import sample_dpm2, sample_dpm_multistep
     from diffrl.samplers.flow import sample_trajectory
     from diffrl.samplers.sa_solver import sample_sa_solver
 
@@ -180,6 +180,11 @@ def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, genera
                 num_frames=sampling.num_frames, noise_level=sampling.noise_level,
                 tau_range=tuple(sampling.sa_tau_range), guidance_scale=sampling.guidance_scale, uncond=uncond,
                 generator=generator))
+        elif sampling.sampler == "dpm_multistep":
+            trajectories.append(sample_dpm_multistep(
+                model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
+                num_frames=sampling.num_frames, guidance_scale=sampling.guidance_scale, uncond=uncond,
+                generator=generator, flow_shift=sampling.flow_shift))
         elif sampling.sampler == "dpm2":
             trajectories.append(sample_dpm2(
                 model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
