@@ -9,6 +9,9 @@ image: the quickstart task (assets/sd3-shapes, JPEG compressibility, the same pr
        configs/flow_grpo/quickstart.yaml (SDE rollouts at noise level 0.7, clip range 1e-4, beta 0.01,
        2 updates per rollout, as its published SD3.5 configs), NFT as configs/nft/quickstart.yaml (CFG-free
        DPM-Solver++(2M) rollouts by the old adapter, 9 of 10 timesteps, nft_beta 1, beta 1e-4).
+image_2026: the same task, DGPO (configs/dgpo/quickstart.yaml: DPM-Solver++ multistep rollouts, 4 shared noise
+       levels from the grid's first 7, beta_dpo 100, clip 5e-2, no KL, one update per rollout) and MixGRPO's sliding
+       SDE window on Flow-GRPO (configs/flow_grpo/quickstart_mixgrpo.yaml) against Flow-GRPO.
 ocr:   the quickstart's task (assets/sd3-text, held-out strings, the OCR reward): AWM as
        configs/quickstart.yaml with 10 Euler rollout steps (its rollouts when the race was run) against
        Flow-GRPO as configs/flow_grpo/quickstart_ocr.yaml (its published OCR
@@ -62,6 +65,10 @@ RACES = {
     "image": {"new": [("awm", "configs/quickstart_jpeg.yaml", []), ("nft", "configs/nft/quickstart.yaml", [])],
               "baseline": ("flow_grpo", "configs/flow_grpo/quickstart.yaml", []),
               "metric": "eval/reward", "steps": 60},
+    "image_2026": {"new": [("dgpo", "configs/dgpo/quickstart.yaml", []),
+                           ("mixgrpo", "configs/flow_grpo/quickstart_mixgrpo.yaml", [])],
+                   "baseline": ("flow_grpo", "configs/flow_grpo/quickstart.yaml", []),
+                   "metric": "eval/reward", "steps": 60},
     "ocr": {"new": [("awm", "configs/quickstart.yaml", EULER_10)],
             "baseline": ("flow_grpo", "configs/flow_grpo/quickstart_ocr.yaml", []),
             "metric": "eval/ocr/exact_match", "steps": 240},
