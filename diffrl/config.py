@@ -221,6 +221,10 @@ class FlowSamplingConfig:
                    "end, and back to the start after the last position", ge=1)
     sde_window_shift: int = param(1, help="MixGRPO: steps the sliding window moves each time (its prog_overlap_step)",
                                   ge=1)
+    sde_window_flash: float | None = param(
+        None, help="MixGRPO-Flash: the ODE steps after the SDE window by DPM-Solver++(2M) on a grid of "
+                   "int(max((N - last) x this, 1)) points in the scheduler's static shift (Flash: 0.4); SD3.5 and "
+                   "Wan (a static shift) only", gt=0, le=1)
     max_sequence_length: int | None = param(None, help="text tokens of the T5 / UMT5 encoder (null: family default)")
 
     def require_sde_log_probs(self, trainer: str) -> None:
@@ -246,6 +250,10 @@ class FlowSamplingConfig:
         if window[1] > self.num_steps:
             raise ConfigError(f"sampling.sde_window {list(window)} reaches past the {self.num_steps} steps of a "
                               f"rollout; keep its end <= sampling.num_steps")
+        if self.sde_window_flash is not None and (self.sampler != "euler" or self.sde_window_per != "step"
+                                                  or (self.sde_window is None and self.sde_window_size is None)):
+            raise ConfigError("sampling.sde_window_flash follows an SDE window shared by every sample: set "
+                              "sampler: euler, sde_window_per: step and sde_window or sde_window_size")
         if self.sde_window_shift_every is not None and (self.sde_window_size is None or self.sde_window_per != "step"):
             raise ConfigError("sampling.sde_window_shift_every slides one window for every process: set "
                               "sampling.sde_window_size (MixGRPO: 4) and sde_window_per: step")

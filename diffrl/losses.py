@@ -327,3 +327,16 @@ def dgpo_group_weights(advantages: torch.Tensor, dsm: torch.Tensor, ref_dsm: tor
     _, index = torch.unique(groups, return_inverse=True)
     sums = torch.zeros(int(index.max()) + 1, dtype=terms.dtype, device=terms.device).index_add_(0, index, terms)
     return torch.sigmoid(sums)[index]
+
+
+def spg_loss(lower: torch.Tensor, upper: torch.Tensor, advantages: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """SPG's policy loss of a micro-batch (arXiv 2510.09541, its public ``compute_loss``): ``-A log p`` with
+    log p the lower bound (ELBO) where A > 0 and the upper (or mixed) bound elsewhere, each completion weighted
+    by its length: ``sum(-A log p len) / sum(len)``. All ``[B]``.
+
+    >>> lower, upper = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -4.0])
+    >>> spg_loss(lower, upper, torch.tensor([1.0, -1.0]), torch.tensor([1.0, 3.0]))   # (1 - 12) / 4
+    tensor(-2.7500)
+    """
+    log_p = torch.where(advantages > 0, lower, upper)
+    return (-advantages * log_p * lengths).sum() / lengths.sum().clamp_min(1)

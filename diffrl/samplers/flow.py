@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from diffrl.samplers.dpm_step import dpm2_step
+
 if TYPE_CHECKING:  # annotations only: models.flow imports this module for FlowModel.sample
     from diffrl.models.flow import Cond, FlowModel
 
@@ -164,10 +166,13 @@ def sample_trajectory(model: FlowModel, cond: Cond, *, num_steps: int, height: i
                       num_frames: int = 1, noise_level: float = 0.7, sde_type: str = "sde",
                       sde_window: tuple[int, int] | None = None, guidance_scale: float = 1.0,
                       uncond: Cond | None = None, generator: torch.Generator | None = None,
-                      latents: torch.Tensor | None = None, keep_means: bool = False) -> Trajectory:
+                      latents: torch.Tensor | None = None, keep_means: bool = False,
+                      flash: float | None = None) -> Trajectory:
     """Sample with SDE steps (all, or only ``sde_window`` = [start, end) as in Flow-GRPO-Fast) and Euler ODE
     steps elsewhere; ``noise_level = 0`` gives a pure ODE trajectory. Keeps every latent and log-prob (and with
-    ``keep_means`` every transition's mean)."""
+    ``keep_means`` every transition's mean). ``flash`` (MixGRPO-Flash's compression ratio): after the window,
+    DPM-Solver++(2M) steps on a shorter grid (:func:`flash_grid`), continuing the solver's history from the
+    steps before; the trajectory then has fewer steps, and ``sigmas`` is the grid it followed."""
     shape = model.latent_shape(height, width, num_frames)
     if latents is None:
         latents = initial_noise(len(cond), shape, generator=generator, device=model.device)
@@ -176,10 +181,12 @@ def sample_trajectory(model: FlowModel, cond: Cond, *, num_steps: int, height: i
     sde_steps = torch.zeros(num_steps, dtype=torch.bool)
     if noise_level > 0:
         sde_steps[start:end] = True
-    states, log_probs, means = [latents], [], []
-    for i in range(num_steps):
+    steps = end if flash is not None and end < num_steps else num_steps
+    states, log_probs, means, denoised = [latents], [], [], None
+    for i in range(steps):
         t = sigmas[i].expand(latents.shape[0])
         v = model.velocity(latents, t, cond, guidance_scale=guidance_scale, uncond=uncond)
+        denoised = latents.float() - float(sigmas[i]) * v.float()      # the DPM history Flash continues
         if sde_steps[i]:
             latents, log_prob, mean, _ = sde_step(latents, v, sigmas[i], sigmas[i + 1], noise_level=noise_level,
                                                   sigma_max=float(sigmas[1]), generator=generator,
@@ -191,8 +198,48 @@ def sample_trajectory(model: FlowModel, cond: Cond, *, num_steps: int, height: i
         log_probs.append(log_prob)
         if keep_means:
             means.append(mean.float())
+    if steps < num_steps:
+        grid = [float(x) for x in sigmas[:end]] + flash_grid([float(x) for x in sigmas], end - 1, flash,
+                                                             shift=static_shift(model))
+        for k in range(end, len(grid) - 1):
+            v = model.velocity(latents, torch.full((latents.shape[0],), grid[k], device=latents.device), cond,
+                               guidance_scale=guidance_scale, uncond=uncond)
+            current = latents.float() - grid[k] * v.float()
+            latents = dpm2_step(latents, current, denoised, grid, k)
+            denoised = current
+            states.append(latents)
+            log_probs.append(torch.zeros(latents.shape[0], device=latents.device))
+            if keep_means:
+                means.append(latents.float())
+        sde_steps = torch.cat([sde_steps[:end], torch.zeros(len(grid) - 1 - end, dtype=torch.bool)])
+        sigmas = torch.tensor(grid, dtype=sigmas.dtype, device=sigmas.device)
     return Trajectory(torch.stack(states, 1), torch.stack(log_probs, 1), sde_steps, sigmas,
                       means=torch.stack(means, 1) if keep_means else None)
+
+
+def static_shift(model: FlowModel) -> float:
+    """The scheduler's static time shift s (sigma = s u / (1 + (s - 1) u)), which MixGRPO-Flash's grid uses; a
+    ConfigError for a family whose shift depends on the resolution."""
+    from diffrl.errors import ConfigError
+
+    config = model.pipeline.scheduler.config
+    shift = config.get("shift", config.get("flow_shift"))     # FlowMatchEuler's shift, UniPC's flow_shift (Wan)
+    if config.get("use_dynamic_shifting", False) or shift is None:
+        raise ConfigError("sampling.sde_window_flash builds its grid with a static time shift, and this model's "
+                          "scheduler shifts by resolution (FLUX, Qwen-Image): unset sde_window_flash")
+    return float(shift)
+
+
+def flash_grid(sigmas: list[float], last: int, ratio: float, *, shift: float) -> list[float]:
+    """MixGRPO-Flash's grid after the SDE window (its ``run_sample_step``, ``dpm_apply_strategy: post``): from
+    sigma_{last+1}, ``int(max((N - last) ratio, 1))`` points linear in unshifted time down to 0, shifted
+    (N + 1 = ``len(sigmas)``). At least 2 points, so that it ends at 0 (one point would stop short of it);
+    the first point is sigma_{last+1} itself."""
+    s_next = sigmas[last + 1]
+    start = s_next / (shift - (shift - 1) * s_next)           # the unshifted time of sigma_{last+1}
+    points = max(int(max((len(sigmas) - 1 - last) * ratio, 1)), 2)
+    grid = [shift * u / (1 + (shift - 1) * u) for u in torch.linspace(start, 0, points).tolist()]
+    return [s_next] + grid[1:]
 
 
 def timestep_range(num_steps: int, count: int, *, time_type: str = "discrete_wo_init",

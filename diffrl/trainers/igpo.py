@@ -50,8 +50,17 @@ from diffrl.dllm.reasoning import (
     task_fields,
     until_first,
 )
+from diffrl.dllm.spg import sequence_bounds
 from diffrl.errors import ConfigError
-from diffrl.losses import aggregate, clipped_surrogate, drpo_loss, hint_entropy_mask, kl_penalty, sequence_log_ratio
+from diffrl.losses import (
+    aggregate,
+    clipped_surrogate,
+    drpo_loss,
+    hint_entropy_mask,
+    kl_penalty,
+    sequence_log_ratio,
+    spg_loss,
+)
 from diffrl.trainers import register_trainer
 from diffrl.training import dynamic_sampling, engine, run_setup, step_guard
 from diffrl.training.down_sampling import DownSamplingConfig, kept_samples, kept_size, kept_tokens
@@ -98,6 +107,21 @@ class DRPOConfig:
     delta: float = param(1e-4, help="the KL below which the constraint is off", ge=0)
 
 
+@dataclasses.dataclass
+class SPGConfig:
+    """SPG's settings (arXiv 2510.09541; its public GSM8K / MATH run: mix, beta 1.5, weight 0.5, 2 draws)."""
+
+    negative: Literal["mix", "eubo", "elbo"] = param(
+        "mix", help="the bound for completions with A <= 0: the upper bound (eubo), its blend with the ELBO (mix), "
+                    "or the ELBO (a plain ELBO policy gradient)")
+    mix_weight: float = param(0.5, help="mix: weight of the upper bound", ge=0, le=1)
+    eubo_beta: float = param(1.5, help="exponent of the upper bound (GSM8K / MATH 1.5, Countdown 2.0, Sudoku 1.0)",
+                             gt=0)
+    num_t: int = param(2, help="masked draws per completion and update (each a different block)", ge=1)
+    min_t: float = param(0.0, help="least share of the drawn block's tokens masked", ge=0, le=1)
+    max_t: float = param(1.0, help="largest share of the drawn block's tokens masked", ge=0, le=1)
+
+
 @dataclasses.dataclass(kw_only=True)
 class IGPOConfig(TrainerConfig):
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"num_iterations": "updates_per_rollout"}  # one name in every trainer
@@ -118,11 +142,13 @@ class IGPOConfig(TrainerConfig):
     clip_high: float = param(0.2, help="ratio clip above 1 (epsilon_high)", gt=0)
     ratio_level: str = param("sequence", help="'sequence' (GSPO, IGPO's published run) or 'token' (d1) ratios")
     beta: float = param(0.01, help="weight of the k3 KL to the LoRA-free reference (IGPO 0.01, d1 0.04)", ge=0)
-    loss: Literal["clipped", "drpo"] = param(
+    loss: Literal["clipped", "drpo", "spg"] = param(
         "clipped", help="'clipped': GRPO's clipped surrogate on the advantages; 'drpo': DRPO's discriminative loss "
                         "on the correct flags (correct completions weighted towards the shorter, against the wrong "
-                        "ones' log-sum-exp; no advantages), with its KL constraint")
+                        "ones' log-sum-exp; no advantages), with its KL constraint; 'spg': SPG's -A log p with "
+                        "the ELBO for A > 0 and an upper bound otherwise, on block-wise masks (no ratio, no KL)")
     drpo: DRPOConfig = param(DRPOConfig(), help="loss: drpo's settings")
+    spg: SPGConfig = param(SPGConfig(), help="loss: spg's settings")
     loss_norm: Literal["batch", "micro_batch"] = param(
         "batch", help="'batch': one token mean over the whole batch; 'micro_batch': the token mean of each "
                       "train_batch_size micro-batch, averaged (IGPO's code, with a micro-batch of one group)")
@@ -165,6 +191,25 @@ class IGPOConfig(TrainerConfig):
         if self.loss == "drpo" and self.down_sampling.enabled:
             raise ConfigError("loss: drpo uses no advantages and whole groups; D^3S's down_sampling chooses by "
                               "them: turn one of them off")
+        if self.loss == "spg":
+            blocks = self.generation.gen_length // self.generation.block_length
+            if self.beta > 0:
+                raise ConfigError("loss: spg has no KL term (its public code refuses one): set beta: 0")
+            if self.igpo.enabled:
+                raise ConfigError("loss: spg scores whole completions and has no place for inpainted hint tokens: "
+                                  "set igpo.enabled: false")
+            if self.generation.gen_length % self.generation.block_length:
+                raise ConfigError(f"loss: spg masks whole blocks: make generation.gen_length "
+                                  f"({self.generation.gen_length}) a multiple of generation.block_length "
+                                  f"({self.generation.block_length})")
+            if self.spg.num_t > blocks:
+                raise ConfigError(f"spg.num_t {self.spg.num_t} draws a different block each time, and the "
+                                  f"answer has {blocks}: lower spg.num_t or generation.block_length")
+            if self.spg.min_t > self.spg.max_t:
+                raise ConfigError(f"spg.min_t ({self.spg.min_t}) must be <= spg.max_t ({self.spg.max_t})")
+            if self.down_sampling.token_keep is not None:
+                raise ConfigError("loss: spg scores whole completions; D^3S's token level has nothing to choose: "
+                                  "unset down_sampling.token_keep")
         if self.igpo.max_replacements > self.group_size:
             raise ConfigError(f"igpo.max_replacements ({self.igpo.max_replacements}) cannot exceed group_size "
                               f"({self.group_size})")
@@ -195,6 +240,9 @@ class IGPOTrainer:
         check_correctness_reward(self.reward, cfg.correctness)
         self.estimator = trainer_estimator(cfg.estimator, **cfg.estimator_kwargs)
         self.model = load_dllm(cfg, acc.device)
+        if cfg.loss == "spg" and getattr(self.model, "mask_id", None) is None:
+            raise ConfigError("loss: spg estimates bounds by masking tokens, and this model has no mask token "
+                              "(DiffusionGemma): use loss: clipped")
         run_setup.prepare_optimization(self, cfg.max_steps * cfg.updates_per_rollout)
         self.prompt_sampler = prompt_sampler(cfg.data.curriculum, task_fields(self.train_tasks, cfg.data),
                                              cfg.prompts_per_step // acc.num_processes, what=cfg.data.path,
@@ -412,6 +460,10 @@ class IGPOTrainer:
         # rollout itself stays in eval mode (d1 samples with dropout on; diffrl samples the policy it evaluates).
         self.model.module.train()
         for seed in batch["mask_seeds"]:
+            if cfg.loss == "spg":   # no ratio (no old log-probs) and no hints (no entropy filter)
+                ones = torch.ones_like(batch["completions"], dtype=torch.bool)
+                batch["loss_masks"].append(ones if until_eos is None else ones & until_eos.to(ones.device))
+                continue
             old, entropy = self._log_probs(batch, seed)
             batch["old_log_probs"].append(old)
             mask = hint_entropy_mask(entropy, batch["hint_mask"].to(entropy.device), cfg.igpo.entropy_keep_ratio)
@@ -447,6 +499,8 @@ class IGPOTrainer:
     def _loss(self, batch: dict, iteration: int, rows: slice, total_tokens: float):
         cfg = self.config
         seed = batch["mask_seeds"][iteration]
+        if cfg.loss == "spg":
+            return self._spg_loss(batch, iteration, rows)
         log_probs, _ = self.model.completion_log_probs(batch["prompt_ids"][rows], batch["prompt_mask"][rows],
                                                        batch["completions"][rows], mask_seed=seed,
                                                        prompt_mask_prob=cfg.prompt_mask_prob,
@@ -472,6 +526,20 @@ class IGPOTrainer:
         if cfg.loss_norm == "micro_batch":  # IGPO: this micro-batch's own token mean (0 if it has no token)
             return aggregate(per_token, mask, "token-mean"), parts
         return aggregate(per_token, mask, "token-mean", global_tokens=total_tokens), parts
+
+    def _spg_loss(self, batch: dict, iteration: int, rows: slice):
+        """SPG on a micro-batch: the completion's bounds on this iteration's block-wise masks (its loss mask as
+        the completion), -A log p weighted by length (its public ``compute_loss``)."""
+        cfg, spg = self.config, self.config.spg
+        mask = batch["loss_masks"][iteration][rows]
+        elbo, eubo = sequence_bounds(self.model, batch["prompt_ids"][rows], batch["prompt_mask"][rows],
+                                     batch["completions"][rows], mask, mask_seed=batch["mask_seeds"][iteration],
+                                     num_t=spg.num_t, block_length=cfg.generation.block_length, min_t=spg.min_t,
+                                     max_t=spg.max_t, prompt_mask_prob=cfg.prompt_mask_prob, eubo_beta=spg.eubo_beta)
+        upper = {"eubo": eubo, "elbo": elbo, "mix": spg.mix_weight * eubo + (1 - spg.mix_weight) * elbo}
+        advantages = batch["advantages"][rows].to(elbo.device)
+        loss = spg_loss(elbo, upper[spg.negative], advantages, mask.sum(-1).to(elbo.dtype))
+        return loss, {"spg/elbo": float(elbo.detach().mean()), "spg/eubo": float(eubo.detach().mean())}
 
     def _drpo_loss(self, batch: dict, iteration: int, rows: slice, log_probs, old, mask):
         """DRPO on a micro-batch of whole groups, in its public code's form: a completion's score is its mean
@@ -508,7 +576,8 @@ class IGPOTrainer:
                 self.accelerator, self.model.denoiser, len(starts),
                 lambda i, it=iteration, tokens=total_tokens: self._loss(
                     batch, it, slice(starts[i], starts[i] + cfg.train_batch_size), tokens),
-                average=cfg.loss_norm == "micro_batch" or cfg.loss == "drpo")   # DRPO: a mean per micro-batch
+                # DRPO and SPG: a mean per micro-batch
+                average=cfg.loss_norm == "micro_batch" or cfg.loss in ("drpo", "spg"))
             for key, value in step_guard.optimizer_step(self, totals).items():
                 logged[key] = logged.get(key, 0.0) + value / cfg.updates_per_rollout
         logged["lr"] = self.scheduler.get_last_lr()[0]

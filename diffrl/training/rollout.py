@@ -196,7 +196,7 @@ def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, genera
                 num_frames=sampling.num_frames, noise_level=sampling.noise_level, sde_type=sampling.sde_type,
                 sde_window=window(start // batch_size) if callable(window) else window,
                 guidance_scale=sampling.guidance_scale, uncond=uncond, generator=generator,
-                keep_means=keep_means))
+                keep_means=keep_means, flash=sampling.sde_window_flash))
         if on_batch is not None:
             on_batch(trajectories[-1], start)
     return trajectories

@@ -12,6 +12,11 @@ image: the quickstart task (assets/sd3-shapes, JPEG compressibility, the same pr
 image_2026: the same task, DGPO (configs/dgpo/quickstart.yaml: DPM-Solver++ multistep rollouts, 4 shared noise
        levels from the grid's first 7, beta_dpo 100, clip 5e-2, no KL, one update per rollout) and MixGRPO's sliding
        SDE window on Flow-GRPO (configs/flow_grpo/quickstart_mixgrpo.yaml) against Flow-GRPO.
+ocr_2026: the OCR task, DGPO (configs/dgpo/quickstart_ocr.yaml) and MixGRPO's window
+       (configs/flow_grpo/quickstart_ocr_mixgrpo.yaml) against Flow-GRPO (configs/flow_grpo/quickstart_ocr.yaml).
+text_spg: SPG (``loss=spg``, its GSM8K bounds: mix, beta 1.5, weight 0.5; one draw per completion, as the
+       task's answer canvas is one block; no KL) against diffu-GRPO on the text task, both without inpainting and
+       with d1's and SPG's loss mask up to the first EOS, everything else equal.
 ocr:   the quickstart's task (assets/sd3-text, held-out strings, the OCR reward): AWM as
        configs/quickstart.yaml with 10 Euler rollout steps (its rollouts when the race was run) against
        Flow-GRPO as configs/flow_grpo/quickstart_ocr.yaml (its published OCR
@@ -69,6 +74,15 @@ RACES = {
                            ("mixgrpo", "configs/flow_grpo/quickstart_mixgrpo.yaml", [])],
                    "baseline": ("flow_grpo", "configs/flow_grpo/quickstart.yaml", []),
                    "metric": "eval/reward", "steps": 60},
+    "ocr_2026": {"new": [("dgpo", "configs/dgpo/quickstart_ocr.yaml", []),
+                         ("mixgrpo", "configs/flow_grpo/quickstart_ocr_mixgrpo.yaml", [])],
+                 "baseline": ("flow_grpo", "configs/flow_grpo/quickstart_ocr.yaml", []),
+                 "metric": "eval/ocr/exact_match", "steps": 240},
+    "text_spg": {"new": [("spg", "configs/quickstart_text.yaml", ["igpo.enabled=false", "loss_mask=until_eos",
+                                                                   "loss=spg", "spg.num_t=1"])],
+                 "baseline": ("diffu_grpo", "configs/quickstart_text.yaml",
+                              ["igpo.enabled=false", "loss_mask=until_eos"]),
+                 "metric": "eval/accuracy", "groups": True, "steps": 30},
     "ocr": {"new": [("awm", "configs/quickstart.yaml", EULER_10)],
             "baseline": ("flow_grpo", "configs/flow_grpo/quickstart_ocr.yaml", []),
             "metric": "eval/ocr/exact_match", "steps": 240},

@@ -1,10 +1,14 @@
 """MixGRPO's sliding SDE window (``sampling.sde_window_shift_every``) on the Flow-GRPO trainer."""
 
+import math
+
 import pytest
 import torch
 
 from diffrl.config import FlowSamplingConfig
 from diffrl.errors import ConfigError
+from diffrl.models.flow import FlowModel
+from diffrl.samplers.flow import flash_grid, sample_trajectory
 from diffrl.trainers.flow_grpo import FlowGRPOTrainer
 from diffrl.training.rollout import sde_window
 from tests.trainers.steps import lora_left_unchanged
@@ -67,3 +71,51 @@ def test_a_sliding_window_per_batch_is_refused():
         FlowSamplingConfig(num_steps=8, sde_window_size=2, sde_window_shift_every=5, sde_window_per="batch")
     with pytest.raises(ConfigError, match="set sampling.sde_window_size"):
         FlowSamplingConfig(num_steps=8, sde_window_shift_every=5)
+
+
+def test_flash_grid_by_hand():
+    """MixGRPO-Flash after a window ending at step 3 of 10, ratio 0.5: int((10 - 3) x 0.5) = 3 points from
+    sigma_4, linear in unshifted time u = sigma / (s - (s - 1) sigma) down to 0, shifted again (s = 3)."""
+    sigmas = [1.0, 0.96, 0.91, 0.86, 0.79, 0.71, 0.6, 0.46, 0.28, 0.01, 0.0]
+    u = 0.79 / (3 - 2 * 0.79)
+    mid = 3 * (u / 2) / (1 + 2 * (u / 2))
+    assert flash_grid(sigmas, 3, 0.5, shift=3.0) == pytest.approx([0.79, mid, 0.0])
+    assert flash_grid(sigmas, 8, 0.4, shift=3.0) == [0.01, 0.0]      # int(max(0.8, 1)) = 1 point: kept at 2
+
+
+def test_flash_trajectory_continues_the_window_with_dpm_solver(tiny_dir):
+    """Euler before the window, SDE inside it, then DPM-Solver++(2M) on the compressed grid whose first step is
+    second order with the last window step's denoised estimate, and whose last step (to 0) is first order."""
+    model = FlowModel.from_pretrained(tiny_dir("sd3"))
+    cond = model.encode_prompts(["a red circle", "a blue square"])
+    trajectory = sample_trajectory(model, cond, num_steps=8, height=32, width=32, noise_level=0.7,
+                                   sde_window=(1, 3), flash=0.5, generator=torch.Generator().manual_seed(0))
+    full = [float(s) for s in model.sigmas(8, model.latent_shape(32, 32))]
+    grid = trajectory.sigmas.tolist()
+    assert grid[:4] == pytest.approx(full[:4]) and len(grid) == 6 and grid[-1] == 0.0   # 3 + 3 points, 5 steps
+    assert trajectory.sde_steps.tolist() == [False, True, True, False, False]
+    assert (trajectory.log_probs[:, [1, 2]] != 0).all() and (trajectory.log_probs[:, [0, 3, 4]] == 0).all()
+
+    def lam(s):
+        return math.log((1 - s) / s)
+
+    x = trajectory.latents
+    with torch.no_grad():
+        v2 = model.velocity(x[:, 2], torch.full((2,), grid[2]), cond).double()
+        v3 = model.velocity(x[:, 3], torch.full((2,), grid[3]), cond).double()
+        d_prev, d = x[:, 2].double() - grid[2] * v2, x[:, 3].double() - grid[3] * v3
+        h, r = lam(grid[4]) - lam(grid[3]), (lam(grid[3]) - lam(grid[2])) / (lam(grid[4]) - lam(grid[3]))
+        factor = (1 - grid[4]) * math.expm1(-h)
+        x4 = grid[4] / grid[3] * x[:, 3].double() - factor * d - 0.5 * factor * (d - d_prev) / r
+        assert torch.allclose(x[:, 4].double(), x4, atol=1e-4)
+        v4 = model.velocity(x[:, 4], torch.full((2,), grid[4]), cond).double()
+        assert torch.allclose(x[:, 5].double(), x[:, 4].double() - grid[4] * v4, atol=1e-4)   # last: D itself
+
+
+def test_flash_is_refused_where_it_cannot_apply(tiny_dir):
+    with pytest.raises(ConfigError, match="sde_window_flash follows an SDE window"):
+        FlowSamplingConfig(num_steps=8, sde_window_flash=0.4)
+    model = FlowModel.from_pretrained(tiny_dir("flux"))
+    with pytest.raises(ConfigError, match="shifts by resolution"):
+        sample_trajectory(model, model.encode_prompts(["a"]), num_steps=4, height=32, width=32, sde_window=(0, 1),
+                          flash=0.5)

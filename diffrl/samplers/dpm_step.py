@@ -1,0 +1,27 @@
+"""One DPM-Solver++(2M) update on a flow sigma grid (the formulas: :mod:`diffrl.samplers.dpm_solver`); its own
+module so that the Euler / SDE sampler (MixGRPO-Flash) and the DPM samplers share it without an import circle."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def dpm2_step(x: torch.Tensor, denoised: torch.Tensor, previous: torch.Tensor | None, sigmas: list[float],
+              i: int) -> torch.Tensor:
+    """x_{i+1} from x_i, D_i and D_{i-1} (None at the first step) on ``sigmas`` (floats, the last one 0)."""
+    s, s_next = sigmas[i], sigmas[i + 1]
+    x64, d64 = x.double(), denoised.double()
+    if previous is None or i == len(sigmas) - 2:
+        eps = (x64 - (1 - s) * d64) / s
+        return ((1 - s_next) * d64 + s_next * eps).to(x.dtype)
+
+    def lam(sigma: float) -> float:
+        return math.log(1 - sigma) - math.log(sigma) if sigma < 1 else -math.inf
+
+    h = lam(s_next) - lam(s)
+    r = (lam(s) - lam(sigmas[i - 1])) / h
+    d1 = (d64 - previous.double()) / r
+    factor = (1 - s_next) * math.expm1(-h)
+    return (s_next / s * x64 - factor * d64 - 0.5 * factor * d1).to(x.dtype)
