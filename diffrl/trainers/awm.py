@@ -96,8 +96,7 @@ class AWMTrainer:
         self.has_ema = cfg.ema_beta > 0 or cfg.off_policy
         if self.has_ema:
             # The "ema" adapter starts equal to the policy adapter and trails it (TRPO-like anchor).
-            trainable.add_frozen_adapter(self.model, cfg.lora, "ema")
-            lora_utils.copy_adapter(self.model.transformer, "default", "ema")
+            trainable.add_trailing_adapter(self.model, cfg.lora, "ema")
         online_flow.prepare_online_flow(self, optimizer_steps=cfg.max_steps)
         engine.resume(self)
 

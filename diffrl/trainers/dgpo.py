@@ -112,8 +112,7 @@ class DGPOTrainer:
         cfg = self.config
         run_setup.start(self)
         online_flow.load_online_flow(self)
-        trainable.add_frozen_adapter(self.model, cfg.lora, "old")   # the public ema_ref, a copy at first
-        lora_utils.copy_adapter(self.model.transformer, "default", "old")
+        trainable.add_trailing_adapter(self.model, cfg.lora, "old")   # the public ema_ref, a copy at first
         online_flow.prepare_online_flow(self, optimizer_steps=cfg.max_steps)
         engine.resume(self)
 

@@ -100,8 +100,7 @@ class NFTTrainer:
         run_setup.start(self)
         online_flow.load_online_flow(self)
         # The public code: a second adapter "old", a copy of the trained one, samples and gives v_old.
-        trainable.add_frozen_adapter(self.model, cfg.lora, "old")
-        lora_utils.copy_adapter(self.model.transformer, "default", "old")
+        trainable.add_trailing_adapter(self.model, cfg.lora, "old")
         online_flow.prepare_online_flow(self, optimizer_steps=cfg.max_steps * cfg.updates_per_rollout)
         engine.resume(self)
 

@@ -28,6 +28,15 @@ def add_frozen_adapter(model, lora, adapter_name: str) -> None:
                    adapter_name=adapter_name)
 
 
+def add_trailing_adapter(model, lora, adapter_name: str) -> None:
+    """A frozen copy of the trained adapter that then trails it (:func:`diffrl.models.lora.blend_adapter`):
+    AWM's EMA adapter, NFT's and DGPO's old policy."""
+    from diffrl.models import lora as lora_utils
+
+    add_frozen_adapter(model, lora, adapter_name)
+    lora_utils.copy_adapter(model.transformer, "default", adapter_name)
+
+
 def save_adapter(model, folder: Path, adapter_name: str, full_state: dict | None = None) -> None:
     """A frozen second adapter (AWM's EMA adapter, NFT's old policy) as ``<adapter_name>_adapter.safetensors``,
     for exact resume. ``full_state``: the gathered weights of a sharded (FSDP) module."""

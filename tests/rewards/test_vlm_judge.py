@@ -21,6 +21,16 @@ from rewards import load_reward
 from rewards.image.vlm_judge import parse_score
 
 
+def reply(handler: BaseHTTPRequestHandler, answer: str) -> None:
+    """A chat completion with ``answer`` as the assistant's message, as vLLM / sglang send it."""
+    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)
+
+
 class Judge(BaseHTTPRequestHandler):
     """Answers "Score: N/10" with N = round(10 x the image's mean red), or words for prompts with 'vague', or
     a 500 on the first try for prompts with 'flaky'; refuses models other than 'judge'."""
@@ -48,12 +58,7 @@ class Judge(BaseHTTPRequestHandler):
             self.end_headers()
             return
         answer = "It is hard to say." if "vague" in text else f"Score: {round(red * 10)}/10"
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        reply(self, answer)
 
 
 @pytest.fixture
@@ -118,12 +123,7 @@ class UnifiedRewardServer(BaseHTTPRequestHandler):
         else:
             answer = (f'Word-wise Scores: [["a", 0], ["[No_mistakes]", 4]]\n\nAlignment Score (1-5): {round(red * 5)}'
                       "\nCoherence Score (1-5): 2\nStyle Score (1-5): 1")
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        reply(self, answer)
 
 
 def test_unifiedreward_presets_ask_its_questions_and_read_its_scores():

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from diffrl.config import from_dict
 from diffrl.errors import ConfigError
@@ -13,7 +12,7 @@ from diffrl.models.flow import FlowModel
 from diffrl.samplers.dpm_solver import sample_dpm_multistep
 from diffrl.trainers.dgpo import DGPOConfig, DGPOTrainer
 from tests.conftest import with_overrides
-from tests.trainers.steps import lora_left_unchanged, step_rows
+from tests.trainers.steps import lora_left_unchanged, resumed_equals_uninterrupted
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white star"]
 
@@ -134,18 +133,10 @@ def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path):
 
 def test_resume_continues_exactly(tiny_dir, tmp_path):
     """Across the switch to old-adapter rollouts (after step 1) and the old adapter's blending."""
-    DGPOTrainer(make_config(tiny_dir, tmp_path / "a", max_steps=3, rollout_with_old_after=1)).train()
-    DGPOTrainer(make_config(tiny_dir, tmp_path / "b", max_steps=1, rollout_with_old_after=1)).train()
-    DGPOTrainer(make_config(tiny_dir, tmp_path / "b", max_steps=3, rollout_with_old_after=1,
-                            checkpoint__resume="latest")).train()
+    def run(folder, **overrides):
+        DGPOTrainer(make_config(tiny_dir, folder, rollout_with_old_after=1, **overrides)).train()
 
-    def rows(run):
-        return step_rows(tmp_path / run / "run", "step", "loss", "reward")
-
-    assert rows("a") == rows("b") and len(rows("a")) == 3
-    a = load_file(tmp_path / "a/run/checkpoints/step-000003/model/pytorch_lora_weights.safetensors")
-    b = load_file(tmp_path / "b/run/checkpoints/step-000003/model/pytorch_lora_weights.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed_equals_uninterrupted(run, tmp_path)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from diffrl.config import from_dict
 from diffrl.errors import ConfigError
@@ -12,7 +11,7 @@ from diffrl.samplers.flow import sde_step
 from diffrl.trainers.flow_grpo import FlowGRPOConfig, FlowGRPOTrainer
 from diffrl.training import engine
 from tests.conftest import with_overrides
-from tests.trainers.steps import lora_left_unchanged, step_rows
+from tests.trainers.steps import lora_left_unchanged, resumed_equals_uninterrupted
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white star"]
 
@@ -98,17 +97,10 @@ def test_zero_advantage_samples_are_dropped(tiny_dir, tmp_path):
 
 
 def test_resume_continues_exactly(tiny_dir, tmp_path):
-    FlowGRPOTrainer(make_config(tiny_dir, tmp_path / "a", max_steps=3)).train()
-    FlowGRPOTrainer(make_config(tiny_dir, tmp_path / "b", max_steps=1)).train()
-    FlowGRPOTrainer(make_config(tiny_dir, tmp_path / "b", max_steps=3, checkpoint__resume="latest")).train()
+    def run(folder, **overrides):
+        FlowGRPOTrainer(make_config(tiny_dir, folder, **overrides)).train()
 
-    def rows(run):
-        return step_rows(tmp_path / run / "run", "step", "loss", "reward")
-
-    assert rows("a") == rows("b") and len(rows("a")) == 3
-    a = load_file(tmp_path / "a/run/checkpoints/step-000003/model/pytorch_lora_weights.safetensors")
-    b = load_file(tmp_path / "b/run/checkpoints/step-000003/model/pytorch_lora_weights.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed_equals_uninterrupted(run, tmp_path)
 
 
 def test_deterministic_rollouts_are_refused(tiny_dir, tmp_path):
