@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -48,6 +48,8 @@ from diffrl.training.rollout import flow_rollout
 
 @dataclasses.dataclass(kw_only=True)
 class DGPOConfig(OnlineFlowConfig):
+    # fields it has (from OnlineFlowConfig) but refuses below: `diffrl ls curricula` does not offer them here
+    refused_keys: ClassVar[tuple[str, ...]] = ("dynamic_sampling", "down_sampling")
     # Defaults: the public SD3.5-M OCR config (config/dgpo.py general_ocr_sd3_4gpu on config/base.py).
     sampling: FlowSamplingConfig = param(
         FlowSamplingConfig(num_steps=10, eval_num_steps=14, guidance_scale=4.5, noise_level=0.0,

@@ -118,7 +118,7 @@ def test_ls_says_which_trainer_takes_dynamic_sampling(capsys):
     assert cli.main(["ls", "curricula"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
     assert "[config `dynamic_sampling` in awm, flow_grpo, igpo, nft, reinforce]" in lines["filter_groups"]
-    assert "[config `data.curriculum` in awm, flow_grpo, igpo, nft, reinforce]" in lines["dump"]
+    assert "[config `data.curriculum` in awm, dgpo, flow_grpo, igpo, nft, reinforce]" in lines["dump"]
 
 
 def _flow(name, tiny_dir, tmp_path, prompts, **overrides):
