@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from diffrl.samplers.dpm_step import dpm2_step
+from diffrl.samplers.dpm_step import dpm2_steps
 from diffrl.samplers.flow import Trajectory, initial_noise
 
 
@@ -33,15 +33,8 @@ def sample_dpm2(model, cond, *, num_steps: int, height: int, width: int, num_fra
     if latents is None:
         latents = initial_noise(len(cond), shape, generator=generator, device=model.device)
     sigmas = model.sigmas(num_steps, shape).to(model.device)
-    grid = [float(s) for s in sigmas]
-    states, previous = [latents], None
-    for i in range(num_steps):
-        v = model.velocity(latents, sigmas[i].expand(latents.shape[0]), cond, guidance_scale=guidance_scale,
-                           uncond=uncond)
-        denoised = latents - grid[i] * v
-        latents = dpm2_step(latents, denoised, previous, grid, i)
-        previous = denoised
-        states.append(latents)
+    states = [latents, *dpm2_steps(model, latents, cond, [float(s) for s in sigmas], guidance_scale=guidance_scale,
+                                   uncond=uncond)]
     batch = latents.shape[0]
     return Trajectory(torch.stack(states, 1), torch.zeros(batch, num_steps, device=latents.device),
                       torch.zeros(num_steps, dtype=torch.bool), sigmas)

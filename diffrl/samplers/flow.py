@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffrl.samplers.dpm_step import dpm2_step
+from diffrl.samplers.dpm_step import dpm2_steps
 
 if TYPE_CHECKING:  # annotations only: models.flow imports this module for FlowModel.sample
     from diffrl.models.flow import Cond, FlowModel
@@ -186,7 +186,8 @@ def sample_trajectory(model: FlowModel, cond: Cond, *, num_steps: int, height: i
     for i in range(steps):
         t = sigmas[i].expand(latents.shape[0])
         v = model.velocity(latents, t, cond, guidance_scale=guidance_scale, uncond=uncond)
-        denoised = latents.float() - float(sigmas[i]) * v.float()      # the DPM history Flash continues
+        if steps < num_steps and i == steps - 1:   # the last window step's denoised estimate: Flash's history
+            denoised = latents.float() - float(sigmas[i]) * v.float()
         if sde_steps[i]:
             latents, log_prob, mean, _ = sde_step(latents, v, sigmas[i], sigmas[i + 1], noise_level=noise_level,
                                                   sigma_max=float(sigmas[1]), generator=generator,
@@ -201,16 +202,12 @@ def sample_trajectory(model: FlowModel, cond: Cond, *, num_steps: int, height: i
     if steps < num_steps:
         grid = [float(x) for x in sigmas[:end]] + flash_grid([float(x) for x in sigmas], end - 1, flash,
                                                              shift=static_shift(model))
-        for k in range(end, len(grid) - 1):
-            v = model.velocity(latents, torch.full((latents.shape[0],), grid[k], device=latents.device), cond,
-                               guidance_scale=guidance_scale, uncond=uncond)
-            current = latents.float() - grid[k] * v.float()
-            latents = dpm2_step(latents, current, denoised, grid, k)
-            denoised = current
-            states.append(latents)
-            log_probs.append(torch.zeros(latents.shape[0], device=latents.device))
-            if keep_means:
-                means.append(latents.float())
+        after = dpm2_steps(model, latents, cond, grid, start=end, previous=denoised, guidance_scale=guidance_scale,
+                           uncond=uncond)
+        states += after
+        log_probs += [torch.zeros(latents.shape[0], device=latents.device)] * len(after)
+        if keep_means:
+            means += [x.float() for x in after]
         sde_steps = torch.cat([sde_steps[:end], torch.zeros(len(grid) - 1 - end, dtype=torch.bool)])
         sigmas = torch.tensor(grid, dtype=sigmas.dtype, device=sigmas.device)
     return Trajectory(torch.stack(states, 1), torch.stack(log_probs, 1), sde_steps, sigmas,

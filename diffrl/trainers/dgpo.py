@@ -170,35 +170,38 @@ class DGPOTrainer:
     @torch.no_grad()
     def _group_terms(self, batch: dict, x_t: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor,
                      micro: list) -> dict:
-        """The no-grad pass at one timestep: each sample's group weight, whether its loss is clipped, and the
-        reference velocity (for the KL)."""
+        """The no-grad pass at one timestep: each sample's group weight, whether its loss is clipped, and (with a
+        KL) the base model's velocity. Forwards only the models these need: the old adapter for the clip or as
+        the reference, the base model as the reference or for the KL."""
         cfg, acc = self.config, self.accelerator
         use_old = cfg.clip_dsm or cfg.clip_kl or cfg.dgpo_reference == "old"
-        dsm, ref_dsm, old_dsm, v_ref = [], [], [], []
+        use_base = cfg.dgpo_reference == "base" or cfg.beta > 0
+        dsm, base_dsm, old_dsm, v_ref = [], [], [], []
         t = sigma.expand(x_t.shape[0])
         for index in micro:
             cond = self._micro(batch, index)
             with acc.autocast():
-                with self.model.reference():
-                    ref = self.model.velocity(x_t[index], t[index], cond)
+                if use_base:
+                    with self.model.reference():
+                        base = self.model.velocity(x_t[index], t[index], cond)
+                    base_dsm.append(velocity_kl(base, target[index]))
+                    if cfg.beta > 0:
+                        v_ref.append(base.float())
                 if use_old:
                     with self._old_policy():
                         old_dsm.append(velocity_kl(self.model.velocity(x_t[index], t[index], cond), target[index]))
-                v = self.model.velocity(x_t[index], t[index], cond)
-            dsm.append(velocity_kl(v, target[index]))
-            ref_dsm.append(velocity_kl(ref, target[index]))
-            v_ref.append(ref.float())
-        dsm, ref_dsm = torch.cat(dsm), torch.cat(ref_dsm)
+                dsm.append(velocity_kl(self.model.velocity(x_t[index], t[index], cond), target[index]))
+        dsm = torch.cat(dsm)
         old_dsm = torch.cat(old_dsm) if use_old else dsm
         advantages = batch["advantages"].to(dsm.device)
-        reference = ref_dsm if cfg.dgpo_reference == "base" else old_dsm
+        reference = torch.cat(base_dsm) if cfg.dgpo_reference == "base" else old_dsm
         gathered = [acc.gather(x) for x in (advantages, dsm, reference, batch["group_ids"].to(dsm.device))]
         weights = dgpo_group_weights(*gathered[:3], gathered[3], beta=cfg.dgpo_beta, group_size=cfg.group_size)
         n = dsm.shape[0]
         ratio = torch.exp(old_dsm - dsm)
         clipped = torch.where(advantages > 0, ratio > 1 + cfg.clip_range, ratio < 1 - cfg.clip_range)
         return {"weights": weights[acc.process_index * n:(acc.process_index + 1) * n], "clipped": clipped,
-                "v_ref": torch.cat(v_ref)}
+                "v_ref": torch.cat(v_ref) if v_ref else None}
 
     def _loss(self, batch: dict, index: torch.Tensor, x_t: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor,
               terms: dict) -> tuple[torch.Tensor, dict]:

@@ -101,7 +101,7 @@ def test_dpm2_rollout_by_hand(tiny_dir, tmp_path):
 
 def test_dpm2_second_order_step_by_hand():
     """A grid not starting at 1, so the second-order correction is active."""
-    from diffrl.samplers.dpm_solver import dpm2_step
+    from diffrl.samplers.dpm_step import dpm2_step
 
     sig = [0.9, 0.6, 0.3, 0.0]
     x, d_now, d_prev = torch.full((1, 2), 0.7), torch.full((1, 2), 0.2), torch.full((1, 2), -0.1)
