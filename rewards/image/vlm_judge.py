@@ -105,8 +105,13 @@ class VLMJudge:
         if preset is not None:
             if preset not in PRESETS:
                 raise RewardError(f"vlm_judge: unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+            given = [name for name, value, default in (("question", question, DEFAULT_QUESTION), ("low", low, 0.0),
+                                                       ("high", high, 10.0), ("max_tokens", max_tokens, 16))
+                     if value != default]
+            if given:
+                raise RewardError(f"vlm_judge: preset {preset!r} sets the question, the scale and max_tokens "
+                                  f"itself; drop {', '.join(given)} or the preset")
             question, self.pattern, high, max_tokens, self.image_format = PRESETS[preset]
-            low = 0.0
         if not low < high:
             raise RewardError(f"vlm_judge: low ({low}) must be below high ({high})")
         self.url, self.model, self.question = url.rstrip("/"), model, question

@@ -148,6 +148,9 @@ def test_unifiedreward_presets_ask_its_questions_and_read_its_scores():
             assert [text.split("Text Caption: ")[1] for _, _, text, _ in received] == ["[a red square]",
                                                                                      "[a redder square]"]
             assert all(text.startswith(opening) and rule in text for _, _, text, _ in received)
+        with pytest.raises(RewardError, match="sets the question, the scale and max_tokens itself; drop high"):
+            load_reward({"vlm_judge": 1.0}, kwargs={"vlm_judge": {"url": url, "preset": "unifiedreward_score",
+                                                                  "high": 10.5}})(images, ["a", "b"])
         with pytest.raises(RewardError, match="unknown preset 'unified'"):
             load_reward({"vlm_judge": 1.0}, kwargs={"vlm_judge": {"url": url, "preset": "unified"}})(images, ["a", "b"])
     finally:
