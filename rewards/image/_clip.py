@@ -30,8 +30,9 @@ def shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 def clip_preprocess(images: torch.Tensor, *, size: int, crop: tuple[int, int], mean: list[float],
-                    std: list[float], quantize: bool = True) -> torch.Tensor:
-    """``[B, 3, H, W]`` in [0, 1] -> normalized ``[B, 3, crop_h, crop_w]`` float32 pixel values."""
+                    std: list[float], quantize: bool = True, round_crop: bool = False) -> torch.Tensor:
+    """``[B, 3, H, W]`` in [0, 1] -> normalized ``[B, 3, crop_h, crop_w]`` float32 pixel values. The crop
+    offset is floored as CLIP's processor does, or rounded (``round_crop``) as torchvision's CenterCrop does."""
     new_h, new_w = shortest_edge_size(images.shape[-2], images.shape[-1], size)
     if quantize:
         # The 8-bit image every reference reward scores, resized by torchvision as the processor does: a native
@@ -50,7 +51,8 @@ def clip_preprocess(images: torch.Tensor, *, size: int, crop: tuple[int, int], m
     crop_h, crop_w = crop
     if crop_h > new_h or crop_w > new_w:
         raise RewardError(f"images of {new_h}x{new_w} after resizing are smaller than the {crop_h}x{crop_w} crop")
-    top, left = int((new_h - crop_h) / 2.0), int((new_w - crop_w) / 2.0)
+    offset = (lambda margin: int(round(margin / 2.0))) if round_crop else (lambda margin: int(margin / 2.0))
+    top, left = offset(new_h - crop_h), offset(new_w - crop_w)
     x = x[..., top:top + crop_h, left:left + crop_w]
     mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) * 255
     std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) * 255

@@ -113,18 +113,17 @@ def test_a_reward_model_runs_in_the_trace_and_a_reward_without_one_is_named(tiny
 
 
 def test_a_checkpointed_update_holds_one_micro_batch_whatever_the_samples(tiny_dir):
-    """Gradient checkpointing, micro-batches of 2: the update's traced peak stays within 5% from 8 to 32 samples
+    """Gradient checkpointing, micro-batches of 2: the update's traced peak stays within 5% from 8 to 24 samples
     (torch's FlopCounterMode, counting per module, kept every activation recomputed in backward alive: 34 ->
-    110 MB here), equals the real run's, and is below the same update without checkpointing."""
+    110 MB at 32 samples), equals the real run's, and is below the same update without checkpointing."""
     config = "configs/igpo/tiny_arithmetic.yaml"
     base = [f"model.path={tiny_dir('dllm')}", "train_batch_size=2", "generation_batch_size=4"]
     peaks = {}
-    for checkpointing in ("true", "false"):
+    for checkpointing, prompts in (("true", 2), ("true", 6), ("false", 6)):
         overrides = [*base, f"model.gradient_checkpointing={checkpointing}"]
-        for prompts in (2, 8):
-            peaks[checkpointing, prompts] = trace_step(config, overrides, prompts=prompts, group=4).phases["update"]
-    assert peaks["true", 8].peak_bytes <= 1.05 * peaks["true", 2].peak_bytes, peaks
-    assert peaks["true", 8].peak_bytes < peaks["false", 8].peak_bytes
-    assert peaks["true", 8].flops > peaks["false", 8].flops   # the recomputed forwards
-    real = trace_step(config, [*base, "model.gradient_checkpointing=true"], prompts=8, group=4, fake=False)
-    assert real.phases["update"].peak_bytes == peaks["true", 8].peak_bytes
+        peaks[checkpointing, prompts] = trace_step(config, overrides, prompts=prompts, group=4).phases["update"]
+    assert peaks["true", 6].peak_bytes <= 1.05 * peaks["true", 2].peak_bytes, peaks
+    assert peaks["true", 6].peak_bytes < peaks["false", 6].peak_bytes
+    assert peaks["true", 6].flops > peaks["false", 6].flops   # the recomputed forwards
+    real = trace_step(config, [*base, "model.gradient_checkpointing=true"], prompts=6, group=4, fake=False)
+    assert real.phases["update"].peak_bytes == peaks["true", 6].peak_bytes
