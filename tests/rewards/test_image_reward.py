@@ -89,7 +89,8 @@ def test_image_reward_equals_thudm_forward_on_thudm_preprocessing(folder, height
     images = torch.rand(len(PROMPTS), 3, height, width, generator=torch.Generator().manual_seed(height))
     images[2] = images[0]  # the same prompt and image: the same score
     pils = [Image.fromarray((x.permute(1, 2, 0) * 255).round().byte().numpy()) for x in images]
-    state, med = load_file(str(folder / "ImageReward.safetensors")), json.loads((folder / "med_config.json").read_text())
+    state = load_file(str(folder / "ImageReward.safetensors"))
+    med = json.loads((folder / "med_config.json").read_text())
     tokens = blip_tokenizer(str(folder / "tokenizer"))(PROMPTS, padding="max_length", truncation=True,
                                                         max_length=35, return_tensors="pt")
     assert tokens.input_ids.shape == (3, 35) and (tokens.input_ids[:, 0] == 2).all()  # [CLS] first, as THUDM's
@@ -112,9 +113,10 @@ def test_image_reward_model_equals_thudm_forward_exactly(folder):
     """Same pixels and tokens into both: the key mapping and architecture agree to float rounding."""
     from rewards.image.image_reward import ImageRewardModel, rename_checkpoint
 
-    state, med = load_file(str(folder / "ImageReward.safetensors")), json.loads((folder / "med_config.json").read_text())
+    state = load_file(str(folder / "ImageReward.safetensors"))
+    med = json.loads((folder / "med_config.json").read_text())
     model = ImageRewardModel(med, TINY_IMAGE_REWARD_VISION).eval()
-    missing, unexpected = model.load_state_dict(rename_checkpoint(state), strict=False)
+    missing, _ = model.load_state_dict(rename_checkpoint(state), strict=False)
     assert [k for k in missing if not k.endswith("position_ids")] == []
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ids = torch.tensor([[2, 10, 11, 3, 0, 0], [2, 12, 13, 14, 15, 3]])
