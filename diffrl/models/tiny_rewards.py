@@ -90,3 +90,75 @@ def save_image_reward(folder: str | Path, seed: int = 0) -> Path:
     state = image_reward_state(med, TINY_IMAGE_REWARD_VISION, torch.Generator().manual_seed(seed))
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "ImageReward.safetensors"))
     return folder
+
+
+# Qwen2-VL-Instruct's chat layout (default system turn; an image item becomes its vision tokens).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_qwen2_vl(seed: int = 0):
+    """A Qwen2VLForConditionalGeneration (2 layers, a one-block vision tower with Qwen2-VL's 14-pixel patches
+    and 2x2 merge) and its processor: Qwen2-VL's image processor, a byte-level tokenizer with Qwen's vision
+    markers, Qwen2-VL-Instruct's chat layout."""
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    from diffrl.models.tiny_tokenizers import tiny_qwen_tokenizer
+
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]})
+    tokenizer.pad_token = "<|endoftext|>"
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    torch.manual_seed(seed)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=0,
+                bos_token_id=None, eos_token_id=None,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})
+    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                  temporal_patch_size=2, spatial_merge_size=2)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(patch_size=14, merge_size=2,
+                                                                       temporal_patch_size=2),
+                                 video_processor=Qwen2VLVideoProcessor(), tokenizer=tokenizer,
+                                 chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    return model, processor
+
+
+def save_hpsv3(folder: str | Path, seed: int = 0) -> Path:
+    """``base/`` (the tiny Qwen2-VL's config and processor) and ``HPSv3.safetensors`` as HPSv3 released it:
+    transformers 4.45 key names, embeddings one row longer for ``<|Reward|>``, random LM head and reward head."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    model, processor = tiny_qwen2_vl(seed)
+    model.config.save_pretrained(folder / "base")
+    processor.save_pretrained(folder / "base")
+    generator = torch.Generator().manual_seed(seed + 1)
+    state = {}
+    for key, value in model.state_dict().items():
+        key = key.replace("model.visual.", "visual.").replace("model.language_model.", "model.")
+        if key.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")):
+            value = 1 + 0.1 * torch.randn(value.shape, generator=generator)  # no weight left at its init of ones
+        state[key] = value
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):  # resize_token_embeddings(len(tokenizer) + 1)
+        state[key] = torch.cat([state[key], 0.02 * torch.randn(1, state[key].shape[1], generator=generator)])
+    hidden = model.config.text_config.hidden_size
+    for index, (out_dim, in_dim) in zip((0, 3, 5), ((1024, hidden), (16, 1024), (2, 16))):
+        state[f"rm_head.{index}.weight"] = torch.randn(out_dim, in_dim, generator=generator) / in_dim ** 0.5
+        state[f"rm_head.{index}.bias"] = 0.1 * torch.randn(out_dim, generator=generator)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "HPSv3.safetensors"))
+    return folder

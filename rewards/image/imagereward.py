@@ -7,7 +7,7 @@ local folder holding them, ``ImageReward.safetensors`` accepted), loaded weights
 transformers' BLIP vision and text models (the same layers under other names). The reference scores one
 image at a time from a PIL file: Resize(224, bicubic) on the short side, CenterCrop(224), CLIP normalisation,
 the prompt padded to 35 BERT tokens; diffrl does the same on batches of tensors (tests/rewards/
-test_image_reward.py checks both against a hand-written forward of THUDM's layers).
+test_imagereward.py checks both against a hand-written forward of THUDM's layers).
 """
 
 from __future__ import annotations
@@ -113,18 +113,18 @@ def _file(model: str, names: tuple[str, ...], what: str) -> Path:
         for name in names:
             if (folder / name).is_file():
                 return folder / name
-        raise RewardError(f"the image_reward model folder {folder} has no {' or '.join(names)}; give THUDM's "
+        raise RewardError(f"the imagereward model folder {folder} has no {' or '.join(names)}; give THUDM's "
                           f"ImageReward folder (ImageReward.pt and med_config.json)")
     from huggingface_hub import hf_hub_download
 
     try:
         return Path(hf_hub_download(model, names[-1]))
     except Exception as e:
-        raise RewardError(f"the image_reward {what} {model}/{names[-1]} cannot be downloaded ({type(e).__name__}); "
+        raise RewardError(f"the imagereward {what} {model}/{names[-1]} cannot be downloaded ({type(e).__name__}); "
                           f"download THUDM/ImageReward elsewhere and give the folder as model") from None
 
 
-@register_reward("image_reward", modality="image", source="THUDM/ImageReward (ImageReward-v1.0)",
+@register_reward("imagereward", modality="image", source="THUDM/ImageReward (ImageReward-v1.0)",
                  summary="human-preference reward: BLIP ViT-L + cross-attending BERT + MLP, standardised")
 class ImageReward:
     """ImageReward-v1.0, in-process.
@@ -149,17 +149,17 @@ class ImageReward:
         config_file = _file(self.model_path, ("med_config.json",), "config")
         weights = _file(self.model_path, ("ImageReward.safetensors", "ImageReward.pt"), "checkpoint")
         model = ImageRewardModel(json.loads(config_file.read_text()), self.vision)
-        state = rename_checkpoint(load_weights(str(weights), "image_reward checkpoint"))
+        state = rename_checkpoint(load_weights(str(weights), "imagereward checkpoint"))
         missing, _ = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing:
-            raise RewardError(f"image_reward checkpoint {weights} does not fit ImageReward's BLIP ViT-L "
+            raise RewardError(f"imagereward checkpoint {weights} does not fit ImageReward's BLIP ViT-L "
                               f"({len(missing)} missing weights such as {missing[0]!r}); give THUDM's ImageReward.pt")
-        with loading_errors(self.tokenizer_path, reward_setting("image_reward", "tokenizer")):
+        with loading_errors(self.tokenizer_path, reward_setting("imagereward", "tokenizer")):
             self.tokenizer = blip_tokenizer(self.tokenizer_path)
         vocab = model.text.embeddings.word_embeddings.num_embeddings
         if len(self.tokenizer) != vocab:
-            raise RewardError(f"the image_reward tokenizer {self.tokenizer_path} has {len(self.tokenizer)} tokens "
+            raise RewardError(f"the imagereward tokenizer {self.tokenizer_path} has {len(self.tokenizer)} tokens "
                               f"with BLIP's [DEC] and [ENC], the checkpoint {vocab}; give bert-base-uncased")
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         self.model.mlp.float()

@@ -14,7 +14,7 @@ from torchvision import transforms
 from diffrl.errors import RewardError
 from diffrl.models.tiny_rewards import TINY_IMAGE_REWARD_VISION, save_image_reward
 from rewards import load_reward
-from rewards.image.image_reward import SCORE_MEAN, SCORE_STD, blip_tokenizer
+from rewards.image.imagereward import SCORE_MEAN, SCORE_STD, blip_tokenizer
 
 PROMPTS = ["a red cat", "two dogs on the moon, at night", "a red cat"]
 
@@ -26,7 +26,7 @@ def folder(tmp_path_factory):
 
 def reward(folder, **kwargs):
     options = dict(model=str(folder), tokenizer=str(folder / "tokenizer"), vision=TINY_IMAGE_REWARD_VISION)
-    return load_reward("image_reward", kwargs={"image_reward": options | kwargs})
+    return load_reward("imagereward", kwargs={"imagereward": options | kwargs})
 
 
 def thudm_pixels(pils, size=32):
@@ -111,7 +111,7 @@ def test_image_reward_equals_thudm_forward_on_thudm_preprocessing(folder, height
 
 def test_image_reward_model_equals_thudm_forward_exactly(folder):
     """Same pixels and tokens into both: the key mapping and architecture agree to float rounding."""
-    from rewards.image.image_reward import ImageRewardModel, rename_checkpoint
+    from rewards.image.imagereward import ImageRewardModel, rename_checkpoint
 
     state = load_file(str(folder / "ImageReward.safetensors"))
     med = json.loads((folder / "med_config.json").read_text())
@@ -137,7 +137,7 @@ def test_image_reward_wrong_files_are_one_line_errors(folder, tmp_path):
     save_file({k: v for k, v in state.items() if "blocks.1." not in k}, str(broken / "ImageReward.safetensors"))
     with pytest.raises(RewardError, match=r"does not fit ImageReward's BLIP ViT-L \(12 missing weights"):
         reward(broken, tokenizer=str(folder / "tokenizer"))(images, ["a cat"])
-    with pytest.raises(RewardError, match=r"image_reward tokenizer .* give bert-base-uncased"):
+    with pytest.raises(RewardError, match=r"imagereward tokenizer .* give bert-base-uncased"):
         med = json.loads((folder / "med_config.json").read_text()) | {"vocab_size": 99}
         (broken / "med_config.json").write_text(json.dumps(med))
         state["blip.text_encoder.embeddings.word_embeddings.weight"] = torch.zeros(99, 32)
