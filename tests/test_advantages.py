@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from diffrl.advantages import (
@@ -205,8 +205,14 @@ def as_tensors(batch):
     return T([r for r, _ in batch]), torch.tensor([g for _, g in batch])
 
 
+# A near-constant group (deviations ~1e-6, std near eps): the fp32 rounding of its mean was 1% of an advantage
+# until the centre's rounding was corrected per group (GroupStats.affine); found by hypothesis, pinned here.
+NEAR_CONSTANT = [(1.0, 0), (1.0, 0), (1.0, 0), (0.99999, 0)]
+
+
 @settings(max_examples=150, deadline=None)
 @given(batches, st.sampled_from(["group", "batch", "none"]))
+@example(NEAR_CONSTANT, "group")
 def test_grpo_matches_loop(batch, scale):
     r, g = as_tensors(batch)
     expected = T(ref.grpo(r.tolist(), g.tolist(), scale=scale))
@@ -215,6 +221,7 @@ def test_grpo_matches_loop(batch, scale):
 
 @settings(max_examples=150, deadline=None)
 @given(batches)
+@example(NEAR_CONSTANT)
 def test_rloo_ngrpo_bnpo_match_loops(batch):
     r, g = as_tensors(batch)
     torch.testing.assert_close(rloo(r, g), T(ref.rloo(r.tolist(), g.tolist())), atol=1e-4, rtol=1e-4)
