@@ -9,6 +9,12 @@ environment variables. This passes them on: ``index-url``, ``extra-index-url``, 
 ``constraint`` (for example a machine-wide cap on torch) and ``cert``, from ``pip config list`` (which merges
 the files and PIP_* variables). uv is told to pick the best version over all indexes, as pip does (its own
 default takes the first index that has a package, which can be an older local mirror).
+
+uv is also told to compile bytecode, as pip does by default and uv does not: where PYTHONDONTWRITEBYTECODE is
+set (it is on the project's machines and in CI) no ``.pyc`` is ever written afterwards, and every Python process
+then compiles torch, transformers and diffusers from source again: 10 s instead of 4.5 s to import them here,
+and the test suite, which starts a few hundred processes, took 19 min 45 s from a fresh clone against about
+12 minutes. Compiling at install adds about 5 s.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ def main() -> int:
             print("note: uv could not be installed; installing with pip (about 2 minutes)", file=sys.stderr)
             return 1
     args, env = uv_arguments(pip_settings(python))
-    done = subprocess.run([uv, "pip", "install", "--quiet", "--python", python, *args, *rest],
+    done = subprocess.run([uv, "pip", "install", "--quiet", "--compile-bytecode", "--python", python, *args, *rest],
                           env={**os.environ, **env})
     if done.returncode:
         print("note: uv could not install diffrl (its message is above); installing with pip", file=sys.stderr)
