@@ -137,20 +137,25 @@ class ImageReward:
                  vision: dict | None = None, dtype: str = "float32", batch_size: int = 32, quantize: bool = True):
         self.device = torch.device(device)
         self.model_path, self.tokenizer_path, self.vision = model, tokenizer, vision
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise RewardError(f"imagereward dtype {dtype!r}: choose float32, bfloat16 or float16")
+        self.dtype = getattr(torch, dtype)
         self.batch_size, self.quantize = batch_size, quantize
         self.model: ImageRewardModel | None = None
 
     def _load(self) -> None:
         if self.model is not None:
             return
+        from accelerate import init_empty_weights
+
         from diffrl.hub import loading_errors, reward_setting
 
         config_file = _file(self.model_path, ("med_config.json",), "config")
         weights = _file(self.model_path, ("ImageReward.safetensors", "ImageReward.pt"), "checkpoint")
-        model = ImageRewardModel(json.loads(config_file.read_text()), self.vision)
+        with init_empty_weights():  # parameters on meta (no random init of 450M weights), buffers real
+            model = ImageRewardModel(json.loads(config_file.read_text()), self.vision)
         state = rename_checkpoint(load_weights(str(weights), "imagereward checkpoint"))
-        missing, _ = model.load_state_dict(state, strict=False)
+        missing, _ = model.load_state_dict(state, strict=False, assign=True)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing:
             raise RewardError(f"imagereward checkpoint {weights} does not fit ImageReward's BLIP ViT-L "

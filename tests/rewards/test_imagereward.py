@@ -143,3 +143,5 @@ def test_image_reward_wrong_files_are_one_line_errors(folder, tmp_path):
         state["blip.text_encoder.embeddings.word_embeddings.weight"] = torch.zeros(99, 32)
         save_file(state, str(broken / "ImageReward.safetensors"))
         reward(broken, tokenizer=str(folder / "tokenizer"))(images, ["a cat"])
+    with pytest.raises(RewardError, match="imagereward dtype 'fp8'"):
+        reward(folder, dtype="fp8")
