@@ -4,7 +4,8 @@ constantly (noise schedules, group ids, finiteness checks).
 
 :class:`ShadowValues` keeps a real copy beside every small fake tensor (up to ``SMALL`` elements: schedules,
 timesteps, rewards, group ids, per-sample flags), computed by running each op again on the real copies, so
-those values are exact. Large tensors (latents, activations, logits, weights) stay fake; what code asks of
+those values are exact (``.numpy()``, which is not an op, is answered from the real copy too: diffusers'
+schedulers read their tables back that way). Large tensors (latents, activations, logits, weights) stay fake; what code asks of
 them gets a fixed answer that describes a healthy run taking its longest path: every value is finite
 (``isnan`` / ``isinf`` masks are all False, ``isfinite`` all True), a comparison holds nowhere (no row stops
 early), ``~``, ``&``, ``|``, ``any``, ``all`` carry these through; any other flag is True, an integer 1, a
@@ -81,6 +82,26 @@ class ShadowValues(TorchDispatchMode):
                 return func(*tree_map(real, args), **tree_map(real, kwargs))
         except Exception:  # noqa: BLE001  (the fake result stands without a copy)
             return None
+
+    # ---- .numpy(): not an op, so dispatch never sees it -------------------------------------------------
+    def __enter__(self):
+        original = self._tensor_numpy = torch.Tensor.numpy
+        shadows = self
+
+        def numpy(tensor, *args, **kwargs):
+            # A schedule computed on the host (diffusers' schedulers read their tables back with .numpy()).
+            if isinstance(tensor, FakeTensor) and id(tensor) in shadows._real:
+                real = shadows._real[id(tensor)]
+                with _disable_current_modes():
+                    return original(real, *args, **kwargs)
+            return original(tensor, *args, **kwargs)
+
+        torch.Tensor.numpy = numpy
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.numpy = self._tensor_numpy
+        return super().__exit__(*exc)
 
     def _as_fake(self, real):
         with _disable_current_modes():

@@ -10,6 +10,9 @@ from diffrl.plan.trace import trace_step
 
 CASES = {
     "flow transformer (AWM, SD3)": ("configs/awm/tiny_sd3_jpeg.yaml", "sd3", []),
+    # diffusers' DPM-Solver++ scheduler reads its tables back with .numpy() (ShadowValues answers it)
+    "flow transformer (DGPO, diffusers' DPM-Solver++ rollouts)": ("configs/dgpo/tiny_sd3_jpeg.yaml", "sd3",
+                                                                  ["sampling.sampler=dpm_multistep"]),
     "masked LM (IGPO)": ("configs/igpo/tiny_arithmetic.yaml", "dllm", []),
     # bf16: torch's fake grouped-matmul (the experts) takes half precision only, as CUDA does
     "DiffusionGemma (IGPO)": ("configs/igpo/tiny_diffusion_gemma.yaml", "diffusion_gemma", ["model.dtype=bfloat16"]),
