@@ -5,12 +5,12 @@ constantly (noise schedules, group ids, finiteness checks).
 :class:`ShadowValues` keeps a real copy beside every small fake tensor (up to ``SMALL`` elements: schedules,
 timesteps, rewards, group ids, per-sample flags), computed by running each op again on the real copies, so
 those values are exact (``.numpy()``, which is not an op, is answered from the real copy too: diffusers'
-schedulers read their tables back that way). Large tensors (latents, activations, logits, weights) stay fake; what code asks of
-them gets a fixed answer that describes a healthy run taking its longest path: every value is finite
-(``isnan`` / ``isinf`` masks are all False, ``isfinite`` all True), a comparison holds nowhere (no row stops
-early), ``~``, ``&``, ``|``, ``any``, ``all`` carry these through; any other flag is True, an integer 1, a
-float 0.5, and a mask of unknown elements selects every element (the largest, so the most memory, a boolean
-index can take)."""
+schedulers read their tables back that way). Large tensors (latents, activations, logits, weights) stay fake;
+what code asks of them gets a fixed answer that describes a healthy run taking its longest path: every value
+is finite (``isnan`` / ``isinf`` masks are all False, ``isfinite`` all True), a comparison holds nowhere (no
+row stops early), ``~``, ``&``, ``|``, ``any``, ``all`` carry these through; any other flag is True, an
+integer 1, a float 0.5, and a mask of unknown elements selects every element (the largest, so the most memory,
+a boolean index can take)."""
 
 from __future__ import annotations
 
