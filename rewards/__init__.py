@@ -67,7 +67,7 @@ class RewardEntry:
 _REGISTRY: dict[str, RewardEntry] = {}
 _BUILTIN_MODULES = (
     "rewards.image.pickscore", "rewards.image.clip_score", "rewards.image.aesthetic", "rewards.image.hps",
-    "rewards.image.imagereward",
+    "rewards.image.imagereward", "rewards.image.hpsv3",
     "rewards.image.ocr", "rewards.image.jpeg", "rewards.image.vlm_judge", "rewards.image.geneval",
     "rewards.image.image_similarity", "rewards.video",
     "rewards.remote",
