@@ -185,8 +185,10 @@ class HPSv3:
         if missing:
             raise RewardError(f"hpsv3 checkpoint {self.checkpoint} does not fit {self.base} ({len(missing)} missing "
                               f"weights such as {missing[0]!r})")
-        self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
-        self.model.rm_head.float()
+        # The head keeps the checkpoint's float32 values (some loaders round it through bfloat16 on the way).
+        model.model.to(self.device, self.dtype)
+        model.rm_head.to(self.device, torch.float32)
+        self.model = model.eval().requires_grad_(False)
 
     def _batch(self, images: torch.Tensor, prompts: list[str]) -> dict:
         from PIL import Image

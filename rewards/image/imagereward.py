@@ -166,8 +166,10 @@ class ImageReward:
         if len(self.tokenizer) != vocab:
             raise RewardError(f"the imagereward tokenizer {self.tokenizer_path} has {len(self.tokenizer)} tokens "
                               f"with BLIP's [DEC] and [ENC], the checkpoint {vocab}; give bert-base-uncased")
-        self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
-        self.model.mlp.float()
+        model.vision.to(self.device, self.dtype)
+        model.text.to(self.device, self.dtype)
+        model.mlp.to(self.device, torch.float32)   # the head in float32, as THUDM's code casts its input
+        self.model = model.eval().requires_grad_(False)
 
     @torch.no_grad()
     def __call__(self, samples, prompts, **metadata) -> RewardOutput:

@@ -95,3 +95,16 @@ def test_hpsv3_bad_settings_are_one_line_errors(folder, tmp_path, tiny_dir):
         reward(folder, checkpoint=str(tmp_path / "short.safetensors"))(images, ["a cat"])
     with pytest.raises(RewardError, match="hpsv3 dtype 'fp8'"):
         reward(folder, dtype="fp8")
+
+
+def test_hpsv3_in_bfloat16_keeps_the_head_s_float32_weights(folder):
+    from rewards.image.hpsv3 import HPSv3
+
+    reward = HPSv3(checkpoint=str(folder / "HPSv3.safetensors"), base=str(folder / "base"))   # bf16 default
+    images = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    scores = reward(images, PROMPTS[:2]).scores
+    state = load_file(str(folder / "HPSv3.safetensors"))
+    assert reward.model.model.language_model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(reward.model.rm_head[0].weight, state["rm_head.0.weight"])   # not rounded through bf16
+    pils = [Image.fromarray((x.permute(1, 2, 0) * 255).round().byte().numpy()) for x in images]
+    torch.testing.assert_close(scores, hpsv3_reference(folder, pils, PROMPTS[:2]), atol=0.05, rtol=0.05)
