@@ -11,10 +11,10 @@ the files and PIP_* variables). uv is told to pick the best version over all ind
 default takes the first index that has a package, which can be an older local mirror).
 
 uv is also told to compile bytecode, as pip does by default and uv does not: where PYTHONDONTWRITEBYTECODE is
-set (it is on the project's machines and in CI) no ``.pyc`` is ever written afterwards, and every Python process
-then compiles torch, transformers and diffusers from source again: 10 s instead of 4.5 s to import them here,
-and the test suite, which starts a few hundred processes, took 19 min 45 s from a fresh clone against about
-12 minutes. Compiling at install adds about 5 s.
+set (it is on this project's VM; a CI runner may set it too) no ``.pyc`` is ever written afterwards, and every
+Python process then compiles torch, transformers and diffusers from source again: 10 s instead of 4.5 s to
+import them here, and the test suite, which starts a few hundred processes, took 19 min 45 s from a fresh clone
+against about 12 minutes. Compiling at install adds about 5 s.
 """
 
 from __future__ import annotations
