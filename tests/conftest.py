@@ -4,6 +4,7 @@ folder path, so tests load it exactly as a user loads a hub id."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -61,13 +62,21 @@ def with_overrides(data: dict, overrides: dict) -> dict:
     return data
 
 
-def accelerate_launch(script, *args, port: int, timeout: int = 300,
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's pick), for a launch's rendezvous. Fixed ports per test
+    collided: a launch found its port still held by the launch before it (EADDRINUSE)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(script, *args, timeout: int = 300,
                       engine_flags: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run ``script`` as a real two-process gloo job on CPU: DDP (accelerate launch --multi_gpu), or the
-    engine of ``engine_flags`` (``["--config_file", fsdp.yaml]``)."""
+    engine of ``engine_flags`` (``["--config_file", fsdp.yaml]``), rendezvous on a free port."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *(engine_flags or ["--multi_gpu"]),
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), str(script), *map(str, args)]
+           "--main_process_port", str(free_port()), str(script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
                           env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
                                "PYTHONFAULTHANDLER": "1"})  # a crash prints where each thread was

@@ -54,7 +54,7 @@ def test_fsdp_shards_are_counted_as_a_real_fsdp2_run_holds_them(tiny_dir, tmp_pa
     sd3 = tiny_dir("sd3")
     script = tmp_path / "fsdp_step.py"
     script.write_text(SCRIPT)
-    result = accelerate_launch(script, sd3, tmp_path, *FULL, port=29571,
+    result = accelerate_launch(script, sd3, tmp_path, *FULL,
                                engine_flags=["--config_file", str(REPO_ROOT / "diffrl/accelerate_configs/fsdp.yaml")])
     assert result.returncode == 0, result.stderr[-4000:]
     reports = [json.loads((tmp_path / f"report{rank}.json").read_text()) for rank in (0, 1)]

@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port
 
 TIMING_KEYS = {"step_time", "rollout_time"}
 
@@ -197,19 +197,19 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_result(tiny_dir, tmp_pat
                     ["data.eval_size=2", "lora.enabled=false", "beta=0", "ema_beta=0"], kills=["step:4"], max_steps=5)
     fsdp = REPO_ROOT / "diffrl" / "accelerate_configs" / "fsdp.yaml"
 
-    def launched(output_dir: Path, port: int) -> list[str]:
+    def launched(output_dir: Path) -> list[str]:
         _, _, *train = _command(family, tiny_dir, output_dir)  # [python, -m, killable, config, ...]
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(fsdp), "--num_processes",
                 "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(port), "-m", *train]
+                "--main_process_port", str(free_port()), "-m", *train]
 
-    reference = _run(launched(tmp_path / "reference", 29551))
+    reference = _run(launched(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr[-3000:]
     out = tmp_path / "killed"
-    killed = _run(launched(out, 29553), "step:4")
+    killed = _run(launched(out), "step:4")
     assert killed.returncode != 0 and not (out / "checkpoints" / "step-000004").exists(), killed.stderr[-3000:]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000003"]
-    final = _run(launched(out, 29555))
+    final = _run(launched(out))
     assert final.returncode == 0, final.stderr[-3000:]
     assert "resumed from step 3" in final.stderr, final.stderr[-2000:]
     _assert_same_run(tmp_path / "reference", out)

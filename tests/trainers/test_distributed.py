@@ -55,7 +55,7 @@ exit_process(0)
 def test_two_process_ddp_averages_gradients(tiny_dir, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(SCRIPT)
-    result = accelerate_launch(script, tiny_dir("dllm"), tmp_path, port=29517)
+    result = accelerate_launch(script, tiny_dir("dllm"), tmp_path)
     assert result.returncode == 0, result.stderr[-6000:]
     rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for row in rows:
@@ -100,9 +100,9 @@ run_setup.exit_process(0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, trainer_class, port", [("awm", "AWMTrainer", 29519), ("nft", "NFTTrainer", 29529)])
-def test_two_process_flow_trainers_keep_ranks_identical(tiny_dir, tmp_path, name, trainer_class, port):
-    rows = _flow_ranks(tiny_dir, tmp_path, name, trainer_class, port, [])
+@pytest.mark.parametrize("name, trainer_class", [("awm", "AWMTrainer"), ("nft", "NFTTrainer")])
+def test_two_process_flow_trainers_keep_ranks_identical(tiny_dir, tmp_path, name, trainer_class):
+    rows = _flow_ranks(tiny_dir, tmp_path, name, trainer_class, [])
     # 3 prompts x 2 samples = 6 per step, 3 per rank: a prompt's group spans both processes
     for step in range(2):
         both = rows[0]["prompts"][step] + rows[1]["prompts"][step]
@@ -113,18 +113,18 @@ def test_two_process_flow_trainers_keep_ranks_identical(tiny_dir, tmp_path, name
 def test_two_process_down_sampling_keeps_ranks_identical_with_unequal_shares(tiny_dir, tmp_path):
     """D^3S keeps 2 of each group of 12 (6 of 36 samples at step 0): the ranks keep what their samples give,
     not the same number each, and still update together."""
-    rows = _flow_ranks(tiny_dir, tmp_path, "awm", "AWMTrainer", 29539,
+    rows = _flow_ranks(tiny_dir, tmp_path, "awm", "AWMTrainer",
                        ["group_size=12", "down_sampling.sample_keep=0.1", "down_sampling.anneal_steps=100"])
     assert [sum(step) for step in zip(rows[0]["kept"], rows[1]["kept"])] == [6, 6]   # 2 of each of 3 groups
     assert rows[0]["kept"] != rows[1]["kept"]    # this seed: 4 and 2 a step
 
 
-def _flow_ranks(tiny_dir, tmp_path, name, trainer_class, port, extra):
+def _flow_ranks(tiny_dir, tmp_path, name, trainer_class, extra):
     script = tmp_path / f"{name}_ddp.py"
     script.write_text(FLOW_SCRIPT.replace("@NAME@", name).replace("@CONFIG@", f"configs/{name}/tiny_sd3_jpeg.yaml")
                       .replace("@MODULE@", f"diffrl.trainers.{name}").replace("@CLASS@", trainer_class)
                       .replace("@EXTRA@", repr(extra)))
-    result = accelerate_launch(script, tiny_dir("sd3"), tmp_path, port=port)
+    result = accelerate_launch(script, tiny_dir("sd3"), tmp_path)
     assert result.returncode == 0, result.stderr[-6000:]
     rows = [json.loads((tmp_path / f"{name}_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(row["world"] == 2 and row["weights_equal"] and row["moved"] > 0 for row in rows)
@@ -170,7 +170,7 @@ def test_two_process_seppo_shares_references_and_splits_data(tiny_dir, tmp_path)
     script = tmp_path / "seppo_ddp.py"
     script.write_text(SEPPO_SCRIPT)
     data = save_preferences(tmp_path / "prefs", num_rows=8)
-    result = accelerate_launch(script, tiny_dir("sd15"), tmp_path, data, port=29521)
+    result = accelerate_launch(script, tiny_dir("sd15"), tmp_path, data)
     assert result.returncode == 0, result.stderr[-6000:]
     rows = [json.loads((tmp_path / f"seppo_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(row["world"] == 2 and row["weights_equal"] for row in rows)
@@ -216,7 +216,7 @@ run_setup.exit_process(0)
 def test_two_process_igpo_with_inpainting_on_one_rank_only(tiny_dir, tmp_path):
     script = tmp_path / "igpo_ddp.py"
     script.write_text(IGPO_SCRIPT)
-    result = accelerate_launch(script, tiny_dir("dllm"), tmp_path, port=29523)
+    result = accelerate_launch(script, tiny_dir("dllm"), tmp_path)
     assert result.returncode == 0, result.stderr[-6000:]
     rows = [json.loads((tmp_path / f"igpo_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(row["world"] == 2 and row["weights_equal"] for row in rows)

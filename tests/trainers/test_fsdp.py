@@ -123,9 +123,9 @@ def _launch_both_engines(tmp_path, sd3, dllm, single, mode):
     script = tmp_path / "engines.py"
     script.write_text(SCRIPT)
     save_preferences(tmp_path / "prefs", num_rows=4)
-    for engine, flags, port in (("fsdp", ["--config_file", str(FSDP_CONFIG)], 29541), ("ddp", [], 29543)):
+    for engine, flags in (("fsdp", ["--config_file", str(FSDP_CONFIG)]), ("ddp", [])):
         (tmp_path / engine).mkdir()
-        result = accelerate_launch(script, sd3, dllm, tmp_path / engine, single, tmp_path / "prefs", mode, port=port,
+        result = accelerate_launch(script, sd3, dllm, tmp_path / engine, single, tmp_path / "prefs", mode,
                                    engine_flags=flags)
         assert result.returncode == 0, result.stderr[-6000:]
         report = json.loads((tmp_path / engine / "report.json").read_text())

@@ -81,7 +81,7 @@ exit_process(0)
 def test_snapshots_under_fsdp2_swap_each_process_shard(tmp_path):
     script = tmp_path / "swap.py"
     script.write_text(SCRIPT)
-    result = accelerate_launch(script, tmp_path / "report.json", port=29561)
+    result = accelerate_launch(script, tmp_path / "report.json")
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
     total = 5 * 7 + 7 + 7 * 7 + 7 + 7 * 3 + 3
