@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -16,6 +15,7 @@ import urllib.request
 import pytest
 
 from diffrl import cli
+from tests.conftest import free_port
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -34,9 +34,7 @@ def test_the_html_report_loads_every_image_without_console_errors(tmp_path, tiny
     assert cli.main(["train", "configs/awm/tiny_sd3_jpeg.yaml", f"model.path={tiny_dir('sd3')}", f"output_dir={run}",
                      "max_steps=2", "eval_every=1", "data.eval_size=2", "logging.trackers=[]",
                      "logging.progress_bar=false"]) == 0
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     driver = subprocess.Popen([DRIVER, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -85,3 +85,18 @@ def test_every_builtin_reward_module_is_discovered():
     registering = {"rewards." + ".".join(p.relative_to(root).with_suffix("").parts)
                    for p in root.rglob("*.py") if re.search(r"^@register_reward\(", p.read_text(), re.M)}
     assert registering and registering <= set(rewards._BUILTIN_MODULES), registering - set(rewards._BUILTIN_MODULES)
+
+
+def test_every_reward_with_a_dtype_option_refuses_an_unknown_one_in_one_line():
+    """Found from the rewards' signatures, not a list: pickscore, clip_score, aesthetic and geneval raised a bare
+    KeyError (a traceback in ``diffrl score``) before every reward read its dtype through one helper."""
+    import inspect
+
+    from rewards import available_rewards
+
+    with_dtype = [name for name, entry in available_rewards().items()
+                  if "dtype" in inspect.signature(entry.factory).parameters]
+    assert {"pickscore", "clip_score", "aesthetic", "geneval", "imagereward", "hpsv3"} <= set(with_dtype)
+    for name in with_dtype:
+        with pytest.raises(RewardError, match=rf"^{name} dtype 'fp8': choose float32, bfloat16, float16$"):
+            load_reward(name, kwargs={name: {"dtype": "fp8"}})

@@ -13,6 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from diffrl.errors import RewardError
+from rewards._files import torch_dtype
+
+# OpenAI CLIP's normalisation, which HPS and ImageReward (BLIP) use too.
+OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def check_images(samples) -> torch.Tensor:
@@ -78,7 +83,7 @@ class ClipEmbedder:
         self.model_path = model
         self.processor_path = processor or model
         self.device = torch.device(device)
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.dtype = torch_dtype(dtype, f"{reward} dtype")
         self.batch_size = batch_size
         self.quantize = quantize
         self.model = None

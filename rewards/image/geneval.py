@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from diffrl.errors import RewardError
 from rewards import RewardOutput, register_reward
+from rewards._files import torch_dtype
 from rewards.image._clip import ClipEmbedder, check_images
 from rewards.image.geneval_rules import (
     CLASSES,
@@ -96,7 +97,7 @@ class GenEval:
                               f"public training rewards)")
         self.device, self.detector_path, self.score = torch.device(device), detector, score
         self.bgr, self.size, self.batch_size = channel_order == "bgr", tuple(detector_size), batch_size
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.dtype = torch_dtype(dtype, "geneval dtype")
         self.clip = ClipEmbedder(clip, clip_processor, device=device, dtype=dtype, reward="geneval",
                                  options=("clip", "clip_processor"))
         self.model = None

@@ -13,10 +13,7 @@ import torch.nn.functional as F
 from diffrl.errors import RewardError
 from rewards import RewardOutput, register_reward
 from rewards._files import load_weights
-from rewards.image._clip import check_images, clip_preprocess
-
-OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
+from rewards.image._clip import OPENAI_MEAN, OPENAI_STD, check_images, clip_preprocess
 
 
 @register_reward("hps", modality="image", source="xswu/HPSv2 (HPS v2.1)",

@@ -28,7 +28,7 @@ from torch import nn
 
 from diffrl.errors import RewardError
 from rewards import RewardOutput, register_reward
-from rewards._files import load_weights
+from rewards._files import load_weights, torch_dtype
 from rewards.image._clip import check_images
 
 REWARD_TOKEN = "<|Reward|>"
@@ -148,9 +148,7 @@ class HPSv3:
                  pixels: int = PIXELS):
         self.device = torch.device(device)
         self.checkpoint, self.base, self.pixels, self.batch_size = checkpoint, base, pixels, batch_size
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise RewardError(f"hpsv3 dtype {dtype!r}: choose float32, bfloat16 or float16")
-        self.dtype = getattr(torch, dtype)
+        self.dtype = torch_dtype(dtype, "hpsv3 dtype")
         self.model: HPSv3Model | None = None
 
     def _load(self) -> None:
@@ -193,9 +191,11 @@ class HPSv3:
     def _batch(self, images: torch.Tensor, prompts: list[str]) -> dict:
         from PIL import Image
 
+        from diffrl.media import to_pil
+
         pils = []
-        for x in (images.float() * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu():
-            pil = Image.fromarray(x.numpy())
+        for image in images:   # the 8-bit image the inferencer reads from a file
+            pil = to_pil(image)
             height, width = qwen_resize(pil.height, pil.width, self.pixels)
             pils.append(pil.resize((width, height), Image.Resampling.BICUBIC))
         texts = [self.processor.apply_chat_template(

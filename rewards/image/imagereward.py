@@ -21,12 +21,10 @@ from torch import nn
 
 from diffrl.errors import RewardError
 from rewards import RewardOutput, register_reward
-from rewards._files import load_weights
-from rewards.image._clip import check_images, clip_preprocess
+from rewards._files import hub_file, load_weights, torch_dtype
+from rewards.image._clip import OPENAI_MEAN, OPENAI_STD, check_images, clip_preprocess
 from rewards.image.aesthetic import aesthetic_head
 
-OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 # ImageReward.py: the reward is (mlp(text_features) - mean) / std with these constants.
 SCORE_MEAN, SCORE_STD = 0.16717362830052426, 1.0333394966054072
 MAX_TOKENS = 35
@@ -115,13 +113,8 @@ def _file(model: str, names: tuple[str, ...], what: str) -> Path:
                 return folder / name
         raise RewardError(f"the imagereward model folder {folder} has no {' or '.join(names)}; give THUDM's "
                           f"ImageReward folder (ImageReward.pt and med_config.json)")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(model, names[-1]))
-    except Exception as e:
-        raise RewardError(f"the imagereward {what} {model}/{names[-1]} cannot be downloaded ({type(e).__name__}); "
-                          f"download THUDM/ImageReward elsewhere and give the folder as model") from None
+    return hub_file(f"{model}/{names[-1]}", f"the imagereward {what}",
+                    "download THUDM/ImageReward elsewhere and give the folder as model")
 
 
 @register_reward("imagereward", modality="image", source="THUDM/ImageReward (ImageReward-v1.0)",
@@ -137,9 +130,7 @@ class ImageReward:
                  vision: dict | None = None, dtype: str = "float32", batch_size: int = 32, quantize: bool = True):
         self.device = torch.device(device)
         self.model_path, self.tokenizer_path, self.vision = model, tokenizer, vision
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise RewardError(f"imagereward dtype {dtype!r}: choose float32, bfloat16 or float16")
-        self.dtype = getattr(torch, dtype)
+        self.dtype = torch_dtype(dtype, "imagereward dtype")
         self.batch_size, self.quantize = batch_size, quantize
         self.model: ImageRewardModel | None = None
 

@@ -126,16 +126,13 @@ def test_a_tiny_awm_run_scored_remotely_and_async_equals_the_in_process_run(serv
 
 def test_the_serve_reward_command(tmp_path):
     import signal
-    import socket
     import subprocess
     import sys
     import time
 
-    from tests.conftest import REPO_ROOT
+    from tests.conftest import REPO_ROOT, free_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "diffrl.cli", "serve-reward", "--reward", "jpeg_compressibility",
                              "--port", str(port)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -315,16 +312,13 @@ def test_a_bad_port_or_host_is_one_line(host, port, words):
 def test_sigterm_while_scoring_answers_the_batch_then_exits_cleanly(tmp_path):
     import os
     import signal
-    import socket
     import subprocess
     import sys
     import time
 
-    from tests.conftest import REPO_ROOT
+    from tests.conftest import REPO_ROOT, free_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     started = tmp_path / "scoring"
     proc = subprocess.Popen([sys.executable, "-m", "diffrl.cli", "serve-reward", "--reward",
                              "tests.rewards.slow_reward:SlowReward", "--port", str(port)], cwd=REPO_ROOT,
