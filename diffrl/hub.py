@@ -65,13 +65,16 @@ def reward_setting(reward: str, option: str = "model") -> str:
 @contextlib.contextmanager
 def loading_errors(path: str | Path, setting: str = "model.path"):
     """Turn the libraries' long loading errors into one line naming the model, where it is set, and the fix."""
+    from huggingface_hub.errors import StrictDataclassError  # a config.json that fails its class's validation
+
     check_model_path(path, setting)
     try:
         yield
     except ConfigError:
         raise
-    except (OSError, ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    except (OSError, ValueError, KeyError, StrictDataclassError) as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        first = (lines[-1] if isinstance(e, StrictDataclassError) else lines[0]).strip()[:200]
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         fix = ("this machine is offline: download it elsewhere (huggingface-cli download) and give the folder"
                if offline else "check the hub id or folder")

@@ -31,7 +31,7 @@ def test_ls_lists_trainers_and_configs():
     assert "dllm_sft" in result.stdout and "arxiv.org/abs/2502.09992" in result.stdout
     assert "configs/quickstart.yaml" in result.stdout
     models = result.stdout.split("models:")[1].split("estimators:")[0]
-    assert "DiffusionGemmaForBlockDiffusion" in models and "masked diffusion LM" in models
+    assert all(name in models for name in ("DiffusionGemmaForBlockDiffusion", "masked diffusion LM", "SDARForCausalLM"))
     assert "StableDiffusion3Pipeline" in models and "AnimateDiffPipeline" in models
     for name, paper in [("grpo", "2402.03300"), ("bnpo", "2506.02864"), ("ngrpo", "2509.18851"),
                         ("spo", "2509.13232"), ("dump", "2504.09710"), ("seq-mean-token-sum-norm", ""),

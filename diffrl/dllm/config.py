@@ -79,8 +79,9 @@ class MaskedGenerationConfig:
     gen_length: int = param(32, help="answer tokens generated (rollouts and evaluation)", ge=1)
     block_length: int = param(32, help="semi-autoregressive block size", ge=1)
     steps: int = param(16, help="denoising steps over the whole answer", ge=1)
-    remasking: Literal["low_confidence", "random"] = param("low_confidence", help="which predictions are kept "
-                                                           "each step: the most confident or random ones")
+    remasking: Literal["low_confidence", "random", "sequential"] = param(
+        "low_confidence", help="which predictions are kept each step: the most confident, random ones, or (SDAR) "
+                               "the leftmost")
     kv_cache_refresh: int = param(0, help="with a kv_cache, also run the whole sequence every N steps within a "
                                           "block (0: once per block, Fast-dLLM; 1: every step, the exact output)",
                                   ge=0)

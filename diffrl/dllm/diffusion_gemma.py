@@ -37,7 +37,7 @@ def is_diffusion_gemma(path: str | Path, *, revision: str | None = None) -> bool
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(path), revision=revision)
+        config = AutoConfig.from_pretrained(str(path), revision=revision, trust_remote_code=False)
     except (OSError, ValueError):
         return False  # the masked-LM loader reports what is wrong with the path
     return getattr(config, "model_type", "") == "diffusion_gemma"

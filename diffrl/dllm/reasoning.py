@@ -50,6 +50,7 @@ def load_dllm(config, device):
     fine-tuning) and gradient checkpointing; settings that do not fit its kind of noise fail here."""
     from diffrl.dllm.diffusion_gemma import DiffusionGemmaLM, is_diffusion_gemma
     from diffrl.dllm.masked_lm import MaskedDiffusionLM
+    from diffrl.dllm.sdar import SDARLM, is_sdar
     from diffrl.hub import describe_folder
     from diffrl.models import performance
     from diffrl.training import run_setup, trainable
@@ -61,11 +62,18 @@ def load_dllm(config, device):
     what = describe_folder(m.path)
     if what is not None and not what.startswith("a transformers"):
         raise ConfigError(f"model.path {m.path} is {what}; {config.trainer} trains diffusion language models (LLaDA, "
-                          f"Dream, DiffusionGemma, any bidirectional masked LM): give such a model's folder or hub "
-                          f"id (`diffrl ls models` lists which trainers take which models)")
-    kind = DiffusionGemmaLM if is_diffusion_gemma(m.path, revision=m.revision) else MaskedDiffusionLM
+                          f"Dream, DiffusionGemma, SDAR / TraDo, any bidirectional masked LM): give such a model's "
+                          f"folder or hub id (`diffrl ls models` lists which trainers take which models)")
+    options = {}
+    if is_sdar(m.path, revision=m.revision):  # first: its config names remote code that AutoConfig would ask for
+        kind, options = SDARLM, {"block_length": config.generation.block_length}
+        check_block_attention(config)
+    elif is_diffusion_gemma(m.path, revision=m.revision):
+        kind = DiffusionGemmaLM
+    else:
+        kind = MaskedDiffusionLM
     model = kind.from_pretrained(m.path, revision=m.revision, dtype=run_setup.torch_dtype(m.dtype), device=device,
-                                 trust_remote_code=m.trust_remote_code)
+                                 trust_remote_code=m.trust_remote_code, **options)
     trainable.apply_lora(model, config.lora)
     performance.apply_model_options(model.module, m)
     check_model_fits(model, config)  # after the attention kernel is chosen: the key/value cache depends on it
@@ -75,10 +83,45 @@ def load_dllm(config, device):
 _UNIFORM_ONLY = ("t_min", "t_max", "entropy_bound", "stability_threshold", "confidence_threshold")
 
 
+def check_block_model_fits(model, config) -> None:
+    """One-line errors for settings an SDAR / TraDo block-diffusion model cannot take."""
+    gen, name = config.generation, f"model.path {config.model.path} is an SDAR block-diffusion model"
+    if gen.gen_length % gen.block_length or gen.steps % (gen.gen_length // gen.block_length):
+        raise ConfigError(f"{name}: generation.steps ({gen.steps}) are spread over the answer's "
+                          f"gen_length / block_length blocks, each taking the same number: make gen_length a "
+                          f"multiple of block_length ({gen.block_length}) and steps a multiple of their count")
+    if gen.remasking == "random":
+        raise ConfigError(f"{name}: it reveals the most confident tokens (low_confidence) or the leftmost "
+                          f"(sequential); set generation.remasking to one of those")
+    for use, decode in (("rollout", gen.rollout), ("eval", gen.eval)):
+        if decode.kv_cache is not None:
+            raise ConfigError(f"{name}: it always decodes with its exact block cache; remove "
+                              f"generation.{use}.kv_cache (Fast-dLLM's approximate caches are for LLaDA-style "
+                              f"models)")
+        if decode.parallel_threshold is not None and gen.remasking != "low_confidence":
+            raise ConfigError(f"generation.{use}.parallel_threshold ranks tokens by confidence: use "
+                              f"generation.remasking: low_confidence")
+    _check_no_uniform_settings(config)
+
+
+def check_block_attention(config) -> None:
+    """Before loading: SDAR's block-causal mask is an explicit attention mask, which flash kernels cannot take."""
+    attention = config.model.attention
+    if attention not in (None, "sdpa", "eager"):
+        raise ConfigError(f"model.path {config.model.path} is an SDAR block-diffusion model: its block-causal mask "
+                          f"is an explicit attention mask, which model.attention: {attention} cannot take; use "
+                          f"sdpa (the default) or eager")
+
+
 def check_model_fits(model, config) -> None:
     """One-line errors for settings of the other kind of diffusion LM."""
     gen = config.generation
-    if model.noise == "uniform":
+    if gen.remasking == "sequential" and not getattr(model, "block_causal", False):
+        raise ConfigError(f"generation.remasking: sequential is SDAR's left-to-right order, and model.path "
+                          f"{config.model.path} is not a block-diffusion model; use low_confidence or random")
+    if getattr(model, "block_causal", False):
+        check_block_model_fits(model, config)
+    elif model.noise == "uniform":
         name = f"model.path {config.model.path} is a DiffusionGemma (uniform noise, canvas of {model.canvas_length})"
         if gen.block_length != model.canvas_length:
             raise ConfigError(f"{name}: its blocks are its canvases; set generation.block_length: "
@@ -110,12 +153,17 @@ def check_model_fits(model, config) -> None:
                                   f"generation.remasking: low_confidence")
             if decode.kv_cache is not None:
                 kv_cache.check_supported(model.module, f"generation.{use}.kv_cache")
-        defaults = type(gen)()
-        changed = [k for k in _UNIFORM_ONLY if getattr(gen, k) != getattr(defaults, k)]
-        if changed:
-            raise ConfigError(f"generation.{changed[0]} is one of DiffusionGemma's settings, and model.path "
-                              f"{config.model.path} is a masked diffusion LM; remove it (its sampling temperature "
-                              f"is generation.rollout.temperature)")
+        _check_no_uniform_settings(config)
+
+
+def _check_no_uniform_settings(config) -> None:
+    gen = config.generation
+    defaults = type(gen)()
+    changed = [k for k in _UNIFORM_ONLY if getattr(gen, k) != getattr(defaults, k)]
+    if changed:
+        raise ConfigError(f"generation.{changed[0]} is one of DiffusionGemma's settings, and model.path "
+                          f"{config.model.path} is a masked diffusion LM; remove it (its sampling temperature "
+                          f"is generation.rollout.temperature)")
 
 
 def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation, decode, *,
@@ -125,8 +173,18 @@ def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     LLaDA-style unmasking for masked LMs (``temperature``: Gumbel; ``parallel_threshold``: parallel decoding,
     None the exact schedule; ``kv_cache``: "prefix" / "dual" key/value cache refreshed as
     ``generation.kv_cache_refresh`` says), ``generate``'s entropy-bound decoding for DiffusionGemma
-    (``temperature`` multiplies its schedule; 0: greedy proposals)."""
+    (``temperature`` multiplies its schedule; 0: greedy proposals), SDAR's block decoding for SDAR / TraDo
+    (``steps`` spread evenly over the blocks; ``parallel_threshold``: its dynamic low-confidence rule)."""
     temperature = decode.temperature
+    if getattr(model, "block_causal", False):
+        from diffrl.dllm.block_sampler import generate as block_generate
+
+        eos = model.tokenizer.eos_token_id
+        return block_generate(model, prompt_ids, prompt_mask=prompt_mask, gen_length=generation.gen_length,
+                              steps_per_block=generation.steps * generation.block_length // generation.gen_length,
+                              temperature=temperature, remasking=generation.remasking,
+                              threshold=decode.parallel_threshold, pinned=pinned, generator=generator,
+                              stop_ids=() if eos is None else (eos,))
     if model.noise == "uniform":
         from diffrl.dllm.entropy_bound import generate as entropy_bound_generate
 

@@ -48,5 +48,7 @@ def describe_models() -> list[tuple[str, str, str]]:
              for name, family in unet._PIPELINE_FAMILY.items()]
     rows += [("masked diffusion LM", "LLaDA, Dream, any bidirectional masked LM (mask-token noise)", "igpo, dllm_sft"),
              ("DiffusionGemmaForBlockDiffusion", "DiffusionGemma (uniform noise, block diffusion, no mask token)",
+              "igpo, dllm_sft"),
+             ("SDARForCausalLM", "SDAR, TraDo (mask-token block diffusion on Qwen3 layers, read without remote code)",
               "igpo, dllm_sft")]
     return rows

@@ -243,6 +243,9 @@ class IGPOTrainer:
         if cfg.loss == "spg" and getattr(self.model, "mask_id", None) is None:
             raise ConfigError("loss: spg estimates bounds by masking tokens, and this model has no mask token "
                               "(DiffusionGemma): use loss: clipped")
+        if cfg.loss == "spg" and getattr(self.model, "block_causal", False):
+            raise ConfigError("loss: spg's bounds read a bidirectional model's whole masked answer; SDAR is "
+                              "block-causal and scores blocks by its own two-copy forward: use loss: clipped")
         run_setup.prepare_optimization(self, cfg.max_steps * cfg.updates_per_rollout)
         self.prompt_sampler = prompt_sampler(cfg.data.curriculum, task_fields(self.train_tasks, cfg.data),
                                              cfg.prompts_per_step // acc.num_processes, what=cfg.data.path,

@@ -73,6 +73,8 @@ def save_trainable(model, folder: Path, *, lora_enabled: bool, full_state: dict 
             _save_full_state(model.trainable, folder, full_state)
         if getattr(model, "tokenizer", None) is not None:
             model.tokenizer.save_pretrained(str(folder))
+        if hasattr(model, "finish_save"):  # a family whose published config transformers does not write (SDAR)
+            model.finish_save(folder)
 
 
 def _save_full_state(module, folder: Path, state: dict) -> None:

@@ -1,0 +1,121 @@
+"""IGPO, diffu-GRPO and SFT on the tiny SDAR (block-diffusion: block-causal attention, its block sampler)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffrl.dllm.reasoning import load_dllm
+from diffrl.errors import ConfigError
+from diffrl.trainers.dllm_sft import DllmSFTTrainer
+from diffrl.trainers.igpo import IGPOTrainer
+from tests.trainers import test_dllm_sft
+from tests.trainers.test_diffusion_gemma_trainers import igpo_config
+
+SDAR_GENERATION = {"gen_length": 16, "block_length": 4, "steps": 8, "rollout": {"temperature": 1.0}}
+
+
+@pytest.mark.parametrize("inpainting", [True, False], ids=["igpo", "diffu_grpo"])
+def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, inpainting):
+    weights = {"math": 1.0} if inpainting else {"math": 1.0, "test_digit_share": 1.0}
+    config = igpo_config(tiny_dir, tmp_path, model__path=str(tiny_dir("sdar")), generation=SDAR_GENERATION,
+                         igpo__enabled=inpainting, reward__weights=weights, log_prob_estimator="coupled")
+    trainer = IGPOTrainer(config)
+    trainer.setup()
+    assert type(trainer.model).__name__ == "SDARLM" and trainer.model.block_length == 4
+    params = {n: p for n, p in trainer.model.module.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    fired = 0
+    for _ in range(2):
+        batch = trainer.rollout()
+        assert batch["completions"].shape[1] == 16
+        assert not (batch["completions"] == trainer.model.mask_id).any()
+        metrics = trainer.score(batch)
+        fired += metrics.get("inpaint/groups", 0)
+        out = trainer.update(batch)
+        trainer.step += 1
+        assert math.isfinite(out["loss"]) and out["skipped"] == 0
+    assert params and [n for n, p in params.items() if torch.equal(p, before[n])] == []
+    assert (fired > 0) == inpainting
+
+
+def test_sft_two_steps_change_every_lora_parameter(tiny_dir, tmp_path):
+    trainer = DllmSFTTrainer(test_dllm_sft.config(tiny_dir, tmp_path, model__path=str(tiny_dir("sdar")),
+                                                  generation={"gen_length": 8, "block_length": 4, "steps": 4}))
+    trainer.setup()
+    before = {n: p.detach().clone() for n, p in trainer.model.module.named_parameters() if p.requires_grad}
+    losses = [trainer.update()["loss"] for _ in range(2)]
+    assert all(math.isfinite(x) for x in losses)
+    assert before and [n for n, p in trainer.model.module.named_parameters()
+                       if p.requires_grad and torch.equal(p, before[n])] == []
+
+
+@pytest.mark.parametrize("generation,model,message", [
+    ({"gen_length": 10, "block_length": 4}, {}, "multiple of block_length"),
+    ({"gen_length": 16, "block_length": 4, "steps": 6}, {}, "steps a multiple of their count"),
+    ({"remasking": "random"}, {}, "low_confidence.*or the leftmost"),
+    ({"rollout": {"kv_cache": "dual"}}, {}, "exact block cache; remove generation.rollout.kv_cache"),
+    ({"eval": {"parallel_threshold": 0.9}, "remasking": "sequential"}, {}, "ranks tokens by confidence"),
+    ({"entropy_bound": 0.3}, {}, "generation.entropy_bound is one of DiffusionGemma's"),
+    ({}, {"attention": "flash_attention_2"}, "use sdpa .* or eager"),
+])
+def test_settings_it_cannot_take_are_one_line(tiny_dir, tmp_path, generation, model, message):
+    generation = {"gen_length": 16, "block_length": 4, "steps": 8, **generation}
+    config = igpo_config(tiny_dir, tmp_path, generation=generation,
+                         model={"path": str(tiny_dir("sdar")), **model})
+    with pytest.raises(ConfigError, match=message):
+        load_dllm(config, "cpu")
+
+
+def test_sequential_is_refused_for_a_masked_lm(tiny_dir, tmp_path):
+    config = igpo_config(tiny_dir, tmp_path, model__path=str(tiny_dir("dllm")),
+                         generation={"gen_length": 16, "block_length": 16, "steps": 8, "remasking": "sequential"})
+    with pytest.raises(ConfigError, match="sequential is SDAR's"):
+        load_dllm(config, "cpu")
+
+
+def test_full_finetuning_saves_an_sdar_checkpoint(tiny_dir, tmp_path):
+    """Full weights are saved under SDAR's config (not the Qwen3 one transformers writes), so the folder opens
+    as the SDAR model it is, with the trained weights."""
+    import json
+
+    from diffrl.dllm.sdar import SDARLM, is_sdar
+
+    trainer = DllmSFTTrainer(test_dllm_sft.config(tiny_dir, tmp_path, model__path=str(tiny_dir("sdar")),
+                                                  lora__enabled=False, optim__lr=1e-3, max_steps=1,
+                                                  generation={"gen_length": 8, "block_length": 4, "steps": 4}))
+    trainer.train()
+    saved = tmp_path / "checkpoints" / "step-000001" / "model"
+    config = json.loads((saved / "config.json").read_text())
+    assert is_sdar(saved) and config["architectures"] == ["SDARForCausalLM"] and config["rope_theta"] == 50000.0
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_sdar.SDARForCausalLM"
+    reloaded = SDARLM.from_pretrained(saved, block_length=4)
+    for (name, p), q in zip(trainer.model.module.named_parameters(), reloaded.module.parameters(), strict=True):
+        assert torch.equal(p.detach(), q), name
+
+
+def test_spg_is_refused_in_one_line(tiny_dir, tmp_path):
+    config = igpo_config(tiny_dir, tmp_path, model__path=str(tiny_dir("sdar")), generation=SDAR_GENERATION,
+                         loss="spg", igpo__enabled=False, beta=0.0)
+    with pytest.raises(ConfigError, match="SDAR is block-causal"):
+        IGPOTrainer(config).setup()
+
+
+def test_the_shipped_tiny_config_trains_samples_and_its_card_names_sdars_class(tiny_dir, tmp_path):
+    import json
+
+    from diffrl import cli
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "configs/igpo/tiny_sdar.yaml", f"model.path={tiny_dir('sdar')}", f"output_dir={run}",
+                     "max_steps=1", "data.size=24", "data.eval_size=2", "eval_k=1", "generation.gen_length=8",
+                     "generation.steps=8", "logging.progress_bar=false"]) == 0
+    assert cli.main(["sample", str(run / "checkpoints" / "step-000001"), "--prompt", "2+3", "--num", "2",
+                     "--out", str(tmp_path / "t")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "t" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["2+3"] * 2 and all(isinstance(r["text"], str) for r in rows)
+    assert cli.main(["push", str(run), "me/tiny-sdar", "--folder", str(tmp_path / "share")]) == 0
+    card = (tmp_path / "share" / "README.md").read_text()
+    assert "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(" in card and "trust_remote_code" in card
