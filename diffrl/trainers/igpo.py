@@ -35,7 +35,14 @@ import torch
 
 from diffrl.advantages import group_summary, trainer_estimator
 from diffrl.config import RewardConfig, TrainerConfig, param
-from diffrl.dllm.config import DecodeConfig, MaskedGenerationConfig, ReasoningDataConfig
+from diffrl.dllm.config import (
+    DecodeConfig,
+    DRPOConfig,
+    InpaintingConfig,
+    MaskedGenerationConfig,
+    ReasoningDataConfig,
+    SPGConfig,
+)
 from diffrl.dllm.hints import build_hints, build_spacing_scaled_hints, hint_text
 from diffrl.dllm.masked_sampler import FREE
 from diffrl.dllm.reasoning import (
@@ -67,59 +74,6 @@ from diffrl.training.down_sampling import DownSamplingConfig, kept_samples, kept
 from diffrl.training.dynamic_sampling import DynamicSamplingConfig, groups_with_signal, take_rows
 from diffrl.training.prompt_draws import prompt_sampler
 from diffrl.training.protocol import CheckpointContents, if_stateful
-
-
-@dataclasses.dataclass
-class InpaintingConfig:
-    enabled: bool = param(True, help="IGPO's inpainting; false gives plain diffu-GRPO (d1)")
-    min_chunk: int = param(5, help="shortest hint chunk, in tokens of the reference trace", ge=1)
-    max_chunk: int = param(10, help="longest hint chunk", ge=1)
-    ratio_low: float = param(0.2, help="lower end of the hinted fraction of the trace", ge=0, le=1)
-    ratio_high: float = param(0.6, help="upper end of the hinted fraction (at the start of training)", ge=0, le=1)
-    ratio_high_final: float | None = param(None, help="upper end at the last step (linear decay); null: constant",
-                                           ge=0, le=1)
-    max_replacements: int = param(4, help="wrong completions of a group replaced by correct inpainted ones "
-                                          "(chosen at random among the correct candidates)", ge=1)
-    inpaint_samples: int | None = param(None, help="inpainted candidates drawn per all-wrong group (IGPO: the "
-                                                   "group size G; null = G)", ge=1)
-    hint_layout: Literal["spacing_scaled", "own_positions"] = param(
-        "spacing_scaled", help="'spacing_scaled' (IGPO's code: positions stretched by up to 1.5x, last free_tail "
-                               "positions free, final chunk always shown, fraction counted in chunks) or "
-                               "'own_positions' (chunks at the trace's positions, fraction in tokens)")
-    hint_text: Literal["igpo", "target"] = param(
-        "igpo", help="what hints are cut from: 'igpo' = '<reasoning>\\n' + the dataset's solution (IGPO), "
-                     "'target' = trace + boxed answer")
-    free_tail: int = param(30, help="spacing_scaled: canvas positions at the end never hinted", ge=0)
-    max_spacing: int = param(100, help="spacing_scaled: longest stretched gap between hint chunks (IGPO: 100)",
-                             ge=0)
-    entropy_keep_ratio: float = param(0.2, help="fraction of hint tokens, highest entropy first, that get "
-                                                "gradient (at least one)", ge=0, le=1)
-
-
-@dataclasses.dataclass
-class DRPOConfig:
-    """DRPO's settings (arXiv 2510.04474; its public launch scripts' values)."""
-
-    lam: float = param(0.1, help="length temperature: a correct completion's weight is exp((1 - |o| / L) / lam), "
-                                 "normalized over the group's correct ones", gt=0)
-    tau: float = param(10.0, help="temperature of the log-sum-exp over the group's wrong completions", gt=0)
-    beta: float = param(1e3, help="weight of the KL constraint once the KL to the rollout policy exceeds delta", ge=0)
-    delta: float = param(1e-4, help="the KL below which the constraint is off", ge=0)
-
-
-@dataclasses.dataclass
-class SPGConfig:
-    """SPG's settings (arXiv 2510.09541; its public GSM8K / MATH run: mix, beta 1.5, weight 0.5, 2 draws)."""
-
-    negative: Literal["mix", "eubo", "elbo"] = param(
-        "mix", help="the bound for completions with A <= 0: the upper bound (eubo), its blend with the ELBO (mix), "
-                    "or the ELBO (a plain ELBO policy gradient)")
-    mix_weight: float = param(0.5, help="mix: weight of the upper bound", ge=0, le=1)
-    eubo_beta: float = param(1.5, help="exponent of the upper bound (GSM8K / MATH 1.5, Countdown 2.0, Sudoku 1.0)",
-                             gt=0)
-    num_t: int = param(2, help="masked draws per completion and update (each a different block)", ge=1)
-    min_t: float = param(0.0, help="least share of the drawn block's tokens masked", ge=0, le=1)
-    max_t: float = param(1.0, help="largest share of the drawn block's tokens masked", ge=0, le=1)
 
 
 @dataclasses.dataclass(kw_only=True)
