@@ -89,12 +89,15 @@ def reveal(confidence: torch.Tensor, masked: torch.Tensor, k: int, *, remasking:
 def generate(model: SDARLM, prompt_ids: torch.Tensor, *, prompt_mask: torch.Tensor, gen_length: int,
              steps_per_block: int, temperature: float = 0.0, remasking: str = "low_confidence",
              threshold: float | None = None, pinned: torch.Tensor | None = None,
-             generator: torch.Generator | None = None, stop_ids: tuple[int, ...] = ()) -> torch.Tensor:
+             generator: torch.Generator | None = None, stop_ids: tuple[int, ...] = (), return_steps: bool = False
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``[B, gen_length]`` answers to left-padded ``prompt_ids [B, P]`` (``prompt_mask`` marks real tokens).
 
     ``pinned [B, gen_length]``: tokens the answer must hold (``FREE`` where the model writes); they are never
     masked. ``stop_ids``: once every row holds one of them in its answer, decoding stops (later blocks cannot
-    change earlier ones; the rest of each answer is filled with the first stop id)."""
+    change earlier ones; the rest of each answer is filled with the first stop id). ``return_steps``: also
+    the step of its block at which each answer token was revealed ``[B, gen_length]`` (TraceRL's step map):
+    -1 for a pinned token, ``steps_per_block`` for one never decoded (after the stop)."""
     if remasking not in ("low_confidence", "sequential"):
         raise ValueError(f"unknown remasking {remasking!r} for SDAR; use 'low_confidence' or 'sequential'")
     device, size = prompt_ids.device, model.block_length
@@ -123,6 +126,7 @@ def generate(model: SDARLM, prompt_ids: torch.Tensor, *, prompt_mask: torch.Tens
             (torch.arange(batch, device=device)[:, None] * gen_length + offsets)[in_answer]]
         x = torch.where(pin != FREE, pin, x)
     column_blocks = columns // size
+    revealed_at = torch.where(x == model.mask_id, steps_per_block, -1)
 
     def allowed(lo: int, hi: int) -> torch.Tensor:          # queries [lo, hi) over keys [0, hi)
         see = column_blocks[:, None, :hi] <= column_blocks[:, lo:hi, None]
@@ -151,15 +155,17 @@ def generate(model: SDARLM, prompt_ids: torch.Tensor, *, prompt_mask: torch.Tens
                 tokens, confidence = sample_tokens(logits, temperature, generator, model.mask_id)
                 chosen = reveal(confidence, masked, schedule[step], remasking=remasking, threshold=threshold)
                 cur = torch.where(chosen, tokens, cur)
+                revealed_at[:, lo:hi] = torch.where(chosen, step, revealed_at[:, lo:hi])
             x[:, lo:hi] = cur
             if stop_ids and _all_stopped(x[:, :hi], in_answer[:, :hi], stop_ids):
                 break
     finally:
         model.module.train(was_training)
-    answers = x.gather(1, (answer_at[:, None] + torch.arange(gen_length, device=device)[None]).clamp_max(width - 1))
+    index = answer_at[:, None] + torch.arange(gen_length, device=device)[None]
+    answers = x.gather(1, index)
     if stop_ids:
         answers = torch.where(answers == model.mask_id, stop_ids[0], answers)
-    return answers
+    return (answers, revealed_at.gather(1, index)) if return_steps else answers
 
 
 def _all_stopped(x: torch.Tensor, in_answer: torch.Tensor, stop_ids: tuple[int, ...]) -> bool:

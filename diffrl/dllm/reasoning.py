@@ -167,14 +167,17 @@ def _check_no_uniform_settings(config) -> None:
 
 
 def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation, decode, *,
-                     pinned: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                     pinned: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                     with_steps: bool = False):
     """``[B, gen_length]`` answers by the model's own sampler, the canvas as ``generation`` (a
     MaskedGenerationConfig) lays it out and decoded as ``decode`` (its ``rollout`` or ``eval`` DecodeConfig):
     LLaDA-style unmasking for masked LMs (``temperature``: Gumbel; ``parallel_threshold``: parallel decoding,
     None the exact schedule; ``kv_cache``: "prefix" / "dual" key/value cache refreshed as
     ``generation.kv_cache_refresh`` says), ``generate``'s entropy-bound decoding for DiffusionGemma
     (``temperature`` multiplies its schedule; 0: greedy proposals), SDAR's block decoding for SDAR / TraDo
-    (``steps`` spread evenly over the blocks; ``parallel_threshold``: its dynamic low-confidence rule)."""
+    (``steps`` spread evenly over the blocks; ``parallel_threshold``: its dynamic low-confidence rule).
+    ``with_steps``: ``(answers, reveal steps)``, the step of its block at which the block sampler revealed each
+    token (TraceRL's step map; only block-diffusion models record one, others give None)."""
     temperature = decode.temperature
     if getattr(model, "block_causal", False):
         from diffrl.dllm.block_sampler import generate as block_generate
@@ -184,23 +187,25 @@ def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                               steps_per_block=generation.steps * generation.block_length // generation.gen_length,
                               temperature=temperature, remasking=generation.remasking,
                               threshold=decode.parallel_threshold, pinned=pinned, generator=generator,
-                              stop_ids=() if eos is None else (eos,))
+                              stop_ids=() if eos is None else (eos,), return_steps=with_steps)
     if model.noise == "uniform":
         from diffrl.dllm.entropy_bound import generate as entropy_bound_generate
 
-        return entropy_bound_generate(
+        answers = entropy_bound_generate(
             model, prompt_ids, prompt_mask=prompt_mask, gen_length=generation.gen_length, steps=generation.steps,
             t_min=generation.t_min, t_max=generation.t_max, entropy_bound=generation.entropy_bound,
             stability_threshold=generation.stability_threshold,
             confidence_threshold=generation.confidence_threshold, pinned=pinned, generator=generator,
             temperature_scale=temperature or 1.0, greedy=temperature == 0)
+        return (answers, None) if with_steps else answers
     from diffrl.dllm.masked_sampler import generate as masked_generate
 
-    return masked_generate(model, prompt_ids, prompt_mask=prompt_mask, gen_length=generation.gen_length,
+    answers = masked_generate(model, prompt_ids, prompt_mask=prompt_mask, gen_length=generation.gen_length,
                            block_length=generation.block_length, steps=generation.steps, temperature=temperature,
                            remasking=generation.remasking, pinned=pinned, generator=generator,
                            threshold=decode.parallel_threshold, kv_cache=decode.kv_cache,
                            kv_cache_refresh=generation.kv_cache_refresh)
+    return (answers, None) if with_steps else answers
 
 
 def prompt_tensors(model, tasks, *, chat_template: bool, repeat: int = 1):
@@ -279,20 +284,28 @@ def evaluate_reasoning(model, tasks, reward, generation, *, correctness: str, ch
 
 @torch.no_grad()
 def chunked_log_probs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor, *,
-                      chunk: int, mask_seed: int, prompt_mask_prob: float, estimator: str
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      chunk: int, mask_seed: int, prompt_mask_prob: float, estimator: str,
+                      trace: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies ``[N, T]`` of every completion by the model's estimator (d1's or the
     coupled one, one ``mask_seed`` for all), ``chunk`` sequences per forward, without gradient: the old and
-    reference policies' values before an update."""
+    reference policies' values before an update. ``trace``: ``{"reveal_steps": [N, T], "shrink": k}`` for the
+    trace estimator (block-diffusion models)."""
     log_probs, entropy = [], []
     for start in range(0, prompt_ids.shape[0], chunk):
         part = slice(start, start + chunk)
         lp, ent = model.completion_log_probs(prompt_ids[part], prompt_mask[part], completions[part],
                                              mask_seed=mask_seed, prompt_mask_prob=prompt_mask_prob,
-                                             estimator=estimator)
+                                             estimator=estimator, **trace_rows(trace, part))
         log_probs.append(lp)
         entropy.append(ent)
     return torch.cat(log_probs), torch.cat(entropy)
+
+
+def trace_rows(trace: dict | None, rows: slice) -> dict:
+    """The trace estimator's keyword arguments for ``rows`` of a batch ({} without it)."""
+    if trace is None:
+        return {}
+    return {"reveal_steps": trace["reveal_steps"][rows], "shrink": trace["shrink"]}
 
 
 def until_first(completions: torch.Tensor, token_id: int | None) -> torch.Tensor:

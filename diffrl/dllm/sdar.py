@@ -179,7 +179,8 @@ class SDARLM(DiffusionLM):
         return out.logits.float()
 
     def completion_log_probs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-                             *, mask_seed: int, prompt_mask_prob: float = 0.0, estimator: str = "d1"
+                             *, mask_seed: int, prompt_mask_prob: float = 0.0, estimator: str = "d1",
+                             reveal_steps: torch.Tensor | None = None, shrink: int = 1
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-prob estimates of a completion, one forward over the clean sequence and noisy copies of
         the answer's blocks; every random draw comes from ``mask_seed`` (the policy, the old policy and the
@@ -193,16 +194,36 @@ class SDARLM(DiffusionLM):
         (a mask ratio t ~ U(0.2, 0.8), a random set M masked in one copy and its complement in the other; each
         token weighted 1/t or 1/(1-t) where it is masked and averaged with the fully masked copy). Prompt tokens
         are masked in the clean sequence with probability ``prompt_mask_prob`` (d1's regulariser).
+        ``estimator="trace"``: TraceRL's trajectory-aware estimate from the rollout's ``reveal_steps [B, T]``
+        (the block sampler's step map): each token is scored in the state its block was in when the token was
+        revealed, the tokens revealed before it visible and the others masked; one copy per round (round r:
+        each block's r-th distinct reveal step; ``shrink`` merges that many consecutive steps into one round,
+        their ``collapse_k_unique``). Tokens with step -1 (pinned) are never masked.
 
         prompt_ids / prompt_mask: ``[B, P]`` left-padded; completion_ids: ``[B, T]``. Returns ``(log_probs,
         entropy)``, both ``[B, T]`` fp32; entropy of the fully masked prediction."""
-        if estimator not in ("d1", "coupled"):
-            raise ValueError(f"unknown log-prob estimator {estimator!r}; use 'd1' or 'coupled'")
+        if estimator not in ("d1", "coupled", "trace"):
+            raise ValueError(f"unknown log-prob estimator {estimator!r}; use 'd1', 'coupled' or 'trace'")
         generator = torch.Generator().manual_seed(int(mask_seed))
         device = prompt_ids.device
         drop = torch.rand(prompt_ids.shape, generator=generator).to(device) < prompt_mask_prob
         prompt = torch.where(drop & prompt_mask.bool(), self.mask_id, prompt_ids)
         masked = torch.full_like(completion_ids, self.mask_id)
+        if estimator == "trace":
+            if reveal_steps is None:
+                raise ValueError("the trace estimator needs the rollout's reveal_steps")
+            blocks = (prompt_mask.sum(1, keepdim=True) + torch.arange(completion_ids.shape[1], device=device))
+            rounds = trace_rounds(reveal_steps.to(device), blocks.div(self.block_length, rounding_mode="floor"),
+                                  shrink)
+            copies = [torch.where(rounds >= r, masked, completion_ids) for r in range(int(rounds.max()) + 1)]
+            log_softmax = torch.log_softmax(self.answer_logits(prompt, prompt_mask, completion_ids, copies), dim=-1)
+            per_copy = log_softmax.gather(-1, completion_ids.repeat(len(copies), 1)[..., None])[..., 0]
+            per_copy = per_copy.view(len(copies), *completion_ids.shape)
+            log_probs = per_copy.gather(0, rounds.clamp_min(0)[None])[0]
+            with torch.no_grad():
+                first = log_softmax[:completion_ids.shape[0]]
+                entropy = -(first.exp() * first).sum(-1)
+            return log_probs, entropy
         answers = [masked]
         if estimator == "coupled":
             t = 0.2 + 0.6 * float(torch.rand((), generator=generator))
@@ -247,6 +268,26 @@ class SDARLM(DiffusionLM):
         clean_key = (kn == -1) & key_valid[:, None, :]
         allowed = torch.where(qn == -1, clean_key & (kb <= qb), (clean_key & (kb < qb)) | ((kn == qn) & (kb == qb)))
         allowed = allowed & key_valid[:, :, None] | torch.eye(ids.shape[1], dtype=torch.bool, device=device)
-        logits = self.logits(ids, allowed, pos)
-        start, span = width + length, tail + length
-        return torch.cat([logits[:, start + n * span + tail:start + (n + 1) * span] for n in range(len(noisy))])
+        span = tail + length
+        logits = self.logits(ids, allowed, pos, logits_to_keep=len(noisy) * span)  # the noisy copies' only
+        return torch.cat([logits[:, n * span + tail:(n + 1) * span] for n in range(len(noisy))])
+
+
+def trace_rounds(reveal_steps: torch.Tensor, blocks: torch.Tensor, shrink: int = 1) -> torch.Tensor:
+    """``[B, T]`` round of each answer token for the trace estimator: the dense rank of its reveal step among
+    the distinct steps of its block, divided by ``shrink`` (TraceRL's ``collapse_k_unique`` maps every
+    ``shrink`` consecutive distinct steps to one); -1 where ``reveal_steps`` is -1 (pinned: never masked).
+
+    Example (one block): steps 2, 0, 2, 3 -> rounds 1, 0, 1, 2; with shrink 2 -> 0, 0, 0, 1."""
+    if shrink < 1:
+        raise ValueError(f"shrink must be >= 1, got {shrink}")
+    rounds = torch.full_like(reveal_steps, -1)
+    scale = int(reveal_steps.max()) + 2
+    for row in range(reveal_steps.shape[0]):
+        valid = reveal_steps[row] >= 0
+        keys = blocks[row][valid] * scale + reveal_steps[row][valid]
+        unique, inverse = torch.unique(keys, return_inverse=True)       # sorted: by block, then by step
+        first_of_block = torch.searchsorted(unique, unique.div(scale, rounding_mode="floor") * scale)
+        rank = torch.arange(unique.numel(), device=unique.device) - first_of_block
+        rounds[row][valid] = rank.div(shrink, rounding_mode="floor")[inverse]
+    return rounds

@@ -14,7 +14,8 @@ One step:
 4. advantages from ``diffrl.advantages`` (``dr_grpo``: r - group mean, as IGPO's trainer);
 5. ``updates_per_rollout`` (mu) optimizer steps on the batch: per-token log-probs by d1's estimator (completion
    fully masked, prompt masked at ``prompt_mask_prob`` with one seed per iteration; or DiffuCoder's coupled
-   estimator, ``log_prob_estimator: coupled``), the clipped surrogate
+   estimator, ``log_prob_estimator: coupled``; for SDAR / TraDo also TraceRL's, ``trace``: each token in the
+   state its rollout revealed it in), the clipped surrogate
    with sequence-level GSPO ratios (IGPO's published run) or token-level ones, k3 KL to the LoRA-free
    reference, token-mean over the loss mask. The mask keeps every self-generated token and, among hint tokens,
    only the top ``entropy_keep_ratio`` by entropy (at least one per completion).
@@ -55,6 +56,7 @@ from diffrl.dllm.reasoning import (
     prompt_tensors,
     score_texts,
     task_fields,
+    trace_rows,
     until_first,
 )
 from diffrl.dllm.spg import sequence_bounds
@@ -109,9 +111,12 @@ class IGPOConfig(TrainerConfig):
     loss_mask: Literal["all", "until_eos"] = param(
         "all", help="completion positions in the loss: 'all' (IGPO's code) or 'until_eos' (d1: up to and "
                     "including the first EOS)")
-    log_prob_estimator: Literal["d1", "coupled"] = param(
+    log_prob_estimator: Literal["d1", "coupled", "trace"] = param(
         "d1", help="'d1': one pass with the completion fully masked (d1, IGPO); 'coupled': DiffuCoder's "
-                   "coupled sampling, a random mask at t ~ U(0.2, 0.8) and its complement (3 passes)")
+                   "coupled sampling, a random mask at t ~ U(0.2, 0.8) and its complement (3 passes); 'trace': "
+                   "TraceRL's, each token scored in the state its rollout revealed it in (SDAR / TraDo)")
+    trace_shrink: int = param(1, help="log_prob_estimator trace: consecutive reveal steps merged into one "
+                                      "scoring round (TraceRL's shrink)", ge=1)
     prompt_mask_prob: float = param(0.15, help="prompt tokens masked in the log-prob estimate (d1: 0.15; IGPO's "
                                                "code: 0)", ge=0, lt=1)
     estimator: str = param("dr_grpo", help="advantage estimator (diffrl ls estimators)")
@@ -164,6 +169,10 @@ class IGPOConfig(TrainerConfig):
             if self.down_sampling.token_keep is not None:
                 raise ConfigError("loss: spg scores whole completions; D^3S's token level has nothing to choose: "
                                   "unset down_sampling.token_keep")
+        if self.log_prob_estimator == "trace" and self.igpo.enabled:
+            raise ConfigError("log_prob_estimator: trace scores each token at the step its rollout revealed it, "
+                              "and inpainted hints were never revealed: set igpo.enabled: false (TraceRL's "
+                              "setting) or use the d1 / coupled estimator")
         if self.igpo.max_replacements > self.group_size:
             raise ConfigError(f"igpo.max_replacements ({self.igpo.max_replacements}) cannot exceed group_size "
                               f"({self.group_size})")
@@ -197,6 +206,10 @@ class IGPOTrainer:
         if cfg.loss == "spg" and getattr(self.model, "mask_id", None) is None:
             raise ConfigError("loss: spg estimates bounds by masking tokens, and this model has no mask token "
                               "(DiffusionGemma): use loss: clipped")
+        if cfg.log_prob_estimator == "trace" and not getattr(self.model, "block_causal", False):
+            raise ConfigError(f"log_prob_estimator: trace reads the order in which a block-diffusion sampler "
+                              f"revealed each token; model.path {cfg.model.path} is not an SDAR / TraDo model: "
+                              f"use d1 or coupled")
         if cfg.loss == "spg" and getattr(self.model, "block_causal", False):
             raise ConfigError("loss: spg's bounds read a bidirectional model's whole masked answer; SDAR is "
                               "block-causal and scores blocks by its own two-copy forward: use loss: clipped")
@@ -213,15 +226,19 @@ class IGPOTrainer:
                                   generators={"noise": self.noise})
 
     # ------------------------------------------------------------------------------------------------------
-    def _generate(self, prompt_ids, prompt_mask, pinned=None) -> torch.Tensor:
+    def _generate(self, prompt_ids, prompt_mask, pinned=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Completions, and with the trace estimator the step at which each token was revealed (else None)."""
         cfg, gen = self.config, self.config.generation
-        outputs = []
+        outputs, steps = [], []
         for start in range(0, prompt_ids.shape[0], cfg.generation_batch_size):
             end = start + cfg.generation_batch_size
-            outputs.append(generate_answers(self.model, prompt_ids[start:end], prompt_mask[start:end], gen,
-                                            gen.rollout, generator=self.noise,
-                                            pinned=None if pinned is None else pinned[start:end]))
-        return torch.cat(outputs)
+            out, step = generate_answers(self.model, prompt_ids[start:end], prompt_mask[start:end], gen,
+                                         gen.rollout, generator=self.noise, with_steps=True,
+                                         pinned=None if pinned is None else pinned[start:end])
+            outputs.append(out)
+            steps.append(step)
+        keep_steps = cfg.log_prob_estimator == "trace"
+        return torch.cat(outputs), torch.cat(steps) if keep_steps else None
 
     def _hint_ratio_high(self) -> float:
         igpo = self.config.igpo
@@ -254,9 +271,10 @@ class IGPOTrainer:
         tasks = [self.train_tasks[i] for i in task_ids]
         prompt_ids, prompt_mask = prompt_tensors(self.model, tasks, chat_template=cfg.chat_template,
                                                  repeat=cfg.group_size)
-        completions = self._generate(prompt_ids, prompt_mask)
+        completions, reveal_steps = self._generate(prompt_ids, prompt_mask)
         return {"tasks": tasks, "task_ids": task_ids, "rows": [t for t in tasks for _ in range(cfg.group_size)],
                 "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completions": completions,
+                "reveal_steps": reveal_steps,
                 "group_ids": torch.arange(len(tasks)).repeat_interleave(cfg.group_size),
                 "hint_mask": torch.zeros_like(completions, dtype=torch.bool)}
 
@@ -293,9 +311,9 @@ class IGPOTrainer:
             ratios = (igpo.ratio_low + (high - igpo.ratio_low) * torch.rand(samples, generator=self.noise)).sort()[0]
             pinned = torch.stack([self._hints(trace_ids, float(r)) for r in ratios])
             first = rows[0].item()
-            new = self._generate(batch["prompt_ids"][first:first + 1].expand(samples, -1),
-                                 batch["prompt_mask"][first:first + 1].expand(samples, -1),
-                                 pinned.to(batch["prompt_ids"].device))
+            new, _ = self._generate(batch["prompt_ids"][first:first + 1].expand(samples, -1),
+                                    batch["prompt_mask"][first:first + 1].expand(samples, -1),
+                                    pinned.to(batch["prompt_ids"].device))
             new_rewards, new_correct, _ = score_texts(self.reward, self.model.decode(new), [task] * samples,
                                                       cfg.correctness)
             good = new_correct.nonzero().flatten()
@@ -354,7 +372,8 @@ class IGPOTrainer:
             draw, self.prompt_sampler.next_indices, len(batch["tasks"]), cfg.dynamic_sampling,
             anyone_short=lambda short: bool(acc.reduce(torch.tensor(float(short), device=acc.device), "sum") > 0))
         out = dynamic_sampling.merge(collected.pieces, cfg.group_size, group_keys=("tasks", "task_ids"),
-                                     row_keys=("rows", "completions", "hint_mask", "rewards", "correct"),
+                                     row_keys=("rows", "completions", "reveal_steps", "hint_mask", "rewards",
+                                               "correct"),
                                      nested_keys=("extras",))
         out["prompt_ids"], out["prompt_mask"] = prompt_tensors(self.model, out["tasks"],
                                                                chat_template=cfg.chat_template, repeat=cfg.group_size)
@@ -371,7 +390,8 @@ class IGPOTrainer:
         # a NaN reward (unscored) counts as 0 when choosing: the estimator leaves it out either way
         keep = kept_samples(batch["rewards"].nan_to_num(0.0), batch["group_ids"], share)
         rows, n = keep.nonzero().flatten(), keep.numel()
-        for key in ("rows", "completions", "hint_mask", "rewards", "correct", "prompt_ids", "prompt_mask"):
+        for key in ("rows", "completions", "reveal_steps", "hint_mask", "rewards", "correct", "prompt_ids",
+                    "prompt_mask"):
             batch[key] = take_rows(batch[key], rows, n)
         batch["extras"] = {name: take_rows(value, rows, n) for name, value in batch["extras"].items()}
         size = kept_size(cfg.group_size, share)
@@ -451,7 +471,12 @@ class IGPOTrainer:
         cfg = self.config
         return chunked_log_probs(self.model, batch["prompt_ids"], batch["prompt_mask"], batch["completions"],
                                  chunk=cfg.train_batch_size, mask_seed=seed, prompt_mask_prob=cfg.prompt_mask_prob,
-                                 estimator=cfg.log_prob_estimator)
+                                 estimator=cfg.log_prob_estimator, trace=self._trace(batch))
+
+    def _trace(self, batch: dict) -> dict | None:
+        if self.config.log_prob_estimator != "trace":
+            return None
+        return {"reveal_steps": batch["reveal_steps"], "shrink": self.config.trace_shrink}
 
     def _loss(self, batch: dict, iteration: int, rows: slice, total_tokens: float):
         cfg = self.config
@@ -461,7 +486,8 @@ class IGPOTrainer:
         log_probs, _ = self.model.completion_log_probs(batch["prompt_ids"][rows], batch["prompt_mask"][rows],
                                                        batch["completions"][rows], mask_seed=seed,
                                                        prompt_mask_prob=cfg.prompt_mask_prob,
-                                                       estimator=cfg.log_prob_estimator)
+                                                       estimator=cfg.log_prob_estimator,
+                                                       **trace_rows(self._trace(batch), rows))
         old = batch["old_log_probs"][iteration][rows] if cfg.updates_per_rollout > 1 else log_probs.detach()
         mask = batch["loss_masks"][iteration][rows]
         if cfg.loss == "drpo":

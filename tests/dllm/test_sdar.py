@@ -268,3 +268,46 @@ def test_a_config_its_class_rejects_is_one_line_for_any_language_model(tmp_path)
     (folder / "config.json").write_text(json.dumps({**config, "layer_types": ["full_attention"]}))
     with pytest.raises(ConfigError, match=r"^model.path .*broken: cannot load the model \(.*layer_types"):
         MaskedDiffusionLM.from_pretrained(folder)
+
+
+def test_trace_rounds_by_hand():
+    from diffrl.dllm.sdar import trace_rounds
+
+    steps = torch.tensor([[2, 0, 2, 3, 1, 1, -1, 0]])
+    blocks = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
+    assert trace_rounds(steps, blocks).tolist() == [[1, 0, 1, 2, 1, 1, -1, 0]]
+    assert trace_rounds(steps, blocks, shrink=2).tolist() == [[0, 0, 0, 1, 0, 0, -1, 0]]  # collapse_k_unique
+
+
+def test_trace_log_probs_are_those_of_the_state_each_token_was_revealed_in(sdar):
+    """A greedy rollout's step map, scored by the trace estimator: each token's log-prob is read in its block's
+    state at its reveal step (written out here one forward per round and block), and since the greedy sampler
+    took the argmax there, it is that position's largest log-prob."""
+    folder, model = sdar
+    by_hand = SdarByHand(folder)
+    prompts = [torch.randint(5, 90, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (6, 9)]
+    ids, mask = model.left_pad(prompts)
+    answers, steps = block_sampler.generate(model, ids, prompt_mask=mask, gen_length=10, steps_per_block=4,
+                                            return_steps=True)
+    assert steps.min() >= 0 and steps.max() < 4
+    with torch.no_grad():
+        ours, _ = model.completion_log_probs(ids, mask, answers, mask_seed=0, estimator="trace", reveal_steps=steps)
+    from diffrl.dllm.sdar import trace_rounds
+
+    for row, prompt in enumerate(prompts):
+        blocks = ((len(prompt) + torch.arange(10)) // 4)[None]
+        rounds = trace_rounds(steps[row:row + 1], blocks)[0]
+        expected, best = torch.zeros(10), torch.zeros(10)
+        for r in range(int(rounds.max()) + 1):
+            noisy = torch.where(rounds >= r, model.mask_id, answers[row])
+            full = torch.tensor(prompt + answers[row].tolist())
+            for b in range(len(prompt) // 4, (len(prompt) + 10 + 3) // 4):
+                lo, hi = max(b * 4, len(prompt)), min((b + 1) * 4, len(full))
+                seq = torch.cat([full[:lo], noisy[lo - len(prompt):hi - len(prompt)]])[None]
+                log_softmax = torch.log_softmax(by_hand(seq, block_causal(hi, 4), torch.arange(hi)[None])[0, lo:], -1)
+                here = rounds[lo - len(prompt):hi - len(prompt)] == r
+                positions = torch.arange(lo, hi)[here] - len(prompt)
+                expected[positions] = log_softmax[here].gather(-1, full[lo:hi][here, None])[:, 0]
+                best[positions] = log_softmax[here].max(-1).values
+        torch.testing.assert_close(ours[row], expected, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(expected, best, atol=1e-5, rtol=0)

@@ -119,3 +119,41 @@ def test_the_shipped_tiny_config_trains_samples_and_its_card_names_sdars_class(t
     assert cli.main(["push", str(run), "me/tiny-sdar", "--folder", str(tmp_path / "share")]) == 0
     card = (tmp_path / "share" / "README.md").read_text()
     assert "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(" in card and "trust_remote_code" in card
+
+
+def test_trace_estimator_trains_on_the_rollouts_step_map(tiny_dir, tmp_path):
+    """TraceRL's estimator in the igpo trainer: the rollout keeps its step map through dynamic sampling's
+    refills, and two updates move every LoRA parameter."""
+    config = igpo_config(tiny_dir, tmp_path, model__path=str(tiny_dir("sdar")), generation=SDAR_GENERATION,
+                         igpo__enabled=False, reward__weights={"math": 1.0, "test_digit_share": 1.0},
+                         log_prob_estimator="trace", trace_shrink=2, ratio_level="token",
+                         dynamic_sampling={"enabled": True, "max_rounds": 2, "metric": "correctness"})
+    trainer = IGPOTrainer(config)
+    trainer.setup()
+    rollouts = []
+    plain_rollout = trainer._rollout
+    trainer._rollout = lambda: rollouts.append(1) or plain_rollout()  # counts the refills
+    params = {n: p for n, p in trainer.model.module.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for _ in range(2):
+        batch = trainer.rollout()
+        steps = batch["reveal_steps"]
+        assert steps.shape == batch["completions"].shape and steps.min() >= 0 and steps.max() <= 2
+        trainer.score(batch)
+        assert batch["reveal_steps"].shape == batch["completions"].shape
+        out = trainer.update(batch)
+        trainer.step += 1
+        assert math.isfinite(out["loss"]) and out["skipped"] == 0
+    assert len(rollouts) > 2  # the untrained model gets groups all wrong: dynamic sampling drew again
+    assert params and [n for n, p in params.items() if torch.equal(p, before[n])] == []
+
+
+def test_trace_estimator_errors_are_one_line(tiny_dir, tmp_path):
+    with pytest.raises(ConfigError, match="inpainted hints were never revealed"):
+        igpo_config(tiny_dir, tmp_path, model__path=str(tiny_dir("sdar")), generation=SDAR_GENERATION,
+                    log_prob_estimator="trace")
+    config = igpo_config(tiny_dir, tmp_path, model__path=str(tiny_dir("dllm")), igpo__enabled=False,
+                         generation={"gen_length": 16, "block_length": 16, "steps": 8},
+                         log_prob_estimator="trace")
+    with pytest.raises(ConfigError, match="trace reads the order .* not an SDAR"):
+        IGPOTrainer(config).setup()
