@@ -157,3 +157,24 @@ def test_trace_estimator_errors_are_one_line(tiny_dir, tmp_path):
                          log_prob_estimator="trace")
     with pytest.raises(ConfigError, match="trace reads the order .* not an SDAR"):
         IGPOTrainer(config).setup()
+
+
+def test_resume_continues_exactly(tiny_dir, tmp_path):
+    import json
+
+    def run(name, steps, **extra):
+        config = igpo_config(tiny_dir, tmp_path / name, model__path=str(tiny_dir("sdar")),
+                             generation=SDAR_GENERATION, igpo__enabled=False, log_prob_estimator="trace",
+                             reward__weights={"math": 1.0, "test_digit_share": 1.0}, max_steps=steps, **extra)
+        IGPOTrainer(config).train()
+
+    run("a", 3)
+    run("b", 1)
+    run("b", 3, checkpoint__resume="latest")
+
+    def rows(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in r.items() if k not in ("step_time", "rollout_time")}
+                for r in map(json.loads, lines) if "loss" in r]
+
+    assert rows("a") == rows("b") and len(rows("a")) == 3
