@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from diffrl.dllm.block_lm import BlockDiffusionLM
 from diffrl.dllm.masked_sampler import FREE
-from diffrl.dllm.sdar import SDARLM
 
 
 def block_schedule(block_length: int, steps: int) -> list[int]:
@@ -86,7 +86,7 @@ def reveal(confidence: torch.Tensor, masked: torch.Tensor, k: int, *, remasking:
 
 
 @torch.no_grad()
-def generate(model: SDARLM, prompt_ids: torch.Tensor, *, prompt_mask: torch.Tensor, gen_length: int,
+def generate(model: BlockDiffusionLM, prompt_ids: torch.Tensor, *, prompt_mask: torch.Tensor, gen_length: int,
              steps_per_block: int, temperature: float = 0.0, remasking: str = "low_confidence",
              threshold: float | None = None, pinned: torch.Tensor | None = None,
              generator: torch.Generator | None = None, stop_ids: tuple[int, ...] = (), return_steps: bool = False
@@ -99,7 +99,8 @@ def generate(model: SDARLM, prompt_ids: torch.Tensor, *, prompt_mask: torch.Tens
     the step of its block at which each answer token was revealed ``[B, gen_length]`` (TraceRL's step map):
     -1 for a pinned token, ``steps_per_block`` for one never decoded (after the stop)."""
     if remasking not in ("low_confidence", "sequential"):
-        raise ValueError(f"unknown remasking {remasking!r} for SDAR; use 'low_confidence' or 'sequential'")
+        raise ValueError(f"unknown remasking {remasking!r} for a block-diffusion model; use 'low_confidence' or "
+                         f"'sequential'")
     device, size = prompt_ids.device, model.block_length
     batch = prompt_ids.shape[0]
     lengths = prompt_mask.sum(1).long()

@@ -85,7 +85,7 @@ _UNIFORM_ONLY = ("t_min", "t_max", "entropy_bound", "stability_threshold", "conf
 
 def check_block_model_fits(model, config) -> None:
     """One-line errors for settings an SDAR / TraDo block-diffusion model cannot take."""
-    gen, name = config.generation, f"model.path {config.model.path} is an SDAR block-diffusion model"
+    gen, name = config.generation, f"model.path {config.model.path} is an {model.family} block-diffusion model"
     if gen.gen_length % gen.block_length or gen.steps % (gen.gen_length // gen.block_length):
         raise ConfigError(f"{name}: generation.steps ({gen.steps}) are spread over the answer's "
                           f"gen_length / block_length blocks, each taking the same number: make gen_length a "
@@ -108,7 +108,7 @@ def check_block_attention(config) -> None:
     """Before loading: SDAR's block-causal mask is an explicit attention mask, which flash kernels cannot take."""
     attention = config.model.attention
     if attention not in (None, "sdpa", "eager"):
-        raise ConfigError(f"model.path {config.model.path} is an SDAR block-diffusion model: its block-causal mask "
+        raise ConfigError(f"model.path {config.model.path} is a block-diffusion model: its block-causal mask "
                           f"is an explicit attention mask, which model.attention: {attention} cannot take; use "
                           f"sdpa (the default) or eager")
 
@@ -117,8 +117,8 @@ def check_model_fits(model, config) -> None:
     """One-line errors for settings of the other kind of diffusion LM."""
     gen = config.generation
     if gen.remasking == "sequential" and not getattr(model, "block_causal", False):
-        raise ConfigError(f"generation.remasking: sequential is SDAR's left-to-right order, and model.path "
-                          f"{config.model.path} is not a block-diffusion model; use low_confidence or random")
+        raise ConfigError(f"generation.remasking: sequential is the block-diffusion models' left-to-right order "
+                          f"(SDAR's), and model.path {config.model.path} is not one; use low_confidence or random")
     if getattr(model, "block_causal", False):
         check_block_model_fits(model, config)
     elif model.noise == "uniform":

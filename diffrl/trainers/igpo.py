@@ -208,11 +208,12 @@ class IGPOTrainer:
                               "(DiffusionGemma): use loss: clipped")
         if cfg.log_prob_estimator == "trace" and not getattr(self.model, "block_causal", False):
             raise ConfigError(f"log_prob_estimator: trace reads the order in which a block-diffusion sampler "
-                              f"revealed each token; model.path {cfg.model.path} is not an SDAR / TraDo model: "
-                              f"use d1 or coupled")
+                              f"revealed each token; model.path {cfg.model.path} is not a block-diffusion model "
+                              f"(SDAR / TraDo): use d1 or coupled")
         if cfg.loss == "spg" and getattr(self.model, "block_causal", False):
-            raise ConfigError("loss: spg's bounds read a bidirectional model's whole masked answer; SDAR is "
-                              "block-causal and scores blocks by its own two-copy forward: use loss: clipped")
+            raise ConfigError("loss: spg's bounds read a bidirectional model's whole masked answer; a block-"
+                              "diffusion model (SDAR) is block-causal and scores blocks by its own two-copy "
+                              "forward: use loss: clipped")
         run_setup.prepare_optimization(self, cfg.max_steps * cfg.updates_per_rollout)
         self.prompt_sampler = prompt_sampler(cfg.data.curriculum, task_fields(self.train_tasks, cfg.data),
                                              cfg.prompts_per_step // acc.num_processes, what=cfg.data.path,

@@ -271,7 +271,7 @@ def test_a_config_its_class_rejects_is_one_line_for_any_language_model(tmp_path)
 
 
 def test_trace_rounds_by_hand():
-    from diffrl.dllm.sdar import trace_rounds
+    from diffrl.dllm.block_lm import trace_rounds
 
     steps = torch.tensor([[2, 0, 2, 3, 1, 1, -1, 0]])
     blocks = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
@@ -292,7 +292,7 @@ def test_trace_log_probs_are_those_of_the_state_each_token_was_revealed_in(sdar)
     assert steps.min() >= 0 and steps.max() < 4
     with torch.no_grad():
         ours, _ = model.completion_log_probs(ids, mask, answers, mask_seed=0, estimator="trace", reveal_steps=steps)
-    from diffrl.dllm.sdar import trace_rounds
+    from diffrl.dllm.block_lm import trace_rounds
 
     for row, prompt in enumerate(prompts):
         blocks = ((len(prompt) + torch.arange(10)) // 4)[None]
