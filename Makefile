@@ -36,7 +36,7 @@ browser:
 assets/tiny/%: | $(STAMP)
 	$(BIN)/python -m diffrl.models.tiny $* $@
 
-tiny-assets: assets/tiny/dllm assets/tiny/diffusion_gemma assets/tiny/sdar assets/tiny/sd3 assets/tiny/sd15 assets/tiny/preferences
+tiny-assets: assets/tiny/dllm assets/tiny/diffusion_gemma assets/tiny/sdar assets/tiny/llada2 assets/tiny/sd3 assets/tiny/sd15 assets/tiny/preferences
 
 # The quickstart: AWM on the shipped assets/sd3-text model against a real OCR reward, offline, CPU, ~6 minutes.
 demo: $(STAMP)

@@ -51,11 +51,12 @@ def model_card(config: dict, run_dir: Path, *, repo_id: str, weights: str, step:
         else "(no summary: run `diffrl report` on the run folder)"
     if text:
         from diffrl.dllm.diffusion_gemma import is_diffusion_gemma
+        from diffrl.dllm.llada2 import is_llada2
         from diffrl.dllm.sdar import is_sdar
 
         # LLaDA and Dream ship their own modelling code and register it under AutoModel, not AutoModelForMaskedLM;
-        # SDAR's checkpoints carry theirs (diffrl reads them as Qwen3, with the block mask its sampler makes).
-        sdar = is_sdar(base)
+        # SDAR's and LLaDA 2.x's checkpoints carry theirs (diffrl reads them as Qwen3 / Glm4Moe with its block masks).
+        sdar = is_sdar(base) or is_llada2(base)
         remote = bool(config["model"].get("trust_remote_code")) or sdar
         cls = ("AutoModelForCausalLM" if sdar else "DiffusionGemmaForBlockDiffusion" if is_diffusion_gemma(base)
                else "AutoModel" if remote else "AutoModelForMaskedLM")

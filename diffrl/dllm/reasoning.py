@@ -49,6 +49,7 @@ def load_dllm(config, device):
     """The config's diffusion LM (a masked LM, or DiffusionGemma when its config says so) with LoRA (or full
     fine-tuning) and gradient checkpointing; settings that do not fit its kind of noise fail here."""
     from diffrl.dllm.diffusion_gemma import DiffusionGemmaLM, is_diffusion_gemma
+    from diffrl.dllm.llada2 import LLaDA2LM, is_llada2
     from diffrl.dllm.masked_lm import MaskedDiffusionLM
     from diffrl.dllm.sdar import SDARLM, is_sdar
     from diffrl.hub import describe_folder
@@ -62,11 +63,14 @@ def load_dllm(config, device):
     what = describe_folder(m.path)
     if what is not None and not what.startswith("a transformers"):
         raise ConfigError(f"model.path {m.path} is {what}; {config.trainer} trains diffusion language models (LLaDA, "
-                          f"Dream, DiffusionGemma, SDAR / TraDo, any bidirectional masked LM): give such a model's "
-                          f"folder or hub id (`diffrl ls models` lists which trainers take which models)")
+                          f"Dream, DiffusionGemma, SDAR / TraDo, LLaDA 2.x, any bidirectional masked LM): give such a "
+                          f"model's folder or hub id (`diffrl ls models` lists which trainers take which models)")
     options = {}
-    if is_sdar(m.path, revision=m.revision):  # first: its config names remote code that AutoConfig would ask for
-        kind, options = SDARLM, {"block_length": config.generation.block_length}
+    # block-diffusion families first: their configs name remote code that AutoConfig would ask about
+    block_kind = SDARLM if is_sdar(m.path, revision=m.revision) else LLaDA2LM if is_llada2(
+        m.path, revision=m.revision) else None
+    if block_kind is not None:
+        kind, options = block_kind, {"block_length": config.generation.block_length}
         check_block_attention(config)
     elif is_diffusion_gemma(m.path, revision=m.revision):
         kind = DiffusionGemmaLM

@@ -50,5 +50,7 @@ def describe_models() -> list[tuple[str, str, str]]:
              ("DiffusionGemmaForBlockDiffusion", "DiffusionGemma (uniform noise, block diffusion, no mask token)",
               "igpo, dllm_sft"),
              ("SDARForCausalLM", "SDAR, TraDo (mask-token block diffusion on Qwen3 layers, read without remote code)",
-              "igpo, dllm_sft")]
+              "igpo, dllm_sft"),
+             ("LLaDA2MoeModelLM", "LLaDA 2.x (mask-token block diffusion, a mixture of experts, read as Glm4Moe "
+              "without remote code)", "igpo, dllm_sft")]
     return rows

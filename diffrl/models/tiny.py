@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from diffrl.models.tiny_block_dllm import build_sdar, save_llada2, save_sdar
 from diffrl.models.tiny_tokenizers import (  # noqa: F401  (re-exported: the tiny models' tokenizers)
     DLLM_CHAT_TEMPLATE,
     T5_CHARS,
@@ -27,7 +28,7 @@ from diffrl.models.tiny_tokenizers import (  # noqa: F401  (re-exported: the tin
 
 TINY_KINDS = ("sd3", "flux", "flux_kontext", "flux2", "flux2_klein", "qwenimage", "wan", "wan22", "wan_i2v",
               "wan22_i2v", "wan22_ti2v", "sd15",
-              "sdxl", "animatediff", "dllm", "diffusion_gemma", "sdar", "clip", "preferences",
+              "sdxl", "animatediff", "dllm", "diffusion_gemma", "sdar", "llada2", "clip", "preferences",
               "video_preferences", "edit_prompts")
 
 
@@ -400,49 +401,6 @@ def build_diffusion_gemma(seed: int = 0, hidden_size: int = 64, num_layers: int 
     return DiffusionGemmaForBlockDiffusion(config), tokenizer
 
 
-def build_sdar(seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
-    """A tiny SDAR block-diffusion LM: Qwen3 layers (q/k norms, grouped-query attention, a rotary base that is
-    not the default, untied head) and a tokenizer with a mask token. :func:`save_sdar` writes it in SDAR's own
-    folder layout (``model_type: sdar``, ``SDARForCausalLM``, its ``auto_map``), as the hub's checkpoints are."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    tokenizer = tiny_dllm_tokenizer()
-    torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=1024, rope_theta=50000.0, rms_norm_eps=1e-6,
-                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = Qwen3ForCausalLM(config)
-    with torch.no_grad():  # norms away from 1, so that a test notices a norm read from the wrong place
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-    return model, tokenizer
-
-
-SDAR_AUTO_MAP = {"AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "modeling_sdar.SDARModel",
-                 "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"}
-
-
-def save_sdar(folder: str | Path, seed: int = 0) -> Path:
-    """:func:`build_sdar` saved as the SDAR / TraDo checkpoints are: Qwen3's weight names under an SDAR
-    ``config.json`` (no rotary settings beyond ``rope_theta``; the remote code's ``auto_map``)."""
-    import json
-
-    folder = Path(folder)
-    model, tokenizer = build_sdar(seed=seed)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    rope = config.pop("rope_parameters", None) or {}
-    config.pop("layer_types", None)  # SDAR's configs predate it
-    config.update(model_type="sdar", architectures=["SDARForCausalLM"], auto_map=SDAR_AUTO_MAP,
-                  rope_theta=rope.get("rope_theta", 50000.0), rope_scaling=None)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
-
-
 def build_clip(seed: int = 0, image_size: int = 32, vision_sizes: dict | None = None):
     """A CLIPModel with a CLIPProcessor (resize, center crop to ``image_size``, CLIP normalization); the tiny
     text tower, and a vision tower of ``vision_sizes`` (hidden_size, intermediate_size, num_attention_heads,
@@ -541,6 +499,8 @@ def save_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
         return save_edit_prompts(folder, seed=seed)
     if kind == "sdar":
         return save_sdar(folder, seed=seed)
+    if kind == "llada2":
+        return save_llada2(folder, seed=seed)
     built = build_tiny(kind, seed=seed)
     if isinstance(built, tuple):
         for part in built:

@@ -1,4 +1,5 @@
-"""IGPO, diffu-GRPO and SFT on the tiny SDAR (block-diffusion: block-causal attention, its block sampler)."""
+"""IGPO, diffu-GRPO and SFT on the tiny block-diffusion models, SDAR and LLaDA 2.x (block-causal attention, the
+block sampler, the two-copy log-probs)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ from tests.trainers.test_diffusion_gemma_trainers import igpo_config
 SDAR_GENERATION = {"gen_length": 16, "block_length": 4, "steps": 8, "rollout": {"temperature": 1.0}}
 
 
-@pytest.mark.parametrize("inpainting", [True, False], ids=["igpo", "diffu_grpo"])
-def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, inpainting):
+@pytest.mark.parametrize("kind,inpainting", [("sdar", True), ("sdar", False), ("llada2", True)],
+                         ids=["sdar_igpo", "sdar_diffu_grpo", "llada2_igpo"])
+def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, kind, inpainting):
     weights = {"math": 1.0} if inpainting else {"math": 1.0, "test_digit_share": 1.0}
-    config = igpo_config(tiny_dir, tmp_path, model__path=str(tiny_dir("sdar")), generation=SDAR_GENERATION,
+    config = igpo_config(tiny_dir, tmp_path, model__path=str(tiny_dir(kind)), generation=SDAR_GENERATION,
                          igpo__enabled=inpainting, reward__weights=weights, log_prob_estimator="coupled")
     trainer = IGPOTrainer(config)
     trainer.setup()
-    assert type(trainer.model).__name__ == "SDARLM" and trainer.model.block_length == 4
+    assert type(trainer.model).__name__ == {"sdar": "SDARLM", "llada2": "LLaDA2LM"}[kind]
+    assert trainer.model.block_length == 4
     params = {n: p for n, p in trainer.model.module.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in params.items()}
     fired = 0
@@ -41,8 +44,9 @@ def test_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, inpainting):
     assert (fired > 0) == inpainting
 
 
-def test_sft_two_steps_change_every_lora_parameter(tiny_dir, tmp_path):
-    trainer = DllmSFTTrainer(test_dllm_sft.config(tiny_dir, tmp_path, model__path=str(tiny_dir("sdar")),
+@pytest.mark.parametrize("kind", ["sdar", "llada2"])
+def test_sft_two_steps_change_every_lora_parameter(tiny_dir, tmp_path, kind):
+    trainer = DllmSFTTrainer(test_dllm_sft.config(tiny_dir, tmp_path, model__path=str(tiny_dir(kind)),
                                                   generation={"gen_length": 8, "block_length": 4, "steps": 4}))
     trainer.setup()
     before = {n: p.detach().clone() for n, p in trainer.model.module.named_parameters() if p.requires_grad}
