@@ -84,7 +84,7 @@ class BlockDiffusionLM(DiffusionLM):
 
     def completion_log_probs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
                              *, mask_seed: int, prompt_mask_prob: float = 0.0, estimator: str = "d1",
-                             reveal_steps: torch.Tensor | None = None, shrink: int = 1
+                             reveal_steps: torch.Tensor | None = None, shrink: int = 1, num_rounds: int | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-prob estimates of a completion, one forward over the clean sequence and noisy copies of
         the answer's blocks; every random draw comes from ``mask_seed`` (the policy, the old policy and the
@@ -102,7 +102,10 @@ class BlockDiffusionLM(DiffusionLM):
         (the block sampler's step map): each token is scored in the state its block was in when the token was
         revealed, the tokens revealed before it visible and the others masked; one copy per round (round r:
         each block's r-th distinct reveal step; ``shrink`` merges that many consecutive steps into one round,
-        their ``collapse_k_unique``). Tokens with step -1 (pinned) are never masked.
+        their ``collapse_k_unique``). Tokens with step -1 (pinned) are never masked. ``num_rounds``: how many copies
+        (the trainer gives ceil(steps per block / shrink), every round a block can have: the same count in every
+        batch and under ``diffrl plan``; tokens of a later round, never decoded after an early stop, join the
+        last); None: as many as the batch's blocks use.
 
         prompt_ids / prompt_mask: ``[B, P]`` left-padded; completion_ids: ``[B, T]``. Returns ``(log_probs,
         entropy)``, both ``[B, T]`` fp32; entropy of the fully masked prediction."""
@@ -119,7 +122,9 @@ class BlockDiffusionLM(DiffusionLM):
             blocks = (prompt_mask.sum(1, keepdim=True) + torch.arange(completion_ids.shape[1], device=device))
             rounds = trace_rounds(reveal_steps.to(device), blocks.div(self.block_length, rounding_mode="floor"),
                                   shrink)
-            copies = [torch.where(rounds >= r, masked, completion_ids) for r in range(int(rounds.max()) + 1)]
+            count = int(rounds.max()) + 1 if num_rounds is None else num_rounds
+            rounds = rounds.clamp_max(count - 1)
+            copies = [torch.where(rounds >= r, masked, completion_ids) for r in range(count)]
             log_softmax = torch.log_softmax(self.answer_logits(prompt, prompt_mask, completion_ids, copies), dim=-1)
             per_copy = log_softmax.gather(-1, completion_ids.repeat(len(copies), 1)[..., None])[..., 0]
             per_copy = per_copy.view(len(copies), *completion_ids.shape)

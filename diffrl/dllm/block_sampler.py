@@ -19,7 +19,8 @@ by the first answer tokens. Rows of different prompt lengths are laid out so tha
 
 Sampling: temperature 0 takes the argmax, its confidence the softmax probability; otherwise one draw from
 ``softmax(logits / temperature)``, made as ``torch.multinomial`` makes it (the argmax of ``p / q``,
-``q ~ Exp(1)`` from ``generator``, on the CPU), so a seeded run draws the tokens their ``generate`` draws.
+``q ~ Exp(1)`` from ``generator``, on the CPU, as ``exponential_`` makes it: ``-log1p(-u)`` of a float64
+uniform ``u``), so a seeded run draws the tokens their ``generate`` draws.
 
 Where diffrl differs from their code on purpose: a step never reveals more tokens than are masked (theirs, in
 a block that starts with prompt tokens or holds pinned ones and has fewer masks than its schedule, writes
@@ -53,7 +54,10 @@ def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Gen
     else:
         probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
         flat = probs.reshape(-1, probs.shape[-1])
-        q = torch.empty(flat.shape, dtype=flat.dtype).exponential_(1, generator=generator).to(flat.device)
+        # Exp(1) draws as torch's CPU exponential_ makes them (-log1p(-u), u a float64 uniform, cast), written out
+        # so that the planner's fake tensors can make them too (its refs take no generator for exponential_)
+        uniform = torch.rand(flat.shape, generator=generator, dtype=torch.float64)
+        q = (-torch.log1p(-uniform)).to(flat.dtype).to(flat.device)
         tokens = (flat / q).argmax(-1).view(probs.shape[:-1])
     drew_mask = tokens == mask_id
     if drew_mask.any():
@@ -147,10 +151,12 @@ def generate(model: BlockDiffusionLM, prompt_ids: torch.Tensor, *, prompt_mask: 
             lo, hi = block * size, (block + 1) * size
             cur, see, pos = x[:, lo:hi].clone(), allowed(lo, hi), positions[:, lo:hi]
             for step in range(steps_per_block + 1):
-                masked = cur == model.mask_id
-                if not masked.any():
+                # Written so that unknown values (diffrl plan's fake tensors, where a comparison holds nowhere)
+                # take the longest path: every step, then the store. The schedule fills a block in its steps.
+                if step == steps_per_block or bool((cur != model.mask_id).all()):
                     model.logits(cur, see, pos, cache=cache, use_cache=True, logits_to_keep=1)  # store
                     break
+                masked = cur == model.mask_id
                 logits = model.logits(cur, see, pos, cache=cache, use_cache=True)
                 cache.crop(-size)
                 tokens, confidence = sample_tokens(logits, temperature, generator, model.mask_id)
@@ -170,5 +176,5 @@ def generate(model: BlockDiffusionLM, prompt_ids: torch.Tensor, *, prompt_mask: 
 
 
 def _all_stopped(x: torch.Tensor, in_answer: torch.Tensor, stop_ids: tuple[int, ...]) -> bool:
-    hit = torch.isin(x, torch.tensor(stop_ids, device=x.device)) & in_answer
+    hit = (x[..., None] == torch.tensor(stop_ids, device=x.device)).any(-1) & in_answer  # plan: no row stops
     return bool(hit.any(1).all())

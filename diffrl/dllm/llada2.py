@@ -27,7 +27,8 @@ from diffrl.errors import ConfigError
 from diffrl.hub import loading_errors
 
 MODEL_TYPES = ("llada2_moe",)
-_TOKENIZER_FILES = ["*.json", "*.txt", "*.model", "*.jinja", "*.safetensors"]
+MASK_ID = 156895  # LLaDA2MoeConfig's and its generate's default; the published configs leave it out
+_CHECKPOINT_FILES = ["*.json", "*.txt", "*.model", "*.jinja", "*.safetensors"]
 
 
 def is_llada2(path: str | Path, *, revision: str | None = None) -> bool:
@@ -46,9 +47,11 @@ def glm4_moe_config(raw: dict):
         if raw.get(key) == value:
             raise ConfigError(f"the LLaDA 2.x config sets {key}: {value}, which diffrl's port does not build; use a "
                               f"published LLaDA 2.x checkpoint")
-    if raw.get("score_function", "sigmoid") != "sigmoid" or not raw.get("num_shared_experts"):
-        raise ConfigError("the LLaDA 2.x config routes experts other than by sigmoid scores with shared experts, "
-                          "which diffrl's port does not build; use a published LLaDA 2.x checkpoint")
+    if raw.get("score_function", "sigmoid") != "sigmoid" or not raw.get("num_shared_experts") or \
+            raw.get("moe_router_enable_expert_bias") is False:
+        raise ConfigError("the LLaDA 2.x config routes experts other than by sigmoid scores with an expert bias "
+                          "and shared experts, which diffrl's port does not build; use a published LLaDA 2.x "
+                          "checkpoint")
     scaling = raw.get("rope_scaling") or {}
     rope = {**scaling, "rope_type": scaling.get("rope_type", scaling.get("type", "default")),
             "rope_theta": raw.get("rope_theta", 10000.0),
@@ -62,12 +65,14 @@ def glm4_moe_config(raw: dict):
             hidden_act=raw.get("hidden_act", "silu"), max_position_embeddings=raw.get("max_position_embeddings", 32768),
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6), tie_word_embeddings=raw.get("tie_word_embeddings", False),
             rope_parameters=rope, attention_bias=bool(raw.get("use_qkv_bias", False)),
-            use_qk_norm=bool(raw.get("use_qk_norm", False)), moe_intermediate_size=raw["moe_intermediate_size"],
+            use_qk_norm=bool(raw.get("use_qk_norm", True)),  # on by default in LLaDA2MoeConfig
+            moe_intermediate_size=raw["moe_intermediate_size"],
             num_experts_per_tok=raw["num_experts_per_tok"], n_shared_experts=raw["num_shared_experts"],
             n_routed_experts=raw["num_experts"], routed_scaling_factor=raw.get("routed_scaling_factor", 1.0),
             n_group=raw.get("n_group", 1), topk_group=raw.get("topk_group", 1),
             first_k_dense_replace=raw.get("first_k_dense_replace", 0),
-            # LLaDA 2.x normalises the chosen experts' weights whenever it picks more than one
+            # its router normalises the chosen experts' weights whenever it picks more than one (whatever the
+            # config's norm_topk_prob says: its code does not read it)
             norm_topk_prob=raw["num_experts_per_tok"] > 1, num_mtp_layers=0,
             pad_token_id=raw.get("pad_token_id"), eos_token_id=raw.get("eos_token_id"),
             bos_token_id=raw.get("bos_token_id"))
@@ -141,17 +146,24 @@ def from_glm4_moe(state: dict[str, torch.Tensor], config) -> dict[str, torch.Ten
     return out
 
 
-def _weight_files(path: str | Path, revision: str | None) -> tuple[Path, list[Path]]:
+def _local_folder(path: str | Path, revision: str | None) -> Path:
     folder = Path(path).expanduser()
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(str(path), revision=revision, allow_patterns=_TOKENIZER_FILES))
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ConfigError(f"model.path {path}: no .safetensors weights in the folder; download the checkpoint "
-                          f"again (diffrl reads safetensors only)")
-    return folder, files
+    return Path(snapshot_download(str(path), revision=revision, allow_patterns=_CHECKPOINT_FILES))
+
+
+def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors files, in LLaDA 2.x's layout ({} when it has none).
+    (``diffrl plan`` replaces it with one that reads nothing, as it builds every other model from its config.)"""
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state
 
 
 class LLaDA2LM(BlockDiffusionLM):
@@ -161,47 +173,36 @@ class LLaDA2LM(BlockDiffusionLM):
     def from_pretrained(cls, path: str | Path, *, revision: str | None = None, dtype: torch.dtype = torch.float32,
                         device: torch.device | str = "cpu", trust_remote_code: bool = False, block_length: int = 32,
                         mask_id: int | None = None) -> LLaDA2LM:
-        """Open a hub id or local folder into transformers' Glm4MoeForCausalLM (module docstring). The model is
-        built without memory and takes the converted tensors as they are; any parameter the checkpoint does not
-        fill, or any tensor the model has no place for, is refused in one line."""
-        from safetensors.torch import load_file
+        """Open a hub id or local folder into transformers' Glm4MoeForCausalLM (module docstring): the tensors
+        are read, converted and handed to ``from_pretrained`` as its state dict. Any parameter the checkpoint does
+        not fill, or any tensor the model has no place for, is refused in one line. (A folder of config files
+        only, as ``diffrl plan`` writes, reaches ``from_pretrained`` with no state dict.)"""
         from transformers import AutoTokenizer, Glm4MoeForCausalLM
+        from transformers.utils import logging as hf_logging
 
         from diffrl.dllm.sdar import quiet_loading
 
+        hf_logging.disable_progress_bar()
         with loading_errors(path):
             raw = read_config(path, revision=revision)
             if raw.get("model_type") not in MODEL_TYPES:
                 raise ConfigError(f"model.path {path} is not a LLaDA 2.x model (config.json model_type: "
                                   f"{raw.get('model_type')!r}, LLaDA 2.x's is 'llada2_moe')")
             config = glm4_moe_config(raw)
-            config._attn_implementation = "sdpa"
-            folder, files = _weight_files(path, revision)
+            folder = _local_folder(path, revision)
+            state = read_checkpoint(folder)
             with quiet_loading():
                 tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-            state = {}
-            for file in files:
-                state.update(load_file(str(file)))
-        state = to_glm4_moe(state, config)
-        with torch.device("meta"):
-            module = Glm4MoeForCausalLM(config)
-        kept_fp32 = {name for name, _ in module.named_parameters() if name.endswith(".mlp.gate.weight")}
-        state = {k: v.to(torch.float32 if k in kept_fp32 or k.endswith("e_score_correction_bias") else dtype)
-                 for k, v in state.items()}
-        if config.tie_word_embeddings:
-            state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
-        result = module.load_state_dict(state, strict=False, assign=True)
-        if result.missing_keys or result.unexpected_keys:
-            name = (result.missing_keys or result.unexpected_keys)[0]
-            what = "misses" if result.missing_keys else "holds tensors the model has no place for, such as"
-            raise ConfigError(f"model.path {path}: the checkpoint {what} {name}: not a LLaDA 2.x checkpoint that "
-                              f"matches its config.json, or an incomplete download")
-        from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeRotaryEmbedding
-
-        module.model.rotary_emb = Glm4MoeRotaryEmbedding(config)  # its buffers are not in the checkpoint
-        if config.tie_word_embeddings:
-            module.tie_weights()
-        module.eval()
+                module, info = Glm4MoeForCausalLM.from_pretrained(
+                    None if state else str(folder), config=config, dtype=dtype, attn_implementation="sdpa",
+                    state_dict=to_glm4_moe(state, config) if state else None, output_loading_info=True)
+        problems = sorted(info["missing_keys"]) or sorted(info["unexpected_keys"])
+        if problems:
+            what = "misses" if info["missing_keys"] else "holds tensors the model has no place for, such as"
+            raise ConfigError(f"model.path {path}: the checkpoint {what} {problems[0]}: not a LLaDA 2.x checkpoint "
+                              f"that matches its config.json, or an incomplete download")
+        if mask_id is None and tokenizer.mask_token_id is None:
+            mask_id = raw.get("mask_token_id", MASK_ID)
         return cls(module.to(device), tokenizer, block_length=block_length, mask_id=mask_id, device=device,
                    source_config=raw)
 

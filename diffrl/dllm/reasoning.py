@@ -292,8 +292,8 @@ def chunked_log_probs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
                       trace: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies ``[N, T]`` of every completion by the model's estimator (d1's or the
     coupled one, one ``mask_seed`` for all), ``chunk`` sequences per forward, without gradient: the old and
-    reference policies' values before an update. ``trace``: ``{"reveal_steps": [N, T], "shrink": k}`` for the
-    trace estimator (block-diffusion models)."""
+    reference policies' values before an update. ``trace``: the trace estimator's ``reveal_steps [N, T]``,
+    ``shrink`` and ``num_rounds`` (block-diffusion models)."""
     log_probs, entropy = [], []
     for start in range(0, prompt_ids.shape[0], chunk):
         part = slice(start, start + chunk)
@@ -309,7 +309,7 @@ def trace_rows(trace: dict | None, rows: slice) -> dict:
     """The trace estimator's keyword arguments for ``rows`` of a batch ({} without it)."""
     if trace is None:
         return {}
-    return {"reveal_steps": trace["reveal_steps"][rows], "shrink": trace["shrink"]}
+    return {"reveal_steps": trace["reveal_steps"][rows], "shrink": trace["shrink"], "num_rounds": trace["num_rounds"]}
 
 
 def until_first(completions: torch.Tensor, token_id: int | None) -> torch.Tensor:

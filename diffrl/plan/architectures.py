@@ -27,7 +27,8 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets" / "configs"
 class Architecture:
     kind: str                          # a diffusers pipeline: the tiny builder's kind whose layout it has
                                        # ("sd3", "flux", "wan", ...); a language model: "masked_lm", or
-                                       # "diffusion_gemma" (no mask token); a reward's CLIP model: "clip"; one
+                                       # "diffusion_gemma" (no mask token), "llada2" (block diffusion); a
+                                       # reward's CLIP model: "clip"; one
                                        # diffusers network opened on its own (a motion adapter): "module"
     components: dict[str, str]         # sub-folder ("" for the root) -> assets/configs file (the scheduler's
                                        # sub-folder gets scheduler_config.json, the others config.json)
@@ -38,7 +39,7 @@ class Architecture:
     index: dict = dataclasses.field(default_factory=dict)   # model_index.json settings of the real pipeline
 
 
-LANGUAGE_MODELS = ("masked_lm", "diffusion_gemma")
+LANGUAGE_MODELS = ("masked_lm", "diffusion_gemma", "llada2")
 
 _FLUX1 = {"transformer": "flux1_dev_transformer.json", "vae": "flux1_vae.json",
           "text_encoder": "clip_vit_l14_text.json", "text_encoder_2": "t5_v1_1_xxl_encoder.json",
@@ -104,6 +105,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     # reward models (the PickScore reward's model and processor ids)
     "yuvalkirstain/PickScore_v1": Architecture("clip", {"": "clip_vit_h14.json"}),
     "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": Architecture("clip", {"": "clip_vit_h14.json"}),
+    "inclusionAI/LLaDA2.0-mini": Architecture(
+        "llada2", {"": "llada2_mini.json"},
+        note="LLaDA2.0-mini's own config (its tensors converted into transformers' Glm4Moe, as diffrl loads it)"),
     "google/diffusiongemma-26B-A4B-it": Architecture(
         "diffusion_gemma", {"": "diffusiongemma_26b_a4b.json"},
         note="dimensions from public reports; 25.4B parameters against the 25.8B reported"),

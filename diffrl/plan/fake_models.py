@@ -35,15 +35,22 @@ def _diffusers_from_config(cls, path, *args, subfolder=None, dtype=None, torch_d
 
 
 def _transformers_from_config(cls, path, *args, config=None, subfolder="", dtype=None, torch_dtype=None,
-                              trust_remote_code=None, **kwargs):
+                              trust_remote_code=None, output_loading_info=False, state_dict=None, **kwargs):
+    """``from_config`` for ``from_pretrained``'s arguments; ``output_loading_info`` gets what a complete checkpoint
+    reports (nothing missing), and a ``state_dict`` (read from files the folder does not have) is not used."""
     from transformers import AutoConfig
 
     if config is None or isinstance(config, str):
         config = AutoConfig.from_pretrained(str(_resolve(path)), subfolder=subfolder,
                                             trust_remote_code=trust_remote_code)
     dtype = dtype or torch_dtype
-    model = cls._from_config(config, **({"dtype": dtype} if isinstance(dtype, torch.dtype) else {}))
-    return model.eval()
+    attention = kwargs.get("attn_implementation")
+    model = cls._from_config(config, **({"dtype": dtype} if isinstance(dtype, torch.dtype) else {}),
+                             **({"attn_implementation": attention} if attention else {})).eval()
+    if output_loading_info:
+        return model, {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(),
+                       "error_msgs": []}
+    return model
 
 
 def _apply_by_assignment(self, fn, recurse=True):
@@ -97,9 +104,15 @@ def built_from_config(resolve=None):
              PreTrainedModel: PreTrainedModel.__dict__["from_pretrained"]}
     ModelMixin.from_pretrained = classmethod(_diffusers_from_config)
     PreTrainedModel.from_pretrained = classmethod(_transformers_from_config)
+    # a family whose tensors diffrl converts itself reads its files first: nothing to read here
+    from diffrl.dllm import llada2
+
+    saved_reader = llada2.read_checkpoint
+    llada2.read_checkpoint = lambda folder: {}
     try:
         yield
     finally:
+        llada2.read_checkpoint = saved_reader
         for cls, method in saved.items():
             cls.from_pretrained = method
         torch.nn.Module._apply = saved_apply

@@ -477,7 +477,10 @@ class IGPOTrainer:
     def _trace(self, batch: dict) -> dict | None:
         if self.config.log_prob_estimator != "trace":
             return None
-        return {"reveal_steps": batch["reveal_steps"], "shrink": self.config.trace_shrink}
+        gen = self.config.generation
+        steps_per_block = gen.steps * gen.block_length // gen.gen_length
+        return {"reveal_steps": batch["reveal_steps"], "shrink": self.config.trace_shrink,
+                "num_rounds": -(-steps_per_block // self.config.trace_shrink)}
 
     def _loss(self, batch: dict, iteration: int, rows: slice, total_tokens: float):
         cfg = self.config

@@ -1,6 +1,7 @@
 """The plan's tracer against real runs: the same config traced under fake tensors (weights built from the
-folder's configs) and run on real tensors (its saved weights), by the same tracker, peak by peak. Three kinds
-of model: a flow transformer (SD3 layout, AWM), a masked LM (IGPO) and DiffusionGemma (IGPO, no mask token); and
+folder's configs) and run on real tensors (its saved weights), by the same tracker, peak by peak. Four kinds
+of model: a flow transformer (SD3 layout, AWM), a masked LM (IGPO), DiffusionGemma (IGPO, no mask token) and a
+block-diffusion mixture of experts (LLaDA 2.x, TraceRL's estimator); and
 the trainers whose step is micro-batches (SePPO, Diffusion-DPO, dLLM SFT)."""
 
 import pytest
@@ -16,7 +17,14 @@ CASES = {
     "masked LM (IGPO)": ("configs/igpo/tiny_arithmetic.yaml", "dllm", []),
     # bf16: torch's fake grouped-matmul (the experts) takes half precision only, as CUDA does
     "DiffusionGemma (IGPO)": ("configs/igpo/tiny_diffusion_gemma.yaml", "diffusion_gemma", ["model.dtype=bfloat16"]),
+    # block diffusion: the block sampler's key/value cache, the two-copy forward; LLaDA 2.x's experts
+    "LLaDA 2.x (TraceRL estimator)": ("configs/igpo/tiny_sdar.yaml", "llada2",
+                                      ["igpo.enabled=false", "log_prob_estimator=trace", "generation.gen_length=16",
+                                       "generation.steps=16", "model.dtype=bfloat16"]),
 }
+
+
+BLOCK_DIFFUSION = ("llada2", "sdar")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -31,7 +39,12 @@ def test_a_fake_trace_has_the_memory_and_flops_of_a_real_run(case, tiny_dir):
         r, f = real.phases[name], fake.phases[name]
         assert r.peak_bytes > 1_000_000, (name, r.peak_bytes)
         assert abs(f.peak_bytes - r.peak_bytes) <= 0.10 * r.peak_bytes, (name, r.peak_bytes, f.peak_bytes)
-        assert f.flops == r.flops, (name, r.flops, f.flops)
+        if name == "rollout" and kind in BLOCK_DIFFUSION:
+            # the trace takes every block's longest path (all its steps); the real run finishes a block early
+            # when it has fewer masks than its schedule (the prompt's tail shares the first block)
+            assert r.flops <= f.flops <= 1.05 * r.flops, (name, r.flops, f.flops)
+        else:
+            assert f.flops == r.flops, (name, r.flops, f.flops)
     update = fake.phases["update"]
     assert sum(update.split.values()) == update.peak_bytes
     assert min(update.split["optimizer"], update.split["weights"]) > 0
@@ -80,7 +93,12 @@ def test_preference_and_sft_steps_trace_as_real_runs_and_extrapolate_by_micro_ba
     for name in steps:
         r, f = real.phases[name], fake.phases[name]
         assert abs(f.peak_bytes - r.peak_bytes) <= 0.10 * r.peak_bytes, (name, r.peak_bytes, f.peak_bytes)
-        assert f.flops == r.flops, (name, r.flops, f.flops)
+        if name == "rollout" and kind in BLOCK_DIFFUSION:
+            # the trace takes every block's longest path (all its steps); the real run finishes a block early
+            # when it has fewer masks than its schedule (the prompt's tail shares the first block)
+            assert r.flops <= f.flops <= 1.05 * r.flops, (name, r.flops, f.flops)
+        else:
+            assert f.flops == r.flops, (name, r.flops, f.flops)
     assert fake.phases["update"].flops > 0 and fake.phases["update"].split["optimizer"] > 0
     six = [*overrides, "optim.gradient_accumulation_steps=6"]
     planned, direct = plan(config, six, processes=1), trace_step(config, six, micro_batches=6)
