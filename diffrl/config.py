@@ -64,6 +64,8 @@ class ModelConfig:
         "default", help="torch.compile mode")
     motion_adapter: str | None = param(None, help="AnimateDiff: a MotionAdapter hub id or folder; path is then the "
                                                   "SD1.5 pipeline it animates")
+    mask_id: int | None = param(None, help="diffusion LMs: the mask token's id, where neither the tokenizer nor the "
+                                           "model config names one (null: theirs)", ge=0)
     pipeline: str | None = param(None, help="open the checkpoint as this diffusers flow pipeline instead of the one "
                                             "model_index.json names: WanImageToVideoPipeline makes Wan 2.2 TI2V-5B "
                                             "(a WanPipeline checkpoint) an image-to-video model")

@@ -144,7 +144,7 @@ class MaskedDiffusionLM(DiffusionLM):
         if model_type in _KNOWN_MASK_IDS:
             return _KNOWN_MASK_IDS[model_type]
         raise ConfigError(f"cannot find the mask token of {type(self.module).__name__}: the tokenizer has none and "
-                          f"the config has no mask_token_id; set model.mask_id in the config")
+                          f"the config has no mask_token_id; set model.mask_id (the mask token's id) in the config")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, revision: str | None = None, dtype: torch.dtype = torch.float32,

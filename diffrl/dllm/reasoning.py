@@ -60,19 +60,23 @@ def load_dllm(config, device):
     for key in ("motion_adapter", "pipeline"):  # diffusers pipeline options: a language model has none
         if getattr(m, key) is not None:
             raise ConfigError(f"model.{key} is for diffusers image / video pipelines; remove it for {config.trainer}")
+    options = {} if m.mask_id is None else {"mask_id": m.mask_id}
     what = describe_folder(m.path)
     if what is not None and not what.startswith("a transformers"):
         raise ConfigError(f"model.path {m.path} is {what}; {config.trainer} trains diffusion language models (LLaDA, "
                           f"Dream, DiffusionGemma, SDAR / TraDo, LLaDA 2.x, any bidirectional masked LM): give such a "
                           f"model's folder or hub id (`diffrl ls models` lists which trainers take which models)")
-    options = {}
     # block-diffusion families first: their configs name remote code that AutoConfig would ask about
     block_kind = SDARLM if is_sdar(m.path, revision=m.revision) else LLaDA2LM if is_llada2(
         m.path, revision=m.revision) else None
     if block_kind is not None:
-        kind, options = block_kind, {"block_length": config.generation.block_length}
+        kind = block_kind
+        options["block_length"] = config.generation.block_length
         check_block_attention(config)
     elif is_diffusion_gemma(m.path, revision=m.revision):
+        if "mask_id" in options:
+            raise ConfigError(f"model.path {m.path} is a DiffusionGemma: it has no mask token (uniform noise); "
+                              f"remove model.mask_id")
         kind = DiffusionGemmaLM
     else:
         kind = MaskedDiffusionLM

@@ -21,6 +21,8 @@ def load_preference_model(config, device):
     if config.model.pipeline is not None:  # its one use: image-to-video, which preference pairs do not train
         raise ConfigError(f"model.pipeline is for the reward trainers (awm, nft, flow_grpo); remove it for "
                           f"{config.trainer}")
+    if config.model.mask_id is not None:
+        raise ConfigError(f"model.mask_id is for diffusion language models; remove it for {config.trainer}")
     model = load_diffusion_model(config.model.path, revision=config.model.revision,
                                  dtype=run_setup.torch_dtype(config.model.dtype), device=device,
                                  max_sequence_length=config.generation.max_sequence_length,

@@ -59,6 +59,8 @@ def load_flow_model(config, device):
     if config.model.motion_adapter is not None:
         raise ConfigError("model.motion_adapter (AnimateDiff) is for the UNet trainers (seppo, diffusion_dpo); "
                           "flow trainers take SD3, FLUX and Wan pipelines")
+    if config.model.mask_id is not None:
+        raise ConfigError(f"model.mask_id is for diffusion language models; remove it for {config.trainer}")
     model = FlowModel.from_pretrained(config.model.path, revision=config.model.revision,
                                       pipeline_class=config.model.pipeline,
                                       dtype=run_setup.torch_dtype(config.model.dtype), device=device,

@@ -27,6 +27,7 @@ PARAMETERS = {
     "flux1_dev_transformer.json": 11_901_408_320, "flux1_vae.json": 83_819_683,
     "flux2_dev_transformer.json": 32_223_281_152, "flux2_klein_4b_transformer.json": 3_875_544_576,
     "flux2_vae.json": 84_046_115, "llada_8b_masked_lm.json": 8_032_362_496,
+    "llada2_mini.json": 16_255_638_528,   # LLaDA2.0-mini's "16B", its own config read as diffrl loads it
     "mistral_small_31_24b.json": 24_011_361_280, "qwen25_vl_7b.json": 8_292_166_656,
     "qwen3_4b.json": 4_022_468_096, "qwenimage_transformer.json": 20_430_401_088,
     "qwenimage_vae.json": 126_892_531,
@@ -44,6 +45,10 @@ PARAMETERS = {
 def _build(name: str) -> torch.nn.Module:
     config = architectures.network_config(name)
     with torch.device("meta"):   # shapes only
+        if config.get("model_type") == "llada2_moe":   # its tensors are read into transformers' Glm4Moe
+            from diffrl.dllm.llada2 import glm4_moe_config
+
+            return transformers.Glm4MoeForCausalLM(glm4_moe_config(config))
         if hasattr(diffusers, config.get("_class_name", "")):
             return getattr(diffusers, config["_class_name"]).from_config(config)
         cls = getattr(transformers, config["architectures"][0])

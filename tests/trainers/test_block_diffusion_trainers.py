@@ -182,3 +182,41 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
                 for r in map(json.loads, lines) if "loss" in r]
 
     assert rows("a") == rows("b") and len(rows("a")) == 3
+
+
+@pytest.mark.parametrize("kind", ["dllm", "sdar"])
+def test_the_mask_id_advice_works(tiny_dir, tmp_path, kind):
+    """A model whose tokenizer and config name no mask token: the one-line error says to set model.mask_id, and
+    setting it loads the model with that id (model.mask_id did not exist when the masked LM's error named it)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "no_mask"
+    shutil.copytree(tiny_dir(kind), folder)
+    for name in ("tokenizer_config.json", "config.json"):
+        data = json.loads((folder / name).read_text())
+        data.pop("mask_token", None)
+        data.pop("mask_token_id", None)
+        (folder / name).write_text(json.dumps(data))
+    generation = SDAR_GENERATION if kind == "sdar" else {"gen_length": 16, "block_length": 16, "steps": 8}
+    config = igpo_config(tiny_dir, tmp_path, model__path=str(folder), generation=generation)
+    with pytest.raises(ConfigError, match="set model.mask_id"):
+        load_dllm(config, "cpu")
+    model = load_dllm(igpo_config(tiny_dir, tmp_path, model={"path": str(folder), "mask_id": 4},
+                                  generation=generation), "cpu")
+    assert model.mask_id == 4
+
+
+def test_mask_id_is_refused_where_there_is_no_mask_token(tiny_dir, tmp_path):
+    config = igpo_config(tiny_dir, tmp_path, model={"path": str(tiny_dir("diffusion_gemma")), "mask_id": 4})
+    with pytest.raises(ConfigError, match="DiffusionGemma: it has no mask token .* remove model.mask_id"):
+        load_dllm(config, "cpu")
+
+
+def test_mask_id_is_refused_for_image_models(tiny_dir):
+    from diffrl.trainers import load_config
+    from diffrl.training.rollout import load_flow_model
+
+    config = load_config("configs/awm/tiny_sd3_jpeg.yaml", [f"model.path={tiny_dir('sd3')}", "model.mask_id=4"])
+    with pytest.raises(ConfigError, match="model.mask_id is for diffusion language models; remove it for awm"):
+        load_flow_model(config, "cpu")
