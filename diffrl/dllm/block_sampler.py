@@ -20,7 +20,8 @@ by the first answer tokens. Rows of different prompt lengths are laid out so tha
 Sampling: temperature 0 takes the argmax, its confidence the softmax probability; otherwise one draw from
 ``softmax(logits / temperature)``, made as ``torch.multinomial`` makes it (the argmax of ``p / q``,
 ``q ~ Exp(1)`` from ``generator``, on the CPU, as ``exponential_`` makes it: ``-log1p(-u)`` of a float64
-uniform ``u``), so a seeded run draws the tokens their ``generate`` draws.
+uniform ``u``), so a seeded run on the CPU draws the tokens their ``generate`` draws; on an accelerator,
+``torch.multinomial`` with a device generator seeded from ``generator``.
 
 Where diffrl differs from their code on purpose: a step never reveals more tokens than are masked (theirs, in
 a block that starts with prompt tokens or holds pinned ones and has fewer masks than its schedule, writes
@@ -54,11 +55,17 @@ def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Gen
     else:
         probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
         flat = probs.reshape(-1, probs.shape[-1])
-        # Exp(1) draws as torch's CPU exponential_ makes them (-log1p(-u), u a float64 uniform, cast), written out
-        # so that the planner's fake tensors can make them too (its refs take no generator for exponential_)
-        uniform = torch.rand(flat.shape, generator=generator, dtype=torch.float64)
-        q = (-torch.log1p(-uniform)).to(flat.dtype).to(flat.device)
-        tokens = (flat / q).argmax(-1).view(probs.shape[:-1])
+        if flat.device.type == "cpu":
+            # Exp(1) draws as torch's CPU exponential_ makes them (-log1p(-u), u a float64 uniform, cast),
+            # written out so that the planner's fake tensors can make them too (no generator in its refs there)
+            uniform = torch.rand(flat.shape, generator=generator, dtype=torch.float64)
+            tokens = (flat / (-torch.log1p(-uniform)).to(flat.dtype)).argmax(-1)
+        else:  # an accelerator draws with its own generator, seeded from ``generator``: no vocabulary-sized
+            # draw on the host and no copy of it to the device each step (seeded runs repeat, per device type)
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+            device_generator = torch.Generator(flat.device).manual_seed(seed)
+            tokens = torch.multinomial(flat, 1, generator=device_generator)[:, 0]
+        tokens = tokens.view(probs.shape[:-1])
     drew_mask = tokens == mask_id
     if drew_mask.any():
         tokens = torch.where(drew_mask, probs.index_fill(-1, torch.tensor([mask_id], device=probs.device),
