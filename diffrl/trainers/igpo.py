@@ -14,7 +14,7 @@ One step:
 4. advantages from ``diffrl.advantages`` (``dr_grpo``: r - group mean, as IGPO's trainer);
 5. ``updates_per_rollout`` (mu) optimizer steps on the batch: per-token log-probs by d1's estimator (completion
    fully masked, prompt masked at ``prompt_mask_prob`` with one seed per iteration; or DiffuCoder's coupled
-   estimator, ``log_prob_estimator: coupled``; for SDAR / TraDo also TraceRL's, ``trace``: each token in the
+   estimator, ``log_prob_estimator: coupled``; for block-diffusion models also TraceRL's, ``trace``: each token in the
    state its rollout revealed it in), the clipped surrogate
    with sequence-level GSPO ratios (IGPO's published run) or token-level ones, k3 KL to the LoRA-free
    reference, token-mean over the loss mask. The mask keeps every self-generated token and, among hint tokens,
@@ -114,7 +114,8 @@ class IGPOConfig(TrainerConfig):
     log_prob_estimator: Literal["d1", "coupled", "trace"] = param(
         "d1", help="'d1': one pass with the completion fully masked (d1, IGPO); 'coupled': DiffuCoder's "
                    "coupled sampling, a random mask at t ~ U(0.2, 0.8) and its complement (3 passes); 'trace': "
-                   "TraceRL's, each token scored in the state its rollout revealed it in (SDAR / TraDo)")
+                   "TraceRL's, each token scored in the state its rollout revealed it in (block-diffusion models: "
+                   "SDAR / TraDo, LLaDA 2.x)")
     trace_shrink: int = param(1, help="log_prob_estimator trace: consecutive reveal steps merged into one "
                                       "scoring round (TraceRL's shrink)", ge=1)
     prompt_mask_prob: float = param(0.15, help="prompt tokens masked in the log-prob estimate (d1: 0.15; IGPO's "
@@ -209,10 +210,10 @@ class IGPOTrainer:
         if cfg.log_prob_estimator == "trace" and not getattr(self.model, "block_causal", False):
             raise ConfigError(f"log_prob_estimator: trace reads the order in which a block-diffusion sampler "
                               f"revealed each token; model.path {cfg.model.path} is not a block-diffusion model "
-                              f"(SDAR / TraDo): use d1 or coupled")
+                              f"(SDAR / TraDo, LLaDA 2.x): use d1 or coupled")
         if cfg.loss == "spg" and getattr(self.model, "block_causal", False):
             raise ConfigError("loss: spg's bounds read a bidirectional model's whole masked answer; a block-"
-                              "diffusion model (SDAR) is block-causal and scores blocks by its own two-copy "
+                              "diffusion model (SDAR, LLaDA 2.x) is block-causal and scores blocks by its own two-copy "
                               "forward: use loss: clipped")
         run_setup.prepare_optimization(self, cfg.max_steps * cfg.updates_per_rollout)
         self.prompt_sampler = prompt_sampler(cfg.data.curriculum, task_fields(self.train_tasks, cfg.data),

@@ -118,16 +118,22 @@ def their_generate(forward, prompt: list[int], *, mask_id, gen_length, block_len
     return x[length:length + gen_length]
 
 
+def assert_forward_is(model, by_hand, first_position: int) -> None:
+    """The model's logits under a block-causal mask (blocks of 4) at positions from ``first_position`` equal
+    the forward written out by hand."""
+    ids = torch.randint(5, 90, (2, 11), generator=torch.Generator().manual_seed(0))
+    visible = block_causal(11, 4).repeat(2, 1, 1)
+    positions = torch.arange(first_position, first_position + 11)[None].repeat(2, 1)
+    with torch.no_grad():
+        ours = model.logits(ids, visible.bool(), positions)
+    torch.testing.assert_close(ours, by_hand(ids, visible, positions), atol=2e-5, rtol=1e-5)
+
+
 def test_loads_into_qwen3_and_computes_sdars_forward(sdar):
     folder, model = sdar
     assert is_sdar(folder) and type(model.module).__name__ == "Qwen3ForCausalLM"
     assert json.loads((folder / "config.json").read_text())["model_type"] == "sdar"
-    ids = torch.randint(5, 90, (2, 11), generator=torch.Generator().manual_seed(0))
-    visible = block_causal(11, 4).repeat(2, 1, 1)
-    positions = torch.arange(3, 14)[None].repeat(2, 1)
-    with torch.no_grad():
-        ours = model.logits(ids, visible.bool(), positions)
-    torch.testing.assert_close(ours, SdarByHand(folder)(ids, visible, positions), atol=2e-5, rtol=1e-5)
+    assert_forward_is(model, SdarByHand(folder), first_position=3)
 
 
 @pytest.mark.parametrize("prompt_length,steps,remasking,threshold,temperature", [
