@@ -73,12 +73,17 @@ def unshardable(model) -> str | None:
     step, and FSDP's collectives then mismatch (gloo aborts on it, measured); DDP lets an expert without
     samples sit the step out. DiffusionGemma: its passes call the embedding and the output head on their own,
     outside the sharded module's forward, which FSDP2 refuses ("FSDP requires a single root module",
-    measured)."""
+    measured). Block-diffusion models (SDAR, LLaDA 2.x): each process's decoding runs as many forwards as its
+    own blocks need (a block sharing its first positions with the prompt, a confidence threshold, a stop
+    token end it sooner), and a sharded forward is a collective that every process must join."""
     from diffrl.dllm.diffusion_gemma import DiffusionGemmaLM
 
     if getattr(model, "has_two_experts", False):
         return ("Wan 2.2's two experts cannot be sharded (each process's samples may fall on a different expert): "
                 "train with --accelerate-config ddp")
+    if getattr(model, "block_causal", False):
+        return (f"{model.family} is not sharded by diffrl (its block decoding runs a different number of forwards "
+                f"on each process, and a sharded forward needs every process): train with --accelerate-config ddp")
     if isinstance(model, DiffusionGemmaLM):
         return ("DiffusionGemma is not sharded by diffrl (its passes call the embedding and output head outside "
                 "the model's forward, which FSDP2 refuses): train with --accelerate-config ddp")

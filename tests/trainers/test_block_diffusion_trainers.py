@@ -220,3 +220,16 @@ def test_mask_id_is_refused_for_image_models(tiny_dir):
     config = load_config("configs/awm/tiny_sd3_jpeg.yaml", [f"model.path={tiny_dir('sd3')}", "model.mask_id=4"])
     with pytest.raises(ConfigError, match="model.mask_id is for diffusion language models; remove it for awm"):
         load_flow_model(config, "cpu")
+
+
+@pytest.mark.parametrize("kind,family", [("sdar", "SDAR"), ("llada2", "LLaDA 2.x")])
+def test_fsdp_is_refused_in_one_line(tiny_dir, tmp_path, kind, family):
+    """Each process decodes as many forwards as its own blocks need; a sharded forward needs every process."""
+    from diffrl.training.sharding import unshardable
+
+    model = load_dllm(igpo_config(tiny_dir, tmp_path, model__path=str(tiny_dir(kind)), generation=SDAR_GENERATION),
+                      "cpu")
+    assert unshardable(model).startswith(f"{family} is not sharded by diffrl")
+    assert unshardable(load_dllm(igpo_config(tiny_dir, tmp_path, model__path=str(tiny_dir("dllm")),
+                                             generation={"gen_length": 16, "block_length": 16, "steps": 8}),
+                                 "cpu")) is None
