@@ -19,8 +19,8 @@ CASES = {
     "DiffusionGemma (IGPO)": ("configs/igpo/tiny_diffusion_gemma.yaml", "diffusion_gemma", ["model.dtype=bfloat16"]),
     # block diffusion: the block sampler's key/value cache, the two-copy forward; LLaDA 2.x's experts
     "LLaDA 2.x (TraceRL estimator)": ("configs/igpo/tiny_sdar.yaml", "llada2",
-                                      ["igpo.enabled=false", "log_prob_estimator=trace", "generation.gen_length=16",
-                                       "generation.steps=16", "model.dtype=bfloat16"]),
+                                      ["igpo.enabled=false", "log_prob_estimator=trace", "generation.gen_length=8",
+                                       "generation.steps=8", "model.dtype=bfloat16"]),
 }
 
 
