@@ -188,6 +188,10 @@ class RewardConfig:
     weights: dict[str, float] = param(help="reward name -> weight, e.g. {pickscore: 1.0, ocr: 0.5} (diffrl ls rewards)")
     kwargs: dict[str, dict] = param({}, help="per-reward options, e.g. {pickscore: {divide_by: 26}}")
     device: str | None = param(None, help="device of the reward models (default: the training device)")
+    aggregate: Literal["reward", "advantage"] = param(
+        "reward", help="online flow trainers: 'reward' takes advantages of the weighted sum of the rewards; "
+                       "'advantage' takes each reward's own advantages, then their weighted sum (MixGRPO's "
+                       "advantage_aggr)")
     async_: bool = param(False, key="async", help="flow trainers: score each sampling batch in a background thread "
                                                  "while the next is sampled (a served or GPU reward overlaps)")
 

@@ -50,6 +50,9 @@ class DiffusionDPOConfig(TrainerConfig):
     eval_seed: int = param(1234, help="seed of the evaluation noise", ge=0)
 
     def __post_init__(self):
+        from diffrl.training.reward_mix import refuse_per_reward
+
+        refuse_per_reward(self)
         if self.loss_type not in DPO_LOSS_TYPES:
             raise ConfigError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {self.loss_type!r}")
 

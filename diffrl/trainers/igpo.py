@@ -76,6 +76,7 @@ from diffrl.training.down_sampling import DownSamplingConfig, kept_samples, kept
 from diffrl.training.dynamic_sampling import DynamicSamplingConfig, groups_with_signal, take_rows
 from diffrl.training.prompt_draws import prompt_sampler
 from diffrl.training.protocol import CheckpointContents, if_stateful
+from diffrl.training.reward_mix import refuse_per_reward
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -134,6 +135,7 @@ class IGPOConfig(TrainerConfig):
 
     def __post_init__(self):
         trainer_estimator(self.estimator, **self.estimator_kwargs)  # an unknown name or option fails here
+        refuse_per_reward(self)
         if self.ratio_level not in ("sequence", "token"):
             raise ConfigError(f"ratio_level must be 'sequence' or 'token', got {self.ratio_level!r}")
         if self.beta > 0 and not self.lora.enabled:

@@ -138,6 +138,9 @@ class SePPOConfig(TrainerConfig):
     eval_seed: int = param(1234, help="seed of the evaluation noise", ge=0)
 
     def __post_init__(self):
+        from diffrl.training.reward_mix import refuse_per_reward
+
+        refuse_per_reward(self)
         choices = {"reference": REFERENCE_STRATEGIES, "redraw": ("step", "block"), "aaf": AAF_MODES,
                    "loss_type": DPO_LOSS_TYPES}
         for name, allowed in choices.items():

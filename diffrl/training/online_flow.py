@@ -85,6 +85,11 @@ def load_online_flow(trainer) -> None:
     trainer.reward = run_setup.load_configured_reward(cfg.reward, acc.device, overlap=True)
     check_prompts_fit(trainer.reward, trainer.prompts, trainer.eval_prompts)
     trainer.estimator = trainer_estimator(cfg.estimator, **cfg.estimator_kwargs)
+    if cfg.reward.aggregate == "advantage":
+        from diffrl.training.reward_mix import PerRewardAdvantages
+
+        trainer.estimator = PerRewardAdvantages(lambda: trainer_estimator(cfg.estimator, **cfg.estimator_kwargs),
+                                                cfg.reward.weights)
     trainer.model = load_flow_model(cfg, acc.device)
     check_reward_fits(trainer.reward, trainer.model)
     check_input_images(trainer.model, trainer.prompts, trainer.eval_prompts)

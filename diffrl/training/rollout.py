@@ -114,13 +114,16 @@ def score_samples(reward, samples: torch.Tensor, prompts: list[str],
 
 
 def gather_advantages(accelerator, estimator, rewards: torch.Tensor, group_ids: torch.Tensor,
-                      names: list[str], failure: str | None = None, *, keep_share: float | None = None
+                      names: list[str], failure: str | None = None, *, keep_share: float | None = None,
+                      components: dict[str, torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gather every process's rewards and group ids, estimate advantages over whole groups, and return
     ``(every process's advantages, rewards, group ids, kept)``. Every process must hold the same number of
     samples. With ``keep_share`` (D^3S's sample level) only each group's max-variance subset is kept (``kept``,
     else None) and the advantages are the subset's: the others count as unscored (NaN) and get 0.
-    An inf reward, an all-NaN batch or a non-finite advantage raises ``step_guard.SkipStep`` on every process."""
+    An inf reward, an all-NaN batch or a non-finite advantage raises ``step_guard.SkipStep`` on every process.
+    ``components``: each reward's own scores, for an estimator that takes them (``reward.aggregate: advantage``,
+    :mod:`diffrl.training.reward_mix`); the subset D^3S keeps is chosen by the weighted sum either way."""
     from diffrl.training import step_guard
     from diffrl.training.down_sampling import kept_samples
 
@@ -129,7 +132,16 @@ def gather_advantages(accelerator, estimator, rewards: torch.Tensor, group_ids: 
     all_groups = accelerator.gather(group_ids.to(device)).cpu()
     step_guard.check_rewards(all_rewards, names, failure)
     kept = None if keep_share is None else kept_samples(all_rewards, all_groups, keep_share)
-    advantages = estimator(all_rewards if kept is None else all_rewards.masked_fill(~kept, float("nan")), all_groups)
+
+    def unkept(values: torch.Tensor) -> torch.Tensor:
+        return values if kept is None else values.masked_fill(~kept, float("nan"))
+
+    if getattr(estimator, "per_reward", False):
+        gathered = {name: unkept(accelerator.gather(scores.float().to(device)).cpu())
+                    for name, scores in (components or {}).items()}
+        advantages = estimator(gathered, all_groups)
+    else:
+        advantages = estimator(unkept(all_rewards), all_groups)
     step_guard.check_advantages(advantages)
     return advantages, all_rewards, all_groups, kept
 
@@ -225,8 +237,10 @@ def rollout_advantages(accelerator, reward, estimator, scorer, group_ids: torch.
 
     rewards, extras = scorer.result()
     failure = step_guard.reward_failure(accelerator, extras)
+    components = {name: torch.as_tensor(extras[name]) for name in reward.names}
     all_advantages, all_rewards, all_groups, kept = gather_advantages(accelerator, estimator, rewards, group_ids,
-                                                                      reward.names, failure, keep_share=keep_share)
+                                                                      reward.names, failure, keep_share=keep_share,
+                                                                      components=components)
     sampler.observe(all_groups, all_advantages if kept is None else all_advantages.masked_fill(~kept, float("nan")))
     start, n = accelerator.process_index * rewards.shape[0], rewards.shape[0]
     advantages = all_advantages[start:start + n]
