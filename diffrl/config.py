@@ -205,7 +205,9 @@ class FlowSamplingConfig:
     eval_num_steps: int = param(40, help="Euler ODE denoising steps of evaluation samples", ge=1)
     guidance_scale: float = param(1.0, help="CFG scale for SD3 / Wan (FLUX: its guidance embedding)", ge=0)
     noise_level: float = param(0.7, help="SDE noise level (0 = deterministic ODE rollouts)", ge=0)
-    sde_type: Literal["sde", "cps"] = param("sde", help="Flow-GRPO's SDE step or the coefficients-preserving one")
+    sde_type: Literal["sde", "cps", "dance"] = param(
+        "sde", help="Flow-GRPO's SDE step, the coefficients-preserving one (cps), or DanceGRPO's (dance: its noise "
+                    "scale is noise_level at every step; MixGRPO's rollouts)")
     sampler: Literal["euler", "sa_solver", "dpm2", "dpm_multistep"] = param(
         "euler", help="rollout sampler: 'euler' (Euler ODE, or Flow-GRPO's SDE where noise_level > 0), 'sa_solver' "
                       "(AWM's OCR / GenEval rollouts; noise_level is its tau), 'dpm2' (DPM-Solver++(2M), "

@@ -66,13 +66,16 @@ def sde_noise_scale(sigma: torch.Tensor, *, noise_level: float, sigma_max: float
                     sigma_next: torch.Tensor | None = None) -> torch.Tensor:
     """Flow-GRPO's ``std_dev_t``: ``noise_level sqrt(sigma / (1 - sigma))`` (sigma = 1 replaced by ``sigma_max``
     in the denominator) for ``sde``; ``sigma_next sin(noise_level pi / 2)`` for ``cps``. For ``sde`` the
-    transition's standard deviation is ``std_dev_t sqrt(|dt|)``; for ``cps`` it is ``std_dev_t`` itself."""
+    transition's standard deviation is ``std_dev_t sqrt(|dt|)``; for ``cps`` it is ``std_dev_t`` itself; for
+    ``dance`` (DanceGRPO's step) ``std_dev_t`` is ``noise_level`` at every sigma (its eta)."""
+    if sde_type == "dance":
+        return torch.full_like(sigma, noise_level)
     if sde_type == "sde":
         safe = torch.where(sigma == 1, torch.full_like(sigma, sigma_max), sigma)
         return torch.sqrt(sigma / (1 - safe)) * noise_level
     if sde_type == "cps":
         return sigma_next * math.sin(noise_level * math.pi / 2)
-    raise ValueError(f"sde_type must be 'sde' or 'cps', got {sde_type!r}")
+    raise ValueError(f"sde_type must be 'sde', 'cps' or 'dance', got {sde_type!r}")
 
 
 def sde_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, *,
@@ -92,6 +95,12 @@ def sde_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
     mu = x0_hat (1 - sigma_next) + x1_hat sqrt(sigma_next^2 - std^2) with x0_hat = x - sigma v and
     x1_hat = x + (1 - sigma) v; log p = -(x' - mu)^2 averaged over dims (no constants, as the public code).
 
+    ``dance`` (DanceGRPO's ``dance_grpo_step``, which MixGRPO samples with): ``mu = x + v dt - eta^2 s dt / 2``
+    with the score ``s = -(x - x0_hat (1 - sigma)) / sigma^2`` and std ``eta sqrt(-dt)``. Written out, that is the
+    ``sde`` formula above with ``sigma_t = eta`` at every sigma (so no special case at sigma = 1). Its
+    log p is ``-(x' - mu)^2 / (2 std^2)`` averaged over dims: the public code's constant terms sit on a line of
+    their own after the expression and are never added (they cancel in every ratio anyway).
+
     Pass ``prev_sample`` to score a stored transition instead of drawing one. Returns
     ``(x', log_prob [B], mean, std)``.
     """
@@ -101,7 +110,7 @@ def sde_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
     sigma_next = _expand(sigma_next, x)
     std_dev_t = sde_noise_scale(sigma, noise_level=noise_level, sigma_max=sigma_max, sde_type=sde_type,
                                 sigma_next=sigma_next)
-    if sde_type == "sde":
+    if sde_type in ("sde", "dance"):
         dt = sigma_next - sigma
         mean = x * (1 + std_dev_t ** 2 / (2 * sigma) * dt) + v * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt
         std = std_dev_t * torch.sqrt(-dt)
@@ -117,6 +126,8 @@ def sde_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
     if sde_type == "sde":
         log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * std ** 2) - torch.log(std)
                     - math.log(math.sqrt(2 * math.pi)))
+    elif sde_type == "dance":
+        log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * std ** 2)
     else:
         log_prob = -((prev_sample.detach() - mean) ** 2)
     return prev_sample, _mean_over_sample(log_prob), mean, std

@@ -70,8 +70,8 @@ class FlowGRPOConfig(OnlineFlowConfig):
             raise ConfigError("beta > 0 uses the LoRA-disabled model as the reference: enable lora or set beta: 0")
         self.sampling.require_sde_log_probs("Flow-GRPO")
         if self.grpo_guard and self.sampling.sde_type != "sde":
-            raise ConfigError("grpo_guard normalises the Gaussian log-ratio of Flow-GRPO's SDE step; CPS's log-prob "
-                              "has no variance to normalise by: set sampling.sde_type: sde or grpo_guard: false")
+            raise ConfigError(f"grpo_guard normalises the log-ratio of Flow-GRPO's SDE step (its own noise scale), "
+                              f"not {self.sampling.sde_type}'s: set sampling.sde_type: sde or grpo_guard: false")
 
 
 def _ratio_norm_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor,

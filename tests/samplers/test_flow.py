@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -71,6 +73,32 @@ def test_cps_step_by_hand():
                                       prev_sample=prev, sde_type="cps")
     assert mean.item() == pytest.approx(0.353553, rel=1e-5) and std.item() == pytest.approx(0.176777, rel=1e-5)
     assert log_prob.item() == pytest.approx(-(0.5 - 0.353553) ** 2, rel=1e-5)
+
+
+def test_dance_step_is_dancegrpos_on_a_three_step_schedule():
+    """DanceGRPO's ``dance_grpo_step`` (MixGRPO's rollouts) written out in its own form: the score estimate
+    ``-(x - x0 (1 - sigma)) / sigma^2``, ``mu = x + dsigma v - eta^2 / 2 score dsigma``, std ``eta sqrt(sigma -
+    sigma_next)``, log p without its constants (they sit on a line of their own there), averaged over dims;
+    on sigmas 1 -> 0.6 -> 0.25 -> 0, the first step at sigma 1 included."""
+    from diffrl.samplers.flow import sde_step
+
+    sigmas, eta = torch.tensor([1.0, 0.6, 0.25, 0.0]), 0.7
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, generator=g)
+    for i in range(3):
+        v, prev = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+        sigma, dsigma = sigmas[i], sigmas[i + 1] - sigmas[i]
+        x0 = x - sigma * v
+        score = -(x - x0 * (1 - sigma)) / sigma ** 2
+        mean = x + dsigma * v + (-0.5 * eta ** 2 * score) * dsigma
+        std = eta * math.sqrt(float(sigmas[i] - sigmas[i + 1]))
+        log_prob = (-((prev - mean) ** 2) / (2 * std ** 2)).mean(dim=(1, 2))
+        _, ours, ours_mean, ours_std = sde_step(x, v, sigma, sigmas[i + 1], noise_level=eta, sigma_max=0.6,
+                                                prev_sample=prev, sde_type="dance")
+        torch.testing.assert_close(ours_mean, mean, atol=1e-6, rtol=1e-5)
+        assert float(ours_std.flatten()[0]) == pytest.approx(std, rel=1e-6)
+        torch.testing.assert_close(ours, log_prob, atol=1e-5, rtol=1e-5)
+        x = prev
 
 
 def test_trajectory_ode_window_and_stored_log_probs(tiny_dir):

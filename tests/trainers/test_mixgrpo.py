@@ -119,3 +119,17 @@ def test_flash_is_refused_where_it_cannot_apply(tiny_dir):
     with pytest.raises(ConfigError, match="shifts by resolution"):
         sample_trajectory(model, model.encode_prompts(["a"]), num_steps=4, height=32, width=32, sde_window=(0, 1),
                           flash=0.5)
+
+
+def test_dancegrpos_step_trains_every_lora_parameter(tiny_dir, tmp_path):
+    """MixGRPO's rollouts use DanceGRPO's SDE step (sampling.sde_type: dance), window and all."""
+    config = make_config(tiny_dir, tmp_path, sampling__num_steps=6, sampling__sde_type="dance",
+                         sampling__sde_window=[0, 4], sampling__sde_window_size=2, sampling__sde_window_shift_every=1)
+    trainer = FlowGRPOTrainer(config)
+    trainer.setup()
+    assert lora_left_unchanged(trainer) == []
+
+
+def test_grpo_guard_takes_flow_grpos_step_only(tiny_dir, tmp_path):
+    with pytest.raises(ConfigError, match="not dance's: set sampling.sde_type: sde"):
+        make_config(tiny_dir, tmp_path, grpo_guard=True, sampling__sde_type="dance")
