@@ -61,7 +61,7 @@ def test_overrides_do_not_mutate_input():
                                               "got 'bf17'; did you mean 'bf16'?"),
     ({**BASE, "optim": 3}, [], "c.yaml: optim must be a mapping of OptimConfig fields, got 3"),
     ({"trainer": "igpo", "model": {"path": "x"}, "log_prob_estimator": "coupld"}, [],
-     "c.yaml: log_prob_estimator must be one of 'd1', 'coupled', got 'coupld'"),
+     "c.yaml: log_prob_estimator must be one of 'd1', 'coupled', 'trace', got 'coupld'"),
     ({"trainer": "dllm_sft"}, [], "c.yaml: missing required key 'model'"),
     ({**BASE, "trainer": "dlm_sft"}, [], "c.yaml: unknown trainer 'dlm_sft'; did you mean 'dllm_sft'?"),
     ({"model": {"path": "x"}}, [], "c.yaml: missing 'trainer:' key"),
