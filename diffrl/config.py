@@ -233,6 +233,8 @@ class FlowSamplingConfig:
         None, help="MixGRPO-Flash: the ODE steps after the SDE window by DPM-Solver++(2M) on a grid of "
                    "int(max((N - last) x this, 1)) points in the scheduler's static shift (Flash: 0.4); SD3.5 and "
                    "Wan (a static shift) only", gt=0, le=1)
+    group_noise: bool = param(False, help="every sample of a prompt starts from the same initial noise (MixGRPO's "
+                                          "init_same_noise); the group's variety then comes from the SDE steps")
     max_sequence_length: int | None = param(None, help="text tokens of the T5 / UMT5 encoder (null: family default)")
 
     def require_sde_log_probs(self, trainer: str) -> None:
@@ -265,6 +267,11 @@ class FlowSamplingConfig:
         if self.sde_window_shift_every is not None and (self.sde_window_size is None or self.sde_window_per != "step"):
             raise ConfigError("sampling.sde_window_shift_every slides one window for every process: set "
                               "sampling.sde_window_size (MixGRPO: 4) and sde_window_per: step")
+        if self.group_noise and (self.sampler in ("dpm2", "dpm_multistep") or self.noise_level == 0):
+            raise ConfigError(f"sampling.group_noise starts a prompt's samples from one noise, and the {self.sampler} "
+                              f"sampler{' without noise' if self.sampler not in ('dpm2', 'dpm_multistep') else ''} "
+                              f"is deterministic: every sample of a group would be the same; use an SDE rollout "
+                              f"(noise_level > 0) or group_noise: false")
         if self.sde_window_size is not None and window[1] - window[0] < self.sde_window_size:
             raise ConfigError(f"sampling.sde_window_size {self.sde_window_size} does not fit in {list(window)}; "
                               f"lower it or widen sampling.sde_window")

@@ -122,7 +122,8 @@ class AWMTrainer:
             trajectories = flow_rollout(self.model, drawn.prompts, cfg.sampling, batch_size=cfg.sample_batch_size,
                                         generator=self.noise, uncond=self.uncond, on_batch=drawn.on_batch,
                                         images=drawn.images, window=sde_window(cfg.sampling, seed=cfg.seed,
-                                                                               step=self.step))
+                                                                               step=self.step),
+                                        latents=online_flow.rollout_latents(self, drawn))
         return {"x0": torch.cat([t.final for t in trajectories]), "prompts": drawn.prompts, "images": drawn.images,
                 "group_ids": drawn.group_ids, "drawn": drawn.drawn, "sigmas": trajectories[0].sigmas,
                 "scorer": drawn.scorer}

@@ -124,7 +124,8 @@ class FlowGRPOTrainer:
             window = sde_window(s, seed=cfg.seed, step=self.step)
         trajectories = flow_rollout(self.model, drawn.prompts, s, batch_size=cfg.sample_batch_size,
                                     generator=self.noise, uncond=self.uncond, window=window,
-                                    on_batch=drawn.on_batch, images=drawn.images, keep_means=cfg.grpo_guard)
+                                    on_batch=drawn.on_batch, images=drawn.images, keep_means=cfg.grpo_guard,
+                                    latents=online_flow.rollout_latents(self, drawn))
         trained = []
         for trajectory in trajectories:
             sde_steps = trajectory.sde_steps.nonzero().flatten()

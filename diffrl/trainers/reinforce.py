@@ -70,7 +70,7 @@ class ReinforceTrainer:
         drawn = online_flow.draw_prompts(self)
         trajectories = flow_rollout(self.model, drawn.prompts, cfg.sampling, batch_size=cfg.sample_batch_size,
                                     generator=self.noise, uncond=self.uncond, on_batch=drawn.on_batch,
-                                    images=drawn.images)
+                                    images=drawn.images, latents=online_flow.rollout_latents(self, drawn))
         return {"latents": torch.cat([t.latents for t in trajectories]), "prompts": drawn.prompts,
                 "images": drawn.images, "group_ids": drawn.group_ids, "drawn": drawn.drawn,
                 "sigmas": trajectories[0].sigmas,

@@ -196,6 +196,7 @@ class DrawnPrompts:
     images: list | None              # input images of editing models, else None
     scorer: RolloutScorer            # reads samples as the rollout decodes them
     on_batch: object                 # the rollout's per-batch hook feeding the scorer
+    slots: torch.Tensor              # [n] each sample's prompt slot in the step (0 .. prompts_per_step - 1)
 
 
 def draw_prompts(trainer) -> DrawnPrompts:
@@ -211,5 +212,21 @@ def draw_prompts(trainer) -> DrawnPrompts:
     scorer = RolloutScorer(trainer.reward, overlap=cfg.reward.async_)
     on_batch = scoring_hook(trainer.model, scorer, prompts, metadata, cfg.sample_batch_size)
     trainer.model.denoiser.eval()
-    return DrawnPrompts(group_ids, prompt_ids.tolist(), prompts, metadata, images, scorer, on_batch)
+    return DrawnPrompts(group_ids, prompt_ids.tolist(), prompts, metadata, images, scorer, on_batch, slots)
+
+
+def rollout_latents(trainer, drawn: DrawnPrompts) -> torch.Tensor | None:
+    """The rollout's initial latents with ``sampling.group_noise`` (else None: each sample draws its own): one
+    noise per prompt slot, drawn from (seed, step, slot), so the samples of a group start alike on every
+    process without any communication."""
+    cfg = trainer.config
+    s = cfg.sampling
+    if not s.group_noise:
+        return None
+    from diffrl.samplers.flow import initial_noise
+
+    shape = trainer.model.latent_shape(s.height, s.width, s.num_frames)
+    noise = {int(slot): initial_noise(1, shape, generator=torch.Generator().manual_seed(
+        (cfg.seed * 1_000_003 + trainer.step) * 10_007 + int(slot))) for slot in drawn.slots.unique()}
+    return torch.cat([noise[int(slot)] for slot in drawn.slots]).to(trainer.model.device)
 

@@ -174,12 +174,13 @@ def sde_window(sampling, *, seed: int, step: int, rank: int = 0, batch: int = 0)
 @torch.no_grad()
 def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, generator: torch.Generator,
                  uncond=None, window=None, on_batch=None, images: list | None = None,
-                 keep_means: bool = False) -> list:
+                 keep_means: bool = False, latents: torch.Tensor | None = None) -> list:
     """Sample ``prompts`` (one sample each) in batches with ``sampling.sampler``: Euler with SDE steps on
     ``window`` (None: every step; a callable gives batch k's window), SA-Solver or DPM-Solver++(2M); returns one
     :class:`Trajectory` per batch. ``on_batch(trajectory, start)`` is called as each batch is done.
     ``keep_means`` keeps each Euler/SDE transition's mean (``Trajectory.means``).
-    ``images``: one input image per prompt, for models that take one (:func:`input_images`)."""
+    ``images``: one input image per prompt, for models that take one (:func:`input_images`). ``latents``: every
+    sample's initial noise (``sampling.group_noise``); None: each batch draws its own from ``generator``."""
     from diffrl.samplers.dpm_solver import sample_dpm2, sample_dpm_multistep
     from diffrl.samplers.flow import sample_trajectory
     from diffrl.samplers.sa_solver import sample_sa_solver
@@ -188,29 +189,30 @@ def flow_rollout(model, prompts: list[str], sampling, *, batch_size: int, genera
     for start in range(0, len(prompts), batch_size):
         part = slice(start, start + batch_size)
         cond = model.encode_prompts(prompts[part], None if images is None else images[part])
+        start_latents = None if latents is None else latents[part]
         if sampling.sampler == "sa_solver":
             trajectories.append(sample_sa_solver(
                 model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
                 num_frames=sampling.num_frames, noise_level=sampling.noise_level,
                 tau_range=tuple(sampling.sa_tau_range), guidance_scale=sampling.guidance_scale, uncond=uncond,
-                generator=generator))
+                generator=generator, latents=start_latents))
         elif sampling.sampler == "dpm_multistep":
             trajectories.append(sample_dpm_multistep(
                 model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
                 num_frames=sampling.num_frames, guidance_scale=sampling.guidance_scale, uncond=uncond,
-                generator=generator, flow_shift=sampling.flow_shift))
+                generator=generator, flow_shift=sampling.flow_shift, latents=start_latents))
         elif sampling.sampler == "dpm2":
             trajectories.append(sample_dpm2(
                 model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
                 num_frames=sampling.num_frames, guidance_scale=sampling.guidance_scale, uncond=uncond,
-                generator=generator))
+                generator=generator, latents=start_latents))
         else:
             trajectories.append(sample_trajectory(
                 model, cond, num_steps=sampling.num_steps, height=sampling.height, width=sampling.width,
                 num_frames=sampling.num_frames, noise_level=sampling.noise_level, sde_type=sampling.sde_type,
                 sde_window=window(start // batch_size) if callable(window) else window,
                 guidance_scale=sampling.guidance_scale, uncond=uncond, generator=generator,
-                keep_means=keep_means, flash=sampling.sde_window_flash))
+                keep_means=keep_means, flash=sampling.sde_window_flash, latents=start_latents))
         if on_batch is not None:
             on_batch(trajectories[-1], start)
     return trajectories

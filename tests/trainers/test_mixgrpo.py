@@ -133,3 +133,31 @@ def test_dancegrpos_step_trains_every_lora_parameter(tiny_dir, tmp_path):
 def test_grpo_guard_takes_flow_grpos_step_only(tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match="not dance's: set sampling.sde_type: sde"):
         make_config(tiny_dir, tmp_path, grpo_guard=True, sampling__sde_type="dance")
+
+
+def test_group_noise_starts_each_groups_samples_alike(tiny_dir, tmp_path):
+    """MixGRPO's init_same_noise (sampling.group_noise): the samples of a prompt start from one noise, drawn
+    from (seed, step, slot) so that processes holding parts of a group agree; other groups and the next step
+    start elsewhere, and the SDE steps still make the samples differ."""
+    config = make_config(tiny_dir, tmp_path, prompts_per_step=2, group_size=3, sample_batch_size=2,
+                         sampling__group_noise=True, sampling__sde_type="dance")
+    trainer = FlowGRPOTrainer(config)
+    trainer.setup()
+    batch = trainer.rollout()
+    start, groups = batch["latents"][:, 0], batch["group_ids"]
+    assert len(set(groups.tolist())) == 2
+    for g in groups.unique():
+        members = start[groups == g]
+        assert all(torch.equal(members[0], m) for m in members[1:])
+    assert not torch.equal(start[groups == groups[0]][0], start[groups != groups[0]][0])
+    same = (groups == groups[0]).nonzero().flatten()
+    assert not torch.equal(batch["latents"][same[0], -1], batch["latents"][same[1], -1])   # the SDE made them differ
+    trainer.step += 1
+    assert not torch.equal(trainer.rollout()["latents"][0, 0], start[0])
+
+
+def test_group_noise_with_a_deterministic_sampler_is_refused():
+    with pytest.raises(ConfigError, match="group_noise .* dpm2 sampler is deterministic"):
+        FlowSamplingConfig(group_noise=True, sampler="dpm2")
+    with pytest.raises(ConfigError, match="euler sampler without noise is deterministic"):
+        FlowSamplingConfig(group_noise=True, noise_level=0.0)
