@@ -233,6 +233,9 @@ class FlowSamplingConfig:
         None, help="MixGRPO-Flash: the ODE steps after the SDE window by DPM-Solver++(2M) on a grid of "
                    "int(max((N - last) x this, 1)) points in the scheduler's static shift (Flash: 0.4); SD3.5 and "
                    "Wan (a static shift) only", gt=0, le=1)
+    shift: float | None = param(None, help="a static shift s of the rollout and evaluation sigma grid, s u / (1 + "
+                                           "(s - 1) u) on u = linspace(1, 0, N + 1), instead of the family's own "
+                                           "(FLUX's resolution shift); MixGRPO on FLUX: 3 (null: the family's)", gt=0)
     group_noise: bool = param(False, help="every sample of a prompt starts from the same initial noise (MixGRPO's "
                                           "init_same_noise); the group's variety then comes from the SDE steps")
     max_sequence_length: int | None = param(None, help="text tokens of the T5 / UMT5 encoder (null: family default)")
@@ -267,6 +270,9 @@ class FlowSamplingConfig:
         if self.sde_window_shift_every is not None and (self.sde_window_size is None or self.sde_window_per != "step"):
             raise ConfigError("sampling.sde_window_shift_every slides one window for every process: set "
                               "sampling.sde_window_size (MixGRPO: 4) and sde_window_per: step")
+        if self.shift is not None and self.sampler == "dpm_multistep":
+            raise ConfigError("sampling.shift sets the Euler / SA-Solver / DPM-Solver++(2M) grid; dpm_multistep's grid "
+                              "is shifted by sampling.flow_shift: set that instead")
         if self.group_noise and (self.sampler in ("dpm2", "dpm_multistep") or self.noise_level == 0):
             raise ConfigError(f"sampling.group_noise starts a prompt's samples from one noise, and the {self.sampler} "
                               f"sampler{' without noise' if self.sampler not in ('dpm2', 'dpm_multistep') else ''} "

@@ -230,11 +230,14 @@ def static_shift(model: FlowModel) -> float:
     ConfigError for a family whose shift depends on the resolution."""
     from diffrl.errors import ConfigError
 
+    if model.grid_shift is not None:   # sampling.shift: the grid's own static shift
+        return float(model.grid_shift)
     config = model.pipeline.scheduler.config
     shift = config.get("shift", config.get("flow_shift"))     # FlowMatchEuler's shift, UniPC's flow_shift (Wan)
     if config.get("use_dynamic_shifting", False) or shift is None:
         raise ConfigError("sampling.sde_window_flash builds its grid with a static time shift, and this model's "
-                          "scheduler shifts by resolution (FLUX, Qwen-Image): unset sde_window_flash")
+                          "scheduler shifts by resolution (FLUX, Qwen-Image): unset sde_window_flash or give the "
+                          "grid a static shift (sampling.shift)")
     return float(shift)
 
 

@@ -66,6 +66,7 @@ def load_flow_model(config, device):
                                       dtype=run_setup.torch_dtype(config.model.dtype), device=device,
                                       max_sequence_length=config.sampling.max_sequence_length)
     s = config.sampling
+    model.grid_shift = s.shift
     model.latent_shape(s.height, s.width, s.num_frames)  # a bad size fails here, not mid-rollout
     if model.needs_input_image:  # an edit keeps its input's size; an image-to-video run starts from its frame
         model.set_input_image_size(s.height, s.width, s.num_frames)

@@ -161,3 +161,23 @@ def test_group_noise_with_a_deterministic_sampler_is_refused():
         FlowSamplingConfig(group_noise=True, sampler="dpm2")
     with pytest.raises(ConfigError, match="euler sampler without noise is deterministic"):
         FlowSamplingConfig(group_noise=True, noise_level=0.0)
+
+
+def test_a_static_shift_replaces_fluxs_resolution_shift(tiny_dir, tmp_path):
+    """MixGRPO samples FLUX on sd3_time_shift(3, linspace(1, 0, N + 1)), not FLUX's resolution shift
+    (sampling.shift); with it, MixGRPO-Flash's grid (which needs a static shift) runs on FLUX too."""
+    config = make_config(tiny_dir, tmp_path, kind="flux", sampling__num_steps=3, sampling__shift=3.0,
+                         sampling__sde_window=[0, 2], sampling__sde_window_size=1, sampling__sde_window_flash=0.4,
+                         sampling__sde_window_shift_every=1, sampling__guidance_scale=1.0)
+    trainer = FlowGRPOTrainer(config)
+    trainer.setup()
+    # u = 1, 2/3, 1/3, 0 -> 3u / (1 + 2u) = 1, 6/7, 3/5, 0
+    torch.testing.assert_close(trainer.model.sigmas(3, (16, 4, 4)), torch.tensor([1.0, 6 / 7, 3 / 5, 0.0]))
+    batch = trainer.rollout()
+    assert batch["sigmas"][0] == 1.0 and batch["sigmas"][1] == pytest.approx(6 / 7)
+    assert lora_left_unchanged(trainer) == []
+
+
+def test_a_static_shift_with_the_dpm_multistep_sampler_is_refused():
+    with pytest.raises(ConfigError, match="dpm_multistep's grid is shifted by sampling.flow_shift"):
+        FlowSamplingConfig(shift=3.0, sampler="dpm_multistep", noise_level=0.0)

@@ -109,6 +109,7 @@ class FlowModel:
     needs_input_image: ClassVar[bool] = False   # image editing / image-to-video: one input image per prompt
     lora_targets: ClassVar[tuple[str, ...]] = JOINT_ATTENTION  # default LoRA targets (lora.target_modules: null)
     untrained_modules: tuple[str, ...] = ()  # submodules no training step reaches: frozen in full fine-tuning
+    grid_shift: float | None = None  # sampling.shift: a static shift of the sampling grid instead of the family's
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -208,7 +209,12 @@ class FlowModel:
         return dynamic_shift(self.pipeline.scheduler, latent_shape)
 
     def sigmas(self, num_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
-        """The scheduler's ``num_steps + 1`` sigmas from ~1 down to 0, as the family's pipeline sets them."""
+        """The scheduler's ``num_steps + 1`` sigmas from ~1 down to 0, as the family's pipeline sets them; with
+        ``grid_shift`` s (``sampling.shift``), ``s u / (1 + (s - 1) u)`` on ``u = linspace(1, 0, N + 1)`` instead
+        (MixGRPO's ``sd3_time_shift`` grid, which it uses for FLUX too)."""
+        if self.grid_shift is not None:
+            u = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+            return (self.grid_shift * u / (1 + (self.grid_shift - 1) * u)).to(torch.float32)
         scheduler = self.pipeline.scheduler
         kwargs = self._schedule_kwargs(num_steps, latent_shape)
         scheduler.set_timesteps(None if "sigmas" in kwargs else num_steps, device="cpu", **kwargs)
