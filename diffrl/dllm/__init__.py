@@ -7,6 +7,7 @@ diffusion-LM trainers (``igpo``, ``dllm_sft``) and ``diffrl eval`` share.
     block_lm.py         BlockDiffusionLM: block masks, the two-copy log-prob forward and estimators (d1, coupled,
                         TraceRL's), shared by the block-diffusion families
     sdar.py             SDARLM: SDAR / TraDo opened into transformers' Qwen3 (no remote code), saved back as SDAR
+    llada2.py           LLaDA2LM: LLaDA 2.x's tensors converted into transformers' Glm4Moe, and back on saving
     block_sampler.py    block decoding with a key/value cache and pinned positions (SDAR's and LLaDA 2.x's generate)
     masked_sampler.py   LLaDA-style low-confidence remasking with pinned positions, parallel decoding
     kv_cache.py         Fast-dLLM's prefix / dual key-value cache
