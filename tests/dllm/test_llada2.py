@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from diffrl.dllm import block_sampler
 from diffrl.dllm.llada2 import LLaDA2LM, from_glm4_moe, is_llada2, to_glm4_moe
 from diffrl.errors import ConfigError
-from tests.dllm.test_sdar import assert_forward_is, block_causal
+from tests.dllm.test_sdar import SdarByHand, assert_forward_is, block_causal
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +29,13 @@ def llada2(tmp_path_factory):
     return folder, LLaDA2LM.from_pretrained(folder, block_length=4)
 
 
-class LLaDA2ByHand:
+class LLaDA2ByHand(SdarByHand):
     """LLaDA 2.x's forward from its checkpoint's tensors: RMSNorm (fp32 variance), fused qkv split as
     [heads, kv, kv], query / key RMSNorm per head, rotary embedding on the first partial_rotary_factor of each
     head, attention under an additive mask from a 0/1 mask; dense MLP below first_k_dense_replace, then the
     sigmoid router (expert_bias added for choosing only; the best two scores per group pick topk_group groups;
-    weights normalised then scaled) over the experts, plus the shared expert."""
-
-    def __init__(self, folder):
-        self.w = load_file(str(folder / "model.safetensors"))
-        self.c = json.loads((folder / "config.json").read_text())
-
-    def norm(self, x, weight):
-        x32 = x.float()
-        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.c["rms_norm_eps"]))
+    weights normalised then scaled) over the experts, plus the shared expert. (The checkpoint reading and the
+    RMSNorm are SDAR's reference's.)"""
 
     def mlp(self, x, p):
         w = self.w
