@@ -62,6 +62,13 @@ def reward_setting(reward: str, option: str = "model") -> str:
             f"--reward-kwargs '{{\"{reward}\": {{\"{option}\": FOLDER}}}}' in diffrl score)")
 
 
+def error_line(error: BaseException, *, last: bool = False) -> str:
+    """One line of an exception's message for an ``error:`` line (200 characters at most): its first line, or its
+    last where the first only names a check (huggingface_hub's config validation errors)."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return (lines[-1] if last else lines[0]).strip()[:200]
+
+
 @contextlib.contextmanager
 def loading_errors(path: str | Path, setting: str = "model.path"):
     """Turn the libraries' long loading errors into one line naming the model, where it is set, and the fix."""
@@ -73,8 +80,7 @@ def loading_errors(path: str | Path, setting: str = "model.path"):
     except ConfigError:
         raise
     except (OSError, ValueError, KeyError, StrictDataclassError) as e:
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        first = (lines[-1] if isinstance(e, StrictDataclassError) else lines[0]).strip()[:200]
+        first = error_line(e, last=isinstance(e, StrictDataclassError))
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         fix = ("this machine is offline: download it elsewhere (huggingface-cli download) and give the folder"
                if offline else "check the hub id or folder")

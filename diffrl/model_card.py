@@ -56,9 +56,9 @@ def model_card(config: dict, run_dir: Path, *, repo_id: str, weights: str, step:
 
         # LLaDA and Dream ship their own modelling code and register it under AutoModel, not AutoModelForMaskedLM;
         # SDAR's and LLaDA 2.x's checkpoints carry theirs (diffrl reads them as Qwen3 / Glm4Moe with its block masks).
-        sdar = is_sdar(base) or is_llada2(base)
-        remote = bool(config["model"].get("trust_remote_code")) or sdar
-        cls = ("AutoModelForCausalLM" if sdar else "DiffusionGemmaForBlockDiffusion" if is_diffusion_gemma(base)
+        block = is_sdar(base) or is_llada2(base)
+        remote = bool(config["model"].get("trust_remote_code")) or block
+        cls = ("AutoModelForCausalLM" if block else "DiffusionGemmaForBlockDiffusion" if is_diffusion_gemma(base)
                else "AutoModel" if remote else "AutoModelForMaskedLM")
         code = ", trust_remote_code=True" if remote else ""
         usage = (f"```python\nfrom peft import PeftModel\nfrom transformers import {cls}\n"

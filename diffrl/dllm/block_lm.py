@@ -17,12 +17,14 @@ its checkpoints (docs/models/sdar.md, docs/models/llada2.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
-from diffrl.dllm.masked_lm import DiffusionLM, combine_passes
+from diffrl.dllm.masked_lm import DiffusionLM, combine_passes, masked_passes
 from diffrl.errors import ConfigError
 
 
@@ -41,6 +43,23 @@ def read_config(path: str | Path, *, revision: str | None = None) -> dict:
     except Exception:  # noqa: BLE001 - any failure to read means "not an SDAR config"; the loader says why
         return {}
     return data if isinstance(data, dict) else {}
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence what transformers says when a family's checkpoint is opened as the transformers model it computes
+    (an ``sdar`` config read into Qwen3: the point of the port) and about the ``rope_scaling`` key SDAR's
+    config.json still carries."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*rope_scaling.*")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -111,35 +130,24 @@ class BlockDiffusionLM(DiffusionLM):
         entropy)``, both ``[B, T]`` fp32; entropy of the fully masked prediction."""
         if estimator not in ("d1", "coupled", "trace"):
             raise ValueError(f"unknown log-prob estimator {estimator!r}; use 'd1', 'coupled' or 'trace'")
-        generator = torch.Generator().manual_seed(int(mask_seed))
+        prompt, answers, coupling = masked_passes(prompt_ids, prompt_mask, completion_ids, mask_id=self.mask_id,
+                                                  mask_seed=mask_seed, prompt_mask_prob=prompt_mask_prob,
+                                                  estimator=estimator)
+        if estimator != "trace":
+            log_softmax = torch.log_softmax(self.answer_logits(prompt, prompt_mask, completion_ids, answers), dim=-1)
+            return combine_passes(log_softmax, completion_ids, *coupling)
+        if reveal_steps is None:
+            raise ValueError("the trace estimator needs the rollout's reveal_steps")
         device = prompt_ids.device
-        drop = torch.rand(prompt_ids.shape, generator=generator).to(device) < prompt_mask_prob
-        prompt = torch.where(drop & prompt_mask.bool(), self.mask_id, prompt_ids)
-        masked = torch.full_like(completion_ids, self.mask_id)
-        if estimator == "trace":
-            if reveal_steps is None:
-                raise ValueError("the trace estimator needs the rollout's reveal_steps")
-            blocks = (prompt_mask.sum(1, keepdim=True) + torch.arange(completion_ids.shape[1], device=device))
-            rounds = trace_rounds(reveal_steps.to(device), blocks.div(self.block_length, rounding_mode="floor"),
-                                  shrink)
-            count = int(rounds.max()) + 1 if num_rounds is None else num_rounds
-            rounds = rounds.clamp_max(count - 1)
-            copies = [torch.where(rounds >= r, masked, completion_ids) for r in range(count)]
-            log_softmax = torch.log_softmax(self.answer_logits(prompt, prompt_mask, completion_ids, copies), dim=-1)
-            per_copy = log_softmax.gather(-1, completion_ids.repeat(len(copies), 1)[..., None])[..., 0]
-            per_copy = per_copy.view(len(copies), *completion_ids.shape)
-            log_probs = per_copy.gather(0, rounds.clamp_min(0)[None])[0]
-            with torch.no_grad():
-                first = log_softmax[:completion_ids.shape[0]]
-                entropy = -(first.exp() * first).sum(-1)
-            return log_probs, entropy
-        answers = [masked]
-        if estimator == "coupled":
-            t = 0.2 + 0.6 * float(torch.rand((), generator=generator))
-            hidden = (torch.rand(completion_ids.shape, generator=generator) < t).to(device)
-            answers += [torch.where(hidden, masked, completion_ids), torch.where(hidden, completion_ids, masked)]
-        log_softmax = torch.log_softmax(self.answer_logits(prompt, prompt_mask, completion_ids, answers), dim=-1)
-        return combine_passes(log_softmax, completion_ids, *((hidden, t) if estimator == "coupled" else ()))
+        blocks = prompt_mask.sum(1, keepdim=True) + torch.arange(completion_ids.shape[1], device=device)
+        rounds = trace_rounds(reveal_steps.to(device), blocks.div(self.block_length, rounding_mode="floor"), shrink)
+        count = int(rounds.max()) + 1 if num_rounds is None else num_rounds
+        rounds = rounds.clamp_max(count - 1)
+        copies = [torch.where(rounds >= r, answers[0], completion_ids) for r in range(count)]
+        log_softmax = torch.log_softmax(self.answer_logits(prompt, prompt_mask, completion_ids, copies), dim=-1)
+        per_copy, entropy = combine_passes(log_softmax, completion_ids)   # every copy's, the first copy's entropy
+        log_probs = per_copy.view(count, *completion_ids.shape).gather(0, rounds.clamp_min(0)[None])[0]
+        return log_probs, entropy
 
     def answer_logits(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, answers: torch.Tensor,
                       noisy: list[torch.Tensor]) -> torch.Tensor:

@@ -100,6 +100,11 @@ class MaskedGenerationConfig:
     confidence_threshold: float | None = param(0.005, help="DiffusionGemma: stop early when the mean entropy is "
                                                            "below this (null: always run every step)", gt=0)
 
+    @property
+    def steps_per_block(self) -> int:
+        """Block-diffusion models: ``steps`` spread evenly over the ``gen_length / block_length`` blocks."""
+        return self.steps * self.block_length // self.gen_length
+
 
 @dataclasses.dataclass
 class InpaintingConfig:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from diffrl.dllm.block_lm import BlockDiffusionLM, read_config
+from diffrl.dllm.block_lm import BlockDiffusionLM, quiet_loading, read_config
 from diffrl.errors import ConfigError
-from diffrl.hub import loading_errors
+from diffrl.hub import error_line, loading_errors
 
 MODEL_TYPES = ("llada2_moe",)
 MASK_ID = 156895  # LLaDA2MoeConfig's and its generate's default; the published configs leave it out
@@ -79,9 +79,8 @@ def glm4_moe_config(raw: dict):
     except KeyError as e:
         raise ConfigError(f"the LLaDA 2.x config.json has no {e.args[0]}; check the model folder or hub id") from None
     except (TypeError, ValueError, StrictDataclassError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()[:200]
-        raise ConfigError(f"the LLaDA 2.x config.json does not describe a model diffrl can build ({first}); check "
-                          f"the model folder or hub id") from None
+        raise ConfigError(f"the LLaDA 2.x config.json does not describe a model diffrl can build "
+                          f"({error_line(e, last=True)}); check the model folder or hub id") from None
 
 
 def to_glm4_moe(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
@@ -179,8 +178,6 @@ class LLaDA2LM(BlockDiffusionLM):
         only, as ``diffrl plan`` writes, reaches ``from_pretrained`` with no state dict.)"""
         from transformers import AutoTokenizer, Glm4MoeForCausalLM
         from transformers.utils import logging as hf_logging
-
-        from diffrl.dllm.sdar import quiet_loading
 
         hf_logging.disable_progress_bar()
         with loading_errors(path):

@@ -32,6 +32,7 @@ class DiffusionLM:
     untrained_modules: tuple[str, ...] = ()  # submodules no training step reaches (full fine-tuning)
     _long_prompt_reported = False  # a prompt longer than the model's positions is reported once
     noise = "mask"
+    block_causal = False  # block-diffusion families (block_lm.BlockDiffusionLM): causal between blocks
     # ModernBERT names its projections Wqkv/Wo; LLaMA-style (LLaDA, Dream) q/k/v/o_proj.
     lora_targets = ("Wqkv", "Wo", "q_proj", "k_proj", "v_proj", "o_proj", "attn_out")
     mask_id: int | None = None
@@ -200,22 +201,36 @@ class MaskedDiffusionLM(DiffusionLM):
         prompt_ids / prompt_mask: ``[B, P]`` (left-padded); completion_ids: ``[B, T]``.
         Returns ``(log_probs, entropy)``, both ``[B, T]`` fp32; entropy is of the fully masked prediction.
         """
-        generator = torch.Generator().manual_seed(int(mask_seed))
-        drop = torch.rand(prompt_ids.shape, generator=generator).to(prompt_ids.device) < prompt_mask_prob
-        noisy_prompt = torch.where(drop & prompt_mask.bool(), self.mask_id, prompt_ids)
-        masked = torch.full_like(completion_ids, self.mask_id)
-        completions = [masked]
-        if estimator == "coupled":
-            t = 0.2 + 0.6 * float(torch.rand((), generator=generator))
-            hidden = (torch.rand(completion_ids.shape, generator=generator) < t).to(completion_ids.device)
-            completions += [torch.where(hidden, masked, completion_ids), torch.where(hidden, completion_ids, masked)]
-        elif estimator != "d1":
+        if estimator not in ("d1", "coupled"):
             raise ValueError(f"unknown log-prob estimator {estimator!r}; use 'd1' or 'coupled'")
+        noisy_prompt, completions, coupling = masked_passes(prompt_ids, prompt_mask, completion_ids,
+                                                            mask_id=self.mask_id, mask_seed=mask_seed,
+                                                            prompt_mask_prob=prompt_mask_prob, estimator=estimator)
         n = len(completions)
         ids = torch.cat([noisy_prompt.repeat(n, 1), torch.cat(completions)], dim=1)
         attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1).repeat(n, 1)
         log_softmax = torch.log_softmax(self.logits(ids, attention)[:, prompt_ids.shape[1]:], dim=-1)
-        return combine_passes(log_softmax, completion_ids, *((hidden, t) if estimator == "coupled" else ()))
+        return combine_passes(log_softmax, completion_ids, *coupling)
+
+
+def masked_passes(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, *,
+                  mask_id: int, mask_seed: int, prompt_mask_prob: float, estimator: str
+                  ) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
+    """The inputs of d1's and the coupled estimator's passes, every draw from ``mask_seed`` in one order (the
+    prompt's dropped tokens, then the coupled pair's t and mask): the prompt with each real token masked with
+    probability ``prompt_mask_prob``; the completions of each pass (all masked; with ``coupled`` also M masked
+    and its complement); and ``(M, t)`` for :func:`combine_passes` (``()`` for d1). Shared by every masked
+    family (bidirectional and block-diffusion), so that they draw alike."""
+    generator = torch.Generator().manual_seed(int(mask_seed))
+    drop = torch.rand(prompt_ids.shape, generator=generator).to(prompt_ids.device) < prompt_mask_prob
+    noisy_prompt = torch.where(drop & prompt_mask.bool(), mask_id, prompt_ids)
+    masked = torch.full_like(completion_ids, mask_id)
+    if estimator != "coupled":
+        return noisy_prompt, [masked], ()
+    t = 0.2 + 0.6 * float(torch.rand((), generator=generator))
+    hidden = (torch.rand(completion_ids.shape, generator=generator) < t).to(completion_ids.device)
+    return (noisy_prompt, [masked, torch.where(hidden, masked, completion_ids),
+                           torch.where(hidden, completion_ids, masked)], (hidden, t))
 
 
 def combine_passes(log_softmax: torch.Tensor, targets: torch.Tensor, corrupted: torch.Tensor | None = None,

@@ -92,7 +92,7 @@ _UNIFORM_ONLY = ("t_min", "t_max", "entropy_bound", "stability_threshold", "conf
 
 
 def check_block_model_fits(model, config) -> None:
-    """One-line errors for settings an SDAR / TraDo block-diffusion model cannot take."""
+    """One-line errors for settings a block-diffusion model (SDAR / TraDo, LLaDA 2.x) cannot take."""
     gen, name = config.generation, f"model.path {config.model.path} is an {model.family} block-diffusion model"
     if gen.gen_length % gen.block_length or gen.steps % (gen.gen_length // gen.block_length):
         raise ConfigError(f"{name}: generation.steps ({gen.steps}) are spread over the answer's "
@@ -106,14 +106,13 @@ def check_block_model_fits(model, config) -> None:
             raise ConfigError(f"{name}: it always decodes with its exact block cache; remove "
                               f"generation.{use}.kv_cache (Fast-dLLM's approximate caches are for LLaDA-style "
                               f"models)")
-        if decode.parallel_threshold is not None and gen.remasking != "low_confidence":
-            raise ConfigError(f"generation.{use}.parallel_threshold ranks tokens by confidence: use "
-                              f"generation.remasking: low_confidence")
+        _check_threshold_ranks(gen, use, decode)
     _check_no_uniform_settings(config)
 
 
 def check_block_attention(config) -> None:
-    """Before loading: SDAR's block-causal mask is an explicit attention mask, which flash kernels cannot take."""
+    """Before loading: a block-diffusion model's block-causal mask is an explicit attention mask, which flash
+    kernels cannot take."""
     attention = config.model.attention
     if attention not in (None, "sdpa", "eager"):
         raise ConfigError(f"model.path {config.model.path} is a block-diffusion model: its block-causal mask "
@@ -124,10 +123,10 @@ def check_block_attention(config) -> None:
 def check_model_fits(model, config) -> None:
     """One-line errors for settings of the other kind of diffusion LM."""
     gen = config.generation
-    if gen.remasking == "sequential" and not getattr(model, "block_causal", False):
+    if gen.remasking == "sequential" and not model.block_causal:
         raise ConfigError(f"generation.remasking: sequential is the block-diffusion models' left-to-right order "
                           f"(SDAR's), and model.path {config.model.path} is not one; use low_confidence or random")
-    if getattr(model, "block_causal", False):
+    if model.block_causal:
         check_block_model_fits(model, config)
     elif model.noise == "uniform":
         name = f"model.path {config.model.path} is a DiffusionGemma (uniform noise, canvas of {model.canvas_length})"
@@ -156,12 +155,17 @@ def check_model_fits(model, config) -> None:
                                   f"cache; remove generation.{use}.kv_cache")
     else:
         for use, decode in (("rollout", gen.rollout), ("eval", gen.eval)):
-            if decode.parallel_threshold is not None and gen.remasking != "low_confidence":
-                raise ConfigError(f"generation.{use}.parallel_threshold ranks tokens by confidence: use "
-                                  f"generation.remasking: low_confidence")
+            _check_threshold_ranks(gen, use, decode)
             if decode.kv_cache is not None:
                 kv_cache.check_supported(model.module, f"generation.{use}.kv_cache")
         _check_no_uniform_settings(config)
+
+
+def _check_threshold_ranks(gen, use: str, decode) -> None:
+    """Parallel decoding (a mask-token model's confidence threshold) ranks tokens by confidence."""
+    if decode.parallel_threshold is not None and gen.remasking != "low_confidence":
+        raise ConfigError(f"generation.{use}.parallel_threshold ranks tokens by confidence: use "
+                          f"generation.remasking: low_confidence")
 
 
 def _check_no_uniform_settings(config) -> None:
@@ -187,12 +191,12 @@ def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     ``with_steps``: ``(answers, reveal steps)``, the step of its block at which the block sampler revealed each
     token (TraceRL's step map; only block-diffusion models record one, others give None)."""
     temperature = decode.temperature
-    if getattr(model, "block_causal", False):
+    if model.block_causal:
         from diffrl.dllm.block_sampler import generate as block_generate
 
         eos = model.tokenizer.eos_token_id
         return block_generate(model, prompt_ids, prompt_mask=prompt_mask, gen_length=generation.gen_length,
-                              steps_per_block=generation.steps * generation.block_length // generation.gen_length,
+                              steps_per_block=generation.steps_per_block,
                               temperature=temperature, remasking=generation.remasking,
                               threshold=decode.parallel_threshold, pinned=pinned, generator=generator,
                               stop_ids=() if eos is None else (eos,), return_steps=with_steps)

@@ -12,16 +12,14 @@ so an SDAR checkpoint (``model_type: sdar``, Qwen3's key names) loads into trans
 
 from __future__ import annotations
 
-import contextlib
 import json
-import warnings
 from pathlib import Path
 
 import torch
 
-from diffrl.dllm.block_lm import BlockDiffusionLM, read_config
+from diffrl.dllm.block_lm import BlockDiffusionLM, quiet_loading, read_config
 from diffrl.errors import ConfigError
-from diffrl.hub import loading_errors
+from diffrl.hub import error_line, loading_errors
 
 MODEL_TYPES = ("sdar",)
 # Keys of an SDAR config.json that are not Qwen3Config arguments (the remote code's own bookkeeping).
@@ -50,25 +48,8 @@ def qwen3_config(raw: dict):
     try:
         return Qwen3Config(**fields)
     except (TypeError, ValueError, StrictDataclassError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()[:200]
-        raise ConfigError(f"the SDAR config.json does not describe a Qwen3-shaped model ({first}); check the "
-                          f"model folder or hub id") from None
-
-
-@contextlib.contextmanager
-def quiet_loading():
-    """Silence what transformers says about loading an ``sdar`` config into Qwen3 (the point of the port) and
-    about the ``rope_scaling`` key SDAR's config.json still carries."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*rope_scaling.*")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
+        raise ConfigError(f"the SDAR config.json does not describe a Qwen3-shaped model ({error_line(e, last=True)}); "
+                          f"check the model folder or hub id") from None
 
 
 class SDARLM(BlockDiffusionLM):

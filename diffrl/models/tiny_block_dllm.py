@@ -40,8 +40,6 @@ SDAR_AUTO_MAP = {"AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "mo
 def save_sdar(folder: str | Path, seed: int = 0) -> Path:
     """:func:`build_sdar` saved as the SDAR / TraDo checkpoints are: Qwen3's weight names under an SDAR
     ``config.json`` (no rotary settings beyond ``rope_theta``; the remote code's ``auto_map``)."""
-    import json
-
     folder = Path(folder)
     model, tokenizer = build_sdar(seed=seed)
     model.save_pretrained(folder, safe_serialization=True)

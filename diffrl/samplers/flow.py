@@ -225,6 +225,12 @@ def sample_trajectory(model: FlowModel, cond: Cond, *, num_steps: int, height: i
                       means=torch.stack(means, 1) if keep_means else None)
 
 
+def time_shift(u, shift: float):
+    """A static time shift ``s u / (1 + (s - 1) u)`` (SD3's and Wan's schedulers, MixGRPO's ``sd3_time_shift``),
+    on floats or tensors alike."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
 def static_shift(model: FlowModel) -> float:
     """The scheduler's static time shift s (sigma = s u / (1 + (s - 1) u)), which MixGRPO-Flash's grid uses; a
     ConfigError for a family whose shift depends on the resolution."""
@@ -249,7 +255,7 @@ def flash_grid(sigmas: list[float], last: int, ratio: float, *, shift: float) ->
     s_next = sigmas[last + 1]
     start = s_next / (shift - (shift - 1) * s_next)           # the unshifted time of sigma_{last+1}
     points = max(int(max((len(sigmas) - 1 - last) * ratio, 1)), 2)
-    grid = [shift * u / (1 + (shift - 1) * u) for u in torch.linspace(start, 0, points).tolist()]
+    grid = [time_shift(u, shift) for u in torch.linspace(start, 0, points).tolist()]
     return [s_next] + grid[1:]
 
 

@@ -167,7 +167,7 @@ class DllmSFTTrainer:
         draws = torch.rand(ids.shape, generator=self.noise).to(ids.device)
         masked = (draws < p_mask[:, None]) & batch["answer_mask"]
         noisy = torch.where(masked, torch.full_like(ids, self.model.mask_id), ids)
-        if getattr(self.model, "block_causal", False):  # SDAR: the noisy answer beside the clean one
+        if self.model.block_causal:  # SDAR: the noisy answer beside the clean one
             width, answers = batch["prompt_ids"].shape[1], batch["answers"]
             logits = self.model.answer_logits(batch["prompt_ids"], batch["prompt_mask"], answers,
                                               [noisy[:, width:]])

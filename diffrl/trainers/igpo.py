@@ -209,11 +209,11 @@ class IGPOTrainer:
         if cfg.loss == "spg" and getattr(self.model, "mask_id", None) is None:
             raise ConfigError("loss: spg estimates bounds by masking tokens, and this model has no mask token "
                               "(DiffusionGemma): use loss: clipped")
-        if cfg.log_prob_estimator == "trace" and not getattr(self.model, "block_causal", False):
+        if cfg.log_prob_estimator == "trace" and not self.model.block_causal:
             raise ConfigError(f"log_prob_estimator: trace reads the order in which a block-diffusion sampler "
                               f"revealed each token; model.path {cfg.model.path} is not a block-diffusion model "
                               f"(SDAR / TraDo, LLaDA 2.x): use d1 or coupled")
-        if cfg.loss == "spg" and getattr(self.model, "block_causal", False):
+        if cfg.loss == "spg" and self.model.block_causal:
             raise ConfigError("loss: spg's bounds read a bidirectional model's whole masked answer; a block-"
                               "diffusion model (SDAR, LLaDA 2.x) is block-causal and scores blocks by its own two-copy "
                               "forward: use loss: clipped")
@@ -480,10 +480,9 @@ class IGPOTrainer:
     def _trace(self, batch: dict) -> dict | None:
         if self.config.log_prob_estimator != "trace":
             return None
-        gen = self.config.generation
-        steps_per_block = gen.steps * gen.block_length // gen.gen_length
-        return {"reveal_steps": batch["reveal_steps"], "shrink": self.config.trace_shrink,
-                "num_rounds": -(-steps_per_block // self.config.trace_shrink)}
+        shrink = self.config.trace_shrink
+        return {"reveal_steps": batch["reveal_steps"], "shrink": shrink,
+                "num_rounds": -(-self.config.generation.steps_per_block // shrink)}
 
     def _loss(self, batch: dict, iteration: int, rows: slice, total_tokens: float):
         cfg = self.config

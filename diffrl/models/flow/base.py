@@ -21,6 +21,7 @@ from diffrl.hub import loading_errors, pipeline_class_name
 from diffrl.models import lora as lora_utils
 from diffrl.models.conditioning import Cond, InputImages, PromptCache
 from diffrl.models.experts import TwoExperts
+from diffrl.samplers.flow import time_shift
 
 # The joint (MMDiT) attention projections: flow_grpo / AWM's `lora_type="attn"` for SD3, the diffusers training
 # scripts' default for FLUX.1; Qwen-Image's blocks are alike.
@@ -213,8 +214,8 @@ class FlowModel:
         ``grid_shift`` s (``sampling.shift``), ``s u / (1 + (s - 1) u)`` on ``u = linspace(1, 0, N + 1)`` instead
         (MixGRPO's ``sd3_time_shift`` grid, which it uses for FLUX too)."""
         if self.grid_shift is not None:
-            u = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
-            return (self.grid_shift * u / (1 + (self.grid_shift - 1) * u)).to(torch.float32)
+            return time_shift(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64),
+                              self.grid_shift).to(torch.float32)
         scheduler = self.pipeline.scheduler
         kwargs = self._schedule_kwargs(num_steps, latent_shape)
         scheduler.set_timesteps(None if "sigmas" in kwargs else num_steps, device="cpu", **kwargs)
@@ -339,8 +340,7 @@ class FlowModel:
         u = torch.rand(n, generator=generator)
         config = self.pipeline.scheduler.config
         if not config.get("use_dynamic_shifting", False):
-            shift = config.get("shift", 1.0)
-            u = shift * u / (1 + (shift - 1) * u)
+            u = time_shift(u, config.get("shift", 1.0))
         return u.clamp(1e-3, 1.0).to(self.device)
 
     def denoising_error(self, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
